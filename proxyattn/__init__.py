@@ -1,0 +1,37 @@
+"""ProxyAttn: training-free sparse attention for long-context prefill.
+
+Heads of a group agree on which key blocks matter and differ mainly in how many: one pooled proxy head
+ranks the blocks, every head gets its own budget from its last query block, and block-sparse attention
+runs on the kept blocks.
+"""
+
+from . import metrics, reference
+from .api import (
+    block_sparse_attention,
+    block_sparse_attention_with_lse,
+    dense_attention,
+    head_budgets,
+    plan_blocks,
+    proxy_attention,
+    proxy_scores,
+    select_blocks,
+)
+from .config import ProxyAttnConfig
+from .plan import BlockPlan
+
+__all__ = [
+    "ProxyAttnConfig",
+    "BlockPlan",
+    "proxy_scores",
+    "head_budgets",
+    "select_blocks",
+    "plan_blocks",
+    "dense_attention",
+    "block_sparse_attention",
+    "block_sparse_attention_with_lse",
+    "proxy_attention",
+    "metrics",
+    "reference",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,141 @@
+"""The one configuration object of ProxyAttn.
+
+`ProxyAttnConfig` is frozen and validated on construction. `to_attrs()` flattens it to a dict of int and
+float values only, which is what ONNX node attributes and TensorRT plugin fields can carry; `from_attrs()`
+reads such a dict back. Booleans travel as 0/1 and an unset `budget_fraction` as 0.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+ALLOWED_BLOCK_SIZES = (64, 128)
+
+# Prefix of every attribute name, so that config fields never collide with other node attributes.
+ATTR_PREFIX = "pa_"
+
+
+@dataclass(frozen=True)
+class ProxyAttnConfig:
+    """Every choice of the ProxyAttn algorithm.
+
+    Attributes:
+        block_size: tokens per query/key block (64 or 128).
+        stride: proxy scores are computed on query rows 0, stride, 2*stride, ...; must divide block_size.
+        proxy_heads: number of proxy heads; KV heads are split into this many groups (must divide Hkv).
+        gamma: cumulative attention mass each head's budget must reach, in (0, 1].
+        min_budget_tokens: lower bound on the tokens a head keeps per query block (rounded up to blocks).
+        keep_sink: always keep key block 0.
+        keep_diagonal: always keep the diagonal key block.
+        dense_below_tokens: sequences with S <= this take the dense path; None means min_budget_tokens.
+        budget_fraction: if set, every head keeps this fixed fraction of key blocks instead of the gamma rule.
+    """
+
+    block_size: int = 128
+    stride: int = 4
+    proxy_heads: int = 1
+    gamma: float = 0.95
+    min_budget_tokens: int = 2048
+    keep_sink: bool = True
+    keep_diagonal: bool = True
+    dense_below_tokens: int | None = None
+    budget_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size)
+        if self.block_size not in ALLOWED_BLOCK_SIZES:
+            raise ValueError(f"block_size={self.block_size!r} is not supported; allowed: {ALLOWED_BLOCK_SIZES}")
+        _check_int("stride", self.stride)
+        if self.stride < 1 or self.block_size % self.stride != 0:
+            raise ValueError(
+                f"stride={self.stride!r} must be a positive divisor of block_size={self.block_size} "
+                f"(allowed: {[s for s in range(1, self.block_size + 1) if self.block_size % s == 0]})"
+            )
+        _check_int("proxy_heads", self.proxy_heads)
+        if self.proxy_heads < 1:
+            raise ValueError(f"proxy_heads={self.proxy_heads!r} must be >= 1")
+        _check_float("gamma", self.gamma)
+        if not (0.0 < self.gamma <= 1.0):
+            raise ValueError(f"gamma={self.gamma!r} must lie in (0, 1]")
+        _check_int("min_budget_tokens", self.min_budget_tokens)
+        if self.min_budget_tokens < 0:
+            raise ValueError(f"min_budget_tokens={self.min_budget_tokens!r} must be >= 0")
+        for name in ("keep_sink", "keep_diagonal"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
+        if self.dense_below_tokens is None:
+            object.__setattr__(self, "dense_below_tokens", self.min_budget_tokens)
+        _check_int("dense_below_tokens", self.dense_below_tokens)
+        if self.dense_below_tokens < 0:
+            raise ValueError(f"dense_below_tokens={self.dense_below_tokens!r} must be >= 0")
+        if self.budget_fraction is not None:
+            _check_float("budget_fraction", self.budget_fraction)
+            if not (0.0 < self.budget_fraction <= 1.0):
+                raise ValueError(f"budget_fraction={self.budget_fraction!r} must be None or lie in (0, 1]")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def min_budget_blocks(self) -> int:
+        """Lower bound on key blocks kept per (head, query block)."""
+        return -(-self.min_budget_tokens // self.block_size)
+
+    def replace(self, **changes: Any) -> "ProxyAttnConfig":
+        """A copy with some fields changed (validated again)."""
+        if "min_budget_tokens" in changes and "dense_below_tokens" not in changes:
+            changes["dense_below_tokens"] = None if self.dense_below_tokens == self.min_budget_tokens else self.dense_below_tokens
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ attribute round trip
+    def to_attrs(self) -> dict[str, int | float]:
+        """Flat dict of int and float values, keyed `pa_<field>` (ONNX attributes / TensorRT plugin fields)."""
+        out: dict[str, int | float] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                out[ATTR_PREFIX + f.name] = int(value)
+            elif f.name == "budget_fraction":
+                out[ATTR_PREFIX + f.name] = 0.0 if value is None else float(value)
+            elif isinstance(value, float):
+                out[ATTR_PREFIX + f.name] = float(value)
+            else:
+                out[ATTR_PREFIX + f.name] = int(value)
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "ProxyAttnConfig":
+        """Inverse of `to_attrs`. Unknown `pa_` keys are an error; keys without the prefix are ignored."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in attrs.items():
+            if not key.startswith(ATTR_PREFIX):
+                continue
+            name = key[len(ATTR_PREFIX):]
+            if name not in known:
+                raise ValueError(f"unknown ProxyAttn attribute {key!r}; known: {sorted(ATTR_PREFIX + k for k in known)}")
+            default = known[name].default
+            if isinstance(default, bool):
+                if int(value) not in (0, 1):
+                    raise ValueError(f"attribute {key}={value!r} must be 0 or 1")
+                kwargs[name] = bool(int(value))
+            elif name == "budget_fraction":
+                kwargs[name] = None if float(value) == 0.0 else float(value)
+            elif isinstance(default, float):
+                kwargs[name] = float(value)
+            else:
+                if float(value) != int(value):
+                    raise ValueError(f"attribute {key}={value!r} must be an integer")
+                kwargs[name] = int(value)
+        return cls(**kwargs)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an int")
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")

@@ -1,0 +1,133 @@
+"""The block plan: which key blocks every (head, query block) keeps, in the compact form the kernels read.
+
+Compact form. Heads of one proxy group share one ranking of key blocks per query block and differ only in
+how many of them they keep, so a plan stores
+
+* `order  [B, R, Nb, Nb]` int32: for ranking r and query block m, the key blocks 0..m in the order they are
+  kept (forced blocks, i.e. sink and diagonal, first; then descending proxy score, ties to the lower index);
+  entries past m are unused;
+* `counts [B, Hq, Nb]` int32: head h keeps the first counts[b, h, m] entries of order[b, h // (Hq / R), m].
+
+This is R / Hq of the size of per-head index lists (R = proxy_heads, usually 1) and lets heads that share a
+KV head walk the same list. `BlockPlan.from_mask` builds a plan from any block mask (then R = Hq).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .config import ProxyAttnConfig
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Kept key blocks of every (batch, query head, query block).
+
+    Attributes:
+        order: int32 `[B, R, Nb, Nb]`, key blocks of query block m in keep order (entries past m unused).
+        counts: int32 `[B, Hq, Nb]`, how many leading entries of its ranking row each head keeps (1..m+1).
+        budget_blocks: int32 `[B, Hq]`, each head's budget n_h in key blocks; the budget fraction is n_h / Nb.
+        block_size: tokens per block.
+        seq_len: S, the number of tokens the plan covers.
+    """
+
+    order: torch.Tensor
+    counts: torch.Tensor
+    budget_blocks: torch.Tensor
+    block_size: int
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        nb = self.num_blocks
+        assert self.order.dim() == 4 and self.order.shape[-2:] == (nb, nb), (self.order.shape, nb)
+        assert self.counts.dim() == 3 and self.counts.shape[-1] == nb, (self.counts.shape, nb)
+        assert self.counts.shape[1] % self.order.shape[1] == 0, (self.counts.shape, self.order.shape)
+        assert self.budget_blocks.shape == self.counts.shape[:2], (self.budget_blocks.shape, self.counts.shape)
+        assert self.order.dtype == torch.int32 and self.counts.dtype == torch.int32
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.seq_len // self.block_size)
+
+    @property
+    def num_heads(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def budgets(self) -> torch.Tensor:
+        """Budget fraction b_h `[B, Hq]` float32 (budget blocks over Nb)."""
+        return self.budget_blocks.float() / self.num_blocks
+
+    def density(self) -> torch.Tensor:
+        """Kept blocks over causal blocks, per head: `[B, Hq]` float32."""
+        nb = self.num_blocks
+        return self.counts.sum(dim=-1).float() / (nb * (nb + 1) / 2)
+
+    def head_orders(self) -> torch.Tensor:
+        """The ranking each head reads: `[B, Hq, Nb, Nb]` (a view when R = Hq, else an expanded copy)."""
+        rep = self.num_heads // self.order.shape[1]
+        return self.order if rep == 1 else self.order.repeat_interleave(rep, dim=1)
+
+    def to_mask(self) -> torch.Tensor:
+        """Dense bool block mask `[B, Hq, Nb, Nb]`: True where (query block m, key block n) is kept."""
+        nb = self.num_blocks
+        order = self.head_orders().long()
+        keep = torch.arange(nb, device=order.device) < self.counts.unsqueeze(-1)  # [B, Hq, Nb, Nb] over positions
+        mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+        return mask.scatter(-1, order, keep)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, *, block_size: int, seq_len: int) -> "BlockPlan":
+        """Plan from a bool block mask `[B, Hq, Nb, Nb]` (entries above the diagonal are ignored).
+
+        Kept blocks come first in ascending index order. Budgets are set to the kept blocks of the last row.
+        """
+        nb = -(-seq_len // block_size)
+        if mask.dim() != 4 or mask.shape[-2:] != (nb, nb):
+            raise ValueError(f"mask shape {tuple(mask.shape)} must be [B, Hq, {nb}, {nb}] for seq_len={seq_len}")
+        causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
+        kept = mask.bool() & causal
+        # Sort key: kept blocks first, then by index.
+        key = (~kept).to(torch.int64) * nb + torch.arange(nb, device=mask.device)
+        order = key.argsort(dim=-1).to(torch.int32)
+        counts = kept.sum(dim=-1).to(torch.int32)
+        return cls(order.contiguous(), counts.contiguous(), counts[..., -1].contiguous(), block_size, seq_len)
+
+
+def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig) -> BlockPlan:
+    """Vectorised selection into the compact form (equals `reference.select_blocks`, tested against it).
+
+    scores `[B, R, Nb, Nb]` float, budget_blocks `[B, Hq]` int32.
+    """
+    b, r, nb, _ = scores.shape
+    hq = budget_blocks.shape[1]
+    dev = scores.device
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
+    s = scores.float().masked_fill(~causal, float("-inf"))
+    ranked = torch.sort(s, dim=-1, descending=True, stable=True).indices  # ties: lower index first
+    rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(nb, device=dev).expand_as(ranked))
+    forced = torch.zeros(nb, nb, dtype=torch.bool, device=dev)
+    if config.keep_sink:
+        forced[:, 0] = True
+    if config.keep_diagonal:
+        forced.fill_diagonal_(True)
+    forced &= causal
+    order = (rank + (~forced).to(rank.dtype) * nb).argsort(dim=-1).to(torch.int32)
+
+    k = reference.block_counts(budget_blocks, nb, config.min_budget_blocks)  # [B, Hq, Nb]
+    rep = hq // r
+    extra = torch.zeros_like(k)
+    if config.keep_sink:
+        sink_rank = rank[..., :, 0].repeat_interleave(rep, dim=1)  # [B, Hq, Nb]
+        extra += (sink_rank >= k).to(extra.dtype)
+    if config.keep_diagonal:
+        diag_rank = rank.diagonal(dim1=-2, dim2=-1).repeat_interleave(rep, dim=1)
+        diag_extra = diag_rank >= k
+        if config.keep_sink:
+            diag_extra[..., 0] = False  # block 0 is both sink and diagonal in row 0
+        extra += diag_extra.to(extra.dtype)
+    counts = (k + extra).to(torch.int32)
+    return BlockPlan(order.contiguous(), counts.contiguous(), budget_blocks.to(torch.int32).contiguous(), config.block_size, seq_len)

@@ -1,0 +1,184 @@
+"""Plain fp32 PyTorch reference of every ProxyAttn stage, written to be obviously right.
+
+Shapes: q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]`, Hq a multiple of Hkv; Nb = ceil(S / block_size).
+Every function upcasts to float32 and works on any device. None of them is fast; the kernels in
+`proxyattn.kernels` compute the same functions on the GPU and are tested against these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "dense_attention",
+    "proxy_queries_keys",
+    "proxy_scores",
+    "head_budgets",
+    "block_counts",
+    "select_blocks",
+    "block_sparse_attention",
+]
+
+
+def _num_blocks(seq_len: int, block_size: int) -> int:
+    return -(-seq_len // block_size)
+
+
+def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """[B, S, Hkv, D] -> [B, S, Hq, D]: query head h reads KV head h // (Hq / Hkv)."""
+    return x.repeat_interleave(num_q_heads // x.shape[2], dim=2)
+
+
+def _masked_attention(q, k, v, allowed_rows, scale, chunk: int = 1024):
+    """Softmax attention where `allowed_rows(lo, hi)` gives the bool mask `[B or 1, Hq or 1, hi-lo, S]`
+    (True = attend) of query rows lo..hi-1. Processed in chunks of query rows to bound memory.
+
+    Returns (out [B, S, Hq, D] fp32, lse [B, Hq, S] fp32). Rows with no allowed key give 0 and lse -inf.
+    """
+    q, k, v = (t.float() for t in (q, k, v))
+    b, s, hq, d = q.shape
+    k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    out = torch.empty(b, s, hq, v.shape[-1], device=q.device)
+    lse = torch.empty(b, hq, s, device=q.device)
+    for lo in range(0, s, chunk):
+        hi = min(s, lo + chunk)
+        allowed = allowed_rows(lo, hi)
+        logits = torch.einsum("bqhd,bkhd->bhqk", q[:, lo:hi], k) * scale
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        row_lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - row_lse.unsqueeze(-1).masked_fill(torch.isinf(row_lse).unsqueeze(-1), 0.0))
+        probs = probs.masked_fill(~allowed, 0.0)
+        out[:, lo:hi] = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+        lse[:, :, lo:hi] = row_lse
+    return out, lse
+
+
+def _causal_rows(lo: int, hi: int, seq_len: int, device) -> torch.Tensor:
+    """[hi-lo, S] bool: key j visible from query row i (j <= i)."""
+    return torch.arange(seq_len, device=device)[None, :] <= torch.arange(lo, hi, device=device)[:, None]
+
+
+def dense_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Exact causal attention, fp32. Returns [B, S, Hq, D]."""
+    s = q.shape[1]
+    return _masked_attention(q, k, v, lambda lo, hi: _causal_rows(lo, hi, s, q.device)[None, None], scale)[0]
+
+
+def proxy_queries_keys(q, k, proxy_heads: int):
+    """Pooled proxy heads: q `[B,S,Hq,D]`, k `[B,S,Hkv,D]` -> (pq `[B,S,G,D]`, pk `[B,S,G,D]`), fp32.
+
+    The KV heads are split into G = proxy_heads contiguous groups; a group's proxy query is the mean of all
+    query heads that read its KV heads, its proxy key the mean of its KV heads.
+    """
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    pq = q.float().reshape(b, s, proxy_heads, hq // proxy_heads, d).mean(dim=3)
+    pk = k.float().reshape(b, s, proxy_heads, hkv // proxy_heads, d).mean(dim=3)
+    return pq, pk
+
+
+def proxy_scores(q, k, *, proxy_heads: int, block_size: int, stride: int, scale: float) -> torch.Tensor:
+    """Proxy block scores `[B, G, Nb, Nb]` fp32.
+
+    For query rows 0, stride, 2*stride, ... the causal softmax of the proxy query against all keys; then
+    score[m, n] = max of those probabilities over strided rows in query block m and keys in key block n.
+    Blocks above the diagonal (n > m) hold -inf.
+    """
+    b, s, _, _ = q.shape
+    nb = _num_blocks(s, block_size)
+    pq, pk = proxy_queries_keys(q, k, proxy_heads)
+    scores = torch.full((b, proxy_heads, nb, nb), float("-inf"), device=q.device)
+    for m in range(nb):
+        hi = min(s, (m + 1) * block_size)  # keys past the block's last row are never visible
+        rows = torch.arange(m * block_size, hi, stride, device=q.device)
+        logits = torch.einsum("brgd,bkgd->bgrk", pq[:, rows], pk[:, :hi]) * scale
+        logits = logits.masked_fill(~_causal_rows(0, hi, hi, q.device)[rows], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # [B, G, rows, hi]
+        probs = torch.nn.functional.pad(probs, (0, (m + 1) * block_size - hi))
+        scores[:, :, m, : m + 1] = probs.reshape(b, proxy_heads, len(rows), m + 1, block_size).amax(dim=(2, 4))
+    return scores
+
+
+def head_budgets(q, k, *, block_size: int, gamma: float, scale: float) -> torch.Tensor:
+    """Per-head budgets as a number of key blocks `[B, Hq]` int32 (the fraction is that over Nb).
+
+    For each query head: softmax of its last `block_size` queries against all keys (causal), mean over those
+    rows, summed per key block, sorted descending; the budget is the smallest number of blocks whose cumulative
+    mass reaches gamma. gamma = 1 keeps every block.
+    """
+    b, s, hq, _ = q.shape
+    nb = _num_blocks(s, block_size)
+    if gamma >= 1.0:
+        return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
+    last = min(block_size, s)
+    rows = torch.arange(s - last, s, device=q.device)
+    kx = _expand_kv(k.float(), hq)
+    logits = torch.einsum("brhd,bkhd->bhrk", q.float()[:, rows], kx) * scale
+    keys = torch.arange(s, device=q.device)
+    logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
+    mass = torch.softmax(logits, dim=-1).mean(dim=2)  # [B, Hq, S]
+    mass = torch.nn.functional.pad(mass, (0, nb * block_size - s)).reshape(b, hq, nb, block_size).sum(-1)
+    cum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    needed = (cum < gamma).sum(dim=-1) + 1
+    return needed.clamp(max=nb).to(torch.int32)
+
+
+def fraction_budgets(batch: int, num_q_heads: int, num_blocks: int, fraction: float, device) -> torch.Tensor:
+    """Static budget: every head keeps ceil(fraction * Nb) blocks (computed on the host in float64)."""
+    n = min(num_blocks, max(1, math.ceil(fraction * num_blocks)))
+    return torch.full((batch, num_q_heads), n, dtype=torch.int32, device=device)
+
+
+def block_counts(budget_blocks: torch.Tensor, num_blocks: int, min_blocks: int) -> torch.Tensor:
+    """Top-k size per query block: k[b, h, m] = clamp(ceil(n_h (m+1) / Nb), min_blocks, m+1), int32 `[B, Hq, Nb]`.
+
+    Integer arithmetic only, so every backend computes the same numbers.
+    """
+    m1 = torch.arange(1, num_blocks + 1, device=budget_blocks.device, dtype=torch.int64)
+    n = budget_blocks.to(torch.int64).unsqueeze(-1)
+    k = (n * m1 + num_blocks - 1) // num_blocks
+    k = torch.maximum(k, torch.full_like(k, min_blocks))
+    return torch.minimum(k, m1.expand_as(k)).to(torch.int32)
+
+
+def select_blocks(scores, budget_blocks, *, min_blocks: int, keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
+    """Brute-force selection: bool mask `[B, Hq, Nb, Nb]`.
+
+    scores `[B, G, Nb, Nb]` (head h uses proxy row h // (Hq / G)), budget_blocks `[B, Hq]`. For head h and query
+    block m keep the k (see `block_counts`) causal key blocks with the highest scores in row m (ties: lower block
+    index first), plus block 0 and block m when keep_sink / keep_diagonal.
+    """
+    b, g, nb, _ = scores.shape
+    hq = budget_blocks.shape[1]
+    counts = block_counts(budget_blocks, nb, min_blocks).cpu()
+    sc = scores.float().cpu()
+    mask = torch.zeros(b, hq, nb, nb, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            row_scores = sc[bi, h // (hq // g)]
+            for m in range(nb):
+                ranked = sorted(range(m + 1), key=lambda n: (-row_scores[m, n].item(), n))
+                for n in ranked[: int(counts[bi, h, m])]:
+                    mask[bi, h, m, n] = True
+                if keep_sink:
+                    mask[bi, h, m, 0] = True
+                if keep_diagonal:
+                    mask[bi, h, m, m] = True
+    return mask.to(scores.device)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, block_size: int, scale: float):
+    """Exact causal attention restricted to kept blocks.
+
+    block_mask `[B, Hq, Nb, Nb]` bool. Returns (out `[B, S, Hq, D]` fp32, lse `[B, Hq, S]` fp32, natural log).
+    """
+    s = q.shape[1]
+    token_block = torch.arange(s, device=q.device) // block_size
+
+    def allowed_rows(lo, hi):
+        kept = block_mask[:, :, token_block[lo:hi]][:, :, :, token_block]
+        return kept & _causal_rows(lo, hi, s, q.device)[None, None]
+
+    return _masked_attention(q, k, v, allowed_rows, scale)
