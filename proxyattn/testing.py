@@ -1,0 +1,114 @@
+"""Synthetic inputs that look like long-context attention, for tests and benchmarks.
+
+Random q/k give nearly uniform attention, on which every sparse method looks bad and every plan looks alike.
+`structured_qkv` builds inputs with the structure real prefill attention has:
+
+* sinks: the first `num_sinks` tokens carry a key direction every query points at (attention sinks);
+* locality: token content is a smooth random walk over positions (neighbouring tokens share content) and
+  RoPE (theta 500000, as Llama 3) is applied to q and k, so nearby keys score higher;
+* heavy hitters: about 1% of the tokens carry a second shared key direction; every head points at it, with a
+  per-head pull (from weak to strong), so heads agree on which tokens matter but differ in how concentrated
+  their attention is, and hence in their budgets.
+
+The sink and heavy-hitter directions live in the lowest RoPE frequencies, which rotate by well under a radian
+over 128K tokens, so their pull does not fade with distance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["structured_qkv", "rope"]
+
+ROPE_THETA = 500000.0
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = ROPE_THETA) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x `[B, S, H, D]` float at `positions` `[S]`."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
+    ang = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [S, D/2]
+    cos = torch.cat([ang.cos(), ang.cos()], dim=-1)[None, :, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], dim=-1)[None, :, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rot * sin
+
+
+def _smooth_walk(batch: int, seq_len: int, dim: int, period: int, gen: torch.Generator, device) -> torch.Tensor:
+    """[B, S, dim] unit-variance content that changes smoothly: random anchors every `period` tokens, linearly
+    interpolated, plus a little token noise."""
+    n_anchor = seq_len // period + 2
+    anchors = torch.randn(batch, n_anchor, dim, generator=gen, device=device)
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32) / period
+    lo = pos.floor().long()
+    w = (pos - lo.float())[None, :, None]
+    # Interpolating between independent anchors halves the variance at midpoints; renormalise.
+    walk = anchors[:, lo] * (1 - w) + anchors[:, lo + 1] * w
+    walk = walk / torch.sqrt((1 - w) ** 2 + w**2)
+    noise = torch.randn(batch, seq_len, dim, generator=gen, device=device)
+    return (0.9 * walk + math.sqrt(1 - 0.81) * noise)
+
+
+def structured_qkv(
+    batch: int,
+    seq_len: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+    num_sinks: int = 4,
+    heavy_fraction: float = 0.01,
+):
+    """Structured (q, k, v): q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]` in `dtype` on `device`.
+
+    Deterministic for a given seed (the random numbers are drawn on the CPU, then moved). Logits q.k/sqrt(D) are
+    of order 10 for sinks, 2..11 (by head) for heavy hitters, about 8 for local content.
+    """
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
+    if head_dim < 16 or head_dim % 8:
+        raise ValueError(f"head_dim={head_dim} must be a multiple of 8 and >= 16")
+    gen = torch.Generator().manual_seed(seed)
+    cpu = torch.device("cpu")
+    d, half = head_dim, head_dim // 2
+    b, s = batch, seq_len
+    content_dim = 32
+    content = _smooth_walk(b, s, content_dim, 64, gen, cpu)  # [B, S, C]
+    # Projections: a shared part (so q and k of one position align) plus a per-head part.
+    shared = torch.randn(content_dim, d, generator=gen) / math.sqrt(content_dim)
+    wq = shared + 0.5 * torch.randn(q_heads, content_dim, d, generator=gen) / math.sqrt(content_dim)
+    wk = shared + 0.5 * torch.randn(kv_heads, content_dim, d, generator=gen) / math.sqrt(content_dim)
+    # Scale so that a query and a key of the same content score about 8 after the 1/sqrt(D) softmax scale.
+    f = math.sqrt(8.0 / math.sqrt(d))
+    q = torch.einsum("bsc,hcd->bshd", content, wq) * f
+    k = torch.einsum("bsc,hcd->bshd", content, wk) * f
+    # Special directions in the lowest RoPE frequency pairs (indices half-1 and d-1; half-2 and d-2).
+    sink_dir = torch.zeros(d)
+    sink_dir[half - 1] = 1.0
+    sink_dir[d - 1] = 1.0
+    hh_dir = torch.zeros(d)
+    hh_dir[half - 2] = 1.0
+    hh_dir[d - 2] = 1.0
+    for t in (q, k):
+        t[..., half - 2 : half] = 0.0
+        t[..., d - 2 :] = 0.0
+    root = math.sqrt(d)
+    # Every query points at both directions; the heavy-hitter pull differs per head (weak .. strong).
+    pull = torch.linspace(0.15, 1.0, q_heads)[torch.randperm(q_heads, generator=gen)]
+    q = q + (root * 2.5) * sink_dir + (root * 2.5) * pull[None, None, :, None] * hh_dir
+    sink_strength = 2.0
+    k[:, :num_sinks] += sink_strength * sink_dir
+    n_heavy = max(1, round(heavy_fraction * s))
+    heavy = torch.randperm(s, generator=gen)[:n_heavy]
+    hh_strength = 2.2 + 0.3 * torch.rand(b, n_heavy, 1, 1, generator=gen)
+    k[:, heavy] += hh_strength * hh_dir
+    v = torch.randn(b, s, kv_heads, d, generator=gen)
+    pos = torch.arange(s)
+    q, k = rope(q, pos), rope(k, pos)
+    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (q, k, v))
