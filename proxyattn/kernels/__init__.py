@@ -1,0 +1,3 @@
+"""Triton GPU kernels of ProxyAttn; `proxyattn.api` dispatches CUDA tensors here when a stage is provided."""
+
+from .attention import block_sparse_attention, block_sparse_attention_varlen, block_sparse_attention_with_lse, dense_attention
