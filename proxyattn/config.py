@@ -17,6 +17,9 @@ ALLOWED_BLOCK_SIZES = (64, 128)
 # Prefix of every attribute name, so that config fields never collide with other node attributes.
 ATTR_PREFIX = "pa_"
 
+# dense_layer_mask stays below 2**53 so that it is exact as a float (from_attrs compares float and int values).
+MAX_LAYER_MASK = 2**53
+
 
 @dataclass(frozen=True)
 class ProxyAttnConfig:
@@ -32,6 +35,10 @@ class ProxyAttnConfig:
         keep_diagonal: always keep the diagonal key block.
         dense_below_tokens: sequences with S <= this take the dense path; None means min_budget_tokens.
         budget_fraction: if set, every head keeps this fixed fraction of key blocks instead of the gamma rule.
+        dense_first_layers: model integrations (`proxyattn.hf`) keep layers 0..N-1 dense.
+        dense_layer_mask: model integrations keep layer i dense when bit i is set (an explicit list of layers,
+            e.g. `dense_layer_mask=ProxyAttnConfig.layer_mask([0, 5])`); below 2**53 so that it survives the
+            float round trip of attributes (layers 0..52; use dense_first_layers beyond).
     """
 
     block_size: int = 128
@@ -43,6 +50,8 @@ class ProxyAttnConfig:
     keep_diagonal: bool = True
     dense_below_tokens: int | None = None
     budget_fraction: float | None = None
+    dense_first_layers: int = 0
+    dense_layer_mask: int = 0
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)
@@ -75,12 +84,34 @@ class ProxyAttnConfig:
             _check_float("budget_fraction", self.budget_fraction)
             if not (0.0 < self.budget_fraction <= 1.0):
                 raise ValueError(f"budget_fraction={self.budget_fraction!r} must be None or lie in (0, 1]")
+        _check_int("dense_first_layers", self.dense_first_layers)
+        if self.dense_first_layers < 0:
+            raise ValueError(f"dense_first_layers={self.dense_first_layers!r} must be >= 0")
+        _check_int("dense_layer_mask", self.dense_layer_mask)
+        if not (0 <= self.dense_layer_mask < MAX_LAYER_MASK):
+            raise ValueError(f"dense_layer_mask={self.dense_layer_mask!r} must lie in [0, 2**53) (bit i = layer i dense)")
 
     # ------------------------------------------------------------------ derived values
     @property
     def min_budget_blocks(self) -> int:
         """Lower bound on key blocks kept per (head, query block)."""
         return -(-self.min_budget_tokens // self.block_size)
+
+    def layer_is_sparse(self, layer_idx: int) -> bool:
+        """False when layer `layer_idx` is kept dense by `dense_first_layers` or `dense_layer_mask`."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx={layer_idx!r} must be an int >= 0")
+        return layer_idx >= self.dense_first_layers and not (self.dense_layer_mask >> layer_idx) & 1
+
+    @staticmethod
+    def layer_mask(layers) -> int:
+        """The `dense_layer_mask` value for an iterable of layer indices (each in 0..52)."""
+        mask = 0
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not (0 <= i < 53):
+                raise ValueError(f"layer index {i!r} must be an int in 0..52 for dense_layer_mask")
+            mask |= 1 << i
+        return mask
 
     def replace(self, **changes: Any) -> "ProxyAttnConfig":
         """A copy with some fields changed (validated again)."""
