@@ -1,0 +1,372 @@
+"""Block-sparse FlashAttention forward (Triton), the dense path, and variable-length batches.
+
+Layers: `_sparse_attn_fwd_kernel` (jit) -> `_launch_sparse` (allocate, grid, descriptors) -> public functions
+(`block_sparse_attention`, `block_sparse_attention_with_lse`, `block_sparse_attention_varlen`,
+`dense_attention`).
+
+The kernel reads the compact `BlockPlan` directly: program (b, h, m) walks the first counts[b, h, m] entries of
+order[b, h // (Hq / R), m], loading each kept key block by its index (a scalar offset; through a TMA tensor
+descriptor when the layout allows it). GQA reads KV head h // (Hq / Hkv) without copying K/V. Only the diagonal
+key block is masked (causality; it is also the only block that can hold keys past the sequence end). Programs
+are issued heaviest query block first (largest m), with the query heads of one KV head adjacent so that their
+shared K/V blocks are served from L2.
+
+Every function here runs on the tensors' own device: CUDA normally, CPU tensors under `TRITON_INTERPRET=1`
+(the test suite). The public API in `proxyattn.api` sends only CUDA tensors here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..plan import BlockPlan
+
+try:  # Triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer path only
+    TensorDescriptor = None
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_with_lse",
+    "block_sparse_attention_varlen",
+    "block_sparse_attention_varlen_with_lse",
+    "dense_attention",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+def _env_interpret() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _sparse_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_desc, k_desc, v_desc,
+    order_ptr, counts_ptr, cu_ptr,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_rb, stride_rr, stride_rm,
+    stride_cb, stride_ch,
+    seq_len, num_blocks, num_q_heads, qk_scale, len_bucket,
+    GROUP: tl.constexpr,  # query heads per KV head
+    RGROUP: tl.constexpr,  # query heads per ranking row of the plan
+    PLAN_BS: tl.constexpr,  # plan block size (= BLOCK_M)
+    BLOCK_N: tl.constexpr,  # key tile (divides PLAN_BS)
+    HEAD_DIM: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    VARLEN: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = PLAN_BS
+    SUB: tl.constexpr = PLAN_BS // BLOCK_N
+    pid = tl.program_id(0)
+    per_m = tl.num_programs(0) // num_blocks  # B * Hq
+    m = num_blocks - 1 - pid // per_m  # heaviest (last) query blocks first
+    rem = pid % per_m
+    b = rem // num_q_heads
+    h = rem % num_q_heads
+    hkv = h // GROUP
+
+    if VARLEN:
+        tok0 = tl.load(cu_ptr + b)
+        n_tok = tl.load(cu_ptr + b + 1) - tok0
+        row0 = tok0  # first row of this sequence in the packed [T, H*D] view
+        q_base = q_ptr + tok0.to(tl.int64) * stride_qs
+        k_base = k_ptr + tok0.to(tl.int64) * stride_ks
+        v_base = v_ptr + tok0.to(tl.int64) * stride_vs
+        o_base = o_ptr + tok0.to(tl.int64) * stride_os
+        l_base = lse_ptr + tok0.to(tl.int64)
+        if m * PLAN_BS >= n_tok:  # this sequence is shorter than max_seqlen
+            return
+    else:
+        n_tok = seq_len
+        row0 = b * seq_len  # first row of this sequence in the [B*S, H*D] view
+        q_base = q_ptr + b.to(tl.int64) * stride_qb
+        k_base = k_ptr + b.to(tl.int64) * stride_kb
+        v_base = v_ptr + b.to(tl.int64) * stride_vb
+        o_base = o_ptr + b.to(tl.int64) * stride_ob
+        l_base = lse_ptr + b.to(tl.int64) * stride_lb
+    q_start = m * PLAN_BS
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < n_tok
+
+    if USE_TMA:
+        q = q_desc.load([row0 + q_start, h * HEAD_DIM])
+    else:
+        q_ptrs = q_base + offs_m.to(tl.int64)[:, None] * stride_qs + h * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    n_kept = tl.load(counts_ptr + b.to(tl.int64) * stride_cb + h * stride_ch + m)
+    order_row = order_ptr + b.to(tl.int64) * stride_rb + (h // RGROUP) * stride_rr + m.to(tl.int64) * stride_rm
+    k_ptrs = k_base + offs_n.to(tl.int64)[:, None] * stride_ks + hkv * stride_kh + offs_d[None, :]
+    v_ptrs = v_base + offs_n.to(tl.int64)[:, None] * stride_vs + hkv * stride_vh + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for t in range(0, n_kept * SUB):
+        kb = tl.load(order_row + t // SUB)
+        k_start = kb * PLAN_BS + (t % SUB) * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([row0 + k_start, hkv * HEAD_DIM])
+        else:
+            k = tl.load(k_ptrs + k_start.to(tl.int64) * stride_ks, mask=(k_start + offs_n < n_tok)[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        if kb == m:  # diagonal block: causal mask (also hides keys past the sequence end)
+            keep = (k_start + offs_n)[None, :] <= offs_m[:, None]
+            qk = tl.where(keep, qk, -1.0e6)
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = v_desc.load([row0 + k_start, hkv * HEAD_DIM])
+        else:
+            v = tl.load(v_ptrs + k_start.to(tl.int64) * stride_vs, mask=(k_start + offs_n < n_tok)[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+
+    has_keys = l_i > 0.0  # rows of a query block with no kept key block give 0 and lse -inf
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o_ptrs = o_base + offs_m.to(tl.int64)[:, None] * stride_os + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(l_base + h * stride_lh + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+def _set_block_shapes(nargs) -> None:
+    """Autotune pre-hook: TMA descriptors carry the tile shape, which follows the chosen config."""
+    if nargs["q_desc"] is None:
+        return
+    d = nargs["HEAD_DIM"]
+    nargs["q_desc"].block_shape = [nargs["PLAN_BS"], d]
+    nargs["k_desc"].block_shape = [nargs["BLOCK_N"], d]
+    nargs["v_desc"].block_shape = [nargs["BLOCK_N"], d]
+
+
+_SMEM_BUDGET = 220 * 1024  # Hopper allows 227 KB per block; leave room for the compiler's own buffers
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep configs whose key tile divides the plan block and whose pipelined tiles fit in shared memory."""
+    args = {**named_args, **kwargs}
+    bs, d = args["PLAN_BS"], args["HEAD_DIM"]
+    elt = args["q_ptr"].element_size()
+    kept = []
+    for c in configs:
+        bn = c.kwargs["BLOCK_N"]
+        smem = bs * d * elt + c.num_stages * 2 * bn * d * elt
+        if bs % bn == 0 and smem <= _SMEM_BUDGET and not (bs == 64 and c.num_warps == 8 and bn == 128):
+            kept.append(c)
+    return kept or [triton.Config({"BLOCK_N": min(64, bs)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
+
+
+def _configs():
+    out = []
+    for bn, w, s in [(128, 8, 2), (128, 8, 3), (64, 8, 3), (64, 8, 4), (64, 4, 3), (32, 8, 3)]:
+        out.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes))
+    return out
+
+
+_sparse_attn_fwd_tuned = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "PLAN_BS", "GROUP", "USE_TMA", "VARLEN", "len_bucket"], prune_configs_by={"early_config_prune": _prune}
+)(_sparse_attn_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------- launch
+def _tma_ok(x: torch.Tensor, rows: int, batched: bool) -> bool:
+    """Can x (`[B, S, H, D]` or `[T, H, D]`) be read as a 2D `[rows, H*D]` TMA tensor?"""
+    if TensorDescriptor is None:
+        return False
+    st = x.stride()
+    s_ax = 1 if batched else 0
+    d = x.shape[-1]
+    if st[-1] != 1 or st[-2] != d or (batched and x.shape[0] > 1 and st[0] != x.shape[1] * st[1]):
+        return False
+    return x.data_ptr() % 16 == 0 and (st[s_ax] * x.element_size()) % 16 == 0 and rows > 0
+
+
+def _descriptor(x: torch.Tensor, rows: int, batched: bool, block_rows: int):
+    h, d = x.shape[-2], x.shape[-1]
+    stride_s = x.stride(1 if batched else 0)
+    return TensorDescriptor(x, [rows, h * d], [stride_s, 1], [block_rows, d])
+
+
+def _launch_sparse(q, k, v, order, counts, cu_seqlens, seq_len: int, block_size: int, scale: float, *, with_lse: bool, use_tma: bool | None = None, config: dict | None = None):
+    """Allocate outputs and launch the block-sparse kernel.
+
+    Batched (cu_seqlens None): q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, out like q, lse `[B, Hq, S]`.
+    Varlen: q `[T, Hq, D]`, k/v `[T, Hkv, D]`, cu_seqlens int32 `[B+1]`, seq_len = max_seqlen; out like q,
+    lse `[Hq, T]`.
+    order int32 `[B, R, Nb, Nb]`, counts int32 `[B, Hq, Nb]` with Nb = ceil(seq_len / block_size).
+    `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages) skips autotuning
+    (always the case under the interpreter).
+    """
+    varlen = cu_seqlens is not None
+    batched = not varlen
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    if batched:
+        bsz = q.shape[0]
+        rows = bsz * seq_len
+    else:
+        bsz = cu_seqlens.shape[0] - 1
+        rows = q.shape[0]
+    nb = -(-seq_len // block_size)
+    r = order.shape[1]
+    assert order.dtype == torch.int32 and counts.dtype == torch.int32
+    assert order.shape == (bsz, r, nb, nb) and counts.shape == (bsz, hq, nb), (order.shape, counts.shape, bsz, nb)
+    assert hq % hkv == 0 and hq % r == 0 and d in (64, 128, 256) and block_size in (64, 128)
+    order = order if order.stride(-1) == 1 else order.contiguous()
+    counts = counts if counts.stride(-1) == 1 else counts.contiguous()
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batched:
+        lse = torch.empty((bsz, hq, seq_len), dtype=torch.float32, device=q.device) if with_lse else out
+        ls = (lse.stride(0), lse.stride(1)) if with_lse else (0, 0)
+    else:
+        lse = torch.empty((hq, rows), dtype=torch.float32, device=q.device) if with_lse else out
+        ls = (0, lse.stride(0)) if with_lse else (0, 0)
+    if rows == 0:
+        return out, lse
+
+    if use_tma is None:
+        use_tma = all(_tma_ok(x, rows, batched) for x in (q, k, v))
+    if use_tma:
+        bn0 = (config or {}).get("BLOCK_N", min(64, block_size))
+        q_desc = _descriptor(q, rows, batched, block_size)
+        k_desc = _descriptor(k, rows, batched, bn0)
+        v_desc = _descriptor(v, rows, batched, bn0)
+    else:
+        q_desc = k_desc = v_desc = None
+
+    def bsh(x):  # (batch, token, head) strides; varlen has no batch stride
+        return (x.stride(0), x.stride(1), x.stride(2)) if batched else (0, x.stride(0), x.stride(1))
+
+    grid = (bsz * hq * nb,)
+    args = (
+        q, k, v, out, lse, q_desc, k_desc, v_desc, order, counts, cu_seqlens if varlen else counts,
+        *bsh(q), *bsh(k), *bsh(v), *bsh(out), *ls,
+        order.stride(0), order.stride(1), order.stride(2), counts.stride(0), counts.stride(1),
+        seq_len, nb, hq, scale * _LOG2E, max(4096, triton.next_power_of_2(seq_len)),
+    )
+    meta = dict(GROUP=hq // hkv, RGROUP=hq // r, PLAN_BS=block_size, HEAD_DIM=d, USE_TMA=use_tma, VARLEN=varlen, WRITE_LSE=with_lse)
+    if config is None and not _env_interpret():
+        _sparse_attn_fwd_tuned[grid](*args, **meta)
+    else:
+        cfg = dict(BLOCK_N=min(64, block_size), num_warps=4, num_stages=2)
+        cfg.update(config or {})
+        if use_tma:
+            q_desc.block_shape = [block_size, d]
+            k_desc.block_shape = [cfg["BLOCK_N"], d]
+            v_desc.block_shape = [cfg["BLOCK_N"], d]
+        _sparse_attn_fwd_kernel[grid](*args, **meta, **cfg)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------- public
+def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, scale: float):
+    """Causal attention on the plan's kept blocks.
+
+    Args:
+        q: `[B, S, Hq, D]`; k, v: `[B, S, Hkv, D]` (any strides; bf16 or fp16; D in 64, 128, 256).
+        plan: `BlockPlan` with order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`, block_size 64 or 128.
+        scale: softmax scale.
+    Returns:
+        (out `[B, S, Hq, D]` in q.dtype, lse `[B, Hq, S]` float32 natural log; -inf for rows with no kept key).
+    """
+    return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=True)
+
+
+def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:
+    """Causal attention on the plan's kept blocks: `[B, S, Hq, D]` in q.dtype (shapes as the `_with_lse` form)."""
+    return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=False)[0]
+
+
+def block_sparse_attention_varlen_with_lse(q, k, v, cu_seqlens, max_seqlen: int, plan: BlockPlan, scale: float):
+    """Block-sparse causal attention over a packed batch of sequences.
+
+    Args:
+        q: `[T, Hq, D]`; k, v: `[T, Hkv, D]`; sequence i holds tokens cu_seqlens[i]..cu_seqlens[i+1]-1.
+        cu_seqlens: int32 `[B+1]` on q's device, cu_seqlens[0] = 0, non-decreasing, cu_seqlens[B] = T.
+        max_seqlen: host int >= every sequence length (not checked on the device: no host sync).
+        plan: `BlockPlan` padded to max_seqlen: order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`,
+            Nb = ceil(max_seqlen / block_size), plan.seq_len = max_seqlen; row b covers sequence b, entries of
+            query blocks past its length are unused.
+        scale: softmax scale.
+    Returns:
+        (out `[T, Hq, D]` in q.dtype, lse `[Hq, T]` float32 natural log).
+    """
+    return _launch_sparse(q, k, v, plan.order, plan.counts, cu_seqlens, max_seqlen, plan.block_size, scale, with_lse=True)
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, plan: BlockPlan, scale: float) -> torch.Tensor:
+    """Packed-batch block-sparse attention: out `[T, Hq, D]` (arguments as the `_with_lse` form)."""
+    return _launch_sparse(q, k, v, plan.order, plan.counts, cu_seqlens, max_seqlen, plan.block_size, scale, with_lse=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------- dense
+_DENSE_MODE: dict = {}
+
+
+def _dense_mode(q, k, v) -> str:
+    """'gqa' (cuDNN reads the KV heads directly), 'expand' (cuDNN on expanded K/V) or 'sdpa' (SDPA picks).
+
+    Decided once per (dtype, D, GQA) from what the installed PyTorch reports cuDNN can run (a host-side check,
+    no device work).
+    """
+    key = (q.dtype, q.shape[-1], q.shape[2] != k.shape[2])
+    if key in _DENSE_MODE:
+        return _DENSE_MODE[key]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    mode = "sdpa"
+    can = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
+    if q.is_cuda and can is not None and torch.backends.cuda.cudnn_sdp_enabled():
+        if can(torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, True, key[2])):
+            mode = "gqa"
+        elif key[2]:
+            rep = q.shape[2] // k.shape[2]
+            ke = kt[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2)
+            if can(torch.backends.cuda.SDPAParams(qt, ke, ke, None, 0.0, True, False)):
+                mode = "expand"
+    _DENSE_MODE[key] = mode
+    return mode
+
+
+def dense_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Exact causal attention through PyTorch SDPA, cuDNN first: q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]` ->
+    `[B, S, Hq, D]` in q.dtype (a transposed view of SDPA's output, no copy)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mode = _dense_mode(q, k, v)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    if mode == "expand":
+        rep = q.shape[2] // k.shape[2]
+        kt = kt[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2)
+        vt = vt[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2)
+        gqa = False
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends, set_priority=True):
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
