@@ -21,6 +21,8 @@ Attributes (only INT and FLOAT reach a TensorRT plugin, so every numeric value i
 Semantics (`reference_semantics` below is the executable definition)
     `sliding_window == 0`: `proxyattn.proxy_attention(q, k, v, config, scale=scale)` on the transposed tensors,
     i.e. the ProxyAttn algorithm, dense below `config.dense_below_tokens`.
+    The model-level fields `pa_dense_first_layers` / `pa_dense_layer_mask` are carried but do not act on a node:
+    `emit_proxy_attention` gives a layer the config keeps dense `pa_dense_below_tokens = 2**31 - 1` instead.
     `sliding_window > 0`: exact causal sliding-window attention (the window is already local; ProxyAttn's selection
     applies only to full-attention layers, as in the transformers integration).
     The model-local ONNX function of the same name (see `export.onnx_export`) runs dense attention with the window,
@@ -162,18 +164,25 @@ def reference_semantics(query, key, value, *, config: ProxyAttnConfig, scale: fl
     return out.transpose(1, 2).to(query.dtype)
 
 
-def emit_proxy_attention(query, key, value, *, config: ProxyAttnConfig, scale: float, sliding_window: int | None = None, layer_idx: int | None = None) -> torch.Tensor:
+def emit_proxy_attention(query, key, value, *, config: ProxyAttnConfig, scale: float | None, sliding_window: int | None = None, layer_idx: int | None = None) -> torch.Tensor:
     """One `proxy::ProxyAttention` node while `torch.onnx.export` runs; the reference semantics otherwise.
 
     Args:
         query: `[B, Hq, S, D]`; key, value: `[B, Hkv, S, D]` (GQA not expanded).
         config: the ProxyAttn config the node carries.
-        scale: softmax scale (required: the exporter must not guess it).
+        scale: softmax scale; None means 1/sqrt(D) (transformers' default).
         sliding_window: None or 0 for full attention, W > 0 for a sliding window of W tokens.
         layer_idx: recorded in the node's metadata (`proxyattn.layer_idx`), not as an attribute.
     Returns:
         `[B, Hq, S, D]` in query.dtype.
     """
+    if not isinstance(config, ProxyAttnConfig):
+        raise ValueError(f"config must be a ProxyAttnConfig, got {type(config).__name__}")
+    if layer_idx is not None and not config.layer_is_sparse(int(layer_idx)):
+        # A layer the config keeps dense (dense_first_layers / dense_layer_mask): the node says so itself.
+        config = config.replace(dense_below_tokens=_INT32_MAX)
+    if scale is None:  # transformers' convention when a module passes no scaling
+        scale = 1.0 / math.sqrt(query.shape[-1])
     attrs = encode_attrs(config, scale=scale, sliding_window=sliding_window)
     if not torch.onnx.is_in_onnx_export():
         return reference_semantics(query, key, value, config=config, scale=float(scale), sliding_window=int(attrs["sliding_window"]))
