@@ -8,11 +8,15 @@ runs on the kept blocks.
 from . import metrics, reference
 from .api import (
     block_sparse_attention,
+    block_sparse_attention_varlen,
+    block_sparse_attention_varlen_with_lse,
     block_sparse_attention_with_lse,
     dense_attention,
     head_budgets,
     plan_blocks,
+    plan_blocks_varlen,
     proxy_attention,
+    proxy_attention_varlen,
     proxy_scores,
     select_blocks,
 )
@@ -30,6 +34,10 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_with_lse",
     "proxy_attention",
+    "plan_blocks_varlen",
+    "block_sparse_attention_varlen",
+    "block_sparse_attention_varlen_with_lse",
+    "proxy_attention_varlen",
     "metrics",
     "reference",
 ]

@@ -23,6 +23,10 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_with_lse",
     "proxy_attention",
+    "plan_blocks_varlen",
+    "block_sparse_attention_varlen",
+    "block_sparse_attention_varlen_with_lse",
+    "proxy_attention_varlen",
 ]
 
 
@@ -171,3 +175,148 @@ def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: fl
         return dense_attention(q, k, v, scale=scale)
     plan = plan_blocks(q, k, cfg, scale=scale)
     return block_sparse_attention(q, k, v, plan, scale=scale)
+
+
+# ------------------------------------------------------------------------------------------- variable length
+# Packed batches as flash-attn's varlen API: q `[T, Hq, D]`, k and v `[T, Hkv, D]`, cu_seqlens int32 `[B+1]`
+# (sequence i holds tokens cu_seqlens[i]..cu_seqlens[i+1]-1) and a host int max_seqlen. A varlen plan is a
+# BlockPlan padded to max_seqlen: order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`, Nb = ceil(max_seqlen /
+# block_size), seq_len = max_seqlen; row b covers sequence b and entries of query blocks past its end are unused.
+
+
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen) -> None:
+    named = [("q", q), ("k", k), ("v", v)]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-dim tensor [T, H, D], got {getattr(t, 'shape', type(t).__name__)}")
+    check_qk(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be a 1-dim tensor [B+1] with B >= 1, got {getattr(cu_seqlens, 'shape', cu_seqlens)}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens.dtype={cu_seqlens.dtype} must be torch.int32")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens.device={cu_seqlens.device} differs from q.device={q.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen={max_seqlen!r} must be a positive host int")
+    if not q.is_cuda:  # reading cu_seqlens back would synchronise a GPU, so the values are checked on the CPU only
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0] or bool((lens < 0).any()):
+            raise ValueError(f"cu_seqlens={cu_seqlens.tolist()} must start at 0, not decrease and end at T={q.shape[0]}")
+        if int(lens.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({int(lens.max())} tokens)")
+
+
+def _check_varlen_plan(plan, batch: int, num_q_heads: int, max_seqlen: int, device) -> None:
+    if not isinstance(plan, BlockPlan):
+        raise ValueError(f"plan must be a BlockPlan, got {type(plan).__name__}")
+    if plan.seq_len != max_seqlen or plan.counts.shape[:2] != (batch, num_q_heads):
+        raise ValueError(
+            f"varlen plan covers B={plan.counts.shape[0]}, Hq={plan.counts.shape[1]}, S={plan.seq_len} "
+            f"but the batch has B={batch}, Hq={num_q_heads}, max_seqlen={max_seqlen}"
+        )
+    if plan.counts.device != device:
+        raise ValueError(f"plan is on {plan.counts.device} but q is on {device}")
+
+
+def _sequence_plan(plan: BlockPlan, i: int, length: int) -> BlockPlan:
+    """Row i of a varlen plan as the BlockPlan of one sequence of `length` tokens."""
+    nb = -(-length // plan.block_size)
+    return BlockPlan(
+        plan.order[i : i + 1, :, :nb, :nb].contiguous(), plan.counts[i : i + 1, :, :nb].contiguous(),
+        plan.budget_blocks[i : i + 1].contiguous(), plan.block_size, length,
+    )
+
+
+def _varlen_reference(q, k, v, cu_seqlens, plan: BlockPlan, scale: float):
+    """Loop over the sequences calling the batched reference: (out `[T, Hq, D]` fp32, lse `[Hq, T]` fp32)."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+    cu = cu_seqlens.tolist()
+    for i in range(len(cu) - 1):
+        lo, hi = cu[i], cu[i + 1]
+        if hi == lo:
+            continue
+        p = _sequence_plan(plan, i, hi - lo)
+        o, l = reference.block_sparse_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], p.to_mask(), block_size=p.block_size, scale=scale)
+        out[lo:hi], lse[:, lo:hi] = o[0], l[0]
+    return out, lse
+
+
+def block_sparse_attention_varlen_with_lse(q, k, v, cu_seqlens, max_seqlen: int, plan: BlockPlan, *, scale: float | None = None):
+    """Block-sparse causal attention over a packed batch (see the section comment for the layout).
+
+    Returns (out `[T, Hq, D]` in q.dtype, lse `[Hq, T]` float32 natural log).
+    """
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen)
+    _check_varlen_plan(plan, cu_seqlens.shape[0] - 1, q.shape[1], max_seqlen, q.device)
+    sc = resolve_scale(scale, q.shape[-1])
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "block_sparse_attention_varlen_with_lse"):
+        return backend.block_sparse_attention_varlen_with_lse(q, k, v, cu_seqlens, max_seqlen, plan, sc)
+    out, lse = _varlen_reference(q, k, v, cu_seqlens, plan, sc)
+    return out.to(q.dtype), lse
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, plan: BlockPlan, *, scale: float | None = None) -> torch.Tensor:
+    """Block-sparse causal attention over a packed batch: out `[T, Hq, D]` in q.dtype."""
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen)
+    _check_varlen_plan(plan, cu_seqlens.shape[0] - 1, q.shape[1], max_seqlen, q.device)
+    sc = resolve_scale(scale, q.shape[-1])
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "block_sparse_attention_varlen"):
+        return backend.block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen, plan, sc)
+    return _varlen_reference(q, k, v, cu_seqlens, plan, sc)[0].to(q.dtype)
+
+
+def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
+    """The ProxyAttn plan of a packed batch, padded to max_seqlen (layout: see the section comment).
+
+    Sequences of at most `config.dense_below_tokens` tokens get the full causal plan (equal to dense attention).
+    Uses the GPU backend's `plan_blocks_varlen` when it has one; otherwise plans each sequence with `plan_blocks`,
+    which reads cu_seqlens on the host (a device synchronisation on CUDA).
+    """
+    cfg = _config(config)
+    _check_varlen(q, k, k, cu_seqlens, max_seqlen)
+    check_proxy_heads(cfg.proxy_heads, k.shape[1])
+    sc = resolve_scale(scale, q.shape[-1])
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "plan_blocks_varlen"):
+        return backend.plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, sc)
+    batch, hq = cu_seqlens.shape[0] - 1, q.shape[1]
+    nb = -(-max_seqlen // cfg.block_size)
+    # R = Hq rows: short (dense) sequences and planned ones share one layout whatever proxy_heads is.
+    order = torch.arange(nb, dtype=torch.int32, device=q.device).expand(batch, hq, nb, nb).contiguous()
+    counts = torch.arange(1, nb + 1, dtype=torch.int32, device=q.device).expand(batch, hq, nb).contiguous()
+    budgets = torch.full((batch, hq), nb, dtype=torch.int32, device=q.device)
+    cu = cu_seqlens.tolist()
+    for i in range(batch):
+        lo, hi = cu[i], cu[i + 1]
+        if hi - lo <= cfg.dense_below_tokens:
+            continue
+        p = plan_blocks(q[None, lo:hi], k[None, lo:hi], cfg, scale=sc)
+        n = p.num_blocks
+        order[i, :, :n, :n] = p.head_orders()[0]
+        counts[i, :, :n] = p.counts[0]
+        counts[i, :, n:] = 0
+        budgets[i] = p.budget_blocks[0]
+    return BlockPlan(order, counts, budgets, cfg.block_size, max_seqlen)
+
+
+def proxy_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor:
+    """ProxyAttn causal prefill of a packed batch: out `[T, Hq, D]` in q.dtype.
+
+    Every sequence is treated as `proxy_attention` treats it alone (dense at most `dense_below_tokens` tokens,
+    else plan + block-sparse attention). On the CPU this loops over the sequences calling `proxy_attention`.
+    """
+    cfg = _config(config)
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen)
+    check_proxy_heads(cfg.proxy_heads, k.shape[1])
+    if not q.is_cuda:
+        out = torch.zeros_like(q)
+        cu = cu_seqlens.tolist()
+        for lo, hi in zip(cu[:-1], cu[1:]):
+            if hi > lo:
+                out[lo:hi] = proxy_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], cfg, scale=scale)[0]
+        return out
+    plan = plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale=scale)
+    return block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen, plan, scale=scale)
