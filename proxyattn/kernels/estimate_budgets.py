@@ -1,0 +1,208 @@
+"""Per-head budgets on the GPU (Triton + torch ops, no host synchronisation).
+
+For every query head: softmax of its last `block_size` queries against all keys (causal), mean over those rows,
+summed per key block, sorted descending; the budget is the smallest number of blocks whose cumulative mass
+reaches gamma (`proxyattn.reference.head_budgets`).
+
+Layers: `_budget_kernel` (jit, two passes selected by PASS) -> `_launch_budgets` (allocate, grid) ->
+`head_budgets` / `head_budgets_varlen` (checks, shapes).
+
+The keys are split into chunks of key blocks so that B * Hq * chunks programs fill the GPU (a head alone has
+only its 128 rows). Programs are ordered with the query heads of one KV head adjacent, so their shared K tiles
+come from L2. PASS 0 writes each chunk's online row max and sum; torch combines them into each row's
+log-sum-exp (`[B, Hq, chunks, block_size]`, small); PASS 1 recomputes the logits and writes the attention mass of
+every key block, `[B, Hq, Nb]`. Sort, cumulative sum and count are torch ops on the device. The dots take the
+inputs in their own dtype (fp16/bf16 operands, fp32 accumulation): the reference's products exactly, summed in
+another order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import ProxyAttnConfig
+from .estimate_common import _LOG2E, interpreting, num_sms
+from .estimate_scores import _seq_bounds
+
+__all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
+
+
+@triton.jit
+def _budget_kernel(
+    q_ptr, k_ptr, cu_ptr, mstat_ptr, lstat_ptr, lse_ptr, mass_ptr,
+    seq_len, nb_max, num_q_heads, qk_scale,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    GROUP: tl.constexpr, NCHUNK: tl.constexpr, CB: tl.constexpr, BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, PASS: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    hkv = h // GROUP
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    if VARLEN:
+        q_base = q_ptr + start.to(tl.int64) * stride_qt
+        k_base = k_ptr + start.to(tl.int64) * stride_kt
+    else:
+        q_base = q_ptr + b.to(tl.int64) * stride_qb
+        k_base = k_ptr + b.to(tl.int64) * stride_kb
+    nb = tl.cdiv(length, BS)
+    n_rows = tl.minimum(length, BS)
+
+    offs_r = tl.arange(0, BS)
+    row_ok = offs_r < n_rows
+    tpos = length - n_rows + offs_r
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    q = tl.load(q_base + tpos.to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly: fp32 there (exact for bf16 values)
+        q = q.to(tl.float32)
+    k_ptrs = k_base + hkv * stride_kh + offs_d[None, :] * stride_kd
+    offs_n = tl.arange(0, BS)
+    n_lo = c * CB
+    n_hi = tl.minimum(n_lo + CB, nb)
+    stat_off = (bh.to(tl.int64) * NCHUNK + c) * BS + offs_r
+
+    if PASS == 0:
+        m_i = tl.full([BS], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BS], dtype=tl.float32)
+        for n in range(n_lo, n_hi):
+            kpos = n * BS + offs_n
+            k = tl.load(k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.where((kpos[None, :] <= tpos[:, None]) & row_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            m_i = m_new
+        tl.store(mstat_ptr + stat_off, m_i)
+        tl.store(lstat_ptr + stat_off, l_i)
+    else:
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * BS + offs_r)  # log2 units; -inf on unused rows
+        inv_rows = 1.0 / n_rows.to(tl.float32)
+        mass_row = mass_ptr + bh.to(tl.int64) * nb_max
+        for n in range(n_lo, n_hi):
+            kpos = n * BS + offs_n
+            k = tl.load(k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            vis = (kpos[None, :] <= tpos[:, None]) & row_ok[:, None]
+            p = tl.where(vis, tl.exp2(tl.where(vis, s, 0.0) - lse[:, None]), 0.0)
+            tl.store(mass_row + n, tl.sum(tl.sum(p, axis=1), axis=0) * inv_rows)
+        # Key blocks of this chunk past the sequence's end (packed batches) hold no mass.
+        for n in range(tl.maximum(n_hi, n_lo), tl.minimum(n_lo + CB, nb_max)):
+            tl.store(mass_row + n, 0.0)
+
+
+def _chunk_blocks(nb: int, programs_per_chunk: int, device) -> int:
+    """Key blocks per chunk: enough chunks that B*Hq*chunks >= 4 programs per multiprocessor."""
+    chunks = max(1, min(nb, -(-4 * num_sms(device) // max(1, programs_per_chunk))))
+    return -(-nb // chunks)
+
+
+def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, scale: float, *, mass=None, cb: int | None = None):
+    """Attention mass per key block of each head's last query block: float32 `[B, Hq, Nb]` (rows sum to 1 over
+    the sequence's blocks; blocks past a packed sequence's end hold 0)."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        _, hq, d = q.shape
+        hkv = k.shape[1]
+        sq = (0,) + tuple(q.stride())
+        sk = (0,) + tuple(k.stride())
+    else:
+        _, _, hq, d = q.shape
+        hkv = k.shape[2]
+        sq, sk = q.stride(), k.stride()
+    bs = block_size
+    nb = triton.cdiv(seq_len, bs)
+    cb = cb or _chunk_blocks(nb, batch * hq, q.device)
+    nchunk = triton.cdiv(nb, cb)
+    dev = q.device
+    mstat = torch.empty(batch * hq, nchunk, bs, device=dev, dtype=torch.float32)
+    lstat = torch.empty_like(mstat)
+    if mass is None:
+        mass = torch.empty(batch, hq, nb, device=dev, dtype=torch.float32)
+    assert mass.shape == (batch, hq, nb) and mass.is_contiguous()
+    block_d = triton.next_power_of_2(d)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    grid = (batch * hq, nchunk)
+    num_warps = 8 if block_d >= 128 else 4
+    common = dict(GROUP=hq // hkv, NCHUNK=nchunk, CB=cb, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=varlen,
+                  DOT_PREC=prec, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+    cu = cu_seqlens if varlen else mstat
+    args = (seq_len, nb, hq, scale * _LOG2E, *sq, *sk)
+    _budget_kernel[grid](q, k, cu, mstat, lstat, mstat, mass, *args, PASS=0, **common)
+    # Combine the chunks' (max, sum) into each row's log-sum-exp, log2 units: [B*Hq, BS].
+    top = mstat.amax(dim=1, keepdim=True)
+    total = (lstat * torch.exp2(mstat - top)).sum(dim=1)
+    lse = torch.where(total > 0, top.squeeze(1) + torch.log2(total.clamp_min(1e-30)), float("-inf")).contiguous()
+    _budget_kernel[grid](q, k, cu, mstat, lstat, lse, mass, *args, PASS=1, **common)
+    return mass
+
+
+def _budgets_from_mass(mass: torch.Tensor, gamma: float, nb_seq) -> torch.Tensor:
+    """Smallest number of blocks whose sorted cumulative mass reaches gamma, clamped to the sequence's blocks."""
+    cum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    needed = (cum < gamma).sum(dim=-1) + 1
+    return torch.minimum(needed, nb_seq).to(torch.int32)
+
+
+def block_mass(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """Mass per key block of each head's last query block, float32 `[B, Hq, Nb]` (batched q/k, for tests)."""
+    return _launch_mass(q, k, None, q.shape[0], q.shape[1], cfg.block_size, scale)
+
+
+def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """Per-head budgets in key blocks, int32 `[B, Hq]` (the gamma rule; gamma = 1 keeps every block).
+
+    Args:
+        q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
+    With cfg.budget_fraction set, every head gets ceil(budget_fraction * Nb) blocks.
+    """
+    b, s, hq, _ = q.shape
+    nb = triton.cdiv(s, cfg.block_size)
+    if cfg.budget_fraction is not None:
+        return _fraction_budgets(torch.full((b,), nb, device=q.device, dtype=torch.int64), hq, cfg.budget_fraction)
+    if cfg.gamma >= 1.0:
+        return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
+    mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale)
+    return _budgets_from_mass(mass, cfg.gamma, torch.full((1, 1), nb, device=q.device, dtype=torch.int64))
+
+
+def seq_blocks(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Blocks of each packed sequence, int64 `[B]` (device ops, no synchronisation)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return (lengths + block_size - 1) // block_size
+
+
+def _fraction_budgets(nb_seq: torch.Tensor, hq: int, fraction: float) -> torch.Tensor:
+    """ceil(fraction * Nb_b) blocks (at least 1, at most Nb_b) per head, computed in float64 like the reference."""
+    n = torch.ceil(nb_seq.to(torch.float64) * fraction).to(torch.int64)
+    n = torch.minimum(torch.clamp(n, min=1), nb_seq)
+    return n[:, None].expand(-1, hq).to(torch.int32).contiguous()
+
+
+def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """Per-head budgets of a packed batch, int32 `[B, Hq]`, each sequence on its own (its own Nb_b).
+
+    Args:
+        q: `[T, Hq, D]`, k: `[T, Hkv, D]`; cu_seqlens int32 `[B+1]`; max_seqlen host int >= every length.
+    """
+    bsz = cu_seqlens.shape[0] - 1
+    hq = q.shape[1]
+    nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
+    if cfg.budget_fraction is not None:
+        return _fraction_budgets(nb_seq, hq, cfg.budget_fraction)
+    if cfg.gamma >= 1.0:
+        return nb_seq[:, None].expand(-1, hq).to(torch.int32).contiguous()
+    mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale)
+    return _budgets_from_mass(mass, cfg.gamma, nb_seq[:, None])

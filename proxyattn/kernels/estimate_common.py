@@ -1,0 +1,44 @@
+"""Shared helpers of the estimation kernels (`estimate_scores`, `estimate_budgets`, `estimate_select`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`, the test suite)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter holds scalars as 1-element numpy arrays and turns them into loop bounds with
+    `int(array)`, which numpy >= 2.4 refuses for arrays of ndim 1 ("only 0-dimensional arrays can be converted to
+    Python scalars"). Kernels with data-dependent loop bounds then fail under `TRITON_INTERPRET=1`. This makes the
+    interpreter read the single element instead; it changes nothing outside the interpreter and is idempotent."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_proxyattn_index_patch", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._proxyattn_index_patch = True
+
+
+if interpreting():
+    _patch_interpreter_index()
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (a host-side property query, no synchronisation); 8 elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8

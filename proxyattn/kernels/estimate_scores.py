@@ -1,0 +1,250 @@
+"""Proxy block scores on the GPU (Triton): pooled proxy heads, then causal softmax statistics and max-pool.
+
+Layers: `_pool_heads_kernel` and `_proxy_scores_kernel` (jit) -> `_launch_pool` / `_launch_scores` (allocate,
+grid) -> `proxy_scores` / `proxy_scores_varlen` (checks, shapes).
+
+1. Pooling. The proxy query of group g on token t is the mean of the group's query heads, its proxy key the mean
+   of the group's KV heads (fp32 sums). Only the strided query rows are pooled. Proxies are stored in float16:
+   an 11-bit mantissa, the precision of a tf32 product, at the fp16 tensor-core rate (|values| must stay below
+   65504, true of attention activations). Layout: `[G, rows, D]` with sequence b's rows starting at
+   `tok0_b // step + b` (tok0_b its first packed token; step = stride for queries, 1 for keys), which fits
+   every sequence of a packed batch in `T // step + B` rows without a host-side prefix sum.
+2. Scores. One program per (batch, group, tile of QB query blocks): its strided proxy rows (BLOCK_M =
+   QB * block_size / stride rows) stream over the causal key blocks twice; pass 1 keeps the online row max and
+   sum (log-sum-exp), pass 2 recomputes the logits and writes, per key block n and query block m of the tile,
+   max over rows and keys of exp(logit - lse). Nothing of size S x S exists; scratch is the pooled proxies.
+   Every element of the output is written (-inf above the diagonal and on rows past a sequence's end).
+
+Every function runs on the tensors' device: CUDA, or CPU tensors under `TRITON_INTERPRET=1` (the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import ProxyAttnConfig
+from .estimate_common import _LOG2E
+
+__all__ = ["proxy_scores", "proxy_scores_varlen", "pool_proxies"]
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _seq_bounds(cu_ptr, b, seq_len, VARLEN: tl.constexpr):
+    """(first packed token, length) of sequence b."""
+    if VARLEN:
+        start = tl.load(cu_ptr + b)
+        length = tl.load(cu_ptr + b + 1) - start
+    else:
+        start = b * seq_len
+        length = seq_len
+    return start, length
+
+
+@triton.jit
+def _pool_heads_kernel(
+    x_ptr, out_ptr, cu_ptr,
+    seq_len,
+    stride_xb, stride_xt, stride_xh, stride_xd,
+    stride_og, stride_or,
+    HPG: tl.constexpr, STEP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    if VARLEN:
+        x_base = x_ptr + start.to(tl.int64) * stride_xt
+    else:
+        x_base = x_ptr + b.to(tl.int64) * stride_xb
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tpos = rows * STEP
+    ok = tpos < length
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    ptrs = x_base + tpos.to(tl.int64)[:, None] * stride_xt + offs_d[None, :] * stride_xd
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j in range(0, HPG):
+        h = g * HPG + j
+        acc += tl.load(ptrs + h * stride_xh, mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    acc = acc / HPG
+    out_rows = (start // STEP + b + rows).to(tl.int64)
+    out_ptrs = out_ptr + g * stride_og + out_rows[:, None] * stride_or + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _proxy_scores_kernel(
+    pq_ptr, pk_ptr, cu_ptr, out_ptr,
+    seq_len, nb_max, num_groups, qk_scale,
+    stride_pqg, stride_pqr, stride_pkg, stride_pkr,
+    stride_ob, stride_og, stride_om,
+    STRIDE: tl.constexpr, BS: tl.constexpr, RPB: tl.constexpr, QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, VARLEN: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = QB * RPB
+    n_tiles = tl.cdiv(nb_max, QB)
+    tile = n_tiles - 1 - tl.program_id(0)  # heaviest tiles (most key blocks) first
+    bg = tl.program_id(1)
+    b = bg // num_groups
+    g = bg % num_groups
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    nb = tl.cdiv(length, BS)
+    m0 = tile * QB
+
+    offs_r = tl.arange(0, BLOCK_M)
+    tpos = (m0 * RPB + offs_r) * STRIDE  # token position of each strided row
+    row_ok = tpos < length
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    q_rows = (start // STRIDE + b + m0 * RPB + offs_r).to(tl.int64)
+    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :],
+                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    k_base = pk_ptr + g * stride_pkg + (start + b).to(tl.int64) * stride_pkr
+    offs_n = tl.arange(0, BS)
+    n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
+
+    # Pass 1: online row max and sum, in log2 units.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n in range(0, n_end):
+        kpos = n * BS + offs_n
+        k = tl.load(k_base + kpos.to(tl.int64)[:, None] * stride_pkr + offs_d[None, :],
+                    mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = (kpos[None, :] <= tpos[:, None]) & row_ok[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), float("-inf"))  # -inf past the end
+
+    # Pass 2: per key block, the max probability over the tile's rows of each query block.
+    offs_qb = m0 + tl.arange(0, QB)
+    out_base = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og
+    row_store = offs_qb < nb_max
+    for n in range(0, n_end):
+        kpos = n * BS + offs_n
+        k = tl.load(k_base + kpos.to(tl.int64)[:, None] * stride_pkr + offs_d[None, :],
+                    mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = (kpos[None, :] <= tpos[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        row_max = tl.max(p, axis=1)  # [BLOCK_M]
+        blk_max = tl.max(tl.reshape(row_max, [QB, RPB]), axis=1)  # [QB]
+        val = tl.where((n <= offs_qb) & (offs_qb < nb), blk_max, float("-inf"))
+        tl.store(out_base + offs_qb.to(tl.int64) * stride_om + n, val, mask=row_store)
+    # Everything right of the visited key blocks is above the diagonal (or past the sequence): -inf.
+    offs_c = tl.arange(0, BLOCK_C)
+    neg = tl.full([QB, BLOCK_C], float("-inf"), dtype=tl.float32)
+    for c0 in range(n_end, nb_max, BLOCK_C):
+        cols = c0 + offs_c
+        ptrs = out_base + offs_qb.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(ptrs, neg, mask=row_store[:, None] & (cols < nb_max)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- launch
+def _pool_rows(total_tokens: int, batch: int, step: int) -> int:
+    return total_tokens // step + batch
+
+
+def _launch_pool(x, cu_seqlens, batch: int, seq_len: int, groups: int, step: int, out=None):
+    """Pooled heads of x (`[B, S, H, D]`, or `[T, H, D]` with cu_seqlens): float16 `[G, T // step + B, D]`."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        total, heads, d = x.shape
+        sxb, (sxt, sxh, sxd) = 0, x.stride()
+    else:
+        _, _, heads, d = x.shape
+        total = batch * seq_len
+        sxb, sxt, sxh, sxd = x.stride()
+    rows = _pool_rows(total, batch, step)
+    if out is None:
+        out = torch.empty(groups, rows, d, device=x.device, dtype=torch.float16)
+    assert out.shape == (groups, rows, d) and out.stride(-1) == 1, (out.shape, groups, rows, d)
+    block_d = triton.next_power_of_2(d)
+    block_t = max(1, min(64, 8192 // block_d))
+    grid = (triton.cdiv(triton.cdiv(seq_len, step), block_t), batch, groups)
+    _pool_heads_kernel[grid](
+        x, out, cu_seqlens if varlen else x,
+        seq_len,
+        sxb, sxt, sxh, sxd, out.stride(0), out.stride(1),
+        HPG=heads // groups, STEP=step, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, VARLEN=varlen,
+        num_warps=4,
+    )
+    return out
+
+
+def _tile_blocks(block_size: int, stride: int) -> int:
+    """Query blocks per scores program: enough strided rows (>= 64) for a tensor-core tile."""
+    rpb = block_size // stride
+    return max(1, 64 // rpb)
+
+
+def _launch_scores(q, k, cu_seqlens, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, *,
+                   out=None, num_warps: int | None = None, num_stages: int | None = None, qb: int | None = None):
+    """Scores `[B, G, Nb, Nb]` float32 of q/k in batched (`[B, S, H, D]`) or packed (`[T, H, D]`) layout.
+
+    seq_len is S (batched) or max_seqlen (packed); Nb = ceil(seq_len / block_size).
+    """
+    g, bs, st = cfg.proxy_heads, cfg.block_size, cfg.stride
+    varlen = cu_seqlens is not None
+    d = q.shape[-1]
+    nb = triton.cdiv(seq_len, bs)
+    pq = _launch_pool(q, cu_seqlens, batch, seq_len, g, st)
+    pk = _launch_pool(k, cu_seqlens, batch, seq_len, g, 1)
+    if out is None:
+        out = torch.empty(batch, g, nb, nb, device=q.device, dtype=torch.float32)
+    assert out.shape == (batch, g, nb, nb) and out.dtype == torch.float32 and out.stride(-1) == 1
+    rpb = bs // st
+    qb = qb or _tile_blocks(bs, st)
+    block_d = triton.next_power_of_2(d)
+    if num_warps is None:
+        num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
+    grid = (triton.cdiv(nb, qb), batch * g)
+    _proxy_scores_kernel[grid](
+        pq, pk, cu_seqlens if varlen else pq, out,
+        seq_len, nb, g, scale * _LOG2E,
+        pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        STRIDE=st, BS=bs, RPB=rpb, QB=qb, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_C=64, VARLEN=varlen,
+        num_warps=num_warps, num_stages=num_stages or 2,
+    )
+    return out
+
+
+def pool_proxies(q, k, cfg: ProxyAttnConfig):
+    """Pooled proxies of batched q `[B, S, Hq, D]`, k `[B, S, Hkv, D]` (for tests): float16
+    (pq `[G, B*S // stride + B, D]`, pk `[G, B*S + B, D]`), layout as in the module docstring."""
+    b, s = q.shape[:2]
+    return (_launch_pool(q, None, b, s, cfg.proxy_heads, cfg.stride), _launch_pool(k, None, b, s, cfg.proxy_heads, 1))
+
+
+# ----------------------------------------------------------------------------------------------- public
+def proxy_scores(q, k, cfg: ProxyAttnConfig, scale: float, *, out=None) -> torch.Tensor:
+    """Proxy block scores `[B, G, Nb, Nb]` float32 (-inf above the diagonal), G = cfg.proxy_heads.
+
+    Args:
+        q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]` (fp16/bf16/fp32, any strides); Hkv divisible by G.
+        scale: softmax scale. out: optional float32 `[B, G, Nb, Nb]` to write into (every element is written).
+    """
+    b, s, hq, d = q.shape
+    if k.shape[2] % cfg.proxy_heads:
+        raise ValueError(f"proxy_heads={cfg.proxy_heads} must divide Hkv={k.shape[2]}")
+    return _launch_scores(q, k, None, b, s, cfg, scale, out=out)
+
+
+def proxy_scores_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float, *, out=None) -> torch.Tensor:
+    """Proxy block scores of a packed batch: `[B, G, Nb, Nb]` float32, Nb = ceil(max_seqlen / block_size).
+
+    Args:
+        q: `[T, Hq, D]`, k: `[T, Hkv, D]`; sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b+1]-1.
+        cu_seqlens: int32 `[B+1]` on q's device; max_seqlen: host int >= every length (not checked on device).
+    Row b covers sequence b; its query blocks past the sequence's end hold -inf.
+    """
+    if k.shape[1] % cfg.proxy_heads:
+        raise ValueError(f"proxy_heads={cfg.proxy_heads} must divide Hkv={k.shape[1]}")
+    return _launch_scores(q, k, cu_seqlens, cu_seqlens.shape[0] - 1, max_seqlen, cfg, scale, out=out)

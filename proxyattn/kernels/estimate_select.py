@@ -1,0 +1,136 @@
+"""Block selection on the GPU into the compact `BlockPlan` form, with torch device ops (no host synchronisation).
+
+Spec: `proxyattn.plan.compact_plan` (itself tested against `reference.select_blocks`). The ranking of row m is
+one stable descending sort of a key that is +inf on forced blocks (sink, diagonal), the proxy score on the other
+causal blocks and -inf above the diagonal, so `order` holds forced blocks first (in index order: block 0 before
+the diagonal; `compact_plan` orders the two by score, the kept set is the same), then descending score with ties
+to the lower index. A head keeps k = `block_counts` top blocks of the score ranking plus the forced blocks that
+fall outside them: counts = k + [rank of block 0 >= k] + [rank of block m >= k], the ranks counted with
+comparisons instead of a second sort.
+
+Memory: rows of query blocks are processed in chunks of at most `_CHUNK_ELEMS` score entries, so the sort's
+int64 indices and the comparison temporaries stay bounded (about 16 bytes per entry of a chunk: 64 MiB at
+Nb = 8192, i.e. 1M tokens); the outputs are order int32 `[B, R, Nb, Nb]` and counts int32 `[B, Hq, Nb]`.
+At 128K tokens (Nb = 1024, R = 1) that is 4 MiB of plan and about 16 MiB of scratch.
+
+Packed batches: plans are padded to max_seqlen's Nb with one row per sequence. Sequence b uses its own
+Nb_b = ceil(len_b / block_size) in the budget rule; its query blocks past Nb_b get counts 0 (no queries there);
+sequences with len_b <= dense_below_tokens get full plans (counts m+1), since a packed batch cannot send them to
+the dense kernel one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ProxyAttnConfig
+from ..plan import BlockPlan
+from .estimate_budgets import head_budgets_varlen, seq_blocks
+from .estimate_scores import proxy_scores_varlen
+
+__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen"]
+
+_CHUNK_ELEMS = 1 << 22
+
+
+def _rank_and_order(scores: torch.Tensor, cfg: ProxyAttnConfig, order_out: torch.Tensor):
+    """Fill order_out `[B, R, Nb, Nb]` int32; return (sink_rank, diag_rank) int64 `[B, R, Nb]`: the position of
+    block 0 and of block m in row m's ranking by score alone (ties to the lower index)."""
+    b, r, nb, _ = scores.shape
+    dev = scores.device
+    rows_per_chunk = max(1, _CHUNK_ELEMS // max(1, b * r * nb))
+    cols = torch.arange(nb, device=dev)
+    sink_rank = torch.empty(b, r, nb, device=dev, dtype=torch.int64)
+    diag_rank = torch.empty_like(sink_rank)
+    for lo in range(0, nb, rows_per_chunk):
+        hi = min(nb, lo + rows_per_chunk)
+        rows = torch.arange(lo, hi, device=dev)
+        causal = cols[None, :] <= rows[:, None]  # [ch, Nb]
+        s = scores[:, :, lo:hi].float().masked_fill(~causal, float("-inf"))  # [B, R, ch, Nb]
+        forced = torch.zeros_like(causal)
+        if cfg.keep_sink:
+            forced[:, 0] = True
+        if cfg.keep_diagonal:
+            forced |= cols[None, :] == rows[:, None]
+        key = s.masked_fill(forced & causal, float("inf"))
+        order_out[:, :, lo:hi] = torch.sort(key, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        s0 = s[..., :1]
+        sink_rank[:, :, lo:hi] = (s > s0).sum(dim=-1)
+        sd = torch.diagonal(s[..., lo:hi], dim1=-2, dim2=-1).unsqueeze(-1)  # s[m, m]
+        before = cols[None, :] < rows[:, None]
+        diag_rank[:, :, lo:hi] = (s > sd).sum(dim=-1) + ((s == sd) & before).sum(dim=-1)
+    return sink_rank, diag_rank
+
+
+def _top_counts(budget_blocks: torch.Tensor, nb: int, nb_seq: torch.Tensor, min_blocks: int) -> torch.Tensor:
+    """k[b, h, m] = clamp(ceil(n_bh (m+1) / Nb_b), min_blocks, m+1) for m < Nb_b, else 0: int64 `[B, Hq, Nb]`."""
+    m1 = torch.arange(1, nb + 1, device=budget_blocks.device, dtype=torch.int64)
+    n = budget_blocks.to(torch.int64).unsqueeze(-1)
+    nbs = nb_seq.to(torch.int64).reshape(-1, 1, 1).clamp_min(1)
+    k = (n * m1 + nbs - 1) // nbs
+    k = torch.minimum(k.clamp_min(min_blocks), m1.expand_as(k))
+    return torch.where(m1 <= nb_seq.reshape(-1, 1, 1), k, 0)
+
+
+def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, full_seq) -> BlockPlan:
+    b, r, nb, _ = scores.shape
+    hq = budget_blocks.shape[1]
+    rep = hq // r
+    order = torch.empty(b, r, nb, nb, device=scores.device, dtype=torch.int32)
+    sink_rank, diag_rank = _rank_and_order(scores, cfg, order)
+    k = _top_counts(budget_blocks, nb, nb_seq, cfg.min_budget_blocks)  # [B, Hq, Nb]
+    valid = k > 0
+    extra = torch.zeros_like(k)
+    if cfg.keep_sink:
+        extra += (sink_rank.repeat_interleave(rep, dim=1) >= k) & valid
+    if cfg.keep_diagonal:
+        diag_extra = (diag_rank.repeat_interleave(rep, dim=1) >= k) & valid
+        if cfg.keep_sink:
+            diag_extra[..., 0] = False  # block 0 is both sink and diagonal in row 0
+        extra += diag_extra
+    counts = k + extra
+    if full_seq is not None:
+        m1 = torch.arange(1, nb + 1, device=scores.device, dtype=torch.int64)
+        full = torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1, 0).expand_as(counts)
+        counts = torch.where(full_seq.reshape(-1, 1, 1), full, counts)
+    return BlockPlan(order, counts.to(torch.int32).contiguous(), budget_blocks.to(torch.int32).contiguous(), cfg.block_size, seq_len)
+
+
+def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig) -> BlockPlan:
+    """Selection into a `BlockPlan` (equals `proxyattn.plan.compact_plan` as a set of kept blocks).
+
+    Args:
+        scores: float `[B, R, Nb, Nb]` proxy block scores (head h reads row h // (Hq / R)).
+        budget_blocks: int `[B, Hq]` budgets in key blocks. seq_len: S, Nb = ceil(S / block_size).
+    """
+    nb = scores.shape[-1]
+    nb_seq = torch.full((scores.shape[0],), nb, device=scores.device, dtype=torch.int64)
+    return _select(scores, budget_blocks, seq_len, cfg, nb_seq, None)
+
+
+def select_blocks_varlen(scores, budget_blocks, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig) -> BlockPlan:
+    """Selection for a packed batch: scores `[B, R, Nb, Nb]`, Nb = ceil(max_seqlen / block_size), one row per
+    sequence; see the module docstring for padded rows and short sequences."""
+    nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    full_seq = lengths <= cfg.dense_below_tokens
+    return _select(scores, budget_blocks, max_seqlen, cfg, nb_seq, full_seq)
+
+
+def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
+    """The ProxyAttn plan of a packed batch (scores, budgets, selection), without host synchronisation.
+
+    Args:
+        q: `[T, Hq, D]`, k: `[T, Hkv, D]`; sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b+1]-1.
+        cu_seqlens: int32 `[B+1]` on q's device, non-decreasing from 0; max_seqlen: host int >= every length.
+    Returns:
+        `BlockPlan` with seq_len = max_seqlen, order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`, budget_blocks
+        `[B, Hq]` (a short sequence's budget is its Nb_b). Row b equals `plan_blocks` of sequence b alone, padded.
+    """
+    scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    full_seq = lengths <= cfg.dense_below_tokens
+    nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
+    budgets = torch.where(full_seq[:, None], nb_seq[:, None].to(torch.int32), budgets).contiguous()
+    return _select(scores, budgets, max_seqlen, cfg, nb_seq, full_seq)
