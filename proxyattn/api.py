@@ -19,7 +19,6 @@ __all__ = [
     "head_budgets",
     "select_blocks",
     "plan_blocks",
-    "plan_blocks_varlen",
     "dense_attention",
     "block_sparse_attention",
     "block_sparse_attention_with_lse",
@@ -112,63 +111,6 @@ def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
     scores = proxy_scores(q, k, cfg, scale=scale)
     budgets = head_budgets(q, k, cfg, scale=scale)
     return select_blocks(scores, budgets, q.shape[1], cfg)
-
-
-def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
-    """The plan of a packed batch: q `[T, Hq, D]`, k `[T, Hkv, D]`, sequence b = tokens cu_seqlens[b]..cu_seqlens[b+1]-1.
-
-    Args:
-        cu_seqlens: int32 `[B+1]` on q's device, non-decreasing from 0 (on CUDA not checked: no host sync).
-        max_seqlen: host int >= every sequence length.
-    Returns:
-        `BlockPlan` padded to max_seqlen (seq_len = max_seqlen, Nb = ceil(max_seqlen / block_size)), one row per
-        sequence: row b is `plan_blocks` of sequence b alone; query blocks past its end have counts 0; sequences with
-        length <= config.dense_below_tokens get full plans (counts m+1, budget Nb_b).
-    """
-    cfg = _config(config)
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 3 or k.dim() != 3:
-        raise ValueError("q and k must be packed tensors [T, H, D]")
-    check_qk(q.unsqueeze(0), k.unsqueeze(0))
-    check_proxy_heads(cfg.proxy_heads, k.shape[1])
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be an int32 tensor [B+1] with B >= 1, got {cu_seqlens!r}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens.device={cu_seqlens.device} differs from q.device={q.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
-        raise ValueError(f"max_seqlen={max_seqlen!r} must be a positive int")
-    sc = resolve_scale(scale, q.shape[-1])
-    backend = _kernels(q)
-    if backend is not None and hasattr(backend, "plan_blocks_varlen"):
-        return backend.plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, sc)
-    return _plan_blocks_varlen_reference(q, k, cu_seqlens, max_seqlen, cfg, sc)
-
-
-def _plan_blocks_varlen_reference(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
-    """CPU path: every sequence planned on its own by the reference, then padded (reads cu_seqlens on the host)."""
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])) or bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens={bounds} must rise from 0 to T={q.shape[0]}")
-    if max(b - a for a, b in zip(bounds[:-1], bounds[1:])) > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence in cu_seqlens={bounds}")
-    bsz, hq, r = len(bounds) - 1, q.shape[1], cfg.proxy_heads
-    nb = -(-max_seqlen // cfg.block_size)
-    order = torch.arange(nb, dtype=torch.int32).expand(bsz, r, nb, nb).clone()
-    counts = torch.zeros(bsz, hq, nb, dtype=torch.int32)
-    budgets = torch.zeros(bsz, hq, dtype=torch.int32)
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if hi == lo:
-            continue
-        nbi = -(-(hi - lo) // cfg.block_size)
-        if hi - lo <= cfg.dense_below_tokens:
-            counts[i, :, :nbi] = torch.arange(1, nbi + 1, dtype=torch.int32)
-            budgets[i] = nbi
-            continue
-        plan = plan_blocks(q[None, lo:hi], k[None, lo:hi], cfg, scale=scale)
-        order[i, :, :nbi, :nbi] = plan.order[0].cpu()
-        counts[i, :, :nbi] = plan.counts[0].cpu()
-        budgets[i] = plan.budget_blocks[0].cpu()
-    dev = q.device
-    return BlockPlan(order.to(dev), counts.to(dev), budgets.to(dev), cfg.block_size, max_seqlen)
 
 
 def _check_plan(q, plan: BlockPlan) -> None:
