@@ -69,6 +69,7 @@ def _sparse_attn_fwd_kernel(
     USE_TMA: tl.constexpr,
     VARLEN: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    DIAG_BRANCH: tl.constexpr = True,  # mask only the diagonal tile (True) or every tile (False: no branch)
 ):
     BLOCK_M: tl.constexpr = PLAN_BS
     SUB: tl.constexpr = PLAN_BS // BLOCK_N
@@ -129,9 +130,12 @@ def _sparse_attn_fwd_kernel(
         else:
             k = tl.load(k_ptrs + k_start.to(tl.int64) * stride_ks, mask=(k_start + offs_n < n_tok)[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k))
-        if kb == m:  # diagonal block: causal mask (also hides keys past the sequence end)
-            keep = (k_start + offs_n)[None, :] <= offs_m[:, None]
-            qk = tl.where(keep, qk, -1.0e6)
+        if DIAG_BRANCH:
+            if kb == m:  # diagonal block: causal mask (also hides keys past the sequence end)
+                keep = (k_start + offs_n)[None, :] <= offs_m[:, None]
+                qk = tl.where(keep, qk, -1.0e6)
+        else:
+            qk = tl.where((k_start + offs_n)[None, :] <= offs_m[:, None], qk, -1.0e6)
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -212,15 +216,18 @@ def _descriptor(x: torch.Tensor, rows: int, batched: bool, block_rows: int):
     return TensorDescriptor(x, [rows, h * d], [stride_s, 1], [block_rows, d])
 
 
-def _launch_sparse(q, k, v, order, counts, cu_seqlens, seq_len: int, block_size: int, scale: float, *, with_lse: bool, use_tma: bool | None = None, config: dict | None = None):
+def _launch_sparse(
+    q, k, v, order, counts, cu_seqlens, seq_len: int, block_size: int, scale: float, *, with_lse: bool,
+    use_tma: bool | None = None, config: dict | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+):
     """Allocate outputs and launch the block-sparse kernel.
 
     Batched (cu_seqlens None): q `[B, S, Hq, D]`, k/v `[B, S, Hkv, D]`, out like q, lse `[B, Hq, S]`.
     Varlen: q `[T, Hq, D]`, k/v `[T, Hkv, D]`, cu_seqlens int32 `[B+1]`, seq_len = max_seqlen; out like q,
     lse `[Hq, T]`.
     order int32 `[B, R, Nb, Nb]`, counts int32 `[B, Hq, Nb]` with Nb = ceil(seq_len / block_size).
-    `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages) skips autotuning
-    (always the case under the interpreter).
+    `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages, DIAG_BRANCH) skips
+    autotuning (always the case under the interpreter). `out` / `lse` are optional preallocated contiguous outputs.
     """
     varlen = cu_seqlens is not None
     batched = not varlen
@@ -240,13 +247,17 @@ def _launch_sparse(q, k, v, order, counts, cu_seqlens, seq_len: int, block_size:
     order = order if order.stride(-1) == 1 else order.contiguous()
     counts = counts if counts.stride(-1) == 1 else counts.contiguous()
 
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if batched:
-        lse = torch.empty((bsz, hq, seq_len), dtype=torch.float32, device=q.device) if with_lse else out
-        ls = (lse.stride(0), lse.stride(1)) if with_lse else (0, 0)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+    lse_shape = (bsz, hq, seq_len) if batched else (hq, rows)
+    if with_lse and lse is None:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if with_lse:
+        assert lse.shape == lse_shape and lse.dtype == torch.float32 and lse.stride(-1) == 1
+        ls = (lse.stride(0), lse.stride(1)) if batched else (0, lse.stride(0))
     else:
-        lse = torch.empty((hq, rows), dtype=torch.float32, device=q.device) if with_lse else out
-        ls = (0, lse.stride(0)) if with_lse else (0, 0)
+        lse, ls = out, (0, 0)  # unused pointer
     if rows == 0:
         return out, lse
 
