@@ -222,6 +222,7 @@ def export_model(
                 f"attention layers: {type(model).__name__}'s attention does not go through transformers' attention "
                 f"interface for every layer (use export.rewrite on a stock export instead)"
             )
+        _name_nodes(proto)
         local_function.attach(proto)
         onnx.checker.check_model(proto)  # structure (the full check needs the data; tests run it)
         onnx.save(proto, str(tmp_file))
@@ -235,6 +236,16 @@ def export_model(
         if previous_impl is not None:
             model.set_attn_implementation(previous_impl)
     return out_path
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    """Name each ProxyAttention node after its layer (`layers.<i>.proxy_attention`) and keep only that metadata."""
+    for node in proto.graph.node:
+        if node.op_type != contract.OP_TYPE or node.domain != contract.DOMAIN:
+            continue
+        idx = next((p.value for p in node.metadata_props if p.key == contract.LAYER_IDX_KEY), None)
+        if idx is not None:
+            node.name = f"layers.{idx}.proxy_attention"
 
 
 def _initializer_source(name: str, weights) -> torch.Tensor:
