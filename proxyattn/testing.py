@@ -112,3 +112,57 @@ def structured_qkv(
     pos = torch.arange(s)
     q, k = rope(q, pos), rope(k, pos)
     return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------- plan comparison
+def budget_mismatches(got: torch.Tensor, mass: torch.Tensor, gamma: float, tol: float = 1e-4) -> int:
+    """Heads whose budget differs from the gamma rule on the reference `mass` `[B, Hq, Nb]` by more than a tie.
+
+    A budget n is accepted when the reference's sorted cumulative mass crosses gamma within `tol` of both n and
+    the reference budget (rounding can move a crossing that close to gamma by one block or more).
+    """
+    cum = mass.double().sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    nb = mass.shape[-1]
+    ref = ((cum < gamma).sum(dim=-1) + 1).clamp(max=nb)
+    got = got.to(ref.device, torch.int64)
+    lo, hi = torch.minimum(got, ref), torch.maximum(got, ref)
+    # Every cumulative sum at positions lo-1 .. hi-2 (the ones that decide between lo and hi) must sit within tol of gamma.
+    pos = torch.arange(nb, device=cum.device)
+    between = (pos >= lo.unsqueeze(-1) - 1) & (pos <= hi.unsqueeze(-1) - 2)
+    near = ((cum - gamma).abs() <= tol) | ~between
+    bad = (got != ref) & ~near.all(dim=-1)
+    return int(bad.sum())
+
+
+def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, tol: float = 1e-4, rows=None) -> int:
+    """Rows (b, h, m) whose kept key blocks differ between two plans by more than score ties.
+
+    Both plans must have the same counts wherever compared. In a differing row every block kept by one plan and
+    not the other must have a reference score within `tol` (relative to the row's largest score) of the row's
+    selection threshold (the lowest reference score among the blocks `ref_plan` keeps by score). `rows`: optional
+    bool `[B, Nb]` of the query-block rows to compare (packed batches: rows inside each sequence).
+    """
+    a, e = plan.to_mask().cpu(), ref_plan.to_mask().cpu()
+    ca, ce = plan.counts.cpu(), ref_plan.counts.cpu()
+    b, hq, nb, _ = e.shape
+    if rows is None:
+        rows = torch.ones(b, nb, dtype=torch.bool)
+    rows = rows.cpu()
+    sel = rows[:, None, :].expand(b, hq, nb)
+    bad = int(((ca != ce) & sel).sum())
+    sc = ref_scores.float().cpu()
+    rep = hq // sc.shape[1]
+    diff = (a != e).any(dim=-1) & sel & (ca == ce)
+    for bi, h, m in diff.nonzero().tolist():
+        row = sc[bi, h // rep, m, : m + 1]
+        kept = e[bi, h, m, : m + 1].clone()
+        forced = torch.zeros(m + 1, dtype=torch.bool)
+        forced[0] = True
+        forced[m] = True
+        by_score = kept & ~forced
+        thr = row[by_score].min() if by_score.any() else row.max()
+        changed = (a[bi, h, m, : m + 1] != e[bi, h, m, : m + 1])
+        scale = row.max().clamp_min(1e-30)
+        if not bool(((row[changed] - thr).abs() <= tol * scale).all()):
+            bad += 1
+    return bad

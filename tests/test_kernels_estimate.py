@@ -1,0 +1,250 @@
+"""Estimation kernels (proxy scores, head budgets, selection, packed batches) against the fp32 reference.
+
+The Triton kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set before any import of
+triton), so shapes are small. Budgets and plans must equal the reference exactly up to documented ties
+(`proxyattn.testing.budget_mismatches` / `plan_mismatches`).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from proxyattn import ProxyAttnConfig, reference  # noqa: E402
+from proxyattn.api import plan_blocks_varlen as api_plan_blocks_varlen  # noqa: E402
+from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
+from proxyattn.kernels import estimate_scores as es  # noqa: E402
+from proxyattn.kernels import estimate_select as esel  # noqa: E402
+from proxyattn.plan import compact_plan  # noqa: E402
+from proxyattn.testing import budget_mismatches, plan_mismatches, structured_qkv  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests need TRITON_INTERPRET=1 on the CPU")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _inputs(kind, b, s, hq, hkv, d, dtype, seed):
+    if kind == "structured":
+        q, k, _ = structured_qkv(b, s, hq, hkv, d, dtype=dtype, seed=seed)
+        return q, k
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, s, hkv, d, generator=g).to(dtype)
+    return q, k
+
+
+def _ref_mass(q, k, block_size, scale):
+    """Brute-force mass per key block of each head's last query block (the first half of reference.head_budgets)."""
+    b, s, hq, _ = q.shape
+    nb = -(-s // block_size)
+    rows = torch.arange(s - min(block_size, s), s)
+    logits = torch.einsum("brhd,bkhd->bhrk", q.float()[:, rows], reference._expand_kv(k.float(), hq)) * scale
+    logits = logits.masked_fill(torch.arange(s)[None, :] > rows[:, None], float("-inf"))
+    mass = torch.softmax(logits, dim=-1).mean(dim=2)
+    return torch.nn.functional.pad(mass, (0, nb * block_size - s)).reshape(b, hq, nb, block_size).sum(-1)
+
+
+# (kind, B, S, Hq, Hkv, D, block, stride, proxy_heads, dtype): ragged S, GQA 1/4/8, D 64/128/256, B > 1.
+SCORE_CASES = [
+    ("random", 2, 300, 4, 1, 64, 64, 4, 1, "bf16"),
+    ("structured", 1, 517, 8, 8, 128, 128, 4, 2, "fp16"),
+    ("random", 1, 200, 8, 1, 256, 64, 1, 1, "bf16"),
+    ("structured", 2, 130, 8, 2, 64, 128, 4, 2, "fp32"),
+    ("structured", 1, 390, 4, 4, 64, 64, 16, 4, "bf16"),
+]
+
+
+@pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_proxy_scores_match_reference(case):
+    kind, b, s, hq, hkv, d, bs, st, g, dt = case
+    q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=s)
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g)
+    scale = 1.0 / math.sqrt(d)
+    nb = -(-s // bs)
+    out = torch.full((b, g, nb, nb), float("nan"))  # poisoned: every element must be written
+    got = es.proxy_scores(q, k, cfg, scale, out=out)
+    ref = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=st, scale=scale)
+    # Proxies are rounded to fp16 (11-bit mantissa, as a tf32 product): the "tf32" tolerance.
+    assert_close(got, ref, "tf32", allow_inf=True, what=f"proxy_scores {case}")
+    assert torch.isinf(got).logical_and(got < 0).equal(torch.ones(nb, nb, dtype=torch.bool).triu(1).expand(b, g, nb, nb))
+
+
+def test_pooled_proxies_are_group_means():
+    q, k = _inputs("random", 2, 70, 8, 4, 64, torch.bfloat16, seed=3)
+    cfg = ProxyAttnConfig(block_size=64, stride=4, proxy_heads=2)
+    pq, pk = es.pool_proxies(q, k, cfg)
+    rq, rk = reference.proxy_queries_keys(q, k, 2)  # [B, S, G, D]
+    for bi in range(2):
+        rows_q = (bi * 70) // 4 + bi + torch.arange(-(-70 // 4))
+        rows_k = bi * 70 + bi + torch.arange(70)
+        assert_close(pq[:, rows_q].float(), rq[bi, ::4].transpose(0, 1), "fp16", what="pooled q")
+        assert_close(pk[:, rows_k].float(), rk[bi].transpose(0, 1), "fp16", what="pooled k")
+
+
+# (kind, B, S, Hq, Hkv, D, block, gamma, dtype)
+BUDGET_CASES = [
+    ("structured", 2, 300, 4, 1, 64, 64, 0.9, "bf16"),
+    ("structured", 1, 517, 8, 8, 128, 128, 0.95, "fp16"),
+    ("structured", 1, 260, 8, 1, 256, 64, 0.9, "bf16"),
+    ("random", 2, 200, 4, 4, 64, 64, 0.95, "fp32"),
+    ("structured", 1, 50, 4, 1, 64, 64, 0.9, "bf16"),  # S shorter than one block
+]
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_head_budgets_match_reference(case):
+    kind, b, s, hq, hkv, d, bs, gamma, dt = case
+    q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=s + 1)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma)
+    scale = 1.0 / math.sqrt(d)
+    mass = eb.block_mass(q, k, cfg, scale)
+    ref_mass = _ref_mass(q, k, bs, scale)
+    assert_close(mass, ref_mass, "fp32", what=f"block mass {case}")
+    got = eb.head_budgets(q, k, cfg, scale)
+    ref = reference.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale)
+    assert got.dtype == torch.int32 and got.shape == ref.shape
+    assert budget_mismatches(got, ref_mass, gamma) == 0, (got.tolist(), ref.tolist())
+
+
+def test_head_budgets_fraction_and_gamma_one():
+    q, k = _inputs("random", 2, 300, 4, 2, 64, torch.bfloat16, seed=5)
+    nb = 5
+    full = eb.head_budgets(q, k, ProxyAttnConfig(block_size=64, gamma=1.0), 0.125)
+    assert full.tolist() == [[nb] * 4] * 2
+    frac = eb.head_budgets(q, k, ProxyAttnConfig(block_size=64, budget_fraction=0.3), 0.125)
+    assert frac.equal(reference.fraction_budgets(2, 4, nb, 0.3, "cpu"))
+
+
+def _tied_scores(b, r, nb, seed):
+    """Scores with many exact ties (quantised), -inf above the diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(b, r, nb, nb, generator=g) * 6).floor() / 6
+    return s.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
+
+
+@pytest.mark.parametrize("keep_sink,keep_diagonal", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("r,hq,nb,min_tokens", [(1, 4, 9, 128), (2, 8, 17, 0), (4, 4, 6, 640)])
+def test_select_blocks_equals_compact_plan(keep_sink, keep_diagonal, r, hq, nb, min_tokens, monkeypatch):
+    monkeypatch.setattr(esel, "_CHUNK_ELEMS", 2 * r * nb * 3)  # several row chunks
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=min_tokens, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+    scores = _tied_scores(2, r, nb, seed=nb)
+    g = torch.Generator().manual_seed(nb)
+    budgets = torch.randint(1, nb + 1, (2, hq), generator=g, dtype=torch.int32)
+    s = nb * 64 - 10
+    got = esel.select_blocks(scores, budgets, s, cfg)
+    want = compact_plan(scores, budgets, s, cfg)
+    assert got.order.dtype == torch.int32 and got.counts.dtype == torch.int32
+    assert got.counts.equal(want.counts)
+    assert got.to_mask().equal(want.to_mask())
+    brute = reference.select_blocks(scores, budgets, min_blocks=cfg.min_budget_blocks, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+    assert got.to_mask().equal(brute)
+    # Keep order: forced blocks first, then descending score with ties to the lower index.
+    order = got.head_orders()
+    for bi, h, m in [(0, 0, nb - 1), (1, hq - 1, nb // 2)]:
+        row = order[bi, h, m, : m + 1].tolist()
+        forced = [n for n in (0, m) if (n == 0 and keep_sink) or (n == m and keep_diagonal)]
+        forced = sorted(set(forced))
+        assert row[: len(forced)] == forced
+        rest = row[len(forced):]
+        sc = scores[bi, h // (hq // r), m]
+        assert rest == sorted(rest, key=lambda n: (-sc[n].item(), n))
+
+
+@pytest.mark.parametrize(
+    "kind,b,s,hq,hkv,d,bs,st,g,gamma,dt",
+    [
+        ("structured", 2, 700, 8, 2, 64, 64, 4, 1, 0.9, "bf16"),
+        ("structured", 1, 600, 4, 4, 128, 64, 4, 2, 0.95, "fp16"),
+        ("random", 1, 520, 8, 1, 64, 128, 4, 1, 0.9, "bf16"),
+    ],
+)
+def test_plan_matches_reference_plan(kind, b, s, hq, hkv, d, bs, st, g, gamma, dt):
+    q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=7)
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=128)
+    scale = 1.0 / math.sqrt(d)
+    scores = es.proxy_scores(q, k, cfg, scale)
+    budgets = eb.head_budgets(q, k, cfg, scale)
+    plan = esel.select_blocks(scores, budgets, s, cfg)
+    ref_scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=st, scale=scale)
+    assert budget_mismatches(budgets, _ref_mass(q, k, bs, scale), gamma) == 0
+    # Reference plan with the (tie-equal) budgets, so that counts agree; kept sets must agree up to score ties.
+    ref_plan = compact_plan(ref_scores, budgets, s, cfg)
+    assert plan_mismatches(plan, ref_plan, ref_scores) == 0
+    assert 0 < float(plan.density().min()) and float(plan.density().max()) <= 1
+
+
+def _packed(lengths, hq, hkv, d, dtype, seed):
+    qs, ks = [], []
+    for i, n in enumerate(lengths):
+        q, k, _ = structured_qkv(1, n, hq, hkv, d, dtype=dtype, seed=seed + i)
+        qs.append(q[0])
+        ks.append(k[0])
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return torch.cat(qs), torch.cat(ks), cu
+
+
+def test_varlen_scores_budgets_and_plan():
+    lengths, hq, hkv, d, bs = [300, 70, 520, 0], 4, 2, 64, 64
+    q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=11)
+    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128, dense_below_tokens=100)
+    scale = 1.0 / math.sqrt(d)
+    max_len = 520
+    nb = -(-max_len // bs)
+    out = torch.full((len(lengths), 2, nb, nb), float("nan"))
+    scores = es.proxy_scores_varlen(q, k, cu, max_len, cfg, scale, out=out)
+    budgets = eb.head_budgets_varlen(q, k, cu, max_len, cfg, scale)
+    plan = esel.plan_blocks_varlen(q, k, cu, max_len, cfg, scale)
+    ref_plan = api_plan_blocks_varlen(q, k, cu, max_len, cfg, scale=scale)  # CPU path: reference per sequence
+    rows = torch.zeros(len(lengths), nb, dtype=torch.bool)
+    ref_scores = torch.full_like(scores, float("-inf"))
+    for i, n in enumerate(lengths):
+        lo = int(cu[i])
+        nbi = -(-n // bs)
+        rows[i, :nbi] = True
+        assert torch.isneginf(scores[i, :, nbi:]).all(), "rows past the sequence must be -inf"
+        if n == 0:
+            assert budgets[i].eq(0).all()
+            continue
+        qi, ki = q[None, lo : lo + n], k[None, lo : lo + n]
+        ref = reference.proxy_scores(qi, ki, proxy_heads=2, block_size=bs, stride=4, scale=scale)
+        ref_scores[i, :, :nbi, :nbi] = ref[0]
+        assert_close(scores[i : i + 1, :, :nbi, :nbi], ref, "tf32", allow_inf=True, what=f"varlen scores seq {i}")
+        assert budget_mismatches(budgets[i : i + 1], _ref_mass(qi, ki, bs, scale), cfg.gamma) == 0
+        if n <= cfg.dense_below_tokens:
+            assert plan.counts[i, :, :nbi].equal(torch.arange(1, nbi + 1, dtype=torch.int32).expand(hq, nbi))
+    assert plan.seq_len == max_len and plan.counts.shape == (len(lengths), hq, nb)
+    assert plan.counts[~rows[:, None, :].expand(-1, hq, -1)].eq(0).all()
+    assert plan_mismatches(plan, ref_plan, ref_scores, rows=rows) == 0
+
+
+def test_structured_qkv_has_the_intended_structure():
+    b, s, hq, hkv, d = 1, 2048, 8, 2, 64
+    q, k, v = structured_qkv(b, s, hq, hkv, d, dtype=torch.float32, seed=0)
+    assert q.shape == (b, s, hq, d) and k.shape == v.shape == (b, s, hkv, d)
+    q2, _, _ = structured_qkv(b, s, hq, hkv, d, dtype=torch.float32, seed=0)
+    assert q.equal(q2), "deterministic for a seed"
+    scale = d ** -0.5
+    budgets = reference.head_budgets(q, k, block_size=64, gamma=0.9, scale=scale)
+    assert len(set(budgets[0].tolist())) >= 3, f"per-head budgets should differ: {budgets.tolist()}"
+    rows = torch.arange(s - 64, s)
+    p = torch.softmax(
+        (torch.einsum("rhd,khd->hrk", q[0, rows], reference._expand_kv(k, hq)[0]) * scale).masked_fill(
+            torch.arange(s)[None, None, :] > rows[None, :, None], float("-inf")), dim=-1).mean(1)  # [Hq, S]
+    assert float(p[:, :4].sum(-1).max()) > 0.3, "sink tokens draw attention"
+    # Heads agree on which distant tokens matter (most heads share top keys outside the sink and the local window)
+    # but differ in how much attention they give them.
+    far = p[:, 4 : s - 256]
+    votes = torch.zeros(far.shape[1])
+    for h in range(hq):
+        votes[far[h].topk(20).indices] += 1
+    assert int((votes >= hq - 2).sum()) >= 5, "heavy hitters are shared by the heads"
+    far_mass = far.sum(-1)
+    assert float(far_mass.max() / far_mass.min()) > 3, f"heads differ in concentration: {far_mass.tolist()}"
+    # Locality: a query's own neighbourhood (64 keys back) draws more than a random 64-key window far away.
+    local = torch.stack([p[:, r - 63 : r + 1].sum(-1) for r in [s - 1]]).mean()
+    assert float(local) > 64.0 / s
