@@ -353,13 +353,15 @@ def _dense_mode(q, k, v) -> str:
     mode = "sdpa"
     can = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
     if q.is_cuda and can is not None and torch.backends.cuda.cudnn_sdp_enabled():
-        if can(torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, True, key[2])):
-            mode = "gqa"
-        elif key[2]:
-            rep = q.shape[2] // k.shape[2]
-            ke = kt[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2)
-            if can(torch.backends.cuda.SDPAParams(qt, ke, ke, None, 0.0, True, False)):
-                mode = "expand"
+        try:
+            if can(torch.backends.cuda.SDPAParams(qt, kt, vt, None, 0.0, True, key[2])):
+                mode = "gqa"
+            elif key[2]:
+                ke = kt.repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # once per mode key
+                if can(torch.backends.cuda.SDPAParams(qt, ke, ke, None, 0.0, True, False)):
+                    mode = "expand"
+        except TypeError:  # SDPAParams' signature differs in this PyTorch: let SDPA choose
+            mode = "sdpa"
     _DENSE_MODE[key] = mode
     return mode
 
