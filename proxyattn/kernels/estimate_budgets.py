@@ -30,6 +30,24 @@ __all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
 
 
 @triton.jit
+def _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Logits (log2 units) of the last rows against key block n; MASKED applies causality and the sequence end."""
+    kpos = n * BS + offs_n
+    ptrs = k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt
+    if MASKED:
+        k = tl.load(ptrs, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
+    else:
+        k = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly: fp32 there (exact for bf16 values)
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        s = tl.where((kpos[None, :] <= tpos[:, None]) & row_ok[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _budget_kernel(
     q_ptr, k_ptr, cu_ptr, mstat_ptr, lstat_ptr, lse_ptr, mass_ptr,
     seq_len, nb_max, num_q_heads, qk_scale,
@@ -61,7 +79,7 @@ def _budget_kernel(
     dmask = offs_d < HEAD_DIM
     q = tl.load(q_base + tpos.to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly: fp32 there (exact for bf16 values)
+    if UPCAST:
         q = q.to(tl.float32)
     k_ptrs = k_base + hkv * stride_kh + offs_d[None, :] * stride_kd
     offs_n = tl.arange(0, BS)
@@ -69,16 +87,18 @@ def _budget_kernel(
     n_hi = tl.minimum(n_lo + CB, nb)
     stat_off = (bh.to(tl.int64) * NCHUNK + c) * BS + offs_r
 
+    # Key blocks left of n_full are visible to every row (the first row is length - n_rows): no mask there.
+    n_full = tl.minimum(n_hi, tl.maximum(n_lo, (length - n_rows + 1) // BS))
     if PASS == 0:
         m_i = tl.full([BS], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BS], dtype=tl.float32)
-        for n in range(n_lo, n_hi):
-            kpos = n * BS + offs_n
-            k = tl.load(k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            s = tl.where((kpos[None, :] <= tpos[:, None]) & row_ok[:, None], s, float("-inf"))
+        for n in range(n_lo, n_full):
+            s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            m_i = m_new
+        for n in range(n_full, n_hi):
+            s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
             m_i = m_new
@@ -86,16 +106,16 @@ def _budget_kernel(
         tl.store(lstat_ptr + stat_off, l_i)
     else:
         lse = tl.load(lse_ptr + bh.to(tl.int64) * BS + offs_r)  # log2 units; -inf on unused rows
+        lse = tl.where(row_ok, lse, float("inf"))  # unused rows then give exp2(-inf) = 0
         inv_rows = 1.0 / n_rows.to(tl.float32)
         mass_row = mass_ptr + bh.to(tl.int64) * nb_max
-        for n in range(n_lo, n_hi):
-            kpos = n * BS + offs_n
-            k = tl.load(k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            vis = (kpos[None, :] <= tpos[:, None]) & row_ok[:, None]
-            p = tl.where(vis, tl.exp2(tl.where(vis, s, 0.0) - lse[:, None]), 0.0)
+        for n in range(n_lo, n_full):
+            s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            p = tl.exp2(s - lse[:, None])
+            tl.store(mass_row + n, tl.sum(tl.sum(p, axis=1), axis=0) * inv_rows)
+        for n in range(n_full, n_hi):
+            s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            p = tl.exp2(s - lse[:, None])
             tl.store(mass_row + n, tl.sum(tl.sum(p, axis=1), axis=0) * inv_rows)
         # Key blocks of this chunk past the sequence's end (packed batches) hold no mass.
         for n in range(tl.maximum(n_hi, n_lo), tl.minimum(n_lo + CB, nb_max)):

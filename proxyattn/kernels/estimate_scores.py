@@ -77,6 +77,30 @@ def _pool_heads_kernel(
 
 
 @triton.jit
+def _score_tile(q, k_base, stride_kr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS: tl.constexpr, MASKED: tl.constexpr):
+    """Logits (log2 units) of the tile's rows against key block n; MASKED applies causality and the sequence end."""
+    kpos = n * BS + offs_n
+    ptrs = k_base + kpos.to(tl.int64)[:, None] * stride_kr + offs_d[None, :]
+    if MASKED:
+        k = tl.load(ptrs, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
+    else:
+        k = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        s = tl.where(kpos[None, :] <= tpos[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _store_block_max(s, lse, row_ok, out_base, offs_qb, stride_om, n, qb_ok, row_store, QB: tl.constexpr, RPB: tl.constexpr):
+    row_max = tl.max(s, axis=1)
+    p = tl.where(row_ok & (row_max > float("-inf")), tl.exp2(row_max - lse), 0.0)  # [BLOCK_M]
+    blk_max = tl.max(tl.reshape(p, [QB, RPB]), axis=1)  # [QB]
+    val = tl.where((n <= offs_qb) & qb_ok, blk_max, float("-inf"))
+    tl.store(out_base + offs_qb.to(tl.int64) * stride_om + n, val, mask=row_store)
+
+
+@triton.jit
 def _proxy_scores_kernel(
     pq_ptr, pk_ptr, cu_ptr, out_ptr,
     seq_len, nb_max, num_groups, qk_scale,
@@ -107,36 +131,34 @@ def _proxy_scores_kernel(
     offs_n = tl.arange(0, BS)
     n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
 
-    # Pass 1: online row max and sum, in log2 units.
+    # Pass 1: online row max and sum, in log2 units. Key blocks left of the tile need no causal mask.
+    n_full = tl.minimum(m0, n_end)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(0, n_end):
-        kpos = n * BS + offs_n
-        k = tl.load(k_base + kpos.to(tl.int64)[:, None] * stride_pkr + offs_d[None, :],
-                    mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = (kpos[None, :] <= tpos[:, None]) & row_ok[:, None]
-        s = tl.where(vis, s, float("-inf"))
+    for n in range(0, n_full):
+        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1.0e-30)), float("-inf"))  # -inf past the end
+    for n in range(n_full, n_end):
+        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
 
-    # Pass 2: per key block, the max probability over the tile's rows of each query block.
+    # Pass 2: per key block, max over the tile's rows of each query block of exp(max logit - lse):
+    # the exponential is taken once per row, after the max over the block's keys.
     offs_qb = m0 + tl.arange(0, QB)
     out_base = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og
     row_store = offs_qb < nb_max
-    for n in range(0, n_end):
-        kpos = n * BS + offs_n
-        k = tl.load(k_base + kpos.to(tl.int64)[:, None] * stride_pkr + offs_d[None, :],
-                    mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = (kpos[None, :] <= tpos[:, None]) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        row_max = tl.max(p, axis=1)  # [BLOCK_M]
-        blk_max = tl.max(tl.reshape(row_max, [QB, RPB]), axis=1)  # [QB]
-        val = tl.where((n <= offs_qb) & (offs_qb < nb), blk_max, float("-inf"))
-        tl.store(out_base + offs_qb.to(tl.int64) * stride_om + n, val, mask=row_store)
+    qb_ok = offs_qb < nb
+    for n in range(0, n_full):
+        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
+        _store_block_max(s, lse, row_ok, out_base, offs_qb, stride_om, n, qb_ok, row_store, QB, RPB)
+    for n in range(n_full, n_end):
+        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
+        _store_block_max(s, lse, row_ok, out_base, offs_qb, stride_om, n, qb_ok, row_store, QB, RPB)
     # Everything right of the visited key blocks is above the diagonal (or past the sequence): -inf.
     offs_c = tl.arange(0, BLOCK_C)
     neg = tl.full([QB, BLOCK_C], float("-inf"), dtype=tl.float32)
