@@ -1,0 +1,36 @@
+// libproxyattn's CUDA C helper kernels: the steps the Python GPU path does with torch tensor operations.
+// Bodies in helpers_impl.h, shared with the host tests (tests/test_cpp.py runs them on the CPU against the torch
+// code they replace). Compiled by nvcc to an sm_90 cubin and loaded through the driver API like the Triton
+// kernels. cu_seqlens (device, [B+1]) is NULL for the padded layout, where every sequence has seq_len tokens.
+#include "helpers_impl.h"
+
+#define PA_THREADS 256
+
+// mass_parts [B, Hq, parts, nb_total] float32 -> budgets [B, Hq] int32. Grid (Hq, B); shared 2 * nb_total * 4.
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+pa_budgets(const float *__restrict__ mass_parts, int32_t *__restrict__ budgets, const int32_t *__restrict__ cu_seqlens,
+           int seq_len, int block_size, int nb_total, int parts, float gamma, double budget_fraction,
+           int dense_below_tokens) {
+  extern __shared__ float smem[];
+  pa_impl::budgets_program(blockIdx.x, blockIdx.y, gridDim.x, mass_parts, budgets, cu_seqlens, seq_len, block_size,
+                           nb_total, parts, gamma, budget_fraction, dense_below_tokens, smem, threadIdx.x, blockDim.x);
+}
+
+// Compact plan from scores and budgets. Grid (nb_total, R, B); shared 2 * nb_total * 4 bytes.
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+pa_select(const float *__restrict__ scores, const int32_t *__restrict__ budgets, int32_t *__restrict__ order,
+          int32_t *__restrict__ counts, const int32_t *__restrict__ cu_seqlens, int seq_len, int block_size,
+          int nb_total, int num_q_heads, int min_blocks, int keep_sink, int keep_diagonal, int dense_below_tokens) {
+  extern __shared__ float smem[];
+  pa_impl::select_program(blockIdx.x, blockIdx.y, blockIdx.z, gridDim.y, scores, budgets, order, counts, cu_seqlens,
+                          seq_len, block_size, nb_total, num_q_heads, min_blocks, keep_sink, keep_diagonal,
+                          dense_below_tokens, smem, threadIdx.x, blockDim.x);
+}
+
+// mstat, lstat [rows, nchunk, bs] float32 -> lse [rows, bs] (log2 units). Grid (ceil(rows * bs / 256)).
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+pa_combine_lse(const float *__restrict__ mstat, const float *__restrict__ lstat, float *__restrict__ lse, int rows,
+               int nchunk, int bs) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (long long)rows * bs) pa_impl::combine_lse_element(i, mstat, lstat, lse, nchunk, bs);
+}

@@ -1,0 +1,187 @@
+// Bodies of libproxyattn's CUDA C helper kernels, written once for the device (helpers.cu) and the host
+// (the host tests run them on the CPU against the PyTorch code they replace).
+//
+// Every body is a sequence of phases `for (i = tid; i < n; i += nthreads)` separated by PA_SYNC(); each phase
+// writes distinct elements, so running it with tid = 0, nthreads = 1 and no barrier (the host) computes the
+// same values as a thread block does.
+//   budget_row   <- api.head_budgets (reference.head_budgets' sort / cumsum / count given the mass per key
+//                   block; reference.fraction_budgets; gamma = 1; the dense path keeps every block)
+//   select_row   <- plan.compact_plan (order, counts)
+//   full_plan_row <- the plan that keeps every causal block (dense path through the sparse kernel)
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define PA_HD __device__ __forceinline__
+#define PA_SYNC() __syncthreads()
+#else
+#define PA_HD inline
+#define PA_SYNC() ((void)0)
+#endif
+
+namespace pa_impl {
+
+// Descending stable rank of v[n] among v[0..len): ties go to the lower index first (torch.sort stable).
+PA_HD int desc_rank(const float *v, int len, int n) {
+  const float x = v[n];
+  int r = 0;
+  for (int j = 0; j < len; ++j) {
+    const float y = v[j];
+    r += (y > x) || (y == x && j < n);
+  }
+  return r;
+}
+
+// Log-sum-exp (log2 units) of one budget row from its key chunks' online (max, sum) statistics, like the torch
+// ops between the two passes of proxyattn/kernels/estimate_budgets.py: top = max_c m_c,
+// total = sum_c l_c * 2^(m_c - top); total > 0 ? top + log2(max(total, 1e-30)) : -inf.
+// m, l: the row's statistics, element c at [c * chunk_stride].
+PA_HD float combine_lse(const float *m, const float *l, int nchunk, int chunk_stride) {
+  float top = m[0];
+  for (int c = 1; c < nchunk; ++c) top = m[(long long)c * chunk_stride] > top ? m[(long long)c * chunk_stride] : top;
+  float total = 0.0f;
+  for (int c = 0; c < nchunk; ++c) total += l[(long long)c * chunk_stride] * exp2f(m[(long long)c * chunk_stride] - top);
+  return total > 0.0f ? top + log2f(total > 1e-30f ? total : 1e-30f) : -INFINITY;
+}
+
+// Length of sequence b: cu_seqlens[b+1] - cu_seqlens[b] (varlen) or seq_len (padded batch).
+PA_HD int seq_length(const int32_t *cu_seqlens, int seq_len, int b) {
+  return cu_seqlens ? cu_seqlens[b + 1] - cu_seqlens[b] : seq_len;
+}
+
+// Budget in key blocks of one (batch, head) whose sequence has nb blocks (the sequence's own Nb):
+//   dense sequence (length <= dense_below_tokens): nb (every block is kept);
+//   budget_fraction > 0: min(nb, max(1, ceil(budget_fraction * nb))) in float64, like reference.fraction_budgets;
+//   gamma >= 1: nb;
+//   else (reference.head_budgets): mass[n] = sum over the `parts` partial sums mass_parts[p * part_stride + n]
+//   (fixed order), sorted descending; the number of leading blocks whose float32 cumulative sum stays below
+//   gamma, plus one, at most nb.
+// Scratch: vals[nb], sorted[nb].
+PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32_t *budget, int nb, int dense,
+                      double budget_fraction, float gamma, float *vals, float *sorted, int tid, int nthreads) {
+  if (dense || budget_fraction > 0.0 || gamma >= 1.0f) {
+    if (tid == 0) {
+      int n = nb;
+      if (!dense && budget_fraction > 0.0) {
+        const double want = budget_fraction * (double)nb;
+        long long c = (long long)want;
+        if ((double)c < want) ++c;  // ceil
+        n = (int)(c < 1 ? 1 : (c > nb ? nb : c));
+      }
+      *budget = n;
+    }
+    return;
+  }
+  for (int n = tid; n < nb; n += nthreads) {
+    float acc = 0.0f;
+    for (int p = 0; p < parts; ++p) acc += mass_parts[(long long)p * part_stride + n];
+    vals[n] = acc;
+  }
+  PA_SYNC();
+  for (int n = tid; n < nb; n += nthreads) sorted[desc_rank(vals, nb, n)] = vals[n];
+  PA_SYNC();
+  if (tid == 0) {
+    float cum = 0.0f;
+    int below = 0;
+    for (int i = 0; i < nb; ++i) {
+      cum += sorted[i];
+      below += (cum < gamma);
+    }
+    *budget = below + 1 < nb ? below + 1 : nb;
+  }
+}
+
+// One ranking row (batch b, ranking r, query block m) of the compact plan (proxyattn/plan.py) of a sequence
+// with nb blocks, stored in arrays padded to nb_total >= nb blocks:
+//   order_row[0..nb_total): the causal key blocks 0..m in keep order (forced blocks, i.e. sink and diagonal,
+//   first; then descending score, ties to the lower index), then m+1..nb_total-1;
+//   counts of the heads h of this ranking (head_budgets[i] = n_h, counts_col[i * nb_total] = counts[b, h, m]):
+//   clamp(ceil(n_h (m+1) / nb), min_blocks, m+1) plus the forced blocks outside those leading entries.
+// score_row: scores[b, r, m, :]. Scratch: vals[m+1] floats, rank[m+1] ints.
+PA_HD void select_row(const float *score_row, const int32_t *head_budgets, int32_t *order_row, int32_t *counts_col,
+                      int heads_per_ranking, int m, int nb, int nb_total, int min_blocks, int keep_sink,
+                      int keep_diagonal, float *vals, int *rank, int tid, int nthreads) {
+  const int len = m + 1;
+  for (int n = tid; n < len; n += nthreads) vals[n] = score_row[n];
+  PA_SYNC();
+  for (int n = tid; n < len; n += nthreads) rank[n] = desc_rank(vals, len, n);
+  PA_SYNC();
+  const bool sink = keep_sink != 0;
+  const bool diag = keep_diagonal != 0;
+  const int rank0 = rank[0], rankm = rank[m];
+  // Forced blocks: 0 (sink) and m (diagonal); in row 0 they are the same block.
+  const int nforced = (sink && diag && m > 0) ? 2 : ((sink || diag) ? 1 : 0);
+  for (int n = tid; n < len; n += nthreads) {
+    const bool forced = (sink && n == 0) || (diag && n == m);
+    const int rn = rank[n];
+    int forced_before = 0;  // forced blocks other than n ranked above n
+    if (sink && n != 0 && rank0 < rn) ++forced_before;
+    if (diag && n != m && rankm < rn) ++forced_before;
+    order_row[forced ? forced_before : nforced + rn - forced_before] = n;
+  }
+  for (int n = len + tid; n < nb_total; n += nthreads) order_row[n] = n;
+  for (int i = tid; i < heads_per_ranking; i += nthreads) {
+    const long long nh = head_budgets[i];
+    long long k = (nh * (m + 1) + nb - 1) / nb;
+    if (k < min_blocks) k = min_blocks;
+    if (k > m + 1) k = m + 1;
+    int extra = 0;
+    if (sink && rank0 >= k) ++extra;
+    if (diag && rankm >= k && !(sink && m == 0)) ++extra;
+    counts_col[(long long)i * nb_total] = (int32_t)k + extra;
+  }
+}
+
+// Keep-everything plan row m (dense sequences): order_row[n] = n; counts of the ranking's heads = m + 1.
+PA_HD void full_plan_row(int32_t *order_row, int32_t *counts_col, int heads_per_ranking, int m, int nb_total, int tid,
+                         int nthreads) {
+  for (int n = tid; n < nb_total; n += nthreads) order_row[n] = n;
+  for (int i = tid; i < heads_per_ranking; i += nthreads) counts_col[(long long)i * nb_total] = m + 1;
+}
+
+// ---------------------------------------------------------------------------------------------- programs
+// One thread block of each helper kernel (block indices as arguments), shared by helpers.cu and the host tests.
+
+// pa_budgets program (h, b): mass_parts [B, Hq, parts, nb_total] -> budgets [B, Hq]. Scratch 2 * nb_total floats.
+PA_HD void budgets_program(int h, int b, int num_q_heads, const float *mass_parts, int32_t *budgets,
+                           const int32_t *cu_seqlens, int seq_len, int block_size, int nb_total, int parts, float gamma,
+                           double budget_fraction, int dense_below_tokens, float *smem, int tid, int nthreads) {
+  const int len = seq_length(cu_seqlens, seq_len, b);
+  const int nb = (len + block_size - 1) / block_size;
+  const long long row = (long long)b * num_q_heads + h;
+  budget_row(mass_parts + row * parts * nb_total, parts, nb_total, budgets + row, nb, len <= dense_below_tokens,
+             budget_fraction, gamma, smem, smem + nb_total, tid, nthreads);
+}
+
+// pa_select program (m, r, b): scores [B, R, nb_total, nb_total], budgets [B, Hq] -> order [B, R, nb_total,
+// nb_total], counts [B, Hq, nb_total]. Dense sequences get the keep-everything plan; query blocks past a
+// sequence's end are left untouched (the attention kernel never reads them). Scratch 2 * nb_total words.
+PA_HD void select_program(int m, int r, int b, int num_rankings, const float *scores, const int32_t *budgets,
+                          int32_t *order, int32_t *counts, const int32_t *cu_seqlens, int seq_len, int block_size,
+                          int nb_total, int num_q_heads, int min_blocks, int keep_sink, int keep_diagonal,
+                          int dense_below_tokens, float *smem, int tid, int nthreads) {
+  const int len = seq_length(cu_seqlens, seq_len, b);
+  const int nb = (len + block_size - 1) / block_size;
+  if (m >= nb) return;
+  const int rep = num_q_heads / num_rankings;
+  const long long row = ((long long)b * num_rankings + r) * nb_total + m;
+  const long long head0 = (long long)b * num_q_heads + (long long)r * rep;
+  if (len <= dense_below_tokens) {
+    full_plan_row(order + row * nb_total, counts + head0 * nb_total + m, rep, m, nb_total, tid, nthreads);
+  } else {
+    select_row(scores + row * nb_total, budgets + head0, order + row * nb_total, counts + head0 * nb_total + m, rep, m,
+               nb, nb_total, min_blocks, keep_sink, keep_diagonal, smem, reinterpret_cast<int *>(smem + nb_total), tid,
+               nthreads);
+  }
+}
+
+// pa_combine_lse element i of [rows, bs]: mstat, lstat [rows, nchunk, bs] -> lse [rows, bs].
+PA_HD void combine_lse_element(long long i, const float *mstat, const float *lstat, float *lse, int nchunk, int bs) {
+  const long long row = i / bs, r = i % bs;
+  const long long off = row * nchunk * bs + r;
+  lse[i] = combine_lse(mstat + off, lstat + off, nchunk, bs);
+}
+
+}  // namespace pa_impl

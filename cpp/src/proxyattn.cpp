@@ -1,0 +1,474 @@
+// libproxyattn: the C entry points. Validation, workspace layout and the launch sequence of
+// proxyattn.proxy_attention / proxy_attention_varlen on the GPU path:
+//
+//   pool q, pool k      proxyattn/kernels/estimate_scores.py::_pool_heads_kernel      (Triton, AOT)
+//   proxy scores        proxyattn/kernels/estimate_scores.py::_proxy_scores_kernel    (Triton, AOT)
+//   budget pass 0       proxyattn/kernels/estimate_budgets.py::_budget_kernel PASS=0  (Triton, AOT)
+//   combine lse         pa_combine_lse (CUDA C; the torch ops between the passes)
+//   budget pass 1       _budget_kernel PASS=1                                          (Triton, AOT)
+//   budgets             pa_budgets (CUDA C; torch sort / cumsum / count, fraction and dense budgets)
+//   select              pa_select (CUDA C; proxyattn/plan.py::compact_plan)
+//   attention           proxyattn/kernels/attention.py::_sparse_attn_fwd_kernel      (Triton, AOT)
+//
+// The dense path (every sequence of a padded batch <= dense_below_tokens) skips the estimation and runs the
+// sparse kernel on the keep-everything plan. Nothing here synchronises with the device or allocates.
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstdio>
+#include <string>
+
+#include "driver.hpp"
+#include "proxyattn.h"
+#include "proxyattn_version.h"
+
+namespace proxyattn {
+const KernelImage *find_kernel(const char *key);  // generated: kernel_table.cpp
+}
+
+using namespace proxyattn;
+
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr int kMaxBlocks = 8192;  // helpers keep 2 * Nb floats in shared memory (64 KB)
+constexpr int kHelperThreads = 256;
+constexpr size_t kAlign = 256;
+
+struct Resolved {
+  proxyattn_dtype_t dtype;
+  int B, S, T, Hq, Hkv, D, G;
+  bool varlen;
+  const int32_t *cu;
+  double scale;
+  int bs, stride, min_blocks, keep_sink, keep_diag, dense_below;
+  float gamma;
+  double fraction;
+  int nb;
+  bool all_dense;  // padded batch with S <= dense_below: no estimation at all
+  bool need_mass;  // gamma rule with gamma < 1 on at least one possibly sparse sequence
+};
+
+// Workspace layout (byte offsets, each 256-aligned).
+struct Layout {
+  size_t pq = 0, pk = 0, scores = 0, mstat = 0, lstat = 0, blse = 0, mass = 0, budgets = 0, order = 0, counts = 0,
+         lse = 0, total = 0;
+  size_t rows_q = 0, rows_k = 0;
+};
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+const char *dtype_name(proxyattn_dtype_t d) { return d == PROXYATTN_BF16 ? "bf16" : "fp16"; }
+
+std::string str(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+proxyattn_status_t validate_config(const proxyattn_config_t *c) {
+  if (c == nullptr) return fail(PROXYATTN_ERROR_INVALID_VALUE, "config is NULL (use proxyattn_config_default)");
+  if (c->block_size != 64 && c->block_size != 128)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "block_size=" + std::to_string(c->block_size) + " is not supported; allowed: (64, 128)");
+  if (c->stride < 1 || c->block_size % c->stride != 0)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "stride=" + std::to_string(c->stride) +
+                                                   " must be a positive divisor of block_size=" +
+                                                   std::to_string(c->block_size));
+  if (c->proxy_heads < 1)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "proxy_heads=" + std::to_string(c->proxy_heads) + " must be >= 1");
+  if (!(c->gamma > 0.0f && c->gamma <= 1.0f))
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "gamma=" + str(c->gamma) + " must lie in (0, 1]");
+  if (c->min_budget_tokens < 0)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "min_budget_tokens=" + std::to_string(c->min_budget_tokens) + " must be >= 0");
+  if (c->keep_sink != 0 && c->keep_sink != 1)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "keep_sink=" + std::to_string(c->keep_sink) + " must be 0 or 1");
+  if (c->keep_diagonal != 0 && c->keep_diagonal != 1)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "keep_diagonal=" + std::to_string(c->keep_diagonal) + " must be 0 or 1");
+  if (c->dense_below_tokens < -1)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "dense_below_tokens=" + std::to_string(c->dense_below_tokens) +
+                                                   " must be >= 0, or -1 (= min_budget_tokens)");
+  if (!(c->budget_fraction == 0.0f || (c->budget_fraction > 0.0f && c->budget_fraction <= 1.0f)))
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "budget_fraction=" + str(c->budget_fraction) + " must be 0 (gamma rule) or lie in (0, 1]");
+  return PROXYATTN_SUCCESS;
+}
+
+proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_t *c, Resolved *r) {
+  proxyattn_status_t st = validate_config(c);
+  if (st != PROXYATTN_SUCCESS) return st;
+  if (p == nullptr) return fail(PROXYATTN_ERROR_INVALID_VALUE, "problem is NULL");
+  if (p->dtype != PROXYATTN_FP16 && p->dtype != PROXYATTN_BF16)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "dtype=" + std::to_string(int(p->dtype)) + " is not supported; allowed: PROXYATTN_FP16, PROXYATTN_BF16");
+  if (p->batch < 1)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "batch=" + std::to_string(p->batch) + " must be >= 1");
+  if (p->seq_len < 1)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "seq_len=" + std::to_string(p->seq_len) + " must be >= 1 (S=0: q must hold at least one token)");
+  if (p->head_dim != 64 && p->head_dim != 128 && p->head_dim != 256)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "head_dim=" + std::to_string(p->head_dim) + " is not supported; allowed: (64, 128, 256)");
+  if (p->num_q_heads < 1 || p->num_kv_heads < 1 || p->num_q_heads % p->num_kv_heads != 0)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "query heads Hq=" + std::to_string(p->num_q_heads) +
+                                                   " must be a positive multiple of KV heads Hkv=" +
+                                                   std::to_string(p->num_kv_heads));
+  if (p->num_kv_heads % c->proxy_heads != 0)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "proxy_heads=" + std::to_string(c->proxy_heads) +
+                                                   " must divide the number of KV heads Hkv=" +
+                                                   std::to_string(p->num_kv_heads));
+  if (!(p->scale >= 0.0f) || std::isinf(p->scale))
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "scale=" + str(p->scale) + " must be a positive finite number, or 0 for 1/sqrt(D)");
+  r->dtype = p->dtype;
+  r->B = p->batch;
+  r->S = p->seq_len;
+  r->varlen = p->cu_seqlens != nullptr;
+  r->cu = p->cu_seqlens;
+  if (r->varlen) {
+    if (p->total_tokens < 0 || (int64_t)p->total_tokens > (int64_t)p->batch * p->seq_len)
+      return fail(PROXYATTN_ERROR_INVALID_VALUE, "total_tokens=" + std::to_string(p->total_tokens) +
+                                                     " must lie in [0, batch * seq_len] = [0, " +
+                                                     std::to_string((int64_t)p->batch * p->seq_len) + "]");
+    r->T = p->total_tokens;
+  } else {
+    r->T = 0;
+  }
+  r->Hq = p->num_q_heads;
+  r->Hkv = p->num_kv_heads;
+  r->D = p->head_dim;
+  r->G = c->proxy_heads;
+  r->scale = p->scale > 0.0f ? (double)p->scale : 1.0 / std::sqrt((double)p->head_dim);
+  r->bs = c->block_size;
+  r->stride = c->stride;
+  r->min_blocks = (c->min_budget_tokens + c->block_size - 1) / c->block_size;
+  r->keep_sink = c->keep_sink;
+  r->keep_diag = c->keep_diagonal;
+  r->dense_below = c->dense_below_tokens < 0 ? c->min_budget_tokens : c->dense_below_tokens;
+  r->gamma = c->gamma;
+  r->fraction = c->budget_fraction;
+  r->nb = (r->S + r->bs - 1) / r->bs;
+  if (r->nb > kMaxBlocks)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "seq_len=" + std::to_string(r->S) + " gives " + std::to_string(r->nb) +
+                                                   " blocks of " + std::to_string(r->bs) + "; at most " +
+                                                   std::to_string(kMaxBlocks) + " blocks are supported");
+  // Every stride the kernels take as int32 must fit: the largest is a sequence's q/out stride S * Hq * D.
+  const int64_t big = (int64_t)r->S * r->Hq * r->D;
+  if (big >= (int64_t(1) << 31))
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "seq_len * num_q_heads * head_dim = " + std::to_string(big) +
+                                                   " must stay below 2^31 (int32 strides of the compiled kernels)");
+  r->all_dense = !r->varlen && r->S <= r->dense_below;
+  r->need_mass = !r->all_dense && r->fraction == 0.0 && r->gamma < 1.0f;
+  return PROXYATTN_SUCCESS;
+}
+
+Layout layout_of(const Resolved &r) {
+  Layout L;
+  const size_t B = r.B, S = r.S, Hq = r.Hq, D = r.D, G = r.G, nb = r.nb, bs = r.bs;
+  const size_t tokens = B * S;  // upper bound of T in both layouts
+  L.rows_q = tokens / r.stride + B;
+  L.rows_k = tokens + B;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    size_t at = off;
+    off = align_up(off + bytes);
+    return at;
+  };
+  if (!r.all_dense) {
+    L.pq = take(G * L.rows_q * D * 2);  // float16
+    L.pk = take(G * L.rows_k * D * 2);
+    L.scores = take(B * G * nb * nb * 4);
+    if (r.need_mass) {
+      L.mstat = take(B * Hq * nb * bs * 4);  // chunks <= nb
+      L.lstat = take(B * Hq * nb * bs * 4);
+      L.blse = take(B * Hq * bs * 4);
+      L.mass = take(B * Hq * nb * 4);
+    }
+  }
+  L.budgets = take(B * Hq * 4);
+  L.order = take(B * G * nb * nb * 4);
+  L.counts = take(B * Hq * nb * 4);
+  L.lse = take(B * Hq * S * 4);  // used when the caller passes no lse
+  L.total = off;
+  return L;
+}
+
+proxyattn_status_t need(const std::string &key, const KernelImage **img) {
+  *img = find_kernel(key.c_str());
+  if (*img == nullptr)
+    return fail(PROXYATTN_ERROR_NOT_COMPILED, "no kernel '" + key +
+                                                  "' was compiled into this libproxyattn (see cpp/tools/"
+                                                  "generate_kernels.py for the compiled variants)");
+  return PROXYATTN_SUCCESS;
+}
+
+bool misaligned(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) != 0; }
+
+#define PA_TRY(expr)                                       \
+  do {                                                     \
+    proxyattn_status_t _st = (expr);                       \
+    if (_st != PROXYATTN_SUCCESS) return _st;              \
+  } while (0)
+
+struct Kernels {
+  const KernelImage *pool_q = nullptr, *pool_k = nullptr, *scores = nullptr, *budget0 = nullptr, *budget1 = nullptr;
+  const KernelImage *combine = nullptr, *budgets = nullptr, *select = nullptr, *attn = nullptr;
+};
+
+proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels *k) {
+  char buf[128];
+  const int v = r.varlen ? 1 : 0;
+  const char *dt = dtype_name(r.dtype);
+  if (!r.all_dense) {
+    std::snprintf(buf, sizeof buf, "pool/%s/d%d/step%d/varlen%d", dt, r.D, r.stride, v);
+    PA_TRY(need(buf, &k->pool_q));
+    std::snprintf(buf, sizeof buf, "pool/%s/d%d/step1/varlen%d", dt, r.D, v);
+    PA_TRY(need(buf, &k->pool_k));
+    std::snprintf(buf, sizeof buf, "scores/d%d/bs%d/stride%d/varlen%d", r.D, r.bs, r.stride, v);
+    PA_TRY(need(buf, &k->scores));
+    if (r.need_mass) {
+      std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass0", dt, r.D, r.bs, v);
+      PA_TRY(need(buf, &k->budget0));
+      std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1", dt, r.D, r.bs, v);
+      PA_TRY(need(buf, &k->budget1));
+      PA_TRY(need("helper/combine_lse", &k->combine));
+    }
+  }
+  PA_TRY(need("helper/budgets", &k->budgets));
+  PA_TRY(need("helper/select", &k->select));
+  if (with_attention) {
+    std::snprintf(buf, sizeof buf, "attn/%s/d%d/bs%d/varlen%d", dt, r.D, r.bs, v);
+    PA_TRY(need(buf, &k->attn));
+  }
+  return PROXYATTN_SUCCESS;
+}
+
+unsigned threads_of(const KernelImage &img) { return img.num_warps ? img.num_warps * 32u : kHelperThreads; }
+
+// Token strides of a [*, S, H, D] (padded) or [T, H, D] (varlen) tensor: (batch, token, head).
+struct Strides {
+  int b, t, h;
+};
+Strides strides_of(const Resolved &r, int heads) {
+  Strides s;
+  s.h = r.D;
+  s.t = heads * r.D;
+  s.b = r.varlen ? 0 : r.S * heads * r.D;
+  return s;
+}
+
+// Plan into (order, counts, budgets); everything on `stream`.
+proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K, const void *q, const void *k,
+                            int32_t *order, int32_t *counts, int32_t *budgets, char *ws, CUstream stream) {
+  CUdeviceptr qp = (CUdeviceptr)q, kp = (CUdeviceptr)k;
+  // cu pointer for kernels that only read it in varlen mode: any valid aligned pointer otherwise.
+  CUdeviceptr cu = r.varlen ? (CUdeviceptr)r.cu : (CUdeviceptr)(ws + L.budgets);
+  int seq_len = r.S, nb = r.nb, Hq = r.Hq, G = r.G;
+  float qk_scale = (float)(r.scale * kLog2e);
+  CUdeviceptr bud = (CUdeviceptr)budgets, ord = (CUdeviceptr)order, cnt = (CUdeviceptr)counts;
+  CUdeviceptr mass = (CUdeviceptr)(ws + (r.need_mass ? L.mass : L.budgets));
+  if (!r.all_dense) {
+    // 1. pooled proxies (float16): pq [G, rows_q, D] on strided query rows, pk [G, rows_k, D].
+    CUdeviceptr pq = (CUdeviceptr)(ws + L.pq), pk = (CUdeviceptr)(ws + L.pk);
+    for (int which = 0; which < 2; ++which) {
+      const KernelImage &img = which == 0 ? *K.pool_q : *K.pool_k;
+      const int heads = which == 0 ? r.Hq : r.Hkv;
+      const int step = which == 0 ? r.stride : 1;
+      const size_t rows = which == 0 ? L.rows_q : L.rows_k;
+      CUdeviceptr x = which == 0 ? qp : kp, out = which == 0 ? pq : pk;
+      Strides s = strides_of(r, heads);
+      int sog = (int)(rows * r.D), sor = r.D, hpg = heads / G;
+      const int block_d = r.D;  // D is a power of two
+      const int block_t = std::max(1, std::min(64, 8192 / block_d));
+      const unsigned gx = (unsigned)(((r.S + step - 1) / step + block_t - 1) / block_t);
+      void *args[] = {&x, &out, &cu, &seq_len, &s.b, &s.t, &s.h, &sog, &sor, &hpg};
+      PA_TRY(launch(img, gx, (unsigned)r.B, (unsigned)G, threads_of(img), img.shared_bytes, args, 10, stream));
+    }
+    // 2. proxy block scores [B, G, nb, nb].
+    {
+      CUdeviceptr sc = (CUdeviceptr)(ws + L.scores);
+      const int rpb = r.bs / r.stride;
+      const int qb = std::max(1, 64 / rpb);
+      int spqg = (int)(L.rows_q * r.D), spqr = r.D, spkg = (int)(L.rows_k * r.D), spkr = r.D;
+      int sob = G * nb * nb, sog = nb * nb, som = nb;
+      void *args[] = {&pq, &pk, &cu, &sc, &seq_len, &nb, &G, &qk_scale, &spqg, &spqr, &spkg, &spkr, &sob, &sog, &som};
+      PA_TRY(launch(*K.scores, (unsigned)((nb + qb - 1) / qb), (unsigned)(r.B * G), 1, threads_of(*K.scores),
+                    K.scores->shared_bytes, args, 15, stream));
+    }
+    // 3. attention mass per key block of each head's last query block [B, Hq, nb].
+    if (r.need_mass) {
+      int sms = 0;
+      PA_TRY(current_sm_count(&sms));
+      const int bh = r.B * r.Hq;
+      int chunks = std::max(1, std::min(nb, (4 * sms + std::max(1, bh) - 1) / std::max(1, bh)));
+      int cb = (nb + chunks - 1) / chunks;
+      int nchunk = (nb + cb - 1) / cb;
+      CUdeviceptr ms = (CUdeviceptr)(ws + L.mstat), ls = (CUdeviceptr)(ws + L.lstat), bl = (CUdeviceptr)(ws + L.blse);
+      Strides sq = strides_of(r, r.Hq), sk = strides_of(r, r.Hkv);
+      int group = r.Hq / r.Hkv;
+      void *args[] = {&qp, &kp, &cu, &ms, &ls, &bl, &mass, &seq_len, &nb, &Hq, &qk_scale,
+                      &sq.b, &sq.t, &sq.h, &sk.b, &sk.t, &sk.h, &group, &nchunk, &cb};
+      PA_TRY(launch(*K.budget0, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget0), K.budget0->shared_bytes,
+                    args, 20, stream));
+      int rows = bh, bsz = r.bs;
+      void *cargs[] = {&ms, &ls, &bl, &rows, &nchunk, &bsz};
+      PA_TRY(launch(*K.combine, (unsigned)(((size_t)bh * r.bs + kHelperThreads - 1) / kHelperThreads), 1, 1,
+                    kHelperThreads, 0, cargs, 6, stream));
+      PA_TRY(launch(*K.budget1, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget1), K.budget1->shared_bytes,
+                    args, 20, stream));
+    }
+  }
+  // 4. budgets [B, Hq] (gamma rule from the mass; fraction; gamma = 1; dense sequences keep everything).
+  {
+    int bs = r.bs, parts = 1, dense = r.dense_below;
+    float gamma = r.gamma;
+    double fraction = r.fraction;
+    void *args[] = {&mass, &bud, &cu, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense};
+    const unsigned smem = r.need_mass ? (unsigned)(2 * nb * 4) : 0u;
+    PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 10, stream));
+  }
+  // 5. selection into the compact plan.
+  {
+    CUdeviceptr sc = (CUdeviceptr)(ws + (r.all_dense ? L.budgets : L.scores));
+    int bs = r.bs, minb = r.min_blocks, sink = r.keep_sink, diag = r.keep_diag, dense = r.dense_below;
+    void *args[] = {&sc, &bud, &ord, &cnt, &cu, &seq_len, &bs, &nb, &Hq, &minb, &sink, &diag, &dense};
+    PA_TRY(launch(*K.select, (unsigned)nb, (unsigned)G, (unsigned)r.B, kHelperThreads, (unsigned)(2 * nb * 4), args, 13,
+                  stream));
+  }
+  return PROXYATTN_SUCCESS;
+}
+
+proxyattn_status_t check_common(const Resolved &r, const Layout &L, void *workspace, size_t workspace_bytes,
+                                std::initializer_list<std::pair<const char *, const void *>> ptrs) {
+  for (auto &p : ptrs) {
+    if (p.second == nullptr) return fail(PROXYATTN_ERROR_INVALID_VALUE, std::string(p.first) + " is NULL");
+    if (misaligned(p.second))
+      return fail(PROXYATTN_ERROR_MISALIGNED, std::string(p.first) + " is not 16-byte aligned");
+  }
+  if (r.varlen && misaligned(r.cu)) return fail(PROXYATTN_ERROR_MISALIGNED, "cu_seqlens is not 16-byte aligned");
+  if (workspace_bytes < L.total)
+    return fail(PROXYATTN_ERROR_WORKSPACE_TOO_SMALL, "workspace_bytes=" + std::to_string(workspace_bytes) +
+                                                         " is smaller than proxyattn_workspace_size()=" +
+                                                         std::to_string(L.total));
+  if (L.total > 0 && workspace == nullptr) return fail(PROXYATTN_ERROR_INVALID_VALUE, "workspace is NULL");
+  if (misaligned(workspace)) return fail(PROXYATTN_ERROR_MISALIGNED, "workspace is not 16-byte aligned");
+  return PROXYATTN_SUCCESS;
+}
+
+}  // namespace
+
+extern "C" {
+
+void proxyattn_config_default(proxyattn_config_t *c) {
+  if (c == nullptr) return;
+  c->block_size = 128;
+  c->stride = 4;
+  c->proxy_heads = 1;
+  c->gamma = 0.95f;
+  c->min_budget_tokens = 2048;
+  c->keep_sink = 1;
+  c->keep_diagonal = 1;
+  c->dense_below_tokens = -1;
+  c->budget_fraction = 0.0f;
+}
+
+proxyattn_status_t proxyattn_config_validate(const proxyattn_config_t *config) {
+  clear_error();
+  return validate_config(config);
+}
+
+proxyattn_status_t proxyattn_workspace_size(const proxyattn_problem_t *problem, const proxyattn_config_t *config,
+                                            size_t *bytes) {
+  clear_error();
+  if (bytes == nullptr) return fail(PROXYATTN_ERROR_INVALID_VALUE, "bytes is NULL");
+  Resolved r;
+  PA_TRY(resolve(problem, config, &r));
+  *bytes = layout_of(r).total;
+  return PROXYATTN_SUCCESS;
+}
+
+proxyattn_status_t proxyattn_plan(const proxyattn_problem_t *problem, const proxyattn_config_t *config, const void *q,
+                                  const void *k, int32_t *order, int32_t *counts, int32_t *budgets, void *workspace,
+                                  size_t workspace_bytes, proxyattn_stream_t stream) {
+  clear_error();
+  Resolved r;
+  PA_TRY(resolve(problem, config, &r));
+  Layout L = layout_of(r);
+  PA_TRY(check_common(r, L, workspace, workspace_bytes, {{"q", q}, {"k", k}, {"order", order}, {"counts", counts}}));
+  if (budgets != nullptr && misaligned(budgets))
+    return fail(PROXYATTN_ERROR_MISALIGNED, "budgets is not 16-byte aligned");
+  Kernels K;
+  PA_TRY(find_kernels(r, false, &K));
+  char *ws = static_cast<char *>(workspace);
+  int32_t *bud = budgets != nullptr ? budgets : reinterpret_cast<int32_t *>(ws + L.budgets);
+  return run_plan(r, L, K, q, k, order, counts, bud, ws, reinterpret_cast<CUstream>(stream));
+}
+
+proxyattn_status_t proxyattn_prefill(const proxyattn_problem_t *problem, const proxyattn_config_t *config,
+                                     const void *q, const void *k, const void *v, void *out, float *lse,
+                                     void *workspace, size_t workspace_bytes, proxyattn_stream_t stream) {
+  clear_error();
+  Resolved r;
+  PA_TRY(resolve(problem, config, &r));
+  Layout L = layout_of(r);
+  PA_TRY(check_common(r, L, workspace, workspace_bytes, {{"q", q}, {"k", k}, {"v", v}, {"out", out}}));
+  if (lse != nullptr && misaligned(lse)) return fail(PROXYATTN_ERROR_MISALIGNED, "lse is not 16-byte aligned");
+  if (r.varlen && r.T == 0) return PROXYATTN_SUCCESS;  // nothing to compute
+  Kernels K;
+  PA_TRY(find_kernels(r, true, &K));
+  char *ws = static_cast<char *>(workspace);
+  CUstream s = reinterpret_cast<CUstream>(stream);
+  int32_t *order = reinterpret_cast<int32_t *>(ws + L.order);
+  int32_t *counts = reinterpret_cast<int32_t *>(ws + L.counts);
+  int32_t *budgets = reinterpret_cast<int32_t *>(ws + L.budgets);
+  PA_TRY(run_plan(r, L, K, q, k, order, counts, budgets, ws, s));
+
+  CUdeviceptr qp = (CUdeviceptr)q, kp = (CUdeviceptr)k, vp = (CUdeviceptr)v, op = (CUdeviceptr)out;
+  CUdeviceptr lp = (CUdeviceptr)(lse != nullptr ? (void *)lse : (void *)(ws + L.lse));
+  CUdeviceptr ord = (CUdeviceptr)order, cnt = (CUdeviceptr)counts;
+  CUdeviceptr cu = r.varlen ? (CUdeviceptr)r.cu : cnt;
+  Strides sq = strides_of(r, r.Hq), sk = strides_of(r, r.Hkv), sv = sk, so = sq;
+  // lse: [B, Hq, S] (padded) or [Hq, T] (varlen).
+  int slb = r.varlen ? 0 : r.Hq * r.S, slh = r.varlen ? r.T : r.S;
+  int srb = r.G * r.nb * r.nb, srr = r.nb * r.nb, srm = r.nb, scb = r.Hq * r.nb, sch = r.nb;
+  int seq_len = r.S, nb = r.nb, Hq = r.Hq, len_bucket = 0, group = r.Hq / r.Hkv, rgroup = r.Hq / r.G;
+  float qk_scale = (float)(r.scale * kLog2e);
+  void *args[] = {&qp,   &kp,   &vp,   &op,   &lp,   &ord,  &cnt,  &cu,      &sq.b,    &sq.t,       &sq.h,
+                  &sk.b, &sk.t, &sk.h, &sv.b, &sv.t, &sv.h, &so.b, &so.t,    &so.h,    &slb,        &slh,
+                  &srb,  &srr,  &srm,  &scb,  &sch,  &seq_len, &nb, &Hq, &qk_scale, &len_bucket, &group, &rgroup};
+  const size_t programs = (size_t)r.B * r.Hq * r.nb;
+  if (programs >= (size_t(1) << 31))
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "batch * num_q_heads * blocks = " + std::to_string(programs) +
+                                                   " exceeds the grid limit 2^31 - 1");
+  return launch(*K.attn, (unsigned)programs, 1, 1, threads_of(*K.attn), K.attn->shared_bytes, args, 34, s);
+}
+
+int proxyattn_is_compiled(proxyattn_dtype_t dtype, int32_t head_dim, int32_t block_size) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "attn/%s/d%d/bs%d/varlen0", dtype == PROXYATTN_BF16 ? "bf16" : "fp16", head_dim,
+                block_size);
+  return find_kernel(buf) != nullptr ? 1 : 0;
+}
+
+const char *proxyattn_status_name(proxyattn_status_t s) {
+  switch (s) {
+    case PROXYATTN_SUCCESS: return "PROXYATTN_SUCCESS";
+    case PROXYATTN_ERROR_INVALID_VALUE: return "PROXYATTN_ERROR_INVALID_VALUE";
+    case PROXYATTN_ERROR_NOT_COMPILED: return "PROXYATTN_ERROR_NOT_COMPILED";
+    case PROXYATTN_ERROR_WORKSPACE_TOO_SMALL: return "PROXYATTN_ERROR_WORKSPACE_TOO_SMALL";
+    case PROXYATTN_ERROR_MISALIGNED: return "PROXYATTN_ERROR_MISALIGNED";
+    case PROXYATTN_ERROR_DRIVER_UNAVAILABLE: return "PROXYATTN_ERROR_DRIVER_UNAVAILABLE";
+    case PROXYATTN_ERROR_NO_CONTEXT: return "PROXYATTN_ERROR_NO_CONTEXT";
+    case PROXYATTN_ERROR_DEVICE_UNSUPPORTED: return "PROXYATTN_ERROR_DEVICE_UNSUPPORTED";
+    case PROXYATTN_ERROR_CUDA: return "PROXYATTN_ERROR_CUDA";
+  }
+  return "PROXYATTN_UNKNOWN_STATUS";
+}
+
+const char *proxyattn_last_error(void) { return last_error(); }
+
+const char *proxyattn_version(void) { return PROXYATTN_VERSION_STRING; }
+
+}  // extern "C"

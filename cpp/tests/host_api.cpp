@@ -1,0 +1,101 @@
+// Host-side test surface of libproxyattn (built only with PROXYATTN_BUILD_TESTS): the CUDA C helper kernels'
+// bodies (src/helpers_impl.h) run over whole grids on the CPU, and the .npy codec of the example program, behind
+// a C interface that tests/test_cpp.py calls through ctypes and compares with the PyTorch code they replace.
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "helpers_impl.h"
+#include "npy.hpp"
+
+#define HOST_API extern "C" __attribute__((visibility("default")))
+
+// pa_select over the grid (nb_total, R, B) with one "thread".
+HOST_API void pa_host_select(const float *scores, const int32_t *budgets, int32_t *order, int32_t *counts,
+                             const int32_t *cu_seqlens, int batch, int num_rankings, int seq_len, int block_size,
+                             int nb_total, int num_q_heads, int min_blocks, int keep_sink, int keep_diagonal,
+                             int dense_below_tokens) {
+  std::vector<float> smem(2 * (size_t)nb_total);
+  for (int b = 0; b < batch; ++b)
+    for (int r = 0; r < num_rankings; ++r)
+      for (int m = 0; m < nb_total; ++m)
+        pa_impl::select_program(m, r, b, num_rankings, scores, budgets, order, counts, cu_seqlens, seq_len, block_size,
+                                nb_total, num_q_heads, min_blocks, keep_sink, keep_diagonal, dense_below_tokens,
+                                smem.data(), 0, 1);
+}
+
+// pa_budgets over the grid (Hq, B).
+HOST_API void pa_host_budgets(const float *mass_parts, int32_t *budgets, const int32_t *cu_seqlens, int batch,
+                              int num_q_heads, int seq_len, int block_size, int nb_total, int parts, float gamma,
+                              double budget_fraction, int dense_below_tokens) {
+  std::vector<float> smem(2 * (size_t)nb_total);
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < num_q_heads; ++h)
+      pa_impl::budgets_program(h, b, num_q_heads, mass_parts, budgets, cu_seqlens, seq_len, block_size, nb_total,
+                               parts, gamma, budget_fraction, dense_below_tokens, smem.data(), 0, 1);
+}
+
+// pa_combine_lse over all rows * bs elements.
+HOST_API void pa_host_combine_lse(const float *mstat, const float *lstat, float *lse, int rows, int nchunk, int bs) {
+  for (long long i = 0; i < (long long)rows * bs; ++i) pa_impl::combine_lse_element(i, mstat, lstat, lse, nchunk, bs);
+}
+
+// .npy: load `path` and write its elements converted to float32 into `out` (capacity `cap` elements);
+// returns the element count, or -1 with the message in `err` (capacity `err_cap`).
+HOST_API long long pa_host_npy_load_f32(const char *path, float *out, long long cap, long long *shape, int *ndim,
+                                        char *err, int err_cap) {
+  proxyattn::NpyArray a;
+  std::string e;
+  if (!proxyattn::npy_load(path, &a, &e)) {
+    std::strncpy(err, e.c_str(), err_cap - 1);
+    err[err_cap - 1] = '\0';
+    return -1;
+  }
+  const long long n = a.numel();
+  if (n > cap) {
+    std::strncpy(err, "capacity too small", err_cap - 1);
+    return -1;
+  }
+  *ndim = (int)a.shape.size();
+  for (size_t i = 0; i < a.shape.size(); ++i) shape[i] = a.shape[i];
+  for (long long i = 0; i < n; ++i) {
+    if (a.descr == "<f4") {
+      std::memcpy(&out[i], &a.data[i * 4], 4);
+    } else if (a.descr == "<i4") {
+      int32_t v;
+      std::memcpy(&v, &a.data[i * 4], 4);
+      out[i] = (float)v;
+    } else {
+      uint16_t v;
+      std::memcpy(&v, &a.data[i * 2], 2);
+      out[i] = a.descr == "<f2" ? proxyattn::half_to_float(v) : proxyattn::bf16_to_float(v);
+    }
+  }
+  return n;
+}
+
+// .npy: write float32 `data` of `shape` to `path` as dtype `descr` ('<f4', '<f2', or '<u2' = bfloat16 bits).
+HOST_API int pa_host_npy_save(const char *path, const float *data, const long long *shape, int ndim,
+                              const char *descr, char *err, int err_cap) {
+  proxyattn::NpyArray a;
+  a.descr = descr;
+  a.shape.assign(shape, shape + ndim);
+  const long long n = a.numel();
+  a.data.resize(n * a.item_size());
+  for (long long i = 0; i < n; ++i) {
+    if (a.descr == "<f4") {
+      std::memcpy(&a.data[i * 4], &data[i], 4);
+    } else {
+      uint16_t v = a.descr == "<f2" ? proxyattn::float_to_half(data[i]) : proxyattn::float_to_bf16(data[i]);
+      std::memcpy(&a.data[i * 2], &v, 2);
+    }
+  }
+  std::string e;
+  if (!proxyattn::npy_save(path, a, &e)) {
+    std::strncpy(err, e.c_str(), err_cap - 1);
+    err[err_cap - 1] = '\0';
+    return -1;
+  }
+  return 0;
+}
