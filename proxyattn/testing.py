@@ -76,23 +76,26 @@ def structured_qkv(
         raise ValueError(f"head_dim={head_dim} must be a multiple of 8 and >= 16")
     gen = torch.Generator().manual_seed(seed)
     cpu = torch.device("cpu")
+    dev = torch.device(device)
     d, half = head_dim, head_dim // 2
     b, s = batch, seq_len
     content_dim = 32
-    content = _smooth_walk(b, s, content_dim, 64, gen, cpu)  # [B, S, C]
+    # Random numbers are drawn on the CPU (same values on every device); the arithmetic runs on `device`.
+    content = _smooth_walk(b, s, content_dim, 64, gen, cpu).to(dev)  # [B, S, C]
     # Projections: a shared part (so q and k of one position align) plus a per-head part.
     shared = torch.randn(content_dim, d, generator=gen) / math.sqrt(content_dim)
-    wq = shared + 0.5 * torch.randn(q_heads, content_dim, d, generator=gen) / math.sqrt(content_dim)
-    wk = shared + 0.5 * torch.randn(kv_heads, content_dim, d, generator=gen) / math.sqrt(content_dim)
+    wq = (shared + 0.5 * torch.randn(q_heads, content_dim, d, generator=gen) / math.sqrt(content_dim)).to(dev)
+    wk = (shared + 0.5 * torch.randn(kv_heads, content_dim, d, generator=gen) / math.sqrt(content_dim)).to(dev)
     # Scale so that a query and a key of the same content score about 8 after the 1/sqrt(D) softmax scale.
     f = math.sqrt(8.0 / math.sqrt(d))
     q = torch.einsum("bsc,hcd->bshd", content, wq) * f
     k = torch.einsum("bsc,hcd->bshd", content, wk) * f
+    del content
     # Special directions in the lowest RoPE frequency pairs (indices half-1 and d-1; half-2 and d-2).
-    sink_dir = torch.zeros(d)
+    sink_dir = torch.zeros(d, device=dev)
     sink_dir[half - 1] = 1.0
     sink_dir[d - 1] = 1.0
-    hh_dir = torch.zeros(d)
+    hh_dir = torch.zeros(d, device=dev)
     hh_dir[half - 2] = 1.0
     hh_dir[d - 2] = 1.0
     for t in (q, k):
@@ -100,18 +103,19 @@ def structured_qkv(
         t[..., d - 2 :] = 0.0
     root = math.sqrt(d)
     # Every query points at both directions; the heavy-hitter pull differs per head (weak .. strong).
-    pull = torch.linspace(0.15, 1.0, q_heads)[torch.randperm(q_heads, generator=gen)]
-    q = q + (root * 2.5) * sink_dir + (root * 2.5) * pull[None, None, :, None] * hh_dir
+    pull = torch.linspace(0.15, 1.0, q_heads)[torch.randperm(q_heads, generator=gen)].to(dev)
+    q += (root * 2.5) * sink_dir + (root * 2.5) * pull[None, None, :, None] * hh_dir
     sink_strength = 2.0
     k[:, :num_sinks] += sink_strength * sink_dir
     n_heavy = max(1, round(heavy_fraction * s))
-    heavy = torch.randperm(s, generator=gen)[:n_heavy]
-    hh_strength = 2.2 + 0.3 * torch.rand(b, n_heavy, 1, 1, generator=gen)
+    heavy = torch.randperm(s, generator=gen)[:n_heavy].to(dev)
+    hh_strength = (2.2 + 0.3 * torch.rand(b, n_heavy, 1, 1, generator=gen)).to(dev)
     k[:, heavy] += hh_strength * hh_dir
-    v = torch.randn(b, s, kv_heads, d, generator=gen)
-    pos = torch.arange(s)
-    q, k = rope(q, pos), rope(k, pos)
-    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (q, k, v))
+    v = torch.randn(b, s, kv_heads, d, generator=gen).to(device=dev, dtype=dtype)
+    pos = torch.arange(s, device=dev)
+    q = rope(q, pos).to(dtype)
+    k = rope(k, pos).to(dtype)
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- plan comparison
