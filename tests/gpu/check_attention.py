@@ -91,7 +91,7 @@ def main() -> int:
     named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q}
     for c in attn._prune(attn._configs(), named):
         for tma in (True, False):
-            cfg = dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages)
+            cfg = dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
             record(f"config {cfg} tma={tma}", lambda cfg=cfg, tma=tma: check_sparse(q, k, v, plan, 0.088, use_tma=tma, config=cfg))
     record("mask every tile (DIAG_BRANCH=False)", lambda: check_sparse(q, k, v, plan, 0.088, use_tma=True, config=dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)))
 
