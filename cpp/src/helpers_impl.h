@@ -56,8 +56,8 @@ PA_HD int seq_length(const int32_t *cu_seqlens, int seq_len, int b) {
 //   budget_fraction > 0: min(nb, max(1, ceil(budget_fraction * nb))) in float64, like reference.fraction_budgets;
 //   gamma >= 1: nb;
 //   else (reference.head_budgets): mass[n] = sum over the `parts` partial sums mass_parts[p * part_stride + n]
-//   (fixed order), sorted descending; the number of leading blocks whose float32 cumulative sum stays below
-//   gamma, plus one, at most nb.
+//   (fixed order), sorted descending; the number of leading blocks whose cumulative sum stays below gamma, plus
+//   one, at most nb.
 // Scratch: vals[nb], sorted[nb].
 PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32_t *budget, int nb, int dense,
                       double budget_fraction, float gamma, float *vals, float *sorted, int tid, int nthreads) {
@@ -83,11 +83,13 @@ PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32
   for (int n = tid; n < nb; n += nthreads) sorted[desc_rank(vals, nb, n)] = vals[n];
   PA_SYNC();
   if (tid == 0) {
-    float cum = 0.0f;
+    // Like torch.cumsum of a float32 tensor on the CPU (the reference): accumulated in float64, each partial sum
+    // rounded to float32, then compared with gamma as float32.
+    double cum = 0.0;
     int below = 0;
     for (int i = 0; i < nb; ++i) {
-      cum += sorted[i];
-      below += (cum < gamma);
+      cum += (double)sorted[i];
+      below += ((float)cum < gamma);
     }
     *budget = below + 1 < nb ? below + 1 : nb;
   }

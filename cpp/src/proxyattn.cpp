@@ -223,7 +223,11 @@ proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels 
   const char *dt = dtype_name(r.dtype);
   if (!r.all_dense) {
     std::snprintf(buf, sizeof buf, "pool/%s/d%d/step%d/varlen%d", dt, r.D, r.stride, v);
-    PA_TRY(need(buf, &k->pool_q));
+    if (need(buf, &k->pool_q) != PROXYATTN_SUCCESS)
+      return fail(PROXYATTN_ERROR_NOT_COMPILED, "stride=" + std::to_string(r.stride) + " (with " + dt + ", head_dim=" +
+                                                    std::to_string(r.D) + ") has no compiled kernel '" + buf +
+                                                    "'; the compiled strides are listed in STRIDES of "
+                                                    "cpp/tools/generate_kernels.py");
     std::snprintf(buf, sizeof buf, "pool/%s/d%d/step1/varlen%d", dt, r.D, v);
     PA_TRY(need(buf, &k->pool_k));
     std::snprintf(buf, sizeof buf, "scores/d%d/bs%d/stride%d/varlen%d", r.D, r.bs, r.stride, v);

@@ -1,0 +1,424 @@
+"""libproxyattn (cpp/): configure and build with cmake + nvcc + gcc on this machine (no GPU), then the host-side
+checks: the C API's validation and error reporting, the CUDA C helper kernels' bodies run on the CPU against the
+PyTorch code they replace on the GPU path, the .npy codec of the example program, and what the library links.
+
+The GPU comparison with the PyTorch path is tests/gpu/check_cpp.py (run on the H200 through the device tool).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from proxyattn import ProxyAttnConfig
+from proxyattn.plan import compact_plan
+
+REPO = Path(__file__).resolve().parents[1]
+CPP = REPO / "cpp"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cmake") is None or not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),
+    reason="cmake and nvcc are needed to build libproxyattn",
+)
+
+# Status codes of cpp/include/proxyattn.h.
+SUCCESS, INVALID, NOT_COMPILED, WS_SMALL, MISALIGNED, NO_DRIVER = 0, 1, 2, 3, 4, 5
+BF16, FP16 = 1, 0
+
+
+class Config(C.Structure):
+    _fields_ = [("block_size", C.c_int32), ("stride", C.c_int32), ("proxy_heads", C.c_int32), ("gamma", C.c_float),
+                ("min_budget_tokens", C.c_int32), ("keep_sink", C.c_int32), ("keep_diagonal", C.c_int32),
+                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float)]
+
+
+class Problem(C.Structure):
+    _fields_ = [("dtype", C.c_int), ("batch", C.c_int32), ("seq_len", C.c_int32), ("cu_seqlens", C.c_void_p),
+                ("total_tokens", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
+                ("head_dim", C.c_int32), ("scale", C.c_float)]
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    """Full build (every kernel variant), as CI does it. PROXYATTN_CPP_BUILD names a directory to build into
+    incrementally instead of a fresh temporary one (local iteration)."""
+    out = Path(os.environ["PROXYATTN_CPP_BUILD"]) if os.environ.get("PROXYATTN_CPP_BUILD") else tmp_path_factory.mktemp("cpp_build")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    subprocess.run(["cmake", "-S", str(CPP), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(out), "-j", "2"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return out
+
+
+def _lib(build: Path):
+    lib = C.CDLL(str(build / "libproxyattn.so"))
+    lib.proxyattn_last_error.restype = C.c_char_p
+    lib.proxyattn_status_name.restype = C.c_char_p
+    lib.proxyattn_version.restype = C.c_char_p
+    lib.proxyattn_workspace_size.argtypes = [C.POINTER(Problem), C.POINTER(Config), C.POINTER(C.c_size_t)]
+    lib.proxyattn_prefill.argtypes = [C.POINTER(Problem), C.POINTER(Config)] + [C.c_void_p] * 6 + [C.c_size_t, C.c_void_p]
+    lib.proxyattn_plan.argtypes = [C.POINTER(Problem), C.POINTER(Config)] + [C.c_void_p] * 6 + [C.c_size_t, C.c_void_p]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def lib(build):
+    return _lib(build)
+
+
+@pytest.fixture(scope="module")
+def host(build):
+    h = C.CDLL(str(build / "libproxyattn_host.so"))
+    h.pa_host_npy_load_f32.restype = C.c_longlong
+    h.pa_host_budgets.argtypes = [C.c_void_p] * 3 + [C.c_int] * 6 + [C.c_float, C.c_double, C.c_int]
+    h.pa_host_select.argtypes = [C.c_void_p] * 5 + [C.c_int] * 10
+    h.pa_host_combine_lse.argtypes = [C.c_void_p] * 3 + [C.c_int] * 3
+    return h
+
+
+def _default_config(lib) -> Config:
+    c = Config()
+    lib.proxyattn_config_default(C.byref(c))
+    return c
+
+
+def _problem(b=1, s=4096, hq=8, hkv=2, d=128, dtype=BF16, cu=None, total=0) -> Problem:
+    return Problem(dtype, b, s, cu, total, hq, hkv, d, 0.0)
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+# ----------------------------------------------------------------------------------------------- build
+def test_build_compiles_every_variant(build, lib):
+    manifest = json.loads((build / "generated" / "manifest.json").read_text())
+    keys = {k["key"] for k in manifest["kernels"]}
+    for dt in ("bf16", "fp16"):
+        for d in (64, 128, 256):
+            for bs in (64, 128):
+                for varlen in (0, 1):
+                    assert f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}" in keys
+                    for p in (0, 1):
+                        assert f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}" in keys
+                assert lib.proxyattn_is_compiled(BF16 if dt == "bf16" else FP16, d, bs) == 1
+    assert lib.proxyattn_is_compiled(BF16, 96, 128) == 0
+    for k in manifest["kernels"]:
+        assert k["shared"] <= 227 * 1024, k["key"]  # fits an sm_90 block
+        assert k["num_params"] == len(k["params"]) + 2  # Triton 3.6: two hidden scratch pointers
+    assert manifest["triton"] == "3.6.0"
+    assert b"triton 3.6.0" in lib.proxyattn_version()
+
+
+def test_library_links_no_cuda_and_exports_only_the_api(build):
+    so = build / "libproxyattn.so"
+    needed = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    assert "libcuda" not in needed and "libcudart" not in needed
+    syms = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True, check=True).stdout
+    exported = sorted(line.split()[-1] for line in syms.splitlines() if " T " in line)
+    assert exported == sorted([
+        "proxyattn_config_default", "proxyattn_config_validate", "proxyattn_workspace_size", "proxyattn_prefill",
+        "proxyattn_plan", "proxyattn_is_compiled", "proxyattn_status_name", "proxyattn_last_error", "proxyattn_version",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_config_defaults_match_python(lib):
+    c = _default_config(lib)
+    attrs = ProxyAttnConfig().to_attrs()
+    assert c.block_size == attrs["pa_block_size"] and c.stride == attrs["pa_stride"]
+    assert c.proxy_heads == attrs["pa_proxy_heads"] and c.min_budget_tokens == attrs["pa_min_budget_tokens"]
+    assert c.gamma == pytest.approx(attrs["pa_gamma"]) and c.budget_fraction == attrs["pa_budget_fraction"] == 0.0
+    assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
+    assert c.dense_below_tokens == -1  # None: min_budget_tokens
+    assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
+    assert lib.proxyattn_last_error() == b""
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("block_size", 96, b"block_size=96"), ("stride", 3, b"stride=3"), ("stride", 0, b"stride=0"),
+    ("proxy_heads", 0, b"proxy_heads=0"), ("gamma", 0.0, b"gamma=0"), ("gamma", 1.5, b"gamma=1.5"),
+    ("min_budget_tokens", -1, b"min_budget_tokens=-1"), ("keep_sink", 2, b"keep_sink=2"),
+    ("keep_diagonal", -1, b"keep_diagonal=-1"), ("dense_below_tokens", -2, b"dense_below_tokens=-2"),
+    ("budget_fraction", 1.5, b"budget_fraction=1.5"), ("budget_fraction", -0.5, b"budget_fraction=-0.5"),
+])
+def test_config_errors_name_the_value(lib, field, value, needle):
+    c = _default_config(lib)
+    setattr(c, field, value)
+    assert lib.proxyattn_config_validate(C.byref(c)) == INVALID
+    assert needle in lib.proxyattn_last_error()
+    assert lib.proxyattn_status_name(INVALID) == b"PROXYATTN_ERROR_INVALID_VALUE"
+
+
+# ----------------------------------------------------------------------------------------------- workspace
+@pytest.mark.parametrize("changes,needle", [
+    (dict(d=96), b"head_dim=96"), (dict(hq=6, hkv=4), b"Hq=6"), (dict(s=0), b"seq_len=0"),
+    (dict(b=0), b"batch=0"), (dict(dtype=7), b"dtype=7"), (dict(s=8192 * 128 + 1), b"blocks"),
+    (dict(cu=16, total=-1), b"total_tokens=-1"), (dict(cu=16, b=2, s=100, total=201), b"total_tokens=201"),
+])
+def test_workspace_size_rejects_bad_problems(lib, changes, needle):
+    n = C.c_size_t(0)
+    cfg = _default_config(lib)
+    assert lib.proxyattn_workspace_size(C.byref(_problem(**changes)), C.byref(cfg), C.byref(n)) == INVALID
+    assert needle in lib.proxyattn_last_error()
+
+
+def test_workspace_size_rejects_proxy_heads_not_dividing_hkv(lib):
+    cfg = _default_config(lib)
+    cfg.proxy_heads = 3
+    n = C.c_size_t(0)
+    assert lib.proxyattn_workspace_size(C.byref(_problem(hq=8, hkv=4)), C.byref(cfg), C.byref(n)) == INVALID
+    assert b"proxy_heads=3" in lib.proxyattn_last_error() and b"Hkv=4" in lib.proxyattn_last_error()
+
+
+def _ws(lib, prob, cfg) -> int:
+    n = C.c_size_t(0)
+    assert lib.proxyattn_workspace_size(C.byref(prob), C.byref(cfg), C.byref(n)) == SUCCESS, lib.proxyattn_last_error()
+    return n.value
+
+
+def test_workspace_size_covers_the_plan_and_scales(lib):
+    cfg = _default_config(lib)
+    b, s, hq, hkv = 2, 10_000, 8, 2
+    nb = math.ceil(s / cfg.block_size)
+    ws = _ws(lib, _problem(b=b, s=s, hq=hq, hkv=hkv), cfg)
+    plan_bytes = b * nb * nb * 4 + b * hq * nb * 4  # order + counts
+    assert ws >= plan_bytes + 2 * b * nb * nb * 4 // 2  # plus the scores map
+    assert _ws(lib, _problem(b=b, s=2 * s, hq=hq, hkv=hkv), cfg) > ws
+    frac = _default_config(lib)
+    frac.budget_fraction = 0.25  # no attention-mass scratch
+    assert _ws(lib, _problem(b=b, s=s, hq=hq, hkv=hkv), frac) < ws
+    # A padded batch at or below dense_below_tokens needs no estimation scratch.
+    assert _ws(lib, _problem(b=b, s=2048, hq=hq, hkv=hkv), cfg) < _ws(lib, _problem(b=b, s=2049, hq=hq, hkv=hkv), cfg) / 2
+
+
+# ----------------------------------------------------------------------------------------------- prefill errors
+def _prefill(lib, prob, cfg, q=256, k=256, v=256, out=256, ws=256, ws_bytes=1 << 40):
+    return lib.proxyattn_prefill(C.byref(prob), C.byref(cfg), q, k, v, out, None, ws, ws_bytes, None)
+
+
+def test_prefill_checks_arguments_before_touching_the_gpu(lib):
+    cfg = _default_config(lib)
+    prob = _problem()
+    assert _prefill(lib, prob, cfg, q=None) == INVALID and b"q is NULL" in lib.proxyattn_last_error()
+    assert _prefill(lib, prob, cfg, v=264) == MISALIGNED and b"v is not 16-byte aligned" in lib.proxyattn_last_error()
+    assert _prefill(lib, prob, cfg, ws_bytes=10) == WS_SMALL and b"workspace_bytes=10" in lib.proxyattn_last_error()
+    cfg.stride = 8  # valid, but only stride 4 is compiled
+    assert _prefill(lib, prob, cfg) == NOT_COMPILED and b"stride=8" in lib.proxyattn_last_error()
+
+
+def test_prefill_without_a_driver_reports_it(build):
+    code = f"""
+import ctypes as C, sys
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_cpp import _lib, _problem, _default_config, _prefill
+lib = _lib(__import__('pathlib').Path({str(build)!r}))
+st = _prefill(lib, _problem(), _default_config(lib))
+print(st, lib.proxyattn_last_error().decode())
+"""
+    env = dict(os.environ, PROXYATTN_LIBCUDA="/nonexistent/libcuda.so.1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    status, msg = r.stdout.strip().split(" ", 1)
+    assert int(status) == NO_DRIVER and "/nonexistent/libcuda.so.1" in msg
+
+
+# ----------------------------------------------------------------------------------------------- helpers on the CPU
+def _host_select(host, scores, budgets, cfg: ProxyAttnConfig, seq_len, cu=None, dense_below=-1):
+    b, r, nb, _ = scores.shape
+    hq = budgets.shape[1]
+    order = np.full((b, r, nb, nb), -7, dtype=np.int32)
+    counts = np.full((b, hq, nb), -7, dtype=np.int32)
+    sc = np.ascontiguousarray(scores, dtype=np.float32)
+    bu = np.ascontiguousarray(budgets, dtype=np.int32)
+    cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
+    host.pa_host_select(C.c_void_p(_ptr(sc)), C.c_void_p(_ptr(bu)), C.c_void_p(_ptr(order)), C.c_void_p(_ptr(counts)),
+                        None if cu_arr is None else C.c_void_p(_ptr(cu_arr)), b, r, seq_len, cfg.block_size, nb, hq,
+                        cfg.min_budget_blocks, int(cfg.keep_sink), int(cfg.keep_diagonal), dense_below)
+    return order, counts
+
+
+def _random_scores(b, r, nb, gen, ties: bool):
+    s = torch.rand(b, r, nb, nb, generator=gen)
+    if ties:
+        s = (s * 4).floor() / 4  # only 4 distinct values: many ties, broken by the lower index
+    return s.masked_fill(~torch.ones(nb, nb, dtype=torch.bool).tril(), float("-inf"))
+
+
+@pytest.mark.parametrize("nb,r,hq,sink,diag,min_tokens,ties", [
+    (1, 1, 4, True, True, 0, False), (7, 1, 4, True, True, 128, True), (13, 2, 8, True, False, 0, True),
+    (13, 2, 8, False, True, 256, False), (9, 4, 4, False, False, 0, True), (33, 1, 7, True, True, 512, True),
+])
+def test_select_equals_compact_plan(host, nb, r, hq, sink, diag, min_tokens, ties):
+    gen = torch.Generator().manual_seed(nb * 31 + r)
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=min_tokens, keep_sink=sink, keep_diagonal=diag,
+                          dense_below_tokens=0)
+    seq_len = nb * 64 - 5  # last block partial
+    b = 2
+    scores = _random_scores(b, r, nb, gen, ties)
+    budgets = torch.randint(1, nb + 1, (b, hq), generator=gen, dtype=torch.int32)
+    want = compact_plan(scores, budgets, seq_len, cfg)
+    order, counts = _host_select(host, scores.numpy(), budgets.numpy(), cfg, seq_len)
+    np.testing.assert_array_equal(counts, want.counts.numpy())
+    np.testing.assert_array_equal(order, want.order.numpy())
+
+
+def test_select_varlen_plans_each_sequence_alone(host):
+    gen = torch.Generator().manual_seed(5)
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=128, dense_below_tokens=300)
+    lengths = [700, 64, 290, 1000]  # 290 <= dense_below: keep-everything plan
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    max_len = max(lengths)
+    nb_max = math.ceil(max_len / 64)
+    b, r, hq = len(lengths), 2, 4
+    scores = _random_scores(b, r, nb_max, gen, ties=True)
+    budgets = torch.randint(1, nb_max + 1, (b, hq), generator=gen, dtype=torch.int32)
+    order, counts = _host_select(host, scores.numpy(), budgets.numpy(), cfg, max_len, cu=cu, dense_below=300)
+    for i, n in enumerate(lengths):
+        nb = math.ceil(n / 64)
+        if n <= 300:
+            np.testing.assert_array_equal(counts[i, :, :nb], np.broadcast_to(np.arange(1, nb + 1), (hq, nb)))
+            np.testing.assert_array_equal(order[i, :, :nb], np.broadcast_to(np.arange(nb_max), (r, nb, nb_max)))
+        else:
+            bud = budgets[i : i + 1].clamp(max=nb)
+            want = compact_plan(scores[i : i + 1, :, :nb, :nb].contiguous(), bud, n, cfg)
+            np.testing.assert_array_equal(counts[i, :, :nb], want.counts[0].numpy())
+            np.testing.assert_array_equal(order[i, :, :nb, :nb], want.order[0].numpy())
+        assert (counts[i, :, nb:] == -7).all() and (order[i, :, nb:] == -7).all()  # rows past the end untouched
+
+
+def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None, dense_below=-1):
+    b, hq, nb = mass.shape
+    out = np.full((b, hq), -7, dtype=np.int32)
+    m = np.ascontiguousarray(mass, dtype=np.float32)
+    cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
+    host.pa_host_budgets(_ptr(m), _ptr(out), None if cu_arr is None else _ptr(cu_arr), b, hq, seq_len, block_size, nb,
+                         1, gamma, fraction, dense_below)
+    return out
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.95, 0.999, 1.0])
+def test_budgets_equal_the_torch_ops_of_the_gpu_path(host, gamma):
+    from proxyattn.kernels.estimate_budgets import _budgets_from_mass
+
+    gen = torch.Generator().manual_seed(int(gamma * 1000))
+    b, hq, nb = 3, 5, 40
+    logits = torch.randn(b, hq, nb, generator=gen) * 3
+    mass = torch.softmax(logits, dim=-1)
+    mass[0, 0] = 1.0 / nb  # all equal: ties
+    got = _host_budgets(host, mass.numpy(), nb * 128, 128, gamma)
+    if gamma >= 1.0:
+        want = torch.full((b, hq), nb, dtype=torch.int32)
+    else:
+        want = _budgets_from_mass(mass, gamma, torch.full((1, 1), nb, dtype=torch.int64))
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_budgets_fraction_and_dense_and_varlen(host):
+    from proxyattn import reference
+
+    lengths = [130, 1000, 5000]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    nb_max = math.ceil(5000 / 128)
+    mass = np.zeros((3, 2, nb_max), np.float32)
+    for frac in (0.01, 0.3, 0.77, 1.0):
+        got = _host_budgets(host, mass, 5000, 128, 0.9, fraction=frac, cu=cu, dense_below=0)
+        for i, n in enumerate(lengths):
+            nb = math.ceil(n / 128)
+            want = reference.fraction_budgets(1, 2, nb, frac, "cpu")
+            np.testing.assert_array_equal(got[i], want[0].numpy())
+    got = _host_budgets(host, mass, 5000, 128, 0.9, cu=cu, dense_below=1000)
+    assert got[0].tolist() == [2, 2] and got[1].tolist() == [8, 8]  # dense sequences keep every block
+    gen = torch.Generator().manual_seed(0)
+    mass = torch.zeros(3, 2, nb_max)
+    for i, n in enumerate(lengths):
+        nb = math.ceil(n / 128)
+        mass[i, :, :nb] = torch.softmax(torch.randn(2, nb, generator=gen) * 2, dim=-1)
+    got = _host_budgets(host, mass.numpy(), 5000, 128, 0.9, cu=cu, dense_below=0)
+    for i, n in enumerate(lengths):
+        nb = math.ceil(n / 128)
+        cum = mass[i, :, :nb].sort(dim=-1, descending=True).values.cumsum(-1)
+        np.testing.assert_array_equal(got[i], ((cum < 0.9).sum(-1) + 1).clamp(max=nb).numpy())
+
+
+def test_combine_lse_equals_the_torch_ops_of_the_gpu_path(host):
+    gen = torch.Generator().manual_seed(3)
+    rows, nchunk, bs = 6, 5, 64
+    mstat = torch.randn(rows, nchunk, bs, generator=gen) * 4
+    lstat = torch.rand(rows, nchunk, bs, generator=gen) * 10 + 0.5
+    mstat[0, :, :3] = -1.0e30  # rows with no visible key in any chunk: l = 0
+    lstat[0, :, :3] = 0.0
+    lse = np.zeros((rows, bs), np.float32)
+    host.pa_host_combine_lse(_ptr(mstat.numpy()), _ptr(lstat.numpy()), _ptr(lse), rows, nchunk, bs)
+    # proxyattn/kernels/estimate_budgets.py::_launch_mass, between PASS 0 and PASS 1:
+    top = mstat.amax(dim=1, keepdim=True)
+    total = (lstat * torch.exp2(mstat - top)).sum(dim=1)
+    want = torch.where(total > 0, top.squeeze(1) + torch.log2(total.clamp_min(1e-30)), float("-inf"))
+    assert np.isneginf(lse[0, :3]).all()
+    np.testing.assert_allclose(lse, want.numpy(), rtol=2e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- .npy codec
+def test_npy_reads_numpy_files(host, tmp_path):
+    gen = np.random.default_rng(0)
+    for dt in (np.float32, np.float16, np.int32):
+        a = (gen.standard_normal((3, 5, 2)) * 100).astype(dt)
+        p = tmp_path / f"a_{np.dtype(dt).name}.npy"
+        np.save(p, a)
+        buf = np.zeros(a.size, np.float32)
+        shape = (C.c_longlong * 8)()
+        ndim = C.c_int(0)
+        err = C.create_string_buffer(256)
+        n = host.pa_host_npy_load_f32(str(p).encode(), C.c_void_p(_ptr(buf)), a.size, shape, C.byref(ndim), err, 256)
+        assert n == a.size, err.value
+        assert tuple(shape[: ndim.value]) == a.shape
+        np.testing.assert_array_equal(buf, a.astype(np.float32).ravel())
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((3, 4), np.float32)))
+    err = C.create_string_buffer(256)
+    n = host.pa_host_npy_load_f32(str(tmp_path / "f.npy").encode(), C.c_void_p(_ptr(np.zeros(12, np.float32))), 12,
+                                  (C.c_longlong * 8)(), C.byref(C.c_int()), err, 256)
+    assert n == -1 and b"fortran_order" in err.value
+
+
+@pytest.mark.parametrize("descr", ["<f4", "<f2", "<u2"])
+def test_npy_writes_what_numpy_and_torch_read(host, tmp_path, descr):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, 3, generator=gen) * torch.logspace(-9, 5, 3)  # subnormal to large for fp16
+    p = tmp_path / "x.npy"
+    err = C.create_string_buffer(256)
+    shape = (C.c_longlong * 3)(*x.shape)
+    assert host.pa_host_npy_save(str(p).encode(), C.c_void_p(_ptr(x.numpy())), shape, 3, descr.encode(), err, 256) == 0
+    got = np.load(p)
+    assert got.shape == tuple(x.shape) and got.dtype.str == descr
+    if descr == "<f4":
+        np.testing.assert_array_equal(got, x.numpy())
+    elif descr == "<f2":
+        np.testing.assert_array_equal(got, x.to(torch.float16).numpy())  # round to nearest even, subnormals too
+    else:
+        want = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_example_program_reports_errors(build, tmp_path):
+    exe = build / "proxyattn_example"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage" in r.stdout
+    r = subprocess.run([str(exe), "--q", str(tmp_path / "missing.npy"), "--k", "a", "--v", "b", "--out", "o"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "missing.npy" in r.stderr
+    np.save(tmp_path / "q.npy", np.ones((1, 8, 2, 64), np.float32))
+    np.save(tmp_path / "k.npy", np.ones((1, 9, 1, 64), np.float32))
+    r = subprocess.run([str(exe), "--q", str(tmp_path / "q.npy"), "--k", str(tmp_path / "k.npy"), "--v",
+                        str(tmp_path / "k.npy"), "--out", str(tmp_path / "o.npy")], capture_output=True, text=True)
+    assert r.returncode == 1 and "disagree" in r.stderr
+    assert not (tmp_path / "o.npy").exists()
