@@ -188,7 +188,7 @@ def emit_proxy_attention(query, key, value, *, config: ProxyAttnConfig, scale: f
         return reference_semantics(query, key, value, config=config, scale=float(scale), sliding_window=int(attrs["sliding_window"]))
     _check_layout(query, key, value)
     metadata = {LAYER_IDX_KEY: str(int(layer_idx))} if layer_idx is not None else None
-    return torch.onnx.ops.symbolic(
+    out = torch.onnx.ops.symbolic(
         f"{DOMAIN}::{OP_TYPE}",
         (query, key, value),
         attrs,
@@ -197,6 +197,11 @@ def emit_proxy_attention(query, key, value, *, config: ProxyAttnConfig, scale: f
         version=DOMAIN_VERSION,
         metadata_props=metadata,
     )
+    if out.device != query.device:
+        # The symbolic op's placeholder lives on the CPU; a model traced on `meta` (large-model export) needs it
+        # on the model's device. Exports as a no-op.
+        out = out.to(query.device)
+    return out
 
 
 __all__ = [

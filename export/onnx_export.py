@@ -168,6 +168,9 @@ def export_model(
     if meta and any(b.device.type == "meta" for b in model.buffers()):
         names = [n for n, b in model.named_buffers() if b.device.type == "meta"][:5]
         raise ValueError(f"buffers {names} are on the meta device; build the model with init_empty_weights(include_buffers=False)")
+    # A meta model is traced entirely on meta (one device); its buffers (small: rotary tables) keep their values here
+    # and go back into the model afterwards and into the external data file.
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if meta else {}
     need = estimate_export_memory(model, dtype)
     have = available_memory()
     if need > have:
@@ -193,13 +196,15 @@ def export_model(
         model.set_attn_implementation("proxyattn")
         model.eval()
         model.to(dtype)  # in place; on meta tensors it changes only the recorded dtype
+        if meta:
+            _set_buffers(model, {n: b.to("meta") for n, b in buffers.items()})
         vocab = model.config.get_text_config().vocab_size
         example = torch.randint(0, vocab, (example_batch, example_seq), dtype=torch.long, device="meta" if meta else "cpu")
         batch = torch.export.Dim("batch", min=1)
         seq = torch.export.Dim("sequence", min=1)
         with torch.no_grad():
             program = torch.onnx.export(
-                _LogitsOnly(model),
+                _LogitsOnly(model).eval(),
                 (example,),
                 dynamo=True,
                 opset_version=opset,
@@ -207,11 +212,11 @@ def export_model(
                 output_names=["logits"],
                 dynamic_shapes=({0: batch, 1: seq},),
                 verbose=verbose,
-                optimize=True,
+                optimize=not meta,  # constant folding would read meta tensors
             )
         tmp_file = tmp_dir / out_path.name
         if meta:
-            _save_streaming(program, tmp_file, weights, dtype)
+            _save_streaming(program, tmp_file, _with_buffers(weights, buffers))
         else:
             program.save(tmp_file, external_data=use_external)
         proto = onnx.load(str(tmp_file), load_external_data=False)
@@ -224,8 +229,8 @@ def export_model(
             )
         _name_nodes(proto)
         local_function.attach(proto)
-        onnx.checker.check_model(proto)  # structure (the full check needs the data; tests run it)
         onnx.save(proto, str(tmp_file))
+        onnx.checker.check_model(str(tmp_file))  # by path: external data resolved beside the file
         for extra in sorted(tmp_dir.iterdir()):
             if extra.name != out_path.name:
                 os.replace(extra, out_path.parent / extra.name)
@@ -233,6 +238,8 @@ def export_model(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         hf.register(previous_config)
+        if meta:
+            _set_buffers(model, buffers)
         if previous_impl is not None:
             model.set_attn_implementation(previous_impl)
     return out_path
@@ -261,7 +268,29 @@ def _initializer_source(name: str, weights) -> torch.Tensor:
     return value
 
 
-def _save_streaming(program, path: Path, weights, dtype: torch.dtype) -> None:
+def _set_buffers(model, values: dict) -> None:
+    for name, value in values.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        owner._buffers[leaf] = value
+
+
+def _with_buffers(weights, buffers: dict):
+    """Look up buffers first (their real values), then the caller's weights."""
+
+    def source(name: str) -> torch.Tensor:
+        if name in buffers:
+            return buffers[name]
+        if callable(weights) and not isinstance(weights, Mapping):
+            return weights(name)
+        if name not in weights:
+            raise ValueError(f"weights has no tensor {name!r} (the graph needs it)")
+        return weights[name]
+
+    return source
+
+
+def _save_streaming(program, path: Path, weights) -> None:
     """Write the graph with every meta initializer's values streamed from `weights` into `<name>.data`."""
     import onnx_ir as ir
 
