@@ -225,3 +225,17 @@ def test_mask_every_tile_variant_and_preallocated_outputs():
     ref_out, ref_lse = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=64, scale=0.125)
     assert_close(out, ref_out, "fp16", what="mask-all out")
     assert_close(lse, ref_lse, "fp32", allow_inf=True, what="mask-all lse")
+
+
+@pytest.mark.parametrize(
+    "dtype,d,match",
+    [(torch.float32, 64, "q.dtype=torch.float32 is not supported"), (torch.float16, 96, "head dim D=96 is not supported")],
+)
+def test_kernel_rejects_unsupported_inputs(dtype, d, match):
+    q = torch.randn(1, 64, 2, d).to(dtype)
+    k = torch.randn(1, 64, 1, d).to(dtype)
+    plan = BlockPlan.from_mask(torch.ones(1, 2, 1, 1, dtype=torch.bool), block_size=64, seq_len=64)
+    with pytest.raises(ValueError, match=match):
+        attn.block_sparse_attention(q, k, k, plan, 0.125)
+    with pytest.raises(ValueError, match=match):
+        attn.block_sparse_attention_varlen(q[0], k[0], k[0], torch.tensor([0, 64], dtype=torch.int32), 64, plan, 0.125)

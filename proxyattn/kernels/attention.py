@@ -306,21 +306,39 @@ def _launch_sparse(
 
 
 # ----------------------------------------------------------------------------------------------- public
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128, 256)
+
+
+def _check_kernel_inputs(q, k, v) -> None:
+    """What the kernel supports (the API has already checked shapes and devices)."""
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q.dtype={q.dtype} is not supported by the block-sparse kernel; allowed: {KERNEL_DTYPES}")
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head dim D={q.shape[-1]} is not supported by the block-sparse kernel; allowed: {KERNEL_HEAD_DIMS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}.stride(-1)={t.stride(-1)}: the head dim must be contiguous (stride 1)")
+
+
 def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, scale: float):
     """Causal attention on the plan's kept blocks.
 
     Args:
-        q: `[B, S, Hq, D]`; k, v: `[B, S, Hkv, D]` (any strides; bf16 or fp16; D in 64, 128, 256).
+        q: `[B, S, Hq, D]`; k, v: `[B, S, Hkv, D]` (any strides with a contiguous head dim; bf16 or fp16;
+            D in 64, 128, 256; anything else raises ValueError).
         plan: `BlockPlan` with order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`, block_size 64 or 128.
         scale: softmax scale.
     Returns:
         (out `[B, S, Hq, D]` in q.dtype, lse `[B, Hq, S]` float32 natural log; -inf for rows with no kept key).
     """
+    _check_kernel_inputs(q, k, v)
     return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=True)
 
 
 def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:
     """Causal attention on the plan's kept blocks: `[B, S, Hq, D]` in q.dtype (shapes as the `_with_lse` form)."""
+    _check_kernel_inputs(q, k, v)
     return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=False)[0]
 
 
@@ -338,11 +356,13 @@ def block_sparse_attention_varlen_with_lse(q, k, v, cu_seqlens, max_seqlen: int,
     Returns:
         (out `[T, Hq, D]` in q.dtype, lse `[Hq, T]` float32 natural log).
     """
+    _check_kernel_inputs(q, k, v)
     return _launch_sparse(q, k, v, plan.order, plan.counts, cu_seqlens, max_seqlen, plan.block_size, scale, with_lse=True)
 
 
 def block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, plan: BlockPlan, scale: float) -> torch.Tensor:
     """Packed-batch block-sparse attention: out `[T, Hq, D]` (arguments as the `_with_lse` form)."""
+    _check_kernel_inputs(q, k, v)
     return _launch_sparse(q, k, v, plan.order, plan.counts, cu_seqlens, max_seqlen, plan.block_size, scale, with_lse=False)[0]
 
 
