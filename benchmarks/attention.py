@@ -12,7 +12,8 @@ plus a variant study (every tuning config, TMA vs pointer loads, masking variant
 (proxyattn.testing.structured_qkv), with density and mean attention_recall (recall only at S <= --recall-max);
 also extra memory at the largest S, CUDA-graph capture, and proxy_attention at default settings vs cuDNN.
 
-    python3 benchmarks/attention.py --out results.json [--sizes 4096,8192] [--commit HASH]
+    python3 benchmarks/attention.py --out results.json [--sizes 4096,8192] [--commit HASH] [--plot results.png]
+    python3 benchmarks/attention.py --out unused --plot-only results.json   # plot an existing result file
 
 Writes JSON (atomically, after every section) and prints a table.
 """
@@ -115,7 +116,13 @@ def main() -> int:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--recall-max", type=int, default=32768)
     ap.add_argument("--variant-sizes", default="32768,131072")
+    ap.add_argument("--plot", default=None, help="also write a PNG plot here (needs matplotlib)")
+    ap.add_argument("--plot-only", default=None, metavar="JSON", help="only plot an existing result file to --plot")
     args = ap.parse_args()
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f), args.plot or os.path.splitext(args.plot_only)[0] + ".png")
+        return 0
     sizes = [int(x) for x in args.sizes.split(",")]
     commit = args.commit
     if commit is None:
@@ -319,7 +326,46 @@ def main() -> int:
     res["wall_s"] = time.time() - t_start
     write_json(args.out, res)
     print_table(res)
+    if args.plot:
+        plot(res, args.plot)
     return 0
+
+
+def plot(res: dict, path: str) -> None:
+    """Two panels: effective TFLOP/s of the block-sparse kernel vs S per density (with cuDNN dense), and the whole
+    proxy_attention's speedup over cuDNN per config. Needs matplotlib (imported here only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = [r["S"] for r in res["dense"]]
+    a.plot(sizes, [r["cudnn_tflops"] for r in res["dense"]], "k--", marker="o", label="cuDNN dense")
+    for dens in (0.05, 0.1, 0.2):
+        rows = [r for r in res["sparse"] if r["target_density"] == dens]
+        a.plot([r["S"] for r in rows], [r["eff_tflops"] for r in rows], marker="o", label=f"block-sparse, {dens:.0%} budget")
+    a.axhline(450, color="gray", lw=0.8, ls=":")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("sequence length S")
+    a.set_ylabel("effective TFLOP/s (kept blocks)")
+    a.set_title("(a) block-sparse kernel")
+    a.legend(fontsize=8)
+    for name in ("budget_fraction=0.05", "budget_fraction=0.1", "budget_fraction=0.2", "gamma=0.9", "gamma=0.95"):
+        rows = [r for r in res["proxy"] if r.get("config") == name and "ms" in r]
+        b.plot([r["S"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], marker="o", label=name)
+    b.axhline(1.0, color="k", lw=0.8, ls="--")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log", base=2)
+    b.set_xlabel("sequence length S")
+    b.set_ylabel("speedup over cuDNN dense")
+    b.set_title(f"(c) proxy_attention, {res.get('proxy_inputs')} inputs")
+    b.legend(fontsize=8)
+    fig.suptitle(f"{res['gpu']}, 32/8 heads, D 128, bf16, batch 1 (commit {res['commit'][:7]})", fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def print_table(res: dict) -> None:
