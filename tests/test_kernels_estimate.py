@@ -174,7 +174,7 @@ def test_plan_matches_reference_plan(kind, b, s, hq, hkv, d, bs, st, g, gamma, d
     assert budget_mismatches(budgets, _ref_mass(q, k, bs, scale), gamma) == 0
     # Reference plan with the (tie-equal) budgets, so that counts agree; kept sets must agree up to score ties.
     ref_plan = compact_plan(ref_scores, budgets, s, cfg)
-    assert plan_mismatches(plan, ref_plan, ref_scores) == 0
+    assert plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks) == 0
     assert 0 < float(plan.density().min()) and float(plan.density().max()) <= 1
 
 
@@ -219,7 +219,7 @@ def test_varlen_scores_budgets_and_plan():
             assert plan.counts[i, :, :nbi].equal(torch.arange(1, nbi + 1, dtype=torch.int32).expand(hq, nbi))
     assert plan.seq_len == max_len and plan.counts.shape == (len(lengths), hq, nb)
     assert plan.counts[~rows[:, None, :].expand(-1, hq, -1)].eq(0).all()
-    assert plan_mismatches(plan, ref_plan, ref_scores, rows=rows) == 0
+    assert plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks, rows=rows, seq_blocks=[-(-n // bs) for n in lengths]) == 0
 
 
 def test_structured_qkv_has_the_intended_structure():
@@ -248,3 +248,42 @@ def test_structured_qkv_has_the_intended_structure():
     # Locality: a query's own neighbourhood (64 keys back) draws more than a random 64-key window far away.
     local = torch.stack([p[:, r - 63 : r + 1].sum(-1) for r in [s - 1]]).mean()
     assert float(local) > 64.0 / s
+
+
+def test_plan_comparison_helpers_detect_real_differences():
+    """The tie-aware comparisons accept swaps of (nearly) tied blocks and reject anything else."""
+    nb, hq = 8, 2
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=0)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(1, 1, nb, nb, generator=g) + 0.1
+    scores = scores.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
+    budgets = torch.tensor([[3, 5]], dtype=torch.int32)
+    ref = compact_plan(scores, budgets, nb * 64, cfg)
+    assert plan_mismatches(ref, ref, scores, 0) == 0
+    # Swap the scores of the last block kept by score and the first left out in row 7 (a tie, after 1e-5 apart).
+    row = scores[0, 0, 7, :8]
+    order = ref.order[0, 0, 7].tolist()
+    inner, outer = order[int(ref.counts[0, 0, 7]) - 1], order[int(ref.counts[0, 0, 7])]
+    tied = scores.clone()
+    tied[0, 0, 7, inner], tied[0, 0, 7, outer] = row[outer], row[inner]
+    swapped = compact_plan(tied, budgets, nb * 64, cfg)
+    assert not swapped.to_mask().equal(ref.to_mask())
+    near = scores.clone()
+    near[0, 0, 7, outer] = row[inner] * (1 - 1e-5)
+    assert plan_mismatches(swapped, ref, near, 0) == 0, "a swap of blocks 1e-5 apart is a tie"
+    assert plan_mismatches(swapped, ref, scores, 0) >= 1, "a swap of well-separated blocks is a mismatch"
+    # A plan that drops a forced block, or keeps a far block, is rejected.
+    mask = ref.to_mask().clone()
+    mask[0, 1, 5, 5] = False
+    assert plan_mismatches(proxyattn_plan_from_mask(mask, nb), ref, scores, 0) >= 1
+    # Budgets: a tie only when the cumulative mass crosses gamma within the tolerance.
+    mass = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])
+    assert budget_mismatches(torch.tensor([[3]]), mass, 0.95) == 0
+    assert budget_mismatches(torch.tensor([[2]]), mass, 0.95) == 1
+    assert budget_mismatches(torch.tensor([[2]]), mass, 0.80003) == 0  # 0.8 vs 0.80003: a tie
+
+
+def proxyattn_plan_from_mask(mask, nb):
+    from proxyattn.plan import BlockPlan
+
+    return BlockPlan.from_mask(mask, block_size=64, seq_len=nb * 64)

@@ -143,7 +143,7 @@ def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloa
     plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
     assert plan.budget_blocks.equal(budgets)
     ref_plan = compact_plan(ref_scores, budgets, s, cfg)
-    bad_p = plan_mismatches(plan, ref_plan, ref_scores)
+    bad_p = plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks)
     assert bad_p == 0, f"{bad_p} plan rows differ beyond ties"
     same = int((plan.to_mask() == ref_plan.to_mask()).all(dim=-1).sum())
     rows_total = plan.counts.numel()
@@ -196,7 +196,7 @@ def check_varlen(small=False):
         sub = proxyattn.plan.BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
                                        plan.budget_blocks[i : i + 1].contiguous(), bs, n)
         ref_plan = compact_plan(rs, plan.budget_blocks[i : i + 1], n, cfg)
-        bad += plan_mismatches(sub, ref_plan, rs)
+        bad += plan_mismatches(sub, ref_plan, rs, cfg.min_budget_blocks)
         assert plan.counts[i, :, nbi:].eq(0).all()
     assert bad == 0, f"{bad} varlen plan rows differ beyond ties"
     return {"lengths": lengths, "worst_scores_rel": f"{worst:.1e}"}
