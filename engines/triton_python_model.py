@@ -11,7 +11,9 @@ Each file is an ONNX Runtime optimized model written by `engines.ort_models.opti
 custom op with its sparse semantics, or the dense local function for profiles that never leave the dense path);
 `engines.ort_models.load_session` opens it.
 
-The project (packages `proxyattn`, `plugins`, `export`, `engines`) must be importable by the backend's Python (PYTHONPATH).
+The project (packages `proxyattn`, `plugins`, `export`, `engines`) must be importable by the backend's Python:
+installed with pip, or named in PYTHONPATH (the backend stub's embedded interpreter ignores PYTHONPATH itself, so
+this file adds its entries to sys.path).
 
 Tensors cross the backend boundary through DLPack (torch), not numpy: the backend stub shipped in
 nvidia-pytriton 0.7.0 is built against numpy 1.x and misreads numpy 2.x arrays (checked: int64 [1, 2, 3]
@@ -19,6 +21,12 @@ arrived as [1, 1, 1] and outputs came back empty).
 """
 
 import json
+import os
+import sys
+
+for _entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    if _entry and _entry not in sys.path:
+        sys.path.append(_entry)
 
 import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
 import torch

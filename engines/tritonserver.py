@@ -72,11 +72,13 @@ class ServerHandle:
 
 
 @contextlib.contextmanager
-def local_server(repo: str | os.PathLike, *, pythonpath: str | os.PathLike | None = None, ready_timeout_s: float = 180.0) -> Iterator[ServerHandle]:
+def local_server(repo: str | os.PathLike, *, models: list[str] | None = None, pythonpath: str | os.PathLike | None = None, ready_timeout_s: float = 180.0) -> Iterator[ServerHandle]:
     """Serve model repository `repo` on 127.0.0.1 until the block ends.
 
     Args:
-        repo: the model repository (every model in it must load: strict readiness).
+        repo: the model repository.
+        models: load only these models (explicit model control), e.g. the Python-backend model on a machine without
+            TensorRT, where the repository's tensorrt_plan models cannot load; None loads every model.
         pythonpath: prepended to PYTHONPATH for the backend's Python (the project root, for `plugins.onnxruntime`).
         ready_timeout_s: give up (and raise RuntimeError with the server log) after this long.
     """
@@ -104,6 +106,9 @@ def local_server(repo: str | os.PathLike, *, pythonpath: str | os.PathLike | Non
             "--strict-readiness=true",
             "--exit-timeout-secs=10",
         ]
+        if models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={m}" for m in models]
         log_path = work / "server.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)

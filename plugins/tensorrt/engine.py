@@ -1,0 +1,63 @@
+"""TensorRT engines, one per sequence-length profile (needs TensorRT; imported lazily).
+
+`build_engines(onnx_path, out_dir, profiles, ...)` parses the exported ONNX file with TensorRT's ONNX parser
+(strongly typed network: the file's types decide the precision), adds one optimization profile per engine for
+`input_ids` `[batch, sequence]` (batch 1..max_batch, sequence min/opt/max of the profile), uses a timing cache
+shared by the profiles, and writes `<out>/<profile>/model.plan` atomically.
+
+Not run in this project: TensorRT is not installable on its machines (see docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from engines.artifacts import atomic_write_bytes
+from engines.models import Profile
+
+from .registration import import_tensorrt, register_plugins
+
+__all__ = ["profile_shapes", "build_engines"]
+
+
+def profile_shapes(profile: Profile, max_batch: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(min, opt, max) shapes of `input_ids` for one engine: batch 1 / max(1, max_batch // 2) / max_batch."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch} must be >= 1")
+    return (1, profile.min), (max(1, max_batch // 2), profile.opt), (max_batch, profile.max)
+
+
+def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[Profile], *, precision: str, max_batch: int,
+                  kernels_dir: Path | None = None, progress: Callable | None = None) -> list[Path]:
+    trt, _ = import_tensorrt()
+    register_plugins()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    cache_config = builder.create_builder_config()
+    cache_path = Path(out_dir) / "timing.cache"
+    cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    built = []
+    bar = progress(len(profiles), "engines") if progress else None
+    for p in profiles:
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        prof = builder.create_optimization_profile()
+        lo, opt, hi = profile_shapes(p, max_batch)
+        prof.set_shape("input_ids", lo, opt, hi)
+        config.add_optimization_profile(prof)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(f"TensorRT failed to build the engine of profile {p.name}")
+        built.append(atomic_write_bytes(Path(out_dir) / p.name / "model.plan", bytes(plan)))
+        if bar:
+            bar.update(1)
+    atomic_write_bytes(cache_path, bytes(cache.serialize()))
+    if bar:
+        bar.close()
+    return built
