@@ -21,7 +21,7 @@ heads per proxy group: GROUP, RGROUP, HPG) are compiled as runtime i32 values he
 GQA ratio; Triton accepts this because those names are only used in integer arithmetic and loop bounds.
 The kernels' parameter lists are checked against the lists below: a changed kernel fails here, loudly.
 
-Usage: python3 cpp/tools/generate_kernels.py --out DIR [--nvcc PATH] [--jobs N] [--quick]
+Usage: python3 cpp/tools/generate_kernels.py --out DIR [--nvcc PATH] [--jobs N] [--quick] [--attn-config B,W,S[,R]]
 (--quick: one dtype/head dim/block variant of each kernel, for fast local builds; the library reports
 PROXYATTN_ERROR_NOT_COMPILED for the rest.)
 """
@@ -75,6 +75,7 @@ class Variant:
     num_stages: int
     expected_args: tuple  # the kernel's parameter list, as this script knows it
     meta: dict = field(default_factory=dict)
+    maxnreg: int | None = None
 
 
 ATTN_ARGS = (
@@ -101,10 +102,10 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def attention_variants(dtypes, dims, blocks):
+def attention_variants(dtypes, dims, blocks, override=None):
     out = []
     for dt, d, bs, varlen in itertools.product(dtypes, dims, blocks, (0, 1)):
-        cfg = attention_config(d, bs)
+        cfg = dict(override) if override else attention_config(d, bs)
         p = f"*{dt}"
         types = {n: "i32" for n in ATTN_ARGS}
         types.update(q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr="*fp32", order_ptr="*i32", counts_ptr="*i32",
@@ -118,7 +119,7 @@ def attention_variants(dtypes, dims, blocks):
                  "stride_vb", "stride_vs", "stride_vh", "stride_ob", "stride_os", "stride_oh")
         out.append(Variant(f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}", "proxyattn.kernels.attention",
                            "_sparse_attn_fwd_kernel", types, consts, div16, cfg["num_warps"], cfg["num_stages"],
-                           ATTN_ARGS, {"BLOCK_N": cfg["BLOCK_N"]}))
+                           ATTN_ARGS, {"BLOCK_N": cfg["BLOCK_N"]}, cfg.get("maxnreg")))
     return out
 
 
@@ -220,7 +221,10 @@ def compile_variant(v: Variant, out_dir: str) -> dict:
             types[n] = "i32"
     attrs = {(idx[n],): [["tt.divisibility", 16]] for n in v.div16}
     src = ASTSource(fn=fn, signature={n: types[n] for n in names}, constexprs=consts, attrs=attrs)
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    options = {"num_warps": v.num_warps, "num_stages": v.num_stages}
+    if v.maxnreg:
+        options["maxnreg"] = v.maxnreg
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     md = cc.metadata
     if md.global_scratch_size or md.profile_scratch_size:
         raise SystemExit(f"{v.key}: needs global/profile scratch ({md.global_scratch_size}/{md.profile_scratch_size} bytes), "
@@ -238,7 +242,7 @@ def compile_variant(v: Variant, out_dir: str) -> dict:
     Path(out_dir, fname).write_bytes(cc.asm["cubin"])
     return {
         "key": v.key, "entry": entry, "file": fname, "cubin_bytes": len(cc.asm["cubin"]), "shared": md.shared,
-        "num_warps": v.num_warps, "num_stages": v.num_stages, "num_params": num_params, "triton": 1,
+        "num_warps": v.num_warps, "num_stages": v.num_stages, "maxnreg": v.maxnreg, "num_params": num_params, "triton": 1,
         "params": visible, "constexprs": consts, "meta": v.meta,
     }
 
@@ -306,13 +310,19 @@ def main() -> None:
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--quick", action="store_true", help="one variant per kernel (bf16, D=128, block 128)")
+    ap.add_argument("--attn-config", default=None,
+                    help="BLOCK_N,num_warps,num_stages[,maxnreg] for every attention variant (default: attention_config)")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     dtypes = ("bf16",) if args.quick else tuple(DTYPES)
     dims = (128,) if args.quick else HEAD_DIMS
     blocks = (128,) if args.quick else BLOCK_SIZES
-    variants = attention_variants(dtypes, dims, blocks) + pool_variants(dtypes, dims, STRIDES) + scores_variants(dims, blocks, STRIDES)
+    override = None
+    if args.attn_config:
+        f = [int(x) for x in args.attn_config.split(",")]
+        override = {"BLOCK_N": f[0], "num_warps": f[1], "num_stages": f[2], "maxnreg": f[3] if len(f) > 3 else None}
+    variants = attention_variants(dtypes, dims, blocks, override) + pool_variants(dtypes, dims, STRIDES) + scores_variants(dims, blocks, STRIDES)
     variants += budget_variants(dtypes, dims, blocks)
     print(f"[generate_kernels] {len(variants)} Triton variants + CUDA C helpers -> {out}", flush=True)
     with tempfile.TemporaryDirectory(dir=out) as stage:
