@@ -141,17 +141,18 @@ def test_select_blocks_equals_compact_plan(keep_sink, keep_diagonal, r, hq, nb, 
     assert got.order.dtype == torch.int32 and got.counts.dtype == torch.int32
     assert got.counts.equal(want.counts)
     assert got.to_mask().equal(want.to_mask())
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert got.order[..., causal].equal(want.order[..., causal]), "keep order as compact_plan (entries past m unused)"
     brute = reference.select_blocks(scores, budgets, min_blocks=cfg.min_budget_blocks, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
     assert got.to_mask().equal(brute)
     # Keep order: forced blocks first, then descending score with ties to the lower index.
     order = got.head_orders()
     for bi, h, m in [(0, 0, nb - 1), (1, hq - 1, nb // 2)]:
         row = order[bi, h, m, : m + 1].tolist()
-        forced = [n for n in (0, m) if (n == 0 and keep_sink) or (n == m and keep_diagonal)]
-        forced = sorted(set(forced))
+        sc = scores[bi, h // (hq // r), m]
+        forced = sorted({n for n in (0, m) if (n == 0 and keep_sink) or (n == m and keep_diagonal)}, key=lambda n: (-sc[n].item(), n))
         assert row[: len(forced)] == forced
         rest = row[len(forced):]
-        sc = scores[bi, h // (hq // r), m]
         assert rest == sorted(rest, key=lambda n: (-sc[n].item(), n))
 
 

@@ -2,9 +2,8 @@
 
 Spec: `proxyattn.plan.compact_plan` (itself tested against `reference.select_blocks`). The ranking of row m is
 one stable descending sort of a key that is +inf on forced blocks (sink, diagonal), the proxy score on the other
-causal blocks and -inf above the diagonal, so `order` holds forced blocks first (in index order: block 0 before
-the diagonal; `compact_plan` orders the two by score, the kept set is the same), then descending score with ties
-to the lower index. A head keeps k = `block_counts` top blocks of the score ranking plus the forced blocks that
+causal blocks and -inf above the diagonal, so `order` holds forced blocks first, then descending score with ties
+to the lower index; the two forced blocks are then put in score order, so `order` equals `compact_plan`'s. A head keeps k = `block_counts` top blocks of the score ranking plus the forced blocks that
 fall outside them: counts = k + [rank of block 0 >= k] + [rank of block m >= k], the ranks counted with
 comparisons instead of a second sort.
 
@@ -53,12 +52,21 @@ def _rank_and_order(scores: torch.Tensor, cfg: ProxyAttnConfig, order_out: torch
         if cfg.keep_diagonal:
             forced |= cols[None, :] == rows[:, None]
         key = s.masked_fill(forced & causal, float("inf"))
-        order_out[:, :, lo:hi] = torch.sort(key, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices.to(torch.int32)
         s0 = s[..., :1]
-        sink_rank[:, :, lo:hi] = (s > s0).sum(dim=-1)
+        sr = (s > s0).sum(dim=-1)
         sd = torch.diagonal(s[..., lo:hi], dim1=-2, dim2=-1).unsqueeze(-1)  # s[m, m]
         before = cols[None, :] < rows[:, None]
-        diag_rank[:, :, lo:hi] = (s > sd).sum(dim=-1) + ((s == sd) & before).sum(dim=-1)
+        dr = (s > sd).sum(dim=-1) + ((s == sd) & before).sum(dim=-1)
+        if cfg.keep_sink and cfg.keep_diagonal:
+            # The two forced blocks in score order, as compact_plan (the sort put block 0 first).
+            swap = (dr < sr) & (rows > 0)
+            first, second = order[..., 0].clone(), order[..., 1].clone()
+            order[..., 0] = torch.where(swap, second, first)
+            order[..., 1] = torch.where(swap, first, second)
+        order_out[:, :, lo:hi] = order
+        sink_rank[:, :, lo:hi] = sr
+        diag_rank[:, :, lo:hi] = dr
     return sink_rank, diag_rank
 
 
