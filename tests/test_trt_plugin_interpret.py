@@ -1,0 +1,130 @@
+"""The TensorRT plugins' kernels launched exactly as TensorRT's AOT launcher would (inputs, extra int32 scalars,
+outputs; grid, constants and output shapes from plugins.tensorrt.spec), in Triton's interpreter on CPU tensors in
+TensorRT's `[B, H, S, D]` layout, against the fp32 reference and against the project's own kernel entry points.
+
+This checks the plugin logic end to end (strides, scalars, grids, fixed-size intermediates, output shapes), not
+TensorRT itself (not installable here)."""
+
+import os
+
+# The interpreter must be chosen before any Triton kernel is defined (i.e. before proxyattn.kernels is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.runtime.interpreter as _interp  # noqa: E402
+
+from plugins.tensorrt import spec as S  # noqa: E402
+from plugins.tensorrt.kernels import WRAPPERS  # noqa: E402
+from proxyattn import ProxyAttnConfig, reference  # noqa: E402
+from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
+from proxyattn.kernels import estimate_scores as es  # noqa: E402
+from proxyattn.plan import compact_plan  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+_NP = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32"}
+_TORCH = {v: k for k, v in _NP.items()}
+
+
+def test_wrappers_run_in_the_interpreter():
+    assert isinstance(WRAPPERS["trt_sparse_attention"], _interp.InterpretedFunction), (
+        "proxyattn.kernels was imported before TRITON_INTERPRET=1 was set; run this module in its own process"
+    )
+
+
+def run_plugin(name, inputs, attrs, tactic=1):
+    """Allocate outputs, launch the plugin kernel like TensorRT's AOT launcher, return the outputs."""
+    shapes = [list(t.shape) for t in inputs]
+    dtypes = [_NP[t.dtype] for t in inputs]
+    consts, _ = S.constants(name, shapes, dtypes, attrs, tactic)
+    outs = [torch.full(sh, float("nan"), dtype=_TORCH[dt]) if _TORCH[dt].is_floating_point else torch.zeros(sh, dtype=_TORCH[dt])
+            for sh, dt in zip(S.output_shapes(name, shapes, attrs), S.output_dtypes(name, dtypes))]
+    grid = S.launch(name, shapes, attrs, consts)
+    args = [t.contiguous() for t in inputs] + S.extra_args(name, shapes) + outs
+    WRAPPERS[S.PLUGINS[name].kernel][grid](*args, **consts)
+    return outs
+
+
+# (B, S, Hq, Hkv, D, block, stride, proxy heads): S not divisible by the block, GQA 1/2/4, B > 1
+CASES = [
+    (2, 200, 4, 2, 64, 64, 4, 1),
+    (1, 150, 4, 4, 64, 64, 4, 2),
+    (2, 260, 4, 1, 128, 64, 8, 1),
+]
+
+
+def _qkv(b, s, hq, hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=g).to(torch.float16)
+    k = torch.randn(b, hkv, s, d, generator=g).to(torch.float16)
+    v = torch.randn(b, hkv, s, d, generator=g).to(torch.float16)
+    return q, k, v
+
+
+def _attrs(cfg, scale, **extra):
+    return dict(cfg.to_attrs(), scale=scale, **extra)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_estimation_plugins_match_reference(case):
+    b, s, hq, hkv, d, bs, st, g = case
+    q, k, _ = _qkv(b, s, hq, hkv, d, seed=s)
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=0.9, min_budget_tokens=bs)
+    scale = 1.0 / math.sqrt(d)
+    nb = -(-s // bs)
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D] for the reference
+
+    (pq,) = run_plugin("ProxyPool", [q], {"groups": g, "step": st})
+    (pk,) = run_plugin("ProxyPool", [k], {"groups": g, "step": 1})
+    own_pq, own_pk = es.pool_proxies(qt, kt, cfg)  # the project's entry point, [B, S, H, D] strides
+    assert pq.shape == own_pq.shape and pk.shape == own_pk.shape
+    rq, rk = reference.proxy_queries_keys(qt, kt, g)  # [B, S, G, D]
+    for bi in range(b):  # rows a sequence owns (the rest of the fixed-size buffer is padding, never read)
+        rows_q = (bi * s) // st + bi + torch.arange(-(-s // st))
+        rows_k = bi * s + bi + torch.arange(s)
+        assert torch.equal(pq[:, rows_q], own_pq[:, rows_q]) and torch.equal(pk[:, rows_k], own_pk[:, rows_k])
+        assert_close(pq[:, rows_q].float(), rq[bi, ::st].transpose(0, 1), "fp16", what="pooled q")
+        assert_close(pk[:, rows_k].float(), rk[bi].transpose(0, 1), "fp16", what="pooled k")
+
+    (scores,) = run_plugin("ProxyScores", [q, pq, pk], _attrs(cfg, scale))
+    assert scores.shape == (b, g, nb, nb)
+    assert torch.equal(scores, es.proxy_scores(qt, kt, cfg, scale))
+    ref_scores = reference.proxy_scores(qt, kt, proxy_heads=g, block_size=bs, stride=st, scale=scale)
+    assert_close(scores, ref_scores, "tf32", allow_inf=True, what="proxy scores (fp16 proxies)")
+
+    # Budget estimate: two kernels with a fixed-size [B*Hq, NCHUNK, BS] intermediate sized by the profile's max.
+    attrs = _attrs(cfg, scale, max_seq_len=1024)
+    mstat, lstat = run_plugin("ProxyMassStats", [q, k], attrs)
+    cb, nchunk = S.mass_chunks(bs, 1024)
+    assert mstat.shape == (b * hq, nchunk, bs) and not torch.isnan(mstat).any()
+    top = mstat.amax(dim=1, keepdim=True)  # the combine step (native ops in the engine graph)
+    total = (lstat * torch.exp2(mstat - top)).sum(dim=1)
+    lse = torch.where(total > 0, top.squeeze(1) + torch.log2(total.clamp_min(1e-30)), torch.full_like(total, float("-inf")))
+    (mass,) = run_plugin("ProxyMass", [q, k, lse.contiguous()], attrs)
+    assert mass.shape == (b, hq, nb)
+    assert_close(mass, eb.block_mass(qt, kt, cfg, scale), "fp32", what="block mass vs the project's kernel")
+    # Budgets from the mass, as the reference defines them.
+    cum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    budgets = ((cum < cfg.gamma).sum(dim=-1) + 1).clamp(max=nb).to(torch.int32)
+    ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=cfg.gamma, scale=scale)
+    assert (budgets - ref_budgets).abs().max() <= 1  # a mass exactly at a cumulative boundary may round either way
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("tactic", S.tactics("ProxySparseAttention"))
+def test_sparse_attention_plugin_matches_reference(case, tactic):
+    b, s, hq, hkv, d, bs, st, g = case
+    q, k, v = _qkv(b, s, hq, hkv, d, seed=s + 1)
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, min_budget_tokens=0, budget_fraction=0.3)
+    scale = 1.0 / math.sqrt(d)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    scores = reference.proxy_scores(qt, kt, proxy_heads=g, block_size=bs, stride=st, scale=scale)
+    budgets = reference.fraction_budgets(b, hq, -(-s // bs), cfg.budget_fraction, q.device)  # random q/k: force drops
+    plan = compact_plan(scores, budgets, s, cfg)
+    assert (plan.density() < 1).any(), "the case must actually drop blocks"
+    (out,) = run_plugin("ProxySparseAttention", [q, k, v, plan.order, plan.counts], _attrs(cfg, scale), tactic=tactic)
+    ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out.transpose(1, 2), ref, "fp16", what=f"sparse attention plugin tactic {tactic}")
