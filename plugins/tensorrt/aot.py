@@ -56,6 +56,9 @@ def compile_kernel(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequenc
     consts, options = S.constants(plugin, shapes, dtypes, attrs, tactic)
     sig = S.signature(plugin, dtypes, consts)
     fn = WRAPPERS[S.PLUGINS[plugin].kernel]
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("the plugin kernels were defined under TRITON_INTERPRET=1 (Triton's CPU interpreter); "
+                           "AOT compilation needs a process without it")
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     check_entry(k.asm["ptx"], sig, metadata=k.metadata)
@@ -109,7 +112,8 @@ def model_shapes(spec, config, precision: str, profiles: Sequence | None = None)
     """Every (plugin, static shapes, types, attributes) one full-attention layer of the model needs; B = S = -1."""
     dtype = "float16" if precision == "fp16" else "bfloat16"
     hq, hkv, d, g = spec.num_heads, spec.num_kv_heads, spec.head_dim, config.proxy_heads
-    attrs = {k: v for k, v in config.to_attrs().items()}
+    # Only what the kernels read: a change of gamma or budgets does not recompile them.
+    attrs = {k: v for k, v in config.to_attrs().items() if k in ("pa_block_size", "pa_stride", "pa_proxy_heads")}
     attrs["scale"] = attention_scale(dict(spec.hf_config))
     q, k = (-1, hq, -1, d), (-1, hkv, -1, d)
     nbx = -1
@@ -160,3 +164,28 @@ def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence
     if bar:
         bar.close()
     return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m plugins.tensorrt.aot --model NAME --out DIR [--archs 80 89 90] [--precision bf16|fp16]
+    [--profiles P ...]`: compile the model's plugin kernels and print the table as JSON."""
+    import argparse
+
+    from engines.models import get_model, select_profiles
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--profiles", nargs="+", default=())
+    args = p.parse_args(argv)
+    spec = get_model(args.model)
+    entries = model_shapes(spec, spec.proxyattn, args.precision, select_profiles(spec, list(args.profiles)))
+    table = compile_all(entries, Path(args.out), archs=args.archs)
+    print(json.dumps(table, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The TensorRT plugin logic as plain functions (plugins.tensorrt.spec) and TensorRT's lazy import."""
+
+import math
+
+import pytest
+
+from plugins.tensorrt import spec as S
+from proxyattn.config import ProxyAttnConfig
+
+CFG = ProxyAttnConfig()
+ATTRS = dict(CFG.to_attrs(), scale=1 / math.sqrt(128))
+
+
+def test_output_shapes_of_every_plugin():
+    b, hq, hkv, s, d = 2, 32, 8, 1000, 128
+    q, k = (b, hq, s, d), (b, hkv, s, d)
+    nb = 8  # ceil(1000 / 128)
+    assert S.output_shapes("ProxyPool", [q], {"groups": 1, "step": 4}) == [(1, 2 * 1000 // 4 + 2, d)]
+    assert S.output_shapes("ProxyScores", [q, (1, 502, d), (1, 2002, d)], ATTRS) == [(b, 1, nb, nb)]
+    cb, nchunk = S.mass_chunks(128, 32768)
+    assert (cb, nchunk) == (16, 16)
+    assert S.output_shapes("ProxyMassStats", [q, k], dict(ATTRS, max_seq_len=32768)) == [(b * hq, 16, 128)] * 2
+    assert S.output_shapes("ProxyMass", [q, k, (b * hq, 128)], dict(ATTRS, max_seq_len=32768)) == [(b, hq, nb)]
+    assert S.output_shapes("ProxySparseAttention", [q, k, k, (b, 1, nb, nb), (b, hq, nb)], ATTRS) == [q]
+
+
+def test_output_shapes_are_symbolic_friendly():
+    """The shape rules use only +, *, and the ops' cdiv / floordiv, so TensorRT shape expressions work too."""
+
+    class Sym:
+        def __init__(self, text):
+            self.t = text
+
+        def __add__(self, o):
+            return Sym(f"({self.t}+{getattr(o, 't', o)})")
+
+        __radd__ = __add__
+
+        def __mul__(self, o):
+            return Sym(f"({self.t}*{getattr(o, 't', o)})")
+
+        __rmul__ = __mul__
+
+    class SymOps:
+        @staticmethod
+        def cdiv(a, b):
+            return Sym(f"cdiv({getattr(a, 't', a)},{getattr(b, 't', b)})")
+
+        @staticmethod
+        def floordiv(a, b):
+            return Sym(f"floordiv({getattr(a, 't', a)},{getattr(b, 't', b)})")
+
+    B, S_ = Sym("B"), Sym("S")
+    (shape,) = S.output_shapes("ProxyScores", [(B, 32, S_, 128), (1, 5, 128), (1, 5, 128)], ATTRS, SymOps)
+    assert [getattr(x, "t", x) for x in shape] == ["B", 1, "cdiv(S,128)", "cdiv(S,128)"]
+    (pool,) = S.output_shapes("ProxyPool", [(B, 32, S_, 128)], {"groups": 1, "step": 4}, SymOps)
+    assert pool[1].t == "(floordiv((B*S),4)+B)"
+    grid = S.launch("ProxySparseAttention", [(B, 32, S_, 128)], ATTRS, {"BS": 128}, SymOps)
+    assert grid[0].t == "((cdiv(S,128)*B)*32)"
+
+
+def test_output_types_and_refusals():
+    assert S.output_dtypes("ProxySparseAttention", ["bfloat16"] * 3 + ["int32"] * 2) == ["bfloat16"]
+    assert S.output_dtypes("ProxyPool", ["float16"]) == ["float16"]
+    assert S.output_dtypes("ProxyMassStats", ["bfloat16"] * 2) == ["float32", "float32"]
+    with pytest.raises(ValueError, match="allowed"):
+        S.output_dtypes("ProxyPool", ["float32"])
+    with pytest.raises(ValueError, match="not supported; expected"):
+        S.output_dtypes("ProxySparseAttention", ["float16", "bfloat16", "float16", "int32", "int32"])
+    with pytest.raises(ValueError, match="takes 5 inputs"):
+        S.output_dtypes("ProxySparseAttention", ["float16"])
+
+
+def test_attribute_parsing_accepts_tensorrt_forms():
+    import numpy as np
+
+    trt_like = {k: np.array([v], dtype=np.float32 if isinstance(v, float) else np.int32) for k, v in ATTRS.items()}
+    a = S.parse_attrs("ProxyScores", trt_like)
+    assert a == {"pa_proxy_heads": 1, "pa_block_size": 128, "pa_stride": 4, "scale": pytest.approx(1 / math.sqrt(128))}
+    assert isinstance(a["pa_block_size"], int) and isinstance(a["scale"], float)
+
+
+@pytest.mark.parametrize("attrs, match", [
+    ({}, "attribute 'groups' is missing"),
+    ({"groups": 0, "step": 4}, "groups=0 must be a positive integer"),
+    ({"groups": 1, "step": 2.5}, "step=2.5"),
+])
+def test_bad_attributes(attrs, match):
+    with pytest.raises(ValueError, match=match):
+        S.parse_attrs("ProxyPool", attrs)
+
+
+def test_bad_plugin_attrs_and_names():
+    with pytest.raises(ValueError, match="pa_block_size=96"):
+        S.parse_attrs("ProxySparseAttention", dict(ATTRS, pa_block_size=96))
+    with pytest.raises(ValueError, match="scale=-1.0"):
+        S.parse_attrs("ProxySparseAttention", dict(ATTRS, scale=-1.0))
+    with pytest.raises(ValueError, match="unknown plugin 'Nope'"):
+        S.parse_attrs("Nope", {})
+    with pytest.raises(ValueError, match="rank 4"):
+        S.output_shapes("ProxyPool", [(2, 3)], {"groups": 1, "step": 4})
+
+
+def test_launch_grids_extra_args_and_tactics():
+    q, k = (3, 32, 1000, 128), (3, 8, 1000, 128)
+    consts, opts = S.constants("ProxySparseAttention", [q, k, k, (3, 1, 8, 8), (3, 32, 8)], ["bfloat16"] * 3 + ["int32"] * 2, ATTRS, 2)
+    assert consts["BLOCK_N"] == 128 and opts == {"num_warps": 8, "num_stages": 2}
+    assert consts["QK_SCALE"] == pytest.approx(ATTRS["scale"] * math.log2(math.e))
+    assert S.launch("ProxySparseAttention", [q], ATTRS, consts) == (8 * 3 * 32, 1, 1)
+    assert S.extra_args("ProxySparseAttention", [q]) == [1000]
+    pc, _ = S.constants("ProxyPool", [q], ["bfloat16"], {"groups": 1, "step": 4}, 1)
+    assert S.launch("ProxyPool", [q], {}, pc) == (-(-250 // pc["BLOCK_T"]), 3, 1)
+    assert S.extra_args("ProxyPool", [q]) == [1000, 3]
+    mc, _ = S.constants("ProxyMass", [q, k, (96, 128)], ["bfloat16", "bfloat16", "float32"], dict(ATTRS, max_seq_len=8192), 1)
+    assert S.launch("ProxyMass", [q], {}, mc) == (96, mc["NCHUNK"], 1) and mc["NCHUNK"] * mc["CB"] >= 8192 // 128
+    with pytest.raises(ValueError, match="tactic 9 unknown"):
+        S.constants("ProxyPool", [q], ["bfloat16"], {"groups": 1, "step": 4}, 9)
+    with pytest.raises(ValueError, match="head dim 96"):
+        S.constants("ProxySparseAttention", [(1, 4, 10, 96), (1, 4, 10, 96), (1, 4, 10, 96), (1, 1, 1, 1), (1, 4, 1)],
+                    ["float16"] * 3 + ["int32"] * 2, ATTRS, 1)
+
+
+def test_tensorrt_absent_gives_one_clear_message():
+    import importlib.util
+
+    from plugins.tensorrt import TensorRTMissing, register_plugins
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the missing-TensorRT message cannot be observed")
+    with pytest.raises(TensorRTMissing, match="TensorRT is not installed .*embedded default backend"):
+        register_plugins()
+
+
+def test_engine_profile_shapes():
+    from engines.models import Profile
+    from plugins.tensorrt.engine import profile_shapes
+
+    assert profile_shapes(Profile("p", 2049, 4096, 8192), 8) == ((1, 2049), (4, 4096), (8, 8192))
+    assert profile_shapes(Profile("p", 1, 1, 1), 1) == ((1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="max_batch=0"):
+        profile_shapes(Profile("p", 1, 1, 1), 0)
