@@ -45,7 +45,7 @@ class Config(C.Structure):
 class Problem(C.Structure):
     _fields_ = [("dtype", C.c_int), ("batch", C.c_int32), ("seq_len", C.c_int32), ("cu_seqlens", C.c_void_p),
                 ("total_tokens", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
-                ("head_dim", C.c_int32), ("scale", C.c_float)]
+                ("head_dim", C.c_int32), ("scale", C.c_float), ("layout", C.c_int)]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def _default_config(lib) -> Config:
     return c
 
 
-def _problem(b=1, s=4096, hq=8, hkv=2, d=128, dtype=BF16, cu=None, total=0) -> Problem:
-    return Problem(dtype, b, s, cu, total, hq, hkv, d, 0.0)
+def _problem(b=1, s=4096, hq=8, hkv=2, d=128, dtype=BF16, cu=None, total=0, layout=0) -> Problem:
+    return Problem(dtype, b, s, cu, total, hq, hkv, d, 0.0, layout)
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -166,6 +166,7 @@ def test_config_errors_name_the_value(lib, field, value, needle):
     (dict(d=96), b"head_dim=96"), (dict(hq=6, hkv=4), b"Hq=6"), (dict(s=0), b"seq_len=0"),
     (dict(b=0), b"batch=0"), (dict(dtype=7), b"dtype=7"), (dict(s=8192 * 128 + 1), b"blocks"),
     (dict(cu=16, total=-1), b"total_tokens=-1"), (dict(cu=16, b=2, s=100, total=201), b"total_tokens=201"),
+    (dict(layout=2), b"layout=2"), (dict(layout=1, cu=16, total=10), b"BHSD needs the padded batch"),
 ])
 def test_workspace_size_rejects_bad_problems(lib, changes, needle):
     n = C.c_size_t(0)
@@ -201,6 +202,7 @@ def test_workspace_size_covers_the_plan_and_scales(lib):
     assert _ws(lib, _problem(b=b, s=s, hq=hq, hkv=hkv), frac) < ws
     # A padded batch at or below dense_below_tokens needs no estimation scratch.
     assert _ws(lib, _problem(b=b, s=2048, hq=hq, hkv=hkv), cfg) < _ws(lib, _problem(b=b, s=2049, hq=hq, hkv=hkv), cfg) / 2
+    assert _ws(lib, _problem(b=b, s=s, hq=hq, hkv=hkv, layout=1), cfg) == ws  # the layout changes strides only
 
 
 # ----------------------------------------------------------------------------------------------- prefill errors

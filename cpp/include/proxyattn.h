@@ -9,7 +9,8 @@
  * opens at run time (dlopen of libcuda.so.1): building and linking needs no GPU and no libcuda.
  *
  * Layouts (row-major, contiguous):
- *   padded batch  (cu_seqlens == NULL): q, out [B, S, Hq, D]; k, v [B, S, Hkv, D]
+ *   padded batch  (cu_seqlens == NULL): q, out [B, S, Hq, D]; k, v [B, S, Hkv, D]   (layout BSHD, the default)
+ *                                       q, out [B, Hq, S, D]; k, v [B, Hkv, S, D]   (layout BHSD)
  *   packed varlen (cu_seqlens != NULL): q, out [T, Hq, D];    k, v [T, Hkv, D], T = cu_seqlens[B];
  *                                       sequence b occupies rows cu_seqlens[b] .. cu_seqlens[b+1]-1;
  *                                       cu_seqlens lives on the device (read by the kernels: no host sync)
@@ -79,6 +80,11 @@ typedef struct proxyattn_config {
   float budget_fraction;      /* 0 = gamma rule, else (0, 1] (default 0) */
 } proxyattn_config_t;
 
+typedef enum proxyattn_layout {
+  PROXYATTN_LAYOUT_BSHD = 0, /* q, out [B, S, Hq, D]; k, v [B, S, Hkv, D] (flash-attention layout; varlen: [T, H, D]) */
+  PROXYATTN_LAYOUT_BHSD = 1  /* q, out [B, Hq, S, D]; k, v [B, Hkv, S, D] (transformers / ONNX node layout) */
+} proxyattn_layout_t;
+
 typedef struct proxyattn_problem {
   proxyattn_dtype_t dtype;
   int32_t batch;              /* B >= 1 */
@@ -89,6 +95,7 @@ typedef struct proxyattn_problem {
   int32_t num_kv_heads;       /* Hkv */
   int32_t head_dim;           /* D: 64, 128 or 256 */
   float scale;                /* softmax scale; 0 means 1/sqrt(D) */
+  proxyattn_layout_t layout;  /* padded batch: BSHD (default, 0) or BHSD; varlen: BSHD only ([T, H, D]) */
 } proxyattn_problem_t;
 
 /* Fills *config with the defaults of proxyattn.ProxyAttnConfig(). */

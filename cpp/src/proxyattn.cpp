@@ -39,6 +39,7 @@ struct Resolved {
   proxyattn_dtype_t dtype;
   int B, S, T, Hq, Hkv, D, G;
   bool varlen;
+  bool bhsd;  // [B, H, S, D] inputs and output
   const int32_t *cu;
   double scale;
   int bs, stride, min_blocks, keep_sink, keep_diag, dense_below;
@@ -122,6 +123,14 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
   if (!(p->scale >= 0.0f) || std::isinf(p->scale))
     return fail(PROXYATTN_ERROR_INVALID_VALUE,
                 "scale=" + str(p->scale) + " must be a positive finite number, or 0 for 1/sqrt(D)");
+  if (p->layout != PROXYATTN_LAYOUT_BSHD && p->layout != PROXYATTN_LAYOUT_BHSD)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "layout=" + std::to_string(int(p->layout)) +
+                                                   " is not supported; allowed: PROXYATTN_LAYOUT_BSHD (0), "
+                                                   "PROXYATTN_LAYOUT_BHSD (1)");
+  if (p->layout == PROXYATTN_LAYOUT_BHSD && p->cu_seqlens != nullptr)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "layout=PROXYATTN_LAYOUT_BHSD needs the padded batch (cu_seqlens NULL); packed batches are [T, H, D]");
+  r->bhsd = p->layout == PROXYATTN_LAYOUT_BHSD;
   r->dtype = p->dtype;
   r->B = p->batch;
   r->S = p->seq_len;
@@ -251,14 +260,19 @@ proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels 
 
 unsigned threads_of(const KernelImage &img) { return img.num_warps ? img.num_warps * 32u : kHelperThreads; }
 
-// Token strides of a [*, S, H, D] (padded) or [T, H, D] (varlen) tensor: (batch, token, head).
+// Element strides (batch, token, head) of a [B, S, H, D], [B, H, S, D] or [T, H, D] (varlen) tensor.
 struct Strides {
   int b, t, h;
 };
 Strides strides_of(const Resolved &r, int heads) {
   Strides s;
-  s.h = r.D;
-  s.t = heads * r.D;
+  if (r.bhsd) {
+    s.t = r.D;
+    s.h = r.S * r.D;
+  } else {
+    s.h = r.D;
+    s.t = heads * r.D;
+  }
   s.b = r.varlen ? 0 : r.S * heads * r.D;
   return s;
 }

@@ -81,7 +81,7 @@ class Config(C.Structure):
 class Problem(C.Structure):
     _fields_ = [("dtype", C.c_int), ("batch", C.c_int32), ("seq_len", C.c_int32), ("cu_seqlens", C.c_void_p),
                 ("total_tokens", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
-                ("head_dim", C.c_int32), ("scale", C.c_float)]
+                ("head_dim", C.c_int32), ("scale", C.c_float), ("layout", C.c_int)]
 
 
 class Lib:
@@ -107,7 +107,10 @@ class Lib:
                       int(cfg.keep_diagonal), cfg.dense_below_tokens, cfg.budget_fraction or 0.0)
 
     @staticmethod
-    def problem(q, k, cu=None, max_seqlen=None, scale=None) -> Problem:
+    def problem(q, k, cu=None, max_seqlen=None, scale=None, bhsd=False) -> Problem:
+        if bhsd:
+            b, hq, s, d = q.shape
+            return Problem(DT[q.dtype], b, s, None, 0, hq, k.shape[1], d, scale or 0.0, 1)
         if cu is None:
             b, s, hq, d = q.shape
             return Problem(DT[q.dtype], b, s, None, 0, hq, k.shape[2], d, scale or 0.0)
@@ -121,8 +124,8 @@ class Lib:
             self._ws[n.value] = torch.empty(max(n.value, 16), dtype=torch.uint8, device=DEV)
         return self._ws[n.value], n.value
 
-    def prefill(self, q, k, v, cfg: ProxyAttnConfig, cu=None, max_seqlen=None, lse=False, out=None):
-        prob, c = self.problem(q, k, cu, max_seqlen), self.config(cfg)
+    def prefill(self, q, k, v, cfg: ProxyAttnConfig, cu=None, max_seqlen=None, lse=False, out=None, bhsd=False):
+        prob, c = self.problem(q, k, cu, max_seqlen, bhsd=bhsd), self.config(cfg)
         ws, n = self.workspace(prob, c)
         if out is None:
             out = torch.full_like(q, float("nan"))
@@ -313,6 +316,19 @@ def check_varlen_large(lib: Lib) -> dict:
     return {"rel": f"{rel(out, ref):.2e}", "lengths": lengths}
 
 
+def check_bhsd(lib: Lib) -> dict:
+    """[B, H, S, D] inputs (the ONNX node's layout) give the transposed output of the [B, S, H, D] call."""
+    cfg = ProxyAttnConfig()
+    q, k, v = fresh(2, 8192, 16, 4, 128, torch.bfloat16, "structured", 61)
+    out = lib.prefill(q, k, v, cfg)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    out_t = lib.prefill(qt, kt, vt, cfg, bhsd=True)
+    assert torch.equal(out_t.transpose(1, 2), out), "BHSD call differs from the BSHD call"
+    ref = proxyattn.proxy_attention(q, k, v, cfg)
+    assert_close(out_t.transpose(1, 2), ref, "bf16", what="BHSD vs proxy_attention")
+    return {"rel_vs_proxy_attention": f"{rel(out_t.transpose(1, 2), ref):.2e}"}
+
+
 def check_dense(lib: Lib) -> dict:
     info = {}
     for s, cfg in ((2000, ProxyAttnConfig()), (6000, ProxyAttnConfig(gamma=1.0, min_budget_tokens=0, dense_below_tokens=0))):
@@ -487,6 +503,7 @@ def main() -> int:
         dump()
     record("large random S=8192", lambda: check_large(lib, 8192, "random", seed=3))
     record("varlen 1500/5000/8269", lambda: check_varlen_large(lib))
+    record("BHSD layout B=2 S=8192", lambda: check_bhsd(lib))
     record("dense path and gamma=1 oracle", lambda: check_dense(lib))
     record("CUDA graph capture", lambda: check_graph(lib))
     dump()
