@@ -76,27 +76,24 @@ def test_opset18_chain_rewrite_matches_pytorch(rewritten, name):
     assert count_proxy_nodes(proto) == model.config.num_hidden_layers
     assert not [n for n in proto.graph.node if n.op_type == "Softmax"], "a Softmax survived the rewrite"
     windows = []
-    heads = []
-    shapes = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.input)}
+    producers = {o: n for n in proto.graph.node for o in n.output}
     for node in proto.graph.node:
         if node.op_type == contract.OP_TYPE:
             cfg, scale, window = contract.decode_attrs({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
             assert cfg == SPARSE
             assert scale == pytest.approx(model.model.layers[0].self_attn.scaling, rel=1e-6)
             windows.append(window)
-            k = shapes.get(node.input[1])
-            if k is not None and k.type.tensor_type.shape.dim:
-                heads.append(k.type.tensor_type.shape.dim[1].dim_value)
+            for kv in node.input[1:]:  # K/V arrive un-expanded: not the Reshape(Expand(...)) of repeat_kv
+                p = producers.get(kv)
+                assert p is None or p.op_type != "Reshape" or producers[p.input[0]].op_type != "Expand", f"{kv} is expanded"
     assert windows == layer_windows_from_config(model.config)
-    if heads:  # where shapes are recorded: K arrives un-expanded (the model's KV heads)
-        assert set(heads) == {model.config.num_key_value_heads}
     for i, (b, s) in enumerate([(1, 5), (2, 70), (3, 130)]):
         ids = _ids(b, s, i)
         assert_close(_run(path, ids, False), _torch(model, ids, "sdpa"), "fp32", what=f"{name} dense B={b} S={s}")
         assert_close(_run(path, ids, True), _torch(model, ids, "proxyattn"), "fp32", what=f"{name} sparse B={b} S={s}")
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", ["gemma3"])  # sliding and full layers, GQA 2:1, head dim 64
 def test_rewrite_equals_direct_export(rewritten, tmp_path, name):
     model, _, path = rewritten[name]
     direct = export_model(model, tmp_path / "direct.onnx", config=SPARSE)
@@ -129,14 +126,6 @@ def test_opset23_attention_op_rewrite(tmp_path):
         ids = _ids(1, s, 30 + i)
         assert_close(_run(path, ids, False), _torch(model, ids, "sdpa"), "fp32", what=f"opset 23 dense S={s}")
         assert_close(_run(path, ids, True), _torch(model, ids, "proxyattn"), "fp32", what=f"opset 23 sparse S={s}")
-
-
-def test_eager_attention_chain_is_recognised(tmp_path):
-    model = tiny_model("qwen2")
-    stock = stock_export(model, tmp_path / "eager.onnx", opset=18, implementation="eager")
-    path = rewrite_model(stock, tmp_path / "proxy.onnx", config=SPARSE, hf_config=model.config)
-    ids = _ids(2, 130, 40)
-    assert_close(_run(path, ids, True), _torch(model, ids, "proxyattn"), "fp32", what="eager chain sparse")
 
 
 def test_unmatched_attention_names_the_node_and_writes_nothing(rewritten, tmp_path):
