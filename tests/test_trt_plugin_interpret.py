@@ -128,3 +128,105 @@ def test_sparse_attention_plugin_matches_reference(case, tactic):
     ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out.transpose(1, 2), ref, "fp16", what=f"sparse attention plugin tactic {tactic}")
+
+
+# ------------------------------------------------------------------------------------------------ engine graph
+def _plugin_ops():
+    """onnx.reference implementations of the plugin nodes: their Triton kernels, launched as TensorRT would."""
+    from onnx.reference.op_run import OpRun
+
+    ops = []
+    for name, pdef in S.PLUGINS.items():
+        def _run(self, *inputs, _name=name, _pdef=pdef, **_):
+            attrs = {a: getattr(self, a) for a in _pdef.attrs}
+            outs = run_plugin(_name, [torch.from_numpy(np_array.copy()) for np_array in inputs], attrs)
+            return tuple(o.numpy() for o in outs)
+
+        ops.append(type(name, (OpRun,), {"op_domain": S.NAMESPACE, "_run": _run}))
+    return ops
+
+
+def _attention_model(b, s, hq, hkv, d, cfg, scale):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export import contract
+
+    attrs = contract.encode_attrs(cfg, scale=scale)
+    node = helper.make_node(contract.OP_TYPE, ["q", "k", "v"], ["out"], domain=contract.DOMAIN, name="layer0", **attrs)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, shape) for n, shape in
+          (("q", ["B", hq, "S", d]), ("k", ["B", hkv, "S", d]), ("v", ["B", hkv, "S", d]))]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["B", hq, "S", d])
+    graph = helper.make_graph([node], "g", io, [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(contract.DOMAIN, 1)])
+
+
+@pytest.mark.parametrize("case", [
+    # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, dense_below)
+    (2, 300, 4, 2, 64, 64, 4, 1, 0.9, 64),
+    (1, 330, 4, 4, 64, 64, 4, 2, 0.6, 64),
+    (1, 200, 4, 2, 64, 64, 4, 1, 0.9, 256),  # S <= dense_below_tokens: full rows (the dense path)
+], ids=lambda c: "-".join(map(str, c)))
+def test_tensorrt_graph_computes_the_plan_and_attention(case):
+    """The rewritten engine graph (plugins + native ops) in ONNX's reference evaluator: the native selection equals
+    compact_plan on the graph's own scores and budgets, the budgets match the reference, and the output equals
+    block-sparse attention with that plan."""
+    from onnx.reference import ReferenceEvaluator
+
+    from plugins.tensorrt.graph import to_tensorrt_graph
+    from proxyattn.plan import BlockPlan
+
+    b, s, hq, hkv, d, bs, st, g, gamma, dense_below = case
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=bs, dense_below_tokens=dense_below)
+    scale = 1.0 / math.sqrt(d)
+    model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
+    kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
+    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyMassStats", "ProxyMass", "ProxySparseAttention"]
+    assert all({"plugin_namespace", "plugin_version", "aot"} <= {a.name for a in n.attribute} for n in model.graph.node if n.domain == S.NAMESPACE)
+
+    # Structured inputs (a few strong keys) so that budgets are below the full sequence.
+    q, k, v = _qkv(b, s, hq, hkv, d, seed=s + 2)
+    k[:, :, 3] = (q.float().mean(dim=(1, 2), keepdim=False)[:, None] * 3).to(torch.float16).expand(b, hkv, d)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    ev = ReferenceEvaluator(model, new_ops=_plugin_ops())
+    results = ev.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}, intermediate=True)
+    def pick(tag):
+        return torch.from_numpy(next(val for key, val in results.items() if key.startswith("layer0/") and key.rsplit("/", 1)[-1].rsplit("_", 1)[0] == tag))
+
+    order, counts = pick("order"), pick("counts")
+    scores = torch.from_numpy(next(val for key, val in results.items() if key.startswith("layer0/ProxyScores")))
+    nb = -(-s // bs)
+    assert order.shape == (b, g, nb, nb) and counts.shape == (b, hq, nb) and order.dtype == counts.dtype == torch.int32
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if s <= dense_below:
+        assert counts.tolist() == [[list(range(1, nb + 1))] * hq] * b
+    else:
+        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale)
+        budgets = pick("budgets").to(torch.int32)
+        assert (budgets - ref_budgets).abs().max() <= 1
+        assert (budgets < nb).any(), "the case must drop blocks"
+        expected = compact_plan(scores, budgets, s, cfg)
+        assert torch.equal(counts, expected.counts)
+        plan = BlockPlan(order.contiguous(), counts.contiguous(), budgets, bs, s)
+        assert torch.equal(plan.to_mask(), expected.to_mask())
+    plan = BlockPlan(order.contiguous(), counts.contiguous(), counts[..., -1].contiguous(), bs, s)
+    out = torch.from_numpy(results["out"])
+    ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
+    assert_close(out.transpose(1, 2), ref, "fp16", what="engine graph output")
+
+
+def test_sliding_window_nodes_are_left_to_their_local_function():
+    from plugins.tensorrt.graph import to_tensorrt_graph
+    from export import contract
+
+    cfg = ProxyAttnConfig(block_size=64)
+    model = _attention_model(1, 10, 4, 1, 64, cfg, 0.125)
+    for a in model.graph.node[0].attribute:
+        if a.name == "sliding_window":
+            a.i = 512
+    with pytest.raises(ValueError, match="no full-attention"):
+        to_tensorrt_graph(model, max_seq_len=1024)
+    with pytest.raises(ValueError, match="max_seq_len=0"):
+        to_tensorrt_graph(model, max_seq_len=0)
+    assert model.graph.node[0].op_type == contract.OP_TYPE

@@ -1,7 +1,9 @@
 """TensorRT engines, one per sequence-length profile (needs TensorRT; imported lazily).
 
-`build_engines(onnx_path, out_dir, profiles, ...)` parses the exported ONNX file with TensorRT's ONNX parser
-(strongly typed network: the file's types decide the precision), adds one optimization profile per engine for
+`build_engines(onnx_path, out_dir, profiles, ...)` rewrites the exported graph for the plugins
+(`graph.to_tensorrt_graph`, sized for the profile's longest sequence; written beside the export so its external data
+resolves), parses it with TensorRT's ONNX parser (strongly typed network: the file's types decide the precision;
+the plugin nodes carry `aot=1`, so the AOT kernels are embedded in the engine), adds one optimization profile for
 `input_ids` `[batch, sequence]` (batch 1..max_batch, sequence min/opt/max of the profile), uses a timing cache
 shared by the profiles, and writes `<out>/<profile>/model.plan` atomically.
 
@@ -39,12 +41,22 @@ def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[Profile], *
     cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     built = []
     bar = progress(len(profiles), "engines") if progress else None
+    import onnx
+
+    from .graph import to_tensorrt_graph
+
+    source = onnx.load(str(onnx_path), load_external_data=False)
     for p in profiles:
+        rewritten = Path(onnx_path).with_name(f".{Path(onnx_path).stem}.trt-{p.name}.onnx")
+        onnx.save(to_tensorrt_graph(source, max_seq_len=p.max), str(rewritten))
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        try:
+            if not parser.parse_from_file(str(rewritten)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise RuntimeError(f"TensorRT could not parse {rewritten}: {errors}")
+        finally:
+            rewritten.unlink(missing_ok=True)
         config = builder.create_builder_config()
         config.set_timing_cache(cache, ignore_mismatch=False)
         prof = builder.create_optimization_profile()
