@@ -176,7 +176,7 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
 Layout layout_of(const Resolved &r) {
   Layout L;
   const size_t B = r.B, S = r.S, Hq = r.Hq, D = r.D, G = r.G, nb = r.nb, bs = r.bs;
-  const size_t tokens = B * S;  // upper bound of T in both layouts
+  const size_t tokens = r.varlen ? (size_t)r.T : B * S;  // pooled rows as the Python path sizes them
   L.rows_q = tokens / r.stride + B;
   L.rows_k = tokens + B;
   size_t off = 0;
@@ -281,8 +281,10 @@ Strides strides_of(const Resolved &r, int heads) {
 proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K, const void *q, const void *k,
                             int32_t *order, int32_t *counts, int32_t *budgets, char *ws, CUstream stream) {
   CUdeviceptr qp = (CUdeviceptr)q, kp = (CUdeviceptr)k;
-  // cu pointer for kernels that only read it in varlen mode: any valid aligned pointer otherwise.
+  // Triton kernels read cu_seqlens only when compiled with VARLEN: any valid aligned pointer otherwise. The CUDA C
+  // helpers tell the layouts apart by cu_seqlens == NULL, so they get NULL for a padded batch.
   CUdeviceptr cu = r.varlen ? (CUdeviceptr)r.cu : (CUdeviceptr)(ws + L.budgets);
+  CUdeviceptr cu_helpers = r.varlen ? (CUdeviceptr)r.cu : (CUdeviceptr)0;
   int seq_len = r.S, nb = r.nb, Hq = r.Hq, G = r.G;
   float qk_scale = (float)(r.scale * kLog2e);
   CUdeviceptr bud = (CUdeviceptr)budgets, ord = (CUdeviceptr)order, cnt = (CUdeviceptr)counts;
@@ -343,7 +345,7 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
     int bs = r.bs, parts = 1, dense = r.dense_below;
     float gamma = r.gamma;
     double fraction = r.fraction;
-    void *args[] = {&mass, &bud, &cu, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense};
+    void *args[] = {&mass, &bud, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense};
     const unsigned smem = r.need_mass ? (unsigned)(2 * nb * 4) : 0u;
     PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 10, stream));
   }
@@ -351,7 +353,7 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
   {
     CUdeviceptr sc = (CUdeviceptr)(ws + (r.all_dense ? L.budgets : L.scores));
     int bs = r.bs, minb = r.min_blocks, sink = r.keep_sink, diag = r.keep_diag, dense = r.dense_below;
-    void *args[] = {&sc, &bud, &ord, &cnt, &cu, &seq_len, &bs, &nb, &Hq, &minb, &sink, &diag, &dense};
+    void *args[] = {&sc, &bud, &ord, &cnt, &cu_helpers, &seq_len, &bs, &nb, &Hq, &minb, &sink, &diag, &dense};
     PA_TRY(launch(*K.select, (unsigned)nb, (unsigned)G, (unsigned)r.B, kHelperThreads, (unsigned)(2 * nb * 4), args, 13,
                   stream));
   }
@@ -451,7 +453,10 @@ proxyattn_status_t proxyattn_prefill(const proxyattn_problem_t *problem, const p
   // lse: [B, Hq, S] (padded) or [Hq, T] (varlen).
   int slb = r.varlen ? 0 : r.Hq * r.S, slh = r.varlen ? r.T : r.S;
   int srb = r.G * r.nb * r.nb, srr = r.nb * r.nb, srm = r.nb, scb = r.Hq * r.nb, sch = r.nb;
-  int seq_len = r.S, nb = r.nb, Hq = r.Hq, len_bucket = 0, group = r.Hq / r.Hkv, rgroup = r.Hq / r.G;
+  // len_bucket: the Python path's autotuning key (unused by the kernel body); passed as Python passes it.
+  int len_bucket = 4096;
+  while (len_bucket < r.S) len_bucket *= 2;
+  int seq_len = r.S, nb = r.nb, Hq = r.Hq, group = r.Hq / r.Hkv, rgroup = r.Hq / r.G;
   float qk_scale = (float)(r.scale * kLog2e);
   void *args[] = {&qp,   &kp,   &vp,   &op,   &lp,   &ord,  &cnt,  &cu,      &sq.b,    &sq.t,       &sq.h,
                   &sk.b, &sk.t, &sk.h, &sv.b, &sv.t, &sv.h, &so.b, &so.t,    &so.h,    &slb,        &slh,

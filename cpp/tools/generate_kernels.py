@@ -243,7 +243,7 @@ def compile_variant(v: Variant, out_dir: str) -> dict:
     return {
         "key": v.key, "entry": entry, "file": fname, "cubin_bytes": len(cc.asm["cubin"]), "shared": md.shared,
         "num_warps": v.num_warps, "num_stages": v.num_stages, "maxnreg": v.maxnreg, "num_params": num_params, "triton": 1,
-        "params": visible, "constexprs": consts, "meta": v.meta,
+        "params": visible, "param_types": [types[n] for n in visible], "constexprs": consts, "meta": v.meta,
     }
 
 

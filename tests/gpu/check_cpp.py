@@ -62,11 +62,11 @@ def record(name: str, fn) -> None:
     entry = {"check": name}
     try:
         info = fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()  # a device fault of this check is reported here, not by the next one
         entry.update(ok=True, seconds=round(time.perf_counter() - t0, 1), info=info)
     except Exception as e:  # noqa: BLE001 - every failure is recorded and fails the script at the end
         entry.update(ok=False, seconds=round(time.perf_counter() - t0, 1), error=f"{type(e).__name__}: {str(e)[:600]}")
-    if DEV == "cuda":
-        torch.cuda.synchronize()
     RESULTS.append(entry)
     print(("PASS " if entry["ok"] else "FAIL ") + name + " " + json.dumps(entry.get("info", entry.get("error"))), flush=True)
 
@@ -455,7 +455,11 @@ def main() -> int:
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--sizes", default="8192,16384,32768")
     ap.add_argument("--dry-cpu", action="store_true", help="test this script on the CPU with the Python path as 'library'")
+    ap.add_argument("--stage", default="all", choices=["all", "large", "example", "timing", "misc", "variants"])
+    ap.add_argument("--merge", action="store_true", help="join OUT/part_*.json into OUT/cpp_<date>.json")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.out)
     global DEV
     if args.dry_cpu:
         DEV = "cpu"
@@ -483,43 +487,78 @@ def main() -> int:
         "timings": TIMINGS,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpp_{datetime.date.today().isoformat()}.json"
+    path = args.out / (f"cpp_{datetime.date.today().isoformat()}.json" if args.stage == "all" else f"part_{args.stage}.json")
 
     def dump():  # after every stage, so that a run stopped at its time limit still leaves its figures
         doc["python_autotune_picks"] = autotune_picks()
         path.write_text(json.dumps(doc, indent=1))
 
-    # Most important first: the deliverables (large shapes vs the PyTorch path, the example, timing).
-    for s in sizes:
-        record(f"large structured S={s}", lambda: check_large(lib, s, "structured", seed=s))
-    dump()
-    with tempfile.TemporaryDirectory() as tmp:
-        record("example program 8K (.npy)", lambda: check_example(lib, Path(tmp)))
-    for s in sizes:
-        try:
-            time_case(lib, alts, s)
-        except Exception as e:  # noqa: BLE001
-            RESULTS.append({"check": f"timing S={s}", "ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+    # Stages (--stage): each runs in its own process in the device command, so that a device fault in one (which
+    # ends the CUDA context) does not take the others' figures with it; --merge joins the parts.
+    stage = args.stage
+    if stage in ("all", "large"):
+        for s in sizes:
+            record(f"large structured S={s}", lambda: check_large(lib, s, "structured", seed=s))
         dump()
-    record("large random S=8192", lambda: check_large(lib, 8192, "random", seed=3))
-    record("varlen 1500/5000/8269", lambda: check_varlen_large(lib))
-    record("BHSD layout B=2 S=8192", lambda: check_bhsd(lib))
-    record("dense path and gamma=1 oracle", lambda: check_dense(lib))
-    record("CUDA graph capture", lambda: check_graph(lib))
-    dump()
-    for dtype in (torch.bfloat16, torch.float16):
-        for d in (64, 128, 256):
-            for bs in (64, 128):
-                for varlen in (False, True):
-                    record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
-                           lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
+    if stage in ("all", "example"):
+        with tempfile.TemporaryDirectory() as tmp:
+            record("example program 8K (.npy)", lambda: check_example(lib, Path(tmp)))
         dump()
+    if stage in ("all", "timing"):
+        for s in sizes:
+            try:
+                time_case(lib, alts, s)
+            except Exception as e:  # noqa: BLE001
+                RESULTS.append({"check": f"timing S={s}", "ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            dump()
+    if stage in ("all", "misc"):
+        record("large random S=8192", lambda: check_large(lib, 8192, "random", seed=3))
+        record("varlen 1500/5000/8269", lambda: check_varlen_large(lib))
+        record("BHSD layout B=2 S=8192", lambda: check_bhsd(lib))
+        record("dense path and gamma=1 oracle", lambda: check_dense(lib))
+        record("CUDA graph capture", lambda: check_graph(lib))
+        dump()
+    if stage in ("all", "variants"):
+        for dtype in (torch.bfloat16, torch.float16):
+            for d in (64, 128, 256):
+                for bs in (64, 128):
+                    for varlen in (False, True):
+                        record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
+                               lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
+            dump()
     print(f"\n{'check':<44} ok")
     for r in RESULTS:
         print(f"{r['check']:<44} {'PASS' if r['ok'] else 'FAIL ' + r.get('error', '')[:150]}")
     for t in TIMINGS:
         print(json.dumps(t))
     return 0 if all(r["ok"] for r in RESULTS) else 1
+
+
+def merge(out: Path) -> int:
+    parts = sorted(out.glob("part_*.json"))
+    doc = None
+    for p in parts:
+        part = json.loads(p.read_text())
+        if doc is None:
+            doc = part
+        else:
+            doc["checks"] += part["checks"]
+            doc["timings"] += part["timings"]
+            doc["python_autotune_picks"].update(part.get("python_autotune_picks", {}))
+    if doc is None:
+        print("no parts to merge")
+        return 1
+    doc["stages"] = [p.stem[len("part_"):] for p in parts]
+    doc["command"] = ("for s in large example timing misc variants; do python3 tests/gpu/check_cpp.py --lib "
+                      "cpp/build-carry/main --alt ... --stage $s --out $OUT --commit <sha>; done; "
+                      "python3 tests/gpu/check_cpp.py --merge --out $OUT --lib x")
+    path = out / f"cpp_{doc['date'][:10]}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    for c in doc["checks"]:
+        print(f"{c['check']:<44} {'PASS' if c['ok'] else 'FAIL ' + c.get('error', '')[:200]}")
+    for t in doc["timings"]:
+        print(json.dumps(t))
+    return 0 if all(c["ok"] for c in doc["checks"]) else 1
 
 
 def dry_run(args) -> int:
