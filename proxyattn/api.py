@@ -57,6 +57,10 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     check_qk(q, k)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
     sc = resolve_scale(scale, q.shape[-1])
+    if cfg.estimator != 0:  # variants have no kernel: PyTorch on any device ([B, Hq, Nb, Nb] for block_mean)
+        from . import variants
+
+        return variants.proxy_scores(q, k, cfg, sc)
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "proxy_scores"):
         return backend.proxy_scores(q, k, cfg, sc)
@@ -280,7 +284,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfi
     check_proxy_heads(cfg.proxy_heads, k.shape[1])
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
-    if backend is not None and hasattr(backend, "plan_blocks_varlen"):
+    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator == 0:
         return backend.plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, sc)
     batch, hq = cu_seqlens.shape[0] - 1, q.shape[1]
     nb = -(-max_seqlen // cfg.block_size)

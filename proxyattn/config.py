@@ -20,6 +20,9 @@ ATTR_PREFIX = "pa_"
 # dense_layer_mask stays below 2**53 so that it is exact as a float (from_attrs compares float and int values).
 MAX_LAYER_MASK = 2**53
 
+# Block-score estimators (`ProxyAttnConfig.estimator`, an int so that it travels as an attribute).
+ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
+
 
 @dataclass(frozen=True)
 class ProxyAttnConfig:
@@ -39,6 +42,10 @@ class ProxyAttnConfig:
         dense_layer_mask: model integrations keep layer i dense when bit i is set (an explicit list of layers,
             e.g. `dense_layer_mask=ProxyAttnConfig.layer_mask([0, 5])`); below 2**53 so that it survives the
             float round trip of attributes (layers 0..52; use dense_first_layers beyond).
+        estimator: how block scores are estimated (`proxyattn.variants`): 0 = the paper's mean-pooled proxy heads,
+            1 = "head_max" (per-head strided scores, max over each group's heads), 2 = "block_mean" (baseline:
+            block-mean-pooled queries and keys per head). Non-zero values have no Triton estimation kernel: their
+            scores run in PyTorch on any device.
     """
 
     block_size: int = 128
@@ -52,6 +59,7 @@ class ProxyAttnConfig:
     budget_fraction: float | None = None
     dense_first_layers: int = 0
     dense_layer_mask: int = 0
+    estimator: int = 0
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)
@@ -90,6 +98,9 @@ class ProxyAttnConfig:
         _check_int("dense_layer_mask", self.dense_layer_mask)
         if not (0 <= self.dense_layer_mask < MAX_LAYER_MASK):
             raise ValueError(f"dense_layer_mask={self.dense_layer_mask!r} must lie in [0, 2**53) (bit i = layer i dense)")
+        _check_int("estimator", self.estimator)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} is not supported; allowed: {ESTIMATORS}")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -38,7 +38,7 @@ from typing import Iterator
 
 import torch
 
-from . import reference
+from . import reference, variants
 from .api import proxy_attention
 from .config import ProxyAttnConfig
 from .plan import compact_plan
@@ -164,7 +164,7 @@ def reference_proxy_attention(q, k, v, config: ProxyAttnConfig, *, scale: float)
     s = q.shape[1]
     if s <= config.dense_below_tokens:
         return reference.dense_attention(q, k, v, scale).to(q.dtype)
-    scores = reference.proxy_scores(q, k, proxy_heads=config.proxy_heads, block_size=config.block_size, stride=config.stride, scale=scale)
+    scores = variants.proxy_scores(q, k, config, scale)  # the reference for the paper's estimator
     nb = -(-s // config.block_size)
     if config.budget_fraction is not None:
         budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)

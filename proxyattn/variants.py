@@ -1,0 +1,78 @@
+"""Block-score estimators beside the paper's proxy heads (`ProxyAttnConfig.estimator`), in plain PyTorch.
+
+* `estimator=0` ("proxy", the paper): one proxy query per group = mean of the group's query heads; token-level
+  softmax on strided rows; max-pooled to blocks. `proxyattn.reference.proxy_scores` / the Triton kernel.
+* `estimator=1` ("head_max", our improvement): the same strided token-level softmax, but per query head (against
+  its own KV head), then max over the query heads of each proxy group and max-pooled to blocks. A block that any
+  head of the group attends to strongly ranks high, so a head that retrieves what the others ignore is not starved
+  by the averaged proxy query. Still one ranking per group (the compact plan and the kernels are unchanged); the
+  estimation costs Hq / G times the paper's.
+* `estimator=2` ("block_mean", baseline): per query head, softmax over key blocks of (mean query of block m) .
+  (mean key of block n); one ranking per query head (R = Hq). Cheap, coarse: what pooled estimators do.
+
+Budgets and selection are the paper's for every estimator. These functions are fp32 and run on any device; on CUDA
+`proxyattn.api.proxy_scores` calls them (no Triton kernel) and the rest of the pipeline uses the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ESTIMATORS, ProxyAttnConfig
+from .reference import _causal_rows, _expand_kv, _num_blocks
+from . import reference
+
+__all__ = ["ESTIMATORS", "proxy_scores", "head_max_scores", "block_mean_scores"]
+
+
+def head_max_scores(q, k, *, proxy_heads: int, block_size: int, stride: int, scale: float) -> torch.Tensor:
+    """`[B, G, Nb, Nb]` fp32: per-head strided causal softmax, max over each group's query heads, max-pooled.
+
+    Group g holds query heads g*Hq/G .. (g+1)*Hq/G - 1 (the heads that read row g of the plan). -inf above the
+    diagonal.
+    """
+    b, s, hq, _ = q.shape
+    nb = _num_blocks(s, block_size)
+    qf = q.float()
+    kx = _expand_kv(k.float(), hq)
+    scores = torch.full((b, proxy_heads, nb, nb), float("-inf"), device=q.device)
+    for m in range(nb):
+        hi = min(s, (m + 1) * block_size)
+        rows = torch.arange(m * block_size, hi, stride, device=q.device)
+        logits = torch.einsum("brhd,bkhd->bhrk", qf[:, rows], kx[:, :hi]) * scale
+        logits = logits.masked_fill(~_causal_rows(0, hi, hi, q.device)[rows], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # [B, Hq, rows, hi]
+        probs = probs.reshape(b, proxy_heads, hq // proxy_heads, len(rows), hi).amax(dim=2)
+        probs = torch.nn.functional.pad(probs, (0, (m + 1) * block_size - hi))
+        scores[:, :, m, : m + 1] = probs.reshape(b, proxy_heads, len(rows), m + 1, block_size).amax(dim=(2, 4))
+    return scores
+
+
+def block_mean_scores(q, k, *, block_size: int, scale: float) -> torch.Tensor:
+    """`[B, Hq, Nb, Nb]` fp32: softmax over causal key blocks of block-mean query . block-mean key, per query head."""
+    b, s, hq, d = q.shape
+    nb = _num_blocks(s, block_size)
+    pad = nb * block_size - s
+    counts = torch.full((nb,), float(block_size), device=q.device)
+    counts[-1] = block_size - pad
+
+    def pool(x):
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad))
+        return x.reshape(b, nb, block_size, x.shape[2], d).sum(2) / counts[None, :, None, None]
+
+    pq, pk = pool(q), _expand_kv(pool(k), hq)  # [B, Nb, Hq, D]
+    logits = torch.einsum("bmhd,bnhd->bhmn", pq, pk) * scale
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+    return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).masked_fill(~causal, float("-inf"))
+
+
+def proxy_scores(q, k, config: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """Block scores of `config.estimator` (the reference for 0), fp32 `[B, R, Nb, Nb]` with R = G or Hq."""
+    e = config.estimator
+    if e == 0:
+        return reference.proxy_scores(q, k, proxy_heads=config.proxy_heads, block_size=config.block_size, stride=config.stride, scale=scale)
+    if e == 1:
+        return head_max_scores(q, k, proxy_heads=config.proxy_heads, block_size=config.block_size, stride=config.stride, scale=scale)
+    if e == 2:
+        return block_mean_scores(q, k, block_size=config.block_size, scale=scale)
+    raise AssertionError(f"estimator {e} passed validation")
