@@ -597,3 +597,51 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
     assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, 2048]
+
+
+# ----------------------------------------------------------------------------------------------- TensorRT plugin logic
+def _parse_fields(host, fields: dict):
+    names = [k for k in fields]
+    floats = {"pa_gamma", "pa_budget_fraction", "scale"}
+    arr_n = (C.c_char_p * len(names))(*[n.encode() for n in names])
+    arr_t = (C.c_int * len(names))(*[1 if n in floats else 0 for n in names])
+    arr_v = (C.c_double * len(names))(*[float(fields[n]) for n in names])
+    cfg, scale, err = Config(), C.c_float(), C.create_string_buffer(512)
+    st = host.pa_host_parse_fields(arr_n, arr_t, arr_v, len(names), C.byref(cfg), C.byref(scale), err, 512)
+    return st, cfg, scale.value, err.value.decode()
+
+
+def test_trt_plugin_reads_the_onnx_node_attributes(host):
+    from export.contract import STRING_ATTRS, encode_attrs
+
+    pc = ProxyAttnConfig(block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
+                         budget_fraction=0.25)
+    attrs = {k: v for k, v in encode_attrs(pc, scale=0.0625).items() if k not in STRING_ATTRS}
+    st, cfg, scale, err = _parse_fields(host, attrs)
+    assert st == 0, err
+    assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.min_budget_tokens) == (64, 8, 2, 1024)
+    assert (cfg.keep_sink, cfg.keep_diagonal, cfg.dense_below_tokens) == (0, 1, 1024)
+    assert cfg.gamma == pytest.approx(0.9) and cfg.budget_fraction == pytest.approx(0.25) and scale == 0.0625
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"sliding_window": 512}, "sliding_window=512"), ({"is_causal": 0}, "is_causal=0"),
+    ({"pa_estimator": 1}, "pa_estimator=1"), ({"pa_gamma": 1.5}, "gamma=1.5"), ({"bogus": 1}, "unknown field bogus"),
+])
+def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
+    from export.contract import STRING_ATTRS, encode_attrs
+
+    attrs = {k: v for k, v in encode_attrs(ProxyAttnConfig(), scale=0.125).items() if k not in STRING_ATTRS}
+    attrs.update(change)
+    st, _, _, err = _parse_fields(host, attrs)
+    assert st == -1 and needle in err
+
+
+def test_trt_plugin_maps_bhsd_dims_to_a_problem(host):
+    prob, err = Problem(), C.create_string_buffer(256)
+    q, k = (C.c_longlong * 4)(2, 32, 5000, 128), (C.c_longlong * 4)(2, 8, 5000, 128)
+    assert host.pa_host_make_problem(q, k, BF16, C.byref(prob), err, 256) == 0
+    assert (prob.batch, prob.num_q_heads, prob.seq_len, prob.head_dim, prob.num_kv_heads) == (2, 32, 5000, 128, 8)
+    assert prob.layout == 1 and prob.cu_seqlens is None
+    bad = (C.c_longlong * 4)(2, 8, 4999, 128)
+    assert host.pa_host_make_problem(q, bad, BF16, C.byref(prob), err, 256) == -1 and b"disagree" in err.value

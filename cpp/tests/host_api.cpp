@@ -8,6 +8,7 @@
 
 #include "helpers_impl.h"
 #include "npy.hpp"
+#include "plugin_logic.h"
 
 #define HOST_API extern "C" __attribute__((visibility("default")))
 
@@ -98,4 +99,39 @@ HOST_API int pa_host_npy_save(const char *path, const float *data, const long lo
     return -1;
   }
   return 0;
+}
+
+// TensorRT plugin logic (trt/plugin_logic.h): fields given as (name, 0 = INT32 / 1 = FLOAT32, value).
+HOST_API int pa_host_parse_fields(const char *const *names, const int *types, const double *values, int n,
+                                  proxyattn_config_t *config, float *scale, char *err, int err_cap) {
+  std::vector<int32_t> ints(n);
+  std::vector<float> floats(n);
+  std::vector<pa_trt::Field> fields(n);
+  for (int i = 0; i < n; ++i) {
+    ints[i] = (int32_t)values[i];
+    floats[i] = (float)values[i];
+    fields[i] = {names[i], types[i] ? pa_trt::kFloat32 : pa_trt::kInt32,
+                 types[i] ? (const void *)&floats[i] : (const void *)&ints[i], 1};
+  }
+  pa_trt::NodeAttrs attrs;
+  std::string e = pa_trt::parse_fields(fields.data(), n, &attrs);
+  std::strncpy(err, e.c_str(), err_cap - 1);
+  err[err_cap - 1] = '\0';
+  if (!e.empty()) return -1;
+  *config = attrs.config;
+  *scale = attrs.scale;
+  return 0;
+}
+
+HOST_API int pa_host_make_problem(const long long *q, const long long *k, int dtype, proxyattn_problem_t *out,
+                                  char *err, int err_cap) {
+  int64_t qd[4], kd[4];
+  for (int i = 0; i < 4; ++i) {
+    qd[i] = q[i];
+    kd[i] = k[i];
+  }
+  std::string e = pa_trt::make_problem(4, qd, 4, kd, (proxyattn_dtype_t)dtype, 0.0f, out);
+  std::strncpy(err, e.c_str(), err_cap - 1);
+  err[err_cap - 1] = '\0';
+  return e.empty() ? 0 : -1;
 }

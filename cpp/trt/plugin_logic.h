@@ -1,0 +1,116 @@
+// TensorRT-independent logic of the ProxyAttention IPluginV3 (ProxyAttnPlugin.cpp): the node's fields to a
+// libproxyattn config, and tensor dimensions to a problem. Kept free of TensorRT types so that the host tests
+// (tests/test_cpp.py, through cpp/tests/host_api.cpp) check it on a machine without TensorRT.
+//
+// The node contract is export/contract.py: inputs query [B, Hq, S, D], key/value [B, Hkv, S, D] (BHSD), output
+// [B, Hq, S, D] in query's dtype; fields pa_* (ProxyAttnConfig.to_attrs), scale (float), is_causal (int, must be 1),
+// sliding_window (int, must be 0: this plugin refuses windowed layers rather than computing something else),
+// pa_estimator (int, must be 0: the only estimator libproxyattn implements).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "proxyattn.h"
+
+namespace pa_trt {
+
+enum FieldType { kInt32 = 0, kFloat32 = 1 };
+
+struct Field {
+  const char *name;
+  FieldType type;
+  const void *data;
+  int32_t length;
+};
+
+struct NodeAttrs {
+  proxyattn_config_t config;
+  float scale = 0.0f;  // 0: 1/sqrt(D)
+  int32_t is_causal = 1;
+  int32_t sliding_window = 0;
+};
+
+// Every field name the plugin declares, in the order it serialises them.
+inline const char *const *field_names(int *count) {
+  static const char *const names[] = {"pa_block_size",         "pa_stride",          "pa_proxy_heads",
+                                      "pa_gamma",              "pa_min_budget_tokens", "pa_keep_sink",
+                                      "pa_keep_diagonal",      "pa_dense_below_tokens", "pa_budget_fraction",
+                                      "pa_dense_first_layers", "pa_dense_layer_mask", "pa_estimator",
+                                      "scale",                 "is_causal",          "sliding_window"};
+  *count = int(sizeof(names) / sizeof(names[0]));
+  return names;
+}
+
+inline bool is_float_field(const std::string &n) { return n == "pa_gamma" || n == "pa_budget_fraction" || n == "scale"; }
+
+// Reads the node's fields (unknown names are an error; missing ones keep ProxyAttnConfig's defaults).
+// Returns "" on success, else a message naming the field.
+inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
+  NodeAttrs a;
+  proxyattn_config_default(&a.config);
+  for (int i = 0; i < n; ++i) {
+    const Field &f = fields[i];
+    const std::string name = f.name ? f.name : "";
+    if (f.length != 1 || f.data == nullptr) return "field " + name + " must hold exactly one value";
+    const bool want_float = is_float_field(name);
+    if ((want_float && f.type != kFloat32) || (!want_float && f.type != kInt32))
+      return "field " + name + " must be " + (want_float ? "FLOAT32" : "INT32");
+    int32_t iv = 0;
+    float fv = 0.0f;
+    if (want_float) std::memcpy(&fv, f.data, 4);
+    else std::memcpy(&iv, f.data, 4);
+    if (name == "pa_block_size") a.config.block_size = iv;
+    else if (name == "pa_stride") a.config.stride = iv;
+    else if (name == "pa_proxy_heads") a.config.proxy_heads = iv;
+    else if (name == "pa_gamma") a.config.gamma = fv;
+    else if (name == "pa_min_budget_tokens") a.config.min_budget_tokens = iv;
+    else if (name == "pa_keep_sink") a.config.keep_sink = iv;
+    else if (name == "pa_keep_diagonal") a.config.keep_diagonal = iv;
+    else if (name == "pa_dense_below_tokens") a.config.dense_below_tokens = iv;
+    else if (name == "pa_budget_fraction") a.config.budget_fraction = fv;
+    else if (name == "pa_dense_first_layers" || name == "pa_dense_layer_mask") {
+      // Model-level fields: carried by every node, acted on by the exporter (export/contract.py), not here.
+    } else if (name == "pa_estimator") {
+      if (iv != 0)
+        return "pa_estimator=" + std::to_string(iv) +
+               " is not supported: libproxyattn implements estimator 0 (the paper's mean-pooled proxy heads)";
+    } else if (name == "scale") a.scale = fv;
+    else if (name == "is_causal") a.is_causal = iv;
+    else if (name == "sliding_window") a.sliding_window = iv;
+    else return "unknown field " + name;
+  }
+  if (a.is_causal != 1) return "is_causal=" + std::to_string(a.is_causal) + ": only causal prefill (1) is supported";
+  if (a.sliding_window != 0)
+    return "sliding_window=" + std::to_string(a.sliding_window) +
+           ": windowed layers are not supported by this plugin (the node must be refused, not approximated)";
+  if (!(a.scale >= 0.0f)) return "scale must be >= 0 (0: 1/sqrt(D))";
+  if (proxyattn_config_validate(&a.config) != PROXYATTN_SUCCESS) return proxyattn_last_error();
+  *out = a;
+  return "";
+}
+
+// q [B, Hq, S, D] and k [B, Hkv, S, D] dimensions to a padded BHSD problem. Returns "" or a message.
+inline std::string make_problem(int q_nbdims, const int64_t *q, int k_nbdims, const int64_t *k, proxyattn_dtype_t dtype,
+                                float scale, proxyattn_problem_t *out) {
+  if (q_nbdims != 4 || k_nbdims != 4) return "query and key must have 4 dims [B, H, S, D]";
+  if (q[0] != k[0] || q[2] != k[2] || q[3] != k[3]) return "query [B, Hq, S, D] and key [B, Hkv, S, D] disagree in B, S or D";
+  for (int i = 0; i < 4; ++i)
+    if (q[i] < 0 || q[i] > INT32_MAX || k[i] < 0 || k[i] > INT32_MAX) return "dimension out of int32 range";
+  proxyattn_problem_t p;
+  std::memset(&p, 0, sizeof p);
+  p.dtype = dtype;
+  p.batch = int32_t(q[0]);
+  p.num_q_heads = int32_t(q[1]);
+  p.seq_len = int32_t(q[2]);
+  p.head_dim = int32_t(q[3]);
+  p.num_kv_heads = int32_t(k[1]);
+  p.cu_seqlens = nullptr;
+  p.scale = scale;
+  p.layout = PROXYATTN_LAYOUT_BHSD;
+  *out = p;
+  return "";
+}
+
+}  // namespace pa_trt
