@@ -33,7 +33,7 @@ from proxyattn.config import ProxyAttnConfig
 
 from . import contract, local_function
 
-__all__ = ["export_model", "count_proxy_nodes", "num_attention_layers", "estimate_export_memory", "available_memory"]
+__all__ = ["export_model", "random_weights", "count_proxy_nodes", "num_attention_layers", "estimate_export_memory", "available_memory"]
 
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Protobuf's hard limit: a model file without external data must stay below 2 GB.
@@ -246,6 +246,27 @@ def export_model(
         if previous_impl is not None:
             model.set_attn_implementation(previous_impl)
     return out_path
+
+
+def random_weights(model, *, seed: int = 0, std: float = 0.02) -> Callable[[str], torch.Tensor]:
+    """A `weights=` source for a structural build of a meta model: each parameter drawn on demand (normal with `std`,
+    norm weights 1), reproducible per name, one tensor in memory at a time; `std=0` gives zeros (fastest)."""
+    import zlib
+
+    shapes = {name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters()}
+
+    def source(name: str) -> torch.Tensor:
+        if name not in shapes:
+            raise ValueError(f"weights has no tensor {name!r} (not a parameter of {type(model).__name__})")
+        shape, dtype = shapes[name]
+        if len(shape) == 1 and "norm" in name:
+            return torch.ones(shape, dtype=dtype)
+        if std == 0:
+            return torch.zeros(shape, dtype=dtype)
+        g = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=g) * std).to(dtype)
+
+    return source
 
 
 def _name_nodes(proto: onnx.ModelProto) -> None:
