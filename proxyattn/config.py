@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 ALLOWED_BLOCK_SIZES = (64, 128)
@@ -19,6 +19,11 @@ ATTR_PREFIX = "pa_"
 
 # dense_layer_mask stays below 2**53 so that it is exact as a float (from_attrs compares float and int values).
 MAX_LAYER_MASK = 2**53
+
+# Default dense crossover: with dense_below_tokens unset, sequences of at most max(min_budget_tokens, this) tokens take
+# the dense path. Measured on the H200 (benchmarks/results/attention_h200.json): at 8K tokens the estimation plus
+# sparse attention is slower than cuDNN dense (2.05 vs 0.95 ms eager), at 16K it is already 1.3x faster.
+DENSE_CROSSOVER_TOKENS = 8192
 
 # Block-score estimators (`ProxyAttnConfig.estimator`, an int so that it travels as an attribute).
 ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
@@ -36,7 +41,9 @@ class ProxyAttnConfig:
         min_budget_tokens: lower bound on the tokens a head keeps per query block (rounded up to blocks).
         keep_sink: always keep key block 0.
         keep_diagonal: always keep the diagonal key block.
-        dense_below_tokens: sequences with S <= this take the dense path; None means min_budget_tokens.
+        dense_below_tokens: sequences with S <= this take the dense path; None means
+            max(min_budget_tokens, DENSE_CROSSOVER_TOKENS = 8192), the measured crossover below which the dense
+            kernel is faster than estimation plus sparse attention.
         budget_fraction: if set, every head keeps this fixed fraction of key blocks instead of the gamma rule.
         dense_first_layers: model integrations (`proxyattn.hf`) keep layers 0..N-1 dense.
         dense_layer_mask: model integrations keep layer i dense when bit i is set (an explicit list of layers,
@@ -84,7 +91,7 @@ class ProxyAttnConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
         if self.dense_below_tokens is None:
-            object.__setattr__(self, "dense_below_tokens", self.min_budget_tokens)
+            object.__setattr__(self, "dense_below_tokens", max(self.min_budget_tokens, DENSE_CROSSOVER_TOKENS))
         _check_int("dense_below_tokens", self.dense_below_tokens)
         if self.dense_below_tokens < 0:
             raise ValueError(f"dense_below_tokens={self.dense_below_tokens!r} must be >= 0")
@@ -127,7 +134,8 @@ class ProxyAttnConfig:
     def replace(self, **changes: Any) -> "ProxyAttnConfig":
         """A copy with some fields changed (validated again)."""
         if "min_budget_tokens" in changes and "dense_below_tokens" not in changes:
-            changes["dense_below_tokens"] = None if self.dense_below_tokens == self.min_budget_tokens else self.dense_below_tokens
+            default = max(self.min_budget_tokens, DENSE_CROSSOVER_TOKENS)
+            changes["dense_below_tokens"] = None if self.dense_below_tokens == default else self.dense_below_tokens
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ attribute round trip
