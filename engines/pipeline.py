@@ -126,8 +126,9 @@ def resolve(req: BuildRequest) -> BuildPlan:
             wdir = Path(req.weights)
             if not (wdir / "config.json").is_file():
                 raise ValueError(f"--weights {req.weights}: no transformers checkpoint there (config.json missing)")
-            if not any(wdir.glob("*.safetensors")) and not any(wdir.glob("*.bin")):
-                raise ValueError(f"--weights {req.weights}: no *.safetensors or *.bin weight files there")
+            if not any(wdir.glob("*.safetensors")):
+                raise ValueError(f"--weights {req.weights}: no *.safetensors weight files there (the 8B export streams them)")
+            _check_checkpoint_config(spec, wdir)
             weights = f"checkpoint:{wdir.resolve()}"
         else:
             weights = "random"
@@ -166,6 +167,26 @@ def resolve(req: BuildRequest) -> BuildPlan:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     return BuildPlan(spec, profiles, config, precision, backend, weights, out, req.force, req.max_batch, req.parity, ort_fits, ort_reason)
+
+
+_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def _check_checkpoint_config(spec: ModelSpec, wdir: Path) -> None:
+    """The checkpoint must have the model's architecture (the plugin kernels and profiles are built for it)."""
+    try:
+        cfg = json.loads((wdir / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--weights {wdir}: config.json is not valid JSON ({e})") from e
+    for key in _ARCH_KEYS:
+        want = spec.hf_config.get(key)
+        got = cfg.get(key)
+        if key == "num_key_value_heads":
+            want, got = want or spec.num_heads, got or cfg.get("num_attention_heads")
+        if key == "head_dim" and (want is None or got is None):
+            continue
+        if want != got:
+            raise ValueError(f"--weights {wdir}: the checkpoint's {key}={got!r} differs from {spec.name}'s {key}={want!r}")
 
 
 # ------------------------------------------------------------------------------------------------ model loading
@@ -229,7 +250,7 @@ def _weight_source(plan: BuildPlan, model) -> Callable[[str], Any]:
                 index[key] = f
 
     def read(name: str):
-        key = name if name in index else ("lm_head.weight" if name == "lm_head.weight" else name)
+        key = name
         if key not in index and name == "lm_head.weight" and "model.embed_tokens.weight" in index:
             key = "model.embed_tokens.weight"  # tied embeddings
         if key not in index:
