@@ -107,6 +107,8 @@ def resolve(req: BuildRequest) -> BuildPlan:
             "build on a machine with TensorRT >= 10.16, or use --backend onnxruntime / auto"
         )
     backend = req.backend if req.backend != "auto" else ("tensorrt" if tensorrt_available() else "onnxruntime")
+    if backend == "tensorrt" and req.precision == "fp32":
+        raise ValueError("--precision fp32 with TensorRT: the ProxyAttn plugin kernels take fp16 or bf16 (use --precision bf16 or fp16)")
     if isinstance(req.max_batch, bool) or not isinstance(req.max_batch, int) or req.max_batch < 1:
         raise ValueError(f"max_batch={req.max_batch!r} must be an int >= 1")
 
@@ -477,7 +479,7 @@ def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
     models = {}
     with atomic_dir(out) as tmp:
         for p in plan.profiles:
-            name = f"{plan.spec.name}_{p.name}".replace(".", "-")
+            name = f"{plan.spec.name}_{p.name}"
             cfg = tensorrt_plan_config(name, inputs=ins, outputs=outs, max_batch_size=plan.max_batch)
             engine_file = plan.out / "engines" / p.name / "model.plan"
             write_tensorrt_model(tmp, name, engine_file if engine_file.is_file() else None, cfg)
@@ -485,7 +487,7 @@ def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
         ort_dir = plan.out / "ort"
         files = [ort_dir / f"{p.name}.onnx" for p in plan.profiles]
         if all(f.is_file() for f in files) and manifest.stage("ort_models") and manifest.stage("ort_models")["status"] == "built":
-            name = f"{plan.spec.name}_onnxruntime".replace(".", "-")
+            name = f"{plan.spec.name}_onnxruntime"
             cfg = python_ort_config(name, vocab_size=plan.spec.vocab_size, max_batch_size=plan.max_batch,
                                     profiles=plan.profiles, profile_files=[f.name for f in files])
             data = [d for d in sorted(ort_dir.iterdir()) if d.name.endswith(".onnx.data")]

@@ -91,3 +91,18 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
     assert m3["config"]["pa_gamma"] == pytest.approx(0.9)
     assert m3["stages"]["plugin_kernels"] == m["stages"]["plugin_kernels"]
     assert m3["stages"]["ort_models"]["artifacts"] != m["stages"]["ort_models"]["artifacts"]
+
+
+def test_backend_resolution_with_and_without_tensorrt(monkeypatch):
+    from engines import pipeline
+
+    monkeypatch.setattr(pipeline, "tensorrt_available", lambda: False)
+    plan = pipeline.resolve(pipeline.BuildRequest(model="tiny-llama"))
+    assert (plan.backend, plan.precision, plan.ort_fits) == ("onnxruntime", "fp32", True)
+    big = pipeline.resolve(pipeline.BuildRequest(model="llama3.1-8b", random_weights=True))
+    assert (big.backend, big.precision, big.ort_fits) == ("onnxruntime", "bf16", False) and "does not fit" in big.ort_reason
+    monkeypatch.setattr(pipeline, "tensorrt_available", lambda: True)
+    plan = pipeline.resolve(pipeline.BuildRequest(model="tiny-llama"))
+    assert (plan.backend, plan.precision) == ("tensorrt", "bf16")
+    with pytest.raises(ValueError, match="plugin kernels take fp16 or bf16"):
+        pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", precision="fp32"))
