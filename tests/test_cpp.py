@@ -450,6 +450,8 @@ for name, sizes in HELPER_SIZES.items():
 lib = _lib(build)
 cfg = Config()
 lib.proxyattn_config_default(C.byref(cfg))
+for key, value in case.get("config", {{}}).items():
+    setattr(cfg, key, value)
 prob = _problem(**case["problem"])
 n = C.c_size_t(0)
 assert lib.proxyattn_workspace_size(C.byref(prob), C.byref(cfg), C.byref(n)) == 0
@@ -597,6 +599,27 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
     assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, 2048]
+
+
+def _c_launches(build, case):
+    code = _C_SIDE.format(repo=str(REPO), build=str(build), case=json.dumps(case), Q=Q, K=K, V=V, O=O, WS=WS)
+    env = dict(os.environ, PROXYATTN_LIBCUDA=str(build / "libproxyattn_fakecuda.so"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["launches"]
+
+
+def test_launches_of_the_dense_and_static_budget_paths(build):
+    # Padded batch at or below dense_below_tokens: no estimation, the keep-everything plan, the sparse kernel.
+    dense = _c_launches(build, {"problem": dict(b=2, s=2000, hq=8, hkv=2, d=128)})
+    assert [l["entry"] for l in dense] == ["pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
+    assert dense[1]["params"][-1] == 2048 and dense[1]["grid"] == [16, 1, 2]  # dense_below_tokens, (Nb, G, B)
+    assert dense[2]["grid"] == [2 * 8 * 16, 1, 1]
+    # budget_fraction: scores but no attention-mass kernels; the fraction reaches the budgets kernel as a double.
+    frac = _c_launches(build, {"problem": dict(b=1, s=5000, hq=8, hkv=2, d=128), "config": {"budget_fraction": 0.25}})
+    assert [l["entry"] for l in frac] == ["_pool_heads_kernel", "_pool_heads_kernel", "_proxy_scores_kernel",
+                                          "pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
+    assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
 
 
 # ----------------------------------------------------------------------------------------------- TensorRT plugin logic
