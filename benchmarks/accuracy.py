@@ -211,21 +211,23 @@ def plot(result: dict, path: str) -> None:
 
     cells = result["cells"]
     names = [m for m in result["methods"]]
+    color = {m: f"C{i}" for i, m in enumerate(METHODS)}
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
     for name in names:
         ls = [c["seq_len"] for c in cells if name in c["copy_loss"]]
         if not ls:
             continue
-        ax[0].plot(ls, [c["copy_loss"][name] for c in cells if name in c["copy_loss"]], "o-", label=name)
-        ax[1].plot(ls, [c["passkey_acc"][name] for c in cells if name in c["passkey_acc"]], "o-", label=name)
+        ax[0].plot(ls, [c["copy_loss"][name] for c in cells if name in c["copy_loss"]], "o-", label=name, color=color[name])
+        ax[1].plot(ls, [c["passkey_acc"][name] for c in cells if name in c["passkey_acc"]], "o-", label=name, color=color[name])
         if name != "dense":
-            ax[2].scatter([c["density"][name] for c in cells if name in c["density"]], [c["copy_loss"][name] for c in cells if name in c["copy_loss"]], label=name)
+            pts = [(c["density"][name], c["copy_loss"][name]) for c in cells if name in c["density"]]
+            ax[2].scatter([p[0] for p in pts], [p[1] for p in pts], label=name, color=color[name])
     for c in cells:
         if "dense" in c["copy_loss"]:
             ax[2].axhline(c["copy_loss"]["dense"], color="k", lw=0.5, ls=":")
     ax[0].set(xscale="log", xlabel="length", ylabel="copy loss (2nd copy)", title="long-range copy")
     ax[1].set(xscale="log", xlabel="length", ylabel="passkey accuracy", title="passkey retrieval", ylim=(-0.05, 1.05))
-    ax[2].set(xlabel="mean density", ylabel="copy loss", title="copy loss vs density (dotted: dense)")
+    ax[2].set(xlabel="mean density (natural text)", ylabel="copy loss", title="copy loss vs density (dotted: dense)")
     last = cells[-1] if cells else None
     if last and last.get("plan"):
         layers = sorted(last["plan"], key=int)
@@ -233,7 +235,7 @@ def plot(result: dict, path: str) -> None:
             if name == "dense":
                 continue
             rec = [sum(last["plan"][l]["methods"][name]["recall"]) / len(last["plan"][l]["methods"][name]["recall"]) for l in layers]
-            ax[3].plot(range(len(layers)), rec, "o-", label=name)
+            ax[3].plot(range(len(layers)), rec, "o-", label=name, color=color[name])
         ax[3].set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="mean recall", title=f"recall per layer, L={last['seq_len']}")
     ax[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: ProxyAttn accuracy ({result['device']})")
@@ -244,6 +246,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":  # redraw the PNG beside a results JSON
+        with open(sys.argv[2]) as f:
+            plot(json.load(f), sys.argv[2][: -len(".json")] + ".png")
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["smollm2", "gemma3-270m"])
     ap.add_argument("--lengths", required=True)
