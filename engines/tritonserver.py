@@ -148,3 +148,28 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engines.tritonserver REPO [--models M ...]`: serve a generated repository on 127.0.0.1 until Ctrl-C."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("repo")
+    p.add_argument("--models", nargs="+", default=None, help="load only these models (e.g. the *_onnxruntime one on a CPU machine)")
+    args = p.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    try:
+        with local_server(args.repo, models=args.models, pythonpath=root) as server:
+            print(f"serving {args.repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)", flush=True)
+            server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    except (ValueError, RuntimeError) as e:
+        print(f"tritonserver: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
