@@ -141,7 +141,7 @@ def test_config_defaults_match_python(lib):
     assert c.proxy_heads == attrs["pa_proxy_heads"] and c.min_budget_tokens == attrs["pa_min_budget_tokens"]
     assert c.gamma == pytest.approx(attrs["pa_gamma"]) and c.budget_fraction == attrs["pa_budget_fraction"] == 0.0
     assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
-    assert c.dense_below_tokens == -1  # None: min_budget_tokens
+    assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""
 
@@ -201,7 +201,9 @@ def test_workspace_size_covers_the_plan_and_scales(lib):
     frac.budget_fraction = 0.25  # no attention-mass scratch
     assert _ws(lib, _problem(b=b, s=s, hq=hq, hkv=hkv), frac) < ws
     # A padded batch at or below dense_below_tokens needs no estimation scratch.
-    assert _ws(lib, _problem(b=b, s=2048, hq=hq, hkv=hkv), cfg) < _ws(lib, _problem(b=b, s=2049, hq=hq, hkv=hkv), cfg) / 2
+    crossover = ProxyAttnConfig().dense_below_tokens
+    dense, sparse = (_ws(lib, _problem(b=b, s=n, hq=hq, hkv=hkv), cfg) for n in (crossover, crossover + 1))
+    assert dense < sparse / 2
     assert _ws(lib, _problem(b=b, s=s, hq=hq, hkv=hkv, layout=1), cfg) == ws  # the layout changes strides only
 
 
@@ -217,6 +219,7 @@ def test_prefill_checks_arguments_before_touching_the_gpu(lib):
     assert _prefill(lib, prob, cfg, v=264) == MISALIGNED and b"v is not 16-byte aligned" in lib.proxyattn_last_error()
     assert _prefill(lib, prob, cfg, ws_bytes=10) == WS_SMALL and b"workspace_bytes=10" in lib.proxyattn_last_error()
     cfg.stride = 8  # valid, but only stride 4 is compiled
+    prob = _problem(s=9000)  # above the dense crossover: the estimation kernels are needed
     assert _prefill(lib, prob, cfg) == NOT_COMPILED and b"stride=8" in lib.proxyattn_last_error()
 
 
@@ -532,9 +535,9 @@ def _python_launches(case, monkeypatch):
 
 
 LAUNCH_CASES = {
-    "padded": {"problem": dict(b=2, s=5000, hq=8, hkv=2, d=128)},
-    "bhsd": {"problem": dict(b=2, s=5000, hq=8, hkv=2, d=128, layout=1)},
-    "varlen": {"problem": dict(b=3, s=5000, hq=8, hkv=2, d=128, cu=CU, total=6300), "lengths": [1000, 5000, 300]},
+    "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128)},
+    "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128, layout=1)},
+    "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300]},
 }
 
 
@@ -595,10 +598,11 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert comb["params"][3:] == [p["b"] * p["hq"], pass0["params"][-4], 128]
     assert bud["grid"] == [p["hq"], p["b"], 1] and bud["params"][0] == pass1["params"][6]
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
-    assert bud["params"][8:] == [0, 2048]
+    dense_below = ProxyAttnConfig().dense_below_tokens
+    assert bud["params"][8:] == [0, dense_below]
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
-    assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, 2048]
+    assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, dense_below]
 
 
 def _c_launches(build, case):
@@ -613,13 +617,24 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     # Padded batch at or below dense_below_tokens: no estimation, the keep-everything plan, the sparse kernel.
     dense = _c_launches(build, {"problem": dict(b=2, s=2000, hq=8, hkv=2, d=128)})
     assert [l["entry"] for l in dense] == ["pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
-    assert dense[1]["params"][-1] == 2048 and dense[1]["grid"] == [16, 1, 2]  # dense_below_tokens, (Nb, G, B)
+    assert dense[1]["params"][-1] == ProxyAttnConfig().dense_below_tokens and dense[1]["grid"] == [16, 1, 2]
     assert dense[2]["grid"] == [2 * 8 * 16, 1, 1]
     # budget_fraction: scores but no attention-mass kernels; the fraction reaches the budgets kernel as a double.
-    frac = _c_launches(build, {"problem": dict(b=1, s=5000, hq=8, hkv=2, d=128), "config": {"budget_fraction": 0.25}})
+    frac = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128), "config": {"budget_fraction": 0.25}})
     assert [l["entry"] for l in frac] == ["_pool_heads_kernel", "_pool_heads_kernel", "_proxy_scores_kernel",
                                           "pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
     assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
+
+
+@pytest.mark.parametrize("min_budget_tokens", [0, 2048, 10000])
+def test_unset_dense_below_tokens_resolves_as_in_python(build, min_budget_tokens):
+    want = ProxyAttnConfig(min_budget_tokens=min_budget_tokens).dense_below_tokens
+    s = want + 1  # just above the crossover: the sparse path
+    got = _c_launches(build, {"problem": dict(b=1, s=s, hq=8, hkv=2, d=128),
+                              "config": {"min_budget_tokens": min_budget_tokens, "dense_below_tokens": -1}})
+    sel = [l for l in got if l["entry"] == "pa_select"][0]
+    assert sel["params"][-1] == want
+    assert got[0]["entry"] == "_pool_heads_kernel"  # not the dense path
 
 
 # ----------------------------------------------------------------------------------------------- TensorRT plugin logic
@@ -643,7 +658,7 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
     st, cfg, scale, err = _parse_fields(host, attrs)
     assert st == 0, err
     assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.min_budget_tokens) == (64, 8, 2, 1024)
-    assert (cfg.keep_sink, cfg.keep_diagonal, cfg.dense_below_tokens) == (0, 1, 1024)
+    assert (cfg.keep_sink, cfg.keep_diagonal, cfg.dense_below_tokens) == (0, 1, pc.dense_below_tokens)
     assert cfg.gamma == pytest.approx(0.9) and cfg.budget_fraction == pytest.approx(0.25) and scale == 0.0625
 
 

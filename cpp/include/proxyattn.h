@@ -66,8 +66,10 @@ typedef enum proxyattn_dtype {
 /*
  * The algorithm's choices: the same fields, meanings and defaults as proxyattn.ProxyAttnConfig, named as in
  * ProxyAttnConfig.to_attrs() without the "pa_" prefix. Booleans are 0/1. Python's None maps to:
- * dense_below_tokens = -1 (use min_budget_tokens), budget_fraction = 0 (gamma rule).
+ * dense_below_tokens = -1 (max(min_budget_tokens, 8192), as ProxyAttnConfig resolves None), budget_fraction = 0
+ * (gamma rule).
  */
+#define PROXYATTN_DENSE_CROSSOVER_TOKENS 8192 /* proxyattn.config.DENSE_CROSSOVER_TOKENS */
 typedef struct proxyattn_config {
   int32_t block_size;         /* 64 or 128 (default 128) */
   int32_t stride;             /* positive divisor of block_size (default 4) */
@@ -76,7 +78,7 @@ typedef struct proxyattn_config {
   int32_t min_budget_tokens;  /* >= 0 (default 2048) */
   int32_t keep_sink;          /* 0/1 (default 1) */
   int32_t keep_diagonal;      /* 0/1 (default 1) */
-  int32_t dense_below_tokens; /* >= 0, or -1 = min_budget_tokens (default -1) */
+  int32_t dense_below_tokens; /* >= 0, or -1 = max(min_budget_tokens, PROXYATTN_DENSE_CROSSOVER_TOKENS) (default -1) */
   float budget_fraction;      /* 0 = gamma rule, else (0, 1] (default 0) */
 } proxyattn_config_t;
 

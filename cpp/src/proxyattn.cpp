@@ -90,7 +90,7 @@ proxyattn_status_t validate_config(const proxyattn_config_t *c) {
                 "keep_diagonal=" + std::to_string(c->keep_diagonal) + " must be 0 or 1");
   if (c->dense_below_tokens < -1)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "dense_below_tokens=" + std::to_string(c->dense_below_tokens) +
-                                                   " must be >= 0, or -1 (= min_budget_tokens)");
+                                                   " must be >= 0, or -1 (= max(min_budget_tokens, 8192))");
   if (!(c->budget_fraction == 0.0f || (c->budget_fraction > 0.0f && c->budget_fraction <= 1.0f)))
     return fail(PROXYATTN_ERROR_INVALID_VALUE,
                 "budget_fraction=" + str(c->budget_fraction) + " must be 0 (gamma rule) or lie in (0, 1]");
@@ -155,7 +155,8 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
   r->min_blocks = (c->min_budget_tokens + c->block_size - 1) / c->block_size;
   r->keep_sink = c->keep_sink;
   r->keep_diag = c->keep_diagonal;
-  r->dense_below = c->dense_below_tokens < 0 ? c->min_budget_tokens : c->dense_below_tokens;
+  r->dense_below = c->dense_below_tokens >= 0 ? c->dense_below_tokens
+                                             : std::max<int32_t>(c->min_budget_tokens, PROXYATTN_DENSE_CROSSOVER_TOKENS);
   r->gamma = c->gamma;
   r->fraction = c->budget_fraction;
   r->nb = (r->S + r->bs - 1) / r->bs;
