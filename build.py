@@ -66,6 +66,8 @@ def _summary(plan, manifest_path: Path) -> str:
             dn = "-" if r["density_min"] is None else f"{r['density_min']:.3f}"
             lines.append(f"  {r['tokens']:>6}  {r['rel_error']:.2e}   {r['max_abs_error']:.2e}   {r['sparse_layers']:>13}  {dm:>12}  {dn:>11}")
         lines.append(f"  passed: {parity['passed']} (tolerance {parity['tolerance_rel']:g})")
+        if parity.get("note"):
+            lines.append(f"  note: {parity['note']}")
     elif parity:
         lines.append(f"\nparity: {parity}")
     for key in ("engines", "ort_models", "repository"):

@@ -280,7 +280,8 @@ def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
     from export.onnx_export import export_model
 
     inputs = {"model": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights,
-              "precision": plan.precision, "config": plan.config.to_attrs(), "opset": 18}
+              "precision": plan.precision, "config": plan.config.to_attrs(), "opset": 18,
+              "code": _code_hash("export", "proxyattn")}
     if plan.weights.startswith("package:"):
         from proxyattn import weights as packaged
 
@@ -306,20 +307,31 @@ def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
     return plan.onnx_path
 
 
-def _parity_lengths(plan: BuildPlan) -> list[int]:
-    """One length on the dense path and, when the model allows it, one on the sparse path (2 blocks past it)."""
+# Full-vocabulary fp32 logits are held three times (ONNX Runtime, PyTorch, difference): keep that under this.
+PARITY_LOGITS_BYTES = 4 * 1024**3
+
+
+def _parity_lengths(plan: BuildPlan) -> tuple[list[int], str | None]:
+    """(lengths, note): one length on the dense path and, when the context and the memory for the logits allow it,
+    one on the sparse path (2 blocks past dense_below_tokens); the note says why the sparse one was left out."""
     dense_len = min(64, plan.config.dense_below_tokens or 64, plan.spec.max_positions)
     sparse_len = plan.config.dense_below_tokens + 2 * plan.config.block_size
     out = [max(2, dense_len)]
-    if sparse_len <= plan.spec.max_positions:
-        out.append(sparse_len)
-    return out
+    need = 3 * sparse_len * plan.spec.vocab_size * 4
+    if sparse_len > plan.spec.max_positions:
+        return out, f"no sparse-path length: dense_below_tokens={plan.config.dense_below_tokens} covers the whole context"
+    if need > PARITY_LOGITS_BYTES:
+        return out, (f"sparse-path parity at {sparse_len} tokens not run: its fp32 logits ({plan.spec.vocab_size} vocab) "
+                     f"need {need / 1024**3:.1f} GiB, over the {PARITY_LOGITS_BYTES / 1024**3:.0f} GiB budget")
+    return out + [sparse_len], None
 
 
 def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
     """`parity.json`: ONNX Runtime (custom op, sparse) vs PyTorch (proxyattn_ref attention) logits, and densities."""
     out = plan.out / "parity.json"
-    inputs = {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(), "lengths": _parity_lengths(plan)}
+    lengths, note = _parity_lengths(plan)
+    inputs = {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(), "lengths": lengths,
+              "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
     if not plan.parity:
         plan.results["parity"] = "not run (--no-parity)"
         return out
@@ -361,7 +373,7 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
         bar.update(1)
     bar.close()
     ok = all(r["finite"] and r["rel_error"] <= PARITY_REL_TOL for r in rows)
-    report = {"tolerance_rel": PARITY_REL_TOL, "passed": ok, "rows": rows,
+    report = {"tolerance_rel": PARITY_REL_TOL, "passed": ok, "rows": rows, "note": note,
               "compared": "onnxruntime make_session(sparse=True) vs transformers with proxyattn_ref attention, fp32"}
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     manifest.record("parity", inputs, status="built" if ok else "failed", artifacts={_rel(out, plan): file_sha256(out)}, info=report)
@@ -422,7 +434,8 @@ def stage_ort_models(plan: BuildPlan, manifest: Manifest) -> Path:
 
     out = plan.out / "ort"
     inputs = {"onnx": manifest.artifact_hashes("export"), "profiles": [p.as_dict() for p in plan.profiles],
-              "dense_below_tokens": plan.config.dense_below_tokens, "onnxruntime": tool_versions()["onnxruntime"]}
+              "dense_below_tokens": plan.config.dense_below_tokens, "onnxruntime": tool_versions()["onnxruntime"],
+              "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
     if plan.backend != "onnxruntime" or not plan.ort_fits:
         reason = f"the model {plan.ort_reason}" if not plan.ort_fits else f"backend is {plan.backend}"
         manifest.record("ort_models", inputs, status="not run", info={"reason": reason})
@@ -497,6 +510,18 @@ def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
     manifest.save()
     plan.results["repository"] = models
     return out
+
+
+def _code_hash(*packages: str) -> str:
+    """sha256 of the Python sources of project packages (relative to the project root): artifacts made by other
+    code (e.g. a custom op with other attributes) are rebuilt, not reused."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _source_hash() -> str:
