@@ -138,7 +138,7 @@ def budget_mismatches(got: torch.Tensor, mass: torch.Tensor, gamma: float, tol: 
     return int(bad.sum())
 
 
-def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None) -> int:
+def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None, scores=None) -> int:
     """Rows (b, h, m) whose kept key blocks differ between `plan` and `ref_plan` by more than score ties.
 
     Both plans keep the sink and diagonal blocks and use ref_plan's budgets. With k the row's top-k size
@@ -151,7 +151,10 @@ def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, r
     Why a tolerance: the kernels round the pooled proxies to fp16 (relative 2^-11), which moves a score by about
     1e-4 relative (a few 1e-4 on large logits); blocks whose reference scores are closer than that can swap.
     rows: optional bool `[B, Nb]` of query-block rows to compare; seq_blocks: optional `[B]` blocks of each
-    sequence (packed batches; default Nb).
+    sequence (packed batches; default Nb). scores: optional, the scores `plan` was selected from (same shape as
+    ref_scores); then the tolerance of a row is also at least twice that row's largest |scores - ref_scores|
+    (when both a block's score and the threshold move by at most e, blocks within 2e of the threshold can swap),
+    so a swap is accepted exactly when the measured score error explains it.
     """
     from .reference import block_counts
 
@@ -166,6 +169,7 @@ def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, r
             k[bi, :, : nbs[bi]] = block_counts(ref_plan.budget_blocks[bi : bi + 1].cpu(), nbs[bi], min_blocks)[0]
     sel = rows.cpu()[:, None, :].expand(b, hq, nb)
     sc = ref_scores.float().cpu()
+    err = None if scores is None else (scores.float().cpu() - sc).nan_to_num(0.0, 0.0, 0.0).abs()
     rep = hq // sc.shape[1]
     diff = ((a != e).any(dim=-1) | (plan.counts.cpu() != ref_plan.counts.cpu())) & sel
     bad = 0
@@ -178,6 +182,8 @@ def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, r
         t = row.sort(descending=True).values[int(k[bi, h, m]) - 1]
         added, dropped = row[ka & ~ke], row[ke & ~ka]
         tol = rtol * t.abs().clamp_min(1e-30)
+        if err is not None:
+            tol = torch.maximum(tol, 2 * err[bi, h // rep, m, : m + 1].max())
         if not (bool((added >= t - tol).all()) and bool((dropped <= t + tol).all())):
             bad += 1
     return bad
