@@ -61,9 +61,9 @@ def brute_budgets(q, k, block_size, gamma, scale):
             mass = [0.0] * nb
             rows = list(range(max(0, s - block_size), s))
             for r in rows:
-                p = torch.softmax(k[bi, : r + 1, h // rep].double() @ q[bi, r, h].double() * scale, dim=0)
+                p = torch.softmax(k[bi, : r + 1, h // rep].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
                 for j in range(r + 1):
-                    mass[j // block_size] += p[j].item() / len(rows)
+                    mass[j // block_size] += p[j] / len(rows)
             total, n = 0.0, 0
             for x in sorted(mass, reverse=True):
                 if gamma >= 1.0 or total < gamma:
@@ -78,10 +78,12 @@ def brute_attention(q, k, v, mask, block_size, scale):
     rep = hq // k.shape[2]
     out = torch.zeros(b, s, hq, d, dtype=torch.float64)
     lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float64)
+    kept = mask.tolist()
     for bi in range(b):
         for h in range(hq):
             for i in range(s):
-                keys = [j for j in range(i + 1) if mask[bi, h, i // block_size, j // block_size]]
+                row = kept[bi][h][i // block_size]
+                keys = [j for j in range(i + 1) if row[j // block_size]]
                 if not keys:
                     continue
                 kk = k[bi, keys, h // rep].double()
