@@ -340,7 +340,7 @@ def main() -> None:
     print(f"\n{args.model}: copy loss / passkey accuracy ({args.trials} trials) / mean density (natural text)")
     for c in result["cells"]:
         for m in methods:
-            print(f"  L={c['seq_len']:>6} {m:>16}: {c['copy_loss'][m]:.3f} / {c['passkey_acc'][m]:.2f} / {c['density'].get(m, 1.0):.2f}")
+            print(f"  L={c['seq_len']:>6} {m:>16}: {c['copy_loss'][m]:.3f} / {c['passkey_acc'][m]:.2f} / {c['density'].get(m, float('nan')):.2f}")
     print(f"[accuracy] wrote {json_path}; total {time.time() - t0:.0f} s")
 
 
