@@ -229,7 +229,9 @@ def main() -> None:
                 with hf.record_paths() as rec:
                     times = ttft_ms(model, ids, args.reps)
                 paths = sorted({r.path for r in rec})
-                assert paths == ["sparse"], f"{label} at S={s}: paths {paths}"
+                expected = ["sparse"] if s > cfg.dense_below_tokens else ["dense:short"]
+                assert paths == expected, f"{label} at S={s}: paths {paths}, expected {expected}"
+                row.setdefault("path", {})[label] = paths[0]
                 row["ttft_ms"][label], row["runs_ms"][label] = median(times), times
         base_label = min((l for l, _ in dense_rows), key=lambda l: row["ttft_ms"][l])
         row["baseline"] = base_label
