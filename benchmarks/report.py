@@ -60,11 +60,17 @@ def attention_tables(d: dict, name: str) -> list[str]:
 def prefill_table(d: dict, name: str) -> list[str]:
     out = [f"Source: {source(d, name)}", ""]
     rows = d["rows"]
+    for r in rows:
+        r.setdefault("path", {})
     cols = [c for c in rows[0]["ttft_ms"] if c != "sdpa"]
     out.append("| S | stock SDPA (ms) | " + " | ".join(f"{c} (ms, speedup, density)" for c in cols) + " |")
     out.append("|---|---|" + "---|" * len(cols))
     for r in rows:
-        cells = [f"{r['ttft_ms'][c]:.0f}, {r['speedup'][c]:.2f}x, {r['density'][c]:.2f}" for c in cols]
+        cells = [
+            f"{r['ttft_ms'][c]:.0f}, {r['speedup'][c]:.2f}x, "
+            + (f"{r['density'][c]:.2f}" if r["path"].get(c, "sparse") == "sparse" else "dense path")
+            for c in cols
+        ]
         out.append(f"| {k(r['seq_len'])} | {r['ttft_ms']['sdpa']:.0f} | " + " | ".join(cells) + " |")
     return out
 
@@ -76,8 +82,9 @@ def main() -> int:
         lines += ["### Attention (Llama-3-8B shapes: 32 query / 8 KV heads, D 128, bf16, batch 1)", ""]
         lines += attention_tables(load("attention_h200.json"), "attention_h200.json") + [""]
     prefill = [f for f in files if f.startswith("prefill_") and f.endswith(".json")]
-    for name in prefill[-1:]:
+    if prefill:
         lines += ["### End-to-end prefill (Llama-3-8B architecture, random bf16 weights, batch 1)", ""]
+    for name in prefill:
         lines += prefill_table(load(name), name) + [""]
     print("\n".join(lines))
     return 0
