@@ -274,6 +274,21 @@ def _rel(path: Path, plan: BuildPlan) -> str:
     return path.relative_to(plan.out).as_posix()
 
 
+
+def _unchanged(plan: BuildPlan, manifest: Manifest, stage: str, inputs: dict) -> bool:
+    """True (and the stage reported as skipped) when `stage` already ran on the same inputs and --force is off."""
+    if plan.force or not manifest.up_to_date(stage, inputs):
+        return False
+    plan.results[stage] = "skipped (unchanged)"
+    return True
+
+
+def _not_run(plan: BuildPlan, manifest: Manifest, stage: str, inputs: dict, reason: str, *, shown: str | None = None) -> None:
+    """Record `stage` as not run for `reason` in the manifest (saved) and in the summary (`shown`, default reason)."""
+    manifest.record(stage, inputs, status="not run", info={"reason": reason})
+    manifest.save()
+    plan.results[stage] = f"not run: {shown or reason}"
+
 def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
     """`onnx/model.onnx` (+ `model.onnx.data`): the model with one proxy::ProxyAttention node per layer."""
     import torch
@@ -287,8 +302,7 @@ def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
 
         gguf = packaged.locate(plan.weights.split(":", 1)[1])
         inputs["weights_file"] = {"name": gguf.name, "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
-    if not plan.force and manifest.up_to_date("export", inputs):
-        plan.results["export"] = "skipped (unchanged)"
+    if _unchanged(plan, manifest, "export", inputs):
         return plan.onnx_path
     meta = not plan.ort_fits
     model = load_model(plan, meta=meta)
@@ -336,12 +350,9 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
         plan.results["parity"] = "not run (--no-parity)"
         return out
     if not plan.ort_fits:
-        manifest.record("parity", inputs, status="not run", info={"reason": plan.ort_reason})
-        manifest.save()
-        plan.results["parity"] = f"not run: the model {plan.ort_reason}"
+        _not_run(plan, manifest, "parity", inputs, plan.ort_reason, shown=f"the model {plan.ort_reason}")
         return out
-    if not plan.force and manifest.up_to_date("parity", inputs):
-        plan.results["parity"] = "skipped (unchanged)"
+    if _unchanged(plan, manifest, "parity", inputs):
         return out
     import numpy as np
     import torch
@@ -391,8 +402,7 @@ def stage_plugin_kernels(plan: BuildPlan, manifest: Manifest) -> Path:
     out = plan.out / "plugins"
     shapes = aot.model_shapes(plan.spec, plan.config, plan.precision)
     inputs = {"shapes": shapes, "archs": list(aot.ARCHS), "triton": tool_versions()["triton"], "source": aot.source_hash()}
-    if not plan.force and manifest.up_to_date("plugin_kernels", inputs):
-        plan.results["plugin_kernels"] = "skipped (unchanged)"
+    if _unchanged(plan, manifest, "plugin_kernels", inputs):
         return out
     t0 = time.monotonic()
     table = aot.compile_all(shapes, out, progress=_progress)
@@ -411,12 +421,9 @@ def stage_engines(plan: BuildPlan, manifest: Manifest) -> Path:
               "profiles": [p.as_dict() for p in plan.profiles], "precision": plan.precision, "max_batch": plan.max_batch}
     if plan.backend != "tensorrt":
         reason = "TensorRT is not installed here (import tensorrt fails)" if not tensorrt_available() else f"backend is {plan.backend}"
-        manifest.record("engines", inputs, status="not run", info={"reason": reason})
-        manifest.save()
-        plan.results["engines"] = f"not run: {reason}"
+        _not_run(plan, manifest, "engines", inputs, reason)
         return out
-    if not plan.force and manifest.up_to_date("engines", inputs):
-        plan.results["engines"] = "skipped (unchanged)"
+    if _unchanged(plan, manifest, "engines", inputs):
         return out
     from plugins.tensorrt import engine
 
@@ -438,12 +445,9 @@ def stage_ort_models(plan: BuildPlan, manifest: Manifest) -> Path:
               "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
     if plan.backend != "onnxruntime" or not plan.ort_fits:
         reason = f"the model {plan.ort_reason}" if not plan.ort_fits else f"backend is {plan.backend}"
-        manifest.record("ort_models", inputs, status="not run", info={"reason": reason})
-        manifest.save()
-        plan.results["ort_models"] = f"not run: {reason}"
+        _not_run(plan, manifest, "ort_models", inputs, reason)
         return out
-    if not plan.force and manifest.up_to_date("ort_models", inputs):
-        plan.results["ort_models"] = "skipped (unchanged)"
+    if _unchanged(plan, manifest, "ort_models", inputs):
         return out
     out.mkdir(parents=True, exist_ok=True)
     bar = _progress(len(plan.profiles), "ort models")
@@ -485,8 +489,7 @@ def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
     inputs = {"engines": manifest.artifact_hashes("engines"), "ort": manifest.artifact_hashes("ort_models"),
               "export": manifest.artifact_hashes("export"), "max_batch": plan.max_batch,
               "profiles": [p.as_dict() for p in plan.profiles], "source": _source_hash()}
-    if not plan.force and manifest.up_to_date("repository", inputs):
-        plan.results["repository"] = "skipped (unchanged)"
+    if _unchanged(plan, manifest, "repository", inputs):
         return out
     ins, outs = _onnx_io(plan)
     models = {}
