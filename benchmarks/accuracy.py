@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig, metrics, plan_blocks  # noqa: E402
+from proxyattn import ProxyAttnConfig, block_sparse_attention, metrics, plan_blocks  # noqa: E402
 from proxyattn.weights import load_model, load_tokenizer  # noqa: E402
 
 
@@ -55,11 +55,16 @@ METHODS = {
     "proxy g0.9": dict(gamma=0.9),
     "head_max g0.95": dict(gamma=0.95, estimator=1),
     "head_max g0.9": dict(gamma=0.9, estimator=1),
+    "recall g0.95": dict(gamma=0.95, budget_rule=1),
+    "recall g0.9": dict(gamma=0.9, budget_rule=1),
+    "head_max+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1),
+    "head_max+recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=1),
     "block_mean g0.9": dict(gamma=0.9, estimator=2),
     "static 0.25": dict(budget_fraction=0.25),
 }
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+BINS = 8  # position bins of the natural-text loss
 COPY_IDS = (1000, 20000)  # random-token id range (inside both vocabularies)
 
 
@@ -123,6 +128,7 @@ def natural_batch(tok, length: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- model runs
+@torch.no_grad()
 def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.lm_head(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -131,6 +137,7 @@ def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+@torch.no_grad()
 def token_losses(model, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """[B, L-1] next-token losses from final hidden states [B, L, H] (lm_head in chunks: big vocabularies)."""
     out = []
@@ -141,14 +148,41 @@ def token_losses(model, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 25
     return torch.cat(out, dim=1)
 
 
-def run_method(model, impl: str, batch: torch.Tensor, device) -> torch.Tensor:
+def run_method(model, impl: str, batch: torch.Tensor, device, micro: int) -> tuple[torch.Tensor, float | None]:
+    """Final hidden states `[N, L, H]` of `batch` in micro-batches, and the mean plan density of the sparse calls."""
     model.set_attn_implementation(impl)
+    _sparse["densities"].clear()
+    outs = []
     with torch.no_grad():
-        return model.model(batch.to(device), use_cache=False).last_hidden_state
+        for lo in range(0, batch.shape[0], micro):
+            outs.append(model.model(batch[lo : lo + micro].to(device), use_cache=False).last_hidden_state)
+    dens = _sparse["densities"]
+    density = float(torch.cat([d.flatten() for d in dens]).mean()) if dens else None
+    return torch.cat(outs), density
+
+
+# ----------------------------------------------------------------------------------------------- sparse path
+_sparse = {"config": None, "densities": []}
+
+
+def recording_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """`proxyattn`'s attention with the plan's density recorded: the same `hf.choose_path` decision, and on the
+    sparse path `proxy_attention`'s two stages (`plan_blocks`, then `block_sparse_attention`) called separately."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cfg = _sparse["config"]
+    path = hf.choose_path(module, query, key, attention_mask, cfg, dropout=dropout, sliding_window=sliding_window)
+    if path != "sparse":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    plan = plan_blocks(q, k, cfg, scale=scaling)
+    _sparse["densities"].append(plan.density())  # [B, Hq]
+    return block_sparse_attention(q, k, v, plan, scale=scaling), None
 
 
 # ----------------------------------------------------------------------------------------------- plan statistics
 _captured: list = []
+_capture_on = [False]  # capture only during the dense run on the natural text
 
 
 def capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
@@ -156,7 +190,7 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window)
-    if path == "sparse":
+    if path == "sparse" and _capture_on[0]:
         _captured.append((module.layer_idx, query.transpose(1, 2).detach(), key.transpose(1, 2).detach(), scaling))
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs)
 
@@ -170,9 +204,9 @@ def top_overlap(q, k, scale, frac=0.05, every=16) -> tuple[float, float]:
         logits = torch.einsum("hd,khd->hk", q[0, i].float(), kx[0, : i + 1]) * scale
         kk = max(1, int(frac * (i + 1)))
         top = logits.topk(kk, dim=-1).indices
-        sets = torch.zeros(hq, i + 1, dtype=torch.bool).scatter_(1, top, True)
+        sets = torch.zeros(hq, i + 1, dtype=torch.bool, device=q.device).scatter_(1, top, True)
         inter = (sets[:, None] & sets[None]).sum(-1).float() / kk
-        off = ~torch.eye(hq, dtype=torch.bool)
+        off = ~torch.eye(hq, dtype=torch.bool, device=q.device)
         vals.append(inter[off].mean().item())
         chance.append(kk / (i + 1))
     return sum(vals) / len(vals), sum(chance) / len(chance)
@@ -210,33 +244,46 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     cells = result["cells"]
-    names = [m for m in result["methods"]]
-    color = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
+    names = list(result["methods"])
+    color = {m: ("k" if m == "dense" else f"C{i % 10}") for i, m in enumerate(m for m in METHODS if m != "dense")}
+    color["dense"] = "k"
+    fig, ax = plt.subplots(1, 5, figsize=(25, 4.6))
     for name in names:
-        ls = [c["seq_len"] for c in cells if name in c["copy_loss"]]
-        if not ls:
+        cs = [c for c in cells if name in c["copy_loss"]]
+        if not cs:
             continue
-        ax[0].plot(ls, [c["copy_loss"][name] for c in cells if name in c["copy_loss"]], "o-", label=name, color=color[name])
-        ax[1].plot(ls, [c["passkey_acc"][name] for c in cells if name in c["passkey_acc"]], "o-", label=name, color=color[name])
+        ls = [c["seq_len"] for c in cs]
+        ax[0].plot(ls, [c["copy_loss"][name] for c in cs], "o-", label=name, color=color[name])
+        pk = [c for c in cells if name in c["passkey_acc"]]
+        ax[1].plot([c["seq_len"] for c in pk], [c["passkey_acc"][name] for c in pk], "o-", label=name, color=color[name])
         if name != "dense":
-            pts = [(c["density"][name], c["copy_loss"][name]) for c in cells if name in c["density"]]
-            ax[2].scatter([p[0] for p in pts], [p[1] for p in pts], label=name, color=color[name])
-    for c in cells:
-        if "dense" in c["copy_loss"]:
-            ax[2].axhline(c["copy_loss"]["dense"], color="k", lw=0.5, ls=":")
+            pts = [(c.get("density_copy", c["density"]).get(name), c["copy_loss"][name] / c["copy_loss"]["dense"], c["seq_len"])
+                   for c in cs if "dense" in c["copy_loss"]]
+            pts = [p for p in pts if p[0] is not None]
+            ax[2].plot([p[0] for p in pts], [p[1] for p in pts], "o", label=name, color=color[name])
+            for x, y, n in pts:
+                ax[2].annotate(f"{n // 1024}K", (x, y), fontsize=6)
+    ax[2].axhline(1.03, color="k", lw=0.6, ls=":")
     ax[0].set(xscale="log", xlabel="length", ylabel="copy loss (2nd copy)", title="long-range copy")
-    ax[1].set(xscale="log", xlabel="length", ylabel="passkey accuracy", title="passkey retrieval", ylim=(-0.05, 1.05))
-    ax[2].set(xlabel="mean density (natural text)", ylabel="copy loss", title="copy loss vs density (dotted: dense)")
+    ax[1].set(xscale="log", xlabel="length", ylabel="passkey accuracy", title=f"passkey retrieval ({result['trials']} trials)",
+              ylim=(-0.05, 1.05))
+    ax[2].set(yscale="log", xlabel="density on the copy task", ylabel="copy loss / dense", title="copy loss vs density (dotted: +3%)")
     last = cells[-1] if cells else None
+    if last:
+        for name in names:
+            bins = last["natural_loss_bins"].get(name)
+            if bins:
+                ax[3].plot([(i + 0.5) / len(bins) for i in range(len(bins))], bins, "o-", label=name, color=color[name])
+        ax[3].set(xlabel="relative position", ylabel="next-token loss", title=f"natural text by position, L={last['seq_len']}")
     if last and last.get("plan"):
         layers = sorted(last["plan"], key=int)
         for name in names:
-            if name == "dense":
+            if name == "dense" or any(name not in last["plan"][l]["methods"] for l in layers):
                 continue
             rec = [sum(last["plan"][l]["methods"][name]["recall"]) / len(last["plan"][l]["methods"][name]["recall"]) for l in layers]
-            ax[3].plot(range(len(layers)), rec, "o-", label=name, color=color[name])
-        ax[3].set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="mean recall", title=f"recall per layer, L={last['seq_len']}")
+            ax[4].plot(range(len(layers)), rec, "o-", label=name, color=color[name])
+        ax[4].set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="mean recall (natural text)",
+                  title=f"recall per layer, L={last['seq_len']}")
     ax[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: ProxyAttn accuracy ({result['device']})")
     fig.tight_layout()
@@ -258,8 +305,12 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--min-budget", type=int, default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights and activations")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per forward")
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-plan-stats", action="store_true")
+    ap.add_argument("--tasks", default="copy,passkey,natural", help="subset of copy,passkey,natural (plan statistics need natural)")
+    ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     t0 = time.time()
     methods = args.methods.split(",")
@@ -273,19 +324,24 @@ def main() -> None:
     hf.register()
     AttentionInterface.register("acc_capture", capture_attention)
     AttentionMaskInterface.register("acc_capture", sdpa_mask)
+    AttentionInterface.register("acc_sparse", recording_attention)
+    AttentionMaskInterface.register("acc_sparse", sdpa_mask)
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     print(f"[accuracy] {args.model} loaded in {time.time() - t0:.0f} s", flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"accuracy_{args.model}.json")
     result = {
         "what": "ProxyAttn accuracy on packaged real weights (see benchmarks/accuracy.py docstring)",
         "model": args.model,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores), fp32 reference",
+        "device": (f"{torch.cuda.get_device_name()}, {args.dtype}, Triton kernels" if args.device.startswith("cuda")
+                   else f"CPU ({os.cpu_count()} cores), {args.dtype}, fp32 reference"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
@@ -294,53 +350,72 @@ def main() -> None:
         "copies": args.copies,
         "cells": [],
     }
+    tasks = set(args.tasks.split(","))
+    if not tasks or not tasks <= {"copy", "passkey", "natural"}:
+        raise SystemExit(f"--tasks={args.tasks!r}: allowed a comma list of copy, passkey, natural")
     for length in [int(x) for x in args.lengths.split(",")]:
         t_len = time.time()
         copy_ids, c0 = copy_batch(tok, length, args.copies, seed=length)
         pk_ids, pk_pos, depths = passkey_batch(tok, length, args.trials, seed=length + 1)
         nat_ids = natural_batch(tok, length)
-        batch = torch.cat([copy_ids, pk_ids, nat_ids])
-        nc, npk = copy_ids.shape[0], pk_ids.shape[0]
-        cell = {"seq_len": length, "copy_loss": {}, "passkey_acc": {}, "passkey_hits": {}, "natural_loss_bins": {}, "density": {}, "seconds": {}}
+        cell = {"seq_len": length, "copy_loss": {}, "copy_loss_per_seq": {}, "passkey_acc": {}, "passkey_hits": {},
+                "passkey_depths": depths, "natural_loss_bins": {}, "density": {}, "density_copy": {},
+                "density_passkey": {}, "seconds": {}}
         for m in methods:
             tm = time.time()
+            dens = {}
             if m == "dense":
-                _captured.clear()
-                hidden = run_method(model, "acc_capture", batch, args.device)
+                impl = "acc_capture"
             else:
-                hf.register(cfgs[m])
-                hidden = run_method(model, "proxyattn", batch, args.device)
-            ids = batch.to(hidden.device)
-            copy_l = token_losses(model, hidden[:nc], ids[:nc])[:, c0 - 1 :].mean().item()
-            # passkey: argmax at the answer positions (predicted from the previous position)
-            pos = pk_pos.to(hidden.device)
-            hp = hidden[nc : nc + npk].gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-            pred = logits_at(model, hp).argmax(-1)
-            hits = (pred == ids[nc : nc + npk].gather(1, pos)).all(-1)
-            nat = token_losses(model, hidden[-1:], ids[-1:])[0]
-            bins = [nat[i * len(nat) // 4 : (i + 1) * len(nat) // 4].mean().item() for i in range(4)]
-            cell["copy_loss"][m] = copy_l
-            cell["passkey_acc"][m] = hits.float().mean().item()
-            cell["passkey_hits"][m] = hits.int().tolist()
-            cell["natural_loss_bins"][m] = bins
+                impl = "acc_sparse"
+                _sparse["config"] = cfgs[m]
+            if "copy" in tasks:
+                hid, dens["copy"] = run_method(model, impl, copy_ids, args.device, args.batch)
+                per_seq = token_losses(model, hid, copy_ids.to(hid.device))[:, c0 - 1 :].mean(dim=1)
+                del hid
+                cell["copy_loss"][m] = per_seq.mean().item()
+                cell["copy_loss_per_seq"][m] = [round(x, 4) for x in per_seq.tolist()]
+            if "passkey" in tasks:
+                hid, dens["passkey"] = run_method(model, impl, pk_ids, args.device, args.batch)
+                # passkey: argmax at the answer positions (predicted from the previous position)
+                pos = pk_pos.to(hid.device)
+                hp = hid.gather(1, (pos - 1)[..., None].expand(-1, -1, hid.shape[-1]))
+                hits = (logits_at(model, hp).argmax(-1) == pk_ids.to(hid.device).gather(1, pos)).all(-1)
+                del hid
+                cell["passkey_acc"][m] = hits.float().mean().item()
+                cell["passkey_hits"][m] = hits.int().tolist()
+            if "natural" in tasks:
+                _capture_on[0] = m == "dense"  # plan statistics come from the natural text only
+                hid, dens["natural"] = run_method(model, impl, nat_ids, args.device, args.batch)
+                _capture_on[0] = False
+                nat = token_losses(model, hid, nat_ids.to(hid.device))[0]
+                del hid
+                cell["natural_loss_bins"][m] = [nat[i * len(nat) // BINS : (i + 1) * len(nat) // BINS].mean().item() for i in range(BINS)]
+            if m != "dense":
+                for task, key in (("natural", "density"), ("copy", "density_copy"), ("passkey", "density_passkey")):
+                    if task in dens:
+                        cell[key][m] = dens[task]
             cell["seconds"][m] = round(time.time() - tm, 1)
-            print(f"[accuracy] L={length} {m:>16}: copy {copy_l:.3f}  passkey {cell['passkey_acc'][m]:.2f}  natural {sum(bins) / 4:.3f}  ({cell['seconds'][m]} s)", flush=True)
-            del hidden
+            parts = [f"copy {cell['copy_loss'][m]:.3f}" if m in cell["copy_loss"] else "",
+                     f"passkey {sum(cell['passkey_hits'][m])}/{args.trials}" if m in cell["passkey_hits"] else "",
+                     f"natural {sum(cell['natural_loss_bins'][m]) / BINS:.3f}" if m in cell["natural_loss_bins"] else "",
+                     "density " + "/".join(f"{t} {d:.2f}" for t, d in dens.items()) if m != "dense" else ""]
+            print(f"[accuracy] L={length} {m:>22}: " + "  ".join(p for p in parts if p) + f"  ({cell['seconds'][m]} s)", flush=True)
         if _captured and not args.no_plan_stats:
-            # density of each method on the natural text's sparse layers (mean over layers and heads), plus stats
             cell["plan"] = plan_stats(cfgs, [(l, q[-1:], k[-1:], s) for l, q, k, s in _captured])
-            for m in cfgs:
-                ds = [x for e in cell["plan"].values() for x in e["methods"][m]["density"]]
-                cell["density"][m] = sum(ds) / len(ds)
         _captured.clear()
         cell["total_seconds"] = round(time.time() - t_len, 1)
         result["cells"].append(cell)
         write_json(json_path, result)
         plot(result, os.path.join(args.out, f"accuracy_{args.model}.png"))
-    print(f"\n{args.model}: copy loss / passkey accuracy ({args.trials} trials) / mean density (natural text)")
+    print(f"\n{args.model}: copy loss (vs dense) / passkey hits / density copy, natural")
     for c in result["cells"]:
         for m in methods:
-            print(f"  L={c['seq_len']:>6} {m:>16}: {c['copy_loss'][m]:.3f} / {c['passkey_acc'][m]:.2f} / {c['density'].get(m, float('nan')):.2f}")
+            cl = c["copy_loss"].get(m, float("nan"))
+            rel = cl / c["copy_loss"]["dense"] if "dense" in c["copy_loss"] else float("nan")
+            hits = c["passkey_hits"].get(m)
+            print(f"  L={c['seq_len']:>6} {m:>22}: {cl:.3f} ({rel:.3f}x) / {'-' if hits is None else f'{sum(hits)}/{len(hits)}'}"
+                  f" / {c['density_copy'].get(m, 1.0):.2f}, {c['density'].get(m, 1.0):.2f}")
     print(f"[accuracy] wrote {json_path}; total {time.time() - t0:.0f} s")
 
 

@@ -75,6 +75,28 @@ def prefill_table(d: dict, name: str) -> list[str]:
     return out
 
 
+def accuracy_table(d: dict, name: str) -> list[str]:
+    runs = d.get("runs") or [{"command": d["command"]}]
+    out = [f"Source: `{name}`: {d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}; "
+           + "; ".join(f"`{r['command']}`" for r in runs), ""]
+    out += ["Copy loss on the second copy (x dense), passkey hits, natural-text loss (mean of the position bins), "
+            "plan density on the copy task / natural text.", ""]
+    out += ["| L | method | copy loss | x dense | passkey | natural loss | density copy / natural |", "|---|---|---|---|---|---|---|"]
+    for c in d["cells"]:
+        dense = c["copy_loss"].get("dense")
+        for m, loss in c["copy_loss"].items():
+            hits = c["passkey_hits"].get(m)
+            bins = c["natural_loss_bins"].get(m)
+            dens = "1 (dense)" if m == "dense" else f"{c['density_copy'].get(m, float('nan')):.2f} / {c['density'].get(m, float('nan')):.2f}"
+            rel = f"{loss / dense:.2f}" if dense else "—"
+            out.append(f"| {k(c['seq_len'])} | {m} | {loss:.3f} | {rel} | {'—' if hits is None else f'{sum(hits)}/{len(hits)}'} | "
+                       f"{'—' if not bins else f'{sum(bins) / len(bins):.3f}'} | {dens} |")
+    for r in d.get("cells_from_log", []):
+        out.append(f"| {k(r['seq_len'])} | {r['method']} | {r['copy_loss']:.3f} | 1.00 | {r['passkey_hits']} | {r['natural_loss_mean']:.3f} | "
+                   f"1 (dense; from the run's log) |")
+    return out
+
+
 def main() -> int:
     files = sorted(os.listdir(RESULTS))
     lines: list[str] = []
@@ -86,6 +108,10 @@ def main() -> int:
         lines += ["### End-to-end prefill (Llama-3-8B architecture, random bf16 weights, batch 1)", ""]
     for name in prefill:
         lines += prefill_table(load(name), name) + [""]
+    for model in ("gemma3-270m", "smollm2"):
+        name = f"accuracy_{model}.json"
+        if name in files:
+            lines += [f"### Accuracy: {model}", ""] + accuracy_table(load(name), name) + [""]
     print("\n".join(lines))
     return 0
 

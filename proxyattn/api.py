@@ -67,10 +67,14 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     return reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride, scale=sc)
 
 
-def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor:
+def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None,
+                 scores: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head budgets in key blocks, int32 `[B, Hq]`; the budget fraction is that over Nb.
 
-    With `config.budget_fraction` set, every head gets ceil(budget_fraction * Nb) blocks.
+    With `config.budget_fraction` set, every head gets ceil(budget_fraction * Nb) blocks. Otherwise the gamma rule
+    `config.budget_rule` (`proxyattn.reference.head_budgets`); rule 1 ("recall", the default) reads the shared
+    ranking of the last query block from `scores` (`[B, R, Nb, Nb]`, `proxy_scores`), computed here when not given
+    (`plan_blocks` passes the ones it selects with).
     """
     cfg = _config(config)
     check_qk(q, k)
@@ -78,11 +82,20 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     nb = -(-s // cfg.block_size)
     if cfg.budget_fraction is not None:
         return reference.fraction_budgets(b, hq, nb, cfg.budget_fraction, q.device)
+    needs_scores = cfg.budget_rule == 1 and cfg.gamma < 1.0
+    if needs_scores:
+        if scores is None:
+            scores = proxy_scores(q, k, cfg, scale=scale)
+        if scores.dim() != 4 or scores.shape[0] != b or scores.shape[-2:] != (nb, nb) or hq % scores.shape[1]:
+            raise ValueError(f"scores shape {tuple(scores.shape)} must be [{b}, R, {nb}, {nb}] with R dividing Hq={hq}")
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "head_budgets"):
-        return backend.head_budgets(q, k, cfg, sc)
-    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc)
+        return backend.head_budgets(q, k, cfg, sc, scores=scores if needs_scores else None)
+    last_order = None
+    if needs_scores:
+        last_order = reference.last_row_order(scores, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc, last_order=last_order)
 
 
 def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig | None = None) -> BlockPlan:
@@ -113,7 +126,7 @@ def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
     """Scores, budgets and selection: the ProxyAttn plan for q `[B, S, Hq, D]`, k `[B, S, Hkv, D]`."""
     cfg = _config(config)
     scores = proxy_scores(q, k, cfg, scale=scale)
-    budgets = head_budgets(q, k, cfg, scale=scale)
+    budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
     return select_blocks(scores, budgets, q.shape[1], cfg)
 
 

@@ -28,6 +28,9 @@ DENSE_CROSSOVER_TOKENS = 8192
 # Block-score estimators (`ProxyAttnConfig.estimator`, an int so that it travels as an attribute).
 ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
 
+# Budget rules (`ProxyAttnConfig.budget_rule`): how a head's gamma budget is counted on its last query block.
+BUDGET_RULES = {0: "mass", 1: "recall"}
+
 
 @dataclass(frozen=True)
 class ProxyAttnConfig:
@@ -53,6 +56,11 @@ class ProxyAttnConfig:
             1 = "head_max" (per-head strided scores, max over each group's heads), 2 = "block_mean" (baseline:
             block-mean-pooled queries and keys per head). Non-zero values have no Triton estimation kernel: their
             scores run in PyTorch on any device.
+        budget_rule: how the gamma budget is counted (`proxyattn.reference.head_budgets`): 0 = "mass" (the paper:
+            the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the default: the
+            shortest prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a
+            head that attends where the proxy ranking does not look gets a larger budget; measured in
+            docs/accuracy.md).
     """
 
     block_size: int = 128
@@ -67,6 +75,7 @@ class ProxyAttnConfig:
     dense_first_layers: int = 0
     dense_layer_mask: int = 0
     estimator: int = 0
+    budget_rule: int = 1
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)
@@ -108,6 +117,9 @@ class ProxyAttnConfig:
         _check_int("estimator", self.estimator)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is not supported; allowed: {ESTIMATORS}")
+        _check_int("budget_rule", self.budget_rule)
+        if self.budget_rule not in BUDGET_RULES:
+            raise ValueError(f"budget_rule={self.budget_rule!r} is not supported; allowed: {BUDGET_RULES}")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -15,6 +15,8 @@ __all__ = [
     "dense_attention",
     "proxy_queries_keys",
     "proxy_scores",
+    "last_block_mass",
+    "last_row_order",
     "head_budgets",
     "block_counts",
     "select_blocks",
@@ -101,17 +103,14 @@ def proxy_scores(q, k, *, proxy_heads: int, block_size: int, stride: int, scale:
     return scores
 
 
-def head_budgets(q, k, *, block_size: int, gamma: float, scale: float) -> torch.Tensor:
-    """Per-head budgets as a number of key blocks `[B, Hq]` int32 (the fraction is that over Nb).
+def last_block_mass(q, k, *, block_size: int, scale: float) -> torch.Tensor:
+    """Attention mass per key block of each head's last query block: `[B, Hq, Nb]` fp32, rows sum to 1.
 
-    For each query head: softmax of its last `block_size` queries against all keys (causal), mean over those
-    rows, summed per key block, sorted descending; the budget is the smallest number of blocks whose cumulative
-    mass reaches gamma. gamma = 1 keeps every block.
+    Softmax of the head's last `block_size` queries against all keys (causal), mean over those rows, summed per
+    key block.
     """
     b, s, hq, _ = q.shape
     nb = _num_blocks(s, block_size)
-    if gamma >= 1.0:
-        return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
     last = min(block_size, s)
     rows = torch.arange(s - last, s, device=q.device)
     kx = _expand_kv(k.float(), hq)
@@ -119,8 +118,44 @@ def head_budgets(q, k, *, block_size: int, gamma: float, scale: float) -> torch.
     keys = torch.arange(s, device=q.device)
     logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
     mass = torch.softmax(logits, dim=-1).mean(dim=2)  # [B, Hq, S]
-    mass = torch.nn.functional.pad(mass, (0, nb * block_size - s)).reshape(b, hq, nb, block_size).sum(-1)
-    cum = mass.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    return torch.nn.functional.pad(mass, (0, nb * block_size - s)).reshape(b, hq, nb, block_size).sum(-1)
+
+
+def last_row_order(scores: torch.Tensor, *, keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
+    """Keep order of the last query block's key blocks, int64 `[B, R, Nb]`: forced blocks (sink, diagonal)
+    first in score order, then the rest by descending score, ties to the lower index (as `select_blocks`)."""
+    b, r, nb, _ = scores.shape
+    out = torch.empty(b, r, nb, dtype=torch.int64)
+    row = scores[:, :, nb - 1].float().cpu()
+    forced = {n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep}
+    for bi in range(b):
+        for g in range(r):
+            rank = lambda n: (-row[bi, g, n].item(), n)  # noqa: E731
+            ranked = sorted(forced, key=rank) + sorted(set(range(nb)) - forced, key=rank)
+            out[bi, g] = torch.tensor(ranked)
+    return out.to(scores.device)
+
+
+def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_order: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head budgets as a number of key blocks `[B, Hq]` int32 (the fraction is that over Nb).
+
+    Rule "mass" (the paper; last_order None): the smallest number of blocks whose cumulative mass, sorted
+    descending, reaches gamma. Rule "recall" (last_order `[B, R, Nb]` given, see `last_row_order`): the smallest
+    prefix of the shared ranking of the last query block (head h reads ranking h // (Hq / R)) whose blocks hold
+    gamma of the head's own mass -- a head whose attention the shared ranking misses gets a larger budget.
+    Mass = `last_block_mass`. gamma = 1 keeps every block.
+    """
+    b, s, hq, _ = q.shape
+    nb = _num_blocks(s, block_size)
+    if gamma >= 1.0:
+        return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
+    mass = last_block_mass(q, k, block_size=block_size, scale=scale)
+    if last_order is None:
+        ordered = mass.sort(dim=-1, descending=True).values
+    else:
+        rep = hq // last_order.shape[1]
+        ordered = mass.gather(-1, last_order.repeat_interleave(rep, dim=1).long())
+    cum = ordered.cumsum(dim=-1)
     needed = (cum < gamma).sum(dim=-1) + 1
     return needed.clamp(max=nb).to(torch.int32)
 

@@ -119,13 +119,18 @@ def structured_qkv(
 
 
 # ----------------------------------------------------------------------------------------------- plan comparison
-def budget_mismatches(got: torch.Tensor, mass: torch.Tensor, gamma: float, tol: float = 1e-4) -> int:
+def budget_mismatches(got: torch.Tensor, mass: torch.Tensor, gamma: float, tol: float = 1e-4, order: torch.Tensor | None = None) -> int:
     """Heads whose budget differs from the gamma rule on the reference `mass` `[B, Hq, Nb]` by more than a tie.
 
-    A budget n is accepted when the reference's sorted cumulative mass crosses gamma within `tol` of both n and
-    the reference budget (rounding can move a crossing that close to gamma by one block or more).
+    The cumulative mass runs in descending mass order (budget_rule 0), or along `order` `[B, Hq, Nb]` (each
+    head's ranking of the last query block, budget_rule 1). A budget n is accepted when the reference's
+    cumulative mass crosses gamma within `tol` of both n and the reference budget (rounding can move a crossing
+    that close to gamma by one block or more).
     """
-    cum = mass.double().sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    if order is None:
+        cum = mass.double().sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    else:
+        cum = mass.double().gather(-1, order.to(mass.device).long()).cumsum(dim=-1)
     nb = mass.shape[-1]
     ref = ((cum < gamma).sum(dim=-1) + 1).clamp(max=nb)
     got = got.to(ref.device, torch.int64)

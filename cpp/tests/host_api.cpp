@@ -26,15 +26,17 @@ HOST_API void pa_host_select(const float *scores, const int32_t *budgets, int32_
                                 smem.data(), 0, 1);
 }
 
-// pa_budgets over the grid (Hq, B).
+// pa_budgets over the grid (Hq, B). scores [B, R, nb_total, nb_total] (R = num_rankings) are read by budget_rule 1.
 HOST_API void pa_host_budgets(const float *mass_parts, int32_t *budgets, const int32_t *cu_seqlens, int batch,
                               int num_q_heads, int seq_len, int block_size, int nb_total, int parts, float gamma,
-                              double budget_fraction, int dense_below_tokens) {
+                              double budget_fraction, int dense_below_tokens, const float *scores, int num_rankings,
+                              int budget_rule, int keep_sink, int keep_diagonal) {
   std::vector<float> smem(2 * (size_t)nb_total);
   for (int b = 0; b < batch; ++b)
     for (int h = 0; h < num_q_heads; ++h)
       pa_impl::budgets_program(h, b, num_q_heads, mass_parts, budgets, cu_seqlens, seq_len, block_size, nb_total,
-                               parts, gamma, budget_fraction, dense_below_tokens, smem.data(), 0, 1);
+                               parts, gamma, budget_fraction, dense_below_tokens, scores, num_rankings, budget_rule,
+                               keep_sink, keep_diagonal, smem.data(), 0, 1);
 }
 
 // pa_combine_lse over all rows * bs elements.
@@ -121,6 +123,14 @@ HOST_API int pa_host_parse_fields(const char *const *names, const int *types, co
   *config = attrs.config;
   *scale = attrs.scale;
   return 0;
+}
+
+// TensorRT plugin logic: the field names the plugin declares (at most `cap` written); returns their count.
+HOST_API int pa_host_field_names(const char **out, int cap) {
+  int n = 0;
+  const char *const *names = pa_trt::field_names(&n);
+  for (int i = 0; i < n && i < cap; ++i) out[i] = names[i];
+  return n;
 }
 
 HOST_API int pa_host_make_problem(const long long *q, const long long *k, int dtype, proxyattn_problem_t *out,

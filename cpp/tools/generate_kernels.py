@@ -256,7 +256,7 @@ def compile_helpers(nvcc: str, out_dir: Path) -> dict:
 
 
 HELPERS = [  # (key, entry, threads are chosen by the launcher; maximum dynamic shared memory, params)
-    ("helper/budgets", "pa_budgets", 64 * 1024, 10),
+    ("helper/budgets", "pa_budgets", 64 * 1024, 15),
     ("helper/select", "pa_select", 64 * 1024, 13),
     ("helper/combine_lse", "pa_combine_lse", 0, 6),
 ]

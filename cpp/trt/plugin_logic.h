@@ -5,7 +5,8 @@
 // The node contract is export/contract.py: inputs query [B, Hq, S, D], key/value [B, Hkv, S, D] (BHSD), output
 // [B, Hq, S, D] in query's dtype; fields pa_* (ProxyAttnConfig.to_attrs), scale (float), is_causal (int, must be 1),
 // sliding_window (int, must be 0: this plugin refuses windowed layers rather than computing something else),
-// pa_estimator (int, must be 0: the only estimator libproxyattn implements).
+// pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass" or
+// 1 "recall", proxyattn.config.BUDGET_RULES; other values are refused).
 #pragma once
 
 #include <cstdint>
@@ -38,7 +39,8 @@ inline const char *const *field_names(int *count) {
                                       "pa_gamma",              "pa_min_budget_tokens", "pa_keep_sink",
                                       "pa_keep_diagonal",      "pa_dense_below_tokens", "pa_budget_fraction",
                                       "pa_dense_first_layers", "pa_dense_layer_mask", "pa_estimator",
-                                      "scale",                 "is_causal",          "sliding_window"};
+                                      "pa_budget_rule",        "scale",              "is_causal",
+                                      "sliding_window"};
   *count = int(sizeof(names) / sizeof(names[0]));
   return names;
 }
@@ -76,6 +78,10 @@ inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
       if (iv != 0)
         return "pa_estimator=" + std::to_string(iv) +
                " is not supported: libproxyattn implements estimator 0 (the paper's mean-pooled proxy heads)";
+    } else if (name == "pa_budget_rule") {
+      if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL)
+        return "pa_budget_rule=" + std::to_string(iv) + " is not supported; allowed: 0 (mass), 1 (recall)";
+      a.config.budget_rule = iv;
     } else if (name == "scale") a.scale = fv;
     else if (name == "is_causal") a.is_causal = iv;
     else if (name == "sliding_window") a.sliding_window = iv;

@@ -9,6 +9,7 @@ is replaced by this subgraph (`to_tensorrt_graph`):
     lse = combine(row_max, row_sum)               ReduceMax, Pow, ReduceSum, Log, Where [native]
     mass = ProxyMass(query, key, lse)                                                   [plugin]  [B, Hq, Nb]
     budgets = smallest n with sorted cumsum >= gamma   TopK, CumSum, Less, ReduceSum    [native]  [B, Hq]
+              (budget_rule 1: cumsum along the last row's ranking, TopK + GatherElements)
     order = TopK of (forced blocks +inf, causal scores, -inf above the diagonal)        [native]  [B, G, Nb, Nb]
     counts = clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k      [native]  [B, Hq, Nb]
              (full rows when S <= dense_below_tokens: the dense path)
@@ -67,6 +68,11 @@ class _Builder:
 def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int) -> list[onnx.NodeProto]:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     config, scale, window = contract.decode_attrs(attrs)
+    if config.estimator != 0:
+        raise ValueError(
+            f"node {node.name!r}: pa_estimator={config.estimator} has no TensorRT plugin; allowed: 0 (the proxy-head "
+            "estimator of the ProxyScores plugin)"
+        )
     q, k, v = node.input
     b = _Builder(node.name or "proxy_attention", graph)
     i64 = np.int64
@@ -83,6 +89,17 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
     pq = b.plugin("ProxyPool", [q], groups=g, step=config.stride)
     pk = b.plugin("ProxyPool", [k], groups=g, step=1)
     scores = b.plugin("ProxyScores", [q, pq, pk], pa_proxy_heads=g, pa_stride=config.stride, **cfg_attrs)
+
+    idx = b.op("Range", [b.const(0, i64), nb, b.const(1, i64)], hint="idx")
+    rep = None
+
+    def per_head(t):  # [B, G, Nb] -> [B, Hq, Nb], head h reads ranking h // (Hq / G)
+        nonlocal rep
+        if rep is None:
+            rep = b.op("Div", [heads, b.const(g, i64)])
+        shape = b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in (batch, b.const(g, i64), rep, nb)], axis=0)
+        t4 = b.op("Expand", [b.op("Unsqueeze", [t, b.const([2], i64)]), shape])
+        return b.op("Reshape", [t4, b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in (batch, heads, nb)], axis=0)])
 
     # ---- per-head budgets [B, Hq] (int64)
     bh = b.op("Concat", [b.op("Reshape", [batch, b.const([1], i64)]), b.op("Reshape", [heads, b.const([1], i64)])], axis=0)
@@ -102,14 +119,28 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         lse_val = b.op("Add", [b.op("Squeeze", [top, b.const([1], i64)]), log2])
         lse = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), lse_val, b.const(-np.inf, np.float32)], hint="lse")
         mass = b.plugin("ProxyMass", [q, k, lse], max_seq_len=max_seq_len, **cfg_attrs)
-        ranked = b.op("TopK", [mass, nb1], n_out=2, axis=-1, largest=1, sorted=1)[0]
+        if config.budget_rule == 1:
+            # Rule "recall": the head's mass along the last query block's shared ranking (forced blocks first, in
+            # score order: proxy scores are probabilities, so +2 lifts them above every other block).
+            last = b.op("Sub", [nb1, b.const([1], i64)])
+            srow = b.op("Squeeze", [b.op("Gather", [scores, last], axis=2), b.const([2], i64)])  # [B, G, Nb]
+            lforced = None
+            if config.keep_sink:
+                lforced = b.op("Equal", [idx, b.const(0, i64)])
+            if config.keep_diagonal:
+                ldiag = b.op("Equal", [idx, b.op("Sub", [nb, b.const(1, i64)])])
+                lforced = ldiag if lforced is None else b.op("Or", [lforced, ldiag])
+            lkey = srow if lforced is None else b.op("Where", [lforced, b.op("Add", [srow, b.const(2.0, np.float32)]), srow])
+            last_order = b.op("TopK", [lkey, nb1], n_out=2, axis=-1, largest=1, sorted=1, hint="last_order")[1]
+            ranked = b.op("GatherElements", [mass, per_head(last_order)], axis=-1)
+        else:
+            ranked = b.op("TopK", [mass, nb1], n_out=2, axis=-1, largest=1, sorted=1)[0]
         cum = b.op("CumSum", [ranked, b.const(-1, i64)])
         below = b.op("Cast", [b.op("Less", [cum, b.const(config.gamma, np.float32)])], to=TensorProto.INT64)
         needed = b.op("Add", [b.op("ReduceSum", [below, b.const([-1], i64)], keepdims=0), b.const(1, i64)])
         budgets = b.op("Min", [needed, nb], hint="budgets")
 
     # ---- selection: order [B, G, Nb, Nb] int32 and counts [B, Hq, Nb] int32
-    idx = b.op("Range", [b.const(0, i64), nb, b.const(1, i64)], hint="idx")
     row = b.op("Unsqueeze", [idx, b.const([1], i64)])
     col = b.op("Unsqueeze", [idx, b.const([0], i64)])
     causal = b.op("LessOrEqual", [col, row], hint="causal")
@@ -128,16 +159,6 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
     n3 = b.op("Unsqueeze", [budgets, b.const([2], i64)])
     kk = b.op("Div", [b.op("Add", [b.op("Mul", [n3, m1]), b.op("Sub", [nb, b.const(1, i64)])]), nb])
     kk = b.op("Min", [b.op("Max", [kk, b.const(config.min_budget_blocks, i64)]), m1], hint="k")  # [B, Hq, Nb]
-
-    rep = None
-
-    def per_head(t):  # [B, G, Nb] -> [B, Hq, Nb], head h reads ranking h // (Hq / G)
-        nonlocal rep
-        if rep is None:
-            rep = b.op("Div", [heads, b.const(g, i64)])
-        shape = b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in (batch, b.const(g, i64), rep, nb)], axis=0)
-        t4 = b.op("Expand", [b.op("Unsqueeze", [t, b.const([2], i64)]), shape])
-        return b.op("Reshape", [t4, b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in (batch, heads, nb)], axis=0)])
 
     counts = kk
     if config.keep_sink:

@@ -1,8 +1,9 @@
 """Per-head budgets on the GPU (Triton + torch ops, no host synchronisation).
 
 For every query head: softmax of its last `block_size` queries against all keys (causal), mean over those rows,
-summed per key block, sorted descending; the budget is the smallest number of blocks whose cumulative mass
-reaches gamma (`proxyattn.reference.head_budgets`).
+summed per key block; the budget is the smallest number of blocks whose cumulative mass reaches gamma, in
+descending mass order (budget_rule 0, the paper) or in the order of the last query block's shared ranking
+(budget_rule 1, "recall") (`proxyattn.reference.head_budgets`).
 
 Layers: `_budget_kernel` (jit, two passes selected by PASS) -> `_launch_budgets` (allocate, grid) ->
 `head_budgets` / `head_budgets_varlen` (checks, shapes).
@@ -176,16 +177,43 @@ def _budgets_from_mass(mass: torch.Tensor, gamma: float, nb_seq) -> torch.Tensor
     return torch.minimum(needed, nb_seq).to(torch.int32)
 
 
+def _recall_budgets(mass: torch.Tensor, scores: torch.Tensor, cfg: ProxyAttnConfig, nb_seq: torch.Tensor) -> torch.Tensor:
+    """Rule "recall": the shortest prefix of the last query block's shared ranking (row Nb_b - 1 of the scores,
+    forced blocks first, then descending score, ties to the lower index) holding gamma of each head's mass.
+
+    mass `[B, Hq, Nb]`, scores `[B, R, Nb, Nb]`, nb_seq int64 `[B]` (blocks of each sequence).
+    """
+    b, r, nb, _ = scores.shape
+    hq = mass.shape[1]
+    cols = torch.arange(nb, device=scores.device)
+    last = (nb_seq.clamp_min(1) - 1).reshape(b, 1, 1, 1).expand(b, r, 1, nb)
+    row = scores.gather(2, last).squeeze(2).float()  # [B, R, Nb]
+    visible = cols[None, None, :] <= last[..., 0, :]
+    forced = torch.zeros_like(visible)
+    if cfg.keep_sink:
+        forced |= cols[None, None, :] == 0
+    if cfg.keep_diagonal:
+        forced |= cols[None, None, :] == last[..., 0, :]
+    # Scores are probabilities (<= 1): +2 puts forced blocks first, in score order.
+    key = torch.where(visible, torch.where(forced & visible, row + 2.0, row), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ordered = mass.gather(-1, order.repeat_interleave(hq // r, dim=1))
+    ordered = torch.where(cols < nb_seq.reshape(b, 1, 1), ordered, 0.0)
+    needed = (ordered.cumsum(dim=-1) < cfg.gamma).sum(dim=-1) + 1
+    return torch.minimum(needed, nb_seq.reshape(b, 1)).to(torch.int32)
+
+
 def block_mass(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
     """Mass per key block of each head's last query block, float32 `[B, Hq, Nb]` (batched q/k, for tests)."""
     return _launch_mass(q, k, None, q.shape[0], q.shape[1], cfg.block_size, scale)
 
 
-def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> torch.Tensor:
     """Per-head budgets in key blocks, int32 `[B, Hq]` (the gamma rule; gamma = 1 keeps every block).
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
+        scores: `[B, R, Nb, Nb]` block scores, needed by budget_rule 1 ("recall") only.
     With cfg.budget_fraction set, every head gets ceil(budget_fraction * Nb) blocks.
     """
     b, s, hq, _ = q.shape
@@ -195,6 +223,9 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
     if cfg.gamma >= 1.0:
         return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
     mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale)
+    if cfg.budget_rule == 1:
+        assert scores is not None, "budget_rule 1 needs scores"
+        return _recall_budgets(mass, scores, cfg, torch.full((b,), nb, device=q.device, dtype=torch.int64))
     return _budgets_from_mass(mass, cfg.gamma, torch.full((1, 1), nb, device=q.device, dtype=torch.int64))
 
 
@@ -211,11 +242,12 @@ def _fraction_budgets(nb_seq: torch.Tensor, hq: int, fraction: float) -> torch.T
     return n[:, None].expand(-1, hq).to(torch.int32).contiguous()
 
 
-def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> torch.Tensor:
     """Per-head budgets of a packed batch, int32 `[B, Hq]`, each sequence on its own (its own Nb_b).
 
     Args:
         q: `[T, Hq, D]`, k: `[T, Hkv, D]`; cu_seqlens int32 `[B+1]`; max_seqlen host int >= every length.
+        scores: `[B, R, Nb, Nb]` (`proxy_scores_varlen`), needed by budget_rule 1 ("recall") only.
     """
     bsz = cu_seqlens.shape[0] - 1
     hq = q.shape[1]
@@ -225,4 +257,7 @@ def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig,
     if cfg.gamma >= 1.0:
         return nb_seq[:, None].expand(-1, hq).to(torch.int32).contiguous()
     mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale)
+    if cfg.budget_rule == 1:
+        assert scores is not None, "budget_rule 1 needs scores"
+        return _recall_budgets(mass, scores, cfg, nb_seq)
     return _budgets_from_mass(mass, cfg.gamma, nb_seq[:, None])

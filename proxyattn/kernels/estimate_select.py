@@ -136,7 +136,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
         `[B, Hq]` (a short sequence's budget is its Nb_b). Row b equals `plan_blocks` of sequence b alone, padded.
     """
     scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
-    budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     full_seq = lengths <= cfg.dense_below_tokens
     nb_seq = seq_blocks(cu_seqlens, cfg.block_size)

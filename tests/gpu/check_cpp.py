@@ -75,7 +75,7 @@ def record(name: str, fn) -> None:
 class Config(C.Structure):
     _fields_ = [("block_size", C.c_int32), ("stride", C.c_int32), ("proxy_heads", C.c_int32), ("gamma", C.c_float),
                 ("min_budget_tokens", C.c_int32), ("keep_sink", C.c_int32), ("keep_diagonal", C.c_int32),
-                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float)]
+                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float), ("budget_rule", C.c_int32)]
 
 
 class Problem(C.Structure):
@@ -104,7 +104,7 @@ class Lib:
     @staticmethod
     def config(cfg: ProxyAttnConfig) -> Config:
         return Config(cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.gamma, cfg.min_budget_tokens, int(cfg.keep_sink),
-                      int(cfg.keep_diagonal), cfg.dense_below_tokens, cfg.budget_fraction or 0.0)
+                      int(cfg.keep_diagonal), cfg.dense_below_tokens, cfg.budget_fraction or 0.0, cfg.budget_rule)
 
     @staticmethod
     def problem(q, k, cu=None, max_seqlen=None, scale=None, bhsd=False) -> Problem:

@@ -5,6 +5,8 @@
    against the fp32 reference computed on the GPU (chunked). Outputs are poisoned with NaN before each run; NaN
    (an unwritten element) fails. Plans must equal the reference plan up to ties (`proxyattn.testing`), also for a
    packed (varlen) batch, and for structured inputs at 128K (gamma 0.9 and 0.95).
+   `--recall`: only budget_rule 1 ("recall"): its budgets against the mass accumulated along the last row's
+   ranking of the GPU's own scores (4K-128K, packed batch), and plan_blocks time with rule 0 vs 1.
 2. CUDA graph: `proxyattn.plan_blocks` captured in a graph (fails if anything synchronises with the host), the
    replay equals the eager plan.
 3. Timing, 32K-128K, Llama-3-8B shapes (32 q heads, 8 KV heads, D 128, bf16, B 1), default config: each stage
@@ -118,8 +120,8 @@ def ref_mass(q, k, bs, scale, chunk_heads=8):
     return out
 
 
-def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloat16):
-    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma)
+def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloat16, rule=0):
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
     q, k = inputs(kind, b, s, hq, hkv, d, seed, dtype)
     nb = -(-s // bs)
@@ -137,8 +139,12 @@ def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloa
     rmass = ref_mass(q, k, bs, scale)
     mrel, mmx = rel_err(mass, rmass)
     assert mrel <= 1e-4 and mmx <= 1e-4, f"mass rel {mrel:.2e} max abs {mmx:.2e}"
-    budgets = proxyattn.head_budgets(q, k, cfg, scale=scale)
-    bad_b = budget_mismatches(budgets, rmass, gamma)
+    budgets = proxyattn.head_budgets(q, k, cfg, scale=scale, scores=scores)
+    order = None
+    if rule == 1:  # the mass along the last row's ranking of the GPU's own scores
+        order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // g, dim=1)
+        assert (budgets >= proxyattn.head_budgets(q, k, cfg.replace(budget_rule=0), scale=scale)).all()
+    bad_b = budget_mismatches(budgets, rmass, gamma, order=order)
     assert bad_b == 0, f"{bad_b} budgets differ beyond ties"
     plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
     assert plan.budget_blocks.equal(budgets)
@@ -160,10 +166,10 @@ def reference_budgets_summary(budgets):
     return f"min {int(budgets.min())} max {int(budgets.max())}"
 
 
-def check_varlen(small=False):
+def check_varlen(small=False, rule=0):
     lengths = [300, 70, 520, 0, 128] if small else [4096 + 33, 1000, 9000, 0, 2048]
     hq, hkv, d, bs = (4, 2, 64, 64) if small else (32, 8, 128, 128)
-    cfg = ProxyAttnConfig(gamma=0.9, block_size=bs, min_budget_tokens=128 if small else 2048)
+    cfg = ProxyAttnConfig(gamma=0.9, block_size=bs, min_budget_tokens=128 if small else 2048, budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
     qs, ks = [], []
     for i, n in enumerate(lengths):
@@ -195,7 +201,10 @@ def check_varlen(small=False):
         if n <= cfg.dense_below_tokens:
             assert plan.counts[i, :, :nbi].equal(torch.arange(1, nbi + 1, dtype=torch.int32, device=DEV).expand(hq, nbi))
             continue
-        rb = budget_mismatches(plan.budget_blocks[i : i + 1], ref_mass(qi, ki, bs, scale), cfg.gamma)
+        order = None
+        if rule == 1:
+            order = reference.last_row_order(scores[i : i + 1, :, :nbi, :nbi], keep_sink=True, keep_diagonal=True).repeat_interleave(hq, dim=1)
+        rb = budget_mismatches(plan.budget_blocks[i : i + 1], ref_mass(qi, ki, bs, scale), cfg.gamma, order=order)
         assert rb == 0, f"seq {i}: {rb} budgets differ beyond ties"
         sub = proxyattn.plan.BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
                                        plan.budget_blocks[i : i + 1].contiguous(), bs, n)
@@ -227,6 +236,22 @@ def check_graph():
     ms_graph = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
     TIMINGS.append({"stage": "plan_blocks (CUDA graph replay)", "seq_len": s, "ms": round(ms_graph, 4)})
     return {"graph_replay_ms": round(ms_graph, 3)}
+
+
+def recall_timings():
+    """plan_blocks with budget_rule 0 and 1 (same inputs), Llama-3-8B shapes, 32K and 128K."""
+    hq, hkv, d = 32, 8, 128
+    scale = 1.0 / math.sqrt(d)
+    for s in (32768, 131072):
+        sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
+        for rule in (0, 1):
+            cfg = ProxyAttnConfig(budget_rule=rule)
+            ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
+            dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
+            TIMINGS.append({"stage": f"plan_blocks (total) budget_rule={rule}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
+            print(f"  plan_blocks budget_rule={rule} S={s}: {ms:.3f} ms, density {dens:.3f}", flush=True)
+        del sets
+        torch.cuda.empty_cache()
 
 
 def bench(fn, sets):
@@ -289,6 +314,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--recall", action="store_true", help="only the budget_rule=1 checks and timings")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1 (script check)")
     args = ap.parse_args()
     global DEV
@@ -309,17 +335,28 @@ def main():
     ]
     if args.smoke:
         cases = [("random", 1, 300, 4, 1, 64, 64, 4, 1, 0.95, 1), ("structured", 2, 333, 4, 2, 64, 64, 4, 2, 0.9, 2)]
+    if args.recall:
+        if not args.smoke:
+            cases = [c for c in cases if c[2] in (4096, 8192 + 77, 32768, 131072)]
+        for c in cases:
+            record("recall case " + "-".join(map(str, c)), lambda c=c: check_case(*c, rule=1))
+        record("recall varlen packed batch", lambda: check_varlen(small=args.smoke, rule=1))
+        if not args.smoke and not args.skip_timing:
+            record("recall timings", recall_timings)
+        cases = []
     for c in cases:
         record("case " + "-".join(map(str, c)), lambda c=c: check_case(*c))
     if args.smoke:
-        record("varlen packed batch (small)", lambda: check_varlen(small=True))
+        if not args.recall:
+            record("varlen packed batch (small)", lambda: check_varlen(small=True))
         print(RESULTS)
         sys.exit(0 if all(r["ok"] for r in RESULTS) else 1)
-    record("case fp16 structured-1-8192-32-8-128-128-4-1-0.95", lambda: check_case("structured", 1, 8192, 32, 8, 128, 128, 4, 1, 0.95, 9, torch.float16))
-    record("varlen packed batch", check_varlen)
-    record("CUDA graph capture of plan_blocks (32K)", check_graph)
-    if not args.skip_timing:
-        record("timings 32K-128K", timings)
+    if not args.recall:
+        record("case fp16 structured-1-8192-32-8-128-128-4-1-0.95", lambda: check_case("structured", 1, 8192, 32, 8, 128, 128, 4, 1, 0.95, 9, torch.float16))
+        record("varlen packed batch", check_varlen)
+        record("CUDA graph capture of plan_blocks (32K)", check_graph)
+        if not args.skip_timing:
+            record("timings 32K-128K", timings)
     props = torch.cuda.get_device_properties(0)
     report = {
         "what": "ProxyAttn estimation kernels: correctness vs fp32 reference and stage timings",
@@ -332,7 +369,7 @@ def main():
         "checks": RESULTS, "timings": TIMINGS, "wall_s": round(time.time() - t_start, 1),
     }
     date = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"estimation_{date}.json")
+    path = os.path.join(args.out, f"estimation{'_recall' if args.recall else ''}_{date}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
