@@ -14,10 +14,11 @@ per layer and head density, budget fraction and attention recall for every metho
 the overlap of the top-k attended tokens across the heads of a layer (k = 5% of the visible keys, mean over query
 rows sampled every 16 tokens in the second half; pairwise |A & B| / k, against the k / visible chance level).
 
-Methods (`--methods`, names in METHODS): dense; `proxy` (the paper: mean-pooled proxy heads) at gamma 0.95 / 0.9;
-`head_max` (config estimator=1, our variant) at 0.95 / 0.9; `block_mean` (estimator=2, baseline) at 0.9; `static`
-(budget_fraction 0.25, baseline). All sparse methods use block 128, stride 4, one proxy head, and
-`--min-budget` tokens (default 256: the default 2048 would make every length here dense) with dense_below 0.
+Methods (`--methods`, names in METHODS): dense; `proxy` (the paper: mean-pooled proxy heads, budget_rule 0) at
+gamma 0.95 / 0.9; `recall` (budget_rule 1, the default); `head_max` (estimator 1) alone and with the recall rule
+(also at stride 16); `block_mean` (estimator 2, baseline) at 0.9; `static` (budget_fraction 0.25, baseline). All
+sparse methods use block 128, stride 4 unless named, one proxy head, and `--min-budget` tokens (default 256: the
+default 2048 would make every length here dense) with dense_below 0.
 
     python3 benchmarks/accuracy.py --model smollm2 --lengths 1024,2048 --trials 20 --copies 2 --out benchmarks/results
 
@@ -51,15 +52,16 @@ def _cfg(min_budget: int, **kw) -> ProxyAttnConfig:
 
 METHODS = {
     "dense": None,
-    "proxy g0.95": dict(gamma=0.95),
-    "proxy g0.9": dict(gamma=0.9),
-    "head_max g0.95": dict(gamma=0.95, estimator=1),
-    "head_max g0.9": dict(gamma=0.9, estimator=1),
+    "proxy g0.95": dict(gamma=0.95, budget_rule=0),
+    "proxy g0.9": dict(gamma=0.9, budget_rule=0),
+    "head_max g0.95": dict(gamma=0.95, estimator=1, budget_rule=0),
+    "head_max g0.9": dict(gamma=0.9, estimator=1, budget_rule=0),
     "recall g0.95": dict(gamma=0.95, budget_rule=1),
     "recall g0.9": dict(gamma=0.9, budget_rule=1),
     "head_max+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1),
     "head_max+recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=1),
-    "block_mean g0.9": dict(gamma=0.9, estimator=2),
+    "head_max s16+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1, stride=16),
+    "block_mean g0.9": dict(gamma=0.9, estimator=2, budget_rule=0),
     "static 0.25": dict(budget_fraction=0.25),
 }
 

@@ -57,11 +57,13 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     check_qk(q, k)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
     sc = resolve_scale(scale, q.shape[-1])
-    if cfg.estimator != 0:  # variants have no kernel: PyTorch on any device ([B, Hq, Nb, Nb] for block_mean)
+    backend = _kernels(q)
+    if cfg.estimator == 1 and backend is not None and hasattr(backend, "head_max_scores"):
+        return backend.head_max_scores(q, k, cfg, sc)
+    if cfg.estimator != 0:  # head_max off CUDA, block_mean anywhere: PyTorch ([B, Hq, Nb, Nb] for block_mean)
         from . import variants
 
         return variants.proxy_scores(q, k, cfg, sc)
-    backend = _kernels(q)
     if backend is not None and hasattr(backend, "proxy_scores"):
         return backend.proxy_scores(q, k, cfg, sc)
     return reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride, scale=sc)
@@ -297,7 +299,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfi
     check_proxy_heads(cfg.proxy_heads, k.shape[1])
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
-    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator == 0:
+    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator in (0, 1):
         return backend.plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, sc)
     batch, hq = cu_seqlens.shape[0] - 1, q.shape[1]
     nb = -(-max_seqlen // cfg.block_size)

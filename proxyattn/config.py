@@ -53,9 +53,10 @@ class ProxyAttnConfig:
             e.g. `dense_layer_mask=ProxyAttnConfig.layer_mask([0, 5])`); below 2**53 so that it survives the
             float round trip of attributes (layers 0..52; use dense_first_layers beyond).
         estimator: how block scores are estimated (`proxyattn.variants`): 0 = the paper's mean-pooled proxy heads,
-            1 = "head_max" (per-head strided scores, max over each group's heads), 2 = "block_mean" (baseline:
-            block-mean-pooled queries and keys per head). Non-zero values have no Triton estimation kernel: their
-            scores run in PyTorch on any device.
+            1 = "head_max" (per-head strided scores, max over each group's heads; Hq / G times the score work at
+            the same stride, so a larger stride suits it), 2 = "block_mean" (baseline: block-mean-pooled queries
+            and keys per head). 0 and 1 have Triton kernels; 2 runs in PyTorch on any device. The TensorRT graph
+            and libproxyattn implement 0 only.
         budget_rule: how the gamma budget is counted (`proxyattn.reference.head_budgets`): 0 = "mass" (the paper:
             the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the default: the
             shortest prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a

@@ -10,8 +10,9 @@
 * `estimator=2` ("block_mean", baseline): per query head, softmax over key blocks of (mean query of block m) .
   (mean key of block n); one ranking per query head (R = Hq). Cheap, coarse: what pooled estimators do.
 
-Budgets and selection are the paper's for every estimator. These functions are fp32 and run on any device; on CUDA
-`proxyattn.api.proxy_scores` calls them (no Triton kernel) and the rest of the pipeline uses the kernels.
+Budgets and selection work the same for every estimator. These functions are fp32 and run on any device: the
+reference of `proxyattn.kernels.estimate_head_max` (which `proxyattn.api.proxy_scores` uses on CUDA for
+estimator 1) and the only implementation of block_mean.
 """
 
 from __future__ import annotations

@@ -74,6 +74,63 @@ def test_proxy_scores_match_reference(case):
     assert torch.isinf(got).logical_and(got < 0).equal(torch.ones(nb, nb, dtype=torch.bool).triu(1).expand(b, g, nb, nb))
 
 
+# (kind, B, S, Hq, Hkv, D, block, stride, proxy_heads, dtype): GQA 1/4/7/8, D 64/128/256, ragged S, B > 1.
+HEAD_MAX_CASES = [
+    ("random", 2, 300, 4, 1, 64, 64, 4, 1, "bf16"),
+    ("structured", 1, 517, 8, 8, 128, 128, 4, 2, "fp16"),
+    ("random", 1, 200, 7, 1, 256, 64, 1, 1, "bf16"),
+    ("structured", 2, 330, 16, 2, 64, 128, 16, 2, "fp32"),
+    ("structured", 1, 390, 8, 2, 64, 64, 16, 1, "bf16"),
+]
+
+
+@pytest.mark.parametrize("case", HEAD_MAX_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_head_max_scores_match_reference(case):
+    from proxyattn import variants
+    from proxyattn.kernels import estimate_head_max as ehm
+
+    kind, b, s, hq, hkv, d, bs, st, g, dt = case
+    q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=s + 5)
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, estimator=1)
+    scale = 1.0 / math.sqrt(d)
+    nb = -(-s // bs)
+    got = ehm.head_max_scores(q, k, cfg, scale)
+    ref = variants.head_max_scores(q, k, proxy_heads=g, block_size=bs, stride=st, scale=scale)
+    # q and k are read in their own dtype (the reference upcasts the same values): products as a tf32 dot.
+    assert_close(got, ref, "tf32", allow_inf=True, what=f"head_max_scores {case}")
+    assert torch.isinf(got).logical_and(got < 0).equal(torch.ones(nb, nb, dtype=torch.bool).triu(1).expand(b, g, nb, nb))
+
+
+def test_head_max_scores_varlen_and_dispatch():
+    from proxyattn import api, variants
+    from proxyattn.kernels import estimate_head_max as ehm
+
+    lengths, hq, hkv, d, bs = [300, 70, 0, 200], 8, 2, 64, 64
+    q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=21)
+    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, estimator=1, gamma=0.9, min_budget_tokens=64, dense_below_tokens=0)
+    scale = 1.0 / math.sqrt(d)
+    nb = -(-300 // bs)
+    got = ehm.head_max_scores_varlen(q, k, cu, 300, cfg, scale)
+    assert got.shape == (4, 2, nb, nb)
+    for i, n in enumerate(lengths):
+        nbi = -(-n // bs)
+        assert torch.isneginf(got[i, :, nbi:]).all() and torch.isneginf(got[i, :, :, nbi:]).all()
+        if n:
+            lo = int(cu[i])
+            ref = variants.head_max_scores(q[None, lo : lo + n], k[None, lo : lo + n], proxy_heads=2, block_size=bs, stride=4, scale=scale)
+            assert_close(got[i : i + 1, :, :nbi, :nbi], ref, "tf32", allow_inf=True, what=f"varlen head_max seq {i}")
+    # The packed plan uses the kernel's scores: equal to planning each sequence alone with the same kernel.
+    plan = esel.plan_blocks_varlen(q, k, cu, 300, cfg, scale)
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        lo, nbi = int(cu[i]), -(-n // bs)
+        qi, ki = q[None, lo : lo + n], k[None, lo : lo + n]
+        scores = ehm.head_max_scores(qi, ki, cfg, scale)
+        one = esel.select_blocks(scores, eb.head_budgets(qi, ki, cfg, scale, scores=scores), n, cfg)
+        assert plan.counts[i : i + 1, :, :nbi].equal(one.counts) and plan.budget_blocks[i : i + 1].equal(one.budget_blocks)
+
+
 def test_pooled_proxies_are_group_means():
     q, k = _inputs("random", 2, 70, 8, 4, 64, torch.bfloat16, seed=3)
     cfg = ProxyAttnConfig(block_size=64, stride=4, proxy_heads=2)

@@ -26,6 +26,7 @@ from ..config import ProxyAttnConfig
 from ..plan import BlockPlan
 from .estimate_budgets import head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
+from .estimate_head_max import head_max_scores_varlen
 
 __all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen"]
 
@@ -135,7 +136,11 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
         `BlockPlan` with seq_len = max_seqlen, order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`, budget_blocks
         `[B, Hq]` (a short sequence's budget is its Nb_b). Row b equals `plan_blocks` of sequence b alone, padded.
     """
-    scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    if cfg.estimator == 1:
+        scores = head_max_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    else:
+        assert cfg.estimator == 0, f"estimator {cfg.estimator} has no varlen kernel"
+        scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
     budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     full_seq = lengths <= cfg.dense_below_tokens

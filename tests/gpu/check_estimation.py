@@ -5,8 +5,10 @@
    against the fp32 reference computed on the GPU (chunked). Outputs are poisoned with NaN before each run; NaN
    (an unwritten element) fails. Plans must equal the reference plan up to ties (`proxyattn.testing`), also for a
    packed (varlen) batch, and for structured inputs at 128K (gamma 0.9 and 0.95).
-   `--recall`: only budget_rule 1 ("recall"): its budgets against the mass accumulated along the last row's
-   ranking of the GPU's own scores (4K-128K, packed batch), and plan_blocks time with rule 0 vs 1.
+   `--recall`: only what is new since the first H200 run: budget_rule 1 ("recall"), its budgets against the mass
+   accumulated along the last row's ranking of the GPU's own scores (4K-128K, packed batch); the head_max score
+   kernel (estimator 1) against its PyTorch reference (8K-32K, D 64/128/256); plan_blocks time with rule 0 vs 1
+   and with head_max at stride 4/16/32 (32K, 128K).
 2. CUDA graph: `proxyattn.plan_blocks` captured in a graph (fails if anything synchronises with the host), the
    replay equals the eager plan.
 3. Timing, 32K-128K, Llama-3-8B shapes (32 q heads, 8 KV heads, D 128, bf16, B 1), default config: each stage
@@ -238,18 +240,36 @@ def check_graph():
     return {"graph_replay_ms": round(ms_graph, 3)}
 
 
+def check_head_max(s, hq, hkv, d, st, g, seed):
+    """The head_max kernel against `proxyattn.variants.head_max_scores` (fp32 PyTorch on the GPU)."""
+    from proxyattn import variants
+
+    cfg = ProxyAttnConfig(stride=st, proxy_heads=g, estimator=1)
+    scale = 1.0 / math.sqrt(d)
+    q, k = inputs("structured", 1, s, hq, hkv, d, seed)
+    got = proxyattn.proxy_scores(q, k, cfg)
+    ref = variants.head_max_scores(q, k, proxy_heads=g, block_size=cfg.block_size, stride=st, scale=scale)
+    assert not torch.isnan(got).any(), "NaN in head_max scores"
+    assert torch.isinf(got).equal(torch.isinf(ref)), "-inf pattern differs"
+    rel, mx = rel_err(got, ref)
+    assert rel <= 5e-4 and mx <= 5e-3, f"head_max scores rel {rel:.2e} max abs {mx:.2e}"
+    return {"scores_rel": f"{rel:.1e}", "scores_maxabs": f"{mx:.1e}"}
+
+
 def recall_timings():
     """plan_blocks with budget_rule 0 and 1 (same inputs), Llama-3-8B shapes, 32K and 128K."""
     hq, hkv, d = 32, 8, 128
     scale = 1.0 / math.sqrt(d)
     for s in (32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
-        for rule in (0, 1):
-            cfg = ProxyAttnConfig(budget_rule=rule)
+        for label, cfg in [("budget_rule=0", ProxyAttnConfig(budget_rule=0)), ("budget_rule=1", ProxyAttnConfig(budget_rule=1)),
+                           ("head_max stride 4", ProxyAttnConfig(estimator=1)),
+                           ("head_max stride 16", ProxyAttnConfig(estimator=1, stride=16)),
+                           ("head_max stride 32", ProxyAttnConfig(estimator=1, stride=32))]:
             ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
             dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
-            TIMINGS.append({"stage": f"plan_blocks (total) budget_rule={rule}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
-            print(f"  plan_blocks budget_rule={rule} S={s}: {ms:.3f} ms, density {dens:.3f}", flush=True)
+            TIMINGS.append({"stage": f"plan_blocks (total) {label}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
+            print(f"  plan_blocks {label} S={s}: {ms:.3f} ms, density {dens:.3f}", flush=True)
         del sets
         torch.cuda.empty_cache()
 
@@ -341,6 +361,9 @@ def main():
         for c in cases:
             record("recall case " + "-".join(map(str, c)), lambda c=c: check_case(*c, rule=1))
         record("recall varlen packed batch", lambda: check_varlen(small=args.smoke, rule=1))
+        if not args.smoke:
+            for hm in [(8192, 32, 8, 128, 4, 1, 11), (8192 + 77, 16, 2, 64, 16, 2, 12), (32768, 32, 8, 128, 16, 1, 13), (16384, 4, 1, 256, 4, 1, 14)]:
+                record("head_max kernel " + "-".join(map(str, hm)), lambda hm=hm: check_head_max(*hm))
         if not args.smoke and not args.skip_timing:
             record("recall timings", recall_timings)
         cases = []
