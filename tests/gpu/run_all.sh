@@ -11,6 +11,7 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
 python3 tests/gpu/check_attention.py --quick 2>&1 | tee "$out/check_attention.log" || status=1
 python3 tests/gpu/check_estimation.py --out "$out" --commit "$commit" 2>&1 | tee "$out/check_estimation.log" || status=1
+python3 tests/gpu/check_estimation.py --recall --out "$out" --commit "$commit" 2>&1 | tee "$out/check_estimation_recall.log" || status=1
 python3 benchmarks/attention.py --out "$out/attention_h200.json" --commit "$commit" --plot "$out/attention_h200.png" 2>&1 \
   | tee "$out/attention.log" || status=1
 exit $status
