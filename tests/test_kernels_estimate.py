@@ -185,6 +185,19 @@ def test_recall_budgets_match_reference(case):
     assert (got.long() >= eb.head_budgets(q, k, cfg.replace(budget_rule=0), scale).long()).all()
 
 
+def test_recall_budgets_order_forced_blocks_by_exact_score():
+    """Sink and diagonal scores 4e-8 apart: the diagonal (higher) comes first, as in reference.last_row_order."""
+    nb = 4
+    scores = torch.full((1, 1, nb, nb), float("-inf"))
+    scores[0, 0, nb - 1] = torch.tensor([0.3, 0.9, 0.5, 0.30000004])
+    mass = torch.tensor([[[0.01, 0.02, 0.02, 0.95]]])
+    cfg = ProxyAttnConfig(block_size=64, gamma=0.9, budget_rule=1)
+    got = eb._recall_budgets(mass, scores, cfg, torch.tensor([nb]))
+    order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True)
+    assert order[0, 0].tolist() == [3, 0, 1, 2]
+    assert got.tolist() == [[1]]
+
+
 def test_head_budgets_fraction_and_gamma_one():
     q, k = _inputs("random", 2, 300, 4, 2, 64, torch.bfloat16, seed=5)
     nb = 5

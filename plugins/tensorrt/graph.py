@@ -121,7 +121,9 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         mass = b.plugin("ProxyMass", [q, k, lse], max_seq_len=max_seq_len, **cfg_attrs)
         if config.budget_rule == 1:
             # Rule "recall": the head's mass along the last query block's shared ranking (forced blocks first, in
-            # score order: proxy scores are probabilities, so +2 lifts them above every other block).
+            # score order: proxy scores are probabilities, so +2 lifts them above every other block; two forced
+            # scores closer than float32 rounding at 2 (2.4e-7) keep index order, where the reference compares
+            # them exactly).
             last = b.op("Sub", [nb1, b.const([1], i64)])
             srow = b.op("Squeeze", [b.op("Gather", [scores, last], axis=2), b.const([2], i64)])  # [B, G, Nb]
             lforced = None

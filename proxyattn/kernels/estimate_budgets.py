@@ -194,9 +194,10 @@ def _recall_budgets(mass: torch.Tensor, scores: torch.Tensor, cfg: ProxyAttnConf
         forced |= cols[None, None, :] == 0
     if cfg.keep_diagonal:
         forced |= cols[None, None, :] == last[..., 0, :]
-    # Scores are probabilities (<= 1): +2 puts forced blocks first, in score order.
-    key = torch.where(visible, torch.where(forced & visible, row + 2.0, row), float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    # Lexicographic (forced first, then descending score, then lower index): two stable sorts.
+    by_score = torch.sort(torch.where(visible, row, float("-inf")), dim=-1, descending=True, stable=True).indices
+    first = torch.sort((forced & visible).gather(-1, by_score).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    order = by_score.gather(-1, first)
     ordered = mass.gather(-1, order.repeat_interleave(hq // r, dim=1))
     ordered = torch.where(cols < nb_seq.reshape(b, 1, 1), ordered, 0.0)
     needed = (ordered.cumsum(dim=-1) < cfg.gamma).sum(dim=-1) + 1
