@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """End-to-end prefill on the GPU: time to first token of a Llama-3-8B-architecture model, stock SDPA vs ProxyAttn.
 
-The model is built from the Llama-3-8B config (32 layers, hidden 4096, 32 query / 8 KV heads, head dim 128,
-MLP 14336, vocab 128256, llama3 RoPE) on the meta device, materialised on the GPU in bf16 and filled with random
-weights (no checkpoint exists here). Batch 1, random prompt tokens; one forward with `use_cache=True` and
+The model is built from the `llama3.1-8b` entry of engines/models.py (`model_config()`: the Llama-3-8B
+architecture, 32 layers, hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocab 128256, with Llama 3.1's
+128K context and llama3 RoPE) on the meta device, materialised on the GPU in bf16 and filled with random weights
+(no checkpoint exists here). Batch 1, random prompt tokens; one forward with `use_cache=True` and
 `logits_to_keep=1` (what a server runs before the first token), timed with CUDA events, median of `--reps` runs
 after one warm-up run per (implementation, length) (the warm-up also compiles and autotunes the kernels).
 
@@ -41,28 +42,21 @@ import proxyattn  # noqa: E402
 import proxyattn.hf as hf  # noqa: E402
 from proxyattn import ProxyAttnConfig  # noqa: E402
 
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    bos_token_id=128000,
-    eos_token_id=128001,
-    tie_word_embeddings=False,
-)
+from engines.models import transformers_config, transformers_config_kwargs  # noqa: E402
+
+# The engines/models.py entry the benchmark runs: the one source of the model's configuration.
+MODEL = "llama3.1-8b"
+
+
+def model_kwargs() -> dict:
+    """The transformers config kwargs of MODEL (recorded as the JSON's "model")."""
+    return transformers_config_kwargs(MODEL)
+
+
+def model_config(**override):
+    """The `LlamaConfig` the benchmark builds its model from (CPU only, nothing allocated)."""
+    return transformers_config(MODEL, **override)
+
 
 SPARSE_ROWS = [
     ("proxyattn gamma=0.95", ProxyAttnConfig()),
@@ -94,10 +88,10 @@ def dense_cudnn_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def build_model(device="cuda", **override):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(**{**LLAMA3_8B, **override})
+    cfg = model_config(**override)
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -142,8 +136,9 @@ def cudnn_takes_gqa(s: int) -> bool | None:
     can = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
     if can is None:
         return None
-    q = torch.empty(1, 32, s, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.empty(1, 8, s, 128, device="cuda", dtype=torch.bfloat16)
+    cfg = model_config()
+    q = torch.empty(1, cfg.num_attention_heads, s, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(1, cfg.num_key_value_heads, s, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     try:
         return bool(can(torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, True, True)))
     except TypeError:
@@ -192,7 +187,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
         "method": f"one forward (use_cache=True, logits_to_keep=1) + argmax, CUDA events, median of {args.reps} runs "
         "after one warm-up run per (row, length)",
-        "model": {k: v for k, v in LLAMA3_8B.items()},
+        "model": model_kwargs(),
         "rows": [],
         "skipped": [],
     }
@@ -208,7 +203,7 @@ def main() -> None:
             print(f"[prefill] S={s}: skipped (time budget)", flush=True)
             continue
         t_len = time.time()
-        ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, s), device="cuda", generator=torch.Generator(device="cuda").manual_seed(s))
+        ids = torch.randint(0, model.config.vocab_size, (1, s), device="cuda", generator=torch.Generator(device="cuda").manual_seed(s))
         row = {"seq_len": s, "cudnn_gqa": cudnn_takes_gqa(s), "ttft_ms": {}, "runs_ms": {}, "density": {}}
         with sdpa_kernel(backends, set_priority=True):
             dense_rows = [("sdpa", "sdpa")] + ([] if row["cudnn_gqa"] else [("dense_cudnn", "dense_cudnn")])

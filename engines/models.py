@@ -3,11 +3,13 @@
 Every model `build.py` knows is one `ModelSpec` in `MODELS`: a transformers config dict written out in full (no
 model hub), where its weights come from, its sequence-length profiles (min / opt / max tokens) and the ProxyAttn
 config it is built with. `get_model(name)` and `select_profiles(spec, names)` are the only ways in; both raise
-ValueError naming the bad value and the allowed ones.
+ValueError naming the bad value and the allowed ones. `transformers_config(name)` is the transformers config of an
+entry (what `build.py` and `benchmarks/prefill.py` build their models from).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -24,6 +26,8 @@ __all__ = [
     "parse_profile",
     "parameter_count",
     "estimate_bytes",
+    "transformers_config_kwargs",
+    "transformers_config",
 ]
 
 # Where a model's weights come from: a transformers checkpoint directory (`--weights DIR`) or random weights
@@ -375,3 +379,20 @@ def estimate_bytes(spec: ModelSpec, precision: str) -> int:
     if precision not in _BYTES:
         raise ValueError(f"precision={precision!r} is not supported; allowed: {sorted(_BYTES)}")
     return parameter_count(spec) * _BYTES[precision]
+
+
+def transformers_config_kwargs(name: str) -> dict[str, Any]:
+    """The keyword arguments of `name`'s transformers config class (e.g. `LlamaConfig(**kwargs)`): a deep copy of
+    its `hf_config` without `model_type` (which picks the class). transformers turns `rope_theta` + `rope_scaling`
+    into its `rope_parameters`."""
+    kwargs = copy.deepcopy(dict(get_model(name).hf_config))
+    kwargs.pop("model_type")
+    return kwargs
+
+
+def transformers_config(name: str, **override: Any):
+    """The transformers config of `name` (class from its `model_type`), with `override` applied on top."""
+    import transformers
+
+    model_type = get_model(name).hf_config["model_type"]
+    return transformers.AutoConfig.for_model(model_type, **{**transformers_config_kwargs(name), **override})

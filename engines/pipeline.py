@@ -22,7 +22,7 @@ from typing import Any, Callable
 from proxyattn.config import ProxyAttnConfig
 
 from .artifacts import Manifest, atomic_write_text, file_sha256, tool_versions, tree_hashes
-from .models import ModelSpec, Profile, estimate_bytes, get_model, select_profiles
+from .models import ModelSpec, Profile, estimate_bytes, get_model, select_profiles, transformers_config
 
 __all__ = [
     "BuildRequest",
@@ -40,7 +40,8 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime")
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Memory the embedded backend needs beyond 3x the fp32 weights (in-memory model, exporter, ORT session).
 _ORT_OVERHEAD = 2 * 1024**3
-PARITY_REL_TOL = 1e-3  # fp32 ONNX Runtime vs fp32 PyTorch through every layer (summation order only)
+PARITY_REL_TOL = 1e-3  # fp32 ONNX Runtime vs fp32 PyTorch through every layer (summation order only); relative
+# Frobenius error, applied to the final hidden states and to the logits alike (engines.parity.compare)
 
 
 def tensorrt_available() -> bool:
@@ -221,7 +222,7 @@ def load_model(plan: BuildPlan, *, meta: bool):
             with init_empty_weights(include_buffers=False):
                 return transformers.AutoModelForCausalLM.from_config(cfg).eval()
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    cfg = transformers.AutoConfig.for_model(**dict(spec.hf_config))
+    cfg = transformers_config(spec.name)
     if meta:
         from accelerate import init_empty_weights
 
@@ -321,30 +322,84 @@ def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
     return plan.onnx_path
 
 
-# Full-vocabulary fp32 logits are held three times (ONNX Runtime, PyTorch, difference): keep that under this.
+# Parity compares, at every tested length, the final hidden states (the LM head's input, every position) and the
+# logits. The logits of every position are compared while three fp32 copies of them (ONNX Runtime's output, the
+# reference's, one for the ops after the head inside ONNX Runtime, e.g. soft-capping) fit in PARITY_LOGITS_BYTES;
+# past that only the last position's logits are (gemma3-270m at 8448 tokens: 24.8 GiB for all positions).
 PARITY_LOGITS_BYTES = 4 * 1024**3
+# Recorded in the stage's inputs: a parity.json made by another comparison is not reused.
+PARITY_METHOD = "hidden states (all positions) + logits (all positions, or the last one past the memory budget)"
 
 
-def _parity_lengths(plan: BuildPlan) -> tuple[list[int], str | None]:
-    """(lengths, note): one length on the dense path and, when the context and the memory for the logits allow it,
-    one on the sparse path (2 blocks past dense_below_tokens); the note says why the sparse one was left out."""
-    dense_len = min(64, plan.config.dense_below_tokens or 64, plan.spec.max_positions)
+def _parity_lengths(plan: BuildPlan) -> tuple[list[tuple[int, str]], str | None]:
+    """([(tokens, "all" | "last")], note): one length on the dense path and, when the context allows it, one on the
+    sparse path (2 blocks past dense_below_tokens), each with the logits positions compared; the note says why the
+    sparse length is missing or compares only the last position's logits."""
+    dense_len = max(2, min(64, plan.config.dense_below_tokens or 64, plan.spec.max_positions))
     sparse_len = plan.config.dense_below_tokens + 2 * plan.config.block_size
-    out = [max(2, dense_len)]
-    need = 3 * sparse_len * plan.spec.vocab_size * 4
+    vocab = plan.spec.vocab_size
+
+    def positions(n: int) -> str:
+        return "all" if 3 * n * vocab * 4 <= PARITY_LOGITS_BYTES else "last"
+
+    out = [(dense_len, positions(dense_len))]
     if sparse_len > plan.spec.max_positions:
         return out, f"no sparse-path length: dense_below_tokens={plan.config.dense_below_tokens} covers the whole context"
-    if need > PARITY_LOGITS_BYTES:
-        return out, (f"sparse-path parity at {sparse_len} tokens not run: its fp32 logits ({plan.spec.vocab_size} vocab) "
-                     f"need {need / 1024**3:.1f} GiB, over the {PARITY_LOGITS_BYTES / 1024**3:.0f} GiB budget")
-    return out + [sparse_len], None
+    out.append((sparse_len, positions(sparse_len)))
+    last = [n for n, p in out if p == "last"]
+    if last:
+        need = 3 * max(last) * vocab * 4
+        return out, (f"at {', '.join(map(str, last))} tokens the logits are compared at the last position only "
+                     f"(all positions' fp32 logits, {vocab} vocab, would need {need / 1024**3:.1f} GiB, over the "
+                     f"{PARITY_LOGITS_BYTES / 1024**3:.0f} GiB budget); the final hidden states are compared at every position")
+    return out, None
+
+
+def _parity_row(n: int, positions: str, ort_hidden, ort_logits, ref_hidden, ref_logits, densities) -> dict:
+    """One row of parity.json. `rel_error` / `max_abs_error` / `finite` are the worst of the two comparisons."""
+    import numpy as np
+
+    from .parity import compare
+
+    hidden = compare(ort_hidden, ref_hidden)
+    logits = {"positions": positions, **compare(ort_logits, ref_logits)}
+    worst = [hidden, logits]
+    rel = [r["rel_error"] for r in worst]
+    return {
+        "tokens": n,
+        "rel_error": float("nan") if any(x != x for x in rel) else max(rel),
+        "max_abs_error": max(r["max_abs_error"] for r in worst),
+        "finite": all(r["finite"] for r in worst),
+        "hidden": hidden,
+        "logits": logits,
+        "sparse_layers": len(densities),
+        "density_mean": float(np.mean(densities)) if densities else None,
+        "density_min": float(np.min(densities)) if densities else None,
+    }
+
+
+def parity_passed(rows: list[dict]) -> bool:
+    """Every row finite (ONNX Runtime and reference, hidden states and logits) and within PARITY_REL_TOL for both
+    the hidden states and the logits (a NaN error fails: NaN <= tol is False)."""
+    return bool(rows) and all(
+        r["finite"] and r["hidden"]["rel_error"] <= PARITY_REL_TOL and r["logits"]["rel_error"] <= PARITY_REL_TOL
+        for r in rows
+    )
 
 
 def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
-    """`parity.json`: ONNX Runtime (custom op, sparse) vs PyTorch (proxyattn_ref attention) logits, and densities."""
+    """`parity.json`: ONNX Runtime (custom op, sparse) vs PyTorch (proxyattn_ref attention) final hidden states and
+    logits, and densities.
+
+    Memory: the fp32 model twice (PyTorch, ONNX Runtime session) plus, per length S, each side's activations and the
+    compared tensors: 2 x S x hidden x 4 bytes of hidden states, 2 x (S or 1) x vocab x 4 bytes of logits, and 96 MiB
+    of float64 chunks (engines.parity.compare); the logits of every position only within PARITY_LOGITS_BYTES. The
+    measured peak resident memory of the stage and of every row is recorded (`peak_rss_gib`); gemma3-270m, the
+    largest vocabulary: 4.2 GiB at 64 tokens, 7.5 GiB at 8448 tokens (mostly weights twice and attention at 8448)."""
     out = plan.out / "parity.json"
     lengths, note = _parity_lengths(plan)
-    inputs = {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(), "lengths": lengths,
+    inputs = {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(),
+              "lengths": [n for n, _ in lengths], "logits_positions": [p for _, p in lengths], "method": PARITY_METHOD,
               "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
     if not plan.parity:
         plan.results["parity"] = "not run (--no-parity)"
@@ -356,36 +411,40 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
         return out
     import numpy as np
     import torch
-    from plugins.onnxruntime import make_session
 
-    from .density import measure_density
+    from .parity import HIDDEN_OUTPUT, LOGITS_FROM_INPUT, PeakRSS, parity_session, reference
 
-    model = load_model(plan, meta=False)
-    session = make_session(plan.onnx_path, sparse=True)
-    vocab = plan.spec.vocab_size
     rows = []
-    bar = _progress(len(inputs["lengths"]), "parity")
-    for n in inputs["lengths"]:
+    t0 = time.monotonic()
+    with PeakRSS() as load_peak:  # the model in PyTorch and in the ONNX Runtime session
+        model = load_model(plan, meta=False)
+        session = parity_session(plan.onnx_path)
+    vocab = plan.spec.vocab_size
+    bar = _progress(len(lengths), "parity")
+    for n, positions in lengths:
         g = torch.Generator().manual_seed(1234 + n)
         ids = torch.randint(0, vocab, (1, n), generator=g)
-        ort_logits = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]).float()
-        ref_logits, densities = measure_density(model, ids, plan.config)
-        diff = (ort_logits.double() - ref_logits.double())
-        rel = float(diff.norm() / ref_logits.double().norm().clamp_min(1e-12))
-        rows.append({
-            "tokens": n,
-            "rel_error": rel,
-            "max_abs_error": float(diff.abs().max()),
-            "finite": bool(torch.isfinite(ort_logits).all()),
-            "sparse_layers": len(densities),
-            "density_mean": float(np.mean(densities)) if densities else None,
-            "density_min": float(np.min(densities)) if densities else None,
-        })
+        logits_from = 0 if positions == "all" else -1
+        with PeakRSS() as row_peak:  # includes the model and the session, resident throughout
+            ort_hidden, ort_logits = session.run(
+                [HIDDEN_OUTPUT, "logits"], {"input_ids": ids.numpy(), LOGITS_FROM_INPUT: np.array([logits_from], np.int64)})
+            ref_hidden, ref_logits, densities = reference(model, ids, plan.config, logits_from)
+            row = _parity_row(n, positions, ort_hidden, ort_logits, ref_hidden, ref_logits, densities)
+            del ort_hidden, ort_logits, ref_hidden, ref_logits
+        row["peak_rss_gib"] = round(row_peak.bytes / 1024**3, 2)
+        rows.append(row)
         bar.update(1)
     bar.close()
-    ok = all(r["finite"] and r["rel_error"] <= PARITY_REL_TOL for r in rows)
+    del session, model
+    peak = max([load_peak.bytes] + [r["peak_rss_gib"] * 1024**3 for r in rows])
+    ok = parity_passed(rows)
     report = {"tolerance_rel": PARITY_REL_TOL, "passed": ok, "rows": rows, "note": note,
-              "compared": "onnxruntime make_session(sparse=True) vs transformers with proxyattn_ref attention, fp32"}
+              "compared": "onnxruntime, ProxyAttention on the sparse custom op (as make_session(sparse=True)) vs transformers with proxyattn_ref attention, fp32: "
+                          "final hidden states (LM head input) at every position, logits at the positions in "
+                          "rows[].logits.positions; rel_error = ||ort - ref|| / ||ref|| per tensor, a row's rel_error "
+                          "and max_abs_error are the worse of the two",
+              "peak_rss_gib": round(peak / 1024**3, 2), "peak_rss_scope": load_peak.scope,
+              "seconds": round(time.monotonic() - t0, 1)}
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     manifest.record("parity", inputs, status="built" if ok else "failed", artifacts={_rel(out, plan): file_sha256(out)}, info=report)
     manifest.save()
