@@ -51,19 +51,26 @@ def brute_scores(q, k, proxy_heads, block_size, stride, scale):
     return out
 
 
+def brute_mass(q, k, bi, h, block_size, scale):
+    """Mass per key block of head h's last query block, summed token by token in float64 (a list of Nb floats)."""
+    s = q.shape[1]
+    rep = q.shape[2] // k.shape[2]
+    mass = [0.0] * math.ceil(s / block_size)
+    rows = list(range(max(0, s - block_size), s))
+    for r in rows:
+        p = torch.softmax(k[bi, : r + 1, h // rep].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
+        for j in range(r + 1):
+            mass[j // block_size] += p[j] / len(rows)
+    return mass
+
+
 def brute_budgets(q, k, block_size, gamma, scale):
     b, s, hq, d = q.shape
-    rep = hq // k.shape[2]
     nb = math.ceil(s / block_size)
     out = torch.zeros(b, hq, dtype=torch.int64)
     for bi in range(b):
         for h in range(hq):
-            mass = [0.0] * nb
-            rows = list(range(max(0, s - block_size), s))
-            for r in rows:
-                p = torch.softmax(k[bi, : r + 1, h // rep].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
-                for j in range(r + 1):
-                    mass[j // block_size] += p[j] / len(rows)
+            mass = brute_mass(q, k, bi, h, block_size, scale)
             total, n = 0.0, 0
             for x in sorted(mass, reverse=True):
                 if gamma >= 1.0 or total < gamma:
@@ -118,17 +125,12 @@ def test_head_budgets_brute_force(shape, gamma):
 def brute_recall_budgets(q, k, scores, block_size, gamma, scale, keep_sink, keep_diagonal):
     """Rule "recall" by hand: the head's mass accumulated along the last row's ranking (forced blocks first)."""
     b, s, hq, _ = q.shape
-    rep_kv, rep_r = hq // k.shape[2], hq // scores.shape[1]
+    rep_r = hq // scores.shape[1]
     nb = math.ceil(s / block_size)
     out = torch.zeros(b, hq, dtype=torch.int64)
     for bi in range(b):
         for h in range(hq):
-            mass = [0.0] * nb
-            rows = list(range(max(0, s - block_size), s))
-            for r in rows:
-                p = torch.softmax(k[bi, : r + 1, h // rep_kv].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
-                for j in range(r + 1):
-                    mass[j // block_size] += p[j] / len(rows)
+            mass = brute_mass(q, k, bi, h, block_size, scale)
             row = scores[bi, h // rep_r, nb - 1].tolist()
             forced = [n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep]
             forced = sorted(set(forced), key=lambda n: (-row[n], n))

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
-from .estimate_common import _LOG2E, interpreting, num_sms
+from .estimate_common import _LOG2E, interpreting, num_sms, qk_layout
 from .estimate_scores import _seq_bounds
 
 __all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
@@ -133,15 +133,7 @@ def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, sc
     """Attention mass per key block of each head's last query block: float32 `[B, Hq, Nb]` (rows sum to 1 over
     the sequence's blocks; blocks past a packed sequence's end hold 0)."""
     varlen = cu_seqlens is not None
-    if varlen:
-        _, hq, d = q.shape
-        hkv = k.shape[1]
-        sq = (0,) + tuple(q.stride())
-        sk = (0,) + tuple(k.stride())
-    else:
-        _, _, hq, d = q.shape
-        hkv = k.shape[2]
-        sq, sk = q.stride(), k.stride()
+    hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs = block_size
     nb = triton.cdiv(seq_len, bs)
     cb = cb or _chunk_blocks(nb, batch * hq, q.device)

@@ -37,6 +37,14 @@ if interpreting():
     _patch_interpreter_index()
 
 
+def qk_layout(q: torch.Tensor, k: torch.Tensor, varlen: bool):
+    """(Hq, Hkv, D, q strides, k strides) of batched `[B, S, H, D]` or packed `[T, H, D]` q/k; packed tensors get a
+    batch stride of 0 so that kernels take the same four strides in both layouts."""
+    if varlen:
+        return q.shape[1], k.shape[1], q.shape[2], (0,) + tuple(q.stride()), (0,) + tuple(k.stride())
+    return q.shape[2], k.shape[2], q.shape[3], tuple(q.stride()), tuple(k.stride())
+
+
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (a host-side property query, no synchronisation); 8 elsewhere."""
     if device.type == "cuda":

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..config import ProxyAttnConfig
 from .estimate_budgets import _budget_tile
-from .estimate_common import _LOG2E, interpreting
+from .estimate_common import _LOG2E, interpreting, qk_layout
 from .estimate_scores import _seq_bounds, _tile_blocks
 
 __all__ = ["head_max_scores", "head_max_scores_varlen"]
@@ -116,15 +116,7 @@ def _head_max_kernel(
 def _launch_head_max(q, k, cu_seqlens, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float):
     """Scores `[B, G, Nb, Nb]` float32 of q/k in batched (`[B, S, H, D]`) or packed (`[T, H, D]`) layout."""
     varlen = cu_seqlens is not None
-    if varlen:
-        _, hq, d = q.shape
-        hkv = k.shape[1]
-        sq = (0,) + tuple(q.stride())
-        sk = (0,) + tuple(k.stride())
-    else:
-        _, _, hq, d = q.shape
-        hkv = k.shape[2]
-        sq, sk = q.stride(), k.stride()
+    hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     g, bs, st = cfg.proxy_heads, cfg.block_size, cfg.stride
     nb = triton.cdiv(seq_len, bs)
     out = torch.full((batch, g, nb, nb), float("-inf"), device=q.device, dtype=torch.float32)
