@@ -94,10 +94,8 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "head_budgets"):
         return backend.head_budgets(q, k, cfg, sc, scores=scores if needs_scores else None)
-    last_order = None
-    if needs_scores:
-        last_order = reference.last_row_order(scores, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
-    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc, last_order=last_order)
+    return reference.rule_budgets(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc,
+                                  budget_rule=cfg.budget_rule, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
 
 
 def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig | None = None) -> BlockPlan:

@@ -169,10 +169,8 @@ def reference_proxy_attention(q, k, v, config: ProxyAttnConfig, *, scale: float)
     if config.budget_fraction is not None:
         budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
     else:
-        last_order = None
-        if config.budget_rule == 1 and config.gamma < 1.0:
-            last_order = reference.last_row_order(scores, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
-        budgets = reference.head_budgets(q, k, block_size=config.block_size, gamma=config.gamma, scale=scale, last_order=last_order)
+        budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
+                                         budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
     plan = compact_plan(scores, budgets, s, config)
     out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=config.block_size, scale=scale)
     return out.to(q.dtype)

@@ -18,6 +18,7 @@ __all__ = [
     "last_block_mass",
     "last_row_order",
     "head_budgets",
+    "rule_budgets",
     "block_counts",
     "select_blocks",
     "block_sparse_attention",
@@ -158,6 +159,15 @@ def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_orde
     cum = ordered.cumsum(dim=-1)
     needed = (cum < gamma).sum(dim=-1) + 1
     return needed.clamp(max=nb).to(torch.int32)
+
+
+def rule_budgets(q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: int, keep_sink: bool,
+                 keep_diagonal: bool) -> torch.Tensor:
+    """`head_budgets` under `budget_rule` (0: mass, 1: recall, reading the last row of `scores` `[B, R, Nb, Nb]`)."""
+    last_order = None
+    if budget_rule == 1 and gamma < 1.0:
+        last_order = last_row_order(scores, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+    return head_budgets(q, k, block_size=block_size, gamma=gamma, scale=scale, last_order=last_order)
 
 
 def fraction_budgets(batch: int, num_q_heads: int, num_blocks: int, fraction: float, device) -> torch.Tensor:

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..config import ProxyAttnConfig
 from .estimate_common import _LOG2E, interpreting, num_sms, qk_layout
-from .estimate_scores import _seq_bounds
+from .estimate_scores import _online_max_sum, _seq_bounds
 
 __all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
 
@@ -95,14 +95,10 @@ def _budget_kernel(
         l_i = tl.zeros([BS], dtype=tl.float32)
         for n in range(n_lo, n_full):
             s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            m_i = m_new
+            m_i, l_i = _online_max_sum(m_i, l_i, s)
         for n in range(n_full, n_hi):
             s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            m_i = m_new
+            m_i, l_i = _online_max_sum(m_i, l_i, s)
         tl.store(mstat_ptr + stat_off, m_i)
         tl.store(lstat_ptr + stat_off, l_i)
     else:

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..config import ProxyAttnConfig
 from .estimate_budgets import _budget_tile
 from .estimate_common import _LOG2E, interpreting, qk_layout
-from .estimate_scores import _seq_bounds, _tile_blocks
+from .estimate_scores import _online_max_sum, _seq_bounds, _tile_blocks
 
 __all__ = ["head_max_scores", "head_max_scores_varlen"]
 
@@ -90,14 +90,10 @@ def _head_max_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n in range(0, n_full):
         s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_max_sum(m_i, l_i, s)
     for n in range(n_full, n_end):
         s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_max_sum(m_i, l_i, s)
     lse = m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
 
     # Pass 2: per key block, max over each query block's rows of exp(max logit - lse), folded into the group's row.

@@ -44,6 +44,14 @@ def _seq_bounds(cu_ptr, b, seq_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _online_max_sum(m_i, l_i, s):
+    """One key tile of an online softmax (log2 units): the rows' running max and rescaled sum after the logits s."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    l_new = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+    return m_new, l_new
+
+
+@triton.jit
 def _pool_heads_kernel(
     x_ptr, out_ptr, cu_ptr,
     seq_len,
@@ -137,14 +145,10 @@ def _proxy_scores_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n in range(0, n_full):
         s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_max_sum(m_i, l_i, s)
     for n in range(n_full, n_end):
         s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = _online_max_sum(m_i, l_i, s)
     lse = m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
 
     # Pass 2: per key block, max over the tile's rows of each query block of exp(max logit - lse):
