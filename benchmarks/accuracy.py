@@ -15,8 +15,8 @@ the overlap of the top-k attended tokens across the heads of a layer (k = 5% of 
 rows sampled every 16 tokens in the second half; pairwise |A & B| / k, against the k / visible chance level).
 
 Methods (`--methods`, names in METHODS): dense; `proxy` (the paper: mean-pooled proxy heads, budget_rule 0) at
-gamma 0.95 / 0.9; `recall` (budget_rule 1, the default); `head_max` (estimator 1) alone and with the recall rule
-(also at stride 16); `block_mean` (estimator 2, baseline) at 0.9; `static` (budget_fraction 0.25, baseline). All
+gamma 0.95 / 0.9; `recall` (budget_rule 1, the default); `row_recall` (budget_rule 2: gamma of every last-block
+row); `head_max` (estimator 1) alone and with the recall rules (also at stride 16); `block_mean` (estimator 2, baseline) at 0.9; `static` (budget_fraction 0.25, baseline). All
 sparse methods use block 128, stride 4 unless named, one proxy head, and `--min-budget` tokens (default 256: the
 default 2048 would make every length here dense) with dense_below 0.
 
@@ -61,6 +61,10 @@ METHODS = {
     "head_max+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1),
     "head_max+recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=1),
     "head_max s16+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1, stride=16),
+    "row_recall g0.95": dict(gamma=0.95, budget_rule=2),
+    "row_recall g0.9": dict(gamma=0.9, budget_rule=2),
+    "head_max+row_recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=2),
+    "head_max+row_recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=2),
     "block_mean g0.9": dict(gamma=0.9, estimator=2, budget_rule=0),
     "static 0.25": dict(budget_fraction=0.25),
 }

@@ -29,7 +29,7 @@ DENSE_CROSSOVER_TOKENS = 8192
 ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
 
 # Budget rules (`ProxyAttnConfig.budget_rule`): how a head's gamma budget is counted on its last query block.
-BUDGET_RULES = {0: "mass", 1: "recall"}
+BUDGET_RULES = {0: "mass", 1: "recall", 2: "row_recall"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class ProxyAttnConfig:
             the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the default: the
             shortest prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a
             head that attends where the proxy ranking does not look gets a larger budget; measured in
-            docs/accuracy.md).
+            docs/accuracy.md), 2 = "row_recall" (that prefix must hold gamma of the mass of every query row of the
+            head's last block, not only of their mean: larger budgets, never below rule 1). The TensorRT graph and
+            libproxyattn implement 0 and 1.
     """
 
     block_size: int = 128

@@ -16,6 +16,7 @@ __all__ = [
     "proxy_queries_keys",
     "proxy_scores",
     "last_block_mass",
+    "last_block_row_mass",
     "last_row_order",
     "head_budgets",
     "rule_budgets",
@@ -104,11 +105,11 @@ def proxy_scores(q, k, *, proxy_heads: int, block_size: int, stride: int, scale:
     return scores
 
 
-def last_block_mass(q, k, *, block_size: int, scale: float) -> torch.Tensor:
-    """Attention mass per key block of each head's last query block: `[B, Hq, Nb]` fp32, rows sum to 1.
+def last_block_row_mass(q, k, *, block_size: int, scale: float) -> torch.Tensor:
+    """Attention mass per key block of every row of each head's last query block: `[B, Hq, rows, Nb]` fp32,
+    rows = min(block_size, S), each row sums to 1.
 
-    Softmax of the head's last `block_size` queries against all keys (causal), mean over those rows, summed per
-    key block.
+    Softmax of the head's last `block_size` queries against all keys (causal), summed per key block.
     """
     b, s, hq, _ = q.shape
     nb = _num_blocks(s, block_size)
@@ -118,8 +119,16 @@ def last_block_mass(q, k, *, block_size: int, scale: float) -> torch.Tensor:
     logits = torch.einsum("brhd,bkhd->bhrk", q.float()[:, rows], kx) * scale
     keys = torch.arange(s, device=q.device)
     logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
-    mass = torch.softmax(logits, dim=-1).mean(dim=2)  # [B, Hq, S]
-    return torch.nn.functional.pad(mass, (0, nb * block_size - s)).reshape(b, hq, nb, block_size).sum(-1)
+    probs = torch.softmax(logits, dim=-1)  # [B, Hq, rows, S]
+    return torch.nn.functional.pad(probs, (0, nb * block_size - s)).reshape(b, hq, last, nb, block_size).sum(-1)
+
+
+def last_block_mass(q, k, *, block_size: int, scale: float) -> torch.Tensor:
+    """Attention mass per key block of each head's last query block: `[B, Hq, Nb]` fp32, rows sum to 1.
+
+    The mean over the last block's rows of `last_block_row_mass`.
+    """
+    return last_block_row_mass(q, k, block_size=block_size, scale=scale).mean(dim=2)
 
 
 def last_row_order(scores: torch.Tensor, *, keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
@@ -137,19 +146,30 @@ def last_row_order(scores: torch.Tensor, *, keep_sink: bool, keep_diagonal: bool
     return out.to(scores.device)
 
 
-def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_order: torch.Tensor | None = None) -> torch.Tensor:
+def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_order: torch.Tensor | None = None,
+                 per_row: bool = False) -> torch.Tensor:
     """Per-head budgets as a number of key blocks `[B, Hq]` int32 (the fraction is that over Nb).
 
     Rule "mass" (the paper; last_order None): the smallest number of blocks whose cumulative mass, sorted
     descending, reaches gamma. Rule "recall" (last_order `[B, R, Nb]` given, see `last_row_order`): the smallest
     prefix of the shared ranking of the last query block (head h reads ranking h // (Hq / R)) whose blocks hold
     gamma of the head's own mass -- a head whose attention the shared ranking misses gets a larger budget.
-    Mass = `last_block_mass`. gamma = 1 keeps every block.
+    Mass = `last_block_mass`. Rule "row_recall" (last_order given, per_row True): the smallest prefix of that
+    ranking holding gamma of the mass of every row of the head's last query block (`last_block_row_mass`), so
+    no query row of that block keeps less than gamma of its attention; never below rule "recall".
+    gamma = 1 keeps every block.
     """
     b, s, hq, _ = q.shape
     nb = _num_blocks(s, block_size)
     if gamma >= 1.0:
         return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
+    if per_row:
+        assert last_order is not None, "rule row_recall needs the last row's ranking"
+        mass = last_block_row_mass(q, k, block_size=block_size, scale=scale)  # [B, Hq, rows, Nb]
+        order = last_order.repeat_interleave(hq // last_order.shape[1], dim=1).long()
+        ordered = mass.gather(-1, order.unsqueeze(2).expand_as(mass))
+        needed = ((ordered.cumsum(dim=-1) < gamma).sum(dim=-1) + 1).amax(dim=-1)
+        return needed.clamp(max=nb).to(torch.int32)
     mass = last_block_mass(q, k, block_size=block_size, scale=scale)
     if last_order is None:
         ordered = mass.sort(dim=-1, descending=True).values
@@ -163,11 +183,12 @@ def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_orde
 
 def rule_budgets(q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: int, keep_sink: bool,
                  keep_diagonal: bool) -> torch.Tensor:
-    """`head_budgets` under `budget_rule` (0: mass, 1: recall, reading the last row of `scores` `[B, R, Nb, Nb]`)."""
+    """`head_budgets` under `budget_rule` (0: mass; 1: recall and 2: row_recall, reading the last row of `scores`
+    `[B, R, Nb, Nb]`)."""
     last_order = None
-    if budget_rule == 1 and gamma < 1.0:
+    if budget_rule in (1, 2) and gamma < 1.0:
         last_order = last_row_order(scores, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
-    return head_budgets(q, k, block_size=block_size, gamma=gamma, scale=scale, last_order=last_order)
+    return head_budgets(q, k, block_size=block_size, gamma=gamma, scale=scale, last_order=last_order, per_row=budget_rule == 2)
 
 
 def fraction_budgets(batch: int, num_q_heads: int, num_blocks: int, fraction: float, device) -> torch.Tensor:

@@ -143,6 +143,26 @@ def budget_mismatches(got: torch.Tensor, mass: torch.Tensor, gamma: float, tol: 
     return int(bad.sum())
 
 
+def row_budget_mismatches(got: torch.Tensor, row_mass: torch.Tensor, gamma: float, order: torch.Tensor, tol: float = 1e-4) -> int:
+    """Heads whose budget breaks rule "row_recall" on the reference `row_mass` `[B, Hq, rows, Nb]` beyond ties.
+
+    A row needs the shortest prefix of `order` `[B, Hq, Nb]` whose mass reaches gamma; the head's budget is the
+    largest need over its rows with any mass. A budget is accepted when it lies between that budget counted at
+    gamma - tol and at gamma + tol (rounding moves a crossing that close to gamma).
+    """
+    mass = row_mass.double()
+    cum = mass.gather(-1, order.to(mass.device).long().unsqueeze(2).expand_as(mass)).cumsum(dim=-1)
+    nb = mass.shape[-1]
+    has_mass = cum[..., -1] > 0
+
+    def budget(g):
+        need = torch.where(has_mass, (cum < g).sum(dim=-1) + 1, 0)
+        return need.amax(dim=-1).clamp(max=nb)
+
+    got = got.to(cum.device, torch.int64)
+    return int(((got < budget(gamma - tol)) | (got > budget(gamma + tol))).sum())
+
+
 def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None, scores=None) -> int:
     """Rows (b, h, m) whose kept key blocks differ between `plan` and `ref_plan` by more than score ties.
 

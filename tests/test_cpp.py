@@ -165,13 +165,18 @@ def test_config_errors_name_the_value(lib, field, value, needle):
     assert lib.proxyattn_status_name(INVALID) == b"PROXYATTN_ERROR_INVALID_VALUE"
 
 
-def test_config_accepts_every_python_budget_rule(lib):
+def test_config_accepts_the_python_budget_rules_it_implements(lib):
+    """libproxyattn implements rules 0 and 1 and names them when refusing rule 2 ("row_recall", Python only)."""
     from proxyattn.config import BUDGET_RULES
 
     for rule in BUDGET_RULES:
         c = _default_config(lib)
         c.budget_rule = rule
-        assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS, lib.proxyattn_last_error()
+        status = lib.proxyattn_config_validate(C.byref(c))
+        if rule in (0, 1):
+            assert status == SUCCESS, lib.proxyattn_last_error()
+        else:
+            assert status == INVALID and b"allowed: 0 (mass), 1 (recall)" in lib.proxyattn_last_error()
 
 
 # ----------------------------------------------------------------------------------------------- workspace

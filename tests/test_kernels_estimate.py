@@ -20,7 +20,7 @@ from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
 from proxyattn.kernels import estimate_scores as es  # noqa: E402
 from proxyattn.kernels import estimate_select as esel  # noqa: E402
 from proxyattn.plan import compact_plan  # noqa: E402
-from proxyattn.testing import budget_mismatches, plan_mismatches, structured_qkv  # noqa: E402
+from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests need TRITON_INTERPRET=1 on the CPU")
@@ -185,6 +185,25 @@ def test_recall_budgets_match_reference(case):
     assert (got.long() >= eb.head_budgets(q, k, cfg.replace(budget_rule=0), scale).long()).all()
 
 
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_row_recall_budgets_match_reference(case):
+    """budget_rule 2: every row's mass of the last block (kernel, ROWS) and the longest prefix any row needs."""
+    kind, b, s, hq, hkv, d, bs, gamma, dt = case
+    q, k = _inputs(kind, b, s, hq, hkv, d, DTYPES[dt], seed=s + 3)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, proxy_heads=hkv, budget_rule=2)
+    scale = 1.0 / math.sqrt(d)
+    ref_rows = reference.last_block_row_mass(q, k, block_size=bs, scale=scale)
+    rows = eb._launch_mass(q, k, None, b, s, bs, scale, rows=True)
+    assert_close(rows[:, :, : ref_rows.shape[2]], ref_rows, "fp32", what=f"row mass {case}")
+    assert rows[:, :, ref_rows.shape[2]:].eq(0).all()  # rows past a sequence shorter than one block
+    scores = es.proxy_scores(q, k, cfg, scale)
+    got = eb.head_budgets(q, k, cfg, scale, scores=scores)
+    order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // hkv, dim=1)
+    assert got.dtype == torch.int32 and got.shape == (b, hq)
+    assert row_budget_mismatches(got, ref_rows, gamma, order) == 0, got.tolist()
+    assert (got.long() >= eb.head_budgets(q, k, cfg.replace(budget_rule=1), scale, scores=scores).long()).all()
+
+
 def test_recall_budgets_order_forced_blocks_by_exact_score():
     """Sink and diagonal scores 4e-8 apart: the diagonal (higher) comes first, as in reference.last_row_order."""
     nb = 4
@@ -314,11 +333,12 @@ def test_varlen_scores_budgets_and_plan():
     assert plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks, rows=rows, seq_blocks=[-(-n // bs) for n in lengths]) == 0
 
 
-def test_varlen_recall_budgets_match_each_sequence():
+@pytest.mark.parametrize("rule", [1, 2])
+def test_varlen_recall_budgets_match_each_sequence(rule):
     lengths, hq, hkv, d, bs = [300, 70, 520, 0], 4, 2, 64, 64
     q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=12)
     cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128,
-                          dense_below_tokens=100, budget_rule=1)
+                          dense_below_tokens=100, budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
     scores = es.proxy_scores_varlen(q, k, cu, 520, cfg, scale)
     budgets = eb.head_budgets_varlen(q, k, cu, 520, cfg, scale, scores=scores)
@@ -330,8 +350,12 @@ def test_varlen_recall_budgets_match_each_sequence():
             continue
         qi, ki = q[None, lo : lo + n], k[None, lo : lo + n]
         order = reference.last_row_order(scores[i : i + 1, :, :nbi, :nbi], keep_sink=True, keep_diagonal=True)
-        mass = _ref_mass(qi, ki, bs, scale)
-        assert budget_mismatches(budgets[i : i + 1], mass, cfg.gamma, order=order.repeat_interleave(2, dim=1)) == 0
+        if rule == 1:
+            mass = _ref_mass(qi, ki, bs, scale)
+            assert budget_mismatches(budgets[i : i + 1], mass, cfg.gamma, order=order.repeat_interleave(2, dim=1)) == 0
+        else:
+            rows = reference.last_block_row_mass(qi, ki, block_size=bs, scale=scale)
+            assert row_budget_mismatches(budgets[i : i + 1], rows, cfg.gamma, order.repeat_interleave(2, dim=1)) == 0
         want = nbi if n <= cfg.dense_below_tokens else budgets[i]
         assert plan.budget_blocks[i].eq(want).all(), (i, plan.budget_blocks[i], want)
 

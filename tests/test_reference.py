@@ -179,6 +179,67 @@ def test_recall_budget_grows_for_a_head_the_ranking_misses():
     assert recall[0, 0] == nb
 
 
+def brute_row_recall_budgets(q, k, scores, block_size, gamma, scale, keep_sink, keep_diagonal):
+    """Rule "row_recall" by hand: per row of the last block, its float64 mass accumulated along the last row's
+    ranking (forced blocks first); the head needs the longest prefix any row needs."""
+    b, s, hq, _ = q.shape
+    rep, rep_r = hq // k.shape[2], hq // scores.shape[1]
+    nb = math.ceil(s / block_size)
+    out = torch.zeros(b, hq, dtype=torch.int64)
+    for bi in range(b):
+        for h in range(hq):
+            row = scores[bi, h // rep_r, nb - 1].tolist()
+            forced = sorted({n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep}, key=lambda n: (-row[n], n))
+            ranking = forced + sorted((n for n in range(nb) if n not in forced), key=lambda n: (-row[n], n))
+            for r in range(max(0, s - block_size), s):
+                p = torch.softmax(k[bi, : r + 1, h // rep].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
+                mass = [0.0] * nb
+                for j in range(r + 1):
+                    mass[j // block_size] += p[j]
+                total, n_kept = 0.0, 0
+                for j in ranking:
+                    if total < gamma:
+                        total += mass[j]
+                        n_kept += 1
+                out[bi, h] = max(int(out[bi, h]), n_kept)
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s))
+@pytest.mark.parametrize("gamma", [0.5, 0.9])
+@pytest.mark.parametrize("forced", [(True, True), (False, False)], ids=["forced", "unforced"])
+def test_row_recall_budgets_brute_force(shape, gamma, forced):
+    b, s, hq, hkv, d, bs = shape
+    q, k, _ = make_qkv(b, s, hq, hkv, d, seed=4, temperature=4.0)
+    scale = 1 / math.sqrt(d)
+    scores = ref.proxy_scores(q, k, proxy_heads=hkv, block_size=bs, stride=4, scale=scale)
+    got = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=2, keep_sink=forced[0], keep_diagonal=forced[1])
+    want = brute_row_recall_budgets(q, k, scores, bs, gamma, scale, *forced)
+    assert torch.equal(got.long(), want), (got, want)
+    # Every row holding gamma implies their mean does: never below rule "recall".
+    recall = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=1, keep_sink=forced[0], keep_diagonal=forced[1])
+    assert (got >= recall).all()
+
+
+def test_row_recall_budget_covers_a_single_row_the_mean_hides():
+    """One row of head 0's last block attends to key block 1 only, the others to the diagonal block: the mean
+    reaches gamma 0.9 without block 1 (rule "recall": 1 block), every row only with it (rule "row_recall")."""
+    s, d, bs = 256, 64, 64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, s, 1, d, generator=g) * 0.01
+    k = torch.randn(1, s, 1, d, generator=g) * 0.01
+    far, near = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    k[0, 64:128, 0] += far * 4
+    k[0, 192:, 0] += near * 4
+    q[0, -bs:, 0] = near * 4
+    q[0, -1, 0] = far * 4  # the last row looks far back
+    scale = 1 / math.sqrt(d)
+    order = torch.tensor([[[3, 0, 2, 1]]])  # block 1 last in the shared ranking
+    recall = ref.head_budgets(q, k, block_size=bs, gamma=0.9, scale=scale, last_order=order)
+    rows = ref.head_budgets(q, k, block_size=bs, gamma=0.9, scale=scale, last_order=order, per_row=True)
+    assert recall[0, 0] == 1 and rows[0, 0] == 4
+
+
 def test_block_counts_formula():
     nb = 10
     budget = torch.tensor([[1, 3, 10]], dtype=torch.int32)

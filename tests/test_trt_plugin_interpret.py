@@ -220,11 +220,14 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     assert_close(out.transpose(1, 2), ref, "fp16", what="engine graph output")
 
 
-def test_estimators_without_a_plugin_are_refused():
+def test_estimators_and_budget_rules_without_a_plugin_are_refused():
     from plugins.tensorrt.graph import to_tensorrt_graph
 
     model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, estimator=1), 0.125)
     with pytest.raises(ValueError, match=r"pa_estimator=1 has no TensorRT plugin; allowed: 0"):
+        to_tensorrt_graph(model, max_seq_len=1024)
+    model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, budget_rule=2), 0.125)
+    with pytest.raises(ValueError, match=r"pa_budget_rule=2 has no TensorRT plugin; allowed: 0 \(mass\), 1 \(recall\)"):
         to_tensorrt_graph(model, max_seq_len=1024)
 
 

@@ -73,6 +73,11 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
             f"node {node.name!r}: pa_estimator={config.estimator} has no TensorRT plugin; allowed: 0 (the proxy-head "
             "estimator of the ProxyScores plugin)"
         )
+    if config.budget_rule not in (0, 1) and config.budget_fraction is None and config.gamma < 1.0:
+        raise ValueError(
+            f"node {node.name!r}: pa_budget_rule={config.budget_rule} has no TensorRT plugin; allowed: 0 (mass), "
+            "1 (recall) (the ProxyMass plugin writes each head's mean over its last-block rows)"
+        )
     q, k, v = node.input
     b = _Builder(node.name or "proxy_attention", graph)
     i64 = np.int64

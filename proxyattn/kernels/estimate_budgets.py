@@ -3,7 +3,8 @@
 For every query head: softmax of its last `block_size` queries against all keys (causal), mean over those rows,
 summed per key block; the budget is the smallest number of blocks whose cumulative mass reaches gamma, in
 descending mass order (budget_rule 0, the paper) or in the order of the last query block's shared ranking
-(budget_rule 1, "recall") (`proxyattn.reference.head_budgets`).
+(budget_rule 1, "recall"); budget_rule 2 ("row_recall") keeps the mass of every row and takes the largest
+prefix any row needs (`proxyattn.reference.head_budgets`).
 
 Layers: `_budget_kernel` (jit, two passes selected by PASS) -> `_launch_budgets` (allocate, grid) ->
 `head_budgets` / `head_budgets_varlen` (checks, shapes).
@@ -12,7 +13,7 @@ The keys are split into chunks of key blocks so that B * Hq * chunks programs fi
 only its 128 rows). Programs are ordered with the query heads of one KV head adjacent, so their shared K tiles
 come from L2. PASS 0 writes each chunk's online row max and sum; torch combines them into each row's
 log-sum-exp (`[B, Hq, chunks, block_size]`, small); PASS 1 recomputes the logits and writes the attention mass of
-every key block, `[B, Hq, Nb]`. Sort, cumulative sum and count are torch ops on the device. The dots take the
+every key block, `[B, Hq, Nb]` (or, with ROWS, of every row and key block, `[B, Hq, block_size, Nb]`). Sort, cumulative sum and count are torch ops on the device. The dots take the
 inputs in their own dtype (fp16/bf16 operands, fp32 accumulation): the reference's products exactly, summed in
 another order.
 """
@@ -49,6 +50,15 @@ def _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, q
 
 
 @triton.jit
+def _store_mass(mass_row, n, p, inv_rows, ROWS: tl.constexpr):
+    """Store the probabilities `p` [rows, keys] of key block n: per row (ROWS) or their mean over the rows."""
+    if ROWS:
+        tl.store(mass_row + n, tl.sum(p, axis=1))
+    else:
+        tl.store(mass_row + n, tl.sum(tl.sum(p, axis=1), axis=0) * inv_rows)
+
+
+@triton.jit
 def _budget_kernel(
     q_ptr, k_ptr, cu_ptr, mstat_ptr, lstat_ptr, lse_ptr, mass_ptr,
     seq_len, nb_max, num_q_heads, qk_scale,
@@ -56,7 +66,7 @@ def _budget_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd,
     GROUP: tl.constexpr, NCHUNK: tl.constexpr, CB: tl.constexpr, BS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, PASS: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -105,18 +115,19 @@ def _budget_kernel(
         lse = tl.load(lse_ptr + bh.to(tl.int64) * BS + offs_r)  # log2 units; -inf on unused rows
         lse = tl.where(row_ok, lse, float("inf"))  # unused rows then give exp2(-inf) = 0
         inv_rows = 1.0 / n_rows.to(tl.float32)
-        mass_row = mass_ptr + bh.to(tl.int64) * nb_max
+        if ROWS:  # [B*Hq, BS, nb_max]: row r's mass of key block n at r * nb_max + n
+            mass_row = mass_ptr + bh.to(tl.int64) * BS * nb_max + offs_r.to(tl.int64) * nb_max
+        else:  # [B*Hq, nb_max]
+            mass_row = mass_ptr + bh.to(tl.int64) * nb_max
         for n in range(n_lo, n_full):
             s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            p = tl.exp2(s - lse[:, None])
-            tl.store(mass_row + n, tl.sum(tl.sum(p, axis=1), axis=0) * inv_rows)
+            _store_mass(mass_row, n, tl.exp2(s - lse[:, None]), inv_rows, ROWS)
         for n in range(n_full, n_hi):
             s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-            p = tl.exp2(s - lse[:, None])
-            tl.store(mass_row + n, tl.sum(tl.sum(p, axis=1), axis=0) * inv_rows)
+            _store_mass(mass_row, n, tl.exp2(s - lse[:, None]), inv_rows, ROWS)
         # Key blocks of this chunk past the sequence's end (packed batches) hold no mass.
         for n in range(tl.maximum(n_hi, n_lo), tl.minimum(n_lo + CB, nb_max)):
-            tl.store(mass_row + n, 0.0)
+            _store_mass(mass_row, n, tl.zeros([BS, BS], dtype=tl.float32), inv_rows, ROWS)
 
 
 def _chunk_blocks(nb: int, programs_per_chunk: int, device) -> int:
@@ -125,9 +136,11 @@ def _chunk_blocks(nb: int, programs_per_chunk: int, device) -> int:
     return -(-nb // chunks)
 
 
-def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, scale: float, *, mass=None, cb: int | None = None):
+def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, scale: float, *, mass=None, cb: int | None = None,
+                 rows: bool = False):
     """Attention mass per key block of each head's last query block: float32 `[B, Hq, Nb]` (rows sum to 1 over
-    the sequence's blocks; blocks past a packed sequence's end hold 0)."""
+    the sequence's blocks; blocks past a packed sequence's end hold 0), or with `rows` that of every row of the
+    block, `[B, Hq, block_size, Nb]` (rows past a sequence shorter than one block hold 0)."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs = block_size
@@ -137,16 +150,17 @@ def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, sc
     dev = q.device
     mstat = torch.empty(batch * hq, nchunk, bs, device=dev, dtype=torch.float32)
     lstat = torch.empty_like(mstat)
+    shape = (batch, hq, bs, nb) if rows else (batch, hq, nb)
     if mass is None:
-        mass = torch.empty(batch, hq, nb, device=dev, dtype=torch.float32)
-    assert mass.shape == (batch, hq, nb) and mass.is_contiguous()
+        mass = torch.empty(shape, device=dev, dtype=torch.float32)
+    assert mass.shape == shape and mass.is_contiguous()
     block_d = triton.next_power_of_2(d)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     upcast = interpreting() and q.dtype == torch.bfloat16
     grid = (batch * hq, nchunk)
     num_warps = 8 if block_d >= 128 else 4
     common = dict(GROUP=hq // hkv, NCHUNK=nchunk, CB=cb, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=varlen,
-                  DOT_PREC=prec, UPCAST=upcast, num_warps=num_warps, num_stages=2)
+                  DOT_PREC=prec, UPCAST=upcast, ROWS=rows, num_warps=num_warps, num_stages=2)
     cu = cu_seqlens if varlen else mstat
     args = (seq_len, nb, hq, scale * _LOG2E, *sq, *sk)
     _budget_kernel[grid](q, k, cu, mstat, lstat, mstat, mass, *args, PASS=0, **common)
@@ -165,14 +179,10 @@ def _budgets_from_mass(mass: torch.Tensor, gamma: float, nb_seq) -> torch.Tensor
     return torch.minimum(needed, nb_seq).to(torch.int32)
 
 
-def _recall_budgets(mass: torch.Tensor, scores: torch.Tensor, cfg: ProxyAttnConfig, nb_seq: torch.Tensor) -> torch.Tensor:
-    """Rule "recall": the shortest prefix of the last query block's shared ranking (row Nb_b - 1 of the scores,
-    forced blocks first, then descending score, ties to the lower index) holding gamma of each head's mass.
-
-    mass `[B, Hq, Nb]`, scores `[B, R, Nb, Nb]`, nb_seq int64 `[B]` (blocks of each sequence).
-    """
+def _last_order(scores: torch.Tensor, cfg: ProxyAttnConfig, nb_seq: torch.Tensor) -> torch.Tensor:
+    """The last query block's shared ranking, int64 `[B, R, Nb]`: row Nb_b - 1 of the scores, forced blocks
+    first, then descending score, ties to the lower index (`reference.last_row_order`); nb_seq int64 `[B]`."""
     b, r, nb, _ = scores.shape
-    hq = mass.shape[1]
     cols = torch.arange(nb, device=scores.device)
     last = (nb_seq.clamp_min(1) - 1).reshape(b, 1, 1, 1).expand(b, r, 1, nb)
     row = scores.gather(2, last).squeeze(2).float()  # [B, R, Nb]
@@ -185,10 +195,29 @@ def _recall_budgets(mass: torch.Tensor, scores: torch.Tensor, cfg: ProxyAttnConf
     # Lexicographic (forced first, then descending score, then lower index): two stable sorts.
     by_score = torch.sort(torch.where(visible, row, float("-inf")), dim=-1, descending=True, stable=True).indices
     first = torch.sort((forced & visible).gather(-1, by_score).to(torch.int8), dim=-1, descending=True, stable=True).indices
-    order = by_score.gather(-1, first)
-    ordered = mass.gather(-1, order.repeat_interleave(hq // r, dim=1))
-    ordered = torch.where(cols < nb_seq.reshape(b, 1, 1), ordered, 0.0)
-    needed = (ordered.cumsum(dim=-1) < cfg.gamma).sum(dim=-1) + 1
+    return by_score.gather(-1, first)
+
+
+def _recall_budgets(mass: torch.Tensor, scores: torch.Tensor, cfg: ProxyAttnConfig, nb_seq: torch.Tensor) -> torch.Tensor:
+    """Rule "recall": the shortest prefix of the last query block's shared ranking (`_last_order`) holding gamma
+    of each head's mass. Rule "row_recall" (mass `[B, Hq, rows, Nb]`, per row): the longest such prefix over the
+    rows with any mass.
+
+    mass `[B, Hq, Nb]` or `[B, Hq, rows, Nb]`, scores `[B, R, Nb, Nb]`, nb_seq int64 `[B]` (blocks of each sequence).
+    """
+    b, r, nb, _ = scores.shape
+    hq = mass.shape[1]
+    order = _last_order(scores, cfg, nb_seq).repeat_interleave(hq // r, dim=1)  # [B, Hq, Nb]
+    per_row = mass.dim() == 4
+    if per_row:
+        order = order.unsqueeze(2).expand_as(mass)
+    cols = torch.arange(nb, device=scores.device)
+    ordered = mass.gather(-1, order)
+    ordered = torch.where(cols < nb_seq.reshape((b,) + (1,) * (mass.dim() - 1)), ordered, 0.0)
+    cum = ordered.cumsum(dim=-1)
+    needed = (cum < cfg.gamma).sum(dim=-1) + 1
+    if per_row:  # rows without mass (past a sequence shorter than one block) need nothing
+        needed = torch.where(cum[..., -1] > 0, needed, 0).amax(dim=-1)
     return torch.minimum(needed, nb_seq.reshape(b, 1)).to(torch.int32)
 
 
@@ -202,7 +231,7 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> to
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
-        scores: `[B, R, Nb, Nb]` block scores, needed by budget_rule 1 ("recall") only.
+        scores: `[B, R, Nb, Nb]` block scores, needed by budget_rules 1 ("recall") and 2 ("row_recall").
     With cfg.budget_fraction set, every head gets ceil(budget_fraction * Nb) blocks.
     """
     b, s, hq, _ = q.shape
@@ -211,9 +240,9 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> to
         return _fraction_budgets(torch.full((b,), nb, device=q.device, dtype=torch.int64), hq, cfg.budget_fraction)
     if cfg.gamma >= 1.0:
         return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
-    mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale)
-    if cfg.budget_rule == 1:
-        assert scores is not None, "budget_rule 1 needs scores"
+    mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale, rows=cfg.budget_rule == 2)
+    if cfg.budget_rule in (1, 2):
+        assert scores is not None, f"budget_rule {cfg.budget_rule} needs scores"
         return _recall_budgets(mass, scores, cfg, torch.full((b,), nb, device=q.device, dtype=torch.int64))
     return _budgets_from_mass(mass, cfg.gamma, torch.full((1, 1), nb, device=q.device, dtype=torch.int64))
 
@@ -236,7 +265,7 @@ def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig,
 
     Args:
         q: `[T, Hq, D]`, k: `[T, Hkv, D]`; cu_seqlens int32 `[B+1]`; max_seqlen host int >= every length.
-        scores: `[B, R, Nb, Nb]` (`proxy_scores_varlen`), needed by budget_rule 1 ("recall") only.
+        scores: `[B, R, Nb, Nb]` (`proxy_scores_varlen`), needed by budget_rules 1 ("recall") and 2 ("row_recall").
     """
     bsz = cu_seqlens.shape[0] - 1
     hq = q.shape[1]
@@ -245,8 +274,8 @@ def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig,
         return _fraction_budgets(nb_seq, hq, cfg.budget_fraction)
     if cfg.gamma >= 1.0:
         return nb_seq[:, None].expand(-1, hq).to(torch.int32).contiguous()
-    mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale)
-    if cfg.budget_rule == 1:
-        assert scores is not None, "budget_rule 1 needs scores"
+    mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale, rows=cfg.budget_rule == 2)
+    if cfg.budget_rule in (1, 2):
+        assert scores is not None, f"budget_rule {cfg.budget_rule} needs scores"
         return _recall_budgets(mass, scores, cfg, nb_seq)
     return _budgets_from_mass(mass, cfg.gamma, nb_seq[:, None])

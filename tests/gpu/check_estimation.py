@@ -45,7 +45,7 @@ from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
 from proxyattn.kernels import estimate_scores as es  # noqa: E402
 from proxyattn.kernels import estimate_select as esel  # noqa: E402
 from proxyattn.plan import compact_plan  # noqa: E402
-from proxyattn.testing import budget_mismatches, plan_mismatches, structured_qkv  # noqa: E402
+from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
 
 ref_scores_fn = None  # set below (ref_scores)
 RESULTS: list[dict] = []
@@ -146,7 +146,18 @@ def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloa
     if rule == 1:  # the mass along the last row's ranking of the GPU's own scores
         order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // g, dim=1)
         assert (budgets >= proxyattn.head_budgets(q, k, cfg.replace(budget_rule=0), scale=scale)).all()
-    bad_b = budget_mismatches(budgets, rmass, gamma, order=order)
+    if rule == 2:  # every row's mass of the last block, and the longest prefix any row needs
+        order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // g, dim=1)
+        rows = eb._launch_mass(q, k, None, b, s, bs, scale, rows=True)
+        rep = hq // hkv  # one KV head (and its query heads) at a time bounds the reference's memory
+        rrows = torch.cat([reference.last_block_row_mass(q[:, :, j * rep : (j + 1) * rep], k[:, :, j : j + 1], block_size=bs, scale=scale)
+                           for j in range(hkv)], dim=1)
+        rrel, rmx = rel_err(rows[:, :, : rrows.shape[2]], rrows)
+        assert rrel <= 1e-4 and rmx <= 1e-4, f"row mass rel {rrel:.2e} max abs {rmx:.2e}"
+        bad_b = row_budget_mismatches(budgets, rrows, gamma, order)
+        assert (budgets >= proxyattn.head_budgets(q, k, cfg.replace(budget_rule=1), scale=scale, scores=scores)).all()
+    else:
+        bad_b = budget_mismatches(budgets, rmass, gamma, order=order)
     assert bad_b == 0, f"{bad_b} budgets differ beyond ties"
     plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
     assert plan.budget_blocks.equal(budgets)
@@ -263,7 +274,9 @@ def recall_timings():
     for s in (32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
         for label, cfg in [("budget_rule=0", ProxyAttnConfig(budget_rule=0)), ("budget_rule=1", ProxyAttnConfig(budget_rule=1)),
+                           ("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
                            ("head_max stride 4", ProxyAttnConfig(estimator=1)),
+                           ("head_max+row_recall stride 4", ProxyAttnConfig(estimator=1, budget_rule=2)),
                            ("head_max stride 16", ProxyAttnConfig(estimator=1, stride=16)),
                            ("head_max stride 32", ProxyAttnConfig(estimator=1, stride=32))]:
             ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
@@ -360,6 +373,8 @@ def main():
             cases = [c for c in cases if c[2] in (4096, 8192 + 77, 32768, 131072)]
         for c in cases:
             record("recall case " + "-".join(map(str, c)), lambda c=c: check_case(*c, rule=1))
+        for c in dict.fromkeys(cases[:2] + cases[-1:]):
+            record("row_recall case " + "-".join(map(str, c)), lambda c=c: check_case(*c, rule=2))
         record("recall varlen packed batch", lambda: check_varlen(small=args.smoke, rule=1))
         if not args.smoke:
             for hm in [(8192, 32, 8, 128, 4, 1, 11), (8192 + 77, 16, 2, 64, 16, 2, 12), (32768, 32, 8, 128, 16, 1, 13), (16384, 4, 1, 256, 4, 1, 14)]:
