@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Where the copy loss of a sparse plan comes from: oracle block selections on Gemma-3-270M's long-range copy.
+
+The copy task of `benchmarks/accuracy.py` (`[bos] R R`, loss on the second copy), fp32 on the CPU. The model's
+full-attention layers run `reference.block_sparse_attention` with a block mask from one of:
+
+* `plan <name>`: `plan_blocks` with an accuracy.py method (estimated ranking, estimated budgets);
+* `oracle mean g`: per (head, query block) the fewest key blocks holding gamma of the block's exact attention
+  mass (mean over its rows), best blocks first -- what any estimator of the mean-mass rule could at best do;
+* `oracle rows g`: per (head, query block) the shortest prefix of the exact mean-mass ranking that holds gamma
+  of the mass of every row of the block;
+* `oracle rank + plan counts <name>`: the plan's per-row block counts, filled in the exact mean-mass order;
+* `plan rank + oracle-rows counts <name>`: the plan's ranking, cut at the counts of `oracle rows 0.95`.
+
+Sink and diagonal blocks are always kept. Block 128. Density = kept / causal blocks, mean over layers and heads.
+
+    python3 benchmarks/oracle_copy.py --length 4096 --copies 2 --out benchmarks/results
+
+Writes `oracle_copy_gemma3-270m_<L>.json` (atomically, after every experiment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import accuracy as acc  # noqa: E402
+import proxyattn.hf as hf  # noqa: E402
+from proxyattn import ProxyAttnConfig, plan_blocks, reference  # noqa: E402
+from proxyattn.plan import BlockPlan  # noqa: E402
+from proxyattn.weights import load_model, load_tokenizer  # noqa: E402
+
+BS = 128
+_state = {"mask_fn": None, "densities": []}
+
+
+def row_block_mass(q, k, scale, m):
+    """Exact attention mass of query block m's rows per key block: `[B, Hq, rows, m+1]` fp32."""
+    b, s, hq, _ = q.shape
+    lo, hi = m * BS, min(s, (m + 1) * BS)
+    kx = reference._expand_kv(k.float(), hq)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q[:, lo:hi].float(), kx[:, :hi]) * scale
+    logits = logits.masked_fill(~reference._causal_rows(lo, hi, hi, q.device), float("-inf"))
+    p = torch.nn.functional.pad(torch.softmax(logits, dim=-1), (0, (m + 1) * BS - hi))
+    return p.reshape(b, hq, hi - lo, m + 1, BS).sum(-1)
+
+
+def oracle(q, k, scale, gamma: float, per_row: bool):
+    """Bool block mask `[B, Hq, Nb, Nb]` of the oracle rules (see the module docstring)."""
+    b, s, hq, _ = q.shape
+    nb = -(-s // BS)
+    keep = torch.zeros(b, hq, nb, nb, dtype=torch.bool)
+    for m in range(nb):
+        rows = row_block_mass(q, k, scale, m)
+        order = rows.mean(2).argsort(dim=-1, descending=True)
+        cum = rows.gather(-1, order[:, :, None].expand_as(rows)).cumsum(-1)  # [B, Hq, rows, m+1]
+        if per_row:
+            need = ((cum < gamma).sum(-1) + 1).amax(-1)
+        else:
+            need = (cum.mean(2) < gamma).sum(-1) + 1
+        sel = torch.arange(m + 1)[None, None] < need.clamp(max=m + 1)[..., None]
+        keep[:, :, m, : m + 1] = torch.zeros_like(sel).scatter(-1, order, sel)
+    keep[..., 0] = True
+    keep |= torch.eye(nb, dtype=torch.bool)
+    return keep & torch.ones(nb, nb, dtype=torch.bool).tril()
+
+
+def exact_order_mask(q, k, scale, counts):
+    """Keep counts[b, h, m] blocks per row in exact mean-mass order (sink and diagonal first)."""
+    b, s, hq, _ = q.shape
+    nb = -(-s // BS)
+    keep = torch.zeros(b, hq, nb, nb, dtype=torch.bool)
+    for m in range(nb):
+        key = row_block_mass(q, k, scale, m).mean(2)
+        key[..., 0] += 2.0
+        key[..., m] += 3.0
+        order = key.argsort(dim=-1, descending=True)
+        sel = torch.arange(m + 1)[None, None] < counts[:, :, m, None]
+        keep[:, :, m, : m + 1] = torch.zeros_like(sel).scatter(-1, order, sel)
+    return keep
+
+
+def experiments(min_budget: int) -> dict:
+    def cfg(name):
+        return ProxyAttnConfig(min_budget_tokens=min_budget, dense_below_tokens=0, block_size=BS, **acc.METHODS[name])
+
+    def plan_mask(name):
+        return lambda q, k, s: plan_blocks(q, k, cfg(name), scale=s).to_mask()
+
+    def oracle_rank_plan_counts(name):
+        return lambda q, k, s: exact_order_mask(q, k, s, plan_blocks(q, k, cfg(name), scale=s).counts)
+
+    def plan_rank_oracle_counts(name):
+        def f(q, k, s):
+            plan = plan_blocks(q, k, cfg(name), scale=s)
+            counts = oracle(q, k, s, 0.95, per_row=True).sum(-1).to(torch.int32)
+            return BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, plan.seq_len).to_mask()
+        return f
+
+    return {
+        "dense": None,
+        "plan head_max+recall g0.95": plan_mask("head_max+recall g0.95"),
+        "plan head_max+row_recall g0.95": plan_mask("head_max+row_recall g0.95"),
+        "oracle mean 0.95": lambda q, k, s: oracle(q, k, s, 0.95, per_row=False),
+        "oracle mean 0.98": lambda q, k, s: oracle(q, k, s, 0.98, per_row=False),
+        "oracle rows 0.95": lambda q, k, s: oracle(q, k, s, 0.95, per_row=True),
+        "oracle rank + plan counts head_max+recall g0.95": oracle_rank_plan_counts("head_max+recall g0.95"),
+        "plan rank + oracle-rows counts head_max+recall g0.95": plan_rank_oracle_counts("head_max+recall g0.95"),
+    }
+
+
+def masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window)
+    if path != "sparse" or _state["mask_fn"] is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    mask = _state["mask_fn"](q, k, scaling)
+    nb = mask.shape[-1]
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=mask.device).tril()
+    _state["densities"].append(float(((mask & causal).sum((-1, -2)).float() / causal.sum()).mean()))
+    out, _ = reference.block_sparse_attention(q, k, v, mask, block_size=BS, scale=scaling)
+    return out.to(query.dtype), None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--min-budget", type=int, default=256)
+    ap.add_argument("--only", default=None, help="comma list of experiment names (default: all)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("oracle_copy", masked_attention)
+    AttentionMaskInterface.register("oracle_copy", sdpa_mask)
+    tok = load_tokenizer("gemma3-270m")
+    model = load_model("gemma3-270m", device="cpu", dtype=torch.float32)
+    model.set_attn_implementation("oracle_copy")
+    ids, c0 = acc.copy_batch(tok, args.length, args.copies, seed=args.length)
+    exps = experiments(args.min_budget)
+    names = list(exps) if args.only is None else ["dense"] + [n for n in args.only.split(",") if n != "dense"]
+    for n in names:
+        if n not in exps:
+            raise SystemExit(f"unknown experiment {n!r}; known: {list(exps)}")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    result = {"what": "oracle block selections on the copy task (benchmarks/oracle_copy.py docstring)", "model": "gemma3-270m",
+              "device": f"CPU ({os.cpu_count()} cores), float32, fp32 reference", "commit": commit,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python3 benchmarks/oracle_copy.py " + " ".join(sys.argv[1:]), "seq_len": args.length,
+              "copies": args.copies, "rows": []}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"oracle_copy_gemma3-270m_{args.length}.json")
+    dense = None
+    for n in names:
+        t = time.time()
+        _state["mask_fn"], _state["densities"] = exps[n], []
+        losses = []
+        with torch.no_grad():
+            for i in range(args.copies):
+                hid = model.model(ids[i : i + 1], use_cache=False).last_hidden_state
+                losses.append(acc.token_losses(model, hid, ids[i : i + 1])[:, c0 - 1 :].mean().item())
+        loss = sum(losses) / len(losses)
+        dense = loss if n == "dense" else dense
+        dens = sum(_state["densities"]) / len(_state["densities"]) if _state["densities"] else 1.0
+        result["rows"].append({"name": n, "copy_loss": loss, "x_dense": loss / dense, "density": dens,
+                               "per_seq": [round(x, 4) for x in losses], "seconds": round(time.time() - t, 1)})
+        print(f"[oracle] {n:55s} copy {loss:.4f} ({loss / dense:.3f}x dense) density {dens:.3f} ({time.time() - t:.0f} s)", flush=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
