@@ -87,7 +87,7 @@ def accuracy_table(d: dict, name: str) -> list[str]:
         for m, loss in c["copy_loss"].items():
             hits = c["passkey_hits"].get(m)
             bins = c["natural_loss_bins"].get(m)
-            dens = "1 (dense)" if m == "dense" else f"{c['density_copy'].get(m, float('nan')):.2f} / {c['density'].get(m, float('nan')):.2f}"
+            dens = "1 (dense)" if m == "dense" else f"{c.get('density_copy', {}).get(m, float('nan')):.2f} / {c.get('density', {}).get(m, float('nan')):.2f}"
             rel = f"{loss / dense:.2f}" if dense else "—"
             out.append(f"| {k(c['seq_len'])} | {m} | {loss:.3f} | {rel} | {'—' if hits is None else f'{sum(hits)}/{len(hits)}'} | "
                        f"{'—' if not bins else f'{sum(bins) / len(bins):.3f}'} | {dens} |")
@@ -108,10 +108,9 @@ def main() -> int:
         lines += ["### End-to-end prefill (Llama-3-8B architecture, random bf16 weights, batch 1)", ""]
     for name in prefill:
         lines += prefill_table(load(name), name) + [""]
-    for model in ("gemma3-270m", "smollm2"):
-        name = f"accuracy_{model}.json"
-        if name in files:
-            lines += [f"### Accuracy: {model}", ""] + accuracy_table(load(name), name) + [""]
+    for name in (f for f in files if f.startswith("accuracy_") and f.endswith(".json")):
+        title = name[len("accuracy_") : -len(".json")]
+        lines += [f"### Accuracy: {title}", ""] + accuracy_table(load(name), name) + [""]
     print("\n".join(lines))
     return 0
 

@@ -122,6 +122,22 @@ def test_head_budgets_brute_force(shape, gamma):
     assert torch.equal(got.long(), want), (got, want)
 
 
+def brute_ranking(row, nb, keep_sink, keep_diagonal):
+    """The last row's keep order by hand: forced blocks (sink, diagonal) first, each part by descending score."""
+    forced = sorted({n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep}, key=lambda n: (-row[n], n))
+    return forced + sorted((n for n in range(nb) if n not in forced), key=lambda n: (-row[n], n))
+
+
+def brute_prefix(mass, ranking, gamma):
+    """Blocks taken along `ranking` until their mass reaches gamma."""
+    total, n_kept = 0.0, 0
+    for j in ranking:
+        if total < gamma:
+            total += mass[j]
+            n_kept += 1
+    return n_kept
+
+
 def brute_recall_budgets(q, k, scores, block_size, gamma, scale, keep_sink, keep_diagonal):
     """Rule "recall" by hand: the head's mass accumulated along the last row's ranking (forced blocks first)."""
     b, s, hq, _ = q.shape
@@ -130,34 +146,9 @@ def brute_recall_budgets(q, k, scores, block_size, gamma, scale, keep_sink, keep
     out = torch.zeros(b, hq, dtype=torch.int64)
     for bi in range(b):
         for h in range(hq):
-            mass = brute_mass(q, k, bi, h, block_size, scale)
-            row = scores[bi, h // rep_r, nb - 1].tolist()
-            forced = [n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep]
-            forced = sorted(set(forced), key=lambda n: (-row[n], n))
-            rest = sorted((n for n in range(nb) if n not in forced), key=lambda n: (-row[n], n))
-            total, n_kept = 0.0, 0
-            for j in forced + rest:
-                if total < gamma:
-                    total += mass[j]
-                    n_kept += 1
-            out[bi, h] = n_kept
+            ranking = brute_ranking(scores[bi, h // rep_r, nb - 1].tolist(), nb, keep_sink, keep_diagonal)
+            out[bi, h] = brute_prefix(brute_mass(q, k, bi, h, block_size, scale), ranking, gamma)
     return out
-
-
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s))
-@pytest.mark.parametrize("gamma", [0.5, 0.9])
-@pytest.mark.parametrize("forced", [(True, True), (False, False)], ids=["forced", "unforced"])
-def test_recall_budgets_brute_force(shape, gamma, forced):
-    b, s, hq, hkv, d, bs = shape
-    q, k, _ = make_qkv(b, s, hq, hkv, d, seed=2, temperature=4.0)
-    scale = 1 / math.sqrt(d)
-    scores = ref.proxy_scores(q, k, proxy_heads=hkv, block_size=bs, stride=4, scale=scale)
-    order = ref.last_row_order(scores, keep_sink=forced[0], keep_diagonal=forced[1])
-    got = ref.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale, last_order=order)
-    want = brute_recall_budgets(q, k, scores, bs, gamma, scale, *forced)
-    assert torch.equal(got.long(), want), (got, want)
-    # Any ranking needs at least as many blocks as the head's own descending order (the paper's budget).
-    assert (got >= ref.head_budgets(q, k, block_size=bs, gamma=gamma, scale=scale)).all()
 
 
 def test_recall_budget_grows_for_a_head_the_ranking_misses():
@@ -188,37 +179,33 @@ def brute_row_recall_budgets(q, k, scores, block_size, gamma, scale, keep_sink, 
     out = torch.zeros(b, hq, dtype=torch.int64)
     for bi in range(b):
         for h in range(hq):
-            row = scores[bi, h // rep_r, nb - 1].tolist()
-            forced = sorted({n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep}, key=lambda n: (-row[n], n))
-            ranking = forced + sorted((n for n in range(nb) if n not in forced), key=lambda n: (-row[n], n))
+            ranking = brute_ranking(scores[bi, h // rep_r, nb - 1].tolist(), nb, keep_sink, keep_diagonal)
             for r in range(max(0, s - block_size), s):
                 p = torch.softmax(k[bi, : r + 1, h // rep].double() @ q[bi, r, h].double() * scale, dim=0).tolist()
                 mass = [0.0] * nb
                 for j in range(r + 1):
                     mass[j // block_size] += p[j]
-                total, n_kept = 0.0, 0
-                for j in ranking:
-                    if total < gamma:
-                        total += mass[j]
-                        n_kept += 1
-                out[bi, h] = max(int(out[bi, h]), n_kept)
+                out[bi, h] = max(int(out[bi, h]), brute_prefix(mass, ranking, gamma))
     return out
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s))
 @pytest.mark.parametrize("gamma", [0.5, 0.9])
 @pytest.mark.parametrize("forced", [(True, True), (False, False)], ids=["forced", "unforced"])
-def test_row_recall_budgets_brute_force(shape, gamma, forced):
+@pytest.mark.parametrize("rule", [1, 2], ids=["recall", "row_recall"])
+def test_ranking_rule_budgets_brute_force(shape, gamma, forced, rule):
     b, s, hq, hkv, d, bs = shape
-    q, k, _ = make_qkv(b, s, hq, hkv, d, seed=4, temperature=4.0)
+    q, k, _ = make_qkv(b, s, hq, hkv, d, seed=2, temperature=4.0)
     scale = 1 / math.sqrt(d)
     scores = ref.proxy_scores(q, k, proxy_heads=hkv, block_size=bs, stride=4, scale=scale)
-    got = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=2, keep_sink=forced[0], keep_diagonal=forced[1])
-    want = brute_row_recall_budgets(q, k, scores, bs, gamma, scale, *forced)
+    brute = brute_recall_budgets if rule == 1 else brute_row_recall_budgets
+    got = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule, keep_sink=forced[0], keep_diagonal=forced[1])
+    want = brute(q, k, scores, bs, gamma, scale, *forced)
     assert torch.equal(got.long(), want), (got, want)
-    # Every row holding gamma implies their mean does: never below rule "recall".
-    recall = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=1, keep_sink=forced[0], keep_diagonal=forced[1])
-    assert (got >= recall).all()
+    # Rule 1: any ranking needs at least the head's own descending order (the paper's budget). Rule 2: every row
+    # holding gamma implies their mean does, so never below rule 1.
+    lower = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule - 1, keep_sink=forced[0], keep_diagonal=forced[1])
+    assert (got >= lower).all()
 
 
 def test_row_recall_budget_covers_a_single_row_the_mean_hides():

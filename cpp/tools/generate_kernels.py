@@ -160,7 +160,7 @@ def scores_variants(dims, blocks, strides):
 BUDGET_ARGS = (
     "q_ptr", "k_ptr", "cu_ptr", "mstat_ptr", "lstat_ptr", "lse_ptr", "mass_ptr", "seq_len", "nb_max", "num_q_heads",
     "qk_scale", "stride_qb", "stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kt", "stride_kh", "stride_kd",
-    "GROUP", "NCHUNK", "CB", "BS", "HEAD_DIM", "BLOCK_D", "VARLEN", "PASS", "DOT_PREC", "UPCAST",
+    "GROUP", "NCHUNK", "CB", "BS", "HEAD_DIM", "BLOCK_D", "VARLEN", "PASS", "DOT_PREC", "UPCAST", "ROWS",
 )
 
 
@@ -172,7 +172,7 @@ def budget_variants(dtypes, dims, blocks):
         types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", cu_ptr="*i32", mstat_ptr="*fp32", lstat_ptr="*fp32",
                      lse_ptr="*fp32", mass_ptr="*fp32", qk_scale="fp32")
         consts = dict(stride_qd=1, stride_kd=1, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=bool(varlen), PASS=pas,
-                      DOT_PREC="tf32", UPCAST=False)
+                      DOT_PREC="tf32", UPCAST=False, ROWS=False)
         for c in consts:
             types[c] = "constexpr"
         div16 = ("q_ptr", "k_ptr", "cu_ptr", "mstat_ptr", "lstat_ptr", "lse_ptr", "mass_ptr", "stride_qb", "stride_qt",

@@ -59,7 +59,7 @@ def trt_mass_stats(q_ptr, k_ptr, seq_len, mstat_ptr, lstat_ptr,
                    HQ * seq_len * D, D, seq_len * D, 1,
                    HKV * seq_len * D, D, seq_len * D, 1,
                    GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=0,
-                   DOT_PREC=DOT_PREC, UPCAST=False)
+                   DOT_PREC=DOT_PREC, UPCAST=False, ROWS=False)
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def trt_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
                    HQ * seq_len * D, D, seq_len * D, 1,
                    HKV * seq_len * D, D, seq_len * D, 1,
                    GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=1,
-                   DOT_PREC=DOT_PREC, UPCAST=False)
+                   DOT_PREC=DOT_PREC, UPCAST=False, ROWS=False)
 
 
 @triton.jit

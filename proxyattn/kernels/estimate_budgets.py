@@ -13,9 +13,9 @@ The keys are split into chunks of key blocks so that B * Hq * chunks programs fi
 only its 128 rows). Programs are ordered with the query heads of one KV head adjacent, so their shared K tiles
 come from L2. PASS 0 writes each chunk's online row max and sum; torch combines them into each row's
 log-sum-exp (`[B, Hq, chunks, block_size]`, small); PASS 1 recomputes the logits and writes the attention mass of
-every key block, `[B, Hq, Nb]` (or, with ROWS, of every row and key block, `[B, Hq, block_size, Nb]`). Sort, cumulative sum and count are torch ops on the device. The dots take the
-inputs in their own dtype (fp16/bf16 operands, fp32 accumulation): the reference's products exactly, summed in
-another order.
+every key block, `[B, Hq, Nb]` (or, with ROWS, of every row and key block, `[B, Hq, block_size, Nb]`). Sort,
+cumulative sum and count are torch ops on the device. The dots take the inputs in their own dtype (fp16/bf16
+operands, fp32 accumulation): the reference's products exactly, summed in another order.
 """
 
 from __future__ import annotations
