@@ -105,6 +105,9 @@ def test_estimator_dispatch_and_full_budget_oracle():
         plan = plan_blocks(q, k, cfg.replace(gamma=0.5))
         assert plan.order.shape[1] == (4 if e == 2 else 1)  # block_mean ranks per query head (R = Hq)
         assert plan.to_mask()[:, :, :, 0].all() and plan.to_mask().diagonal(dim1=-2, dim2=-1).all()
+        # Both ranking rules read this estimator's own ranking (R = G or Hq); row recall never keeps less.
+        rows = plan_blocks(q, k, cfg.replace(gamma=0.5, budget_rule=2))
+        assert (rows.budget_blocks >= plan.budget_blocks).all() and (rows.counts >= plan.counts).all()
 
 
 def test_estimator_validation_and_round_trip():
