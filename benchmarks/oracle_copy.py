@@ -10,7 +10,8 @@ full-attention layers run `reference.block_sparse_attention` with a block mask f
 * `oracle rows g`: per (head, query block) the shortest prefix of the exact mean-mass ranking that holds gamma
   of the mass of every row of the block;
 * `oracle rank + plan counts <name>`: the plan's per-row block counts, filled in the exact mean-mass order;
-* `plan rank + oracle-rows counts <name>`: the plan's ranking, cut at the counts of `oracle rows 0.95`.
+* `plan rank + oracle-rows counts <name>`: the plan's ranking, cut at the counts of `oracle rows 0.95`;
+* `plan <name> + previous block`: the plan plus key block m-1 in every query block m (a two-block local window).
 
 Sink and diagonal blocks are always kept. Block 128. Density = kept / causal blocks, mean over layers and heads.
 
@@ -107,6 +108,13 @@ def experiments(min_budget: int) -> dict:
             return BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, plan.seq_len).to_mask()
         return f
 
+    def with_previous(name):
+        def f(q, k, s):
+            mask = plan_blocks(q, k, cfg(name), scale=s).to_mask()
+            nb = mask.shape[-1]
+            return mask | torch.eye(nb, dtype=torch.bool, device=mask.device).roll(-1, dims=1).tril(-1)
+        return f
+
     return {
         "dense": None,
         "plan head_max+recall g0.95": plan_mask("head_max+recall g0.95"),
@@ -116,6 +124,10 @@ def experiments(min_budget: int) -> dict:
         "oracle rows 0.95": lambda q, k, s: oracle(q, k, s, 0.95, per_row=True),
         "oracle rank + plan counts head_max+recall g0.95": oracle_rank_plan_counts("head_max+recall g0.95"),
         "plan rank + oracle-rows counts head_max+recall g0.95": plan_rank_oracle_counts("head_max+recall g0.95"),
+        "plan recall g0.95": plan_mask("recall g0.95"),
+        "plan row_recall g0.95": plan_mask("row_recall g0.95"),
+        "plan recall g0.95 + previous block": with_previous("recall g0.95"),
+        "plan row_recall g0.95 + previous block": with_previous("row_recall g0.95"),
     }
 
 
@@ -141,6 +153,7 @@ def main() -> None:
     ap.add_argument("--min-budget", type=int, default=256)
     ap.add_argument("--only", default=None, help="comma list of experiment names (default: all)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default="", help="suffix of the output file name (runs of a subset)")
     args = ap.parse_args()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -166,7 +179,7 @@ def main() -> None:
               "command": "python3 benchmarks/oracle_copy.py " + " ".join(sys.argv[1:]), "seq_len": args.length,
               "copies": args.copies, "rows": []}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"oracle_copy_gemma3-270m_{args.length}.json")
+    path = os.path.join(args.out, f"oracle_copy_gemma3-270m_{args.length}{'_' + args.tag if args.tag else ''}.json")
     dense = None
     for n in names:
         t = time.time()
