@@ -166,18 +166,16 @@ def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_orde
     if per_row:
         assert last_order is not None, "rule row_recall needs the last row's ranking"
         mass = last_block_row_mass(q, k, block_size=block_size, scale=scale)  # [B, Hq, rows, Nb]
-        order = last_order.repeat_interleave(hq // last_order.shape[1], dim=1).long()
-        ordered = mass.gather(-1, order.unsqueeze(2).expand_as(mass))
-        needed = ((ordered.cumsum(dim=-1) < gamma).sum(dim=-1) + 1).amax(dim=-1)
-        return needed.clamp(max=nb).to(torch.int32)
-    mass = last_block_mass(q, k, block_size=block_size, scale=scale)
+    else:
+        mass = last_block_mass(q, k, block_size=block_size, scale=scale)  # [B, Hq, Nb]
     if last_order is None:
         ordered = mass.sort(dim=-1, descending=True).values
     else:
-        rep = hq // last_order.shape[1]
-        ordered = mass.gather(-1, last_order.repeat_interleave(rep, dim=1).long())
-    cum = ordered.cumsum(dim=-1)
-    needed = (cum < gamma).sum(dim=-1) + 1
+        order = last_order.repeat_interleave(hq // last_order.shape[1], dim=1).long()
+        ordered = mass.gather(-1, order.unsqueeze(2).expand_as(mass) if per_row else order)
+    needed = (ordered.cumsum(dim=-1) < gamma).sum(dim=-1) + 1
+    if per_row:
+        needed = needed.amax(dim=-1)
     return needed.clamp(max=nb).to(torch.int32)
 
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..config import ProxyAttnConfig
 from .estimate_common import _LOG2E, interpreting, num_sms, qk_layout
-from .estimate_scores import _online_max_sum, _seq_bounds
+from .estimate_scores import _online_max_sum, _seq_base, _seq_bounds
 
 __all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
 
@@ -74,12 +74,8 @@ def _budget_kernel(
     h = bh % num_q_heads
     hkv = h // GROUP
     start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
-    if VARLEN:
-        q_base = q_ptr + start.to(tl.int64) * stride_qt
-        k_base = k_ptr + start.to(tl.int64) * stride_kt
-    else:
-        q_base = q_ptr + b.to(tl.int64) * stride_qb
-        k_base = k_ptr + b.to(tl.int64) * stride_kb
+    q_base = _seq_base(q_ptr, b, start, stride_qb, stride_qt, VARLEN)
+    k_base = _seq_base(k_ptr, b, start, stride_kb, stride_kt, VARLEN)
     nb = tl.cdiv(length, BS)
     n_rows = tl.minimum(length, BS)
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..config import ProxyAttnConfig
 from .estimate_budgets import _budget_tile
 from .estimate_common import _LOG2E, interpreting, qk_layout
-from .estimate_scores import _online_max_sum, _seq_bounds, _tile_blocks
+from .estimate_scores import _online_max_sum, _seq_base, _seq_bounds, _tile_blocks
 
 __all__ = ["head_max_scores", "head_max_scores_varlen"]
 
@@ -62,12 +62,8 @@ def _head_max_kernel(
     b = bh // num_q_heads
     h = bh % num_q_heads
     start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
-    if VARLEN:
-        q_base = q_ptr + start.to(tl.int64) * stride_qt
-        k_base = k_ptr + start.to(tl.int64) * stride_kt
-    else:
-        q_base = q_ptr + b.to(tl.int64) * stride_qb
-        k_base = k_ptr + b.to(tl.int64) * stride_kb
+    q_base = _seq_base(q_ptr, b, start, stride_qb, stride_qt, VARLEN)
+    k_base = _seq_base(k_ptr, b, start, stride_kb, stride_kt, VARLEN)
     nb = tl.cdiv(length, BS)
     m0 = tile * QB
 

@@ -44,6 +44,16 @@ def _seq_bounds(cu_ptr, b, seq_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _seq_base(ptr, b, start, stride_b, stride_t, VARLEN: tl.constexpr):
+    """Pointer to sequence b's first token: packed rows from `start` (VARLEN) or batch entry b."""
+    if VARLEN:
+        base = ptr + start.to(tl.int64) * stride_t
+    else:
+        base = ptr + b.to(tl.int64) * stride_b
+    return base
+
+
+@triton.jit
 def _online_max_sum(m_i, l_i, s):
     """One key tile of an online softmax (log2 units): the rows' running max and rescaled sum after the logits s."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -64,10 +74,7 @@ def _pool_heads_kernel(
     b = tl.program_id(1)
     g = tl.program_id(2)
     start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
-    if VARLEN:
-        x_base = x_ptr + start.to(tl.int64) * stride_xt
-    else:
-        x_base = x_ptr + b.to(tl.int64) * stride_xb
+    x_base = _seq_base(x_ptr, b, start, stride_xb, stride_xt, VARLEN)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tpos = rows * STEP
     ok = tpos < length
