@@ -22,6 +22,7 @@ from proxyattn import ProxyAttnConfig, reference  # noqa: E402
 from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
 from proxyattn.kernels import estimate_scores as es  # noqa: E402
 from proxyattn.plan import compact_plan  # noqa: E402
+from proxyattn.testing import row_budget_mismatches  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 _NP = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32"}
@@ -110,6 +111,13 @@ def test_estimation_plugins_match_reference(case):
     budgets = ((cum < cfg.gamma).sum(dim=-1) + 1).clamp(max=nb).to(torch.int32)
     ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=cfg.gamma, scale=scale)
     assert (budgets - ref_budgets).abs().max() <= 1  # a mass exactly at a cumulative boundary may round either way
+    # Per-row mass (budget_rule 2): the project's kernel with ROWS; every row sums to 1 over the sequence.
+    (row_mass,) = run_plugin("ProxyRowMass", [q, k, lse.contiguous()], attrs)
+    assert row_mass.shape == (b, hq, bs, nb)
+    own = eb._launch_mass(qt, kt, None, b, s, bs, scale, rows=True)
+    assert_close(row_mass, own, "fp32", what="row mass vs the project's kernel")
+    assert_close(row_mass, reference.last_block_row_mass(qt, kt, block_size=bs, scale=scale), "fp16", what="row mass")
+    assert_close(row_mass.mean(dim=2), mass, "fp32", what="mean of the row masses")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
@@ -168,6 +176,9 @@ def _attention_model(b, s, hq, hkv, d, cfg, scale):
     (1, 200, 4, 2, 64, 64, 4, 1, 0.9, 256, 0),  # S <= dense_below_tokens: full rows (the dense path)
     (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 1),  # budget rule "recall"
     (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 1),
+    (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 2),  # budget rule "row_recall"
+    (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 2),
+    (1, 40, 4, 2, 64, 64, 4, 1, 0.5, 16, 2),  # S below one block: rows past the sequence hold no mass
 ], ids=lambda c: "-".join(map(str, c)))
 def test_tensorrt_graph_computes_the_plan_and_attention(case):
     """The rewritten engine graph (plugins + native ops) in ONNX's reference evaluator: the native selection equals
@@ -184,7 +195,8 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     scale = 1.0 / math.sqrt(d)
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
-    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyMassStats", "ProxyMass", "ProxySparseAttention"]
+    mass_plugin = "ProxyRowMass" if rule == 2 else "ProxyMass"
+    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyMassStats", mass_plugin, "ProxySparseAttention"]
     assert all({"plugin_namespace", "plugin_version", "aot"} <= {a.name for a in n.attribute} for n in model.graph.node if n.domain == S.NAMESPACE)
 
     # Structured inputs (a few strong keys) so that budgets are below the full sequence.
@@ -205,11 +217,18 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     if s <= dense_below:
         assert counts.tolist() == [[list(range(1, nb + 1))] * hq] * b
     else:
-        last_order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True) if rule == 1 else None
-        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale, last_order=last_order)
+        last_order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True) if rule else None
+        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale, last_order=last_order,
+                                             per_row=rule == 2)
         budgets = pick("budgets").to(torch.int32)
         assert (budgets - ref_budgets).abs().max() <= 1
-        assert (budgets < nb).any(), "the case must drop blocks"
+        if rule == 2:
+            head_order = last_order.repeat_interleave(hq // g, dim=1)
+            row_mass = reference.last_block_row_mass(qt, kt, block_size=bs, scale=scale)
+            assert row_budget_mismatches(budgets, row_mass, gamma, head_order, tol=2e-3) == 0
+            rule1 = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale, last_order=last_order)
+            assert (budgets >= rule1 - 1).all()
+        assert (budgets < nb).any() or nb == 1, "the case must drop blocks"
         expected = compact_plan(scores, budgets, s, cfg)
         assert torch.equal(counts, expected.counts)
         plan = BlockPlan(order.contiguous(), counts.contiguous(), budgets, bs, s)
@@ -220,14 +239,11 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     assert_close(out.transpose(1, 2), ref, "fp16", what="engine graph output")
 
 
-def test_estimators_and_budget_rules_without_a_plugin_are_refused():
+def test_estimators_without_a_plugin_are_refused():
     from plugins.tensorrt.graph import to_tensorrt_graph
 
     model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, estimator=1), 0.125)
     with pytest.raises(ValueError, match=r"pa_estimator=1 has no TensorRT plugin; allowed: 0"):
-        to_tensorrt_graph(model, max_seq_len=1024)
-    model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, budget_rule=2), 0.125)
-    with pytest.raises(ValueError, match=r"pa_budget_rule=2 has no TensorRT plugin; allowed: 0 \(mass\), 1 \(recall\)"):
         to_tensorrt_graph(model, max_seq_len=1024)
 
 

@@ -21,6 +21,7 @@ def test_output_shapes_of_every_plugin():
     assert (cb, nchunk) == (16, 16)
     assert S.output_shapes("ProxyMassStats", [q, k], dict(ATTRS, max_seq_len=32768)) == [(b * hq, 16, 128)] * 2
     assert S.output_shapes("ProxyMass", [q, k, (b * hq, 128)], dict(ATTRS, max_seq_len=32768)) == [(b, hq, nb)]
+    assert S.output_shapes("ProxyRowMass", [q, k, (b * hq, 128)], dict(ATTRS, max_seq_len=32768)) == [(b, hq, 128, nb)]
     assert S.output_shapes("ProxySparseAttention", [q, k, k, (b, 1, nb, nb), (b, hq, nb)], ATTRS) == [q]
 
 
@@ -113,6 +114,9 @@ def test_launch_grids_extra_args_and_tactics():
     assert S.extra_args("ProxyPool", [q]) == [1000, 3]
     mc, _ = S.constants("ProxyMass", [q, k, (96, 128)], ["bfloat16", "bfloat16", "float32"], dict(ATTRS, max_seq_len=8192), 1)
     assert S.launch("ProxyMass", [q], {}, mc) == (96, mc["NCHUNK"], 1) and mc["NCHUNK"] * mc["CB"] >= 8192 // 128
+    rc, _ = S.constants("ProxyRowMass", [q, k, (96, 128)], ["bfloat16", "bfloat16", "float32"], dict(ATTRS, max_seq_len=8192), 1)
+    assert rc == mc and S.launch("ProxyRowMass", [q], {}, rc) == (96, rc["NCHUNK"], 1)
+    assert S.output_dtypes("ProxyRowMass", ["bfloat16", "bfloat16", "float32"]) == ["float32"]
     with pytest.raises(ValueError, match="tactic 9 unknown"):
         S.constants("ProxyPool", [q], ["bfloat16"], {"groups": 1, "step": 4}, 9)
     with pytest.raises(ValueError, match="head dim 96"):

@@ -127,7 +127,8 @@ def model_shapes(spec, config, precision: str, profiles: Sequence | None = None)
     for max_len in sorted({p.max for p in (profiles or spec.profiles)}):
         a = dict(attrs, max_seq_len=max_len)
         entries.append({"plugin": "ProxyMassStats", "shapes": [q, k], "dtypes": [dtype, dtype], "attrs": a})
-        entries.append({"plugin": "ProxyMass", "shapes": [q, k, (-1, config.block_size)], "dtypes": [dtype, dtype, "float32"], "attrs": a})
+        for mass in ("ProxyMass", "ProxyRowMass"):  # budget rules 0/1 and 2: a rule change does not recompile
+            entries.append({"plugin": mass, "shapes": [q, k, (-1, config.block_size)], "dtypes": [dtype, dtype, "float32"], "attrs": a})
     return entries
 
 

@@ -8,8 +8,10 @@ is replaced by this subgraph (`to_tensorrt_graph`):
     row_max, row_sum = ProxyMassStats(query, key)                                      [plugin]  fixed size
     lse = combine(row_max, row_sum)               ReduceMax, Pow, ReduceSum, Log, Where [native]
     mass = ProxyMass(query, key, lse)                                                   [plugin]  [B, Hq, Nb]
+           (budget_rule 2: ProxyRowMass, the mass of every row of the last block,                  [B, Hq, BS, Nb])
     budgets = smallest n with sorted cumsum >= gamma   TopK, CumSum, Less, ReduceSum    [native]  [B, Hq]
-              (budget_rule 1: cumsum along the last row's ranking, TopK + GatherElements)
+              (budget_rule 1: cumsum along the last row's ranking, TopK + GatherElements;
+               budget_rule 2: the same per row, then the largest over the rows holding mass, ReduceMax)
     order = TopK of (forced blocks +inf, causal scores, -inf above the diagonal)        [native]  [B, G, Nb, Nb]
     counts = clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k      [native]  [B, Hq, Nb]
              (full rows when S <= dense_below_tokens: the dense path)
@@ -73,11 +75,6 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
             f"node {node.name!r}: pa_estimator={config.estimator} has no TensorRT plugin; allowed: 0 (the proxy-head "
             "estimator of the ProxyScores plugin)"
         )
-    if config.budget_rule not in (0, 1) and config.budget_fraction is None and config.gamma < 1.0:
-        raise ValueError(
-            f"node {node.name!r}: pa_budget_rule={config.budget_rule} has no TensorRT plugin; allowed: 0 (mass), "
-            "1 (recall) (the ProxyMass plugin writes each head's mean over its last-block rows)"
-        )
     q, k, v = node.input
     b = _Builder(node.name or "proxy_attention", graph)
     i64 = np.int64
@@ -123,8 +120,9 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         log2 = b.op("Div", [b.op("Log", [b.op("Max", [total, b.const(1e-30, np.float32)])]), b.const(math.log(2.0), np.float32)])
         lse_val = b.op("Add", [b.op("Squeeze", [top, b.const([1], i64)]), log2])
         lse = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), lse_val, b.const(-np.inf, np.float32)], hint="lse")
-        mass = b.plugin("ProxyMass", [q, k, lse], max_seq_len=max_seq_len, **cfg_attrs)
-        if config.budget_rule == 1:
+        rows = config.budget_rule == 2
+        mass = b.plugin("ProxyRowMass" if rows else "ProxyMass", [q, k, lse], max_seq_len=max_seq_len, **cfg_attrs)
+        if config.budget_rule in (1, 2):
             # Rule "recall": the head's mass along the last query block's shared ranking (forced blocks first, in
             # score order: proxy scores are probabilities, so +2 lifts them above every other block; two forced
             # scores closer than float32 rounding at 2 (2.4e-7) keep index order, where the reference compares
@@ -138,13 +136,21 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
                 ldiag = b.op("Equal", [idx, b.op("Sub", [nb, b.const(1, i64)])])
                 lforced = ldiag if lforced is None else b.op("Or", [lforced, ldiag])
             lkey = srow if lforced is None else b.op("Where", [lforced, b.op("Add", [srow, b.const(2.0, np.float32)]), srow])
-            last_order = b.op("TopK", [lkey, nb1], n_out=2, axis=-1, largest=1, sorted=1, hint="last_order")[1]
-            ranked = b.op("GatherElements", [mass, per_head(last_order)], axis=-1)
+            last_order = per_head(b.op("TopK", [lkey, nb1], n_out=2, axis=-1, largest=1, sorted=1, hint="last_order")[1])
+            if rows:  # the same ranking for every row of the head: [B, Hq, 1, Nb] -> [B, Hq, BS, Nb]
+                last_order = b.op("Expand", [b.op("Unsqueeze", [last_order, b.const([2], i64)]), b.op("Shape", [mass])])
+            ranked = b.op("GatherElements", [mass, last_order], axis=-1)
         else:
             ranked = b.op("TopK", [mass, nb1], n_out=2, axis=-1, largest=1, sorted=1)[0]
         cum = b.op("CumSum", [ranked, b.const(-1, i64)])
         below = b.op("Cast", [b.op("Less", [cum, b.const(config.gamma, np.float32)])], to=TensorProto.INT64)
         needed = b.op("Add", [b.op("ReduceSum", [below, b.const([-1], i64)], keepdims=0), b.const(1, i64)])
+        if rows:
+            # Rule "row_recall": the longest prefix any row of the last block needs; rows without mass (past a
+            # sequence shorter than one block) need nothing.
+            total = b.op("ReduceSum", [mass, b.const([-1], i64)], keepdims=0)  # [B, Hq, BS]
+            needed = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), needed, b.const(0, i64)])
+            needed = b.op("ReduceMax", [needed, b.const([-1], i64)], keepdims=0)
         budgets = b.op("Min", [needed, nb], hint="budgets")
 
     # ---- selection: order [B, G, Nb, Nb] int32 and counts [B, Hq, Nb] int32

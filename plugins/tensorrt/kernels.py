@@ -17,7 +17,7 @@ from proxyattn.kernels.attention import _sparse_attn_fwd_kernel
 from proxyattn.kernels.estimate_budgets import _budget_kernel
 from proxyattn.kernels.estimate_scores import _pool_heads_kernel, _proxy_scores_kernel
 
-__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_sparse_attention", "WRAPPERS"]
+__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_row_mass", "trt_sparse_attention", "WRAPPERS"]
 
 
 @triton.jit
@@ -77,6 +77,21 @@ def trt_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
 
 
 @triton.jit
+def trt_row_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
+                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
+                 NCHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, QK_SCALE: tl.constexpr):
+    """Pass 1 per row (budget_rule 2): attention mass per key block of every row of each head's last query block,
+    float32 `[B, Hq, BS, Nb]`; rows past a sequence shorter than one block hold 0 (grid: B*Hq, NCHUNK)."""
+    nb = tl.cdiv(seq_len, BS)
+    _budget_kernel(q_ptr, k_ptr, q_ptr, lse_ptr, lse_ptr, lse_ptr, mass_ptr,
+                   seq_len, nb, HQ, QK_SCALE,
+                   HQ * seq_len * D, D, seq_len * D, 1,
+                   HKV * seq_len * D, D, seq_len * D, 1,
+                   GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=1,
+                   DOT_PREC=DOT_PREC, UPCAST=False, ROWS=True)
+
+
+@triton.jit
 def trt_sparse_attention(q_ptr, k_ptr, v_ptr, order_ptr, counts_ptr, seq_len, o_ptr,
                          HQ: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr):
@@ -98,5 +113,6 @@ WRAPPERS = {
     "trt_scores": trt_scores,
     "trt_mass_stats": trt_mass_stats,
     "trt_mass": trt_mass,
+    "trt_row_mass": trt_row_mass,
     "trt_sparse_attention": trt_sparse_attention,
 }

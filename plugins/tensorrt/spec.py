@@ -14,6 +14,7 @@ as in the `proxy::ProxyAttention` contract, Nb = ceil(S / block_size):
 | ProxyScores            | query, pooled q, pooled k               | scores fp32 `[B, G, Nb, Nb]`              |
 | ProxyMassStats         | query, key                              | row max, row sum fp32 `[B*Hq, NCHUNK, BS]`|
 | ProxyMass              | query, key, lse fp32 `[B*Hq, BS]`       | mass fp32 `[B, Hq, Nb]`                   |
+| ProxyRowMass           | query, key, lse fp32 `[B*Hq, BS]`       | mass per row fp32 `[B, Hq, BS, Nb]`       |
 | ProxySparseAttention   | query, key, value, order, counts (int32)| out `[B, Hq, S, D]`, query's type         |
 """
 
@@ -81,6 +82,8 @@ PLUGINS: dict[str, PluginDef] = {
         PluginDef("ProxyMassStats", ("query", "key"), ("row_max", "row_sum"), "trt_mass_stats",
                   ("pa_block_size", "scale", "max_seq_len")),
         PluginDef("ProxyMass", ("query", "key", "lse"), ("mass",), "trt_mass",
+                  ("pa_block_size", "scale", "max_seq_len")),
+        PluginDef("ProxyRowMass", ("query", "key", "lse"), ("mass",), "trt_row_mass",
                   ("pa_block_size", "scale", "max_seq_len")),
         PluginDef("ProxySparseAttention", ("query", "key", "value", "order", "counts"), ("output",), "trt_sparse_attention",
                   ("pa_block_size", "scale")),
@@ -166,6 +169,8 @@ def output_shapes(plugin: str, shapes: Sequence[Sequence[Any]], attrs: Mapping[s
         return [(b * hq, nchunk, bs), (b * hq, nchunk, bs)]
     if plugin == "ProxyMass":
         return [(b, hq, nb)]
+    if plugin == "ProxyRowMass":
+        return [(b, hq, bs, nb)]
     return [tuple(shapes[0])]  # ProxySparseAttention
 
 
@@ -182,6 +187,7 @@ def output_dtypes(plugin: str, dtypes: Sequence[str]) -> list[str]:
         "ProxyScores": [first, "float16", "float16"],
         "ProxyMassStats": [first, first],
         "ProxyMass": [first, first, "float32"],
+        "ProxyRowMass": [first, first, "float32"],
         "ProxySparseAttention": [first, first, first, "int32", "int32"],
     }[plugin]
     if list(dtypes) != expected:
@@ -191,6 +197,7 @@ def output_dtypes(plugin: str, dtypes: Sequence[str]) -> list[str]:
         "ProxyScores": ["float32"],
         "ProxyMassStats": ["float32", "float32"],
         "ProxyMass": ["float32"],
+        "ProxyRowMass": ["float32"],
         "ProxySparseAttention": [first],
     }[plugin]
 
@@ -201,6 +208,7 @@ _TACTICS: dict[str, dict[int, dict[str, int]]] = {
     "ProxyScores": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxyMassStats": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxyMass": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
+    "ProxyRowMass": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxySparseAttention": {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, 2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
 }
 
@@ -247,7 +255,7 @@ def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str
     hkv = shapes[1][1]
     if hkv < 1 or hq % hkv:
         raise ValueError(f"{plugin}: query heads {hq} must be a multiple of key heads {hkv}")
-    if plugin in ("ProxyMassStats", "ProxyMass"):
+    if plugin in ("ProxyMassStats", "ProxyMass", "ProxyRowMass"):
         cb, nchunk = mass_chunks(bs, a["max_seq_len"])
         prec = "ieee" if dtypes[0] == "float32" else "tf32"
         return {"HQ": hq, "HKV": hkv, "D": d, "BS": bs, "CB": cb, "NCHUNK": nchunk, "BLOCK_D": _pow2(d),
@@ -279,7 +287,7 @@ def launch(plugin: str, shapes: Sequence[Sequence[Any]], attrs: Mapping[str, Any
     nb = ops.cdiv(s, consts["BS"])
     if plugin == "ProxyScores":
         return (ops.cdiv(nb, consts["QB"]), b * consts["G"], 1)
-    if plugin in ("ProxyMassStats", "ProxyMass"):
+    if plugin in ("ProxyMassStats", "ProxyMass", "ProxyRowMass"):
         return (b * h, consts["NCHUNK"], 1)
     if plugin == "ProxySparseAttention":
         return (nb * b * h, 1, 1)
