@@ -106,13 +106,16 @@ def _ptr(a: np.ndarray) -> int:
 def test_build_compiles_every_variant(build, lib):
     manifest = json.loads((build / "generated" / "manifest.json").read_text())
     keys = {k["key"] for k in manifest["kernels"]}
+    by_key = {k["key"]: k for k in manifest["kernels"]}
     for dt in ("bf16", "fp16"):
         for d in (64, 128, 256):
             for bs in (64, 128):
                 for varlen in (0, 1):
                     assert f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}" in keys
-                    for p in (0, 1):
+                    for p in ("0", "1", "1rows"):  # pass 1 with ROWS: budget_rule 2
                         assert f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}" in keys
+                        rows = by_key[f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}"]["constexprs"]["ROWS"]
+                        assert rows == (p == "1rows")
                 assert lib.proxyattn_is_compiled(BF16 if dt == "bf16" else FP16, d, bs) == 1
     assert lib.proxyattn_is_compiled(BF16, 96, 128) == 0
     for k in manifest["kernels"]:
@@ -154,7 +157,7 @@ def test_config_defaults_match_python(lib):
     ("min_budget_tokens", -1, b"min_budget_tokens=-1"), ("keep_sink", 2, b"keep_sink=2"),
     ("keep_diagonal", -1, b"keep_diagonal=-1"), ("dense_below_tokens", -2, b"dense_below_tokens=-2"),
     ("budget_fraction", 1.5, b"budget_fraction=1.5"), ("budget_fraction", -0.5, b"budget_fraction=-0.5"),
-    ("budget_rule", 2, b"budget_rule=2 is not supported; allowed: 0 (mass), 1 (recall)"),
+    ("budget_rule", 3, b"budget_rule=3 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)"),
     ("budget_rule", -1, b"budget_rule=-1"),
 ])
 def test_config_errors_name_the_value(lib, field, value, needle):
@@ -165,18 +168,13 @@ def test_config_errors_name_the_value(lib, field, value, needle):
     assert lib.proxyattn_status_name(INVALID) == b"PROXYATTN_ERROR_INVALID_VALUE"
 
 
-def test_config_accepts_the_python_budget_rules_it_implements(lib):
-    """libproxyattn implements rules 0 and 1 and names them when refusing rule 2 ("row_recall", Python only)."""
+def test_config_accepts_every_python_budget_rule(lib):
     from proxyattn.config import BUDGET_RULES
 
     for rule in BUDGET_RULES:
         c = _default_config(lib)
         c.budget_rule = rule
-        status = lib.proxyattn_config_validate(C.byref(c))
-        if rule in (0, 1):
-            assert status == SUCCESS, lib.proxyattn_last_error()
-        else:
-            assert status == INVALID and b"allowed: 0 (mass), 1 (recall)" in lib.proxyattn_last_error()
+        assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS, lib.proxyattn_last_error()
 
 
 # ----------------------------------------------------------------------------------------------- workspace
@@ -322,8 +320,13 @@ def test_select_varlen_plans_each_sequence_alone(host):
 
 def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None, dense_below=-1, scores=None, rule=0,
                   sink=True, diag=True):
-    """pa_budgets on the CPU; rule 1 ("recall") reads `scores` [B, R, Nb, Nb]."""
-    b, hq, nb = mass.shape
+    """pa_budgets on the CPU; rules 1 ("recall") and 2 ("row_recall") read `scores` [B, R, Nb, Nb]; rule 2 reads
+    the mass of every row, `[B, Hq, block_size, Nb]`."""
+    if rule == 2:
+        b, hq, rows, nb = mass.shape
+        assert rows == block_size
+    else:
+        b, hq, nb = mass.shape
     out = np.full((b, hq), -7, dtype=np.int32)
     m = np.ascontiguousarray(mass, dtype=np.float32)
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
@@ -465,6 +468,94 @@ def test_recall_budgets_differ_from_the_mass_rule(host):
     scores[0, 0, nb - 1, nb - 1] = float(np.nextafter(np.float32(0.1), np.float32(1)))  # now above the sink: first
     got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, dense_below=0)
     assert got.tolist() == [[3, 1]]
+
+
+def _reference_row_recall(q, k, scores, cfg: ProxyAttnConfig, scale):
+    from proxyattn import reference
+
+    order = reference.last_row_order(scores, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, last_order=order,
+                                  per_row=True)
+
+
+@pytest.mark.parametrize("nb,r,hq,hkv,sink,diag,ties,gamma", [
+    (1, 1, 4, 2, True, True, False, 0.9), (2, 1, 4, 2, True, True, True, 0.5), (9, 1, 4, 2, True, True, False, 0.95),
+    (13, 2, 8, 2, True, False, True, 0.9), (11, 4, 4, 4, False, False, True, 0.7), (24, 1, 7, 7, True, True, True, 0.999),
+])
+def test_row_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag, ties, gamma):
+    """budget_rule 2 of pa_budgets (mass of every row of the last query block) == reference.head_budgets(per_row=True)
+    and the GPU path's torch ops (estimate_budgets._recall_budgets on [B, Hq, rows, Nb]); never below rule 1."""
+    from proxyattn import reference
+    from proxyattn.kernels.estimate_budgets import _recall_budgets
+
+    gen = torch.Generator().manual_seed(nb * 17 + r * 3 + hq)
+    bs, b = 64, 2
+    s = nb * bs - 5 if nb > 1 else 40  # last block partial; nb = 1: fewer rows than the block, the rest hold no mass
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
+                          budget_rule=2, dense_below_tokens=0)
+    q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
+    rows = torch.zeros(b, hq, bs, nb)
+    ref_rows = reference.last_block_row_mass(q, k, block_size=bs, scale=scale)  # [B, Hq, min(S, bs), Nb]
+    rows[:, :, : ref_rows.shape[2]] = ref_rows
+    score_sets = [scores] + ([_random_scores(b, r, nb, gen, ties=True)] if ties else [])
+    for sc in score_sets:
+        want = _reference_row_recall(q, k, sc, cfg, scale)
+        got = _host_budgets(host, rows.numpy(), s, bs, gamma, scores=sc.numpy(), rule=2, sink=sink, diag=diag,
+                            dense_below=0)
+        np.testing.assert_array_equal(got, want.numpy())
+        np.testing.assert_array_equal(got, _recall_budgets(rows, sc, cfg, torch.full((b,), nb, dtype=torch.int64)).numpy())
+        rule1 = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=sc.numpy(), rule=1, sink=sink, diag=diag,
+                              dense_below=0)
+        assert (got >= rule1).all()
+
+
+def test_row_recall_keeps_a_row_the_mean_hides(host):
+    """One row of the last block attends where the ranking looks last: its mass is diluted in the mean (rule 1
+    stops early), rule 2 extends the prefix to that row's block."""
+    nb, bs = 8, 64
+    scores = torch.full((1, 1, nb, nb), float("-inf"))
+    scores[0, 0] = torch.tril(torch.ones(nb, nb)) * 0.01
+    scores[0, 0, nb - 1, :nb] = torch.tensor([0.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])  # ranking 7, 0, 1, 2, ..., 6
+    rows = torch.zeros(1, 1, bs, nb)
+    rows[0, 0, :, 1] = 1.0  # every row on block 1 ...
+    rows[0, 0, 5] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # ... but row 5 on block 6 (last ranked)
+    got = _host_budgets(host, rows.numpy(), nb * bs, bs, 0.9, scores=scores.numpy(), rule=2, dense_below=0)
+    assert got.tolist() == [[8]]
+    got1 = _host_budgets(host, rows.mean(dim=2).numpy(), nb * bs, bs, 0.9, scores=scores.numpy(), rule=1, dense_below=0)
+    assert got1.tolist() == [[3]]
+    rows[0, 0, 5] = 0.0  # a row without mass (past a sequence's end) needs nothing
+    got = _host_budgets(host, rows.numpy(), nb * bs, bs, 0.9, scores=scores.numpy(), rule=2, dense_below=0)
+    assert got.tolist() == [[3]]
+
+
+def test_row_recall_budgets_of_packed_sequences(host):
+    """Packed batch, rule 2: each sequence reads its own rows and blocks; garbage past each end is never read;
+    a sequence shorter than one block has rows without mass; dense sequences keep every block."""
+    from proxyattn import reference
+
+    gen = torch.Generator().manual_seed(5)
+    bs, r, hq, hkv, gamma, dense_below = 64, 2, 4, 2, 0.85, 30
+    lengths = [700, 40, 290, 90, 1]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    max_len = max(lengths)
+    nb_max = math.ceil(max_len / bs)
+    b = len(lengths)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, proxy_heads=r, budget_rule=2, dense_below_tokens=dense_below)
+    scores = torch.rand(b, r, nb_max, nb_max, generator=gen) + 5.0  # garbage beyond each sequence: never read
+    rows = torch.full((b, hq, bs, nb_max), 0.75)
+    want = []
+    for i, n in enumerate(lengths):
+        nb = math.ceil(n / bs)
+        q, k, scale, sc, _ = _recall_inputs(1, n, hq, hkv, r, bs, gen)
+        scores[i, :, :nb, :nb] = sc[0]
+        rm = reference.last_block_row_mass(q, k, block_size=bs, scale=scale)
+        rows[i, :, :, :nb] = 0.0
+        rows[i, :, : rm.shape[2], :nb] = rm[0]
+        want.append([nb] * hq if n <= dense_below else _reference_row_recall(q, k, sc, cfg, scale)[0].tolist())
+    got = _host_budgets(host, rows.numpy(), max_len, bs, gamma, cu=cu, dense_below=dense_below, scores=scores.numpy(),
+                        rule=2)
+    assert got.tolist() == want
+    assert want[2] != [math.ceil(290 / bs)] * hq  # the sparse short sequence drops blocks
 
 
 @pytest.mark.parametrize("r,hq,hkv,sink,diag,gamma,min_tokens", [
@@ -829,10 +920,39 @@ def test_launches_of_the_recall_budget_rule(build, problem):
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
     bud0 = [l for l in base if l["entry"] == "pa_budgets"][0]
     assert bud["params"][10:] == [scores["params"][3], 2, 1, 0, 1]
-    assert bud["params"][:10] == bud0["params"][:10] and bud["shared"] == bud0["shared"] == 2 * math.ceil(9000 / 128) * 4
+    assert bud["params"][:10] == bud0["params"][:10] and bud["shared"] == bud0["shared"] == (2 * math.ceil(9000 / 128) + 128) * 4
     # The dense path has no scores: NULL (never read, every sequence keeps all blocks).
     dense = _c_launches(build, {"problem": dict(b=1, s=2000, hq=8, hkv=4, d=128), "config": cfg})
     assert dense[0]["entry"] == "pa_budgets" and dense[0]["params"][10:] == [0, 2, 1, 0, 1]
+
+
+@pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128),
+                                     dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
+def test_launches_of_the_row_recall_budget_rule(build, problem):
+    # budget_rule 2: the same kernels (pass 1 compiled with ROWS), a per-row mass buffer block_size times larger,
+    # pa_budgets with room for the rows' needs in shared memory and the scores of G rankings.
+    code = {}
+    for rule in (1, 2):
+        case = {"problem": problem, "config": {"budget_rule": rule, "proxy_heads": 2}}
+        c = _C_SIDE.format(repo=str(REPO), build=str(build), case=json.dumps(case), Q=Q, K=K, V=V, O=O, WS=WS)
+        env = dict(os.environ, PROXYATTN_LIBCUDA=str(build / "libproxyattn_fakecuda.so"))
+        r = subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        code[rule] = json.loads(r.stdout)
+    got, base = code[2]["launches"], code[1]["launches"]
+    assert [l["entry"] for l in got] == [l["entry"] for l in base]
+    nb, bh = math.ceil(9000 / 128), problem["b"] * problem["hq"]
+    assert code[2]["ws"] - code[1]["ws"] >= bh * 127 * nb * 4 - 256  # the mass of every row
+    scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
+    pass1 = [l for l in got if l["entry"] == "_budget_kernel"][1]
+    bud = [l for l in got if l["entry"] == "pa_budgets"][0]
+    assert bud["params"][0] == pass1["params"][6]  # pass 1's mass buffer
+    assert bud["params"][10:] == [scores["params"][3], 2, 2, 1, 1]
+    assert bud["shared"] == (2 * nb + 128) * 4
+    lo, hi = pass1["params"][6], pass1["params"][6] + bh * 128 * nb * 4
+    assert hi <= WS + code[2]["ws"]
+    others = {v for l in got for v in l["params"] if WS <= v < WS + code[2]["ws"] and v != lo}
+    assert others and not any(lo < v < hi for v in others)  # no other workspace buffer inside the row masses
 
 
 @pytest.mark.parametrize("min_budget_tokens", [0, 2048, 10000])
@@ -870,8 +990,9 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
     assert (cfg.keep_sink, cfg.keep_diagonal, cfg.dense_below_tokens) == (0, 1, pc.dense_below_tokens)
     assert cfg.gamma == pytest.approx(0.9) and cfg.budget_fraction == pytest.approx(0.25) and scale == 0.0625
     assert cfg.budget_rule == 1
-    st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": 0})
-    assert st == 0 and cfg.budget_rule == 0, err
+    for rule in (0, 2):
+        st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": rule})
+        assert st == 0 and cfg.budget_rule == rule, err
     st, cfg, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != "pa_budget_rule"})
     assert st == 0 and cfg.budget_rule == ProxyAttnConfig().budget_rule == 1, err  # missing: ProxyAttnConfig's default
 
@@ -890,7 +1011,7 @@ def test_trt_plugin_declares_every_node_attribute(host):
 @pytest.mark.parametrize("change,needle", [
     ({"sliding_window": 512}, "sliding_window=512"), ({"is_causal": 0}, "is_causal=0"),
     ({"pa_estimator": 1}, "pa_estimator=1"), ({"pa_gamma": 1.5}, "gamma=1.5"), ({"bogus": 1}, "unknown field bogus"),
-    ({"pa_budget_rule": 2}, "pa_budget_rule=2 is not supported; allowed: 0 (mass), 1 (recall)"),
+    ({"pa_budget_rule": 3}, "pa_budget_rule=3 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)"),
     ({"pa_budget_rule": -1}, "pa_budget_rule=-1"),
 ])
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):

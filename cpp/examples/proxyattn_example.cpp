@@ -3,7 +3,7 @@
 //
 //   proxyattn_example --q q.npy --k k.npy --v v.npy --out out.npy [--dtype bf16|fp16] [--block-size 128]
 //                     [--stride 4] [--proxy-heads 1] [--gamma 0.95] [--min-budget-tokens 2048]
-//                     [--dense-below-tokens N] [--budget-fraction F] [--budget-rule 0|1] [--scale S] [--lse lse.npy]
+//                     [--dense-below-tokens N] [--budget-fraction F] [--budget-rule 0|1|2] [--scale S] [--lse lse.npy]
 //                     [--warmup 1] [--repeat 0]
 //
 // q is [B, S, Hq, D], k and v [B, S, Hkv, D], stored as float32 ('<f4'), float16 ('<f2') or bfloat16 bits
@@ -83,7 +83,7 @@ Args parse(int argc, char **argv) {
     if (key == "-h" || key == "--help") {
       std::printf("usage: proxyattn_example --q q.npy --k k.npy --v v.npy --out out.npy [options]\n"
                   "  --dtype bf16|fp16 --block-size N --stride N --proxy-heads N --gamma F\n"
-                  "  --min-budget-tokens N --dense-below-tokens N --budget-fraction F --budget-rule 0|1 --scale F\n"
+                  "  --min-budget-tokens N --dense-below-tokens N --budget-fraction F --budget-rule 0|1|2 --scale F\n"
                   "  --lse lse.npy --warmup N --repeat N\n");
       std::exit(0);
     }

@@ -81,20 +81,25 @@ typedef struct proxyattn_config {
   int32_t keep_diagonal;      /* 0/1 (default 1) */
   int32_t dense_below_tokens; /* >= 0, or -1 = max(min_budget_tokens, PROXYATTN_DENSE_CROSSOVER_TOKENS) (default -1) */
   float budget_fraction;      /* 0 = gamma rule, else (0, 1] (default 0) */
-  int32_t budget_rule;        /* how the gamma budget is counted (default 1): PROXYATTN_BUDGET_RULE_MASS or _RECALL */
+  int32_t budget_rule;        /* how the gamma budget is counted (default 1): PROXYATTN_BUDGET_RULE_MASS, _RECALL or
+                                 _ROW_RECALL */
 } proxyattn_config_t;
 
 /*
- * config.budget_rule, proxyattn.config.BUDGET_RULES (proxyattn.reference.head_budgets). Both count on the mass of each
- * head's last query block (softmax of its last block_size queries, mean over rows, summed per key block):
- *   MASS (0, the paper): the fewest key blocks holding gamma of that mass (mass sorted descending);
+ * config.budget_rule, proxyattn.config.BUDGET_RULES (proxyattn.reference.head_budgets). All count on the attention of
+ * each head's last query block (softmax of its last block_size queries, summed per key block):
+ *   MASS (0, the paper): the fewest key blocks holding gamma of that block's mean mass (sorted descending);
  *   RECALL (1): the shortest prefix of the shared ranking of the last query block (proxy score row Nb-1 of the
  *     head's ranking: sink/diagonal blocks first, then descending score, ties to the lower index) holding gamma of
- *     the head's own mass, so a head that attends where the ranking does not look gets a larger budget.
+ *     the head's own mean mass, so a head that attends where the ranking does not look gets a larger budget;
+ *   ROW_RECALL (2): the shortest prefix of that ranking holding gamma of the mass of every row of the last query
+ *     block (never below RECALL): a query that retrieves what its block's other rows ignore keeps its blocks.
+ *     Workspace: the mass of every row, block_size times the per-head mass.
  * Only the gamma rule (budget_fraction = 0, gamma < 1, sparse sequences) reads it.
  */
 #define PROXYATTN_BUDGET_RULE_MASS 0
 #define PROXYATTN_BUDGET_RULE_RECALL 1
+#define PROXYATTN_BUDGET_RULE_ROW_RECALL 2
 
 typedef enum proxyattn_layout {
   PROXYATTN_LAYOUT_BSHD = 0, /* q, out [B, S, Hq, D]; k, v [B, S, Hkv, D] (flash-attention layout; varlen: [T, H, D]) */

@@ -6,9 +6,10 @@
 
 #define PA_THREADS 256
 
-// mass_parts [B, Hq, parts, nb_total] float32 -> budgets [B, Hq] int32. budget_rule 1 ("recall") also reads scores
-// [B, R, nb_total, nb_total] (the sequence's last query block); rule 0 ignores them (may be NULL). Grid (Hq, B);
-// shared 2 * nb_total * 4 bytes.
+// mass_parts [B, Hq, parts, nb_total] float32 (budget_rule 2 "row_recall": [B, Hq, block_size, nb_total], per row)
+// -> budgets [B, Hq] int32. budget_rules 1 ("recall") and 2 also read scores [B, R, nb_total, nb_total] (the
+// sequence's last query block); rule 0 ignores them (may be NULL). Grid (Hq, B); shared
+// budgets_scratch_words(nb_total, block_size) * 4 bytes.
 extern "C" __global__ void __launch_bounds__(PA_THREADS)
 pa_budgets(const float *__restrict__ mass_parts, int32_t *__restrict__ budgets, const int32_t *__restrict__ cu_seqlens,
            int seq_len, int block_size, int nb_total, int parts, float gamma, double budget_fraction,

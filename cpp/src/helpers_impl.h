@@ -6,7 +6,8 @@
 // same values as a thread block does.
 //   budget_row   <- api.head_budgets (reference.head_budgets' sort / cumsum / count given the mass per key
 //                   block, rule 0 "mass"; the gather along the last query block's ranking / cumsum / count, rule 1
-//                   "recall", estimate_budgets.py::_recall_budgets; reference.fraction_budgets; gamma = 1; the
+//                   "recall", and the same per row of the last block with the largest count over the rows, rule 2
+//                   "row_recall", estimate_budgets.py::_recall_budgets; reference.fraction_budgets; gamma = 1; the
 //                   dense path keeps every block)
 //   select_row   <- plan.compact_plan (order, counts)
 //   full_plan_row <- the plan that keeps every causal block (dense path through the sparse kernel)
@@ -68,6 +69,21 @@ PA_HD int recall_position(const float *keys, int nb, int n, bool sink, bool diag
   return nforced + desc_rank(keys, nb, n) - above;  // desc_rank counts every block above n, the forced ones too
 }
 
+// Number of leading entries of ordered mass whose cumulative sum stays below gamma, plus one: like torch.cumsum of a
+// float32 tensor on the CPU (the reference), accumulated in float64, each partial sum rounded to float32, then
+// compared with gamma as float32. `at(i)` gives the i-th mass in order; *total gets the rounded full sum.
+template <class At>
+PA_HD int prefix_needed(At at, int nb, float gamma, float *total) {
+  double cum = 0.0;
+  int below = 0;
+  for (int i = 0; i < nb; ++i) {
+    cum += (double)at(i);
+    below += ((float)cum < gamma);
+  }
+  *total = (float)cum;
+  return below + 1;
+}
+
 // Budget in key blocks of one (batch, head) whose sequence has nb blocks (the sequence's own Nb):
 //   dense sequence (length <= dense_below_tokens): nb (every block is kept);
 //   budget_fraction > 0: min(nb, max(1, ceil(budget_fraction * nb))) in float64, like reference.fraction_budgets;
@@ -75,12 +91,16 @@ PA_HD int recall_position(const float *keys, int nb, int n, bool sink, bool diag
 //   else (reference.head_budgets): mass[n] = sum over the `parts` partial sums mass_parts[p * part_stride + n]
 //   (fixed order), put in order -- budget_rule 0: sorted descending; budget_rule 1: in the order of the last query
 //   block's ranking (recall_position over score_row[0..nb), the scores of the head's ranking at query block nb-1;
-//   read only by rule 1) -- then the number of leading blocks whose cumulative sum stays below gamma, plus one, at
-//   most nb.
-// Scratch: vals[nb], sorted[nb].
+//   read only by rules 1 and 2) -- then the number of leading blocks whose cumulative sum stays below gamma, plus
+//   one, at most nb;
+//   budget_rule 2: mass_parts holds `rows` rows (row i at mass_parts[i * part_stride], parts must be 1), the mass of
+//   every row of the last query block; each row with any mass needs the prefix of the ranking that rule 1 counts on
+//   its own mass, the budget is the largest need (rows without mass, past a sequence shorter than one block, need
+//   nothing), at most nb.
+// Scratch: vals[nb], sorted[nb], and for rule 2 need[rows] ints.
 PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32_t *budget, int nb, int dense,
                       double budget_fraction, float gamma, int budget_rule, const float *score_row, int keep_sink,
-                      int keep_diagonal, float *vals, float *sorted, int tid, int nthreads) {
+                      int keep_diagonal, int rows, float *vals, float *sorted, int *need, int tid, int nthreads) {
   if (dense || budget_fraction > 0.0 || gamma >= 1.0f) {
     if (tid == 0) {
       int n = nb;
@@ -91,6 +111,27 @@ PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32
         n = (int)(c < 1 ? 1 : (c > nb ? nb : c));
       }
       *budget = n;
+    }
+    return;
+  }
+  if (budget_rule == 2) {
+    // sorted (as ints) holds the ranking: inv[i] = the block at position i; then one row per thread.
+    int *inv = reinterpret_cast<int *>(sorted);
+    for (int n = tid; n < nb; n += nthreads) vals[n] = score_row[n];
+    PA_SYNC();
+    for (int n = tid; n < nb; n += nthreads) inv[recall_position(vals, nb, n, keep_sink != 0, keep_diagonal != 0)] = n;
+    PA_SYNC();
+    for (int r = tid; r < rows; r += nthreads) {
+      const float *row = mass_parts + (long long)r * part_stride;
+      float total;
+      const int n = prefix_needed([&](int i) { return row[inv[i]]; }, nb, gamma, &total);
+      need[r] = total > 0.0f ? n : 0;
+    }
+    PA_SYNC();
+    if (tid == 0) {
+      int most = 0;
+      for (int r = 0; r < rows; ++r) most = need[r] > most ? need[r] : most;
+      *budget = most < nb ? most : nb;
     }
     return;
   }
@@ -114,15 +155,9 @@ PA_HD void budget_row(const float *mass_parts, int parts, int part_stride, int32
   }
   PA_SYNC();
   if (tid == 0) {
-    // Like torch.cumsum of a float32 tensor on the CPU (the reference): accumulated in float64, each partial sum
-    // rounded to float32, then compared with gamma as float32.
-    double cum = 0.0;
-    int below = 0;
-    for (int i = 0; i < nb; ++i) {
-      cum += (double)sorted[i];
-      below += ((float)cum < gamma);
-    }
-    *budget = below + 1 < nb ? below + 1 : nb;
+    float total;
+    const int n = prefix_needed([&](int i) { return sorted[i]; }, nb, gamma, &total);
+    *budget = n < nb ? n : nb;
   }
 }
 
@@ -177,9 +212,10 @@ PA_HD void full_plan_row(int32_t *order_row, int32_t *counts_col, int heads_per_
 // ---------------------------------------------------------------------------------------------- programs
 // One thread block of each helper kernel (block indices as arguments), shared by helpers.cu and the host tests.
 
-// pa_budgets program (h, b): mass_parts [B, Hq, parts, nb_total] -> budgets [B, Hq]. budget_rule 1 also reads
-// scores [B, R, nb_total, nb_total] (head h reads ranking r = h / (Hq / R)) at the sequence's last query block, row
-// nb_b - 1; rule 0 never touches scores (may be NULL). Scratch 2 * nb_total floats.
+// pa_budgets program (h, b): mass_parts [B, Hq, parts, nb_total] (budget_rule 2: [B, Hq, block_size, nb_total], the
+// mass of every row of the last query block) -> budgets [B, Hq]. budget_rules 1 and 2 also read scores
+// [B, R, nb_total, nb_total] (head h reads ranking r = h / (Hq / R)) at the sequence's last query block, row
+// nb_b - 1; rule 0 never touches scores (may be NULL). Scratch budgets_scratch_words(nb_total, block_size) words.
 PA_HD void budgets_program(int h, int b, int num_q_heads, const float *mass_parts, int32_t *budgets,
                            const int32_t *cu_seqlens, int seq_len, int block_size, int nb_total, int parts, float gamma,
                            double budget_fraction, int dense_below_tokens, const float *scores, int num_rankings,
@@ -188,14 +224,18 @@ PA_HD void budgets_program(int h, int b, int num_q_heads, const float *mass_part
   const int nb = (len + block_size - 1) / block_size;
   const long long row = (long long)b * num_q_heads + h;
   const float *score_row = nullptr;
-  if (budget_rule == 1 && scores != nullptr && nb > 0) {
+  if ((budget_rule == 1 || budget_rule == 2) && scores != nullptr && nb > 0) {
     const long long r = h / (num_q_heads / num_rankings);
     score_row = scores + (((long long)b * num_rankings + r) * nb_total + (nb - 1)) * nb_total;
   }
-  budget_row(mass_parts + row * parts * nb_total, parts, nb_total, budgets + row, nb, len <= dense_below_tokens,
-             budget_fraction, gamma, budget_rule, score_row, keep_sink, keep_diagonal, smem, smem + nb_total, tid,
-             nthreads);
+  const int rows = budget_rule == 2 ? block_size : parts;  // rule 2: one part per row (parts is 1)
+  budget_row(mass_parts + row * rows * nb_total, budget_rule == 2 ? 1 : parts, nb_total, budgets + row, nb,
+             len <= dense_below_tokens, budget_fraction, gamma, budget_rule, score_row, keep_sink, keep_diagonal,
+             block_size, smem, smem + nb_total, reinterpret_cast<int *>(smem + 2 * nb_total), tid, nthreads);
 }
+
+// Scratch words (4 bytes) of one pa_budgets program: vals and sorted of nb_total each, need of block_size (rule 2).
+PA_HD long long budgets_scratch_words(int nb_total, int block_size) { return 2LL * nb_total + block_size; }
 
 // pa_select program (m, r, b): scores [B, R, nb_total, nb_total], budgets [B, Hq] -> order [B, R, nb_total,
 // nb_total], counts [B, Hq, nb_total]. Dense sequences get the keep-everything plan; query blocks past a

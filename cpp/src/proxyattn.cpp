@@ -7,7 +7,7 @@
 //   combine lse         pa_combine_lse (CUDA C; the torch ops between the passes)
 //   budget pass 1       _budget_kernel PASS=1                                          (Triton, AOT)
 //   budgets             pa_budgets (CUDA C; torch sort or last-row ranking / cumsum / count, fraction and dense
-//                       budgets)
+//                       budgets; budget_rule 2 runs pass 1 with ROWS, the mass of every row, and counts per row)
 //   select              pa_select (CUDA C; proxyattn/plan.py::compact_plan)
 //   attention           proxyattn/kernels/attention.py::_sparse_attn_fwd_kernel      (Triton, AOT)
 //
@@ -20,6 +20,7 @@
 #include <string>
 
 #include "driver.hpp"
+#include "helpers_impl.h"
 #include "proxyattn.h"
 #include "proxyattn_version.h"
 
@@ -32,7 +33,7 @@ using namespace proxyattn;
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr int kMaxBlocks = 8192;  // helpers keep 2 * Nb floats in shared memory (64 KB)
+constexpr int kMaxBlocks = 8192;  // helpers keep 2 * Nb (+ block_size) words in shared memory (64.5 KB)
 constexpr int kHelperThreads = 256;
 constexpr size_t kAlign = 256;
 
@@ -95,9 +96,10 @@ proxyattn_status_t validate_config(const proxyattn_config_t *c) {
   if (!(c->budget_fraction == 0.0f || (c->budget_fraction > 0.0f && c->budget_fraction <= 1.0f)))
     return fail(PROXYATTN_ERROR_INVALID_VALUE,
                 "budget_fraction=" + str(c->budget_fraction) + " must be 0 (gamma rule) or lie in (0, 1]");
-  if (c->budget_rule != PROXYATTN_BUDGET_RULE_MASS && c->budget_rule != PROXYATTN_BUDGET_RULE_RECALL)
+  if (c->budget_rule != PROXYATTN_BUDGET_RULE_MASS && c->budget_rule != PROXYATTN_BUDGET_RULE_RECALL &&
+      c->budget_rule != PROXYATTN_BUDGET_RULE_ROW_RECALL)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "budget_rule=" + std::to_string(c->budget_rule) +
-                                                   " is not supported; allowed: 0 (mass), 1 (recall)");
+                                                   " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)");
   return PROXYATTN_SUCCESS;
 }
 
@@ -199,7 +201,7 @@ Layout layout_of(const Resolved &r) {
       L.mstat = take(B * Hq * nb * bs * 4);  // chunks <= nb
       L.lstat = take(B * Hq * nb * bs * 4);
       L.blse = take(B * Hq * bs * 4);
-      L.mass = take(B * Hq * nb * 4);
+      L.mass = take(B * Hq * nb * 4 * (r.budget_rule == PROXYATTN_BUDGET_RULE_ROW_RECALL ? bs : 1));  // rule 2: per row
     }
   }
   L.budgets = take(B * Hq * 4);
@@ -250,7 +252,8 @@ proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels 
     if (r.need_mass) {
       std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass0", dt, r.D, r.bs, v);
       PA_TRY(need(buf, &k->budget0));
-      std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1", dt, r.D, r.bs, v);
+      std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1%s", dt, r.D, r.bs, v,
+                    r.budget_rule == PROXYATTN_BUDGET_RULE_ROW_RECALL ? "rows" : "");
       PA_TRY(need(buf, &k->budget1));
       PA_TRY(need("helper/combine_lse", &k->combine));
     }
@@ -323,7 +326,8 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
       PA_TRY(launch(*K.scores, (unsigned)((nb + qb - 1) / qb), (unsigned)(r.B * G), 1, threads_of(*K.scores),
                     K.scores->shared_bytes, args, 15, stream));
     }
-    // 3. attention mass per key block of each head's last query block [B, Hq, nb].
+    // 3. attention mass per key block of each head's last query block [B, Hq, nb] (rule 2: of every row of that
+    //    block, [B, Hq, bs, nb]).
     if (r.need_mass) {
       int sms = 0;
       PA_TRY(current_sm_count(&sms));
@@ -346,7 +350,7 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
                     args, 20, stream));
     }
   }
-  // 4. budgets [B, Hq] (gamma rule from the mass, rule 1 also from the last query block's scores; fraction;
+  // 4. budgets [B, Hq] (gamma rule from the mass, rules 1/2 also from the last query block's scores; fraction;
   //    gamma = 1; dense sequences keep everything). The scores exist whenever the mass does.
   {
     int bs = r.bs, parts = 1, dense = r.dense_below, rule = r.budget_rule, sink = r.keep_sink, diag = r.keep_diag;
@@ -355,7 +359,7 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
     CUdeviceptr sc = r.all_dense ? (CUdeviceptr)0 : (CUdeviceptr)(ws + L.scores);
     void *args[] = {&mass, &bud, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense,
                     &sc,   &G,   &rule,       &sink,    &diag};
-    const unsigned smem = r.need_mass ? (unsigned)(2 * nb * 4) : 0u;
+    const unsigned smem = r.need_mass ? (unsigned)(pa_impl::budgets_scratch_words(nb, bs) * 4) : 0u;
     PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 15, stream));
   }
   // 5. selection into the compact plan.

@@ -26,12 +26,13 @@ HOST_API void pa_host_select(const float *scores, const int32_t *budgets, int32_
                                 smem.data(), 0, 1);
 }
 
-// pa_budgets over the grid (Hq, B). scores [B, R, nb_total, nb_total] (R = num_rankings) are read by budget_rule 1.
+// pa_budgets over the grid (Hq, B). scores [B, R, nb_total, nb_total] (R = num_rankings) are read by budget_rules 1
+// and 2; rule 2 reads mass_parts [B, Hq, block_size, nb_total] (the mass of every row of the last query block).
 HOST_API void pa_host_budgets(const float *mass_parts, int32_t *budgets, const int32_t *cu_seqlens, int batch,
                               int num_q_heads, int seq_len, int block_size, int nb_total, int parts, float gamma,
                               double budget_fraction, int dense_below_tokens, const float *scores, int num_rankings,
                               int budget_rule, int keep_sink, int keep_diagonal) {
-  std::vector<float> smem(2 * (size_t)nb_total);
+  std::vector<float> smem((size_t)pa_impl::budgets_scratch_words(nb_total, block_size));
   for (int b = 0; b < batch; ++b)
     for (int h = 0; h < num_q_heads; ++h)
       pa_impl::budgets_program(h, b, num_q_heads, mass_parts, budgets, cu_seqlens, seq_len, block_size, nb_total,

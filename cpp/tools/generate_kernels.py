@@ -166,18 +166,19 @@ BUDGET_ARGS = (
 
 def budget_variants(dtypes, dims, blocks):
     out = []
-    for dt, d, bs, varlen, pas in itertools.product(dtypes, dims, blocks, (0, 1), (0, 1)):
+    # pass 0 (row statistics), pass 1 (mass per key block, rules 0/1) and pass 1 with ROWS (per row, rule 2)
+    for dt, d, bs, varlen, (pas, rows) in itertools.product(dtypes, dims, blocks, (0, 1), ((0, False), (1, False), (1, True))):
         block_d = _next_pow2(d)
         types = {n: "i32" for n in BUDGET_ARGS}
         types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", cu_ptr="*i32", mstat_ptr="*fp32", lstat_ptr="*fp32",
                      lse_ptr="*fp32", mass_ptr="*fp32", qk_scale="fp32")
         consts = dict(stride_qd=1, stride_kd=1, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=bool(varlen), PASS=pas,
-                      DOT_PREC="tf32", UPCAST=False, ROWS=False)
+                      DOT_PREC="tf32", UPCAST=False, ROWS=rows)
         for c in consts:
             types[c] = "constexpr"
         div16 = ("q_ptr", "k_ptr", "cu_ptr", "mstat_ptr", "lstat_ptr", "lse_ptr", "mass_ptr", "stride_qb", "stride_qt",
                  "stride_qh", "stride_kb", "stride_kt", "stride_kh")
-        out.append(Variant(f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}", "proxyattn.kernels.estimate_budgets",
+        out.append(Variant(f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}{'rows' if rows else ''}", "proxyattn.kernels.estimate_budgets",
                            "_budget_kernel", types, consts, div16, 8 if block_d >= 128 else 4, 2, BUDGET_ARGS))
     return out
 
@@ -256,7 +257,7 @@ def compile_helpers(nvcc: str, out_dir: Path) -> dict:
 
 
 HELPERS = [  # (key, entry, threads are chosen by the launcher; maximum dynamic shared memory, params)
-    ("helper/budgets", "pa_budgets", 64 * 1024, 15),
+    ("helper/budgets", "pa_budgets", (2 * 8192 + 128) * 4, 15),  # budgets_scratch_words(kMaxBlocks, 128) words
     ("helper/select", "pa_select", 64 * 1024, 13),
     ("helper/combine_lse", "pa_combine_lse", 0, 6),
 ]

@@ -5,8 +5,8 @@
 // The node contract is export/contract.py: inputs query [B, Hq, S, D], key/value [B, Hkv, S, D] (BHSD), output
 // [B, Hq, S, D] in query's dtype; fields pa_* (ProxyAttnConfig.to_attrs), scale (float), is_causal (int, must be 1),
 // sliding_window (int, must be 0: this plugin refuses windowed layers rather than computing something else),
-// pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass" or
-// 1 "recall", proxyattn.config.BUDGET_RULES; other values are refused).
+// pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass",
+// 1 "recall" or 2 "row_recall", proxyattn.config.BUDGET_RULES; other values are refused).
 #pragma once
 
 #include <cstdint>
@@ -79,8 +79,10 @@ inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
         return "pa_estimator=" + std::to_string(iv) +
                " is not supported: libproxyattn implements estimator 0 (the paper's mean-pooled proxy heads)";
     } else if (name == "pa_budget_rule") {
-      if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL)
-        return "pa_budget_rule=" + std::to_string(iv) + " is not supported; allowed: 0 (mass), 1 (recall)";
+      if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL &&
+          iv != PROXYATTN_BUDGET_RULE_ROW_RECALL)
+        return "pa_budget_rule=" + std::to_string(iv) +
+               " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)";
       a.config.budget_rule = iv;
     } else if (name == "scale") a.scale = fv;
     else if (name == "is_causal") a.is_causal = iv;
