@@ -97,6 +97,46 @@ def accuracy_table(d: dict, name: str) -> list[str]:
     return out
 
 
+def budget_rule_table(model: str, files: list[str]) -> list[str]:
+    """Budget rules 1 and 2 (proxy estimator) at several gammas on the same copy sequences: every GPU accuracy file
+    of `model` whose dense per-sequence losses agree on the first sequences they share; copy loss x dense over
+    those sequences, with the plan density of the whole cell."""
+    runs = []
+    for name in files:
+        d = load(name)
+        if not d["device"].startswith("NVIDIA") or not name.startswith(f"accuracy_{model}"):
+            continue
+        for c in d["cells"]:
+            per = c.get("copy_loss_per_seq", {})
+            if "dense" in per:
+                runs.append((name, c, per))
+    if not runs:
+        return []
+    n = min(len(per["dense"]) for _, _, per in runs)
+    rows, used = {}, set()
+    for name, c, per in runs:
+        ref = next(p["dense"][:n] for _, c2, p in runs if c2["seq_len"] == c["seq_len"])
+        if any(abs(a - b) > 0.01 * abs(b) for a, b in zip(per["dense"][:n], ref)):
+            continue  # other sequences
+        dense = sum(per["dense"][:n]) / n
+        for m, losses in per.items():
+            rule = "row_recall" if m.startswith("row_recall") else "recall" if m.startswith("recall") else None
+            if rule is None:
+                continue
+            rows[(c["seq_len"], rule, m)] = (sum(losses[:n]) / n / dense, c.get("density_copy", {}).get(m, float("nan")))
+            used.add(name)
+    out = [f"Same {n} copy sequences per length (the first {n} of each run), proxy estimator; from "
+           + ", ".join(f"`{u}`" for u in sorted(used)) + ". Density: the cell's copy-task plan density.", ""]
+    out += ["| L | rule 1 (recall): gamma, density, copy x dense | rule 2 (row_recall): gamma, density, copy x dense |", "|---|---|---|"]
+    for s in sorted({key[0] for key in rows}):
+        cells = []
+        for rule in ("recall", "row_recall"):
+            pts = sorted(((d, r, m.split(" g")[-1]) for (s2, ru, m), (r, d) in rows.items() if s2 == s and ru == rule))
+            cells.append("; ".join(f"{g}: {d:.2f}, {r:.3f}" for d, r, g in pts) or "—")
+        out.append(f"| {k(s)} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main() -> int:
     files = sorted(os.listdir(RESULTS))
     lines: list[str] = []
@@ -111,6 +151,11 @@ def main() -> int:
     for name in (f for f in files if f.startswith("accuracy_") and f.endswith(".json")):
         title = name[len("accuracy_") : -len(".json")]
         lines += [f"### Accuracy: {title}", ""] + accuracy_table(load(name), name) + [""]
+    acc = [f for f in files if f.startswith("accuracy_") and f.endswith(".json")]
+    for model in ("gemma3-270m", "smollm2"):
+        table = budget_rule_table(model, acc)
+        if table:
+            lines += [f"### Budget rules at equal density: {model}", ""] + table + [""]
     print("\n".join(lines))
     return 0
 

@@ -74,8 +74,8 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     """Per-head budgets in key blocks, int32 `[B, Hq]`; the budget fraction is that over Nb.
 
     With `config.budget_fraction` set, every head gets ceil(budget_fraction * Nb) blocks. Otherwise the gamma rule
-    `config.budget_rule` (`proxyattn.reference.head_budgets`); rules 1 ("recall", the default) and 2
-    ("row_recall") read the shared ranking of the last query block from `scores` (`[B, R, Nb, Nb]`, `proxy_scores`), computed here when not given
+    `config.budget_rule` (`proxyattn.reference.head_budgets`); rules 1 ("recall") and 2
+    ("row_recall", the default) read the shared ranking of the last query block from `scores` (`[B, R, Nb, Nb]`, `proxy_scores`), computed here when not given
     (`plan_blocks` passes the ones it selects with).
     """
     cfg = _config(config)

@@ -58,12 +58,12 @@ class ProxyAttnConfig:
             and keys per head). 0 and 1 have Triton kernels; 2 runs in PyTorch on any device. The TensorRT graph
             and libproxyattn implement 0 only.
         budget_rule: how the gamma budget is counted (`proxyattn.reference.head_budgets`): 0 = "mass" (the paper:
-            the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the default: the
-            shortest prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a
-            head that attends where the proxy ranking does not look gets a larger budget; measured in
-            docs/accuracy.md), 2 = "row_recall" (that prefix must hold gamma of the mass of every query row of the
-            head's last block, not only of their mean: larger budgets, never below rule 1). The TensorRT graph and
-            libproxyattn implement 0 and 1.
+            the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the shortest
+            prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a head
+            that attends where the proxy ranking does not look gets a larger budget), 2 = "row_recall" (the default:
+            that prefix must hold gamma of the mass of every query row of the head's last block, not only of their
+            mean; never below rule 1, and more accurate than rule 1 at equal density on both packaged models,
+            docs/accuracy.md). Every backend implements all three (Triton, TensorRT graph, libproxyattn).
     """
 
     block_size: int = 128
@@ -78,7 +78,7 @@ class ProxyAttnConfig:
     dense_first_layers: int = 0
     dense_layer_mask: int = 0
     estimator: int = 0
-    budget_rule: int = 1
+    budget_rule: int = 2
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)

@@ -146,7 +146,7 @@ def test_config_defaults_match_python(lib):
     assert c.gamma == pytest.approx(attrs["pa_gamma"]) and c.budget_fraction == attrs["pa_budget_fraction"] == 0.0
     assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
     assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
-    assert c.budget_rule == attrs["pa_budget_rule"] == 1  # "recall"
+    assert c.budget_rule == attrs["pa_budget_rule"] == 2  # "row_recall"
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""
 
@@ -805,7 +805,7 @@ def _python_launches(case, monkeypatch):
         ES.proxy_scores(q, k, cfg, scale)
     else:
         ES.proxy_scores_varlen(q, k, cu, s, cfg, scale)
-    EB._launch_mass(q, k, cu, b, s, cfg.block_size, scale)
+    EB._launch_mass(q, k, cu, b, s, cfg.block_size, scale, rows=cfg.budget_rule == 2)
     order = torch.zeros(b, cfg.proxy_heads, nb, nb, dtype=torch.int32)
     counts = torch.zeros(b, hq, nb, dtype=torch.int32)
     out, _ = A._launch_sparse(q, k, v, order, counts, cu, s, cfg.block_size, scale, with_lse=True, use_tma=False,
@@ -880,7 +880,7 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
     dense_below = ProxyAttnConfig().dense_below_tokens
     assert bud["params"][8:10] == [0, dense_below]
-    # Scores (read by budget_rule 1 only), rankings G, budget_rule 1 (the default), keep_sink, keep_diagonal.
+    # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2 (the default), keep_sink, keep_diagonal.
     assert bud["params"][10:] == [scores["params"][3], 1, ProxyAttnConfig().budget_rule, 1, 1]
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
@@ -911,10 +911,11 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
 @pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128),
                                      dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
 def test_launches_of_the_recall_budget_rule(build, problem):
-    # budget_rule 1: the same kernels; pa_budgets reads the proxy scores the scores kernel wrote, with G rankings.
+    # budget_rule 1: the same kernels and buffers as rule 0; pa_budgets reads the proxy scores the scores kernel
+    # wrote, with G rankings.
     cfg = {"budget_rule": 1, "proxy_heads": 2, "keep_sink": 0}
     got = _c_launches(build, {"problem": problem, "config": cfg})
-    base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0}})
+    base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0, "budget_rule": 0}})
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
     scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
@@ -994,7 +995,7 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
         st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": rule})
         assert st == 0 and cfg.budget_rule == rule, err
     st, cfg, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != "pa_budget_rule"})
-    assert st == 0 and cfg.budget_rule == ProxyAttnConfig().budget_rule == 1, err  # missing: ProxyAttnConfig's default
+    assert st == 0 and cfg.budget_rule == ProxyAttnConfig().budget_rule == 2, err  # missing: ProxyAttnConfig's default
 
 
 def test_trt_plugin_declares_every_node_attribute(host):

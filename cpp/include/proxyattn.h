@@ -81,8 +81,8 @@ typedef struct proxyattn_config {
   int32_t keep_diagonal;      /* 0/1 (default 1) */
   int32_t dense_below_tokens; /* >= 0, or -1 = max(min_budget_tokens, PROXYATTN_DENSE_CROSSOVER_TOKENS) (default -1) */
   float budget_fraction;      /* 0 = gamma rule, else (0, 1] (default 0) */
-  int32_t budget_rule;        /* how the gamma budget is counted (default 1): PROXYATTN_BUDGET_RULE_MASS, _RECALL or
-                                 _ROW_RECALL */
+  int32_t budget_rule;        /* how the gamma budget is counted (default 2, ROW_RECALL): PROXYATTN_BUDGET_RULE_MASS,
+                                 _RECALL or _ROW_RECALL */
 } proxyattn_config_t;
 
 /*

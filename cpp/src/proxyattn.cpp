@@ -405,7 +405,7 @@ void proxyattn_config_default(proxyattn_config_t *c) {
   c->keep_diagonal = 1;
   c->dense_below_tokens = -1;
   c->budget_fraction = 0.0f;
-  c->budget_rule = PROXYATTN_BUDGET_RULE_RECALL;
+  c->budget_rule = PROXYATTN_BUDGET_RULE_ROW_RECALL;
 }
 
 proxyattn_status_t proxyattn_config_validate(const proxyattn_config_t *config) {

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 import proxyattn  # noqa: E402
 from proxyattn import ProxyAttnConfig, reference  # noqa: E402
 from proxyattn.plan import BlockPlan, compact_plan  # noqa: E402
-from proxyattn.testing import budget_mismatches, plan_mismatches, structured_qkv  # noqa: E402
+from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -213,8 +213,19 @@ def check_plan_vs_reference(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, scale: 
         return {"dense": True}
     scores = reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride,
                                     scale=scale)
-    if cfg.budget_fraction is None and cfg.gamma < 1.0:
+    if cfg.budget_fraction is None and cfg.gamma < 1.0 and cfg.budget_rule == 0:
         bad_budgets = budget_mismatches(plan.budget_blocks, ref_mass(q, k, cfg.block_size, scale), cfg.gamma)
+    elif cfg.budget_fraction is None and cfg.gamma < 1.0:
+        # Rules 1/2 count along the last query block's ranking of the scores the library computed: the same proxy
+        # scores kernel as the Python path, so its order (score ties included) is the library's.
+        own = proxyattn.proxy_scores(q, k, cfg, scale=scale)
+        order = reference.last_row_order(own, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+        order = order.repeat_interleave(q.shape[2] // cfg.proxy_heads, dim=1)
+        if cfg.budget_rule == 1:
+            bad_budgets = budget_mismatches(plan.budget_blocks, ref_mass(q, k, cfg.block_size, scale), cfg.gamma, order=order)
+        else:
+            rows = reference.last_block_row_mass(q, k, block_size=cfg.block_size, scale=scale)
+            bad_budgets = row_budget_mismatches(plan.budget_blocks, rows, cfg.gamma, order)
     else:
         want = reference.fraction_budgets(q.shape[0], q.shape[2], nb, cfg.budget_fraction, DEV) if cfg.budget_fraction \
             else torch.full_like(plan.budget_blocks, nb)
@@ -244,11 +255,14 @@ def rel(a, b) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def check_variant(lib: Lib, dtype, d: int, bs: int, varlen: bool, seed: int) -> dict:
-    """Small ragged problem through every kernel of one compiled variant, against the fp32 reference."""
+def check_variant(lib: Lib, dtype, d: int, bs: int, varlen: bool, seed: int, rule: int | None = None) -> dict:
+    """Small ragged problem through every kernel of one compiled variant, against the fp32 reference (budget rule
+    `rule`, default: the config's)."""
     hq, hkv = (8, 2) if d < 256 else (4, 1)
     cfg = ProxyAttnConfig(block_size=bs, gamma=0.9, min_budget_tokens=bs, dense_below_tokens=0,
                           proxy_heads=2 if hkv == 2 else 1)
+    if rule is not None:
+        cfg = cfg.replace(budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
     lengths = [5 * bs + 17, 9 * bs - 3] if varlen else [7 * bs + 11] * 2
     seqs = [fresh(1, n, hq, hkv, d, dtype, "structured", seed + i) for i, n in enumerate(lengths)]
@@ -526,6 +540,11 @@ def main() -> int:
                         record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
                                lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
             dump()
+        for rule in (0, 1):  # the default is rule 2; the other budget rules on one variant each layout
+            for varlen in (False, True):
+                record(f"variant bf16 D128 block128 {'varlen' if varlen else 'padded'} budget_rule {rule}",
+                       lambda: check_variant(lib, torch.bfloat16, 128, 128, varlen, seed=7 + rule, rule=rule))
+        dump()
     print(f"\n{'check':<44} ok")
     for r in RESULTS:
         print(f"{r['check']:<44} {'PASS' if r['ok'] else 'FAIL ' + r.get('error', '')[:150]}")
@@ -566,6 +585,9 @@ def dry_run(args) -> int:
     for dtype, d, bs, varlen in ((torch.bfloat16, 64, 64, False), (torch.float16, 128, 128, True)):
         record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
                lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
+    for rule in (0, 1):
+        record(f"variant bf16 D64 block64 varlen budget_rule {rule}",
+               lambda: check_variant(lib, torch.bfloat16, 64, 64, True, seed=7 + rule, rule=rule))
     record("large structured (dry, S=2304)", lambda: check_large(lib, 2304, "structured", seed=1))
     print(json.dumps(RESULTS, indent=1))
     return 0 if all(r["ok"] for r in RESULTS) else 1
