@@ -115,7 +115,7 @@ def test_launch_grids_extra_args_and_tactics():
     mc, _ = S.constants("ProxyMass", [q, k, (96, 128)], ["bfloat16", "bfloat16", "float32"], dict(ATTRS, max_seq_len=8192), 1)
     assert S.launch("ProxyMass", [q], {}, mc) == (96, mc["NCHUNK"], 1) and mc["NCHUNK"] * mc["CB"] >= 8192 // 128
     rc, _ = S.constants("ProxyRowMass", [q, k, (96, 128)], ["bfloat16", "bfloat16", "float32"], dict(ATTRS, max_seq_len=8192), 1)
-    assert rc == mc and S.launch("ProxyRowMass", [q], {}, rc) == (96, rc["NCHUNK"], 1)
+    assert rc == dict(mc, ROWS=True) and mc["ROWS"] is False and S.launch("ProxyRowMass", [q], {}, rc) == (96, rc["NCHUNK"], 1)
     assert S.output_dtypes("ProxyRowMass", ["bfloat16", "bfloat16", "float32"]) == ["float32"]
     with pytest.raises(ValueError, match="tactic 9 unknown"):
         S.constants("ProxyPool", [q], ["bfloat16"], {"groups": 1, "step": 4}, 9)

@@ -17,7 +17,7 @@ from proxyattn.kernels.attention import _sparse_attn_fwd_kernel
 from proxyattn.kernels.estimate_budgets import _budget_kernel
 from proxyattn.kernels.estimate_scores import _pool_heads_kernel, _proxy_scores_kernel
 
-__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_row_mass", "trt_sparse_attention", "WRAPPERS"]
+__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_sparse_attention", "WRAPPERS"]
 
 
 @triton.jit
@@ -65,30 +65,18 @@ def trt_mass_stats(q_ptr, k_ptr, seq_len, mstat_ptr, lstat_ptr,
 @triton.jit
 def trt_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
-             NCHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, QK_SCALE: tl.constexpr):
-    """Pass 1: attention mass per key block of each head's last query block, float32 `[B, Hq, Nb]` (grid: B*Hq, NCHUNK)."""
+             NCHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, QK_SCALE: tl.constexpr,
+             ROWS: tl.constexpr):
+    """Pass 1: attention mass per key block of each head's last query block, float32 `[B, Hq, Nb]` (ProxyMass), or
+    with ROWS of every row of that block, `[B, Hq, BS, Nb]`, rows past a sequence shorter than one block 0
+    (ProxyRowMass, budget_rule 2) (grid: B*Hq, NCHUNK)."""
     nb = tl.cdiv(seq_len, BS)
     _budget_kernel(q_ptr, k_ptr, q_ptr, lse_ptr, lse_ptr, lse_ptr, mass_ptr,
                    seq_len, nb, HQ, QK_SCALE,
                    HQ * seq_len * D, D, seq_len * D, 1,
                    HKV * seq_len * D, D, seq_len * D, 1,
                    GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=1,
-                   DOT_PREC=DOT_PREC, UPCAST=False, ROWS=False)
-
-
-@triton.jit
-def trt_row_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
-                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, CB: tl.constexpr,
-                 NCHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, QK_SCALE: tl.constexpr):
-    """Pass 1 per row (budget_rule 2): attention mass per key block of every row of each head's last query block,
-    float32 `[B, Hq, BS, Nb]`; rows past a sequence shorter than one block hold 0 (grid: B*Hq, NCHUNK)."""
-    nb = tl.cdiv(seq_len, BS)
-    _budget_kernel(q_ptr, k_ptr, q_ptr, lse_ptr, lse_ptr, lse_ptr, mass_ptr,
-                   seq_len, nb, HQ, QK_SCALE,
-                   HQ * seq_len * D, D, seq_len * D, 1,
-                   HKV * seq_len * D, D, seq_len * D, 1,
-                   GROUP=HQ // HKV, NCHUNK=NCHUNK, CB=CB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False, PASS=1,
-                   DOT_PREC=DOT_PREC, UPCAST=False, ROWS=True)
+                   DOT_PREC=DOT_PREC, UPCAST=False, ROWS=ROWS)
 
 
 @triton.jit
@@ -113,6 +101,5 @@ WRAPPERS = {
     "trt_scores": trt_scores,
     "trt_mass_stats": trt_mass_stats,
     "trt_mass": trt_mass,
-    "trt_row_mass": trt_row_mass,
     "trt_sparse_attention": trt_sparse_attention,
 }

@@ -83,7 +83,7 @@ PLUGINS: dict[str, PluginDef] = {
                   ("pa_block_size", "scale", "max_seq_len")),
         PluginDef("ProxyMass", ("query", "key", "lse"), ("mass",), "trt_mass",
                   ("pa_block_size", "scale", "max_seq_len")),
-        PluginDef("ProxyRowMass", ("query", "key", "lse"), ("mass",), "trt_row_mass",
+        PluginDef("ProxyRowMass", ("query", "key", "lse"), ("mass",), "trt_mass",
                   ("pa_block_size", "scale", "max_seq_len")),
         PluginDef("ProxySparseAttention", ("query", "key", "value", "order", "counts"), ("output",), "trt_sparse_attention",
                   ("pa_block_size", "scale")),
@@ -258,8 +258,11 @@ def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str
     if plugin in ("ProxyMassStats", "ProxyMass", "ProxyRowMass"):
         cb, nchunk = mass_chunks(bs, a["max_seq_len"])
         prec = "ieee" if dtypes[0] == "float32" else "tf32"
-        return {"HQ": hq, "HKV": hkv, "D": d, "BS": bs, "CB": cb, "NCHUNK": nchunk, "BLOCK_D": _pow2(d),
-                "DOT_PREC": prec, "QK_SCALE": qk}, opt
+        out = {"HQ": hq, "HKV": hkv, "D": d, "BS": bs, "CB": cb, "NCHUNK": nchunk, "BLOCK_D": _pow2(d),
+               "DOT_PREC": prec, "QK_SCALE": qk}
+        if plugin != "ProxyMassStats":
+            out["ROWS"] = plugin == "ProxyRowMass"  # one wrapper, trt_mass, for both mass plugins
+        return out, opt
     r = shapes[3][1]
     if hq % r:
         raise ValueError(f"ProxySparseAttention: ranking rows R={r} must divide the {hq} query heads")
