@@ -8,10 +8,20 @@ full-attention layers run `reference.block_sparse_attention` with a block mask f
 * `oracle mean g`: per (head, query block) the fewest key blocks holding gamma of the block's exact attention
   mass (mean over its rows), best blocks first -- what any estimator of the mean-mass rule could at best do;
 * `oracle rows g`: per (head, query block) the shortest prefix of the exact mean-mass ranking that holds gamma
-  of the mass of every row of the block;
+  of the mass of every row of the block; `group-mean|group-max rank`: the same with one ranking per KV group
+  (the group's heads' mean or max of that mass), as a shared-ranking plan has;
 * `oracle rank + plan counts <name>`: the plan's per-row block counts, filled in the exact mean-mass order;
 * `plan rank + oracle-rows counts <name>`: the plan's ranking, cut at the counts of `oracle rows 0.95`;
-* `plan <name> + previous block`: the plan plus key block m-1 in every query block m (a two-block local window).
+* `group-mean rank + plan counts <name>`: the plan's counts filled in the exact order of the KV group's mean mass
+  (a shared ranking without estimation error); `plan rank + oracle group counts <name>`: the plan's ranking cut
+  at the counts of `oracle rows 0.95 group-mean rank`;
+* `plan <name> + previous block`: the plan plus key block m-1 in every query block m (a two-block local window);
+* `plan rank + exact row counts of every block <name>` / `... sampled at P blocks`: the plan's own ranking (proxy
+  scores), each (head, query block) keeping the shortest prefix of it that holds gamma of every row's exact mass
+  -- measured at every query block, or at P evenly spaced ones (block m then uses the need fraction of the next
+  sampled block); the budget rules measure only the last block and scale it by (m+1) / Nb;
+* `plan <name> proxy-shaped counts g`: the rule's budget n_h scaled per query block by how many blocks the proxy
+  row needs to reach g of its (normalised) scores, relative to the last block, instead of by (m+1) / Nb.
 
 Sink and diagonal blocks are always kept. Block 128. Density = kept / causal blocks, mean over layers and heads.
 
@@ -37,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accuracy as acc  # noqa: E402
 import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig, plan_blocks, reference  # noqa: E402
-from proxyattn.plan import BlockPlan  # noqa: E402
+from proxyattn import ProxyAttnConfig, plan_blocks, proxy_scores, reference  # noqa: E402
+from proxyattn.plan import BlockPlan, compact_plan  # noqa: E402
 from proxyattn.weights import load_model, load_tokenizer  # noqa: E402
 
 BS = 128
@@ -56,14 +66,21 @@ def row_block_mass(q, k, scale, m):
     return p.reshape(b, hq, hi - lo, m + 1, BS).sum(-1)
 
 
-def oracle(q, k, scale, gamma: float, per_row: bool):
-    """Bool block mask `[B, Hq, Nb, Nb]` of the oracle rules (see the module docstring)."""
+def oracle(q, k, scale, gamma: float, per_row: bool, shared: str | None = None):
+    """Bool block mask `[B, Hq, Nb, Nb]` of the oracle rules (see the module docstring). `shared`: rank the key
+    blocks once per KV group instead of per head, by the group's heads' mean ("mean") or max ("max") mass."""
     b, s, hq, _ = q.shape
     nb = -(-s // BS)
     keep = torch.zeros(b, hq, nb, nb, dtype=torch.bool)
+    grp = hq // k.shape[2]
     for m in range(nb):
         rows = row_block_mass(q, k, scale, m)
-        order = rows.mean(2).argsort(dim=-1, descending=True)
+        key = rows.mean(2)  # [B, Hq, m+1]
+        if shared is not None:
+            g = key.reshape(b, hq // grp, grp, m + 1)
+            g = g.mean(2) if shared == "mean" else g.amax(2)
+            key = g.repeat_interleave(grp, dim=1)
+        order = key.argsort(dim=-1, descending=True)
         cum = rows.gather(-1, order[:, :, None].expand_as(rows)).cumsum(-1)  # [B, Hq, rows, m+1]
         if per_row:
             need = ((cum < gamma).sum(-1) + 1).amax(-1)
@@ -76,19 +93,81 @@ def oracle(q, k, scale, gamma: float, per_row: bool):
     return keep & torch.ones(nb, nb, dtype=torch.bool).tril()
 
 
-def exact_order_mask(q, k, scale, counts):
-    """Keep counts[b, h, m] blocks per row in exact mean-mass order (sink and diagonal first)."""
+def exact_order_mask(q, k, scale, counts, shared: bool = False):
+    """Keep counts[b, h, m] blocks per row in exact mean-mass order (sink and diagonal first); `shared`: one order
+    per KV group (its heads' mean mass)."""
     b, s, hq, _ = q.shape
     nb = -(-s // BS)
     keep = torch.zeros(b, hq, nb, nb, dtype=torch.bool)
+    grp = hq // k.shape[2]
     for m in range(nb):
         key = row_block_mass(q, k, scale, m).mean(2)
+        if shared:
+            key = key.reshape(b, hq // grp, grp, m + 1).mean(2).repeat_interleave(grp, dim=1)
         key[..., 0] += 2.0
         key[..., m] += 3.0
         order = key.argsort(dim=-1, descending=True)
         sel = torch.arange(m + 1)[None, None] < counts[:, :, m, None]
         keep[:, :, m, : m + 1] = torch.zeros_like(sel).scatter(-1, order, sel)
     return keep
+
+
+def sampled_row_counts(q, k, scale, scores, cfg: ProxyAttnConfig, samples: int):
+    """Per (head, query block) counts from exact row-recall needs measured at `samples` query blocks along the
+    plan's own ranking of each (forced blocks first, then score): block m uses the need fraction (need / (j+1))
+    of the first sampled block j >= m, times m+1; `samples` = Nb measures every block (no estimation of counts)."""
+    b, s, hq, _ = q.shape
+    nb = scores.shape[-1]
+    rep = hq // scores.shape[1]
+    blocks = sorted({nb - 1 - round(i * nb / samples) for i in range(samples)} - {-1})
+    frac = []
+    for m in blocks:
+        rows = row_block_mass(q, k, scale, m)
+        order = reference.last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=cfg.keep_sink,
+                                         keep_diagonal=cfg.keep_diagonal).repeat_interleave(rep, dim=1)
+        cum = rows.gather(-1, order[:, :, None, :].expand_as(rows)).cumsum(-1)
+        need = torch.where(cum[..., -1] > 0, (cum < cfg.gamma).sum(-1) + 1, 0).amax(-1)
+        frac.append(need.double() / (m + 1))
+    frac = torch.stack(frac, -1)  # [B, Hq, samples]
+    at = torch.tensor(blocks)
+    seg = torch.searchsorted(at, torch.arange(nb))  # first sampled block >= m
+    m1 = torch.arange(1, nb + 1, dtype=torch.float64)
+    k_ = torch.ceil(frac[..., seg] * m1 - 1e-9).clamp(min=cfg.min_budget_blocks)
+    return torch.minimum(k_, m1).to(torch.int32)
+
+
+def proxy_shaped_counts(scores, budgets, cfg: ProxyAttnConfig, gamma_proxy: float):
+    """Counts that follow the proxy's own spread: k[h, m] = ceil(n_h * need(m) / need(Nb-1)), need(m) the fewest
+    key blocks of proxy score row m (normalised to sum 1) reaching gamma_proxy."""
+    nb = scores.shape[-1]
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril()
+    sc = scores.float().masked_fill(~causal, 0.0).clamp_min(0)
+    p = sc / sc.sum(-1, keepdim=True).clamp_min(1e-30)
+    need = ((p.sort(-1, descending=True).values.cumsum(-1) < gamma_proxy).sum(-1) + 1).double()
+    need = need.repeat_interleave(budgets.shape[1] // scores.shape[1], dim=1)  # [B, Hq, Nb]
+    m1 = torch.arange(1, nb + 1, dtype=torch.float64)
+    k_ = torch.ceil(budgets.double()[..., None] * need / need[..., -1:] - 1e-9).clamp(min=cfg.min_budget_blocks)
+    return torch.minimum(k_, m1).to(torch.int32)
+
+
+def plan_with_counts(scores, top_k, seq_len: int, cfg: ProxyAttnConfig) -> BlockPlan:
+    """compact_plan's order with top-k sizes `top_k` `[B, Hq, Nb]` in place of `block_counts`: each row keeps its
+    top_k best-scored blocks plus the forced ones outside them (compact_plan's extra counts)."""
+    plan = compact_plan(scores, torch.ones(top_k.shape[:2], dtype=torch.int32), seq_len, cfg)
+    nb = scores.shape[-1]
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril()
+    ranked = torch.sort(scores.float().masked_fill(~causal, float("-inf")), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(nb, device=scores.device).expand_as(ranked))
+    rep = top_k.shape[1] // scores.shape[1]
+    extra = torch.zeros_like(top_k)
+    if cfg.keep_sink:
+        extra += (rank[..., :, 0].repeat_interleave(rep, dim=1) >= top_k).to(extra.dtype)
+    if cfg.keep_diagonal:
+        diag = rank.diagonal(dim1=-2, dim2=-1).repeat_interleave(rep, dim=1) >= top_k
+        if cfg.keep_sink:
+            diag[..., 0] = False
+        extra += diag.to(extra.dtype)
+    return BlockPlan(plan.order, (top_k + extra).to(torch.int32).contiguous(), plan.budget_blocks, cfg.block_size, seq_len)
 
 
 def experiments(min_budget: int) -> dict:
@@ -98,8 +177,15 @@ def experiments(min_budget: int) -> dict:
     def plan_mask(name):
         return lambda q, k, s: plan_blocks(q, k, cfg(name), scale=s).to_mask()
 
-    def oracle_rank_plan_counts(name):
-        return lambda q, k, s: exact_order_mask(q, k, s, plan_blocks(q, k, cfg(name), scale=s).counts)
+    def oracle_rank_plan_counts(name, shared=False):
+        return lambda q, k, s: exact_order_mask(q, k, s, plan_blocks(q, k, cfg(name), scale=s).counts, shared)
+
+    def plan_rank_oracle_group_counts(name):
+        def f(q, k, s):
+            plan = plan_blocks(q, k, cfg(name), scale=s)
+            counts = oracle(q, k, s, 0.95, per_row=True, shared="mean").sum(-1).to(torch.int32)
+            return BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, plan.seq_len).to_mask()
+        return f
 
     def plan_rank_oracle_counts(name):
         def f(q, k, s):
@@ -115,15 +201,40 @@ def experiments(min_budget: int) -> dict:
             return mask | torch.eye(nb, dtype=torch.bool, device=mask.device).roll(-1, dims=1).tril(-1)
         return f
 
+    def sampled(name, samples):
+        def f(q, k, s):
+            c = cfg(name)
+            scores = proxy_scores(q, k, c, scale=s)
+            n = samples or scores.shape[-1]
+            return plan_with_counts(scores, sampled_row_counts(q, k, s, scores, c, n), q.shape[1], c).to_mask()
+        return f
+
+    def shaped(name, gamma_proxy):
+        def f(q, k, s):
+            c = cfg(name)
+            plan = plan_blocks(q, k, c, scale=s)
+            scores = proxy_scores(q, k, c, scale=s)
+            top_k = proxy_shaped_counts(scores, plan.budget_blocks, c, gamma_proxy)
+            return plan_with_counts(scores, top_k, q.shape[1], c).to_mask()
+        return f
+
     return {
         "dense": None,
+        "plan rank + exact row counts of every block row_recall g0.95": sampled("row_recall g0.95", 0),
+        "plan rank + row counts sampled at 8 blocks row_recall g0.95": sampled("row_recall g0.95", 8),
+        "plan rank + row counts sampled at 4 blocks row_recall g0.95": sampled("row_recall g0.95", 4),
+        "plan row_recall g0.95 proxy-shaped counts 0.9": shaped("row_recall g0.95", 0.9),
         "plan head_max+recall g0.95": plan_mask("head_max+recall g0.95"),
         "plan head_max+row_recall g0.95": plan_mask("head_max+row_recall g0.95"),
         "oracle mean 0.95": lambda q, k, s: oracle(q, k, s, 0.95, per_row=False),
         "oracle mean 0.98": lambda q, k, s: oracle(q, k, s, 0.98, per_row=False),
         "oracle rows 0.95": lambda q, k, s: oracle(q, k, s, 0.95, per_row=True),
+        "oracle rows 0.95 group-mean rank": lambda q, k, s: oracle(q, k, s, 0.95, per_row=True, shared="mean"),
+        "oracle rows 0.95 group-max rank": lambda q, k, s: oracle(q, k, s, 0.95, per_row=True, shared="max"),
         "oracle rank + plan counts head_max+recall g0.95": oracle_rank_plan_counts("head_max+recall g0.95"),
         "plan rank + oracle-rows counts head_max+recall g0.95": plan_rank_oracle_counts("head_max+recall g0.95"),
+        "group-mean rank + plan counts row_recall g0.95": oracle_rank_plan_counts("row_recall g0.95", shared=True),
+        "plan rank + oracle group counts row_recall g0.95": plan_rank_oracle_group_counts("row_recall g0.95"),
         "plan recall g0.95": plan_mask("recall g0.95"),
         "plan row_recall g0.95": plan_mask("row_recall g0.95"),
         "plan recall g0.95 + previous block": with_previous("recall g0.95"),
