@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accuracy as acc  # noqa: E402
 import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig, plan_blocks, proxy_scores, reference  # noqa: E402
-from proxyattn.plan import BlockPlan, compact_plan  # noqa: E402
+from proxyattn import ProxyAttnConfig, head_budgets, plan_blocks, proxy_scores, reference  # noqa: E402
+from proxyattn.plan import BlockPlan, compact_plan_top_k  # noqa: E402
 from proxyattn.weights import load_model, load_tokenizer  # noqa: E402
 
 BS = 128
@@ -150,26 +150,6 @@ def proxy_shaped_counts(scores, budgets, cfg: ProxyAttnConfig, gamma_proxy: floa
     return torch.minimum(k_, m1).to(torch.int32)
 
 
-def plan_with_counts(scores, top_k, seq_len: int, cfg: ProxyAttnConfig) -> BlockPlan:
-    """compact_plan's order with top-k sizes `top_k` `[B, Hq, Nb]` in place of `block_counts`: each row keeps its
-    top_k best-scored blocks plus the forced ones outside them (compact_plan's extra counts)."""
-    plan = compact_plan(scores, torch.ones(top_k.shape[:2], dtype=torch.int32), seq_len, cfg)
-    nb = scores.shape[-1]
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril()
-    ranked = torch.sort(scores.float().masked_fill(~causal, float("-inf")), dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(ranked).scatter_(-1, ranked, torch.arange(nb, device=scores.device).expand_as(ranked))
-    rep = top_k.shape[1] // scores.shape[1]
-    extra = torch.zeros_like(top_k)
-    if cfg.keep_sink:
-        extra += (rank[..., :, 0].repeat_interleave(rep, dim=1) >= top_k).to(extra.dtype)
-    if cfg.keep_diagonal:
-        diag = rank.diagonal(dim1=-2, dim2=-1).repeat_interleave(rep, dim=1) >= top_k
-        if cfg.keep_sink:
-            diag[..., 0] = False
-        extra += diag.to(extra.dtype)
-    return BlockPlan(plan.order, (top_k + extra).to(torch.int32).contiguous(), plan.budget_blocks, cfg.block_size, seq_len)
-
-
 def experiments(min_budget: int) -> dict:
     def cfg(name):
         return ProxyAttnConfig(min_budget_tokens=min_budget, dense_below_tokens=0, block_size=BS, **acc.METHODS[name])
@@ -201,21 +181,24 @@ def experiments(min_budget: int) -> dict:
             return mask | torch.eye(nb, dtype=torch.bool, device=mask.device).roll(-1, dims=1).tril(-1)
         return f
 
+    def ones(q):  # budgets stored in a plan whose counts are given
+        return torch.ones(q.shape[0], q.shape[2], dtype=torch.int32)
+
     def sampled(name, samples):
         def f(q, k, s):
             c = cfg(name)
             scores = proxy_scores(q, k, c, scale=s)
             n = samples or scores.shape[-1]
-            return plan_with_counts(scores, sampled_row_counts(q, k, s, scores, c, n), q.shape[1], c).to_mask()
+            return compact_plan_top_k(scores, sampled_row_counts(q, k, s, scores, c, n), ones(q), q.shape[1], c).to_mask()
         return f
 
     def shaped(name, gamma_proxy):
         def f(q, k, s):
             c = cfg(name)
-            plan = plan_blocks(q, k, c, scale=s)
             scores = proxy_scores(q, k, c, scale=s)
-            top_k = proxy_shaped_counts(scores, plan.budget_blocks, c, gamma_proxy)
-            return plan_with_counts(scores, top_k, q.shape[1], c).to_mask()
+            budgets = head_budgets(q, k, c, scale=s, scores=scores)
+            top_k = proxy_shaped_counts(scores, budgets, c, gamma_proxy)
+            return compact_plan_top_k(scores, top_k, budgets, q.shape[1], c).to_mask()
         return f
 
     return {

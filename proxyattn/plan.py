@@ -102,8 +102,16 @@ def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int
 
     scores `[B, R, Nb, Nb]` float, budget_blocks `[B, Hq]` int32.
     """
+    k = reference.block_counts(budget_blocks, scores.shape[-1], config.min_budget_blocks)  # [B, Hq, Nb]
+    return compact_plan_top_k(scores, k, budget_blocks, seq_len, config)
+
+
+def compact_plan_top_k(scores: torch.Tensor, top_k: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int,
+                       config: ProxyAttnConfig) -> BlockPlan:
+    """`compact_plan` with the top-k size of every (head, query block) given, `top_k` `[B, Hq, Nb]`, instead of
+    derived from the budgets by `block_counts` (budget_blocks is only stored in the plan)."""
     b, r, nb, _ = scores.shape
-    hq = budget_blocks.shape[1]
+    hq = top_k.shape[1]
     dev = scores.device
     causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
     s = scores.float().masked_fill(~causal, float("-inf"))
@@ -117,7 +125,7 @@ def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int
     forced &= causal
     order = (rank + (~forced).to(rank.dtype) * nb).argsort(dim=-1).to(torch.int32)
 
-    k = reference.block_counts(budget_blocks, nb, config.min_budget_blocks)  # [B, Hq, Nb]
+    k = top_k
     rep = hq // r
     extra = torch.zeros_like(k)
     if config.keep_sink:

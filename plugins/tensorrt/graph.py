@@ -148,7 +148,8 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         if rows:
             # Rule "row_recall": the longest prefix any row of the last block needs; rows without mass (past a
             # sequence shorter than one block) need nothing.
-            total = b.op("ReduceSum", [mass, b.const([-1], i64)], keepdims=0)  # [B, Hq, BS]
+            total = b.op("Squeeze", [b.op("Slice", [cum, b.const([-1], i64), b.const([np.iinfo(np.int64).max], i64),
+                                                    b.const([-1], i64)]), b.const([-1], i64)])  # [B, Hq, BS]
             needed = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), needed, b.const(0, i64)])
             needed = b.op("ReduceMax", [needed, b.const([-1], i64)], keepdims=0)
         budgets = b.op("Min", [needed, nb], hint="budgets")
