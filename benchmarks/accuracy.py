@@ -69,6 +69,11 @@ METHODS = {
     "head_max+row_recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=2),
     "head_max+row_recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=2),
     "head_max s16+row_recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=2, stride=16),
+    "block_recall g0.95": dict(gamma=0.95, budget_rule=3),
+    "block_recall g0.9": dict(gamma=0.9, budget_rule=3),
+    "block_recall g0.8": dict(gamma=0.8, budget_rule=3),
+    "block_recall r8 g0.95": dict(gamma=0.95, budget_rule=3, recall_rows=8),
+    "block_recall r8 g0.9": dict(gamma=0.9, budget_rule=3, recall_rows=8),
     "block_mean g0.9": dict(gamma=0.9, estimator=2, budget_rule=0),
     "static 0.25": dict(budget_fraction=0.25),
 }

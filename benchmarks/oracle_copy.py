@@ -20,6 +20,10 @@ full-attention layers run `reference.block_sparse_attention` with a block mask f
   scores), each (head, query block) keeping the shortest prefix of it that holds gamma of every row's exact mass
   -- measured at every query block, or at P evenly spaced ones (block m then uses the need fraction of the next
   sampled block); the budget rules measure only the last block and scale it by (m+1) / Nb;
+* `plan rank + counts from R strided rows of every block <name>`: the plan's ranking, each (head, query block)
+  cut at the shortest prefix holding gamma of each of R rows of the block (its last row and every 128 / R-th row
+  before it) -- what budget_rule 3 ("block_recall") computes; `plan <name> + counts from R strided rows ...`: the
+  same but never below the rule's own scaled counts;
 * `plan <name> proxy-shaped counts g`: the rule's budget n_h scaled per query block by how many blocks the proxy
   row needs to reach g of its (normalised) scores, relative to the last block, instead of by (m+1) / Nb.
 
@@ -136,6 +140,30 @@ def sampled_row_counts(q, k, scale, scores, cfg: ProxyAttnConfig, samples: int):
     return torch.minimum(k_, m1).to(torch.int32)
 
 
+def strided_row_counts(q, k, scale, scores, cfg: ProxyAttnConfig, rows: int, budgets=None):
+    """Per (head, query block) counts from `rows` evenly strided rows of every query block (its last row
+    included): the shortest prefix of the plan's ranking of that block holding gamma of each sampled row's exact
+    mass; with `budgets`, never below the rule's scaled counts `block_counts(budgets)`."""
+    b, s, hq, _ = q.shape
+    nb = scores.shape[-1]
+    rep = hq // scores.shape[1]
+    out = torch.zeros(b, hq, nb, dtype=torch.int32)
+    for m in range(nb):
+        mass = row_block_mass(q, k, scale, m)
+        n = mass.shape[2]
+        pick = sorted({n - 1 - round(i * BS / rows) for i in range(rows)} - {j for j in range(-BS, 0)})
+        mass = mass[:, :, pick]
+        order = reference.last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=cfg.keep_sink,
+                                         keep_diagonal=cfg.keep_diagonal).repeat_interleave(rep, dim=1)
+        cum = mass.gather(-1, order[:, :, None, :].expand_as(mass)).cumsum(-1)
+        out[..., m] = torch.where(cum[..., -1] > 0, (cum < cfg.gamma).sum(-1) + 1, 0).amax(-1)
+    m1 = torch.arange(1, nb + 1)
+    out = torch.minimum(out.clamp(min=cfg.min_budget_blocks), m1)
+    if budgets is not None:
+        out = torch.maximum(out, reference.block_counts(budgets, nb, cfg.min_budget_blocks))
+    return out
+
+
 def proxy_shaped_counts(scores, budgets, cfg: ProxyAttnConfig, gamma_proxy: float):
     """Counts that follow the proxy's own spread: k[h, m] = ceil(n_h * need(m) / need(Nb-1)), need(m) the fewest
     key blocks of proxy score row m (normalised to sum 1) reaching gamma_proxy."""
@@ -201,7 +229,16 @@ def experiments(min_budget: int) -> dict:
             return compact_plan_top_k(scores, top_k, budgets, q.shape[1], c).to_mask()
         return f
 
-    return {
+    def strided(name, rows, with_budget):
+        def f(q, k, s):
+            c = cfg(name)
+            scores = proxy_scores(q, k, c, scale=s)
+            budgets = head_budgets(q, k, c, scale=s, scores=scores) if with_budget else None
+            top_k = strided_row_counts(q, k, s, scores, c, rows, budgets)
+            return compact_plan_top_k(scores, top_k, ones(q) if budgets is None else budgets, q.shape[1], c).to_mask()
+        return f
+
+    out = {
         "dense": None,
         "plan rank + exact row counts of every block row_recall g0.95": sampled("row_recall g0.95", 0),
         "plan rank + row counts sampled at 8 blocks row_recall g0.95": sampled("row_recall g0.95", 8),
@@ -223,6 +260,11 @@ def experiments(min_budget: int) -> dict:
         "plan recall g0.95 + previous block": with_previous("recall g0.95"),
         "plan row_recall g0.95 + previous block": with_previous("row_recall g0.95"),
     }
+    for g in ("0.95", "0.9"):
+        for r in (4, 8, 16, 32):
+            out[f"plan rank + counts from {r} strided rows of every block row_recall g{g}"] = strided(f"row_recall g{g}", r, False)
+            out[f"plan row_recall g{g} + counts from {r} strided rows of every block"] = strided(f"row_recall g{g}", r, True)
+    return out
 
 
 def masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):

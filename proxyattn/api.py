@@ -12,11 +12,12 @@ import torch
 from . import reference
 from ._checks import check_proxy_heads, check_qk, resolve_scale
 from .config import ProxyAttnConfig
-from .plan import BlockPlan, compact_plan
+from .plan import BlockPlan, compact_plan, compact_plan_needs
 
 __all__ = [
     "proxy_scores",
     "head_budgets",
+    "block_needs",
     "select_blocks",
     "plan_blocks",
     "dense_attention",
@@ -84,12 +85,12 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     nb = -(-s // cfg.block_size)
     if cfg.budget_fraction is not None:
         return reference.fraction_budgets(b, hq, nb, cfg.budget_fraction, q.device)
+    if cfg.budget_rule == 3:
+        last = block_needs(q, k, cfg, scale=scale, scores=scores, last_only=True)[..., -1]
+        return last.clamp(min=min(nb, cfg.min_budget_blocks)).to(torch.int32)
     needs_scores = cfg.budget_rule in (1, 2) and cfg.gamma < 1.0
     if needs_scores:
-        if scores is None:
-            scores = proxy_scores(q, k, cfg, scale=scale)
-        if scores.dim() != 4 or scores.shape[0] != b or scores.shape[-2:] != (nb, nb) or hq % scores.shape[1]:
-            raise ValueError(f"scores shape {tuple(scores.shape)} must be [{b}, R, {nb}, {nb}] with R dividing Hq={hq}")
+        scores = _checked_scores(q, k, cfg, scale, scores)
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "head_budgets"):
@@ -98,13 +99,46 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
                                   budget_rule=cfg.budget_rule, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
 
 
-def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig | None = None) -> BlockPlan:
+def _checked_scores(q, k, cfg: ProxyAttnConfig, scale, scores):
+    b, s, hq, _ = q.shape
+    nb = -(-s // cfg.block_size)
+    if scores is None:
+        scores = proxy_scores(q, k, cfg, scale=scale)
+    if scores.dim() != 4 or scores.shape[0] != b or scores.shape[-2:] != (nb, nb) or hq % scores.shape[1]:
+        raise ValueError(f"scores shape {tuple(scores.shape)} must be [{b}, R, {nb}, {nb}] with R dividing Hq={hq}")
+    return scores
+
+
+def block_needs(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None,
+                scores: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    """Budget rule 3 ("block_recall"): how many leading blocks of its ranking every (head, query block) needs,
+    int32 `[B, Hq, Nb]` (`proxyattn.reference.block_needs`; `config.recall_rows` rows measured per block).
+
+    Args:
+        q: `[B, S, Hq, D]`; k: `[B, S, Hkv, D]`; scores: `[B, R, Nb, Nb]` (`proxy_scores`, computed when None).
+        last_only: compute only the last query block (other entries 0), what `head_budgets` reports.
+    """
+    cfg = _config(config)
+    check_qk(q, k)
+    scores = _checked_scores(q, k, cfg, scale, scores)
+    sc = resolve_scale(scale, q.shape[-1])
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "block_needs") and k.shape[2] % scores.shape[1] == 0:
+        return backend.block_needs(q, k, scores, cfg, sc, last_only=last_only)
+    return reference.block_needs(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc, rows=cfg.recall_rows,
+                                 keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, last_only=last_only)
+
+
+def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig | None = None,
+                  *, needs: torch.Tensor | None = None) -> BlockPlan:
     """Selection into a `BlockPlan`.
 
     Args:
         scores: `[B, R, Nb, Nb]` proxy block scores (head h reads row h // (Hq / R)).
         budget_blocks: int `[B, Hq]` budgets in key blocks.
         seq_len: S.
+        needs: int `[B, Hq, Nb]` (`block_needs`, budget rule 3): every row keeps min_budget_tokens' blocks and at
+            least the first needs[m] of its ranking; budget_blocks is then only stored.
     """
     cfg = _config(config)
     nb = -(-seq_len // cfg.block_size) if isinstance(seq_len, int) and seq_len > 0 else None
@@ -116,6 +150,14 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
         raise ValueError(f"budget_blocks shape {tuple(budget_blocks.shape)} must be [B, Hq] with Hq a multiple of R={scores.shape[1]}")
     if budget_blocks.device != scores.device:
         raise ValueError(f"budget_blocks.device={budget_blocks.device} differs from scores.device={scores.device}")
+    if needs is not None:
+        if needs.shape != (*budget_blocks.shape, nb) or needs.device != scores.device:
+            raise ValueError(f"needs shape {tuple(needs.shape)} on {needs.device} must be [{budget_blocks.shape[0]}, "
+                             f"{budget_blocks.shape[1]}, {nb}] on {scores.device}")
+        backend = _kernels(scores)
+        if backend is not None and hasattr(backend, "select_blocks"):
+            return backend.select_blocks(scores, budget_blocks, seq_len, cfg, needs=needs)
+        return compact_plan_needs(scores, needs, budget_blocks, seq_len, cfg)
     backend = _kernels(scores)
     if backend is not None and hasattr(backend, "select_blocks"):
         return backend.select_blocks(scores, budget_blocks, seq_len, cfg)
@@ -126,6 +168,13 @@ def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
     """Scores, budgets and selection: the ProxyAttn plan for q `[B, S, Hq, D]`, k `[B, S, Hkv, D]`."""
     cfg = _config(config)
     scores = proxy_scores(q, k, cfg, scale=scale)
+    if cfg.budget_rule == 3 and cfg.budget_fraction is None:
+        backend = _kernels(q)
+        if backend is not None and hasattr(backend, "needs_plan") and k.shape[2] % scores.shape[1] == 0:
+            return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]))
+        needs = block_needs(q, k, cfg, scale=scale, scores=scores)
+        budgets = needs[..., -1].clamp(min=min(needs.shape[-1], cfg.min_budget_blocks)).to(torch.int32)
+        return select_blocks(scores, budgets, q.shape[1], cfg, needs=needs)
     budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
     return select_blocks(scores, budgets, q.shape[1], cfg)
 

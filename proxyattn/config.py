@@ -29,7 +29,7 @@ DENSE_CROSSOVER_TOKENS = 8192
 ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
 
 # Budget rules (`ProxyAttnConfig.budget_rule`): how a head's gamma budget is counted on its last query block.
-BUDGET_RULES = {0: "mass", 1: "recall", 2: "row_recall"}
+BUDGET_RULES = {0: "mass", 1: "recall", 2: "row_recall", 3: "block_recall"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,15 @@ class ProxyAttnConfig:
             that attends where the proxy ranking does not look gets a larger budget), 2 = "row_recall" (the default:
             that prefix must hold gamma of the mass of every query row of the head's last block, not only of their
             mean; never below rule 1, and more accurate than rule 1 at equal density on both packaged models,
-            docs/accuracy.md). Every backend implements all three (Triton, TensorRT graph, libproxyattn).
+            docs/accuracy.md). Every backend implements rules 0-2 (Triton, TensorRT graph, libproxyattn).
+            3 = "block_recall": no last-block budget; every (head, query block) keeps the shortest prefix of that
+            block's own ranking holding gamma of the mass of each of `recall_rows` query rows of the block (its
+            last row and every block_size / recall_rows-th row before it), at least min_budget_tokens
+            (`proxyattn.reference.block_needs`). Measures each head's need where it arises instead of scaling the
+            last block's by position; the reference and the Triton kernels implement it, the TensorRT graph and
+            libproxyattn refuse it.
+        recall_rows: query rows per block that budget_rule 3 measures (a power of two dividing block_size);
+            ignored by the other rules.
     """
 
     block_size: int = 128
@@ -79,6 +87,7 @@ class ProxyAttnConfig:
     dense_layer_mask: int = 0
     estimator: int = 0
     budget_rule: int = 2
+    recall_rows: int = 4
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)
@@ -123,6 +132,11 @@ class ProxyAttnConfig:
         _check_int("budget_rule", self.budget_rule)
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule={self.budget_rule!r} is not supported; allowed: {BUDGET_RULES}")
+        _check_int("recall_rows", self.recall_rows)
+        allowed_rows = [1 << i for i in range(self.block_size.bit_length()) if (1 << i) <= self.block_size]
+        if self.recall_rows not in allowed_rows:
+            raise ValueError(f"recall_rows={self.recall_rows!r} must be a power of two dividing block_size={self.block_size}; "
+                             f"allowed: {allowed_rows}")
 
     # ------------------------------------------------------------------ derived values
     @property

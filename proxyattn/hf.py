@@ -41,7 +41,7 @@ import torch
 from . import reference, variants
 from .api import proxy_attention
 from .config import ProxyAttnConfig
-from .plan import compact_plan
+from .plan import compact_plan, compact_plan_needs
 
 __all__ = [
     "NAMES",
@@ -168,10 +168,16 @@ def reference_proxy_attention(q, k, v, config: ProxyAttnConfig, *, scale: float)
     nb = -(-s // config.block_size)
     if config.budget_fraction is not None:
         budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
+        plan = compact_plan(scores, budgets, s, config)
+    elif config.budget_rule == 3:
+        needs = reference.block_needs(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
+                                      rows=config.recall_rows, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+        budgets = needs[..., -1].clamp(min=min(nb, config.min_budget_blocks))
+        plan = compact_plan_needs(scores, needs, budgets, s, config)
     else:
         budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
                                          budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
-    plan = compact_plan(scores, budgets, s, config)
+        plan = compact_plan(scores, budgets, s, config)
     out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=config.block_size, scale=scale)
     return out.to(q.dtype)
 

@@ -106,6 +106,19 @@ def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int
     return compact_plan_top_k(scores, k, budget_blocks, seq_len, config)
 
 
+def compact_plan_needs(scores: torch.Tensor, needs: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int,
+                       config: ProxyAttnConfig) -> BlockPlan:
+    """Selection of budget_rule 3: top-k min_blocks per (head, query block), and every row keeps at least the
+    first needs[b, h, m] blocks of its order (`reference.block_needs`; equals `reference.select_blocks` with
+    needs). needs `[B, Hq, Nb]` int; budget_blocks `[B, Hq]` is only stored in the plan."""
+    b, hq, nb = needs.shape
+    m1 = torch.arange(1, nb + 1, device=needs.device, dtype=torch.int32)
+    top_k = torch.minimum(m1, torch.full_like(m1, config.min_budget_blocks)).expand(b, hq, nb)
+    plan = compact_plan_top_k(scores, top_k, budget_blocks, seq_len, config)
+    counts = torch.maximum(plan.counts, torch.minimum(needs.to(torch.int32), m1))
+    return BlockPlan(plan.order, counts.contiguous(), plan.budget_blocks, plan.block_size, plan.seq_len)
+
+
 def compact_plan_top_k(scores: torch.Tensor, top_k: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int,
                        config: ProxyAttnConfig) -> BlockPlan:
     """`compact_plan` with the top-k size of every (head, query block) given, `top_k` `[B, Hq, Nb]`, instead of

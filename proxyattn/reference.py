@@ -20,6 +20,8 @@ __all__ = [
     "last_row_order",
     "head_budgets",
     "rule_budgets",
+    "recall_row_positions",
+    "block_needs",
     "block_counts",
     "select_blocks",
     "block_sparse_attention",
@@ -179,10 +181,63 @@ def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_orde
     return needed.clamp(max=nb).to(torch.int32)
 
 
+def recall_row_positions(m: int, seq_len: int, block_size: int, rows: int) -> list[int]:
+    """Query rows of block m that budget_rule 3 measures: the block's last row and every (block_size / rows)-th
+    row before it, inside the block (a short last block has fewer)."""
+    lo, hi = m * block_size, min(seq_len, (m + 1) * block_size)
+    step = block_size // rows
+    return [t for t in (hi - 1 - i * step for i in range(rows)) if t >= lo]
+
+
+def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, rows: int, keep_sink: bool,
+                keep_diagonal: bool, last_only: bool = False) -> torch.Tensor:
+    """Budget rule 3 ("block_recall"): per (head, query block) the shortest prefix of that block's ranking that
+    holds gamma of the attention mass of each measured row, int32 `[B, Hq, Nb]`.
+
+    For query block m the ranking is row m of `scores` `[B, R, Nb, Nb]` (head h reads row h // (Hq / R)), forced
+    blocks first (`last_row_order` of the scores cut at m); the measured rows are `recall_row_positions`; each
+    row's softmax (causal) is summed per key block, accumulated along the ranking, and the row needs the fewest
+    blocks reaching gamma (all m + 1 when rounding keeps it below). The need is the largest over the rows.
+    gamma = 1 needs every causal block. `last_only`: only the last query block (the other entries are 0).
+    """
+    b, s, hq, _ = q.shape
+    nb = _num_blocks(s, block_size)
+    out = torch.zeros(b, hq, nb, dtype=torch.int32, device=q.device)
+    for m in range(nb - 1 if last_only else 0, nb):
+        if gamma >= 1.0:
+            out[..., m] = m + 1
+            continue
+        cum = recall_row_cum_mass(q, k, scores, m, block_size=block_size, scale=scale, rows=rows,
+                                  keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+        out[..., m] = ((cum < gamma).sum(-1) + 1).clamp(max=m + 1).amax(-1).to(torch.int32)
+    return out
+
+
+def recall_row_cum_mass(q, k, scores, m: int, *, block_size: int, scale: float, rows: int, keep_sink: bool,
+                        keep_diagonal: bool) -> torch.Tensor:
+    """Cumulative attention mass of query block m's measured rows along the block's ranking: `[B, Hq, rows_m,
+    m+1]` fp32 (`block_needs`). Each measured row's softmax (causal) is summed per key block; the blocks are
+    taken in the order of row m of `scores` (`last_row_order` of the scores cut at m, head h reads row
+    h // (Hq / R))."""
+    b, s, hq, _ = q.shape
+    pos = torch.tensor(recall_row_positions(m, s, block_size, rows), device=q.device)
+    hi = (m + 1) * block_size
+    kx = _expand_kv(k.float()[:, : min(s, hi)], hq)
+    logits = torch.einsum("brhd,bkhd->bhrk", q.float()[:, pos], kx) * scale
+    keys = torch.arange(min(s, hi), device=q.device)
+    logits = logits.masked_fill(keys[None, :] > pos[:, None], float("-inf"))
+    probs = torch.nn.functional.pad(torch.softmax(logits, dim=-1), (0, hi - min(s, hi)))
+    mass = probs.reshape(b, hq, len(pos), m + 1, block_size).sum(-1)  # [B, Hq, rows, m+1]
+    order = last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+    order = order.to(q.device).repeat_interleave(hq // scores.shape[1], dim=1)[:, :, None, :].expand_as(mass)
+    return mass.gather(-1, order).cumsum(-1)
+
+
 def rule_budgets(q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: int, keep_sink: bool,
                  keep_diagonal: bool) -> torch.Tensor:
     """`head_budgets` under `budget_rule` (0: mass; 1: recall and 2: row_recall, reading the last row of `scores`
     `[B, R, Nb, Nb]`)."""
+    assert budget_rule in (0, 1, 2), "budget_rule 3 counts per query block: block_needs"
     last_order = None
     if budget_rule in (1, 2) and gamma < 1.0:
         last_order = last_row_order(scores, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
@@ -207,16 +262,22 @@ def block_counts(budget_blocks: torch.Tensor, num_blocks: int, min_blocks: int) 
     return torch.minimum(k, m1.expand_as(k)).to(torch.int32)
 
 
-def select_blocks(scores, budget_blocks, *, min_blocks: int, keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
+def select_blocks(scores, budget_blocks, *, min_blocks: int, keep_sink: bool, keep_diagonal: bool,
+                  needs: torch.Tensor | None = None) -> torch.Tensor:
     """Brute-force selection: bool mask `[B, Hq, Nb, Nb]`.
 
     scores `[B, G, Nb, Nb]` (head h uses proxy row h // (Hq / G)), budget_blocks `[B, Hq]`. For head h and query
     block m keep the k (see `block_counts`) causal key blocks with the highest scores in row m (ties: lower block
-    index first), plus block 0 and block m when keep_sink / keep_diagonal.
+    index first), plus block 0 and block m when keep_sink / keep_diagonal. With `needs` `[B, Hq, Nb]` (budget_rule
+    3, `block_needs`) k is min_blocks instead, and row m also keeps the first needs[m] blocks of its ranking
+    (forced blocks first, `last_row_order` of the scores cut at m).
     """
     b, g, nb, _ = scores.shape
     hq = budget_blocks.shape[1]
-    counts = block_counts(budget_blocks, nb, min_blocks).cpu()
+    if needs is None:
+        counts = block_counts(budget_blocks, nb, min_blocks).cpu()
+    else:
+        counts = torch.minimum(torch.full((b, hq, nb), min_blocks), torch.arange(1, nb + 1))
     sc = scores.float().cpu()
     mask = torch.zeros(b, hq, nb, nb, dtype=torch.bool)
     for bi in range(b):
@@ -230,6 +291,12 @@ def select_blocks(scores, budget_blocks, *, min_blocks: int, keep_sink: bool, ke
                     mask[bi, h, m, 0] = True
                 if keep_diagonal:
                     mask[bi, h, m, m] = True
+    if needs is not None:
+        for m in range(nb):
+            order = last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+            for bi in range(b):
+                for h in range(hq):
+                    mask[bi, h, m, order[bi, h // (hq // g), : int(needs[bi, h, m])]] = True
     return mask.to(scores.device)
 
 

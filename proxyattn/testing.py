@@ -163,6 +163,39 @@ def row_budget_mismatches(got: torch.Tensor, row_mass: torch.Tensor, gamma: floa
     return int(((got < budget(gamma - tol)) | (got > budget(gamma + tol))).sum())
 
 
+def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: float, tol: float = 1e-4,
+                    lengths=None, blocks=None) -> int:
+    """(b, h, m) entries of budget rule 3's needs `[B, Hq, Nb]` that break the rule beyond rounding.
+
+    Each measured row needs the shortest prefix of its block's ranking (from `scores` `[B, R, Nb, Nb]`) whose
+    reference mass (`reference.recall_row_cum_mass`) reaches gamma; the head's need is the largest over its rows.
+    A need is accepted when it lies between that need counted at gamma - tol and at gamma + tol. lengths:
+    optional token count of each sequence (a padded batch `[B, S, H, D]`); entries past a sequence must be 0.
+    blocks: optional query blocks to check (default all).
+    """
+    from .reference import recall_row_cum_mass
+
+    b, s, hq, _ = q.shape
+    nb = scores.shape[-1]
+    got = got.cpu().to(torch.int64)
+    bad = 0
+    for bi in range(b):
+        s_b = s if lengths is None else int(lengths[bi])
+        nbs = -(-s_b // cfg.block_size)
+        bad += int((got[bi, :, nbs:] != 0).sum())
+        for m in range(nbs) if blocks is None else [m for m in blocks if m < nbs]:
+            cum = recall_row_cum_mass(q[bi : bi + 1, :s_b], k[bi : bi + 1, :s_b], scores[bi : bi + 1, :, :nbs, :nbs], m,
+                                      block_size=cfg.block_size, scale=scale, rows=cfg.recall_rows,
+                                      keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal).double().cpu()[0]
+
+            def need(g):
+                return ((cum < g).sum(-1) + 1).clamp(max=m + 1).amax(-1)
+
+            gm = got[bi, :, m]
+            bad += int(((gm < need(cfg.gamma - tol)) | (gm > need(cfg.gamma + tol))).sum())
+    return bad
+
+
 def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None, scores=None) -> int:
     """Rows (b, h, m) whose kept key blocks differ between `plan` and `ref_plan` by more than score ties.
 

@@ -168,13 +168,17 @@ def test_config_errors_name_the_value(lib, field, value, needle):
     assert lib.proxyattn_status_name(INVALID) == b"PROXYATTN_ERROR_INVALID_VALUE"
 
 
-def test_config_accepts_every_python_budget_rule(lib):
+def test_config_accepts_every_python_budget_rule_but_block_recall(lib):
     from proxyattn.config import BUDGET_RULES
 
     for rule in BUDGET_RULES:
         c = _default_config(lib)
         c.budget_rule = rule
-        assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS, lib.proxyattn_last_error()
+        if BUDGET_RULES[rule] == "block_recall":  # Python / Triton only: refused by name
+            assert lib.proxyattn_config_validate(C.byref(c)) == INVALID
+            assert b"(3, block_recall, runs in the Python / Triton path only)" in lib.proxyattn_last_error()
+        else:
+            assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS, lib.proxyattn_last_error()
 
 
 # ----------------------------------------------------------------------------------------------- workspace
@@ -1014,6 +1018,9 @@ def test_trt_plugin_declares_every_node_attribute(host):
     ({"pa_estimator": 1}, "pa_estimator=1"), ({"pa_gamma": 1.5}, "gamma=1.5"), ({"bogus": 1}, "unknown field bogus"),
     ({"pa_budget_rule": 3}, "pa_budget_rule=3 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)"),
     ({"pa_budget_rule": -1}, "pa_budget_rule=-1"),
+    ({"pa_budget_rule": 3}, "(3, block_recall, runs in the Python / Triton path only)"),
+    ({"pa_recall_rows": 3}, "pa_recall_rows=3 must be a power of two"),
+    ({"pa_recall_rows": 128, "pa_block_size": 64}, "pa_recall_rows=128 must divide pa_block_size=64"),
 ])
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
     from export.contract import STRING_ATTRS, encode_attrs

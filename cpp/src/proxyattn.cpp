@@ -99,7 +99,9 @@ proxyattn_status_t validate_config(const proxyattn_config_t *c) {
   if (c->budget_rule != PROXYATTN_BUDGET_RULE_MASS && c->budget_rule != PROXYATTN_BUDGET_RULE_RECALL &&
       c->budget_rule != PROXYATTN_BUDGET_RULE_ROW_RECALL)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "budget_rule=" + std::to_string(c->budget_rule) +
-                                                   " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)");
+                                                   " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)" +
+                                                   (c->budget_rule == 3 ? " (3, block_recall, runs in the Python / "
+                                                                          "Triton path only)" : ""));
   return PROXYATTN_SUCCESS;
 }
 

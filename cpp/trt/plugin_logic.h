@@ -6,7 +6,9 @@
 // [B, Hq, S, D] in query's dtype; fields pa_* (ProxyAttnConfig.to_attrs), scale (float), is_causal (int, must be 1),
 // sliding_window (int, must be 0: this plugin refuses windowed layers rather than computing something else),
 // pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass",
-// 1 "recall" or 2 "row_recall", proxyattn.config.BUDGET_RULES; other values are refused).
+// 1 "recall" or 2 "row_recall", proxyattn.config.BUDGET_RULES; 3 "block_recall" runs in the Python / Triton
+// path only and is refused here, as are other values), pa_recall_rows (int, a power of two dividing
+// pa_block_size; read by rule 3 only, validated and carried).
 #pragma once
 
 #include <cstdint>
@@ -31,6 +33,7 @@ struct NodeAttrs {
   float scale = 0.0f;  // 0: 1/sqrt(D)
   int32_t is_causal = 1;
   int32_t sliding_window = 0;
+  int32_t recall_rows = 4;  // ProxyAttnConfig.recall_rows (budget_rule 3 only, which this plugin refuses)
 };
 
 // Every field name the plugin declares, in the order it serialises them.
@@ -39,8 +42,8 @@ inline const char *const *field_names(int *count) {
                                       "pa_gamma",              "pa_min_budget_tokens", "pa_keep_sink",
                                       "pa_keep_diagonal",      "pa_dense_below_tokens", "pa_budget_fraction",
                                       "pa_dense_first_layers", "pa_dense_layer_mask", "pa_estimator",
-                                      "pa_budget_rule",        "scale",              "is_causal",
-                                      "sliding_window"};
+                                      "pa_budget_rule",        "pa_recall_rows",     "scale",
+                                      "is_causal",             "sliding_window"};
   *count = int(sizeof(names) / sizeof(names[0]));
   return names;
 }
@@ -82,8 +85,13 @@ inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
       if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL &&
           iv != PROXYATTN_BUDGET_RULE_ROW_RECALL)
         return "pa_budget_rule=" + std::to_string(iv) +
-               " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)";
+               " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)" +
+               (iv == 3 ? " (3, block_recall, runs in the Python / Triton path only)" : "");
       a.config.budget_rule = iv;
+    } else if (name == "pa_recall_rows") {
+      if (iv < 1 || iv > 128 || (iv & (iv - 1)) != 0)
+        return "pa_recall_rows=" + std::to_string(iv) + " must be a power of two in 1..128";
+      a.recall_rows = iv;
     } else if (name == "scale") a.scale = fv;
     else if (name == "is_causal") a.is_causal = iv;
     else if (name == "sliding_window") a.sliding_window = iv;
@@ -95,6 +103,8 @@ inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
            ": windowed layers are not supported by this plugin (the node must be refused, not approximated)";
   if (!(a.scale >= 0.0f)) return "scale must be >= 0 (0: 1/sqrt(D))";
   if (proxyattn_config_validate(&a.config) != PROXYATTN_SUCCESS) return proxyattn_last_error();
+  if (a.config.block_size % a.recall_rows != 0)
+    return "pa_recall_rows=" + std::to_string(a.recall_rows) + " must divide pa_block_size=" + std::to_string(a.config.block_size);
   *out = a;
   return "";
 }

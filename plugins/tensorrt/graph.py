@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export import contract
+from proxyattn.config import BUDGET_RULES
 
 from . import spec as S
 
@@ -74,6 +75,11 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         raise ValueError(
             f"node {node.name!r}: pa_estimator={config.estimator} has no TensorRT plugin; allowed: 0 (the proxy-head "
             "estimator of the ProxyScores plugin)"
+        )
+    if config.budget_rule not in (0, 1, 2):
+        raise ValueError(
+            f"node {node.name!r}: pa_budget_rule={config.budget_rule} ({BUDGET_RULES[config.budget_rule]}) has no "
+            "TensorRT graph; allowed: 0 (mass), 1 (recall), 2 (row_recall)"
         )
     q, k, v = node.input
     b = _Builder(node.name or "proxy_attention", graph)

@@ -236,6 +236,7 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> to
         return _fraction_budgets(torch.full((b,), nb, device=q.device, dtype=torch.int64), hq, cfg.budget_fraction)
     if cfg.gamma >= 1.0:
         return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
+    assert cfg.budget_rule in (0, 1, 2), "budget_rule 3 counts per query block: estimate_needs"
     mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale, rows=cfg.budget_rule == 2)
     if cfg.budget_rule in (1, 2):
         assert scores is not None, f"budget_rule {cfg.budget_rule} needs scores"
@@ -270,6 +271,7 @@ def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig,
         return _fraction_budgets(nb_seq, hq, cfg.budget_fraction)
     if cfg.gamma >= 1.0:
         return nb_seq[:, None].expand(-1, hq).to(torch.int32).contiguous()
+    assert cfg.budget_rule in (0, 1, 2), "budget_rule 3 counts per query block: estimate_needs"
     mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale, rows=cfg.budget_rule == 2)
     if cfg.budget_rule in (1, 2):
         assert scores is not None, f"budget_rule {cfg.budget_rule} needs scores"

@@ -27,8 +27,9 @@ from ..plan import BlockPlan
 from .estimate_budgets import head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
 from .estimate_head_max import head_max_scores_varlen
+from .estimate_needs import block_needs as _needs, block_needs_varlen as _needs_varlen
 
-__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen"]
+__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan"]
 
 _CHUNK_ELEMS = 1 << 22
 
@@ -81,13 +82,26 @@ def _top_counts(budget_blocks: torch.Tensor, nb: int, nb_seq: torch.Tensor, min_
     return torch.where(m1 <= nb_seq.reshape(-1, 1, 1), k, 0)
 
 
-def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, full_seq) -> BlockPlan:
+def rank_order(scores: torch.Tensor, cfg: ProxyAttnConfig):
+    """(order int32 `[B, R, Nb, Nb]`, sink_rank, diag_rank int64 `[B, R, Nb]`), see `_rank_and_order`."""
+    b, r, nb, _ = scores.shape
+    order = torch.empty(b, r, nb, nb, device=scores.device, dtype=torch.int32)
+    sink_rank, diag_rank = _rank_and_order(scores, cfg, order)
+    return order, sink_rank, diag_rank
+
+
+def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, full_seq, ranked=None, needs=None) -> BlockPlan:
+    """The plan; `ranked` = `rank_order(scores)` when already computed; `needs` `[B, Hq, Nb]` (budget rule 3):
+    top-k min_blocks and at least the first needs[m] blocks of each row (`plan.compact_plan_needs`)."""
     b, r, nb, _ = scores.shape
     hq = budget_blocks.shape[1]
     rep = hq // r
-    order = torch.empty(b, r, nb, nb, device=scores.device, dtype=torch.int32)
-    sink_rank, diag_rank = _rank_and_order(scores, cfg, order)
-    k = _top_counts(budget_blocks, nb, nb_seq, cfg.min_budget_blocks)  # [B, Hq, Nb]
+    order, sink_rank, diag_rank = rank_order(scores, cfg) if ranked is None else ranked
+    m1 = torch.arange(1, nb + 1, device=scores.device, dtype=torch.int64)
+    if needs is None:
+        k = _top_counts(budget_blocks, nb, nb_seq, cfg.min_budget_blocks)  # [B, Hq, Nb]
+    else:
+        k = torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1.clamp(max=cfg.min_budget_blocks), 0).expand(b, hq, nb)
     valid = k > 0
     extra = torch.zeros_like(k)
     if cfg.keep_sink:
@@ -98,23 +112,55 @@ def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, f
             diag_extra[..., 0] = False  # block 0 is both sink and diagonal in row 0
         extra += diag_extra
     counts = k + extra
+    if needs is not None:
+        counts = torch.maximum(counts, torch.minimum(needs.to(torch.int64), m1))
     if full_seq is not None:
-        m1 = torch.arange(1, nb + 1, device=scores.device, dtype=torch.int64)
         full = torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1, 0).expand_as(counts)
         counts = torch.where(full_seq.reshape(-1, 1, 1), full, counts)
     return BlockPlan(order, counts.to(torch.int32).contiguous(), budget_blocks.to(torch.int32).contiguous(), cfg.block_size, seq_len)
 
 
-def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig) -> BlockPlan:
-    """Selection into a `BlockPlan` (equals `proxyattn.plan.compact_plan` as a set of kept blocks).
+def _last_budgets(needs: torch.Tensor, nb_seq: torch.Tensor, min_blocks: int) -> torch.Tensor:
+    """Rule 3's reported budget: each sequence's last query block's need, at least min(min_blocks, Nb_b)."""
+    last = needs.gather(-1, (nb_seq.clamp_min(1) - 1).reshape(-1, 1, 1).expand(-1, needs.shape[1], 1)).squeeze(-1)
+    return torch.maximum(last.to(torch.int64), nb_seq.clamp(max=min_blocks).reshape(-1, 1)).to(torch.int32)
+
+
+def block_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False) -> torch.Tensor:
+    """Needs of budget rule 3, int32 `[B, Hq, Nb]` (`reference.block_needs`; last_only: only the last query
+    block's entry is filled, the rest 0). scores `[B, R, Nb, Nb]` with R dividing Hkv."""
+    order = rank_order(scores, cfg)[0]
+    needs = _needs(q, k, order, cfg, scale, last_only=last_only)
+    if not last_only:
+        return needs
+    out = torch.zeros(needs.shape[0], needs.shape[1], scores.shape[-1], device=q.device, dtype=torch.int32)
+    out[..., -1:] = needs
+    return out
+
+
+def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
+    """The plan of budget rule 3 from `[B, R, Nb, Nb]` scores: rankings once, needs, selection."""
+    b, s = q.shape[0], q.shape[1]
+    nb = scores.shape[-1]
+    ranked = rank_order(scores, cfg)
+    needs = _needs(q, k, ranked[0], cfg, scale)
+    nb_seq = torch.full((b,), nb, device=q.device, dtype=torch.int64)
+    return _select(scores, _last_budgets(needs, nb_seq, cfg.min_budget_blocks), s, cfg, nb_seq, None, ranked, needs)
+
+
+def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig, *,
+                  needs: torch.Tensor | None = None) -> BlockPlan:
+    """Selection into a `BlockPlan` (equals `proxyattn.plan.compact_plan` as a set of kept blocks, or
+    `compact_plan_needs` with `needs`).
 
     Args:
         scores: float `[B, R, Nb, Nb]` proxy block scores (head h reads row h // (Hq / R)).
         budget_blocks: int `[B, Hq]` budgets in key blocks. seq_len: S, Nb = ceil(S / block_size).
+        needs: int `[B, Hq, Nb]` (budget rule 3) or None.
     """
     nb = scores.shape[-1]
     nb_seq = torch.full((scores.shape[0],), nb, device=scores.device, dtype=torch.int64)
-    return _select(scores, budget_blocks, seq_len, cfg, nb_seq, None)
+    return _select(scores, budget_blocks, seq_len, cfg, nb_seq, None, needs=needs)
 
 
 def select_blocks_varlen(scores, budget_blocks, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig) -> BlockPlan:
@@ -141,9 +187,15 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
     else:
         assert cfg.estimator == 0, f"estimator {cfg.estimator} has no varlen kernel"
         scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
-    budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     full_seq = lengths <= cfg.dense_below_tokens
     nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
+    ranked, needs = None, None
+    if cfg.budget_rule == 3 and cfg.budget_fraction is None:
+        ranked = rank_order(scores, cfg)
+        needs = _needs_varlen(q, k, cu_seqlens, max_seqlen, ranked[0], cfg, scale)
+        budgets = _last_budgets(needs, nb_seq, cfg.min_budget_blocks)
+    else:
+        budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     budgets = torch.where(full_seq[:, None], nb_seq[:, None].to(torch.int32), budgets).contiguous()
-    return _select(scores, budgets, max_seqlen, cfg, nb_seq, full_seq)
+    return _select(scores, budgets, max_seqlen, cfg, nb_seq, full_seq, ranked, needs)

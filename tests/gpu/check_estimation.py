@@ -44,8 +44,8 @@ from proxyattn import ProxyAttnConfig, reference  # noqa: E402
 from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
 from proxyattn.kernels import estimate_scores as es  # noqa: E402
 from proxyattn.kernels import estimate_select as esel  # noqa: E402
-from proxyattn.plan import compact_plan  # noqa: E402
-from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
+from proxyattn.plan import compact_plan, compact_plan_needs  # noqa: E402
+from proxyattn.testing import budget_mismatches, need_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
 
 ref_scores_fn = None  # set below (ref_scores)
 RESULTS: list[dict] = []
@@ -287,6 +287,103 @@ def recall_timings():
         torch.cuda.empty_cache()
 
 
+def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
+    """Budget rule 3: the needs kernel against the fp32 reference (every query block up to 256 blocks, else 48
+    sampled ones plus the first and last), the plan against compact_plan_needs of the GPU's own scores and needs."""
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, budget_rule=3, recall_rows=rows)
+    scale = 1.0 / math.sqrt(d)
+    q, k = inputs(kind, b, s, hq, hkv, d, seed)
+    nb = -(-s // bs)
+    scores = es.proxy_scores(q, k, cfg, scale)
+    needs = esel.block_needs(q, k, scores, cfg, scale)
+    m1 = torch.arange(1, nb + 1, device=DEV)
+    assert needs.dtype == torch.int32 and (needs >= 1).all() and (needs <= m1).all(), "needs outside 1..m+1"
+    gen = torch.Generator().manual_seed(seed)
+    blocks = None if nb <= 256 else sorted({0, nb - 1} | set(torch.randperm(nb, generator=gen)[:48].tolist()))
+    bad = need_mismatches(needs, q, k, scores, cfg, scale, blocks=blocks)
+    assert bad == 0, f"{bad} needs differ beyond rounding"
+    plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
+    own = compact_plan_needs(scores, needs, plan.budget_blocks, s, cfg)
+    assert plan.order.equal(own.order) and plan.counts.equal(own.counts), "GPU plan differs from compact_plan_needs"
+    assert proxyattn.head_budgets(q, k, cfg, scale=scale, scores=scores).equal(plan.budget_blocks)
+    dens2 = float(proxyattn.plan_blocks(q, k, cfg.replace(budget_rule=2), scale=scale).density().mean())
+    return {"blocks_checked": nb if blocks is None else len(blocks), "needs_mean": round(float(needs.float().mean()), 2),
+            "density": round(float(plan.density().mean()), 4), "density_row_recall": round(dens2, 4)}
+
+
+def check_needs_varlen():
+    """Rule 3 on a packed batch: every sequence's rows equal plan_blocks of that sequence alone."""
+    lengths = [4096 + 33, 1000, 9000, 0, 20000]
+    hq, hkv, d, bs = 32, 8, 128, 128
+    cfg = ProxyAttnConfig(gamma=0.9, budget_rule=3, dense_below_tokens=2048)
+    scale = 1.0 / math.sqrt(d)
+    qs, ks = [], []
+    for i, n in enumerate(lengths):
+        q, k, _ = structured_qkv(1, max(n, 1), hq, hkv, d, dtype=torch.bfloat16, device=DEV, seed=100 + i)
+        qs.append(q[0, :n])
+        ks.append(k[0, :n])
+    q, k = torch.cat(qs), torch.cat(ks)
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEV)
+    plan = proxyattn.api.plan_blocks_varlen(q, k, cu, max(lengths), cfg, scale=scale)
+    for i, n in enumerate(lengths):
+        nbi = -(-n // bs)
+        assert plan.counts[i, :, nbi:].eq(0).all(), f"seq {i}: counts past the end"
+        if n <= cfg.dense_below_tokens:
+            continue
+        lo = int(sum(lengths[:i]))
+        alone = proxyattn.plan_blocks(q[None, lo : lo + n], k[None, lo : lo + n], cfg, scale=scale)
+        assert plan.counts[i, :, :nbi].equal(alone.counts[0]), f"seq {i}: counts differ from the sequence alone"
+        assert plan.budget_blocks[i].equal(alone.budget_blocks[0]), f"seq {i}: budgets differ"
+        got = proxyattn.plan.BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
+                                       plan.budget_blocks[i : i + 1].contiguous(), bs, n)
+        assert got.to_mask().equal(alone.to_mask()), f"seq {i}: kept blocks differ from the sequence alone"
+    return {"lengths": lengths}
+
+
+def check_needs_graph():
+    s, hq, hkv, d = 32768, 32, 8, 128
+    q, k = inputs("structured", 1, s, hq, hkv, d, seed=7)
+    cfg = ProxyAttnConfig(gamma=0.95, budget_rule=3)
+    eager = proxyattn.plan_blocks(q, k, cfg)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            proxyattn.plan_blocks(q, k, cfg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = proxyattn.plan_blocks(q, k, cfg)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.counts.equal(eager.counts) and captured.order.equal(eager.order), "graph replay differs from eager"
+    return {"ok": True}
+
+
+def needs_timings():
+    """plan_blocks with rule 2 and rule 3 (4 / 8 rows), and the needs kernel alone, Llama-3-8B shapes."""
+    hq, hkv, d = 32, 8, 128
+    scale = 1.0 / math.sqrt(d)
+    for s in (32768, 131072):
+        sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
+        for label, cfg in [("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
+                           ("budget_rule=3 rows 4", ProxyAttnConfig(budget_rule=3)),
+                           ("budget_rule=3 rows 8", ProxyAttnConfig(budget_rule=3, recall_rows=8)),
+                           ("budget_rule=3 rows 4 gamma 0.9", ProxyAttnConfig(budget_rule=3, gamma=0.9))]:
+            ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
+            dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
+            TIMINGS.append({"stage": f"plan_blocks (total) {label}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
+            print(f"  plan_blocks {label} S={s}: {ms:.3f} ms, density {dens:.3f}", flush=True)
+        cfg = ProxyAttnConfig(budget_rule=3)
+        orders = [(q, k, esel.rank_order(es.proxy_scores(q, k, cfg, scale), cfg)[0]) for q, k in sets]
+        from proxyattn.kernels import estimate_needs as en
+        ms = bench(lambda q, k, o: en.block_needs(q, k, o, cfg, scale), orders)
+        TIMINGS.append({"stage": "needs kernel rows 4", "seq_len": s, "ms": round(ms, 4)})
+        print(f"  needs kernel S={s}: {ms:.3f} ms", flush=True)
+        del sets, orders
+        torch.cuda.empty_cache()
+
+
 def bench(fn, sets):
     it = itertools.cycle(sets)
     return do_bench(lambda: fn(*next(it)), warmup=25, rep=100, return_mode="median")
@@ -348,6 +445,7 @@ def main():
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--recall", action="store_true", help="only the budget_rule=1 checks and timings")
+    ap.add_argument("--needs", action="store_true", help="only the budget_rule=3 checks and timings")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1 (script check)")
     args = ap.parse_args()
     global DEV
@@ -368,6 +466,20 @@ def main():
     ]
     if args.smoke:
         cases = [("random", 1, 300, 4, 1, 64, 64, 4, 1, 0.95, 1), ("structured", 2, 333, 4, 2, 64, 64, 4, 2, 0.9, 2)]
+    if args.needs:
+        needs_cases = [c for c in cases if c[2] in (4096, 8192 + 77, 8192, 32768 - 5, 131072)]
+        if args.smoke:
+            needs_cases = cases
+        for c in needs_cases:
+            record("block_recall case " + "-".join(map(str, c)), lambda c=c: check_needs_case(*c))
+        r8 = ("structured", 1, 400, 4, 1, 64, 64, 4, 1, 0.95, 5) if args.smoke else ("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.95, 5)
+        record("block_recall case rows 8 " + "-".join(map(str, r8)), lambda: check_needs_case(*r8, rows=8))
+        if not args.smoke:
+            record("block_recall varlen packed batch", check_needs_varlen)
+            record("block_recall CUDA graph capture (32K)", check_needs_graph)
+            if not args.skip_timing:
+                record("block_recall timings", needs_timings)
+        cases = []
     if args.recall:
         if not args.smoke:
             cases = [c for c in cases if c[2] in (4096, 8192 + 77, 32768, 131072)]
@@ -385,11 +497,11 @@ def main():
     for c in cases:
         record("case " + "-".join(map(str, c)), lambda c=c: check_case(*c))
     if args.smoke:
-        if not args.recall:
+        if not args.recall and not args.needs:
             record("varlen packed batch (small)", lambda: check_varlen(small=True))
         print(RESULTS)
         sys.exit(0 if all(r["ok"] for r in RESULTS) else 1)
-    if not args.recall:
+    if not args.recall and not args.needs:
         record("case fp16 structured-1-8192-32-8-128-128-4-1-0.95", lambda: check_case("structured", 1, 8192, 32, 8, 128, 128, 4, 1, 0.95, 9, torch.float16))
         record("varlen packed batch", check_varlen)
         record("CUDA graph capture of plan_blocks (32K)", check_graph)
@@ -407,7 +519,7 @@ def main():
         "checks": RESULTS, "timings": TIMINGS, "wall_s": round(time.time() - t_start, 1),
     }
     date = datetime.date.today().isoformat()
-    path = os.path.join(args.out, f"estimation{'_recall' if args.recall else ''}_{date}.json")
+    path = os.path.join(args.out, f"estimation{'_recall' if args.recall else '_needs' if args.needs else ''}_{date}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
