@@ -1,21 +1,34 @@
 """Budget rule 3 ("block_recall") on the GPU: how many leading blocks of its ranking every (head, query block)
 needs, with no host synchronisation.
 
-Spec: `proxyattn.reference.block_needs`. For query block m, a program takes `recall_rows` rows of the block
-(`reference.recall_row_positions`) for each query head of one KV head, so the heads share every K tile (M =
-heads x rows query rows, padded to a power of two >= 16 for the tensor-core dot). Pass 1 runs an online softmax
-over key blocks 0..m for each row's log-sum-exp; pass 2 walks the block's ranking (row m of the plan's `order`,
-forced blocks first) and adds each key block's probabilities to every row's running mass until every row holds
-gamma: a row needs the number of blocks walked when it first reaches gamma (all m + 1 when rounding keeps it
-below). The walk stops as soon as every row is done, so pass 2 costs about the kept fraction of pass 1.
-The need of a head is the largest over its rows (a torch amax over `[.., heads, rows]`).
+Spec: `proxyattn.reference.block_needs`. A row of query block m needs the shortest prefix of the block's ranking
+(row m of the plan's `order`, forced blocks first) holding gamma of its attention mass. Walking the ranking
+block by block would read K in a random order, once per query block; instead both passes below sweep the key
+blocks in sequence, so that one K tile serves every row of the program and programs of one KV head share K
+through L2:
 
-Layers: `_needs_kernel` (jit) -> `_launch_needs` (allocate, grid) -> `block_needs` / `block_needs_varlen`
-(checks, shapes). Cost: pass 1 reads K once per (KV head, query block), i.e. recall_rows / block_size of a dense
-attention's QK^T for each head (1/32 at the default 4 rows and block 128) with tiles of M rows.
+* a program takes QB consecutive query blocks of one KV head and, for each, `recall_rows` rows
+  (`reference.recall_row_positions`) of every query head of that KV head (M = QB x RB rows, RB = heads x rows
+  padded to a power of two);
+* pass 1 runs an online softmax over key blocks 0..m of each row and accumulates each row's unnormalised mass
+  into NBUCKET buckets of ranking positions (bucket = rank // W, W = ceil((m+1) / NBUCKET); rank =
+  position of the key block in the row's ranking, the inverse of `order`), rescaled like FlashAttention's
+  output accumulator; at the end each row knows its log-sum-exp, the bucket where its cumulative mass first
+  reaches gamma and the mass before that bucket;
+* pass 2 sweeps again with the probabilities exp2(s - lse) and adds each key block whose rank falls in the row's
+  crossing bucket to that position of a W-wide histogram; the need is the bucket's start plus the positions
+  whose cumulative mass (from the mass before the bucket) stays below gamma, plus one.
+
+So each row's need is exact up to the summation order, and each pass costs recall_rows / block_size of a dense
+QK^T per head with K read once per QB query blocks. A head's need is the largest over its rows (a torch amax).
+
+Layers: `_needs_kernel` (jit, PASS 1/2) -> `_launch_needs` (allocate, grid) -> `block_needs` /
+`block_needs_varlen` (checks, shapes).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -23,15 +36,16 @@ import triton.language as tl
 
 from ..config import ProxyAttnConfig
 from .estimate_common import _LOG2E, interpreting, qk_layout
-from .estimate_scores import _online_max_sum, _seq_base, _seq_bounds
+from .estimate_scores import _seq_base, _seq_bounds
 
 __all__ = ["block_needs", "block_needs_varlen"]
 
 
 @triton.jit
-def _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, offs_n, dmask, qk_scale, BS: tl.constexpr,
+def _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS: tl.constexpr,
                 MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Logits (log2 units) of the program's rows against key block n; MASKED applies causality and the end."""
+    """Logits (log2 units) of the program's rows against key block n; MASKED applies causality (rows of query
+    blocks before n see nothing of it) and the sequence end."""
     kpos = n * BS + offs_n
     ptrs = k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt
     if MASKED:
@@ -42,40 +56,42 @@ def _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, offs_n, dmask, qk_scale, 
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
-        s = tl.where((kpos[None, :] <= tpos[:, None]) & (kpos < length)[None, :], s, float("-inf"))
+        s = tl.where((kpos[None, :] <= tpos[:, None]) & (kpos < length)[None, :] & (n <= row_m)[:, None], s, float("-inf"))
     return s
 
 
 @triton.jit
 def _needs_kernel(
-    q_ptr, k_ptr, cu_ptr, order_ptr, need_ptr,
+    q_ptr, k_ptr, cu_ptr, rank_ptr, need_ptr, stat_ptr,
     seq_len, nb_max, num_kv_heads, kv_per_rank, qk_scale, gamma,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, M: tl.constexpr, BS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, QB: tl.constexpr, NBUCKET: tl.constexpr,
+    WMAX: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr, PASS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
+    pq = tl.program_id(1)  # group of QB query blocks
     b = pid // num_kv_heads
     hkv = pid % num_kv_heads
-    rank = hkv // kv_per_rank  # ranking row of these heads (R divides Hkv)
+    rank_row = hkv // kv_per_rank  # ranking row of these heads (R divides Hkv)
     num_ranks = num_kv_heads // kv_per_rank
     start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
     q_base = _seq_base(q_ptr, b, start, stride_qb, stride_qt, VARLEN)
     k_base = _seq_base(k_ptr, b, start, stride_kb, stride_kt, VARLEN)
     nb = tl.cdiv(length, BS)
     if LAST_ONLY:
-        m = nb - 1
+        m0 = nb - 1
     else:
-        m = tl.program_id(1)
-    live = m < nb  # packed batches: query blocks past this sequence's end need nothing
+        m0 = pq * QB
 
+    M: tl.constexpr = QB * RB
     offs_i = tl.arange(0, M)
-    head = offs_i // ROWS
-    hi = tl.minimum(length, (m + 1) * BS)
+    row_m = m0 + offs_i // RB  # query block of each row
+    head = (offs_i % RB) // ROWS
+    hi = tl.minimum(length, (row_m + 1) * BS)
     tpos = hi - 1 - (offs_i % ROWS) * (BS // ROWS)
-    valid = (head < GROUP) & (tpos >= m * BS) & live
+    valid = (head < GROUP) & (tpos >= row_m * BS) & (row_m < nb)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     q = tl.load(q_base + tpos.to(tl.int64)[:, None] * stride_qt + (hkv * GROUP + head)[:, None] * stride_qh
@@ -84,42 +100,70 @@ def _needs_kernel(
         q = q.to(tl.float32)
     k_ptrs = k_base + hkv * stride_kh + offs_d[None, :] * stride_kd
     offs_n = tl.arange(0, BS)
+    width = tl.cdiv(row_m + 1, NBUCKET)  # W: ranking positions per bucket of each row
+    rank_base = rank_ptr + ((b.to(tl.int64) * num_ranks + rank_row) * nb_max + tl.minimum(row_m, nb_max - 1)) * nb_max
+    m_last = tl.minimum(m0 + QB, nb) - 1
+    n_full = tl.maximum(tl.minimum(m0, m_last + 1), 0)  # key blocks every row sees whole
+    stat = stat_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pq) * M + offs_i
+    offs_u = tl.arange(0, NBUCKET)
+    offs_w = tl.arange(0, WMAX)
 
-    # Pass 1: each row's log-sum-exp over key blocks 0..m (blocks left of m are visible to every row).
-    n_full = tl.where(live, m, 0)
-    m_i = tl.full([M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([M], dtype=tl.float32)
-    for n in range(0, n_full):
-        s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-        m_i, l_i = _online_max_sum(m_i, l_i, s)
-    if live:
-        s = _needs_tile(q, k_ptrs, stride_kt, m, length, tpos, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-        m_i, l_i = _online_max_sum(m_i, l_i, s)
-    lse = tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # unused rows: exp2(-inf) = 0
-
-    # Pass 2: walk the ranking until every valid row holds gamma of its mass.
-    row_order = order_ptr + ((b.to(tl.int64) * num_ranks + rank) * nb_max + m) * nb_max
-    cum = tl.zeros([M], dtype=tl.float32)
-    need = tl.zeros([M], dtype=tl.int32)
-    todo = tl.sum(valid.to(tl.int32), axis=0)
-    t = 0
-    while (t <= m) & (todo > 0):
-        n = tl.load(row_order + t)
-        s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-        cum += tl.sum(tl.exp2(s - lse[:, None]), axis=1)
-        need = tl.where(valid & (need == 0) & (cum >= gamma), t + 1, need)
-        todo = tl.sum((valid & (need == 0)).to(tl.int32), axis=0)
-        t += 1
-    need = tl.where(valid & (need == 0), m + 1, need)
-    if LAST_ONLY:
-        out = need_ptr + pid.to(tl.int64) * M
+    if PASS == 1:
+        m_i = tl.full([M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([M], dtype=tl.float32)
+        acc = tl.zeros([M, NBUCKET], dtype=tl.float32)
+        for n in range(0, m_last + 1):
+            if n < n_full:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            else:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            bucket = tl.load(rank_base + n, mask=valid & (n <= row_m), other=0) // width
+            acc = acc * alpha[:, None] + tl.where(offs_u[None, :] == bucket[:, None], p[:, None], 0.0)
+            l_i = l_i * alpha + p
+            m_i = m_new
+        inv = 1.0 / tl.maximum(l_i, 1e-30)
+        cum = tl.cumsum(acc * inv[:, None], axis=1)
+        below = cum < gamma
+        crossing = tl.sum(below.to(tl.int32), axis=1)  # first bucket whose end reaches gamma (NBUCKET: none)
+        before = tl.sum(tl.where(below, acc * inv[:, None], 0.0), axis=1)
+        tl.store(stat, tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf")))
+        tl.store(stat + tl.num_programs(0) * tl.num_programs(1) * M, before)
+        tl.store(stat + 2 * tl.num_programs(0) * tl.num_programs(1) * M, crossing.to(tl.float32))
     else:
-        out = need_ptr + (pid.to(tl.int64) * nb_max + m) * M
-    tl.store(out + offs_i, need)
+        lse = tl.load(stat)
+        before = tl.load(stat + tl.num_programs(0) * tl.num_programs(1) * M)
+        crossing = tl.load(stat + 2 * tl.num_programs(0) * tl.num_programs(1) * M).to(tl.int32)
+        first = crossing * width  # ranking position where the crossing bucket starts
+        hist = tl.zeros([M, WMAX], dtype=tl.float32)
+        for n in range(0, m_last + 1):
+            if n < n_full:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            else:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            p = tl.sum(tl.exp2(s - lse[:, None]), axis=1)
+            pos = tl.load(rank_base + n, mask=valid & (n <= row_m), other=-1) - first
+            hist += tl.where(offs_w[None, :] == pos[:, None], p[:, None], 0.0)
+        cum = before[:, None] + tl.cumsum(hist, axis=1)
+        inside = (cum < gamma) & (offs_w[None, :] < width[:, None])
+        need = first + tl.sum(inside.to(tl.int32), axis=1) + 1
+        need = tl.minimum(need, tl.minimum(first + width, row_m + 1))
+        need = tl.where(crossing >= NBUCKET, row_m + 1, need)  # rounding kept the total below gamma
+        need = tl.where(valid, need, 0)
+        out = need_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pq) * M + offs_i
+        tl.store(out, need)
+
+
+def _buckets(nb: int) -> tuple[int, int]:
+    """(NBUCKET, WMAX): about sqrt(Nb) buckets of at most WMAX ranking positions each (powers of two)."""
+    nbucket = max(16, triton.next_power_of_2(math.isqrt(max(nb - 1, 0)) + 1))
+    return nbucket, max(1, triton.next_power_of_2(-(-nb // nbucket)))
 
 
 def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float,
-                  last_only: bool) -> torch.Tensor:
+                  last_only: bool, qb: int = 4) -> torch.Tensor:
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq, 1]`, each sequence's last query block)."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
@@ -128,19 +172,28 @@ def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyA
     r = order.shape[1]
     assert hkv % r == 0 and order.shape == (batch, r, nb, nb) and order.is_contiguous(), "order must be [B, R, Nb, Nb], R | Hkv"
     group = hq // hkv
-    m_rows = max(16, triton.next_power_of_2(group * rows))
-    n_q = 1 if last_only else nb
+    rb = triton.next_power_of_2(group * rows)
+    qb = 1 if last_only else min(qb, triton.next_power_of_2(nb))
+    qb = max(qb, triton.cdiv(16, rb))  # tl.dot needs at least 16 rows
+    n_q = 1 if last_only else triton.cdiv(nb, qb)
+    m_rows = qb * rb
+    # rank[b, r, m, n]: position of key block n in row m's ranking (the inverse permutation of order).
+    rank = torch.empty_like(order).scatter_(-1, order.long(), torch.arange(nb, device=q.device, dtype=torch.int32).expand_as(order))
+    stat = torch.empty(3, batch * hkv, n_q, m_rows, device=q.device, dtype=torch.float32)
     need = torch.empty(batch * hkv, n_q, m_rows, device=q.device, dtype=torch.int32)
+    nbucket, wmax = _buckets(nb)
     block_d = triton.next_power_of_2(d)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     cu = cu_seqlens if varlen else need
-    _needs_kernel[(batch * hkv, n_q)](
-        q, k, cu, order, need, seq_len, nb, hkv, hkv // r, scale * _LOG2E, cfg.gamma, *sq, *sk,
-        GROUP=group, ROWS=rows, M=m_rows, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=varlen, LAST_ONLY=last_only,
-        DOT_PREC=prec, UPCAST=interpreting() and q.dtype == torch.bfloat16, num_warps=4, num_stages=2,
-    )
-    per_row = need[..., : group * rows].reshape(batch, hkv, n_q, group, rows)
-    return per_row.amax(-1).permute(0, 1, 3, 2).reshape(batch, hq, n_q)
+    args = (q, k, cu, rank, need, stat, seq_len, nb, hkv, hkv // r, scale * _LOG2E, cfg.gamma, *sq, *sk)
+    common = dict(GROUP=group, ROWS=rows, RB=rb, QB=qb, NBUCKET=nbucket, WMAX=wmax, BS=bs, HEAD_DIM=d, BLOCK_D=block_d,
+                  VARLEN=varlen, LAST_ONLY=last_only, DOT_PREC=prec, UPCAST=interpreting() and q.dtype == torch.bfloat16,
+                  num_warps=4 if m_rows <= 64 else 8, num_stages=2)
+    _needs_kernel[(batch * hkv, n_q)](*args, PASS=1, **common)
+    _needs_kernel[(batch * hkv, n_q)](*args, PASS=2, **common)
+    per_row = need.reshape(batch, hkv, n_q * qb, rb)[:, :, : (1 if last_only else nb), : group * rows]
+    per_row = per_row.reshape(batch, hkv, -1, group, rows)
+    return per_row.amax(-1).permute(0, 1, 3, 2).reshape(batch, hq, -1)
 
 
 def _full_needs(nb_seq: torch.Tensor, hq: int, nb: int, last_only: bool) -> torch.Tensor:
