@@ -377,9 +377,10 @@ def needs_timings():
         cfg = ProxyAttnConfig(budget_rule=3)
         orders = [(q, k, esel.rank_order(es.proxy_scores(q, k, cfg, scale), cfg)[0]) for q, k in sets]
         from proxyattn.kernels import estimate_needs as en
-        ms = bench(lambda q, k, o: en.block_needs(q, k, o, cfg, scale), orders)
-        TIMINGS.append({"stage": "needs kernel rows 4", "seq_len": s, "ms": round(ms, 4)})
-        print(f"  needs kernel S={s}: {ms:.3f} ms", flush=True)
+        for qbv in (2, 4, 8):
+            ms = bench(lambda q, k, o: en._launch_needs(q, k, None, o, 1, s, cfg, scale, False, qb=qbv), orders)
+            TIMINGS.append({"stage": f"needs kernel rows 4 qb={qbv}", "seq_len": s, "ms": round(ms, 4)})
+            print(f"  needs kernel qb={qbv} S={s}: {ms:.3f} ms", flush=True)
         del sets, orders
         torch.cuda.empty_cache()
 
