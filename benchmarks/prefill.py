@@ -60,6 +60,7 @@ def model_config(**override):
 
 SPARSE_ROWS = [
     ("proxyattn gamma=0.95", ProxyAttnConfig()),
+    ("proxyattn gamma=0.95 row_recall", ProxyAttnConfig(budget_rule=2)),
     ("proxyattn budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
     ("proxyattn budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
 ]

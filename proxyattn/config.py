@@ -60,16 +60,16 @@ class ProxyAttnConfig:
         budget_rule: how the gamma budget is counted (`proxyattn.reference.head_budgets`): 0 = "mass" (the paper:
             the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the shortest
             prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a head
-            that attends where the proxy ranking does not look gets a larger budget), 2 = "row_recall" (the default:
-            that prefix must hold gamma of the mass of every query row of the head's last block, not only of their
-            mean; never below rule 1, and more accurate than rule 1 at equal density on both packaged models,
-            docs/accuracy.md). Every backend implements rules 0-2 (Triton, TensorRT graph, libproxyattn).
-            3 = "block_recall": no last-block budget; every (head, query block) keeps the shortest prefix of that
-            block's own ranking holding gamma of the mass of each of `recall_rows` query rows of the block (its
-            last row and every block_size / recall_rows-th row before it), at least min_budget_tokens
-            (`proxyattn.reference.block_needs`). Measures each head's need where it arises instead of scaling the
-            last block's by position; the reference and the Triton kernels implement it, the TensorRT graph and
-            libproxyattn refuse it.
+            that attends where the proxy ranking does not look gets a larger budget), 2 = "row_recall" (that prefix
+            must hold gamma of the mass of every query row of the head's last block, not only of their mean; never
+            below rule 1). Rules 0-2 measure the last query block only and scale its budget by position ((m+1) / Nb
+            for query block m). 3 = "block_recall" (the default): no scaled budget; every (head, query block) keeps
+            the shortest prefix of that block's own ranking holding gamma of the mass of each of `recall_rows` query
+            rows of the block (its last row and every block_size / recall_rows-th row before it), at least
+            min_budget_tokens (`proxyattn.reference.block_needs`). It meets the copy target at every measured length
+            of both packaged models at lower density than rule 2 (docs/accuracy.md). The Triton kernels and the
+            reference implement all four; the TensorRT graph and libproxyattn implement 0-2 and refuse 3 by name,
+            so engines (`engines.models`) use rule 2.
         recall_rows: query rows per block that budget_rule 3 measures (a power of two dividing block_size);
             ignored by the other rules.
     """
@@ -86,7 +86,7 @@ class ProxyAttnConfig:
     dense_first_layers: int = 0
     dense_layer_mask: int = 0
     estimator: int = 0
-    budget_rule: int = 2
+    budget_rule: int = 3
     recall_rows: int = 4
 
     def __post_init__(self) -> None:

@@ -157,9 +157,10 @@ def _needs_kernel(
 
 
 def _buckets(nb: int) -> tuple[int, int]:
-    """(NBUCKET, WMAX): about sqrt(Nb) buckets of at most WMAX ranking positions each (powers of two)."""
+    """(NBUCKET, WMAX): about sqrt(Nb) buckets (at least 16) of at most WMAX ranking positions each (powers of
+    two, at least 16: Triton 3.6 fails to compile the cumsum of a 2-wide histogram for sm_90)."""
     nbucket = max(16, triton.next_power_of_2(math.isqrt(max(nb - 1, 0)) + 1))
-    return nbucket, max(1, triton.next_power_of_2(-(-nb // nbucket)))
+    return nbucket, max(16, triton.next_power_of_2(-(-nb // nbucket)))  # dims below 16 fail to compile
 
 
 def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float,
