@@ -98,7 +98,7 @@ def accuracy_table(d: dict, name: str) -> list[str]:
 
 
 def budget_rule_table(model: str, files: list[str]) -> list[str]:
-    """Budget rules 1 and 2 (proxy estimator) at several gammas on the same copy sequences: every GPU accuracy file
+    """Budget rules 1, 2 and 3 (proxy estimator) at several gammas on the same copy sequences: every GPU accuracy file
     of `model` whose dense per-sequence losses agree on the first sequences they share; copy loss x dense over
     those sequences, with the plan density of the whole cell."""
     runs = []
@@ -120,17 +120,18 @@ def budget_rule_table(model: str, files: list[str]) -> list[str]:
             continue  # other sequences
         dense = sum(per["dense"][:n]) / n
         for m, losses in per.items():
-            rule = "row_recall" if m.startswith("row_recall") else "recall" if m.startswith("recall") else None
+            rule = next((r for r in ("row_recall", "recall", "block_recall") if m.startswith(r + " g")), None)
             if rule is None:
                 continue
             rows[(c["seq_len"], rule, m)] = (sum(losses[:n]) / n / dense, c.get("density_copy", {}).get(m, float("nan")))
             used.add(name)
     out = [f"Same {n} copy sequences per length (the first {n} of each run), proxy estimator; from "
            + ", ".join(f"`{u}`" for u in sorted(used)) + ". Density: the cell's copy-task plan density.", ""]
-    out += ["| L | rule 1 (recall): gamma, density, copy x dense | rule 2 (row_recall): gamma, density, copy x dense |", "|---|---|---|"]
+    out += ["| L | rule 1 (recall): gamma, density, copy x dense | rule 2 (row_recall): gamma, density, copy x dense "
+            "| rule 3 (block_recall): gamma, density, copy x dense |", "|---|---|---|---|"]
     for s in sorted({key[0] for key in rows}):
         cells = []
-        for rule in ("recall", "row_recall"):
+        for rule in ("recall", "row_recall", "block_recall"):
             pts = sorted(((d, r, m.split(" g")[-1]) for (s2, ru, m), (r, d) in rows.items() if s2 == s and ru == rule))
             cells.append("; ".join(f"{g}: {d:.2f}, {r:.3f}" for d, r, g in pts) or "—")
         out.append(f"| {k(s)} | " + " | ".join(cells) + " |")

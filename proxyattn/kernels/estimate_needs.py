@@ -61,6 +61,26 @@ def _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_
 
 
 @triton.jit
+def _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u):
+    """Pass 1 on key block n: online max / sum, and the block's unnormalised mass added to the bucket of its
+    ranking position, the accumulator rescaled to the new max."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+    bucket = tl.load(rank_base + n, mask=valid & (n <= row_m), other=0) // width
+    acc = acc * alpha[:, None] + tl.where(offs_u[None, :] == bucket[:, None], p[:, None], 0.0)
+    return m_new, l_i * alpha + p, acc
+
+
+@triton.jit
+def _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w):
+    """Pass 2 on key block n: its probability mass added at its position inside the row's crossing bucket."""
+    p = tl.sum(tl.exp2(s - lse[:, None]), axis=1)
+    pos = tl.load(rank_base + n, mask=valid & (n <= row_m), other=-1) - first
+    return hist + tl.where(offs_w[None, :] == pos[:, None], p[:, None], 0.0)
+
+
+@triton.jit
 def _needs_kernel(
     q_ptr, k_ptr, cu_ptr, rank_ptr, need_ptr, stat_ptr,
     seq_len, nb_max, num_kv_heads, kv_per_rank, qk_scale, gamma,
@@ -112,18 +132,13 @@ def _needs_kernel(
         m_i = tl.full([M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([M], dtype=tl.float32)
         acc = tl.zeros([M, NBUCKET], dtype=tl.float32)
-        for n in range(0, m_last + 1):
-            if n < n_full:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            else:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            bucket = tl.load(rank_base + n, mask=valid & (n <= row_m), other=0) // width
-            acc = acc * alpha[:, None] + tl.where(offs_u[None, :] == bucket[:, None], p[:, None], 0.0)
-            l_i = l_i * alpha + p
-            m_i = m_new
+        # Two loops (whole tiles, then the query blocks' own tiles with masks) so that the first one pipelines.
+        for n in range(0, n_full):
+            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
+        for n in range(n_full, m_last + 1):
+            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
         inv = 1.0 / tl.maximum(l_i, 1e-30)
         cum = tl.cumsum(acc * inv[:, None], axis=1)
         below = cum < gamma
@@ -138,14 +153,12 @@ def _needs_kernel(
         crossing = tl.load(stat + 2 * tl.num_programs(0) * tl.num_programs(1) * M).to(tl.int32)
         first = crossing * width  # ranking position where the crossing bucket starts
         hist = tl.zeros([M, WMAX], dtype=tl.float32)
-        for n in range(0, m_last + 1):
-            if n < n_full:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            else:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-            p = tl.sum(tl.exp2(s - lse[:, None]), axis=1)
-            pos = tl.load(rank_base + n, mask=valid & (n <= row_m), other=-1) - first
-            hist += tl.where(offs_w[None, :] == pos[:, None], p[:, None], 0.0)
+        for n in range(0, n_full):
+            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
+        for n in range(n_full, m_last + 1):
+            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
         cum = before[:, None] + tl.cumsum(hist, axis=1)
         inside = (cum < gamma) & (offs_w[None, :] < width[:, None])
         need = first + tl.sum(inside.to(tl.int32), axis=1) + 1
@@ -164,7 +177,7 @@ def _buckets(nb: int) -> tuple[int, int]:
 
 
 def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float,
-                  last_only: bool, qb: int = 4) -> torch.Tensor:
+                  last_only: bool, qb: int = 4, num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq, 1]`, each sequence's last query block)."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
@@ -189,7 +202,7 @@ def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyA
     args = (q, k, cu, rank, need, stat, seq_len, nb, hkv, hkv // r, scale * _LOG2E, cfg.gamma, *sq, *sk)
     common = dict(GROUP=group, ROWS=rows, RB=rb, QB=qb, NBUCKET=nbucket, WMAX=wmax, BS=bs, HEAD_DIM=d, BLOCK_D=block_d,
                   VARLEN=varlen, LAST_ONLY=last_only, DOT_PREC=prec, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-                  num_warps=4 if m_rows <= 64 else 8, num_stages=2)
+                  num_warps=num_warps or (4 if m_rows <= 64 else 8), num_stages=num_stages)
     _needs_kernel[(batch * hkv, n_q)](*args, PASS=1, **common)
     _needs_kernel[(batch * hkv, n_q)](*args, PASS=2, **common)
     per_row = need.reshape(batch, hkv, n_q * qb, rb)[:, :, : (1 if last_only else nb), : group * rows]

@@ -102,7 +102,7 @@ def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, f
         k = _top_counts(budget_blocks, nb, nb_seq, cfg.min_budget_blocks)  # [B, Hq, Nb]
     else:
         k = torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1.clamp(max=cfg.min_budget_blocks), 0).expand(b, hq, nb)
-    valid = k > 0
+    valid = (m1 <= nb_seq.reshape(-1, 1, 1)).expand_as(k)  # query blocks inside the sequence
     extra = torch.zeros_like(k)
     if cfg.keep_sink:
         extra += (sink_rank.repeat_interleave(rep, dim=1) >= k) & valid

@@ -368,8 +368,7 @@ def needs_timings():
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
         for label, cfg in [("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
                            ("budget_rule=3 rows 4", ProxyAttnConfig(budget_rule=3)),
-                           ("budget_rule=3 rows 8", ProxyAttnConfig(budget_rule=3, recall_rows=8)),
-                           ("budget_rule=3 rows 4 gamma 0.9", ProxyAttnConfig(budget_rule=3, gamma=0.9))]:
+                           ("budget_rule=3 rows 2", ProxyAttnConfig(budget_rule=3, recall_rows=2))]:
             ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
             dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
             TIMINGS.append({"stage": f"plan_blocks (total) {label}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
@@ -377,10 +376,11 @@ def needs_timings():
         cfg = ProxyAttnConfig(budget_rule=3)
         orders = [(q, k, esel.rank_order(es.proxy_scores(q, k, cfg, scale), cfg)[0]) for q, k in sets]
         from proxyattn.kernels import estimate_needs as en
-        for qbv in (2, 4, 8):
-            ms = bench(lambda q, k, o: en._launch_needs(q, k, None, o, 1, s, cfg, scale, False, qb=qbv), orders)
-            TIMINGS.append({"stage": f"needs kernel rows 4 qb={qbv}", "seq_len": s, "ms": round(ms, 4)})
-            print(f"  needs kernel qb={qbv} S={s}: {ms:.3f} ms", flush=True)
+        sweep = [(4, None, 2)] if s < 131072 else [(qbv, nw, ns) for qbv in (4, 8) for nw in (4, 8) for ns in (2, 3)]
+        for qbv, nw, ns in sweep:
+            ms = bench(lambda q, k, o: en._launch_needs(q, k, None, o, 1, s, cfg, scale, False, qb=qbv, num_warps=nw, num_stages=ns), orders)
+            TIMINGS.append({"stage": f"needs kernel rows 4 qb={qbv} warps={nw or 'default'} stages={ns}", "seq_len": s, "ms": round(ms, 4)})
+            print(f"  needs kernel qb={qbv} warps={nw} stages={ns} S={s}: {ms:.3f} ms", flush=True)
         del sets, orders
         torch.cuda.empty_cache()
 

@@ -1,0 +1,221 @@
+"""Budget rule 3 ("block_recall"): the reference against brute force, its oracles, the plan, the Triton needs kernel
+(TRITON_INTERPRET=1 on the CPU, small shapes) against the reference, and the backends that refuse it by name."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import proxyattn as pa  # noqa: E402
+from proxyattn import ProxyAttnConfig, reference  # noqa: E402
+from proxyattn.plan import compact_plan_needs  # noqa: E402
+from proxyattn.testing import need_mismatches, structured_qkv  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+interpret = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests need TRITON_INTERPRET=1 on the CPU")
+
+
+def _qk(kind, b, s, hq, hkv, d, seed, dtype=torch.float32):
+    if kind == "structured":
+        q, k, _ = structured_qkv(b, s, hq, hkv, d, dtype=dtype, seed=seed)
+        return q, k
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, s, hq, d, generator=g).to(dtype), torch.randn(b, s, hkv, d, generator=g).to(dtype)
+
+
+def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diagonal=True):
+    """Per (b, h, m) with Python loops: softmax of each measured row (token by token), block sums, the block's
+    ranking sorted by hand (forced blocks first, then score, ties to the lower index), the first prefix >= gamma."""
+    b, s, hq, _ = q.shape
+    nb = -(-s // bs)
+    rep = hq // scores.shape[1]
+    out = torch.zeros(b, hq, nb, dtype=torch.int32)
+    for bi in range(b):
+        for h in range(hq):
+            kh = k[bi, :, h // (hq // k.shape[2])].double()
+            for m in range(nb):
+                row = scores[bi, h // rep, m].double()
+                forced = [n for n, on in ((0, keep_sink), (m, keep_diagonal)) if on]
+                rank = lambda n: (-row[n].item(), n)  # noqa: E731
+                ranked = sorted(set(forced), key=rank) + sorted(set(range(m + 1)) - set(forced), key=rank)
+                step = bs // rows
+                need = 0
+                for t in (min(s, (m + 1) * bs) - 1 - i * step for i in range(rows)):
+                    if t < m * bs:
+                        continue
+                    w = torch.softmax(kh[: t + 1] @ q[bi, t, h].double() * scale, dim=0)
+                    mass = [float(w[n * bs : (n + 1) * bs].sum()) for n in range(m + 1)]
+                    total, j = 0.0, 0
+                    while j < m + 1:
+                        total += mass[ranked[j]]
+                        j += 1
+                        if total >= gamma:
+                            break
+                    need = max(need, j)
+                out[bi, h, m] = need
+    return out
+
+
+# (kind, B, S, Hq, Hkv, D, block, rows, gamma): ragged S, GQA 1/4/7/8, D 64/128/256, B > 1, rows 1..8.
+REF_CASES = [
+    ("random", 2, 300, 4, 1, 64, 64, 4, 0.9),
+    ("structured", 1, 517, 8, 8, 128, 128, 8, 0.95),
+    ("random", 1, 200, 7, 1, 256, 64, 2, 0.8),
+    ("structured", 2, 333, 8, 1, 64, 64, 1, 0.95),
+]
+
+
+@pytest.mark.parametrize("case", REF_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_reference_needs_equal_brute_force(case):
+    kind, b, s, hq, hkv, d, bs, rows, gamma = case
+    q, k = _qk(kind, b, s, hq, hkv, d, seed=1)
+    scale = 1.0 / math.sqrt(d)
+    scores = reference.proxy_scores(q, k, proxy_heads=1, block_size=bs, stride=4, scale=scale)
+    got = reference.block_needs(q, k, scores, block_size=bs, gamma=gamma, scale=scale, rows=rows, keep_sink=True, keep_diagonal=True)
+    brute = _brute_needs(q, k, scores, bs, gamma, scale, rows)
+    # fp32 against float64 sums: a row whose cumulative mass passes gamma within rounding may differ by a block.
+    assert int((got != brute).sum()) == 0 or need_mismatches(got, q, k, scores, ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows), scale) == 0
+    assert (got >= 1).all() and (got <= torch.arange(1, got.shape[-1] + 1)).all()
+
+
+def test_row_positions():
+    assert reference.recall_row_positions(0, 1000, 128, 4) == [127, 95, 63, 31]
+    assert reference.recall_row_positions(7, 1000, 128, 4) == [999, 967, 935, 903]  # short last block: from its end
+    assert reference.recall_row_positions(7, 900, 128, 4) == [899]  # 4 tokens in the block
+    assert reference.recall_row_positions(1, 256, 128, 1) == [255]
+
+
+def test_full_gamma_is_dense_and_plan_matches_brute_force_selection():
+    q, k = _qk("structured", 2, 450, 8, 2, 64, seed=4)
+    cfg = ProxyAttnConfig(block_size=64, budget_rule=3, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0)
+    plan = pa.plan_blocks(q, k, cfg)
+    nb = plan.num_blocks
+    assert plan.to_mask().equal(torch.ones(nb, nb, dtype=torch.bool).tril().expand(2, 8, nb, nb))
+    v = torch.randn(2, 450, 2, 64)
+    assert_close(pa.proxy_attention(q, k, v, cfg), reference.dense_attention(q, k, v, 0.125), "fp32", what="gamma 1 = dense")
+    cfg = cfg.replace(gamma=0.9, min_budget_tokens=128, proxy_heads=2)
+    scores = pa.proxy_scores(q, k, cfg)
+    needs = pa.block_needs(q, k, cfg, scores=scores)
+    plan = pa.plan_blocks(q, k, cfg)
+    brute = reference.select_blocks(scores, plan.budget_blocks, min_blocks=2, keep_sink=True, keep_diagonal=True, needs=needs)
+    assert plan.to_mask().equal(brute)
+    assert plan.budget_blocks.equal(needs[..., -1].clamp(min=2))
+    assert pa.head_budgets(q, k, cfg, scores=scores).equal(plan.budget_blocks)
+    assert pa.select_blocks(scores, plan.budget_blocks, 450, cfg, needs=needs).to_mask().equal(brute)
+
+
+def test_needs_follow_each_query_block():
+    # Query block 3 of head 1 copies key block 1 (a token the last block never reads): rule 3 keeps block 1 there,
+    # rule 2 (one budget from the last block, scaled by position) keeps fewer blocks in block 3.
+    torch.manual_seed(0)
+    s, d, bs = 6 * 64, 64, 64
+    q = torch.randn(1, s, 2, d) * 0.1
+    k = torch.randn(1, s, 1, d) * 0.1
+    k[0, 64 + 5, 0] = 4.0 * torch.ones(d) / math.sqrt(d) * 8
+    q[0, 3 * 64 : 4 * 64, 1] = k[0, 64 + 5, 0]
+    cfg = ProxyAttnConfig(block_size=bs, gamma=0.9, min_budget_tokens=0, dense_below_tokens=0)
+    needs = pa.block_needs(q, k, cfg.replace(budget_rule=3))
+    plan3 = pa.plan_blocks(q, k, cfg.replace(budget_rule=3))
+    assert plan3.to_mask()[0, 1, 3, 1], "rule 3 keeps the block the middle query block copies from"
+    assert needs[0, 1, 3] >= 2
+    mass3 = reference.recall_row_cum_mass(q, k, pa.proxy_scores(q, k, cfg), 3, block_size=bs, scale=0.125, rows=4,
+                                          keep_sink=True, keep_diagonal=True)
+    assert (mass3[0, 1, :, int(needs[0, 1, 3]) - 1] >= 0.9).all()
+
+
+def test_config_and_attrs():
+    cfg = ProxyAttnConfig(budget_rule=3, recall_rows=8)
+    assert ProxyAttnConfig().budget_rule == 3 and ProxyAttnConfig().recall_rows == 4
+    assert ProxyAttnConfig.from_attrs(cfg.to_attrs()) == cfg and cfg.to_attrs()["pa_recall_rows"] == 8
+    for bad in (0, 3, 256, True, 4.0):
+        with pytest.raises(ValueError, match="recall_rows"):
+            ProxyAttnConfig(recall_rows=bad)
+    with pytest.raises(ValueError, match=r"recall_rows=128 must be a power of two dividing block_size=64; allowed: \[1, 2, 4, 8, 16, 32, 64\]"):
+        ProxyAttnConfig(block_size=64, recall_rows=128)
+
+
+def test_engines_pin_the_rule_the_compiled_backends_implement():
+    from engines.models import ENGINE_BUDGET_RULE, MODELS
+
+    assert ENGINE_BUDGET_RULE == 2
+    assert all(spec.proxyattn.budget_rule == ENGINE_BUDGET_RULE for spec in MODELS.values())
+
+
+def test_tensorrt_rewrite_refuses_block_recall_by_name():
+    from onnx import TensorProto, helper
+
+    from export.contract import encode_attrs
+    from plugins.tensorrt import graph
+
+    attrs = encode_attrs(ProxyAttnConfig(), scale=0.125)
+    node = helper.make_node("ProxyAttention", ["q", "k", "v"], ["o"], name="attn0", domain="proxy", **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"],
+                          [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    with pytest.raises(ValueError, match=r"pa_budget_rule=3 \(block_recall\) has no TensorRT graph; allowed: 0 \(mass\), 1 \(recall\), 2 \(row_recall\)"):
+        graph._rewrite_node(node, g, 4096)
+
+
+# ------------------------------------------------------------------------------------------- Triton kernel
+# (kind, B, S, Hq, Hkv, D, block, rows, proxy heads, gamma, dtype): Nb above 16 (buckets wider than one
+# position), ragged S, GQA 1/4/7/8, D 64/128/256, B > 1, rows 1/2/4/8.
+KERNEL_CASES = [
+    ("random", 1, 2600, 4, 1, 64, 64, 4, 1, 0.95, torch.bfloat16),
+    ("structured", 2, 2600, 4, 2, 64, 64, 2, 2, 0.999, torch.bfloat16),
+    ("structured", 1, 2600, 7, 1, 64, 64, 4, 1, 0.9, torch.bfloat16),
+    ("random", 2, 300, 8, 1, 128, 64, 8, 1, 0.9, torch.float16),
+    ("structured", 1, 517, 8, 8, 128, 128, 1, 2, 0.95, torch.float32),
+    ("random", 1, 200, 4, 4, 256, 64, 4, 1, 0.8, torch.bfloat16),
+]
+
+
+@interpret
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[:-1])))
+def test_needs_kernel_against_reference(case):
+    from proxyattn.kernels import estimate_select as esel
+
+    kind, b, s, hq, hkv, d, bs, rows, g, gamma, dtype = case
+    q, k = _qk(kind, b, s, hq, hkv, d, seed=3, dtype=dtype)
+    cfg = ProxyAttnConfig(block_size=bs, budget_rule=3, gamma=gamma, recall_rows=rows, proxy_heads=g, min_budget_tokens=0,
+                          dense_below_tokens=0)
+    scale = 1.0 / math.sqrt(d)
+    scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
+    got = esel.block_needs(q, k, scores, cfg, scale)
+    assert got.dtype == torch.int32 and got.shape == (b, hq, -(-s // bs))
+    assert need_mismatches(got, q, k, scores, cfg, scale) == 0
+    last = esel.block_needs(q, k, scores, cfg, scale, last_only=True)
+    assert last[..., -1].equal(got[..., -1]) and not last[..., :-1].any()
+    plan = esel.needs_plan(q, k, scores, cfg, scale)
+    own = compact_plan_needs(scores, got, plan.budget_blocks, s, cfg)
+    assert plan.order.equal(own.order) and plan.counts.equal(own.counts)
+
+
+@interpret
+def test_needs_kernel_packed_batch_equals_each_sequence_alone():
+    from proxyattn.kernels import estimate_scores as es
+    from proxyattn.kernels import estimate_select as esel
+
+    lengths = [333, 0, 70, 150]
+    hq, hkv, d, bs = 4, 2, 64, 64
+    cfg = ProxyAttnConfig(block_size=bs, budget_rule=3, gamma=0.95, min_budget_tokens=64, dense_below_tokens=100)
+    scale = 0.125
+    qs, ks = zip(*(_qk("random", 1, max(n, 1), hq, hkv, d, seed=10 + i, dtype=torch.bfloat16) for i, n in enumerate(lengths)))
+    q = torch.cat([x[0, :n] for x, n in zip(qs, lengths)])
+    k = torch.cat([x[0, :n] for x, n in zip(ks, lengths)])
+    cu = torch.tensor([0, 333, 333, 403, 553], dtype=torch.int32)
+    plan = esel.plan_blocks_varlen(q, k, cu, 333, cfg, scale)
+    for i, n in enumerate(lengths):
+        nbi = -(-n // bs)
+        assert plan.counts[i, :, nbi:].eq(0).all()
+        if n == 0:
+            continue
+        lo = int(cu[i])
+        if n <= cfg.dense_below_tokens:  # a packed batch keeps short sequences whole
+            assert plan.counts[i, :, :nbi].equal(torch.arange(1, nbi + 1, dtype=torch.int32).expand(hq, nbi))
+            continue
+        qi, ki = q[None, lo : lo + n], k[None, lo : lo + n]
+        alone = esel.needs_plan(qi, ki, es.proxy_scores(qi, ki, cfg, scale), cfg, scale)
+        assert plan.counts[i, :, :nbi].equal(alone.counts[0]) and plan.budget_blocks[i].equal(alone.budget_blocks[0])
