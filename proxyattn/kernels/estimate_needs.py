@@ -132,12 +132,13 @@ def _needs_kernel(
         m_i = tl.full([M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([M], dtype=tl.float32)
         acc = tl.zeros([M, NBUCKET], dtype=tl.float32)
-        # Two loops (whole tiles, then the query blocks' own tiles with masks) so that the first one pipelines.
-        for n in range(0, n_full):
-            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
-        for n in range(n_full, m_last + 1):
-            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+        # One loop with a branch per key block (the form measured on the H200; splitting it into a whole-tile loop
+        # and a masked loop, which would let the first pipeline, is not measured yet).
+        for n in range(0, m_last + 1):
+            if n < n_full:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            else:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
             m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
         inv = 1.0 / tl.maximum(l_i, 1e-30)
         cum = tl.cumsum(acc * inv[:, None], axis=1)
@@ -153,11 +154,11 @@ def _needs_kernel(
         crossing = tl.load(stat + 2 * tl.num_programs(0) * tl.num_programs(1) * M).to(tl.int32)
         first = crossing * width  # ranking position where the crossing bucket starts
         hist = tl.zeros([M, WMAX], dtype=tl.float32)
-        for n in range(0, n_full):
-            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
-        for n in range(n_full, m_last + 1):
-            s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+        for n in range(0, m_last + 1):
+            if n < n_full:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+            else:
+                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
             hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
         cum = before[:, None] + tl.cumsum(hist, axis=1)
         inside = (cum < gamma) & (offs_w[None, :] < width[:, None])
