@@ -21,8 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+from engines.models import ENGINE_BUDGET_RULE
 from proxyattn import ProxyAttnConfig
 from proxyattn.plan import compact_plan
+
+# The config libproxyattn and its TensorRT plugin are built and used with: Python's defaults except the budget rule
+# (the library implements rules 0-2; Python's default, rule 3, runs in the Python / Triton path only).
+LIB_DEFAULT = ProxyAttnConfig(budget_rule=ENGINE_BUDGET_RULE)
 
 REPO = Path(__file__).resolve().parents[1]
 CPP = REPO / "cpp"
@@ -140,13 +145,15 @@ def test_library_links_no_cuda_and_exports_only_the_api(build):
 # ----------------------------------------------------------------------------------------------- config
 def test_config_defaults_match_python(lib):
     c = _default_config(lib)
-    attrs = ProxyAttnConfig().to_attrs()
+    attrs = LIB_DEFAULT.to_attrs()
     assert c.block_size == attrs["pa_block_size"] and c.stride == attrs["pa_stride"]
     assert c.proxy_heads == attrs["pa_proxy_heads"] and c.min_budget_tokens == attrs["pa_min_budget_tokens"]
     assert c.gamma == pytest.approx(attrs["pa_gamma"]) and c.budget_fraction == attrs["pa_budget_fraction"] == 0.0
     assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
     assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
     assert c.budget_rule == attrs["pa_budget_rule"] == 2  # "row_recall"
+    assert {k: v for k, v in ProxyAttnConfig().to_attrs().items() if k not in ("pa_budget_rule", "pa_recall_rows")} == \
+        {k: v for k, v in attrs.items() if k not in ("pa_budget_rule", "pa_recall_rows")}
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""
 
@@ -786,7 +793,7 @@ def _python_launches(case, monkeypatch):
     monkeypatch.setattr(A, "_sparse_attn_fwd_kernel", _Recorder(A._sparse_attn_fwd_kernel, calls, "_sparse_attn_fwd_kernel"))
     monkeypatch.setattr(A, "_env_interpret", lambda: True)  # fixed config: no autotuner
     p = case["problem"]
-    cfg = ProxyAttnConfig()
+    cfg = LIB_DEFAULT
     d, hq, hkv, b, s = p["d"], p["hq"], p["hkv"], p["b"], p["s"]
     scale = 1.0 / math.sqrt(d)
     nb = math.ceil(s / cfg.block_size)
@@ -884,8 +891,8 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
     dense_below = ProxyAttnConfig().dense_below_tokens
     assert bud["params"][8:10] == [0, dense_below]
-    # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2 (the default), keep_sink, keep_diagonal.
-    assert bud["params"][10:] == [scores["params"][3], 1, ProxyAttnConfig().budget_rule, 1, 1]
+    # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2 (the library's default), keep_sink, keep_diagonal.
+    assert bud["params"][10:] == [scores["params"][3], 1, LIB_DEFAULT.budget_rule, 1, 1]
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
     assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, dense_below]
@@ -999,7 +1006,7 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
         st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": rule})
         assert st == 0 and cfg.budget_rule == rule, err
     st, cfg, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != "pa_budget_rule"})
-    assert st == 0 and cfg.budget_rule == ProxyAttnConfig().budget_rule == 2, err  # missing: ProxyAttnConfig's default
+    assert st == 0 and cfg.budget_rule == LIB_DEFAULT.budget_rule == 2, err  # missing: the library's default
 
 
 def test_trt_plugin_declares_every_node_attribute(host):
@@ -1025,7 +1032,7 @@ def test_trt_plugin_declares_every_node_attribute(host):
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
     from export.contract import STRING_ATTRS, encode_attrs
 
-    attrs = {k: v for k, v in encode_attrs(ProxyAttnConfig(), scale=0.125).items() if k not in STRING_ATTRS}
+    attrs = {k: v for k, v in encode_attrs(LIB_DEFAULT, scale=0.125).items() if k not in STRING_ATTRS}
     attrs.update(change)
     st, _, _, err = _parse_fields(host, attrs)
     assert st == -1 and needle in err

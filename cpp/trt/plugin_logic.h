@@ -50,7 +50,8 @@ inline const char *const *field_names(int *count) {
 
 inline bool is_float_field(const std::string &n) { return n == "pa_gamma" || n == "pa_budget_fraction" || n == "scale"; }
 
-// Reads the node's fields (unknown names are an error; missing ones keep ProxyAttnConfig's defaults).
+// Reads the node's fields (unknown names are an error; missing ones keep ProxyAttnConfig's defaults, except
+// pa_budget_rule: 2, the library's default, since Python's default rule 3 is not implemented here).
 // Returns "" on success, else a message naming the field.
 inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
   NodeAttrs a;
