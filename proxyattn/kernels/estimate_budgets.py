@@ -34,7 +34,8 @@ __all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
 @triton.jit
 def _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS: tl.constexpr,
                  MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Logits (log2 units) of the last rows against key block n; MASKED applies causality and the sequence end."""
+    """Logits (log2 units) of a program's query rows (positions tpos, rows with row_ok) against key block n; MASKED
+    applies causality and the sequence end (also `estimate_needs`)."""
     kpos = n * BS + offs_n
     ptrs = k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt
     if MASKED:

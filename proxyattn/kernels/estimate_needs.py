@@ -35,29 +35,11 @@ import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
+from .estimate_budgets import _budget_tile
 from .estimate_common import _LOG2E, interpreting, qk_layout
 from .estimate_scores import _seq_base, _seq_bounds
 
 __all__ = ["block_needs", "block_needs_varlen"]
-
-
-@triton.jit
-def _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS: tl.constexpr,
-                MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Logits (log2 units) of the program's rows against key block n; MASKED applies causality (rows of query
-    blocks before n see nothing of it) and the sequence end."""
-    kpos = n * BS + offs_n
-    ptrs = k_ptrs + kpos.to(tl.int64)[:, None] * stride_kt
-    if MASKED:
-        k = tl.load(ptrs, mask=(kpos < length)[:, None] & dmask[None, :], other=0.0)
-    else:
-        k = tl.load(ptrs, mask=dmask[None, :], other=0.0)
-    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly: fp32 there (exact for bf16 values)
-        k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if MASKED:
-        s = tl.where((kpos[None, :] <= tpos[:, None]) & (kpos < length)[None, :] & (n <= row_m)[:, None], s, float("-inf"))
-    return s
 
 
 @triton.jit
@@ -136,9 +118,9 @@ def _needs_kernel(
         # and a masked loop, which would let the first pipeline, is not measured yet).
         for n in range(0, m_last + 1):
             if n < n_full:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
             else:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
             m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
         inv = 1.0 / tl.maximum(l_i, 1e-30)
         cum = tl.cumsum(acc * inv[:, None], axis=1)
@@ -156,9 +138,9 @@ def _needs_kernel(
         hist = tl.zeros([M, WMAX], dtype=tl.float32)
         for n in range(0, m_last + 1):
             if n < n_full:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
             else:
-                s = _needs_tile(q, k_ptrs, stride_kt, n, length, tpos, row_m, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
             hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
         cum = before[:, None] + tl.cumsum(hist, axis=1)
         inside = (cum < gamma) & (offs_w[None, :] < width[:, None])
