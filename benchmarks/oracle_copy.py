@@ -144,19 +144,9 @@ def strided_row_counts(q, k, scale, scores, cfg: ProxyAttnConfig, rows: int, bud
     """Per (head, query block) counts from `rows` evenly strided rows of every query block (its last row
     included): the shortest prefix of the plan's ranking of that block holding gamma of each sampled row's exact
     mass; with `budgets`, never below the rule's scaled counts `block_counts(budgets)`."""
-    b, s, hq, _ = q.shape
     nb = scores.shape[-1]
-    rep = hq // scores.shape[1]
-    out = torch.zeros(b, hq, nb, dtype=torch.int32)
-    for m in range(nb):
-        mass = row_block_mass(q, k, scale, m)
-        n = mass.shape[2]
-        pick = sorted({n - 1 - round(i * BS / rows) for i in range(rows)} - {j for j in range(-BS, 0)})
-        mass = mass[:, :, pick]
-        order = reference.last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=cfg.keep_sink,
-                                         keep_diagonal=cfg.keep_diagonal).repeat_interleave(rep, dim=1)
-        cum = mass.gather(-1, order[:, :, None, :].expand_as(mass)).cumsum(-1)
-        out[..., m] = torch.where(cum[..., -1] > 0, (cum < cfg.gamma).sum(-1) + 1, 0).amax(-1)
+    out = reference.block_needs(q, k, scores, block_size=BS, gamma=cfg.gamma, scale=scale, rows=rows,
+                                keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)  # budget rule 3's needs
     m1 = torch.arange(1, nb + 1)
     out = torch.minimum(out.clamp(min=cfg.min_budget_blocks), m1)
     if budgets is not None:

@@ -86,8 +86,7 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     if cfg.budget_fraction is not None:
         return reference.fraction_budgets(b, hq, nb, cfg.budget_fraction, q.device)
     if cfg.budget_rule == 3:
-        last = block_needs(q, k, cfg, scale=scale, scores=scores, last_only=True)[..., -1]
-        return last.clamp(min=min(nb, cfg.min_budget_blocks)).to(torch.int32)
+        return reference.needs_budgets(block_needs(q, k, cfg, scale=scale, scores=scores, last_only=True), cfg.min_budget_blocks)
     needs_scores = cfg.budget_rule in (1, 2) and cfg.gamma < 1.0
     if needs_scores:
         scores = _checked_scores(q, k, cfg, scale, scores)
@@ -150,17 +149,14 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
         raise ValueError(f"budget_blocks shape {tuple(budget_blocks.shape)} must be [B, Hq] with Hq a multiple of R={scores.shape[1]}")
     if budget_blocks.device != scores.device:
         raise ValueError(f"budget_blocks.device={budget_blocks.device} differs from scores.device={scores.device}")
-    if needs is not None:
-        if needs.shape != (*budget_blocks.shape, nb) or needs.device != scores.device:
-            raise ValueError(f"needs shape {tuple(needs.shape)} on {needs.device} must be [{budget_blocks.shape[0]}, "
-                             f"{budget_blocks.shape[1]}, {nb}] on {scores.device}")
-        backend = _kernels(scores)
-        if backend is not None and hasattr(backend, "select_blocks"):
-            return backend.select_blocks(scores, budget_blocks, seq_len, cfg, needs=needs)
-        return compact_plan_needs(scores, needs, budget_blocks, seq_len, cfg)
+    if needs is not None and (needs.shape != (*budget_blocks.shape, nb) or needs.device != scores.device):
+        raise ValueError(f"needs shape {tuple(needs.shape)} on {needs.device} must be [{budget_blocks.shape[0]}, "
+                         f"{budget_blocks.shape[1]}, {nb}] on {scores.device}")
     backend = _kernels(scores)
     if backend is not None and hasattr(backend, "select_blocks"):
-        return backend.select_blocks(scores, budget_blocks, seq_len, cfg)
+        return backend.select_blocks(scores, budget_blocks, seq_len, cfg, needs=needs)
+    if needs is not None:
+        return compact_plan_needs(scores, needs, budget_blocks, seq_len, cfg)
     return compact_plan(scores, budget_blocks, seq_len, cfg)
 
 
@@ -173,8 +169,7 @@ def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
         if backend is not None and hasattr(backend, "needs_plan") and k.shape[2] % scores.shape[1] == 0:
             return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]))
         needs = block_needs(q, k, cfg, scale=scale, scores=scores)
-        budgets = needs[..., -1].clamp(min=min(needs.shape[-1], cfg.min_budget_blocks)).to(torch.int32)
-        return select_blocks(scores, budgets, q.shape[1], cfg, needs=needs)
+        return select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
     budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
     return select_blocks(scores, budgets, q.shape[1], cfg)
 

@@ -172,8 +172,7 @@ def reference_proxy_attention(q, k, v, config: ProxyAttnConfig, *, scale: float)
     elif config.budget_rule == 3:
         needs = reference.block_needs(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
                                       rows=config.recall_rows, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
-        budgets = needs[..., -1].clamp(min=min(nb, config.min_budget_blocks))
-        plan = compact_plan_needs(scores, needs, budgets, s, config)
+        plan = compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), s, config)
     else:
         budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
                                          budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)

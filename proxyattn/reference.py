@@ -22,6 +22,7 @@ __all__ = [
     "rule_budgets",
     "recall_row_positions",
     "block_needs",
+    "needs_budgets",
     "block_counts",
     "select_blocks",
     "block_sparse_attention",
@@ -211,6 +212,17 @@ def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, ro
                                   keep_sink=keep_sink, keep_diagonal=keep_diagonal)
         out[..., m] = ((cum < gamma).sum(-1) + 1).clamp(max=m + 1).amax(-1).to(torch.int32)
     return out
+
+
+def needs_budgets(needs: torch.Tensor, min_blocks: int, nb_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """Budget rule 3's reported budget, int32 `[B, Hq]`: the need of each sequence's last query block, at least
+    min(min_blocks, Nb_b). needs `[B, Hq, Nb]`; nb_seq: int64 `[B]` blocks of each packed sequence (default Nb).
+    Device ops only (no host synchronisation)."""
+    b, hq, nb = needs.shape
+    if nb_seq is None:
+        nb_seq = torch.full((b,), nb, device=needs.device, dtype=torch.int64)
+    last = needs.gather(-1, (nb_seq.clamp_min(1) - 1).reshape(-1, 1, 1).expand(-1, hq, 1)).squeeze(-1)
+    return torch.maximum(last.to(torch.int64), nb_seq.clamp(max=min_blocks).reshape(-1, 1)).to(torch.int32)
 
 
 def recall_row_cum_mass(q, k, scores, m: int, *, block_size: int, scale: float, rows: int, keep_sink: bool,

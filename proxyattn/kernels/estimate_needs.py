@@ -35,11 +35,24 @@ import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
-from .estimate_budgets import _budget_tile
+from .estimate_budgets import _budget_tile, seq_blocks
 from .estimate_common import _LOG2E, interpreting, qk_layout
 from .estimate_scores import _seq_base, _seq_bounds
 
 __all__ = ["block_needs", "block_needs_varlen"]
+
+
+@triton.jit
+def _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Logits of the program's rows against key block n (`_budget_tile`): without masks when every row sees the
+    whole block (n < n_full), with them on the query blocks' own tiles. A branch per key block: the form measured
+    on the H200 (two loops, whole tiles then masked ones, would let the first pipeline; not measured yet)."""
+    if n < n_full:
+        s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+    else:
+        s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+    return s
 
 
 @triton.jit
@@ -107,6 +120,7 @@ def _needs_kernel(
     m_last = tl.minimum(m0 + QB, nb) - 1
     n_full = tl.maximum(tl.minimum(m0, m_last + 1), 0)  # key blocks every row sees whole
     stat = stat_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pq) * M + offs_i
+    plane = tl.num_programs(0) * tl.num_programs(1) * M  # stat holds lse, mass before the crossing, crossing
     offs_u = tl.arange(0, NBUCKET)
     offs_w = tl.arange(0, WMAX)
 
@@ -114,13 +128,8 @@ def _needs_kernel(
         m_i = tl.full([M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([M], dtype=tl.float32)
         acc = tl.zeros([M, NBUCKET], dtype=tl.float32)
-        # One loop with a branch per key block (the form measured on the H200; splitting it into a whole-tile loop
-        # and a masked loop, which would let the first pipeline, is not measured yet).
         for n in range(0, m_last + 1):
-            if n < n_full:
-                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            else:
-                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            s = _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS, UPCAST, DOT_PREC)
             m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
         inv = 1.0 / tl.maximum(l_i, 1e-30)
         cum = tl.cumsum(acc * inv[:, None], axis=1)
@@ -128,19 +137,16 @@ def _needs_kernel(
         crossing = tl.sum(below.to(tl.int32), axis=1)  # first bucket whose end reaches gamma (NBUCKET: none)
         before = tl.sum(tl.where(below, acc * inv[:, None], 0.0), axis=1)
         tl.store(stat, tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf")))
-        tl.store(stat + tl.num_programs(0) * tl.num_programs(1) * M, before)
-        tl.store(stat + 2 * tl.num_programs(0) * tl.num_programs(1) * M, crossing.to(tl.float32))
+        tl.store(stat + plane, before)
+        tl.store(stat + 2 * plane, crossing.to(tl.float32))
     else:
         lse = tl.load(stat)
-        before = tl.load(stat + tl.num_programs(0) * tl.num_programs(1) * M)
-        crossing = tl.load(stat + 2 * tl.num_programs(0) * tl.num_programs(1) * M).to(tl.int32)
+        before = tl.load(stat + plane)
+        crossing = tl.load(stat + 2 * plane).to(tl.int32)
         first = crossing * width  # ranking position where the crossing bucket starts
         hist = tl.zeros([M, WMAX], dtype=tl.float32)
         for n in range(0, m_last + 1):
-            if n < n_full:
-                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            else:
-                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+            s = _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS, UPCAST, DOT_PREC)
             hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
         cum = before[:, None] + tl.cumsum(hist, axis=1)
         inside = (cum < gamma) & (offs_w[None, :] < width[:, None])
@@ -221,8 +227,6 @@ def block_needs_varlen(q, k, cu_seqlens, max_seqlen: int, order, cfg: ProxyAttnC
     `[B, R, Nb, Nb]` with Nb = ceil(max_seqlen / block_size); query blocks past a sequence's end need 0."""
     bsz = cu_seqlens.shape[0] - 1
     if cfg.gamma >= 1.0:
-        from .estimate_budgets import seq_blocks
-
         nb = triton.cdiv(max_seqlen, cfg.block_size)
         return _full_needs(seq_blocks(cu_seqlens, cfg.block_size), q.shape[1], nb, last_only)
     return _launch_needs(q, k, cu_seqlens, order, bsz, max_seqlen, cfg, scale, last_only)

@@ -24,6 +24,7 @@ import torch
 
 from ..config import ProxyAttnConfig
 from ..plan import BlockPlan
+from ..reference import needs_budgets
 from .estimate_budgets import head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
 from .estimate_head_max import head_max_scores_varlen
@@ -98,11 +99,12 @@ def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, f
     rep = hq // r
     order, sink_rank, diag_rank = rank_order(scores, cfg) if ranked is None else ranked
     m1 = torch.arange(1, nb + 1, device=scores.device, dtype=torch.int64)
+    inside = m1 <= nb_seq.reshape(-1, 1, 1)  # [B, 1, Nb]: query blocks inside each sequence
     if needs is None:
         k = _top_counts(budget_blocks, nb, nb_seq, cfg.min_budget_blocks)  # [B, Hq, Nb]
     else:
-        k = torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1.clamp(max=cfg.min_budget_blocks), 0).expand(b, hq, nb)
-    valid = (m1 <= nb_seq.reshape(-1, 1, 1)).expand_as(k)  # query blocks inside the sequence
+        k = torch.where(inside, m1.clamp(max=cfg.min_budget_blocks), 0).expand(b, hq, nb)
+    valid = inside.expand_as(k)
     extra = torch.zeros_like(k)
     if cfg.keep_sink:
         extra += (sink_rank.repeat_interleave(rep, dim=1) >= k) & valid
@@ -115,15 +117,9 @@ def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, f
     if needs is not None:
         counts = torch.maximum(counts, torch.minimum(needs.to(torch.int64), m1))
     if full_seq is not None:
-        full = torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1, 0).expand_as(counts)
+        full = torch.where(inside, m1, 0).expand_as(counts)
         counts = torch.where(full_seq.reshape(-1, 1, 1), full, counts)
     return BlockPlan(order, counts.to(torch.int32).contiguous(), budget_blocks.to(torch.int32).contiguous(), cfg.block_size, seq_len)
-
-
-def _last_budgets(needs: torch.Tensor, nb_seq: torch.Tensor, min_blocks: int) -> torch.Tensor:
-    """Rule 3's reported budget: each sequence's last query block's need, at least min(min_blocks, Nb_b)."""
-    last = needs.gather(-1, (nb_seq.clamp_min(1) - 1).reshape(-1, 1, 1).expand(-1, needs.shape[1], 1)).squeeze(-1)
-    return torch.maximum(last.to(torch.int64), nb_seq.clamp(max=min_blocks).reshape(-1, 1)).to(torch.int32)
 
 
 def block_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False) -> torch.Tensor:
@@ -145,7 +141,7 @@ def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
     ranked = rank_order(scores, cfg)
     needs = _needs(q, k, ranked[0], cfg, scale)
     nb_seq = torch.full((b,), nb, device=q.device, dtype=torch.int64)
-    return _select(scores, _last_budgets(needs, nb_seq, cfg.min_budget_blocks), s, cfg, nb_seq, None, ranked, needs)
+    return _select(scores, needs_budgets(needs, cfg.min_budget_blocks), s, cfg, nb_seq, None, ranked, needs)
 
 
 def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig, *,
@@ -194,7 +190,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
     if cfg.budget_rule == 3 and cfg.budget_fraction is None:
         ranked = rank_order(scores, cfg)
         needs = _needs_varlen(q, k, cu_seqlens, max_seqlen, ranked[0], cfg, scale)
-        budgets = _last_budgets(needs, nb_seq, cfg.min_budget_blocks)
+        budgets = needs_budgets(needs, cfg.min_budget_blocks, nb_seq)
     else:
         budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     budgets = torch.where(full_seq[:, None], nb_seq[:, None].to(torch.int32), budgets).contiguous()

@@ -179,18 +179,23 @@ def reference_budgets_summary(budgets):
     return f"min {int(budgets.min())} max {int(budgets.max())}"
 
 
-def check_varlen(small=False, rule=0):
-    lengths = [300, 70, 520, 0, 128] if small else [4096 + 33, 1000, 9000, 0, 2048]
-    hq, hkv, d, bs = (4, 2, 64, 64) if small else (32, 8, 128, 128)
-    cfg = ProxyAttnConfig(gamma=0.9, block_size=bs, min_budget_tokens=128 if small else 2048, budget_rule=rule)
-    scale = 1.0 / math.sqrt(d)
+def packed_inputs(lengths, hq, hkv, d):
+    """Structured bf16 q `[T, Hq, D]`, k `[T, Hkv, D]` of packed sequences (seeds 100 + i) and their cu_seqlens."""
     qs, ks = [], []
     for i, n in enumerate(lengths):
         q, k, _ = structured_qkv(1, max(n, 1), hq, hkv, d, dtype=torch.bfloat16, device=DEV, seed=100 + i)
         qs.append(q[0, :n])
         ks.append(k[0, :n])
-    q, k = torch.cat(qs), torch.cat(ks)
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEV)
+    return torch.cat(qs), torch.cat(ks), cu
+
+
+def check_varlen(small=False, rule=0):
+    lengths = [300, 70, 520, 0, 128] if small else [4096 + 33, 1000, 9000, 0, 2048]
+    hq, hkv, d, bs = (4, 2, 64, 64) if small else (32, 8, 128, 128)
+    cfg = ProxyAttnConfig(gamma=0.9, block_size=bs, min_budget_tokens=128 if small else 2048, budget_rule=rule)
+    scale = 1.0 / math.sqrt(d)
+    q, k, cu = packed_inputs(lengths, hq, hkv, d)
     max_len = max(lengths)
     nb = -(-max_len // bs)
     out = torch.full((len(lengths), 1, nb, nb), float("nan"), device=DEV)
@@ -321,13 +326,7 @@ def check_needs_varlen():
     hq, hkv, d, bs = 32, 8, 128, 128
     cfg = ProxyAttnConfig(gamma=0.9, budget_rule=3, dense_below_tokens=2048)
     scale = 1.0 / math.sqrt(d)
-    qs, ks = [], []
-    for i, n in enumerate(lengths):
-        q, k, _ = structured_qkv(1, max(n, 1), hq, hkv, d, dtype=torch.bfloat16, device=DEV, seed=100 + i)
-        qs.append(q[0, :n])
-        ks.append(k[0, :n])
-    q, k = torch.cat(qs), torch.cat(ks)
-    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEV)
+    q, k, cu = packed_inputs(lengths, hq, hkv, d)
     plan = proxyattn.api.plan_blocks_varlen(q, k, cu, max(lengths), cfg, scale=scale)
     for i, n in enumerate(lengths):
         nbi = -(-n // bs)
