@@ -14,15 +14,19 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 __all__ = [
+    "GENERATOR",
+    "is_temporary",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_dir",
+    "remove_atomically",
     "file_sha256",
     "tree_hashes",
     "json_hash",
@@ -33,7 +37,18 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+# Written into every manifest: a directory whose manifest.json carries it is a build of ours (build.py refuses to
+# write anywhere else unless the directory is new or empty).
+GENERATOR = "proxyattn build.py"
+# Temporaries of the atomic writers below: `.<name>.<random>.tmp` (files and directories) and `.<name>.<random>.old`
+# (a replaced directory waiting for deletion), plus `.<name>.<random>.tmp.<ext>` where a tool needs an extension.
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)(\.[A-Za-z0-9]+)?$")
 _TOOLS = ("torch", "triton", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "tensorrt", "tritonclient", "nvidia-pytriton", "protobuf")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a temporary file or directory made by this module (see `_TEMPORARY`)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
@@ -42,8 +57,29 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (before it is renamed into place)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                continue
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary sibling and a rename; returns the path."""
+    """Write `data` to `path` through a temporary sibling, fsync and a rename; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
@@ -56,6 +92,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -64,16 +101,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, before_swap: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `path`; on success it replaces `path` whole, on error it is removed.
 
-    An existing `path` is moved aside first and deleted only after the new one is in place.
+    The new tree is fsynced, then `before_swap(tmp)` runs (the build records the files it is about to own), then an
+    existing `path` is moved aside and deleted only after the new one is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
+        if before_swap is not None:
+            before_swap(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,8 +123,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old / "x")
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old)
+
+
+def remove_atomically(path: str | os.PathLike) -> None:
+    """Remove file or directory `path` (if present): renamed to a temporary first, so an interrupted removal
+    leaves a temporary (cleaned by the next build), never a half-deleted artifact."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / "x")
+        _fsync_dir(path.parent)
+        shutil.rmtree(old)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+        _fsync_dir(path.parent)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -120,34 +176,49 @@ def tool_versions() -> dict[str, str | None]:
     return out
 
 
+def _is_build_manifest(data: Any) -> bool:
+    """A manifest.json written by build.py: ours by its generator field (or, for builds made before the field existed,
+    by the format and the keys every build writes)."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("stages"), dict):
+        return False
+    return data.get("generator") == GENERATOR or {"tools", "model", "config"} <= data.keys()
+
+
 class Manifest:
-    """`<out>/manifest.json`: tools, model, config, profiles and one record per stage.
+    """`<out>/manifest.json`: tools, model, config, profiles, the build's state and one record per stage.
 
     A stage record is `{"inputs": {...}, "inputs_hash": str, "status": str, "artifacts": {relpath: sha256},
-    "info": {...}}`. Paths are relative to the output directory.
+    "info": {...}}`. Paths are relative to the output directory. `pending` lists files a stage is about to put in
+    place (recorded before the rename, so that a build killed between the rename and the stage record still knows
+    them as its own). `build` is `{"state": "running" | "complete" | "failed" | "interrupted", ...}`.
     """
 
     def __init__(self, out_dir: str | os.PathLike, data: Mapping[str, Any] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.data: dict[str, Any] = dict(data) if data else {"format": MANIFEST_FORMAT, "stages": {}}
         self.data.setdefault("stages", {})
+        self.data["generator"] = GENERATOR
 
     @property
     def path(self) -> Path:
         return self.out_dir / MANIFEST_NAME
 
+    @staticmethod
+    def read(out_dir: str | os.PathLike) -> "Manifest | None":
+        """The build manifest in `out_dir`, or None when there is none or manifest.json is not one of ours."""
+        path = Path(out_dir) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return Manifest(out_dir, data) if _is_build_manifest(data) else None
+
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> "Manifest":
-        """The manifest in `out_dir`, or an empty one when there is none or it is from another format."""
-        path = Path(out_dir) / MANIFEST_NAME
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                data = None
-            if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT:
-                return cls(out_dir, data)
-        return cls(out_dir)
+        """The manifest in `out_dir`, or an empty one when there is none or it is not a build manifest of ours."""
+        return cls.read(out_dir) or cls(out_dir)
 
     def stage(self, name: str) -> dict[str, Any] | None:
         return self.data["stages"].get(name)
@@ -175,6 +246,18 @@ class Manifest:
     def artifact_hashes(self, name: str) -> dict[str, str]:
         rec = self.stage(name)
         return dict(rec.get("artifacts", {})) if rec else {}
+
+    def owned_files(self) -> set[str]:
+        """Every path (relative to the output directory) this build wrote: the stages' artifacts and pending files."""
+        owned = set(self.data.get("pending", []))
+        for rec in self.data["stages"].values():
+            owned.update(rec.get("artifacts", {}))
+        return owned
+
+    def claim(self, relpaths: Iterator[str] | list[str]) -> None:
+        """Record `relpaths` as this build's before they are put in place (saved at once)."""
+        self.data["pending"] = sorted(set(self.data.get("pending", [])) | set(relpaths))
+        self.save()
 
     def save(self) -> Path:
         return atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")

@@ -119,7 +119,8 @@ class ModelSpec:
         for p in self.profiles:
             if p.name == name:
                 return p
-        raise ValueError(f"model {self.name!r} has no profile {name!r}; known: {[p.name for p in self.profiles]}")
+        raise ValueError(f"model {self.name!r} has no profile {name!r}; give one of {[p.name for p in self.profiles]} "
+                         f"or MIN:OPT:MAX token counts")
 
 
 def _llama_like(model_type: str, **overrides: Any) -> dict[str, Any]:

@@ -11,17 +11,20 @@ unchanged is skipped (`--force` rebuilds). Every artifact is written atomically.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from proxyattn.config import ProxyAttnConfig
 
-from .artifacts import Manifest, atomic_write_text, file_sha256, tool_versions, tree_hashes
+from .artifacts import Manifest, atomic_dir, atomic_write_text, file_sha256, remove_atomically, tool_versions, tree_hashes
+from .build_dir import OUTPUTS, check_out_dir, clean_temporaries
 from .models import ModelSpec, Profile, estimate_bytes, get_model, select_profiles, transformers_config
 
 __all__ = [
@@ -132,6 +135,7 @@ def resolve(req: BuildRequest) -> BuildPlan:
             if not any(wdir.glob("*.safetensors")):
                 raise ValueError(f"--weights {req.weights}: no *.safetensors weight files there (the 8B export streams them)")
             _check_checkpoint_config(spec, wdir)
+            _check_safetensors(wdir)
             weights = f"checkpoint:{wdir.resolve()}"
         else:
             weights = "random"
@@ -166,9 +170,10 @@ def resolve(req: BuildRequest) -> BuildPlan:
             f"--precision {precision} with the ONNX Runtime backend: its CPU kernels need fp32 "
             f"(use --precision fp32, or --backend tensorrt on a machine with TensorRT)"
         )
-    out = Path(req.out) if req.out else Path("build") / spec.name
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    if req.out is not None and not str(req.out).strip():
+        raise ValueError(f"--out {req.out!r} is empty; give a directory path (default build/<model>)")
+    out = Path(req.out) if req.out is not None else Path("build") / spec.name
+    check_out_dir(out)
     return BuildPlan(spec, profiles, config, precision, backend, weights, out, req.force, req.max_batch, req.parity, ort_fits, ort_reason)
 
 
@@ -179,8 +184,11 @@ def _check_checkpoint_config(spec: ModelSpec, wdir: Path) -> None:
     """The checkpoint must have the model's architecture (the plugin kernels and profiles are built for it)."""
     try:
         cfg = json.loads((wdir / "config.json").read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--weights {wdir}: config.json is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--weights {wdir}: config.json must hold a JSON object (a transformers config), "
+                         f"it holds {type(cfg).__name__} {json.dumps(cfg)[:40]}")
     for key in _ARCH_KEYS:
         want = spec.hf_config.get(key)
         got = cfg.get(key)
@@ -190,6 +198,19 @@ def _check_checkpoint_config(spec: ModelSpec, wdir: Path) -> None:
             continue
         if want != got:
             raise ValueError(f"--weights {wdir}: the checkpoint's {key}={got!r} differs from {spec.name}'s {key}={want!r}")
+
+
+def _check_safetensors(wdir: Path) -> None:
+    """Every *.safetensors file of the checkpoint opens (header valid, data within the file); ValueError naming the
+    first that does not. Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(wdir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"--weights {wdir}: {f.name} is not a readable safetensors file ({e})") from e
 
 
 # ------------------------------------------------------------------------------------------------ model loading
@@ -285,10 +306,26 @@ def _unchanged(plan: BuildPlan, manifest: Manifest, stage: str, inputs: dict) ->
 
 
 def _not_run(plan: BuildPlan, manifest: Manifest, stage: str, inputs: dict, reason: str, *, shown: str | None = None) -> None:
-    """Record `stage` as not run for `reason` in the manifest (saved) and in the summary (`shown`, default reason)."""
+    """Record `stage` as not run for `reason` in the manifest (saved) and in the summary (`shown`, default reason).
+    An earlier run's output of the stage is removed: it would describe another build."""
+    remove_atomically(plan.out / OUTPUTS[stage])
     manifest.record(stage, inputs, status="not run", info={"reason": reason})
     manifest.save()
     plan.results[stage] = f"not run: {shown or reason}"
+
+
+@contextlib.contextmanager
+def _stage_output(plan: BuildPlan, manifest: Manifest, stage: str) -> Iterator[Path]:
+    """A fresh temporary directory for `stage`'s output; when the block succeeds it replaces the output whole
+    (its files claimed in the manifest first), when it fails the temporary is removed and the old output stays."""
+    root = plan.out / OUTPUTS[stage]
+
+    def claim(tmp: Path) -> None:
+        manifest.claim([(root / p.relative_to(tmp)).relative_to(plan.out).as_posix() for p in tmp.rglob("*") if p.is_file()])
+
+    with atomic_dir(root, before_swap=claim) as tmp:
+        yield tmp
+
 
 def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
     """`onnx/model.onnx` (+ `model.onnx.data`): the model with one proxy::ProxyAttention node per layer."""
@@ -311,9 +348,9 @@ def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
     kwargs: dict[str, Any] = {}
     if meta:
         kwargs["weights"] = _weight_source(plan, model)
-    plan.onnx_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    export_model(model, plan.onnx_path, config=plan.config, dtype=dtype, **kwargs)
+    with _stage_output(plan, manifest, "export") as tmp:
+        export_model(model, tmp / plan.onnx_path.name, config=plan.config, dtype=dtype, **kwargs)
     dt = time.monotonic() - t0
     arts = tree_hashes(plan.onnx_path.parent, plan.out)
     manifest.record("export", inputs, status="built", artifacts=arts, info={"seconds": round(dt, 1), "meta": meta})
@@ -402,7 +439,7 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
               "lengths": [n for n, _ in lengths], "logits_positions": [p for _, p in lengths], "method": PARITY_METHOD,
               "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
     if not plan.parity:
-        plan.results["parity"] = "not run (--no-parity)"
+        _not_run(plan, manifest, "parity", inputs, "--no-parity")
         return out
     if not plan.ort_fits:
         _not_run(plan, manifest, "parity", inputs, plan.ort_reason, shown=f"the model {plan.ort_reason}")
@@ -445,6 +482,7 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
                           "and max_abs_error are the worse of the two",
               "peak_rss_gib": round(peak / 1024**3, 2), "peak_rss_scope": load_peak.scope,
               "seconds": round(time.monotonic() - t0, 1)}
+    manifest.claim([_rel(out, plan)])
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     manifest.record("parity", inputs, status="built" if ok else "failed", artifacts={_rel(out, plan): file_sha256(out)}, info=report)
     manifest.save()
@@ -464,7 +502,8 @@ def stage_plugin_kernels(plan: BuildPlan, manifest: Manifest) -> Path:
     if _unchanged(plan, manifest, "plugin_kernels", inputs):
         return out
     t0 = time.monotonic()
-    table = aot.compile_all(shapes, out, progress=_progress)
+    with _stage_output(plan, manifest, "plugin_kernels") as tmp:
+        table = aot.compile_all(shapes, tmp, progress=_progress)
     dt = time.monotonic() - t0
     manifest.record("plugin_kernels", inputs, status="built", artifacts=tree_hashes(out, plan.out),
                     info={"kernels": len(table), "seconds": round(dt, 1)})
@@ -486,8 +525,10 @@ def stage_engines(plan: BuildPlan, manifest: Manifest) -> Path:
         return out
     from plugins.tensorrt import engine
 
-    built = engine.build_engines(plan.onnx_path, out, plan.profiles, precision=plan.precision, max_batch=plan.max_batch,
-                                 kernels_dir=plan.out / "plugins", progress=_progress)
+    with _stage_output(plan, manifest, "engines") as tmp:
+        built = engine.build_engines(plan.onnx_path, tmp, plan.profiles, precision=plan.precision, max_batch=plan.max_batch,
+                                     kernels_dir=plan.out / "plugins", progress=_progress, timing_cache=out / engine.TIMING_CACHE)
+    built = [out / p.relative_to(tmp) for p in built]
     manifest.record("engines", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"engines": [str(p) for p in built]})
     manifest.save()
     plan.results["engines"] = f"{len(built)} engines"
@@ -508,14 +549,14 @@ def stage_ort_models(plan: BuildPlan, manifest: Manifest) -> Path:
         return out
     if _unchanged(plan, manifest, "ort_models", inputs):
         return out
-    out.mkdir(parents=True, exist_ok=True)
     bar = _progress(len(plan.profiles), "ort models")
     kinds = {}
-    for p in plan.profiles:
-        dense = profile_is_dense(p, plan.config.dense_below_tokens)
-        optimize_for_profile(plan.onnx_path, out / f"{p.name}.onnx", dense=dense)
-        kinds[p.name] = "dense (local function)" if dense else "sparse (ProxyAttn custom op)"
-        bar.update(1)
+    with _stage_output(plan, manifest, "ort_models") as tmp:
+        for p in plan.profiles:
+            dense = profile_is_dense(p, plan.config.dense_below_tokens)
+            optimize_for_profile(plan.onnx_path, tmp / f"{p.name}.onnx", dense=dense)
+            kinds[p.name] = "dense (local function)" if dense else "sparse (ProxyAttn custom op)"
+            bar.update(1)
     bar.close()
     manifest.record("ort_models", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"kinds": kinds})
     manifest.save()
@@ -541,7 +582,6 @@ def _onnx_io(plan: BuildPlan):
 
 def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
     """`model_repository/`: a TensorRT model per profile and the Python-backend ONNX Runtime model."""
-    from .artifacts import atomic_dir
     from .triton_repo import python_ort_config, tensorrt_plan_config, write_python_model, write_tensorrt_model
 
     out = plan.out / "model_repository"
@@ -552,7 +592,7 @@ def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
         return out
     ins, outs = _onnx_io(plan)
     models = {}
-    with atomic_dir(out) as tmp:
+    with _stage_output(plan, manifest, "repository") as tmp:
         for p in plan.profiles:
             name = f"{plan.spec.name}_{p.name}"
             cfg = tensorrt_plan_config(name, inputs=ins, outputs=outs, max_batch_size=plan.max_batch)
@@ -594,12 +634,23 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-STAGES = ("export", "parity", "plugin_kernels", "engines", "ort_models", "repository")
+STAGES = tuple(OUTPUTS)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def run(plan: BuildPlan, *, log: Callable[[str], None] = print) -> Path:
-    """Run every stage in order; returns the manifest path."""
+    """Run every stage in order; returns the manifest path.
+
+    The manifest's `build.state` is "running" while the stages run, then "complete"; "failed" or "interrupted" when
+    an exception or Ctrl-C stops it (a killed build leaves "running"). `plan.results["stage"]` names the stage that
+    was running. An earlier interrupted run's temporaries are removed first."""
     plan.out.mkdir(parents=True, exist_ok=True)
+    removed = clean_temporaries(plan.out)
+    if removed:
+        log(f"[build] removed {len(removed)} temporaries of an interrupted build: {', '.join(p.name for p in removed)}")
     manifest = Manifest.load(plan.out)
     manifest.data.update({
         "tools": tool_versions(),
@@ -610,9 +661,21 @@ def run(plan: BuildPlan, *, log: Callable[[str], None] = print) -> Path:
         "backend": plan.backend,
         "embedded_backend": plan.ort_reason,
     })
+    manifest.data["build"] = {"state": "running", "started": _now()}
+    manifest.save()
     steps = [stage_export, stage_parity, stage_plugin_kernels, stage_engines, stage_ort_models, stage_repository]
-    for name, fn in zip(STAGES, steps):
-        log(f"[build] {name} ...")
-        fn(plan, manifest)
+    try:
+        for name, fn in zip(STAGES, steps):
+            plan.results["stage"] = name
+            log(f"[build] {name} ...")
+            fn(plan, manifest)
+    except BaseException as e:
+        manifest.data["build"].update(state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                      stage=plan.results["stage"], finished=_now())
+        manifest.save()
+        raise
+    plan.results.pop("stage")
     manifest.data["artifacts"] = {s: manifest.artifact_hashes(s) for s in STAGES}
+    manifest.data["pending"] = []
+    manifest.data["build"].update(state="complete", finished=_now())
     return manifest.save()

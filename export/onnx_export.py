@@ -193,7 +193,7 @@ def export_model(
     previous_config = hf.active_config()
     previous_impl = getattr(model.config, "_attn_implementation", None)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
     try:
         hf.register(config)
         model.set_attn_implementation("proxyattn")

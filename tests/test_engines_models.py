@@ -61,7 +61,7 @@ def test_select_profiles_by_name_and_custom():
 
 
 @pytest.mark.parametrize("text, match", [
-    ("no-such", "has no profile 'no-such'; known"),
+    ("no-such", "has no profile 'no-such'; give one of"),
     ("5:3:9", "impossible"),
     ("0:1:2", "impossible"),
     ("1:2:999999", "exceeds its context of 131072"),

@@ -143,25 +143,27 @@ def source_hash() -> str:
 
 
 def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence[int] = ARCHS, progress: Callable | None = None) -> list[dict[str, Any]]:
-    """Compile every entry x tactic x arch into `out_dir` (written whole, atomically): `<kernel>.ptx` files and
-    `kernels.json` listing plugin, tactic, arch, kernel name, file, block size, shared memory and constants."""
-    from engines.artifacts import atomic_dir
-
+    """Compile every entry x tactic x arch into `out_dir` (new or empty; the caller makes it appear atomically):
+    `<kernel>.ptx` files and `kernels.json` listing plugin, tactic, arch, kernel name, file, block size, shared memory
+    and constants."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"out_dir={str(out_dir)!r} is not empty; the plugin kernels are written into a new or empty directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(e, t, a) for e in entries for t in S.tactics(e["plugin"]) for a in archs]
     bar = progress(len(jobs), "plugin kernels") if progress else None
     table = []
-    with atomic_dir(out_dir) as tmp:
-        for e, tactic, arch in jobs:
-            k = compile_kernel(e["plugin"], e["shapes"], e["dtypes"], e["attrs"], tactic, arch)
-            key = hashlib.sha256(json.dumps([e["plugin"], e["shapes"], e["dtypes"], sorted(e["attrs"].items()), tactic, arch]).encode()).hexdigest()[:12]
-            fname = f"{e['plugin']}_t{tactic}_sm{arch}_{key}.ptx"
-            (tmp / fname).write_text(k.ptx)
-            table.append({"plugin": e["plugin"], "tactic": tactic, "arch": arch, "kernel": k.name, "file": fname,
-                          "block_x": k.block_x, "shared_mem": k.shared, "dtypes": e["dtypes"],
-                          "attrs": e["attrs"], "constants": {c: v for c, v in k.constants.items()}})
-            if bar:
-                bar.update(1)
-        (tmp / "kernels.json").write_text(json.dumps(table, indent=1, default=str) + "\n")
+    for e, tactic, arch in jobs:
+        k = compile_kernel(e["plugin"], e["shapes"], e["dtypes"], e["attrs"], tactic, arch)
+        key = hashlib.sha256(json.dumps([e["plugin"], e["shapes"], e["dtypes"], sorted(e["attrs"].items()), tactic, arch]).encode()).hexdigest()[:12]
+        fname = f"{e['plugin']}_t{tactic}_sm{arch}_{key}.ptx"
+        (out_dir / fname).write_text(k.ptx)
+        table.append({"plugin": e["plugin"], "tactic": tactic, "arch": arch, "kernel": k.name, "file": fname,
+                      "block_x": k.block_x, "shared_mem": k.shared, "dtypes": e["dtypes"],
+                      "attrs": e["attrs"], "constants": {c: v for c, v in k.constants.items()}})
+        if bar:
+            bar.update(1)
+    (out_dir / "kernels.json").write_text(json.dumps(table, indent=1, default=str) + "\n")
     if bar:
         bar.close()
     return table

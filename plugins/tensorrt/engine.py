@@ -20,7 +20,9 @@ from engines.models import Profile
 
 from .registration import import_tensorrt, register_plugins
 
-__all__ = ["profile_shapes", "build_engines"]
+__all__ = ["profile_shapes", "build_engines", "TIMING_CACHE"]
+
+TIMING_CACHE = "timing.cache"  # in the engines directory, shared by the profiles and seeding the next build
 
 
 def profile_shapes(profile: Profile, max_batch: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -31,14 +33,18 @@ def profile_shapes(profile: Profile, max_batch: int) -> tuple[tuple[int, int], t
 
 
 def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[Profile], *, precision: str, max_batch: int,
-                  kernels_dir: Path | None = None, progress: Callable | None = None) -> list[Path]:
+                  kernels_dir: Path | None = None, progress: Callable | None = None,
+                  timing_cache: Path | None = None) -> list[Path]:
+    """`<out_dir>/<profile>/model.plan` per profile and `<out_dir>/timing.cache`; `timing_cache` (default the one in
+    out_dir) seeds TensorRT's timing cache, e.g. the previous build's."""
     trt, _ = import_tensorrt()
     register_plugins()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_config = builder.create_builder_config()
-    cache_path = Path(out_dir) / "timing.cache"
-    cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    cache_path = Path(out_dir) / TIMING_CACHE
+    seed = Path(timing_cache) if timing_cache is not None else cache_path
+    cache = cache_config.create_timing_cache(seed.read_bytes() if seed.is_file() else b"")
     built = []
     bar = progress(len(profiles), "engines") if progress else None
     import onnx
@@ -47,7 +53,7 @@ def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[Profile], *
 
     source = onnx.load(str(onnx_path), load_external_data=False)
     for p in profiles:
-        rewritten = Path(onnx_path).with_name(f".{Path(onnx_path).stem}.trt-{p.name}.onnx")
+        rewritten = Path(onnx_path).with_name(f".{Path(onnx_path).stem}.trt-{p.name}.tmp.onnx")  # beside its external data
         onnx.save(to_tensorrt_graph(source, max_seq_len=p.max), str(rewritten))
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
