@@ -10,7 +10,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
-    """q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]`, same dtype and device, Hq a multiple of Hkv, S > 0."""
+    """q `[B, S, Hq, D]`, k and v `[B, S, Hkv, D]`, same dtype and device, B, S, Hq, Hkv, D >= 1, Hq a multiple
+    of Hkv."""
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -34,8 +35,16 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) ->
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} differs from k shape {tuple(k.shape)}")
     hkv = k.shape[2]
-    if hkv == 0 or hq % hkv != 0:
+    if hq < 1 or hkv < 1:
+        raise ValueError(f"query heads Hq={hq} and KV heads Hkv={hkv} must both be >= 1 (q [B, S, Hq, D], k [B, S, Hkv, D])")
+    if hq % hkv != 0:
         raise ValueError(f"query heads Hq={hq} must be a multiple of KV heads Hkv={hkv}")
+    if d < 1:
+        raise ValueError(
+            f"head dim D={d} is not supported: q, k and v need D >= 1 (the default scale is 1/sqrt(D)); CUDA tensors "
+            "additionally need D in (64, 128, 256), the head dims the Triton kernels are built for "
+            "(proxyattn.kernels.attention.KERNEL_HEAD_DIMS)"
+        )
     if not q.is_cuda:
         # A finiteness check reads the data back to the host; on CUDA that is a device synchronisation, which the
         # hot path must not do, so it only runs for CPU tensors.

@@ -39,6 +39,19 @@ def _config(config: ProxyAttnConfig | None) -> ProxyAttnConfig:
     return config
 
 
+def _check_inputs(q, k, v=None) -> None:
+    """`check_qk`: shapes, dtypes, devices, every size >= 1 (D = 0 would reach the default scale 1/sqrt(D))."""
+    check_qk(q, k, v)
+
+
+def _check_rankings(scores) -> None:
+    """`scores` must be a tensor `[B, R, Nb, Nb]` with B >= 1 and R >= 1 (R = 0 would divide by zero later)."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor [B, R, Nb, Nb], got {type(scores).__name__}")
+    if scores.dim() == 4 and (scores.shape[0] < 1 or scores.shape[1] < 1):
+        raise ValueError(f"scores shape {tuple(scores.shape)} must have B >= 1 and R >= 1 rankings")
+
+
 def _kernels(t: torch.Tensor):
     """The GPU backend for CUDA tensors, or None (reference)."""
     if not t.is_cuda:
@@ -55,7 +68,7 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
         q: `[B, S, Hq, D]`; k: `[B, S, Hkv, D]`; scale defaults to 1/sqrt(D).
     """
     cfg = _config(config)
-    check_qk(q, k)
+    _check_inputs(q, k)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
@@ -80,7 +93,7 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     (`plan_blocks` passes the ones it selects with).
     """
     cfg = _config(config)
-    check_qk(q, k)
+    _check_inputs(q, k)
     b, s, hq, _ = q.shape
     nb = -(-s // cfg.block_size)
     if cfg.budget_fraction is not None:
@@ -103,6 +116,7 @@ def _checked_scores(q, k, cfg: ProxyAttnConfig, scale, scores):
     nb = -(-s // cfg.block_size)
     if scores is None:
         scores = proxy_scores(q, k, cfg, scale=scale)
+    _check_rankings(scores)
     if scores.dim() != 4 or scores.shape[0] != b or scores.shape[-2:] != (nb, nb) or hq % scores.shape[1]:
         raise ValueError(f"scores shape {tuple(scores.shape)} must be [{b}, R, {nb}, {nb}] with R dividing Hq={hq}")
     return scores
@@ -118,7 +132,7 @@ def block_needs(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
         last_only: compute only the last query block (other entries 0), what `head_budgets` reports.
     """
     cfg = _config(config)
-    check_qk(q, k)
+    _check_inputs(q, k)
     scores = _checked_scores(q, k, cfg, scale, scores)
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
@@ -143,6 +157,7 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
     nb = -(-seq_len // cfg.block_size) if isinstance(seq_len, int) and seq_len > 0 else None
     if nb is None:
         raise ValueError(f"seq_len={seq_len!r} must be a positive int")
+    _check_rankings(scores)
     if scores.dim() != 4 or scores.shape[-2:] != (nb, nb):
         raise ValueError(f"scores shape {tuple(scores.shape)} must be [B, R, {nb}, {nb}] for seq_len={seq_len}")
     if budget_blocks.dim() != 2 or budget_blocks.shape[0] != scores.shape[0] or budget_blocks.shape[1] % scores.shape[1]:
@@ -192,7 +207,7 @@ def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, *, scale: float | 
 
     Returns (out `[B, S, Hq, D]` in q.dtype, lse `[B, Hq, S]` float32, natural log of each row's softmax sum).
     """
-    check_qk(q, k, v)
+    _check_inputs(q, k, v)
     _check_plan(q, plan)
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
@@ -204,7 +219,7 @@ def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, *, scale: float | 
 
 def block_sparse_attention(q, k, v, plan: BlockPlan, *, scale: float | None = None) -> torch.Tensor:
     """Causal attention restricted to the plan's kept blocks: `[B, S, Hq, D]` in q.dtype."""
-    check_qk(q, k, v)
+    _check_inputs(q, k, v)
     _check_plan(q, plan)
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
@@ -216,7 +231,7 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, *, scale: float | None = No
 
 def dense_attention(q, k, v, *, scale: float | None = None) -> torch.Tensor:
     """Exact causal attention `[B, S, Hq, D]` in q.dtype (the fastest dense kernel on CUDA)."""
-    check_qk(q, k, v)
+    _check_inputs(q, k, v)
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "dense_attention"):
@@ -230,7 +245,7 @@ def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: fl
     Sequences with S <= config.dense_below_tokens take the dense path; otherwise plan + block-sparse attention.
     """
     cfg = _config(config)
-    check_qk(q, k, v)
+    _check_inputs(q, k, v)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
     if q.shape[1] <= cfg.dense_below_tokens:
         return dense_attention(q, k, v, scale=scale)
@@ -250,7 +265,7 @@ def _check_varlen(q, k, v, cu_seqlens, max_seqlen) -> None:
     for name, t in named:
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-dim tensor [T, H, D], got {getattr(t, 'shape', type(t).__name__)}")
-    check_qk(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    _check_inputs(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must be a 1-dim tensor [B+1] with B >= 1, got {getattr(cu_seqlens, 'shape', cu_seqlens)}")
     if cu_seqlens.dtype != torch.int32:

@@ -2,13 +2,15 @@
 
 `ProxyAttnConfig` is frozen and validated on construction. `to_attrs()` flattens it to a dict of int and
 float values only, which is what ONNX node attributes and TensorRT plugin fields can carry; `from_attrs()`
-reads such a dict back. Booleans travel as 0/1 and an unset `budget_fraction` as 0.0.
+reads such a dict back, strictly: every field must be present and of its kind (`attr_kinds()`), nothing is coerced.
+Booleans travel as 0/1 and an unset `budget_fraction` as 0.0.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -185,29 +187,64 @@ class ProxyAttnConfig:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "ProxyAttnConfig":
-        """Inverse of `to_attrs`. Unknown `pa_` keys are an error; keys without the prefix are ignored."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in attrs.items():
-            if not key.startswith(ATTR_PREFIX):
-                continue
-            name = key[len(ATTR_PREFIX):]
-            if name not in known:
-                raise ValueError(f"unknown ProxyAttn attribute {key!r}; known: {sorted(ATTR_PREFIX + k for k in known)}")
-            default = known[name].default
-            if isinstance(default, bool):
-                if int(value) not in (0, 1):
-                    raise ValueError(f"attribute {key}={value!r} must be 0 or 1")
-                kwargs[name] = bool(int(value))
-            elif name == "budget_fraction":
-                kwargs[name] = None if float(value) == 0.0 else float(value)
-            elif isinstance(default, float):
-                kwargs[name] = float(value)
-            else:
-                if float(value) != int(value):
-                    raise ValueError(f"attribute {key}={value!r} must be an integer")
-                kwargs[name] = int(value)
+        """Inverse of `to_attrs`, strict: every `pa_` attribute must be present and well typed.
+
+        Keys without the `pa_` prefix are ignored (the node's other attributes). An unknown `pa_` key, a missing
+        field or a value of the wrong kind raises ValueError naming the key, the value and what is allowed
+        (`attr_kinds()`): bool fields take 0 or 1 (an int, a bool, or a float exactly 0.0 / 1.0, since a value may
+        have travelled as a float); int fields take an int or an exactly integral finite float; float fields take a
+        finite int or float. Strings, None and (for numeric fields) bools are refused, never coerced.
+        """
+        if not isinstance(attrs, Mapping):
+            raise ValueError(f"attrs must be a mapping of attribute name to value, got {type(attrs).__name__}")
+        kinds = attr_kinds()
+        given = {key: value for key, value in attrs.items() if isinstance(key, str) and key.startswith(ATTR_PREFIX)}
+        unknown = sorted(set(given) - set(kinds))
+        if unknown:
+            raise ValueError(f"unknown ProxyAttn attribute(s) {unknown}; known: {sorted(kinds)}")
+        missing = [key for key in kinds if key not in given]
+        if missing:
+            raise ValueError(
+                f"ProxyAttn attribute(s) {missing} missing; every one of {list(kinds)} is required "
+                "(ProxyAttnConfig.to_attrs() writes them all)"
+            )
+        kwargs = {key[len(ATTR_PREFIX):]: _decode_attr(key, given[key], kind) for key, kind in kinds.items()}
+        if kwargs["budget_fraction"] == 0.0:
+            kwargs["budget_fraction"] = None  # to_attrs writes an unset budget_fraction as 0.0
         return cls(**kwargs)
+
+
+def attr_kinds() -> dict[str, str]:
+    """`{"pa_<field>": "bool" | "int" | "float"}` for every config field, in field order (what `from_attrs` needs)."""
+    return {ATTR_PREFIX + f.name: _field_kind(f) for f in fields(ProxyAttnConfig)}
+
+
+def _field_kind(f: dataclasses.Field) -> str:
+    """The attribute kind of a config field, from its annotation (`bool`, `int`, `float`, optionally `| None`)."""
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base = annotation.replace(" ", "").replace("|None", "")
+    if base not in ("bool", "int", "float"):
+        raise TypeError(f"ProxyAttnConfig.{f.name}: annotation {annotation!r} has no attribute kind; allowed: "
+                        "bool, int, float (optionally | None)")
+    return base
+
+
+def _decode_attr(key: str, value: Any, kind: str) -> bool | int | float:
+    """One attribute value checked against its kind ("bool", "int" or "float"); raises ValueError naming it."""
+    if kind == "bool":
+        if not isinstance(value, numbers.Real) or value not in (0, 1):
+            raise ValueError(f"attribute {key}={value!r} must be 0 or 1 (an int or bool, or the float 0.0 / 1.0)")
+        return bool(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        allowed = "an int or an exactly integral finite float" if kind == "int" else "a finite int or float"
+        raise ValueError(f"attribute {key}={value!r} must be {allowed}, not {type(value).__name__}")
+    if kind == "int":
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if not float(value).is_integer():
+            raise ValueError(f"attribute {key}={value!r} must be an integer (an int or an exactly integral float)")
+        return int(value)
+    return float(value)
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -54,17 +54,37 @@ class Problem(C.Structure):
                 ("head_dim", C.c_int32), ("scale", C.c_float), ("layout", C.c_int)]
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory) -> Path:
-    """Full build (every kernel variant), as CI does it. PROXYATTN_CPP_BUILD names a directory to build into
-    incrementally instead of a fresh temporary one (local iteration)."""
-    out = Path(os.environ["PROXYATTN_CPP_BUILD"]) if os.environ.get("PROXYATTN_CPP_BUILD") else tmp_path_factory.mktemp("cpp_build")
+def cpp_build_dir(tmp_path_factory) -> Path:
+    """Where the session's libproxyattn build lives: PROXYATTN_CPP_BUILD if set (local iteration, or ctest's
+    pytest_host test pointing at its own build directory), else one fixed directory under the session's temporary
+    root, so that every test module of a session (this one, tests/test_ctest.py) shares one build."""
+    if os.environ.get("PROXYATTN_CPP_BUILD"):
+        return Path(os.environ["PROXYATTN_CPP_BUILD"])
+    return tmp_path_factory.getbasetemp() / "cpp_build"
+
+
+def build_cpp(out: Path) -> Path:
+    """Configure and build cpp/ into `out` (every kernel variant unless the directory was configured with
+    PROXYATTN_QUICK); incremental, so a second call in the same session costs a configure and a no-op build."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO)
     subprocess.run(["cmake", "-S", str(CPP), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(out), "-j", "2"], check=True, env=env, stdout=subprocess.DEVNULL)
     return out
+
+
+def is_quick_build(build: Path) -> bool:
+    """Whether `build` was configured with -DPROXYATTN_QUICK=ON (one kernel variant: bf16, D=128, block 128)."""
+    cache = build / "CMakeCache.txt"
+    return cache.exists() and any(line.split("=", 1)[-1].strip().upper() in ("ON", "1", "TRUE", "YES")
+                                  for line in cache.read_text().splitlines() if line.startswith("PROXYATTN_QUICK:"))
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    """Full build (every kernel variant), as CI does it, shared by the session (`cpp_build_dir`)."""
+    return build_cpp(cpp_build_dir(tmp_path_factory))
 
 
 def _lib(build: Path):
@@ -112,9 +132,12 @@ def test_build_compiles_every_variant(build, lib):
     manifest = json.loads((build / "generated" / "manifest.json").read_text())
     keys = {k["key"] for k in manifest["kernels"]}
     by_key = {k["key"]: k for k in manifest["kernels"]}
-    for dt in ("bf16", "fp16"):
-        for d in (64, 128, 256):
-            for bs in (64, 128):
+    quick = is_quick_build(build)  # ctest's pytest_host on a PROXYATTN_QUICK build: its one variant, and only it
+    if quick:
+        assert lib.proxyattn_is_compiled(FP16, 128, 128) == 0 and lib.proxyattn_is_compiled(BF16, 64, 128) == 0
+    for dt in ("bf16",) if quick else ("bf16", "fp16"):
+        for d in (128,) if quick else (64, 128, 256):
+            for bs in (128,) if quick else (64, 128):
                 for varlen in (0, 1):
                     assert f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}" in keys
                     for p in ("0", "1", "1rows"):  # pass 1 with ROWS: budget_rule 2
@@ -689,7 +712,7 @@ def test_npy_reads_numpy_files(host, tmp_path):
 @pytest.mark.parametrize("descr", ["<f4", "<f2", "<u2"])
 def test_npy_writes_what_numpy_and_torch_read(host, tmp_path, descr):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 7, 3, generator=gen) * torch.logspace(-9, 5, 3)  # subnormal to large for fp16
+    x = torch.randn(4, 7, 5, generator=gen) * torch.logspace(-7, 5, 5)  # fp16 subnormals (1e-7, 1e-4) to inf (1e5)
     p = tmp_path / "x.npy"
     err = C.create_string_buffer(256)
     shape = (C.c_longlong * 3)(*x.shape)
@@ -979,9 +1002,11 @@ def test_unset_dense_below_tokens_resolves_as_in_python(build, min_budget_tokens
 
 
 # ----------------------------------------------------------------------------------------------- TensorRT plugin logic
-def _parse_fields(host, fields: dict):
+def _parse_fields(host, fields: dict, *, as_float=(), as_int=()):
+    """The plugin's parse_fields over `fields` (name -> value), each passed as TensorRT would: FLOAT32 for the float
+    fields, INT32 otherwise; `as_float` / `as_int` name fields to pass with the other type (a mistyped attribute)."""
     names = [k for k in fields]
-    floats = {"pa_gamma", "pa_budget_fraction", "scale"}
+    floats = ({"pa_gamma", "pa_budget_fraction", "scale"} | set(as_float)) - set(as_int)
     arr_n = (C.c_char_p * len(names))(*[n.encode() for n in names])
     arr_t = (C.c_int * len(names))(*[1 if n in floats else 0 for n in names])
     arr_v = (C.c_double * len(names))(*[float(fields[n]) for n in names])
@@ -1006,7 +1031,50 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
         st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": rule})
         assert st == 0 and cfg.budget_rule == rule, err
     st, cfg, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != "pa_budget_rule"})
-    assert st == 0 and cfg.budget_rule == LIB_DEFAULT.budget_rule == 2, err  # missing: the library's default
+    assert st == -1 and "missing field(s) pa_budget_rule" in err  # strict: no default for a field the node lacks
+
+
+def _node_fields(config=LIB_DEFAULT, scale=0.125) -> dict:
+    """The fields TensorRT passes the plugin for a node export/contract.py writes (its strings are not fields)."""
+    from export.contract import STRING_ATTRS, encode_attrs
+
+    return {k: v for k, v in encode_attrs(config, scale=scale).items() if k not in STRING_ATTRS}
+
+
+def test_trt_plugin_requires_every_field(host):
+    """Each field the exporter writes is required: without it the plugin refuses the node and names the field and
+    the whole declared set (before this change a missing field silently took ProxyAttnConfig's default)."""
+    attrs = _node_fields()
+    assert _parse_fields(host, attrs)[0] == 0
+    for name in attrs:
+        st, _, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != name})
+        assert st == -1 and f"missing field(s) {name};" in err, (name, err)
+        assert "every declared field is required: pa_block_size, pa_stride" in err
+    st, _, _, err = _parse_fields(host, {})
+    assert st == -1 and err.startswith("missing field(s) pa_block_size, pa_stride, pa_proxy_heads")
+
+
+@pytest.mark.parametrize("change,as_float,needle", [
+    ({"pa_keep_sink": 0.5}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
+    ({"pa_keep_sink": 1.0}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
+    ({"pa_keep_sink": 2}, (), "pa_keep_sink=2 must be 0 or 1"),
+    ({"pa_keep_diagonal": -1}, (), "pa_keep_diagonal=-1 must be 0 or 1"),
+    ({"pa_block_size": 128.0}, ("pa_block_size",), "field pa_block_size must be INT32, not FLOAT32"),
+    ({"pa_bogus": 1}, (), "unknown field pa_bogus; declared: pa_block_size, pa_stride"),
+    ({"pa_dense_first_layers": -1}, (), "pa_dense_first_layers=-1 must be >= 0"),
+])
+def test_trt_plugin_refuses_mistyped_fields(host, change, as_float, needle):
+    """Booleans are INT32 0/1 only; an attribute of the wrong type is an error, never converted (0.5 is not
+    truncated to 0); an unknown pa_ field is an error naming the declared ones."""
+    st, _, _, err = _parse_fields(host, {**_node_fields(), **change}, as_float=as_float)
+    assert st == -1 and needle in err, err
+
+
+def test_trt_plugin_test_bridge_never_truncates(host):
+    """The ctypes bridge refuses a non-integral value for an INT32 field instead of truncating it (so the tests
+    above cannot pass a 0.5 that silently becomes 0)."""
+    st, _, _, err = _parse_fields(host, {**_node_fields(), "pa_keep_sink": 0.5})
+    assert st == -1 and "test bridge: INT32 field pa_keep_sink given the non-int32 value 0.5" in err
 
 
 def test_trt_plugin_declares_every_node_attribute(host):

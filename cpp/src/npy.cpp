@@ -207,7 +207,7 @@ uint16_t float_to_half(float f) {
     if (absx < 0x33000000u) return sign;
     const uint32_t e = absx >> 23;
     const uint32_t m = (absx & 0x7fffff) | 0x800000;
-    const int shift = 126 - int(e) + 14;  // bits to drop to land at 2^-24 units
+    const int shift = 126 - int(e);  // bits to drop to land at 2^-24 units: value = m * 2^(e - 150), e in 102..112
     uint32_t v = m >> shift;
     const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
     if (rem > half || (rem == half && (v & 1))) ++v;

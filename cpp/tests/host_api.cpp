@@ -1,6 +1,7 @@
 // Host-side test surface of libproxyattn (built only with PROXYATTN_BUILD_TESTS): the CUDA C helper kernels'
 // bodies (src/helpers_impl.h) run over whole grids on the CPU, and the .npy codec of the example program, behind
 // a C interface that tests/test_cpp.py calls through ctypes and compares with the PyTorch code they replace.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -104,13 +105,22 @@ HOST_API int pa_host_npy_save(const char *path, const float *data, const long lo
   return 0;
 }
 
-// TensorRT plugin logic (trt/plugin_logic.h): fields given as (name, 0 = INT32 / 1 = FLOAT32, value).
+// TensorRT plugin logic (trt/plugin_logic.h): fields given as (name, 0 = INT32 / 1 = FLOAT32, value). An INT32
+// field must be given an integral value (as TensorRT's parser delivers ONNX INT attributes): this bridge refuses
+// anything else rather than truncating it, so that a test cannot pass a 0.5 that silently becomes 0.
 HOST_API int pa_host_parse_fields(const char *const *names, const int *types, const double *values, int n,
                                   proxyattn_config_t *config, float *scale, char *err, int err_cap) {
   std::vector<int32_t> ints(n);
   std::vector<float> floats(n);
   std::vector<pa_trt::Field> fields(n);
   for (int i = 0; i < n; ++i) {
+    if (!types[i] && !(values[i] >= INT32_MIN && values[i] <= INT32_MAX && values[i] == std::trunc(values[i]))) {
+      std::string e = std::string("test bridge: INT32 field ") + names[i] + " given the non-int32 value " +
+                      std::to_string(values[i]) + "; pass it as FLOAT32 (type 1) to test a FLOAT attribute";
+      std::strncpy(err, e.c_str(), err_cap - 1);
+      err[err_cap - 1] = '\0';
+      return -1;
+    }
     ints[i] = (int32_t)values[i];
     floats[i] = (float)values[i];
     fields[i] = {names[i], types[i] ? pa_trt::kFloat32 : pa_trt::kInt32,

@@ -8,12 +8,15 @@
 // pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass",
 // 1 "recall" or 2 "row_recall", proxyattn.config.BUDGET_RULES; 3 "block_recall" runs in the Python / Triton
 // path only and is refused here, as are other values), pa_recall_rows (int, a power of two dividing
-// pa_block_size; read by rule 3 only, validated and carried).
+// pa_block_size; read by rule 3 only, validated and carried). Every field is required (parse_fields): the plugin
+// never substitutes a default for a field the node lacks.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "proxyattn.h"
 
@@ -50,59 +53,104 @@ inline const char *const *field_names(int *count) {
 
 inline bool is_float_field(const std::string &n) { return n == "pa_gamma" || n == "pa_budget_fraction" || n == "scale"; }
 
-// Reads the node's fields (unknown names are an error; missing ones keep ProxyAttnConfig's defaults, except
-// pa_budget_rule: 2, the library's default, since Python's default rule 3 is not implemented here).
+// Index of `name` in field_names(), or -1.
+inline int field_index(const std::string &name) {
+  int n = 0;
+  const char *const *names = field_names(&n);
+  for (int i = 0; i < n; ++i)
+    if (name == names[i]) return i;
+  return -1;
+}
+
+// Every declared field name, comma-separated (for error messages).
+inline std::string declared_fields() {
+  int n = 0;
+  const char *const *names = field_names(&n);
+  std::string out;
+  for (int i = 0; i < n; ++i) out += (i ? ", " : "") + std::string(names[i]);
+  return out;
+}
+
+inline bool is_bool_field(const std::string &n) { return n == "pa_keep_sink" || n == "pa_keep_diagonal"; }
+
+// Stores one field's value (already checked to be a declared name of the right type) into *a; returns "" or a
+// message naming the field, its value and the allowed values.
+inline std::string apply_field(const std::string &name, int32_t iv, float fv, NodeAttrs *a) {
+  if (is_bool_field(name) && iv != 0 && iv != 1)
+    return name + "=" + std::to_string(iv) + " must be 0 or 1 (a boolean travels as INT 0/1)";
+  if (name == "pa_block_size") a->config.block_size = iv;
+  else if (name == "pa_stride") a->config.stride = iv;
+  else if (name == "pa_proxy_heads") a->config.proxy_heads = iv;
+  else if (name == "pa_gamma") a->config.gamma = fv;
+  else if (name == "pa_min_budget_tokens") a->config.min_budget_tokens = iv;
+  else if (name == "pa_keep_sink") a->config.keep_sink = iv;
+  else if (name == "pa_keep_diagonal") a->config.keep_diagonal = iv;
+  else if (name == "pa_dense_below_tokens") a->config.dense_below_tokens = iv;
+  else if (name == "pa_budget_fraction") a->config.budget_fraction = fv;
+  else if (name == "pa_dense_first_layers" || name == "pa_dense_layer_mask") {
+    // Model-level fields: carried by every node, acted on by the exporter (export/contract.py), not here.
+    if (iv < 0) return name + "=" + std::to_string(iv) + " must be >= 0";
+  } else if (name == "pa_estimator") {
+    if (iv != 0)
+      return "pa_estimator=" + std::to_string(iv) +
+             " is not supported: libproxyattn implements estimator 0 (the paper's mean-pooled proxy heads)";
+  } else if (name == "pa_budget_rule") {
+    if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL && iv != PROXYATTN_BUDGET_RULE_ROW_RECALL)
+      return "pa_budget_rule=" + std::to_string(iv) + " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)" +
+             (iv == 3 ? " (3, block_recall, runs in the Python / Triton path only)" : "");
+    a->config.budget_rule = iv;
+  } else if (name == "pa_recall_rows") {
+    if (iv < 1 || iv > 128 || (iv & (iv - 1)) != 0)
+      return "pa_recall_rows=" + std::to_string(iv) + " must be a power of two in 1..128";
+    a->recall_rows = iv;
+  } else if (name == "scale") a->scale = fv;
+  else if (name == "is_causal") a->is_causal = iv;
+  else if (name == "sliding_window") a->sliding_window = iv;
+  return "";
+}
+
+// Reads the node's fields, strictly (as ProxyAttnConfig.from_attrs does in Python): every declared field
+// (field_names) must be given exactly once, with its type (FLOAT32 for pa_gamma, pa_budget_fraction and scale,
+// INT32 otherwise) and one value. A missing, unknown or repeated field, a boolean other than 0/1 and a value the
+// config does not allow are errors; nothing falls back to a default. TensorRT's ONNX parser passes every declared
+// field the node carries (ONNX INT -> INT32, FLOAT -> FLOAT32) and export/contract.py writes every one of them.
 // Returns "" on success, else a message naming the field.
 inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
+  int count = 0;
+  const char *const *names = field_names(&count);
+  std::vector<bool> seen(size_t(count), false);
   NodeAttrs a;
   proxyattn_config_default(&a.config);
   for (int i = 0; i < n; ++i) {
     const Field &f = fields[i];
     const std::string name = f.name ? f.name : "";
+    const int idx = field_index(name);
+    if (idx < 0) return "unknown field " + name + "; declared: " + declared_fields();
+    if (seen[idx]) return "field " + name + " is given twice";
+    seen[idx] = true;
     if (f.length != 1 || f.data == nullptr) return "field " + name + " must hold exactly one value";
     const bool want_float = is_float_field(name);
     if ((want_float && f.type != kFloat32) || (!want_float && f.type != kInt32))
-      return "field " + name + " must be " + (want_float ? "FLOAT32" : "INT32");
+      return "field " + name + " must be " + (want_float ? "FLOAT32" : "INT32") + ", not " +
+             (f.type == kFloat32 ? "FLOAT32" : f.type == kInt32 ? "INT32" : "type " + std::to_string(int(f.type)));
     int32_t iv = 0;
     float fv = 0.0f;
     if (want_float) std::memcpy(&fv, f.data, 4);
     else std::memcpy(&iv, f.data, 4);
-    if (name == "pa_block_size") a.config.block_size = iv;
-    else if (name == "pa_stride") a.config.stride = iv;
-    else if (name == "pa_proxy_heads") a.config.proxy_heads = iv;
-    else if (name == "pa_gamma") a.config.gamma = fv;
-    else if (name == "pa_min_budget_tokens") a.config.min_budget_tokens = iv;
-    else if (name == "pa_keep_sink") a.config.keep_sink = iv;
-    else if (name == "pa_keep_diagonal") a.config.keep_diagonal = iv;
-    else if (name == "pa_dense_below_tokens") a.config.dense_below_tokens = iv;
-    else if (name == "pa_budget_fraction") a.config.budget_fraction = fv;
-    else if (name == "pa_dense_first_layers" || name == "pa_dense_layer_mask") {
-      // Model-level fields: carried by every node, acted on by the exporter (export/contract.py), not here.
-    } else if (name == "pa_estimator") {
-      if (iv != 0)
-        return "pa_estimator=" + std::to_string(iv) +
-               " is not supported: libproxyattn implements estimator 0 (the paper's mean-pooled proxy heads)";
-    } else if (name == "pa_budget_rule") {
-      if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL &&
-          iv != PROXYATTN_BUDGET_RULE_ROW_RECALL)
-        return "pa_budget_rule=" + std::to_string(iv) +
-               " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)" +
-               (iv == 3 ? " (3, block_recall, runs in the Python / Triton path only)" : "");
-      a.config.budget_rule = iv;
-    } else if (name == "pa_recall_rows") {
-      if (iv < 1 || iv > 128 || (iv & (iv - 1)) != 0)
-        return "pa_recall_rows=" + std::to_string(iv) + " must be a power of two in 1..128";
-      a.recall_rows = iv;
-    } else if (name == "scale") a.scale = fv;
-    else if (name == "is_causal") a.is_causal = iv;
-    else if (name == "sliding_window") a.sliding_window = iv;
-    else return "unknown field " + name;
+    const std::string err = apply_field(name, iv, fv, &a);
+    if (!err.empty()) return err;
   }
+  std::string missing;
+  for (int i = 0; i < count; ++i)
+    if (!seen[i]) missing += (missing.empty() ? "" : ", ") + std::string(names[i]);
+  if (!missing.empty())
+    return "missing field(s) " + missing + "; every declared field is required: " + declared_fields() +
+           " (export/contract.py encode_attrs writes them all)";
   if (a.is_causal != 1) return "is_causal=" + std::to_string(a.is_causal) + ": only causal prefill (1) is supported";
   if (a.sliding_window != 0)
     return "sliding_window=" + std::to_string(a.sliding_window) +
            ": windowed layers are not supported by this plugin (the node must be refused, not approximated)";
-  if (!(a.scale >= 0.0f)) return "scale must be >= 0 (0: 1/sqrt(D))";
+  if (!(a.scale >= 0.0f) || !std::isfinite(a.scale)) return "scale must be finite and >= 0 (0: 1/sqrt(D))";
   if (proxyattn_config_validate(&a.config) != PROXYATTN_SUCCESS) return proxyattn_last_error();
   if (a.config.block_size % a.recall_rows != 0)
     return "pa_recall_rows=" + std::to_string(a.recall_rows) + " must divide pa_block_size=" + std::to_string(a.config.block_size);
