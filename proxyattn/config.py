@@ -33,6 +33,16 @@ ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
 # Budget rules (`ProxyAttnConfig.budget_rule`): how a head's gamma budget is counted on its last query block.
 BUDGET_RULES = {0: "mass", 1: "recall", 2: "row_recall", 3: "block_recall"}
 
+# Optional float fields: None travels as 0.0 in attributes (0.0 is not a valid value of either).
+_OPTIONAL_FLOATS = ("budget_fraction", "dense_density")
+
+# `dense_density` is applied at this resolution (integer arithmetic, so every backend decides alike).
+DENSE_DENSITY_SCALE = 1000
+
+# Default dense fallback: a KV group whose plan keeps this share of its causal blocks runs the dense kernel. The
+# block-sparse kernel reaches about 0.7 of cuDNN's throughput per kept block on the H100/H200 (benchmarks/results).
+DEFAULT_DENSE_DENSITY = 0.7
+
 
 @dataclass(frozen=True)
 class ProxyAttnConfig:
@@ -74,6 +84,12 @@ class ProxyAttnConfig:
             so engines (`engines.models`) use rule 2.
         recall_rows: query rows per block that budget_rule 3 measures (a power of two dividing block_size);
             ignored by the other rules.
+        dense_density: the dense fallback. A KV group (the query heads sharing one KV head) whose plan keeps at
+            least this share of its causal blocks runs dense instead (exact attention; `BlockPlan.dense_heads`
+            says which heads, and their counts cover every causal block); with budget_rule 3 a group whose last
+            query block already needs this share is not measured further. Applied at 1/1000 resolution
+            (`dense_density_permille`). None: never fall back. The default, 0.7, is about where the block-sparse
+            kernel's time at that density equals the dense kernel's.
     """
 
     block_size: int = 128
@@ -90,6 +106,7 @@ class ProxyAttnConfig:
     estimator: int = 0
     budget_rule: int = 3
     recall_rows: int = 4
+    dense_density: float | None = DEFAULT_DENSE_DENSITY
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)
@@ -134,6 +151,10 @@ class ProxyAttnConfig:
         _check_int("budget_rule", self.budget_rule)
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule={self.budget_rule!r} is not supported; allowed: {BUDGET_RULES}")
+        if self.dense_density is not None:
+            _check_float("dense_density", self.dense_density)
+            if not (0.0 < self.dense_density <= 1.0):
+                raise ValueError(f"dense_density={self.dense_density!r} must be None (no dense fallback) or lie in (0, 1]")
         _check_int("recall_rows", self.recall_rows)
         allowed_rows = [1 << i for i in range(self.block_size.bit_length()) if (1 << i) <= self.block_size]
         if self.recall_rows not in allowed_rows:
@@ -141,6 +162,11 @@ class ProxyAttnConfig:
                              f"allowed: {allowed_rows}")
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def dense_density_permille(self) -> int:
+        """`dense_density` in thousandths (0: no fallback), what the kernels and the reference compare against."""
+        return 0 if self.dense_density is None else max(1, round(self.dense_density * DENSE_DENSITY_SCALE))
+
     @property
     def min_budget_blocks(self) -> int:
         """Lower bound on key blocks kept per (head, query block)."""
@@ -177,7 +203,7 @@ class ProxyAttnConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 out[ATTR_PREFIX + f.name] = int(value)
-            elif f.name == "budget_fraction":
+            elif f.name in _OPTIONAL_FLOATS:
                 out[ATTR_PREFIX + f.name] = 0.0 if value is None else float(value)
             elif isinstance(value, float):
                 out[ATTR_PREFIX + f.name] = float(value)
@@ -209,8 +235,9 @@ class ProxyAttnConfig:
                 "(ProxyAttnConfig.to_attrs() writes them all)"
             )
         kwargs = {key[len(ATTR_PREFIX):]: _decode_attr(key, given[key], kind) for key, kind in kinds.items()}
-        if kwargs["budget_fraction"] == 0.0:
-            kwargs["budget_fraction"] = None  # to_attrs writes an unset budget_fraction as 0.0
+        for name in _OPTIONAL_FLOATS:
+            if kwargs[name] == 0.0:
+                kwargs[name] = None  # to_attrs writes an unset optional float as 0.0
         return cls(**kwargs)
 
 

@@ -14,6 +14,7 @@ KV head walk the same list. `BlockPlan.from_mask` builds a plan from any block m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,9 @@ class BlockPlan:
         budget_blocks: int32 `[B, Hq]`, each head's budget n_h in key blocks; the budget fraction is n_h / Nb.
         block_size: tokens per block.
         seq_len: S, the number of tokens the plan covers.
+        dense_heads: bool `[B, Hq]` or None: heads that run dense (the dense fallback,
+            `ProxyAttnConfig.dense_density`); their counts cover every causal block, so the plan's mask and
+            density are what runs. None: no head does.
     """
 
     order: torch.Tensor
@@ -39,6 +43,7 @@ class BlockPlan:
     budget_blocks: torch.Tensor
     block_size: int
     seq_len: int
+    dense_heads: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         nb = self.num_blocks
@@ -47,6 +52,7 @@ class BlockPlan:
         assert self.counts.shape[1] % self.order.shape[1] == 0, (self.counts.shape, self.order.shape)
         assert self.budget_blocks.shape == self.counts.shape[:2], (self.budget_blocks.shape, self.counts.shape)
         assert self.order.dtype == torch.int32 and self.counts.dtype == torch.int32
+        assert self.dense_heads is None or (self.dense_heads.dtype == torch.bool and self.dense_heads.shape == self.counts.shape[:2])
 
     @property
     def num_blocks(self) -> int:
@@ -95,6 +101,18 @@ class BlockPlan:
         order = key.argsort(dim=-1).to(torch.int32)
         counts = kept.sum(dim=-1).to(torch.int32)
         return cls(order.contiguous(), counts.contiguous(), counts[..., -1].contiguous(), block_size, seq_len)
+
+
+def dense_fallback(plan: BlockPlan, num_kv_heads: int, config: ProxyAttnConfig, nb_seq: torch.Tensor | None = None) -> BlockPlan:
+    """The plan with the dense fallback applied (`reference.dense_groups`): KV groups keeping at least
+    config.dense_density of their causal blocks keep every causal block and are marked in `dense_heads`.
+    nb_seq: int `[B]` blocks of each packed sequence (default Nb). Device ops, no synchronisation."""
+    permille = config.dense_density_permille
+    if permille == 0:
+        return plan
+    groups = reference.dense_groups(plan.counts, num_kv_heads, permille, nb_seq)
+    counts, heads = reference.apply_dense_groups(plan.counts, groups, nb_seq)
+    return dataclasses.replace(plan, counts=counts, dense_heads=heads)
 
 
 def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig) -> BlockPlan:

@@ -191,7 +191,7 @@ def recall_row_positions(m: int, seq_len: int, block_size: int, rows: int) -> li
 
 
 def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, rows: int, keep_sink: bool,
-                keep_diagonal: bool, last_only: bool = False) -> torch.Tensor:
+                keep_diagonal: bool, last_only: bool = False, skip_groups: torch.Tensor | None = None) -> torch.Tensor:
     """Budget rule 3 ("block_recall"): per (head, query block) the shortest prefix of that block's ranking that
     holds gamma of the attention mass of each measured row, int32 `[B, Hq, Nb]`.
 
@@ -200,10 +200,15 @@ def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, ro
     row's softmax (causal) is summed per key block, accumulated along the ranking, and the row needs the fewest
     blocks reaching gamma (all m + 1 when rounding keeps it below). The need is the largest over the rows.
     gamma = 1 needs every causal block. `last_only`: only the last query block (the other entries are 0).
+    `skip_groups` bool `[B, Hkv]` (`early_dense_groups`): the heads of these KV groups are not measured and need
+    every causal block (m + 1).
     """
     b, s, hq, _ = q.shape
     nb = _num_blocks(s, block_size)
     out = torch.zeros(b, hq, nb, dtype=torch.int32, device=q.device)
+    skip = None
+    if skip_groups is not None:
+        skip = skip_groups.to(q.device).repeat_interleave(hq // skip_groups.shape[1], dim=1)  # [B, Hq]
     for m in range(nb - 1 if last_only else 0, nb):
         if gamma >= 1.0:
             out[..., m] = m + 1
@@ -211,7 +216,56 @@ def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, ro
         cum = recall_row_cum_mass(q, k, scores, m, block_size=block_size, scale=scale, rows=rows,
                                   keep_sink=keep_sink, keep_diagonal=keep_diagonal)
         out[..., m] = ((cum < gamma).sum(-1) + 1).clamp(max=m + 1).amax(-1).to(torch.int32)
+        if skip is not None:
+            out[..., m] = torch.where(skip, m + 1, out[..., m])
     return out
+
+
+# ------------------------------------------------------------------------------------------- dense fallback
+# A KV group (the query heads sharing one KV head) runs dense when its plan keeps at least dense_density of its
+# causal blocks (ProxyAttnConfig.dense_density, compared in thousandths: `permille`, so that every backend decides
+# with the same integer arithmetic). With budget_rule 3, a group whose last query block already needs that share is
+# not measured further (`early_dense_groups`).
+
+
+def full_counts(nb: int, nb_seq: torch.Tensor) -> torch.Tensor:
+    """Counts of the full causal plan, int32 `[B, 1, Nb]`: m + 1 for query blocks inside each sequence, else 0.
+    nb_seq: int `[B]`, blocks of each sequence."""
+    m1 = torch.arange(1, nb + 1, device=nb_seq.device, dtype=torch.int64)
+    return torch.where(m1 <= nb_seq.to(torch.int64).reshape(-1, 1, 1), m1, 0).to(torch.int32)
+
+
+def dense_groups(counts: torch.Tensor, num_kv_heads: int, permille: int, nb_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """bool `[B, Hkv]`: KV groups whose plan keeps at least permille / 1000 of their causal blocks (permille 0:
+    none). counts int `[B, Hq, Nb]`; nb_seq int `[B]` (default Nb). Device ops, no synchronisation."""
+    b, hq, nb = counts.shape
+    group = hq // num_kv_heads
+    if nb_seq is None:
+        nb_seq = torch.full((b,), nb, device=counts.device, dtype=torch.int64)
+    nbs = nb_seq.to(torch.int64).reshape(-1, 1)
+    kept = counts.to(torch.int64).reshape(b, num_kv_heads, group * nb).sum(-1)
+    causal = group * nbs * (nbs + 1) // 2
+    return (kept * 1000 >= permille * causal) & (causal > 0) & (permille > 0)
+
+
+def early_dense_groups(needs_last: torch.Tensor, num_kv_heads: int, permille: int, nb_seq: torch.Tensor) -> torch.Tensor:
+    """bool `[B, Hkv]`: KV groups whose heads' last-query-block needs (int `[B, Hq]`, budget rule 3) sum to at least
+    permille / 1000 of group x Nb_b blocks: budget rule 3 does not measure them further (they run dense)."""
+    b, hq = needs_last.shape
+    group = hq // num_kv_heads
+    nbs = nb_seq.to(torch.int64).reshape(-1, 1)
+    total = needs_last.to(torch.int64).reshape(b, num_kv_heads, group).sum(-1)
+    return (total * 1000 >= permille * group * nbs) & (nbs > 0) & (permille > 0)
+
+
+def apply_dense_groups(counts: torch.Tensor, groups: torch.Tensor, nb_seq: torch.Tensor | None = None):
+    """(counts with every causal block for the heads of `groups`, dense_heads bool `[B, Hq]`)."""
+    b, hq, nb = counts.shape
+    if nb_seq is None:
+        nb_seq = torch.full((b,), nb, device=counts.device, dtype=torch.int64)
+    heads = groups.repeat_interleave(hq // groups.shape[1], dim=1)
+    full = full_counts(nb, nb_seq).expand_as(counts)
+    return torch.where(heads[..., None], full, counts).contiguous(), heads
 
 
 def needs_budgets(needs: torch.Tensor, min_blocks: int, nb_seq: torch.Tensor | None = None) -> torch.Tensor:

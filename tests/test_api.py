@@ -35,7 +35,7 @@ def test_full_budget_is_dense(shape):
 
 def test_short_sequences_take_dense_path():
     q, k, v = make_qkv(1, 200, 4, 2, 64, seed=11)
-    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.1, min_budget_tokens=0, dense_below_tokens=200)
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.1, min_budget_tokens=0, dense_below_tokens=200, dense_density=None)
     assert_close(pa.proxy_attention(q, k, v, cfg), pa.dense_attention(q, k, v), "fp32")
     sparse = pa.proxy_attention(q, k, v, cfg.replace(dense_below_tokens=199))
     assert (sparse - pa.dense_attention(q, k, v)).abs().max() > 1e-3  # really took the sparse path

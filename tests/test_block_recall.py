@@ -180,7 +180,7 @@ def test_needs_kernel_against_reference(case):
     kind, b, s, hq, hkv, d, bs, rows, g, gamma, dtype = case
     q, k = _qk(kind, b, s, hq, hkv, d, seed=3, dtype=dtype)
     cfg = ProxyAttnConfig(block_size=bs, budget_rule=3, gamma=gamma, recall_rows=rows, proxy_heads=g, min_budget_tokens=0,
-                          dense_below_tokens=0)
+                          dense_below_tokens=0, dense_density=None)
     scale = 1.0 / math.sqrt(d)
     scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
     got = esel.block_needs(q, k, scores, cfg, scale)

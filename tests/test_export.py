@@ -23,7 +23,7 @@ from tests.helpers import assert_close
 
 # Sparse at every length (dense_below_tokens=0), a fixed quarter of the blocks (block 64).
 # With 5+ blocks (S=300) the last query block keeps its 2-block budget plus sink and diagonal: at most 4 of 5 blocks.
-SPARSE = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25)
+SPARSE = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25, dense_density=None)
 POLYGRAPHY = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
 SHAPES = [(1, 5), (2, 70), (3, 300)]  # (batch, length): 5, 70 and 300 are not multiples of the block
 

@@ -17,7 +17,7 @@ from tests.helpers import assert_close  # noqa: E402
 
 FULL = ProxyAttnConfig(block_size=64, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0)
 # Sparse enough that the output differs from dense at a few hundred tokens.
-SPARSE = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25)
+SPARSE = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25, dense_density=None)
 
 VOCAB = 96
 

@@ -98,7 +98,7 @@ def test_estimator_dispatch_and_full_budget_oracle():
     q, k = _qk(2, 300, 4, 2, 16, seed=4)
     v = torch.randn_like(k)
     for e in (1, 2):
-        cfg = ProxyAttnConfig(block_size=64, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0, estimator=e)
+        cfg = ProxyAttnConfig(block_size=64, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0, estimator=e, dense_density=None)
         assert_close(proxy_scores(q, k, cfg), variants.proxy_scores(q, k, cfg, 0.25), "fp32", allow_inf=True, what="dispatch")
         dense = reference.dense_attention(q, k, v, 0.25)
         assert_close(proxy_attention(q, k, v, cfg), dense, "fp32", what=f"estimator {e} full budget")

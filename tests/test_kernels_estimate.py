@@ -108,7 +108,7 @@ def test_head_max_scores_varlen_and_dispatch():
     lengths, hq, hkv, d, bs = [300, 70, 0, 200], 8, 2, 64, 64
     q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=21)
     cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, estimator=1, gamma=0.9, min_budget_tokens=64, dense_below_tokens=0,
-                          budget_rule=2)
+                          budget_rule=2, dense_density=None)
     scale = 1.0 / math.sqrt(d)
     nb = -(-300 // bs)
     got = ehm.head_max_scores_varlen(q, k, cu, 300, cfg, scale)

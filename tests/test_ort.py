@@ -17,8 +17,8 @@ from proxyattn import ProxyAttnConfig, proxy_attention
 from tests.helpers import assert_close
 
 # A fixed quarter of the blocks, so that the selection drops blocks on random inputs; GAMMA runs the budget rule.
-CFG = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25)
-GAMMA = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, gamma=0.8, proxy_heads=2)
+CFG = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25, dense_density=None)
+GAMMA = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, gamma=0.8, proxy_heads=2, dense_density=None)
 
 
 def single_node_model(path, *, hq, hkv, d, config, scale, window=0, elem=TensorProto.FLOAT):

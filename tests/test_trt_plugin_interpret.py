@@ -191,7 +191,7 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
 
     b, s, hq, hkv, d, bs, st, g, gamma, dense_below, rule = case
     cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=bs, dense_below_tokens=dense_below,
-                          budget_rule=rule)
+                          budget_rule=rule, dense_density=None)
     scale = 1.0 / math.sqrt(d)
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]

@@ -8,8 +8,9 @@
 // pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass",
 // 1 "recall" or 2 "row_recall", proxyattn.config.BUDGET_RULES; 3 "block_recall" runs in the Python / Triton
 // path only and is refused here, as are other values), pa_recall_rows (int, a power of two dividing
-// pa_block_size; read by rule 3 only, validated and carried). Every field is required (parse_fields): the plugin
-// never substitutes a default for a field the node lacks.
+// pa_block_size; read by rule 3 only, validated and carried), pa_dense_density (float, must be 0: the dense
+// fallback runs in the Python / Triton path only). Every field is required (parse_fields): the plugin never
+// substitutes a default for a field the node lacks.
 #pragma once
 
 #include <cmath>
@@ -37,6 +38,7 @@ struct NodeAttrs {
   int32_t is_causal = 1;
   int32_t sliding_window = 0;
   int32_t recall_rows = 4;  // ProxyAttnConfig.recall_rows (budget_rule 3 only, which this plugin refuses)
+  float dense_density = 0.0f;  // ProxyAttnConfig.dense_density (0: no dense fallback, the only value accepted)
 };
 
 // Every field name the plugin declares, in the order it serialises them.
@@ -45,13 +47,15 @@ inline const char *const *field_names(int *count) {
                                       "pa_gamma",              "pa_min_budget_tokens", "pa_keep_sink",
                                       "pa_keep_diagonal",      "pa_dense_below_tokens", "pa_budget_fraction",
                                       "pa_dense_first_layers", "pa_dense_layer_mask", "pa_estimator",
-                                      "pa_budget_rule",        "pa_recall_rows",     "scale",
-                                      "is_causal",             "sliding_window"};
+                                      "pa_budget_rule",        "pa_recall_rows",     "pa_dense_density",
+                                      "scale",                 "is_causal",          "sliding_window"};
   *count = int(sizeof(names) / sizeof(names[0]));
   return names;
 }
 
-inline bool is_float_field(const std::string &n) { return n == "pa_gamma" || n == "pa_budget_fraction" || n == "scale"; }
+inline bool is_float_field(const std::string &n) {
+  return n == "pa_gamma" || n == "pa_budget_fraction" || n == "pa_dense_density" || n == "scale";
+}
 
 // Index of `name` in field_names(), or -1.
 inline int field_index(const std::string &name) {
@@ -103,6 +107,11 @@ inline std::string apply_field(const std::string &name, int32_t iv, float fv, No
     if (iv < 1 || iv > 128 || (iv & (iv - 1)) != 0)
       return "pa_recall_rows=" + std::to_string(iv) + " must be a power of two in 1..128";
     a->recall_rows = iv;
+  } else if (name == "pa_dense_density") {
+    if (fv != 0.0f)
+      return "pa_dense_density=" + std::to_string(fv) +
+             " is not supported: the dense fallback runs in the Python / Triton path only; allowed: 0 (off)";
+    a->dense_density = fv;
   } else if (name == "scale") a->scale = fv;
   else if (name == "is_causal") a->is_causal = iv;
   else if (name == "sliding_window") a->sliding_window = iv;
@@ -110,7 +119,7 @@ inline std::string apply_field(const std::string &name, int32_t iv, float fv, No
 }
 
 // Reads the node's fields, strictly (as ProxyAttnConfig.from_attrs does in Python): every declared field
-// (field_names) must be given exactly once, with its type (FLOAT32 for pa_gamma, pa_budget_fraction and scale,
+// (field_names) must be given exactly once, with its type (FLOAT32 for pa_gamma, pa_budget_fraction, pa_dense_density and scale,
 // INT32 otherwise) and one value. A missing, unknown or repeated field, a boolean other than 0/1 and a value the
 // config does not allow are errors; nothing falls back to a default. TensorRT's ONNX parser passes every declared
 // field the node carries (ONNX INT -> INT32, FLOAT -> FLOAT32) and export/contract.py writes every one of them.

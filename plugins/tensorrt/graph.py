@@ -81,6 +81,11 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
             f"node {node.name!r}: pa_budget_rule={config.budget_rule} ({BUDGET_RULES[config.budget_rule]}) has no "
             "TensorRT graph; allowed: 0 (mass), 1 (recall), 2 (row_recall)"
         )
+    if config.dense_density is not None:
+        raise ValueError(
+            f"node {node.name!r}: pa_dense_density={config.dense_density} (the dense fallback) has no TensorRT graph; "
+            "allowed: 0 (off)"
+        )
     q, k, v = node.input
     b = _Builder(node.name or "proxy_attention", graph)
     i64 = np.int64

@@ -337,9 +337,40 @@ def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, scale: float):
 
 
 def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:
-    """Causal attention on the plan's kept blocks: `[B, S, Hq, D]` in q.dtype (shapes as the `_with_lse` form)."""
+    """Causal attention on the plan's kept blocks: `[B, S, Hq, D]` in q.dtype (shapes as the `_with_lse` form).
+
+    Heads in `plan.dense_heads` (the dense fallback) run through the dense kernel (cuDNN), KV group by KV group, and
+    the others through the block-sparse kernel. Which groups is read on the host (one small device-to-host copy): in
+    eager mode only; while a CUDA graph is being captured every head runs in the block-sparse kernel, the dense
+    heads walking all their causal blocks (same result, at the block-sparse kernel's speed)."""
     _check_kernel_inputs(q, k, v)
-    return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=False)[0]
+    if plan.dense_heads is None or torch.cuda.is_current_stream_capturing():
+        return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=False)[0]
+    return _with_dense_groups(q, k, v, plan, scale)
+
+
+def _with_dense_groups(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:
+    """Eager mixed execution: dense groups through `dense_attention`, the rest through the block-sparse kernel."""
+    b, s, hq, _ = q.shape
+    hkv = k.shape[2]
+    groups = plan.dense_heads.reshape(b, hkv, hq // hkv)[..., 0].cpu()  # the host read of the eager fallback
+    if not bool(groups.any()):
+        return _launch_sparse(q, k, v, plan.order, plan.counts, None, s, plan.block_size, scale, with_lse=False)[0]
+    if bool(groups.all()):
+        return dense_attention(q, k, v, scale)
+    counts = torch.where(plan.dense_heads[..., None], 0, plan.counts)  # the sparse launch skips the dense heads
+    out = _launch_sparse(q, k, v, plan.order, counts, None, s, plan.block_size, scale, with_lse=False)[0]
+    g = hq // hkv
+    for bi in range(b):
+        kv = groups[bi].nonzero().flatten()
+        if kv.numel() == 0:
+            continue
+        heads = (kv[:, None] * g + torch.arange(g)).flatten().to(q.device)
+        kv = kv.to(q.device)
+        sub = dense_attention(q[bi : bi + 1].index_select(2, heads), k[bi : bi + 1].index_select(2, kv),
+                              v[bi : bi + 1].index_select(2, kv), scale)
+        out[bi : bi + 1].index_copy_(2, heads, sub)
+    return out
 
 
 def block_sparse_attention_varlen_with_lse(q, k, v, cu_seqlens, max_seqlen: int, plan: BlockPlan, scale: float):

@@ -1,53 +1,57 @@
 """Budget rule 3 ("block_recall") on the GPU: how many leading blocks of its ranking every (head, query block)
-needs, with no host synchronisation.
+needs, and the plan's counts, with no host synchronisation.
 
-Spec: `proxyattn.reference.block_needs`. A row of query block m needs the shortest prefix of the block's ranking
-(row m of the plan's `order`, forced blocks first) holding gamma of its attention mass. Walking the ranking
-block by block would read K in a random order, once per query block; instead both passes below sweep the key
-blocks in sequence, so that one K tile serves every row of the program and programs of one KV head share K
-through L2:
+Spec: `proxyattn.reference.block_needs` (and `plan.compact_plan_needs` for the counts). A measured row of query
+block m needs the shortest prefix of the block's ranking (row m of the plan's `order`, forced blocks first) holding
+gamma of its attention mass; a head's need is the largest over its rows. Two kernels:
 
-* a program takes QB consecutive query blocks of one KV head and, for each, `recall_rows` rows
-  (`reference.recall_row_positions`) of every query head of that KV head (M = QB x RB rows, RB = heads x rows
-  padded to a power of two);
-* pass 1 runs an online softmax over key blocks 0..m of each row and accumulates each row's unnormalised mass
-  into NBUCKET buckets of ranking positions (bucket = rank // W, W = ceil((m+1) / NBUCKET); rank =
-  position of the key block in the row's ranking, the inverse of `order`), rescaled like FlashAttention's
-  output accumulator; at the end each row knows its log-sum-exp, the bucket where its cumulative mass first
-  reaches gamma and the mass before that bucket;
-* pass 2 sweeps again with the probabilities exp2(s - lse) and adds each key block whose rank falls in the row's
-  crossing bucket to that position of a W-wide histogram; the need is the bucket's start plus the positions
-  whose cumulative mass (from the mass before the bucket) stays below gamma, plus one.
+* `_mass_kernel` sweeps the key blocks in sequence (one K tile serves every row of the program; programs of one KV
+  head share K through L2). A program takes QB consecutive query blocks of one KV head and, for each,
+  `recall_rows` rows (`reference.recall_row_positions`) of every query head of that KV head (M = QB x RB rows,
+  RB = heads x rows padded to a power of two). For every row and key block it writes the block's unnormalised
+  log2 mass, max + log2(sum exp2(logit - max)), to a scratch `[.., Nb, RB]` and keeps an online log-sum-exp.
+  One pass: recall_rows / block_size of a dense QK^T per head, K read once per QB query blocks.
+* `_cut_kernel`, one program per (KV head, query block): walks the block's ranking in chunks, gathers each row's
+  block masses in ranking order, accumulates exp2(mass - lse) and counts the positions still below gamma (it
+  stops once every row reached gamma). It writes the needs and, for a plan, the counts (min_budget_tokens' top
+  blocks, the forced blocks outside them, at least the need; `estimate_select`'s rule for needs).
 
-So each row's need is exact up to the summation order, and each pass costs recall_rows / block_size of a dense
-QK^T per head with K read once per QB query blocks. A head's need is the largest over its rows (a torch amax).
+Long sequences are processed in chunks of query blocks so that the scratch stays within `_SCRATCH_BYTES`.
 
-Layers: `_needs_kernel` (jit, PASS 1/2) -> `_launch_needs` (allocate, grid) -> `block_needs` /
-`block_needs_varlen` (checks, shapes).
+Dense fallback (`ProxyAttnConfig.dense_density`): `needs_plan` first measures the last query block only; a KV group
+whose heads' last needs reach the share (`reference.early_dense_groups`, decided inside the cut kernel) is flagged,
+the full pass skips it and gives it every causal block, and `plan.dense_fallback` then marks the groups whose plan
+is dense enough.
+
+Layers: `_mass_kernel`, `_cut_kernel` (jit) -> `_launch_needs` (allocate, chunk, grid) -> `block_needs`,
+`block_needs_varlen`, `needs_plan`, `needs_plan_varlen` (shapes).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
+from ..plan import BlockPlan, dense_fallback
+from ..reference import needs_budgets
 from .estimate_budgets import _budget_tile, seq_blocks
 from .estimate_common import _LOG2E, interpreting, qk_layout
+from .estimate_rank import rank_order
 from .estimate_scores import _seq_base, _seq_bounds
 
-__all__ = ["block_needs", "block_needs_varlen"]
+__all__ = ["block_needs", "block_needs_varlen", "needs_plan", "needs_plan_varlen"]
+
+_SCRATCH_BYTES = 128 * 1024**2  # block masses of one chunk of query blocks
+_CUT_CHUNK = 128  # ranking positions per step of the cut kernel
 
 
 @triton.jit
 def _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS: tl.constexpr,
               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Logits of the program's rows against key block n (`_budget_tile`): without masks when every row sees the
-    whole block (n < n_full), with them on the query blocks' own tiles. A branch per key block: the form measured
-    on the H200 (two loops, whole tiles then masked ones, would let the first pipeline; not measured yet)."""
+    """Logits (log2 units) of the program's rows against key block n (`_budget_tile`): without masks when every
+    row sees the whole block (n < n_full), with them on the query blocks' own tiles."""
     if n < n_full:
         s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
     else:
@@ -56,57 +60,41 @@ def _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmas
 
 
 @triton.jit
-def _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u):
-    """Pass 1 on key block n: online max / sum, and the block's unnormalised mass added to the bucket of its
-    ranking position, the accumulator rescaled to the new max."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-    bucket = tl.load(rank_base + n, mask=valid & (n <= row_m), other=0) // width
-    acc = acc * alpha[:, None] + tl.where(offs_u[None, :] == bucket[:, None], p[:, None], 0.0)
-    return m_new, l_i * alpha + p, acc
-
-
-@triton.jit
-def _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w):
-    """Pass 2 on key block n: its probability mass added at its position inside the row's crossing bucket."""
-    p = tl.sum(tl.exp2(s - lse[:, None]), axis=1)
-    pos = tl.load(rank_base + n, mask=valid & (n <= row_m), other=-1) - first
-    return hist + tl.where(offs_w[None, :] == pos[:, None], p[:, None], 0.0)
-
-
-@triton.jit
-def _needs_kernel(
-    q_ptr, k_ptr, cu_ptr, rank_ptr, need_ptr, stat_ptr,
-    seq_len, nb_max, num_kv_heads, kv_per_rank, qk_scale, gamma,
+def _mass_kernel(
+    q_ptr, k_ptr, cu_ptr, skip_ptr, mass_ptr, lse_ptr,
+    seq_len, nb_max, num_kv_heads, m_lo, n_slots, qk_scale,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, QB: tl.constexpr, NBUCKET: tl.constexpr,
-    WMAX: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
-    LAST_ONLY: tl.constexpr, PASS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, QB: tl.constexpr, BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
-    pq = tl.program_id(1)  # group of QB query blocks
+    pq = tl.program_id(1)  # group of QB query blocks of the chunk
+    if SKIP:
+        if tl.load(skip_ptr + pid) != 0:
+            return
     b = pid // num_kv_heads
     hkv = pid % num_kv_heads
-    rank_row = hkv // kv_per_rank  # ranking row of these heads (R divides Hkv)
-    num_ranks = num_kv_heads // kv_per_rank
     start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
     q_base = _seq_base(q_ptr, b, start, stride_qb, stride_qt, VARLEN)
     k_base = _seq_base(k_ptr, b, start, stride_kb, stride_kt, VARLEN)
     nb = tl.cdiv(length, BS)
     if LAST_ONLY:
         m0 = nb - 1
+        m_end = nb
     else:
-        m0 = pq * QB
+        m0 = m_lo + pq * QB
+        m_end = tl.minimum(nb, m_lo + n_slots)
 
     M: tl.constexpr = QB * RB
     offs_i = tl.arange(0, M)
+    offs_r = offs_i % RB
     row_m = m0 + offs_i // RB  # query block of each row
-    head = (offs_i % RB) // ROWS
+    head = offs_r // ROWS
     hi = tl.minimum(length, (row_m + 1) * BS)
-    tpos = hi - 1 - (offs_i % ROWS) * (BS // ROWS)
-    valid = (head < GROUP) & (tpos >= row_m * BS) & (row_m < nb)
+    tpos = hi - 1 - (offs_r % ROWS) * (BS // ROWS)
+    valid = (head < GROUP) & (tpos >= row_m * BS) & (row_m < m_end) & (row_m >= 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     q = tl.load(q_base + tpos.to(tl.int64)[:, None] * stride_qt + (hkv * GROUP + head)[:, None] * stride_qh
@@ -115,59 +103,121 @@ def _needs_kernel(
         q = q.to(tl.float32)
     k_ptrs = k_base + hkv * stride_kh + offs_d[None, :] * stride_kd
     offs_n = tl.arange(0, BS)
-    width = tl.cdiv(row_m + 1, NBUCKET)  # W: ranking positions per bucket of each row
-    rank_base = rank_ptr + ((b.to(tl.int64) * num_ranks + rank_row) * nb_max + tl.minimum(row_m, nb_max - 1)) * nb_max
-    m_last = tl.minimum(m0 + QB, nb) - 1
+    m_last = tl.minimum(m0 + QB, m_end) - 1
     n_full = tl.maximum(tl.minimum(m0, m_last + 1), 0)  # key blocks every row sees whole
-    stat = stat_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pq) * M + offs_i
-    plane = tl.num_programs(0) * tl.num_programs(1) * M  # stat holds lse, mass before the crossing, crossing
-    offs_u = tl.arange(0, NBUCKET)
-    offs_w = tl.arange(0, WMAX)
-
-    if PASS == 1:
-        m_i = tl.full([M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([M], dtype=tl.float32)
-        acc = tl.zeros([M, NBUCKET], dtype=tl.float32)
-        for n in range(0, m_last + 1):
-            s = _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS, UPCAST, DOT_PREC)
-            m_i, l_i, acc = _bucket_step(s, m_i, l_i, acc, rank_base, n, valid, row_m, width, offs_u)
-        inv = 1.0 / tl.maximum(l_i, 1e-30)
-        cum = tl.cumsum(acc * inv[:, None], axis=1)
-        below = cum < gamma
-        crossing = tl.sum(below.to(tl.int32), axis=1)  # first bucket whose end reaches gamma (NBUCKET: none)
-        before = tl.sum(tl.where(below, acc * inv[:, None], 0.0), axis=1)
-        tl.store(stat, tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf")))
-        tl.store(stat + plane, before)
-        tl.store(stat + 2 * plane, crossing.to(tl.float32))
+    if LAST_ONLY:
+        slot = row_m - m0  # 0 for the program's rows
     else:
-        lse = tl.load(stat)
-        before = tl.load(stat + plane)
-        crossing = tl.load(stat + 2 * plane).to(tl.int32)
-        first = crossing * width  # ranking position where the crossing bucket starts
-        hist = tl.zeros([M, WMAX], dtype=tl.float32)
-        for n in range(0, m_last + 1):
-            s = _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS, UPCAST, DOT_PREC)
-            hist = _position_step(s, lse, hist, rank_base, n, valid, row_m, first, offs_w)
-        cum = before[:, None] + tl.cumsum(hist, axis=1)
-        inside = (cum < gamma) & (offs_w[None, :] < width[:, None])
-        need = first + tl.sum(inside.to(tl.int32), axis=1) + 1
-        need = tl.minimum(need, tl.minimum(first + width, row_m + 1))
-        need = tl.where(crossing >= NBUCKET, row_m + 1, need)  # rounding kept the total below gamma
-        need = tl.where(valid, need, 0)
-        out = need_ptr + (pid.to(tl.int64) * tl.num_programs(1) + pq) * M + offs_i
-        tl.store(out, need)
+        slot = row_m - m_lo  # row's query block within the chunk
+    row_base = ((pid.to(tl.int64) * n_slots + slot) * nb_max) * RB + offs_r  # mass[pid, slot, n, r] at + n * RB
+
+    m_i = tl.full([M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    for n in range(0, m_last + 1):
+        s = _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS, UPCAST, DOT_PREC)
+        bm = tl.max(s, axis=1)
+        bm_safe = tl.where(bm > -1.0e30, bm, 0.0)  # a row that sees none of this block
+        ps = tl.sum(tl.exp2(s - bm_safe[:, None]), axis=1)
+        tl.store(mass_ptr + row_base + n * RB, bm_safe + tl.log2(ps), mask=valid & (n <= row_m))
+        m_new = tl.maximum(m_i, bm)
+        l_i = l_i * tl.exp2(m_i - m_new) + ps * tl.exp2(bm - m_new)
+        m_i = m_new
+    lse = tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
+    tl.store(lse_ptr + (pid.to(tl.int64) * n_slots + slot) * RB + offs_r, lse, mask=(row_m < m_end) & (row_m >= 0))
 
 
-def _buckets(nb: int) -> tuple[int, int]:
-    """(NBUCKET, WMAX): about sqrt(Nb) buckets (at least 16) of at most WMAX ranking positions each (powers of
-    two, at least 16: Triton 3.6 fails to compile the cumsum of a 2-wide histogram for sm_90)."""
-    nbucket = max(16, triton.next_power_of_2(math.isqrt(max(nb - 1, 0)) + 1))
-    return nbucket, max(16, triton.next_power_of_2(-(-nb // nbucket)))  # dims below 16 fail to compile
+@triton.jit
+def _cut_kernel(
+    mass_ptr, lse_ptr, order_ptr, sink_ptr, diag_ptr, cu_ptr, skip_ptr, need_ptr, counts_ptr,
+    seq_len, nb_max, num_kv_heads, kv_per_rank, m_lo, n_slots, gamma, min_blocks, dense_below, permille,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr,
+    VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr, SKIP: tl.constexpr, FLAG: tl.constexpr, COUNTS: tl.constexpr,
+    KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * Hkv + KV head
+    slot = tl.program_id(1)  # query block m_lo + slot (LAST_ONLY: the sequence's last)
+    b = pid // num_kv_heads
+    hkv = pid % num_kv_heads
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    nb = tl.cdiv(length, BS)
+    if LAST_ONLY:
+        m = nb - 1
+    else:
+        m = m_lo + slot
+    HB: tl.constexpr = RB // ROWS  # heads, padded
+    offs_h = tl.arange(0, HB)
+    head_ok = offs_h < GROUP
+    h_out = b.to(tl.int64) * num_kv_heads * GROUP + hkv * GROUP + offs_h  # [B, Hq] index of each head
+    if LAST_ONLY:
+        need_at = h_out
+    else:
+        need_at = h_out * nb_max + m
+    if (m >= nb) | (m < 0):  # past this sequence's end, or an empty sequence (a packed batch)
+        tl.store(need_ptr + need_at, tl.zeros([HB], dtype=tl.int32), mask=head_ok)
+        if COUNTS:
+            tl.store(counts_ptr + need_at, tl.zeros([HB], dtype=tl.int32), mask=head_ok)
+        return
+
+    offs_r = tl.arange(0, RB)
+    hi = tl.minimum(length, (m + 1) * BS)
+    valid = ((offs_r // ROWS) < GROUP) & (hi - 1 - (offs_r % ROWS) * (BS // ROWS) >= m * BS)
+    skipped = False
+    if SKIP:
+        skipped = tl.load(skip_ptr + pid) != 0
+    full = False
+    if VARLEN:
+        full = length <= dense_below  # a packed batch keeps short sequences whole
+    need = tl.full([HB], 0, dtype=tl.int32) + m + 1
+    if not (skipped or full):
+        lse = tl.load(lse_ptr + (pid.to(tl.int64) * n_slots + slot) * RB + offs_r)
+        rank_row = hkv // kv_per_rank
+        num_ranks = num_kv_heads // kv_per_rank
+        order_row = order_ptr + ((b.to(tl.int64) * num_ranks + rank_row) * nb_max + m) * nb_max
+        mass_row = mass_ptr + (pid.to(tl.int64) * n_slots + slot) * nb_max * RB + offs_r
+        carry = tl.zeros([RB], dtype=tl.float32)
+        below = tl.zeros([RB], dtype=tl.int32)
+        offs_c = tl.arange(0, CH)
+        j = m * 0
+        pending = tl.sum((valid & (carry < gamma)).to(tl.int32), axis=0)
+        while (j <= m) & (pending > 0):
+            in_j = j + offs_c <= m
+            blk = tl.load(order_row + j + offs_c, mask=in_j, other=0)
+            lm = tl.load(mass_row[:, None] + blk[None, :] * RB, mask=valid[:, None] & in_j[None, :], other=float("-inf"))
+            p = tl.exp2(lm - lse[:, None])
+            cum = carry[:, None] + tl.cumsum(p, axis=1)
+            below += tl.sum(((cum < gamma) & in_j[None, :]).to(tl.int32), axis=1)
+            carry += tl.sum(p, axis=1)
+            j += CH
+            pending = tl.sum((valid & (carry < gamma)).to(tl.int32), axis=0)
+        row_need = tl.where(valid, tl.minimum(below + 1, m + 1), 0)
+        need = tl.max(tl.reshape(row_need, [HB, ROWS]), axis=1)
+    tl.store(need_ptr + need_at, need, mask=head_ok)
+    if FLAG:  # the early dense decision (reference.early_dense_groups) from the last query block's needs
+        total = tl.sum(tl.where(head_ok, need, 0).to(tl.int64), axis=0)
+        tl.store(skip_ptr + pid, (total * 1000 >= permille * GROUP * nb).to(tl.int32))
+    if COUNTS:
+        k = tl.minimum(m + 1, min_blocks)
+        rank_at = (b.to(tl.int64) * (num_kv_heads // kv_per_rank) + hkv // kv_per_rank) * nb_max + m
+        extra = 0
+        if KEEP_SINK:
+            extra += (tl.load(sink_ptr + rank_at) >= k).to(tl.int32)
+        if KEEP_DIAG:
+            diag = (tl.load(diag_ptr + rank_at) >= k).to(tl.int32)
+            if KEEP_SINK:
+                diag = tl.where(m == 0, 0, diag)  # block 0 is both sink and diagonal in row 0
+            extra += diag
+        counts = tl.maximum(k + extra, tl.minimum(need, m + 1))
+        if skipped or full:
+            counts = tl.full([HB], 0, dtype=tl.int32) + m + 1
+        tl.store(counts_ptr + need_at, counts, mask=head_ok)
 
 
-def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float,
-                  last_only: bool, qb: int = 4, num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
-    """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq, 1]`, each sequence's last query block)."""
+def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, *,
+                  last_only: bool, ranks=None, skip=None, flag: bool = False, counts: bool = False,
+                  qb: int = 8, num_warps: int = 4, num_stages: int = 2):
+    """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
+    plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
+    `[B * Hkv]`: groups not measured (need every block); `flag`: last_only fills `skip` (early dense decision)."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs, rows = cfg.block_size, cfg.recall_rows
@@ -178,25 +228,36 @@ def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyA
     rb = triton.next_power_of_2(group * rows)
     qb = 1 if last_only else min(qb, triton.next_power_of_2(nb))
     qb = max(qb, triton.cdiv(16, rb))  # tl.dot needs at least 16 rows
-    n_q = 1 if last_only else triton.cdiv(nb, qb)
-    m_rows = qb * rb
-    # rank[b, r, m, n]: position of key block n in row m's ranking (the inverse permutation of order).
-    rank = torch.empty_like(order).scatter_(-1, order.long(), torch.arange(nb, device=q.device, dtype=torch.int32).expand_as(order))
-    stat = torch.empty(3, batch * hkv, n_q, m_rows, device=q.device, dtype=torch.float32)
-    need = torch.empty(batch * hkv, n_q, m_rows, device=q.device, dtype=torch.int32)
-    nbucket, wmax = _buckets(nb)
-    block_d = triton.next_power_of_2(d)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dev = q.device
+    need = torch.empty((batch, hq) if last_only else (batch, hq, nb), device=dev, dtype=torch.int32)
+    cnt = torch.empty_like(need) if counts else need
+    if last_only:
+        slots_per_chunk = 1
+    else:
+        per_slot = batch * hkv * nb * rb * 4
+        slots_per_chunk = max(qb, (_SCRATCH_BYTES // per_slot) // qb * qb)
+        slots_per_chunk = min(slots_per_chunk, triton.cdiv(nb, qb) * qb)
+    mass = torch.empty(batch * hkv, slots_per_chunk, nb, rb, device=dev, dtype=torch.float32)
+    lse = torch.empty(batch * hkv, slots_per_chunk, rb, device=dev, dtype=torch.float32)
     cu = cu_seqlens if varlen else need
-    args = (q, k, cu, rank, need, stat, seq_len, nb, hkv, hkv // r, scale * _LOG2E, cfg.gamma, *sq, *sk)
-    common = dict(GROUP=group, ROWS=rows, RB=rb, QB=qb, NBUCKET=nbucket, WMAX=wmax, BS=bs, HEAD_DIM=d, BLOCK_D=block_d,
-                  VARLEN=varlen, LAST_ONLY=last_only, DOT_PREC=prec, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-                  num_warps=num_warps or (4 if m_rows <= 64 else 8), num_stages=num_stages)
-    _needs_kernel[(batch * hkv, n_q)](*args, PASS=1, **common)
-    _needs_kernel[(batch * hkv, n_q)](*args, PASS=2, **common)
-    per_row = need.reshape(batch, hkv, n_q * qb, rb)[:, :, : (1 if last_only else nb), : group * rows]
-    per_row = per_row.reshape(batch, hkv, -1, group, rows)
-    return per_row.amax(-1).permute(0, 1, 3, 2).reshape(batch, hq, -1)
+    skip_t = skip if skip is not None else need
+    sink_rank, diag_rank = ranks if ranks is not None else (need, need)
+    common = dict(GROUP=group, ROWS=rows, RB=rb, BS=bs, VARLEN=varlen, LAST_ONLY=last_only, SKIP=skip is not None and not flag)
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dense_below = cfg.dense_below_tokens if varlen else -1
+    for m_lo in range(0, 1 if last_only else nb, slots_per_chunk):
+        n_slots = 1 if last_only else min(slots_per_chunk, nb - m_lo)
+        _mass_kernel[(batch * hkv, 1 if last_only else triton.cdiv(n_slots, qb))](
+            q, k, cu, skip_t, mass, lse, seq_len, nb, hkv, m_lo, slots_per_chunk, scale * _LOG2E, *sq, *sk,
+            QB=qb, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), DOT_PREC=prec, UPCAST=upcast, **common,
+            num_warps=num_warps, num_stages=num_stages)
+        _cut_kernel[(batch * hkv, n_slots)](
+            mass, lse, order, sink_rank, diag_rank, cu, skip_t, need, cnt, seq_len, nb, hkv, hkv // r, m_lo,
+            slots_per_chunk, cfg.gamma, cfg.min_budget_blocks, dense_below, cfg.dense_density_permille,
+            CH=_CUT_CHUNK, FLAG=flag, COUNTS=counts, KEEP_SINK=cfg.keep_sink, KEEP_DIAG=cfg.keep_diagonal, **common,
+            num_warps=4)
+    return (need, cnt) if counts else need
 
 
 def _full_needs(nb_seq: torch.Tensor, hq: int, nb: int, last_only: bool) -> torch.Tensor:
@@ -212,13 +273,14 @@ def block_needs(q, k, order, cfg: ProxyAttnConfig, scale: float, *, last_only: b
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
-        order: int32 `[B, R, Nb, Nb]`, the plan's rankings (`estimate_select.rank_order`), R dividing Hkv.
+        order: int32 `[B, R, Nb, Nb]`, the plan's rankings (`estimate_rank.rank_order`), R dividing Hkv.
     """
     b, s, hq, _ = q.shape
     nb = triton.cdiv(s, cfg.block_size)
     if cfg.gamma >= 1.0:
         return _full_needs(torch.full((b,), nb, device=q.device, dtype=torch.int64), hq, nb, last_only)
-    return _launch_needs(q, k, None, order, b, s, cfg, scale, last_only)
+    need = _launch_needs(q, k, None, order, b, s, cfg, scale, last_only=last_only)
+    return need[..., None] if last_only else need
 
 
 def block_needs_varlen(q, k, cu_seqlens, max_seqlen: int, order, cfg: ProxyAttnConfig, scale: float, *,
@@ -229,4 +291,41 @@ def block_needs_varlen(q, k, cu_seqlens, max_seqlen: int, order, cfg: ProxyAttnC
     if cfg.gamma >= 1.0:
         nb = triton.cdiv(max_seqlen, cfg.block_size)
         return _full_needs(seq_blocks(cu_seqlens, cfg.block_size), q.shape[1], nb, last_only)
-    return _launch_needs(q, k, cu_seqlens, order, bsz, max_seqlen, cfg, scale, last_only)
+    need = _launch_needs(q, k, cu_seqlens, order, bsz, max_seqlen, cfg, scale, last_only=last_only)
+    return need[..., None] if last_only else need
+
+
+def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, nb_seq) -> BlockPlan:
+    nb = scores.shape[-1]
+    hq, hkv = (q.shape[1], k.shape[1]) if cu_seqlens is not None else (q.shape[2], k.shape[2])
+    order, _, sink_rank, diag_rank = rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
+    skip = None
+    if cfg.gamma >= 1.0:  # every causal block: the selection's counts from full needs
+        need = _full_needs(nb_seq, hq, nb, last_only=False)
+        counts = need.clone()
+    else:
+        if cfg.dense_density_permille > 0:
+            skip = torch.zeros(batch * hkv, device=q.device, dtype=torch.int32)
+            _launch_needs(q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=True, skip=skip, flag=True)
+        need, counts = _launch_needs(q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=False,
+                                     ranks=(sink_rank, diag_rank), skip=skip, counts=True)
+    budgets = needs_budgets(need, cfg.min_budget_blocks, nb_seq)
+    if cu_seqlens is not None:
+        full_seq = ((cu_seqlens[1:] - cu_seqlens[:-1]) <= cfg.dense_below_tokens)[:, None]
+        budgets = torch.where(full_seq, nb_seq[:, None].to(torch.int32), budgets).contiguous()
+    plan = BlockPlan(order, counts, budgets, cfg.block_size, seq_len)
+    return dense_fallback(plan, hkv, cfg, nb_seq)
+
+
+def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
+    """The plan of budget rule 3 (with the dense fallback) from `[B, R, Nb, Nb]` scores: rankings, needs and
+    counts, in four launches (five with the early dense decision) and a few device ops."""
+    b, s = q.shape[0], q.shape[1]
+    nb_seq = torch.full((b,), scores.shape[-1], device=q.device, dtype=torch.int64)
+    return _plan(q, k, None, scores, b, s, cfg, scale, nb_seq)
+
+
+def needs_plan_varlen(q, k, cu_seqlens, max_seqlen: int, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
+    """`needs_plan` of a packed batch (q `[T, Hq, D]`, k `[T, Hkv, D]`); sequences of at most dense_below_tokens
+    keep every causal block."""
+    return _plan(q, k, cu_seqlens, scores, cu_seqlens.shape[0] - 1, max_seqlen, cfg, scale, seq_blocks(cu_seqlens, cfg.block_size))

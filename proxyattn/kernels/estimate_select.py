@@ -23,22 +23,24 @@ from __future__ import annotations
 import torch
 
 from ..config import ProxyAttnConfig
-from ..plan import BlockPlan
-from ..reference import needs_budgets
+from ..plan import BlockPlan, dense_fallback
 from .estimate_budgets import head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
 from .estimate_head_max import head_max_scores_varlen
-from .estimate_needs import block_needs as _needs, block_needs_varlen as _needs_varlen
+from .estimate_needs import block_needs as _needs, needs_plan, needs_plan_varlen
+from .estimate_rank import rank_order as _rank_order
 
-__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan"]
+__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan", "torch_rank_order"]
 
 _CHUNK_ELEMS = 1 << 22
 
 
-def _rank_and_order(scores: torch.Tensor, cfg: ProxyAttnConfig, order_out: torch.Tensor):
-    """Fill order_out `[B, R, Nb, Nb]` int32; return (sink_rank, diag_rank) int64 `[B, R, Nb]`: the position of
-    block 0 and of block m in row m's ranking by score alone (ties to the lower index)."""
+def torch_rank_order(scores: torch.Tensor, keep_sink: bool, keep_diagonal: bool):
+    """(order int32 `[B, R, Nb, Nb]`, sink_rank, diag_rank int64 `[B, R, Nb]`) with torch ops: the position of
+    block 0 and of block m in row m's ranking by score alone (ties to the lower index). The spec of
+    `estimate_rank`'s kernel, and its path for rows longer than it sorts."""
     b, r, nb, _ = scores.shape
+    order_out = torch.empty(b, r, nb, nb, device=scores.device, dtype=torch.int32)
     dev = scores.device
     rows_per_chunk = max(1, _CHUNK_ELEMS // max(1, b * r * nb))
     cols = torch.arange(nb, device=dev)
@@ -50,9 +52,9 @@ def _rank_and_order(scores: torch.Tensor, cfg: ProxyAttnConfig, order_out: torch
         causal = cols[None, :] <= rows[:, None]  # [ch, Nb]
         s = scores[:, :, lo:hi].float().masked_fill(~causal, float("-inf"))  # [B, R, ch, Nb]
         forced = torch.zeros_like(causal)
-        if cfg.keep_sink:
+        if keep_sink:
             forced[:, 0] = True
-        if cfg.keep_diagonal:
+        if keep_diagonal:
             forced |= cols[None, :] == rows[:, None]
         key = s.masked_fill(forced & causal, float("inf"))
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices.to(torch.int32)
@@ -61,7 +63,7 @@ def _rank_and_order(scores: torch.Tensor, cfg: ProxyAttnConfig, order_out: torch
         sd = torch.diagonal(s[..., lo:hi], dim1=-2, dim2=-1).unsqueeze(-1)  # s[m, m]
         before = cols[None, :] < rows[:, None]
         dr = (s > sd).sum(dim=-1) + ((s == sd) & before).sum(dim=-1)
-        if cfg.keep_sink and cfg.keep_diagonal:
+        if keep_sink and keep_diagonal and nb > 1:
             # The two forced blocks in score order, as compact_plan (the sort put block 0 first).
             swap = (dr < sr) & (rows > 0)
             first, second = order[..., 0].clone(), order[..., 1].clone()
@@ -70,7 +72,7 @@ def _rank_and_order(scores: torch.Tensor, cfg: ProxyAttnConfig, order_out: torch
         order_out[:, :, lo:hi] = order
         sink_rank[:, :, lo:hi] = sr
         diag_rank[:, :, lo:hi] = dr
-    return sink_rank, diag_rank
+    return order_out, sink_rank, diag_rank
 
 
 def _top_counts(budget_blocks: torch.Tensor, nb: int, nb_seq: torch.Tensor, min_blocks: int) -> torch.Tensor:
@@ -84,10 +86,8 @@ def _top_counts(budget_blocks: torch.Tensor, nb: int, nb_seq: torch.Tensor, min_
 
 
 def rank_order(scores: torch.Tensor, cfg: ProxyAttnConfig):
-    """(order int32 `[B, R, Nb, Nb]`, sink_rank, diag_rank int64 `[B, R, Nb]`), see `_rank_and_order`."""
-    b, r, nb, _ = scores.shape
-    order = torch.empty(b, r, nb, nb, device=scores.device, dtype=torch.int32)
-    sink_rank, diag_rank = _rank_and_order(scores, cfg, order)
+    """(order int32 `[B, R, Nb, Nb]`, sink_rank, diag_rank int32 `[B, R, Nb]`) (`estimate_rank.rank_order`)."""
+    order, _, sink_rank, diag_rank = _rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
     return order, sink_rank, diag_rank
 
 
@@ -134,16 +134,6 @@ def block_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, last_only: 
     return out
 
 
-def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
-    """The plan of budget rule 3 from `[B, R, Nb, Nb]` scores: rankings once, needs, selection."""
-    b, s = q.shape[0], q.shape[1]
-    nb = scores.shape[-1]
-    ranked = rank_order(scores, cfg)
-    needs = _needs(q, k, ranked[0], cfg, scale)
-    nb_seq = torch.full((b,), nb, device=q.device, dtype=torch.int64)
-    return _select(scores, needs_budgets(needs, cfg.min_budget_blocks), s, cfg, nb_seq, None, ranked, needs)
-
-
 def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig, *,
                   needs: torch.Tensor | None = None) -> BlockPlan:
     """Selection into a `BlockPlan` (equals `proxyattn.plan.compact_plan` as a set of kept blocks, or
@@ -176,22 +166,20 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
         cu_seqlens: int32 `[B+1]` on q's device, non-decreasing from 0; max_seqlen: host int >= every length.
     Returns:
         `BlockPlan` with seq_len = max_seqlen, order `[B, R, Nb, Nb]`, counts `[B, Hq, Nb]`, budget_blocks
-        `[B, Hq]` (a short sequence's budget is its Nb_b). Row b equals `plan_blocks` of sequence b alone, padded.
+        `[B, Hq]` (a short sequence's budget is its Nb_b), dense_heads (the dense fallback). Row b equals
+        `plan_blocks` of sequence b alone, padded.
     """
     if cfg.estimator == 1:
         scores = head_max_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
     else:
         assert cfg.estimator == 0, f"estimator {cfg.estimator} has no varlen kernel"
         scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    if cfg.budget_rule == 3 and cfg.budget_fraction is None:
+        return needs_plan_varlen(q, k, cu_seqlens, max_seqlen, scores, cfg, scale)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     full_seq = lengths <= cfg.dense_below_tokens
     nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
-    ranked, needs = None, None
-    if cfg.budget_rule == 3 and cfg.budget_fraction is None:
-        ranked = rank_order(scores, cfg)
-        needs = _needs_varlen(q, k, cu_seqlens, max_seqlen, ranked[0], cfg, scale)
-        budgets = needs_budgets(needs, cfg.min_budget_blocks, nb_seq)
-    else:
-        budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
+    budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     budgets = torch.where(full_seq[:, None], nb_seq[:, None].to(torch.int32), budgets).contiguous()
-    return _select(scores, budgets, max_seqlen, cfg, nb_seq, full_seq, ranked, needs)
+    plan = _select(scores, budgets, max_seqlen, cfg, nb_seq, full_seq)
+    return dense_fallback(plan, k.shape[1], cfg, nb_seq)

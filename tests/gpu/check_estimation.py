@@ -44,7 +44,7 @@ from proxyattn import ProxyAttnConfig, reference  # noqa: E402
 from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
 from proxyattn.kernels import estimate_scores as es  # noqa: E402
 from proxyattn.kernels import estimate_select as esel  # noqa: E402
-from proxyattn.plan import compact_plan, compact_plan_needs  # noqa: E402
+from proxyattn.plan import compact_plan, compact_plan_needs, dense_fallback  # noqa: E402
 from proxyattn.testing import budget_mismatches, need_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
 
 ref_scores_fn = None  # set below (ref_scores)
@@ -298,8 +298,9 @@ def recall_timings():
 
 def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
     """Budget rule 3: the needs kernel against the fp32 reference (every query block up to 256 blocks, else 48
-    sampled ones plus the first and last), the plan against compact_plan_needs of the GPU's own scores and needs."""
-    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, budget_rule=3, recall_rows=rows)
+    sampled ones plus the first and last), the plan against compact_plan_needs of the GPU's own scores and needs;
+    with the dense fallback, the plan against the reference's early and late decisions on those needs."""
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, budget_rule=3, recall_rows=rows, dense_density=None)
     scale = 1.0 / math.sqrt(d)
     q, k = inputs(kind, b, s, hq, hkv, d, seed)
     nb = -(-s // bs)
@@ -316,8 +317,64 @@ def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
     assert plan.order.equal(own.order) and plan.counts.equal(own.counts), "GPU plan differs from compact_plan_needs"
     assert proxyattn.head_budgets(q, k, cfg, scale=scale, scores=scores).equal(plan.budget_blocks)
     dens2 = float(proxyattn.plan_blocks(q, k, cfg.replace(budget_rule=2), scale=scale).density().mean())
+    # The dense fallback (default dense_density): early decision on the last block's needs, late one on the counts.
+    fb = cfg.replace(dense_density=ProxyAttnConfig().dense_density)
+    nb_seq = torch.full((b,), nb, device=DEV, dtype=torch.int64)
+    early = reference.early_dense_groups(needs[..., -1], hkv, fb.dense_density_permille, nb_seq)
+    heads = early.repeat_interleave(hq // hkv, dim=1)[..., None]
+    skipped_needs = torch.where(heads, m1.to(torch.int32), needs)
+    want = dense_fallback(compact_plan_needs(scores, skipped_needs, plan.budget_blocks, s, fb), hkv, fb)
+    got = proxyattn.plan_blocks(q, k, fb, scale=scale)
+    assert got.dense_heads.equal(want.dense_heads), "dense groups differ from the reference decisions"
+    live = ~want.dense_heads[..., None].expand_as(want.counts)
+    assert got.counts[~live].equal(want.counts[~live]), "dense heads must keep every causal block"
+    assert got.counts[live].equal(want.counts[live]), "the fallback plan's sparse heads differ"
     return {"blocks_checked": nb if blocks is None else len(blocks), "needs_mean": round(float(needs.float().mean()), 2),
-            "density": round(float(plan.density().mean()), 4), "density_row_recall": round(dens2, 4)}
+            "density": round(float(plan.density().mean()), 4), "density_row_recall": round(dens2, 4),
+            "dense_groups_early": int(early.sum()), "dense_groups": int(want.dense_heads.sum()) // (hq // hkv),
+            "density_with_fallback": round(float(got.density().mean()), 4)}
+
+
+def check_rank_kernel():
+    """The ranking kernel against the torch ranking: random scores with ties, Nb from 1 to 4096, sink/diagonal on
+    and off."""
+    from proxyattn.kernels import estimate_rank as er
+
+    out = {}
+    sizes = [(1, 1, True, True), (7, 2, True, False), (33, 1, False, True), (256, 4, True, True), (1024, 1, True, True),
+             (4096, 1, True, True)]
+    for nb, r, sink, diag in sizes[:4] if DEV == "cpu" else sizes:
+        gen = torch.Generator().manual_seed(nb)
+        sc = torch.randint(0, 5, (2, r, nb, nb), generator=gen).float().to(DEV) / 4  # many ties
+        order, rank, sr, dr = er._launch_rank(sc, sink, diag)
+        o2, sr2, dr2 = esel.torch_rank_order(sc, sink, diag)
+        assert order.equal(o2) and sr.equal(sr2.to(torch.int32)) and dr.equal(dr2.to(torch.int32)), f"Nb={nb}"
+        inv = torch.empty_like(o2).scatter_(-1, o2.long(), torch.arange(nb, device=DEV, dtype=torch.int32).expand_as(o2))
+        assert rank.equal(inv), f"rank is not the inverse of order at Nb={nb}"
+        out[nb] = "equal"
+    return out
+
+
+def check_fallback_attention():
+    """Mixed execution: a plan with some dense KV groups runs them through cuDNN (eager) and the rest through the
+    block-sparse kernel; equal (bf16 tolerance) to the same plan run whole in the block-sparse kernel (what a CUDA
+    graph replays) and, on the dense heads, to dense attention."""
+    s, hq, hkv, d = 16384, 32, 8, 128
+    q, k = inputs("structured", 1, s, hq, hkv, d, seed=77)
+    v = torch.randn_like(k)
+    cfg = ProxyAttnConfig(budget_fraction=0.1, dense_density=None)
+    plan = proxyattn.plan_blocks(q, k, cfg)
+    groups = torch.tensor([[True, False, True, False, False, False, False, True]], device=DEV)
+    counts, heads = reference.apply_dense_groups(plan.counts, groups)
+    mixed = proxyattn.plan.BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, s, heads)
+    eager = proxyattn.block_sparse_attention(q, k, v, mixed)
+    whole = proxyattn.block_sparse_attention(q, k, v, proxyattn.plan.BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, s))
+    dense = proxyattn.dense_attention(q, k, v)
+    e1, _ = rel_err(eager.float(), whole.float())
+    hsel = heads[0].nonzero().flatten()
+    e2, _ = rel_err(eager[:, :, hsel].float(), dense[:, :, hsel].float())
+    assert e1 < 2e-2 and e2 < 1e-6, (e1, e2)
+    return {"rel_err_vs_sparse_kernel": e1, "rel_err_dense_heads_vs_dense": e2}
 
 
 def check_needs_varlen():
@@ -349,22 +406,49 @@ def needs_timings():
     scale = 1.0 / math.sqrt(d)
     for s in (32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
-        for label, cfg in [("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
-                           ("budget_rule=3 rows 4", ProxyAttnConfig(budget_rule=3)),
-                           ("budget_rule=3 rows 2", ProxyAttnConfig(budget_rule=3, recall_rows=2))]:
+        for label, cfg in [("budget_rule=2", ProxyAttnConfig(budget_rule=2, dense_density=None)),
+                           ("budget_rule=3 rows 4, no fallback", ProxyAttnConfig(budget_rule=3, dense_density=None)),
+                           ("budget_rule=3 rows 2, no fallback", ProxyAttnConfig(budget_rule=3, recall_rows=2, dense_density=None)),
+                           ("default (rule 3, fallback)", ProxyAttnConfig())]:
             ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
             dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
             TIMINGS.append({"stage": f"plan_blocks (total) {label}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
             print(f"  plan_blocks {label} S={s}: {ms:.3f} ms, density {dens:.3f}", flush=True)
-        cfg = ProxyAttnConfig(budget_rule=3)
-        orders = [(q, k, esel.rank_order(es.proxy_scores(q, k, cfg, scale), cfg)[0]) for q, k in sets]
+        cfg = ProxyAttnConfig(budget_rule=3, dense_density=None)
+        ranked = [(q, k, esel.rank_order(es.proxy_scores(q, k, cfg, scale), cfg)) for q, k in sets]
         from proxyattn.kernels import estimate_needs as en
-        sweep = [(4, None, 2)] if s < 131072 else [(qbv, nw, ns) for qbv in (4, 8) for nw in (4, 8) for ns in (2, 3)]
+        from proxyattn.kernels import estimate_rank as er
+
+        scs = [(es.proxy_scores(q, k, cfg, scale),) for q, k in sets]
+        for stage, fn, args_ in [("scores", lambda q, k: es.proxy_scores(q, k, cfg, scale), sets),
+                                 ("rank kernel", lambda sc: er._launch_rank(sc, True, True), scs),
+                                 ("rank torch", lambda sc: esel.torch_rank_order(sc, True, True), scs)]:
+            ms = bench(fn, args_)
+            TIMINGS.append({"stage": stage, "seq_len": s, "ms": round(ms, 4)})
+            print(f"  {stage} S={s}: {ms:.3f} ms", flush=True)
+        sweep = [(8, 4, 2)] if s < 131072 else [(qbv, nw, ns) for qbv in (4, 8, 16) for nw in (4, 8) for ns in (2, 3)]
         for qbv, nw, ns in sweep:
-            ms = bench(lambda q, k, o: en._launch_needs(q, k, None, o, 1, s, cfg, scale, False, qb=qbv, num_warps=nw, num_stages=ns), orders)
-            TIMINGS.append({"stage": f"needs kernel rows 4 qb={qbv} warps={nw or 'default'} stages={ns}", "seq_len": s, "ms": round(ms, 4)})
-            print(f"  needs kernel qb={qbv} warps={nw} stages={ns} S={s}: {ms:.3f} ms", flush=True)
-        del sets, orders
+            try:
+                ms = bench(lambda q, k, r: en._launch_needs(q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[2:],
+                                                            counts=True, qb=qbv, num_warps=nw, num_stages=ns), ranked)
+                TIMINGS.append({"stage": f"needs+counts kernels rows 4 qb={qbv} warps={nw} stages={ns}", "seq_len": s, "ms": round(ms, 4)})
+                print(f"  needs+counts qb={qbv} warps={nw} stages={ns} S={s}: {ms:.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                TIMINGS.append({"stage": f"needs+counts qb={qbv} warps={nw} stages={ns}", "seq_len": s, "error": str(e)[:200]})
+        # CUDA graph replay of the default plan (no host launch overhead)
+        q, k = sets[0]
+        g = torch.cuda.CUDAGraph()
+        st_ = torch.cuda.Stream()
+        st_.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st_):
+            proxyattn.plan_blocks(q, k, ProxyAttnConfig())
+        torch.cuda.current_stream().wait_stream(st_)
+        with torch.cuda.graph(g):
+            proxyattn.plan_blocks(q, k, ProxyAttnConfig())
+        ms = do_bench(g.replay, warmup=10, rep=50, return_mode="median")
+        TIMINGS.append({"stage": "plan_blocks default, CUDA graph replay", "seq_len": s, "ms": round(ms, 4)})
+        print(f"  plan_blocks default graph S={s}: {ms:.3f} ms", flush=True)
+        del sets, ranked, scs
         torch.cuda.empty_cache()
 
 
@@ -458,6 +542,9 @@ def main():
             record("block_recall case " + "-".join(map(str, c)), lambda c=c: check_needs_case(*c))
         r8 = ("structured", 1, 400, 4, 1, 64, 64, 4, 1, 0.95, 5) if args.smoke else ("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.95, 5)
         record("block_recall case rows 8 " + "-".join(map(str, r8)), lambda: check_needs_case(*r8, rows=8))
+        record("rank kernel vs torch ranking", check_rank_kernel)
+        if not args.smoke:
+            record("dense fallback: mixed execution", check_fallback_attention)
         if not args.smoke:
             record("block_recall varlen packed batch", check_needs_varlen)
             record("block_recall CUDA graph capture (32K)", lambda: check_graph(ProxyAttnConfig(gamma=0.95, budget_rule=3), timed=False))
