@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from engines.models import ENGINE_BUDGET_RULE
+from engines.models import engine_config
 from proxyattn import ProxyAttnConfig
 from proxyattn.plan import compact_plan
 
-# The config libproxyattn and its TensorRT plugin are built and used with: Python's defaults except the budget rule
-# (the library implements rules 0-2; Python's default, rule 3, runs in the Python / Triton path only).
-LIB_DEFAULT = ProxyAttnConfig(budget_rule=ENGINE_BUDGET_RULE)
+# The config libproxyattn and its TensorRT plugin are built and used with (engines.models.engine_config): Python's
+# defaults except the budget rule (the library implements rules 0-2; Python's default, rule 3, runs in the Python /
+# Triton path only) and the dense fallback, off (dense_density=None: the library implements none).
+LIB_DEFAULT = engine_config()
 
 REPO = Path(__file__).resolve().parents[1]
 CPP = REPO / "cpp"
@@ -175,8 +176,10 @@ def test_config_defaults_match_python(lib):
     assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
     assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
     assert c.budget_rule == attrs["pa_budget_rule"] == 2  # "row_recall"
-    assert {k: v for k, v in ProxyAttnConfig().to_attrs().items() if k not in ("pa_budget_rule", "pa_recall_rows")} == \
-        {k: v for k, v in attrs.items() if k not in ("pa_budget_rule", "pa_recall_rows")}
+    assert attrs["pa_dense_density"] == 0.0  # no dense fallback (None travels as 0.0): the library implements none
+    engine_only = ("pa_budget_rule", "pa_recall_rows", "pa_dense_density")
+    assert {k: v for k, v in ProxyAttnConfig().to_attrs().items() if k not in engine_only} == \
+        {k: v for k, v in attrs.items() if k not in engine_only}
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""
 
@@ -604,9 +607,11 @@ def test_recall_plan_equals_plan_blocks(host, r, hq, hkv, sink, diag, gamma, min
     bs, b, nb = 64, 2, 15
     s = nb * bs - 17
     cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
-                          min_budget_tokens=min_tokens, budget_rule=1, dense_below_tokens=0)
+                          min_budget_tokens=min_tokens, budget_rule=1, dense_below_tokens=0,
+                          dense_density=None)  # the C library implements no dense fallback
     q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
     want = api.plan_blocks(q, k, cfg, scale=scale)
+    assert want.dense_heads is None or not want.dense_heads.any()
     budgets = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=scores.numpy(), rule=1, sink=sink, diag=diag,
                             dense_below=0)
     np.testing.assert_array_equal(budgets, api.head_budgets(q, k, cfg, scale=scale, scores=scores).numpy())
@@ -634,7 +639,7 @@ def test_recall_budgets_and_plans_of_packed_sequences(host, dense_below):
     nb_max = math.ceil(max_len / bs)
     b = len(lengths)
     cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, proxy_heads=r, min_budget_tokens=128, budget_rule=1,
-                          dense_below_tokens=dense_below)
+                          dense_below_tokens=dense_below, dense_density=None)  # the C library: no dense fallback
     scores = torch.rand(b, r, nb_max, nb_max, generator=gen) + 5.0  # garbage beyond each sequence: never read
     mass = torch.full((b, hq, nb_max), 0.75)
     per_seq = []
@@ -666,6 +671,7 @@ def test_recall_budgets_and_plans_of_packed_sequences(host, dense_below):
             np.testing.assert_array_equal(counts[i, :, :nb], np.broadcast_to(np.arange(1, nb + 1), (hq, nb)))
             continue
         want = api.plan_blocks(q, k, cfg, scale=scale)
+        assert want.dense_heads is None or not want.dense_heads.any()
         np.testing.assert_array_equal(counts[i, :, :nb], want.counts[0].numpy())
         np.testing.assert_array_equal(order[i, :, :nb, :nb], want.order[0].numpy())
 
@@ -1002,11 +1008,17 @@ def test_unset_dense_below_tokens_resolves_as_in_python(build, min_budget_tokens
 
 
 # ----------------------------------------------------------------------------------------------- TensorRT plugin logic
+# The plugin's FLOAT32 fields (cpp/trt/plugin_logic.h is_float_field); every other field is INT32.
+PLUGIN_FLOAT_FIELDS = {"pa_gamma", "pa_budget_fraction", "pa_dense_density", "scale"}
+# The plugin's declared fields: 15 pa_* (ProxyAttnConfig.to_attrs) + scale, is_causal, sliding_window.
+PLUGIN_FIELD_COUNT = 18
+
+
 def _parse_fields(host, fields: dict, *, as_float=(), as_int=()):
     """The plugin's parse_fields over `fields` (name -> value), each passed as TensorRT would: FLOAT32 for the float
     fields, INT32 otherwise; `as_float` / `as_int` name fields to pass with the other type (a mistyped attribute)."""
     names = [k for k in fields]
-    floats = ({"pa_gamma", "pa_budget_fraction", "scale"} | set(as_float)) - set(as_int)
+    floats = (PLUGIN_FLOAT_FIELDS | set(as_float)) - set(as_int)
     arr_n = (C.c_char_p * len(names))(*[n.encode() for n in names])
     arr_t = (C.c_int * len(names))(*[1 if n in floats else 0 for n in names])
     arr_v = (C.c_double * len(names))(*[float(fields[n]) for n in names])
@@ -1018,9 +1030,10 @@ def _parse_fields(host, fields: dict, *, as_float=(), as_int=()):
 def test_trt_plugin_reads_the_onnx_node_attributes(host):
     from export.contract import STRING_ATTRS, encode_attrs
 
-    pc = ProxyAttnConfig(block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
-                         budget_fraction=0.25, budget_rule=1)
+    pc = engine_config(block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
+                       budget_fraction=0.25, budget_rule=1)
     attrs = {k: v for k, v in encode_attrs(pc, scale=0.0625).items() if k not in STRING_ATTRS}
+    assert len(attrs) == PLUGIN_FIELD_COUNT and attrs["pa_dense_density"] == 0.0  # dense_density None travels as 0.0
     st, cfg, scale, err = _parse_fields(host, attrs)
     assert st == 0, err
     assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.min_budget_tokens) == (64, 8, 2, 1024)
@@ -1045,6 +1058,8 @@ def test_trt_plugin_requires_every_field(host):
     """Each field the exporter writes is required: without it the plugin refuses the node and names the field and
     the whole declared set (before this change a missing field silently took ProxyAttnConfig's default)."""
     attrs = _node_fields()
+    assert len(attrs) == PLUGIN_FIELD_COUNT and sum(k.startswith("pa_") for k in attrs) == 15
+    assert "pa_dense_density" in attrs
     assert _parse_fields(host, attrs)[0] == 0
     for name in attrs:
         st, _, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != name})
@@ -1054,7 +1069,7 @@ def test_trt_plugin_requires_every_field(host):
     assert st == -1 and err.startswith("missing field(s) pa_block_size, pa_stride, pa_proxy_heads")
 
 
-@pytest.mark.parametrize("change,as_float,needle", [
+@pytest.mark.parametrize("change,retyped,needle", [
     ({"pa_keep_sink": 0.5}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
     ({"pa_keep_sink": 1.0}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
     ({"pa_keep_sink": 2}, (), "pa_keep_sink=2 must be 0 or 1"),
@@ -1062,12 +1077,37 @@ def test_trt_plugin_requires_every_field(host):
     ({"pa_block_size": 128.0}, ("pa_block_size",), "field pa_block_size must be INT32, not FLOAT32"),
     ({"pa_bogus": 1}, (), "unknown field pa_bogus; declared: pa_block_size, pa_stride"),
     ({"pa_dense_first_layers": -1}, (), "pa_dense_first_layers=-1 must be >= 0"),
+    ({"pa_dense_density": 0}, ("pa_dense_density",), "field pa_dense_density must be FLOAT32, not INT32"),
+    ({"pa_gamma": 1}, ("pa_gamma",), "field pa_gamma must be FLOAT32, not INT32"),
 ])
-def test_trt_plugin_refuses_mistyped_fields(host, change, as_float, needle):
+def test_trt_plugin_refuses_mistyped_fields(host, change, retyped, needle):
     """Booleans are INT32 0/1 only; an attribute of the wrong type is an error, never converted (0.5 is not
-    truncated to 0); an unknown pa_ field is an error naming the declared ones."""
-    st, _, _, err = _parse_fields(host, {**_node_fields(), **change}, as_float=as_float)
+    truncated to 0, an INT 0 is not a FLOAT 0.0); an unknown pa_ field is an error naming the declared ones.
+    `retyped` names the fields passed with the other type (an INT32 field as FLOAT32 and the reverse)."""
+    as_float = tuple(n for n in retyped if n not in PLUGIN_FLOAT_FIELDS)
+    as_int = tuple(n for n in retyped if n in PLUGIN_FLOAT_FIELDS)
+    st, _, _, err = _parse_fields(host, {**_node_fields(), **change}, as_float=as_float, as_int=as_int)
     assert st == -1 and needle in err, err
+
+
+@pytest.mark.parametrize("value", [0.7, 1.0, 0.001])
+def test_trt_plugin_refuses_the_dense_fallback(host, value):
+    """pa_dense_density (ProxyAttnConfig.dense_density; None travels as 0.0) is declared and required, but only 0.0
+    (no dense fallback) is accepted: the fallback runs in the Python / Triton path only, so a node asking for it is
+    refused by name rather than run without it."""
+    attrs = _node_fields()
+    assert attrs["pa_dense_density"] == 0.0
+    st, _, _, err = _parse_fields(host, attrs)
+    assert st == 0, err
+    st, _, _, err = _parse_fields(host, {**attrs, "pa_dense_density": value})
+    assert st == -1 and err.startswith("pa_dense_density=") and "is not supported" in err, err
+    assert "the dense fallback runs in the Python / Triton path only; allowed: 0 (off)" in err, err
+    # The exporter's node for Python's default config (dense_density 0.7) is refused alike.
+    if value == 0.7:
+        default = _node_fields(dataclasses.replace(LIB_DEFAULT, dense_density=0.7))
+        assert default["pa_dense_density"] == pytest.approx(0.7)
+        st, _, _, err = _parse_fields(host, default)
+        assert st == -1 and "pa_dense_density=0.7" in err and "allowed: 0 (off)" in err, err
 
 
 def test_trt_plugin_test_bridge_never_truncates(host):
@@ -1085,7 +1125,7 @@ def test_trt_plugin_declares_every_node_attribute(host):
     n = host.pa_host_field_names(names, 64)
     declared = [names[i].decode() for i in range(n)]
     attrs = [k for k in encode_attrs(ProxyAttnConfig(), scale=0.125) if k not in STRING_ATTRS]
-    assert sorted(declared) == sorted(attrs) and len(set(declared)) == n
+    assert sorted(declared) == sorted(attrs) and len(set(declared)) == n == PLUGIN_FIELD_COUNT
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -1096,6 +1136,7 @@ def test_trt_plugin_declares_every_node_attribute(host):
     ({"pa_budget_rule": 3}, "(3, block_recall, runs in the Python / Triton path only)"),
     ({"pa_recall_rows": 3}, "pa_recall_rows=3 must be a power of two"),
     ({"pa_recall_rows": 128, "pa_block_size": 64}, "pa_recall_rows=128 must divide pa_block_size=64"),
+    ({"pa_dense_density": 0.7}, "pa_dense_density=0.7"),
 ])
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
     from export.contract import STRING_ATTRS, encode_attrs

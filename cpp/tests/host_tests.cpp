@@ -1,7 +1,8 @@
 // Native host tests of libproxyattn, run by ctest without Python (cpp/CMakeLists.txt registers one test per group):
 //   proxyattn_host_tests config   the C config API: defaults, validation errors that name the value, problem checks
 //   proxyattn_host_tests fields   the TensorRT plugin's field parsing (trt/plugin_logic.h), strict: missing, unknown,
-//                                 repeated, mistyped fields and booleans other than 0/1 are refused
+//                                 repeated, mistyped fields and booleans other than 0/1 are refused, as is a
+//                                 dense fallback (pa_dense_density other than 0)
 //   proxyattn_host_tests npy      the .npy codec: element conversions and a save / load round trip
 //   proxyattn_host_tests plan     the helper kernels' bodies (src/helpers_impl.h) on hand-computed cases
 // Every expected value below is written out by hand (worked in the comments), not computed by the code under test.
@@ -136,14 +137,15 @@ Value I(int32_t v) { return {pa_trt::kInt32, v, 0.0f}; }
 Value F(float v) { return {pa_trt::kFloat32, 0, v}; }
 
 // The fields of the node export/contract.py writes for ProxyAttnConfig(block_size=64, stride=8, proxy_heads=2,
-// gamma=0.9, min_budget_tokens=1024, keep_sink=False, budget_fraction=0.25, budget_rule=1), scale 0.0625.
+// gamma=0.9, min_budget_tokens=1024, keep_sink=False, budget_fraction=0.25, budget_rule=1, dense_density=None)
+// (engines.models.engine_config: no dense fallback, which travels as pa_dense_density 0.0), scale 0.0625.
 std::map<std::string, Value> node_fields() {
   return {{"pa_block_size", I(64)},        {"pa_stride", I(8)},           {"pa_proxy_heads", I(2)},
           {"pa_gamma", F(0.9f)},           {"pa_min_budget_tokens", I(1024)}, {"pa_keep_sink", I(0)},
           {"pa_keep_diagonal", I(1)},      {"pa_dense_below_tokens", I(8192)}, {"pa_budget_fraction", F(0.25f)},
           {"pa_dense_first_layers", I(0)}, {"pa_dense_layer_mask", I(0)}, {"pa_estimator", I(0)},
-          {"pa_budget_rule", I(1)},        {"pa_recall_rows", I(4)},      {"scale", F(0.0625f)},
-          {"is_causal", I(1)},             {"sliding_window", I(0)}};
+          {"pa_budget_rule", I(1)},        {"pa_recall_rows", I(4)},      {"pa_dense_density", F(0.0f)},
+          {"scale", F(0.0625f)},           {"is_causal", I(1)},           {"sliding_window", I(0)}};
 }
 
 // parse_fields over `fields` (plus `extra` appended, to give a field twice); returns its message.
@@ -172,7 +174,13 @@ void expect_field_error(const char *label, const std::function<void(std::map<std
 void test_fields_read_every_value() {
   int n = 0;
   pa_trt::field_names(&n);
-  check(n == 17 && node_fields().size() == 17u, "the plugin declares 17 fields (14 pa_* + scale, is_causal, sliding_window)");
+  int pa = 0;
+  for (const auto &kv : node_fields()) pa += kv.first.rfind("pa_", 0) == 0;
+  check(n == 18 && node_fields().size() == 18u && pa == 15,
+        "the plugin declares 18 fields (15 pa_* + scale, is_causal, sliding_window)",
+        std::to_string(n) + " declared, " + std::to_string(node_fields().size()) + " given, " + std::to_string(pa) +
+            " pa_*");
+  check(pa_trt::field_index("pa_dense_density") >= 0, "pa_dense_density is a declared field");
   pa_trt::NodeAttrs a;
   const std::string err = parse(node_fields(), &a);
   check(err.empty(), "the exporter's full field set parses", err);
@@ -183,6 +191,35 @@ void test_fields_read_every_value() {
   check(c.keep_sink == 0 && c.keep_diagonal == 1 && c.dense_below_tokens == 8192 && c.budget_rule == 1,
         "keep_sink 0, keep_diagonal 1, dense_below_tokens 8192, budget_rule 1 read back");
   check(a.recall_rows == 4 && a.is_causal == 1 && a.sliding_window == 0, "recall_rows 4, causal, no window");
+  check(a.dense_density == 0.0f, "dense_density 0 (no dense fallback) read back");
+}
+
+// pa_dense_density (ProxyAttnConfig.dense_density, None = 0.0): declared, FLOAT32, required, and 0 only: the dense
+// fallback runs in the Python / Triton path only, so the plugin refuses a node that asks for it.
+void test_fields_refuse_the_dense_fallback() {
+  {
+    auto fields = node_fields();
+    fields["pa_dense_density"] = F(0.0f);
+    pa_trt::NodeAttrs a;
+    const std::string err = parse(fields, &a);
+    check(err.empty() && a.dense_density == 0.0f, "pa_dense_density 0.0 (off) is accepted", err);
+  }
+  for (float v : {0.7f, 1.0f, 0.001f}) {
+    auto fields = node_fields();
+    fields["pa_dense_density"] = F(v);
+    pa_trt::NodeAttrs a;
+    const std::string err = parse(fields, &a);
+    check(contains(err, "pa_dense_density=") && contains(err, "is not supported") && contains(err, "allowed: 0 (off)"),
+          "pa_dense_density " + std::to_string(v) + " is refused, naming the field and the allowed value", err);
+  }
+  expect_field_error("dense_density 0.7", [](auto &f) { f["pa_dense_density"] = F(0.7f); },
+                     "pa_dense_density=0.7");
+  expect_field_error("dense_density 0.7: why and what is allowed", [](auto &f) { f["pa_dense_density"] = F(0.7f); },
+                     "the dense fallback runs in the Python / Triton path only; allowed: 0 (off)");
+  expect_field_error("dense_density as INT32", [](auto &f) { f["pa_dense_density"] = I(0); },
+                     "field pa_dense_density must be FLOAT32, not INT32");
+  expect_field_error("missing pa_dense_density", [](auto &f) { f.erase("pa_dense_density"); },
+                     "missing field(s) pa_dense_density; every declared field is required");
 }
 
 void test_fields_are_strict() {
@@ -346,7 +383,7 @@ void test_selection_by_hand() {
 int main(int argc, char **argv) {
   const std::map<std::string, std::vector<void (*)()>> groups = {
       {"config", {test_config_defaults, test_config_errors, test_problem_errors}},
-      {"fields", {test_fields_read_every_value, test_fields_are_strict}},
+      {"fields", {test_fields_read_every_value, test_fields_are_strict, test_fields_refuse_the_dense_fallback}},
       {"npy", {test_npy_conversions, test_npy_round_trip}},
       {"plan", {test_budgets_by_hand, test_selection_by_hand}},
   };

@@ -344,7 +344,7 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tens
     eager mode only; while a CUDA graph is being captured every head runs in the block-sparse kernel, the dense
     heads walking all their causal blocks (same result, at the block-sparse kernel's speed)."""
     _check_kernel_inputs(q, k, v)
-    if plan.dense_heads is None or torch.cuda.is_current_stream_capturing():
+    if plan.dense_heads is None or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=False)[0]
     return _with_dense_groups(q, k, v, plan, scale)
 
