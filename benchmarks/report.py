@@ -2,7 +2,11 @@
 
     python3 benchmarks/report.py            # prints Markdown; the README's tables are pasted from this output
 
-Every figure printed here is read from a results file (GPU, date, commit and command are printed with it).
+Every figure printed here is read from a results file (GPU, date, commit and command are printed with it). It also
+writes `benchmarks/results/summary.json`: one row per measured figure of the current attention and prefill files,
+with the keys gpu, commit, date, benchmark ("attention", "prefill" or "kernel"), method (the config's name,
+"default" for the default), inputs, seq_len, density, rel_err (output against dense; null for prefill),
+speedup_vs_dense (dense time / this time, same run) and, for kernel rows, tflops_eff.
 """
 
 from __future__ import annotations
@@ -36,24 +40,35 @@ def attention_tables(d: dict, name: str) -> list[str]:
     out += ["| S | budget | density | ms | effective TFLOP/s | x cuDNN |", "|---|---|---|---|---|---|"]
     for r in d["sparse"]:
         out.append(f"| {k(r['S'])} | {r['target_density']:.0%} | {r['density']:.3f} | {r['ms']:.3f} | {r['eff_tflops']:.0f} | {r['speedup_vs_cudnn']:.2f} |")
-    out += ["", "Estimation alone (proxy scores + budgets + selection, `plan_blocks`):", ""]
-    out += ["| S | config | ms | % of cuDNN dense |", "|---|---|---|---|"]
+    out += ["", "Planning alone (`plan_blocks`: proxy scores, budgets or needs, selection, dense fallback), eager:", ""]
+    out += ["| S | inputs | config | ms | % of cuDNN dense |", "|---|---|---|---|---|"]
     for r in d["estimation"]:
-        out.append(f"| {k(r['S'])} | {r['config']} | {r['ms']:.2f} | {r['pct_of_cudnn_dense']:.1f}% |")
-    out += ["", "Whole `proxy_attention` on structured inputs (`proxyattn.testing.structured_qkv`; recall measured up to 32K):", ""]
-    out += ["| S | config | path | ms | x cuDNN | density | mean recall |", "|---|---|---|---|---|---|---|"]
+        if "ms" in r:
+            out.append(f"| {k(r['S'])} | {r.get('inputs', 'random')} | {r['config']} | {r['ms']:.2f} | {r['pct_of_cudnn_dense']:.1f}% |")
+    out += ["", "Whole `proxy_attention` (structured inputs: `proxyattn.testing.structured_qkv`; random: diffuse attention). "
+            "Density counts groups that ran dense as 1; rel. error = ||out - cuDNN|| / ||cuDNN||; recall measured up to 32K:", ""]
+    out += ["| S | inputs | config | path | ms | x cuDNN | density | dense groups | rel. error | mean recall |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["proxy"]:
+        if "ms" not in r:
+            continue
         recall = f"{r['recall']:.3f}" if "recall" in r else "—"
         path = "sparse" if r["sparse_path"] else "dense"
-        out.append(f"| {k(r['S'])} | {r['config']} | {path} | {r['ms']:.2f} | {r['speedup_vs_cudnn']:.2f} | {r['density']:.3f} | {recall} |")
+        inputs = "structured" if r.get("inputs", "structured_qkv") == "structured_qkv" else "random"
+        err = f"{r['rel_err']:.4f}" if r.get("rel_err") is not None else "—"
+        out.append(f"| {k(r['S'])} | {inputs} | {r['config']} | {path} | {r['ms']:.2f} | {r['speedup_vs_cudnn']:.2f} | "
+                   f"{r['density']:.3f} | {r.get('dense_groups', '—')} | {err} | {recall} |")
     out += ["", "Short sequences, default config against cuDNN (interleaved medians):", ""]
     out += ["| S | cuDNN (ms) | `proxy_attention` default (ms) | slowdown |", "|---|---|---|---|"]
     for r in d["short"]:
         out.append(f"| {k(r['S'])} | {r['cudnn_gqa_ms']:.3f} | {r['proxy_attention_default_ms']:.3f} | {r['default_slowdown_pct']:+.1f}% |")
     mem, graph = d["checks"]["memory"], d["checks"]["cuda_graph"]
+    replay_ok = graph.get("captured") and (graph.get("replay_equals_eager") or graph.get("replay_close_to_eager"))
+    what = ("captured, replay equals eager" if graph.get("replay_equals_eager") else
+            f"captured, replay within {graph.get('replay_rel_err_vs_eager', 0):.1e} of eager (dense groups: cuDNN eager, "
+            "block-sparse kernel in the graph)") if replay_ok else "FAILED"
     out += ["", f"Extra memory at {k(mem['S'])} (plan + scratch): {mem['extra_bytes_beyond_output'] / 2**20:.1f} MiB = "
-            f"{mem['ratio']:.2%} of q, k, v. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: "
-            f"{'captured, replay equals eager' if graph['captured'] and graph['replay_equals_eager'] else 'FAILED'}."]
+            f"{mem['ratio']:.2%} of q, k, v. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: {what}."]
     return out
 
 
@@ -138,8 +153,76 @@ def budget_rule_table(model: str, files: list[str]) -> list[str]:
     return out
 
 
+def _gpu_tag(d: dict) -> str:
+    name = d["gpu"].upper()
+    return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
+
+
+def current_files(files: list[str]) -> dict[str, list[str]]:
+    """The files the summary reads: per benchmark, the newest (by its recorded date) of each GPU."""
+    out: dict[str, list[str]] = {}
+    for bench in ("attention", "prefill"):
+        newest: dict[str, tuple[str, str]] = {}
+        for name in files:
+            if not (name.startswith(bench + "_") and name.endswith(".json")):
+                continue
+            d = load(name)
+            if "gpu" not in d or "date" not in d:
+                continue
+            tag = _gpu_tag(d)
+            if tag not in newest or d["date"] > newest[tag][0]:
+                newest[tag] = (d["date"], name)
+        out[bench] = sorted(name for _, name in newest.values())
+    return out
+
+
+def summary_rows(files: list[str]) -> list[dict]:
+    """The rows of summary.json (see the module docstring)."""
+    rows = []
+    cur = current_files(files)
+    for name in cur["attention"]:
+        d = load(name)
+        base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
+        for r in d.get("sparse", []):
+            rows.append({**base, "benchmark": "kernel", "method": f"block-sparse kernel, {r['target_density']:.0%} budget",
+                         "inputs": "random, per-head plans", "seq_len": r["S"], "density": r["density"], "rel_err": None,
+                         "speedup_vs_dense": r["speedup_vs_cudnn"], "tflops_eff": r["eff_tflops"]})
+        for r in d.get("proxy", []):
+            if "ms" not in r:
+                continue
+            inputs = r.get("inputs", d.get("proxy_inputs"))
+            rows.append({**base, "benchmark": "attention", "method": r["config"],
+                         "inputs": "structured" if inputs in ("structured_qkv", ["structured_qkv"]) else "random",
+                         "seq_len": r["S"], "density": r.get("density"), "rel_err": r.get("rel_err"),
+                         "speedup_vs_dense": r["speedup_vs_cudnn"]})
+    for name in cur["prefill"]:
+        d = load(name)
+        base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
+        for r in d["rows"]:
+            for method, ms in r["ttft_ms"].items():
+                if method == "sdpa":
+                    continue
+                label = method.removeprefix("proxyattn ").strip()
+                rows.append({**base, "benchmark": "prefill", "method": "default" if label in ("default", "") else label,
+                             "inputs": "random-weight Llama-3-8B", "seq_len": r["seq_len"],
+                             "density": r.get("density", {}).get(method), "rel_err": None,
+                             "speedup_vs_dense": r["speedup"][method]})
+    return rows
+
+
+def write_summary(files: list[str]) -> str:
+    path = os.path.join(RESULTS, "summary.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary_rows(files), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def main() -> int:
     files = sorted(os.listdir(RESULTS))
+    write_summary(files)
     lines: list[str] = []
     if "attention_h200.json" in files:
         lines += ["### Attention (Llama-3-8B shapes: 32 query / 8 KV heads, D 128, bf16, batch 1)", ""]
