@@ -193,6 +193,27 @@ def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
     return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), hkv, cfg)
 
 
+def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
+    """`plan_blocks` computed with the fp32 reference on q's device whatever the device (any estimator, every rule,
+    the dense fallback): what the transformers reference path (`attn_implementation="proxyattn_ref"`) runs."""
+    from . import variants
+
+    s = q.shape[1]
+    scores = variants.proxy_scores(q, k, config, scale)
+    nb = -(-s // config.block_size)
+    if config.budget_fraction is not None:
+        budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
+        plan = compact_plan(scores, budgets, s, config)
+    elif config.budget_rule == 3:
+        needs = _reference_needs(q, k, scores, config, scale)
+        plan = compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), s, config)
+    else:
+        budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
+                                         budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+        plan = compact_plan(scores, budgets, s, config)
+    return dense_fallback(plan, k.shape[2], config)
+
+
 def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
     """Rule 3's needs as the plan uses them: with the dense fallback on, KV groups whose last query block already
     needs dense_density of the blocks (`reference.early_dense_groups`) are not measured and need every block."""

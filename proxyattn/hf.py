@@ -38,10 +38,9 @@ from typing import Iterator
 
 import torch
 
-from . import reference, variants
-from .api import proxy_attention
+from . import reference
+from .api import proxy_attention, reference_plan
 from .config import ProxyAttnConfig
-from .plan import compact_plan, compact_plan_needs
 
 __all__ = [
     "NAMES",
@@ -160,23 +159,11 @@ def choose_path(
 
 
 def reference_proxy_attention(q, k, v, config: ProxyAttnConfig, *, scale: float) -> torch.Tensor:
-    """The whole ProxyAttn prefill with the fp32 reference on q's device: `[B, S, Hq, D]` in q.dtype."""
-    s = q.shape[1]
-    if s <= config.dense_below_tokens:
+    """The whole ProxyAttn prefill with the fp32 reference on q's device: `[B, S, Hq, D]` in q.dtype (the plan of
+    `api.reference_plan`, dense fallback included; dense groups keep every causal block, which is dense attention)."""
+    if q.shape[1] <= config.dense_below_tokens:
         return reference.dense_attention(q, k, v, scale).to(q.dtype)
-    scores = variants.proxy_scores(q, k, config, scale)  # the reference for the paper's estimator
-    nb = -(-s // config.block_size)
-    if config.budget_fraction is not None:
-        budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
-        plan = compact_plan(scores, budgets, s, config)
-    elif config.budget_rule == 3:
-        needs = reference.block_needs(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
-                                      rows=config.recall_rows, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
-        plan = compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), s, config)
-    else:
-        budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
-                                         budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
-        plan = compact_plan(scores, budgets, s, config)
+    plan = reference_plan(q, k, config, scale=scale)
     out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=config.block_size, scale=scale)
     return out.to(q.dtype)
 
