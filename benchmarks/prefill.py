@@ -59,10 +59,10 @@ def model_config(**override):
 
 
 SPARSE_ROWS = [
-    ("proxyattn gamma=0.95", ProxyAttnConfig()),
-    ("proxyattn gamma=0.95 row_recall", ProxyAttnConfig(budget_rule=2)),
+    ("proxyattn default", ProxyAttnConfig()),
+    ("proxyattn default, no dense fallback", ProxyAttnConfig(dense_density=None)),
+    ("proxyattn budget_rule=2", ProxyAttnConfig(budget_rule=2)),
     ("proxyattn budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
-    ("proxyattn budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
 ]
 
 # Densities the probe attention recorded during a warm-up run (device tensors; read after the run).
@@ -192,7 +192,9 @@ def main() -> None:
         "rows": [],
         "skipped": [],
     }
-    out_path = os.path.join(args.out, f"prefill_{date.date().isoformat()}.json")
+    gpu = torch.cuda.get_device_name().upper()
+    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.split()[-1].lower()
+    out_path = os.path.join(args.out, f"prefill_{tag}.json")
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     first = True
     last_len_seconds = 0.0
