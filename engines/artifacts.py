@@ -1,7 +1,8 @@
 """Atomic writes, content hashes and the build manifest.
 
 Every artifact is written to a temporary sibling path and renamed into place, so a reader (or a crash) never
-sees a half-written file or directory. The manifest records, per stage, a hash of the stage's inputs and the hash
+sees a half-written file or directory (files: `plugins.atomic.atomic_write_bytes`, which the TensorRT engines use
+too; text, directories and removals: here). The manifest records, per stage, a hash of the stage's inputs and the hash
 of every file it wrote; `Manifest.up_to_date(stage, inputs)` is True only when the inputs hash is unchanged and
 every recorded artifact is still on disk with the recorded hash, which is how `build.py` skips unchanged stages.
 """
@@ -14,16 +15,16 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from plugins.atomic import TEMPORARY_NAME, atomic_write_bytes, fsync_dir
+
 __all__ = [
     "GENERATOR",
     "is_temporary",
-    "atomic_write_bytes",
     "atomic_write_text",
     "atomic_dir",
     "remove_atomically",
@@ -40,30 +41,13 @@ MANIFEST_FORMAT = 1
 # Written into every manifest: a directory whose manifest.json carries it is a build of ours (build.py refuses to
 # write anywhere else unless the directory is new or empty).
 GENERATOR = "proxyattn build.py"
-# Temporaries of the atomic writers below: `.<name>.<random>.tmp` (files and directories) and `.<name>.<random>.old`
-# (a replaced directory waiting for deletion), plus `.<name>.<random>.tmp.<ext>` where a tool needs an extension.
-_TEMPORARY = re.compile(r"^\..+\.(tmp|old)(\.[A-Za-z0-9]+)?$")
 _TOOLS = ("torch", "triton", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "tensorrt", "tritonclient", "nvidia-pytriton", "protobuf")
 
 
 def is_temporary(name: str) -> bool:
-    """True for the name of a temporary file or directory made by this module (see `_TEMPORARY`)."""
-    return bool(_TEMPORARY.match(name))
-
-
-def _tmp_sibling(path: Path, suffix: str = "") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """True for the name of a temporary file or directory made by the atomic writers (this module's and
+    `plugins.atomic`'s: `plugins.atomic.TEMPORARY_NAME`)."""
+    return bool(TEMPORARY_NAME.match(name))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -75,25 +59,7 @@ def _fsync_tree(root: Path) -> None:
                 continue
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary sibling, fsync and a rename; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+        fsync_dir(Path(dirpath))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -123,7 +89,7 @@ def atomic_dir(path: str | os.PathLike, *, before_swap: Callable[[Path], None] |
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old / "x")
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -135,11 +101,11 @@ def remove_atomically(path: str | os.PathLike) -> None:
     if path.is_dir() and not path.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old / "x")
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(old)
     elif path.exists() or path.is_symlink():
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

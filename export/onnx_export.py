@@ -4,7 +4,8 @@
     path = export_model(model, "out/model.onnx", config=ProxyAttnConfig())
 
 The model runs through the `"proxyattn"` attention implementation (`proxyattn.hf`), which calls
-`export.contract.emit_proxy_attention` while exporting, so the dynamo exporter writes the custom node directly
+`export.contract.emit_proxy_attention` while exporting (installed here with `hf.set_export_attention` for the duration
+of the export: the algorithm package does not import the exporter), so the dynamo exporter writes the custom node directly
 (no mask subgraph, K/V not expanded). The file carries a model-local function `proxy::ProxyAttention` (dense
 causal attention, window honoured) so any ONNX runtime or parser runs it unchanged. Graph: input `input_ids`
 int64 `[batch, sequence]` (unpadded prompts: the node is causal over the whole row), output `logits`
@@ -194,6 +195,7 @@ def export_model(
     previous_impl = getattr(model.config, "_attn_implementation", None)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
+    previous_emit = hf.set_export_attention(contract.emit_proxy_attention)
     try:
         hf.register(config)
         model.set_attn_implementation("proxyattn")
@@ -241,6 +243,7 @@ def export_model(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         hf.register(previous_config)
+        hf.set_export_attention(previous_emit)
         if meta:
             _set_buffers(model, buffers)
         if previous_impl is not None:

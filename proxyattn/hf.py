@@ -26,15 +26,18 @@ sliding window reaching back past its window, no cache prefix), so
 `generate()` therefore prefills sparsely and decodes densely over the same, intact KV cache.
 
 While exporting (`torch.compiler.is_exporting()`), every call returns
-`export.contract.emit_proxy_attention(query, key, value, config=..., scale=..., sliding_window=..., layer_idx=...)`
-([B, H, S, D] in, [B, Hq, S, D] out), so that the exported graph holds one custom node per layer.
+`emit(query, key, value, config=..., scale=..., sliding_window=..., layer_idx=...)` ([B, H, S, D] in, [B, Hq, S, D]
+out) of the function installed with `set_export_attention(emit)`, so that the exported graph holds one custom node
+per layer. This package does not know the exporter: `export.onnx_export.export_model` installs the ONNX contract's
+`export.contract.emit_proxy_attention` for the duration of an export; exporting with no function installed is an
+error naming the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,6 +49,7 @@ __all__ = [
     "NAMES",
     "register",
     "active_config",
+    "set_export_attention",
     "choose_path",
     "PathRecord",
     "record_paths",
@@ -57,7 +61,8 @@ __all__ = [
 NAMES = ("proxyattn", "proxyattn_ref")
 
 # The configuration the registered functions use; `register` replaces it.
-_state: dict = {"config": ProxyAttnConfig()}
+# `export_attention`: what every call returns while exporting (`set_export_attention`).
+_state: dict = {"config": ProxyAttnConfig(), "export_attention": None}
 # Active `record_paths` lists (innermost last).
 _recorders: list[list] = []
 
@@ -100,6 +105,22 @@ def register(config: ProxyAttnConfig | None = None) -> ProxyAttnConfig:
 def active_config() -> ProxyAttnConfig:
     """The config the registered attention functions use now."""
     return _state["config"]
+
+
+def set_export_attention(emit: Callable[..., torch.Tensor] | None) -> Callable[..., torch.Tensor] | None:
+    """Install the function every attention call returns while exporting (`torch.compiler.is_exporting()`).
+
+    Args:
+        emit: `emit(query, key, value, *, config, scale, sliding_window, layer_idx)` with query `[B, Hq, S, D]`,
+            key / value `[B, Hkv, S, D]`, returning `[B, Hq, S, D]` (the exporter's custom node), or None to remove it.
+    Returns:
+        The function installed before (so that a caller can put it back).
+    """
+    if emit is not None and not callable(emit):
+        raise ValueError(f"emit must be callable or None, got {type(emit).__name__}")
+    previous = _state["export_attention"]
+    _state["export_attention"] = emit
+    return previous
 
 
 @contextlib.contextmanager
@@ -172,11 +193,13 @@ def _forward(implementation: str, module, query, key, value, attention_mask, dro
     config = _state["config"]
     layer_idx = getattr(module, "layer_idx", None)
     if torch.compiler.is_exporting():
-        from export.contract import emit_proxy_attention  # the ONNX export contract (export/contract.py)
-
-        out = emit_proxy_attention(
-            query, key, value, config=config, scale=scaling, sliding_window=sliding_window, layer_idx=layer_idx
-        )
+        emit = _state["export_attention"]
+        if emit is None:
+            raise RuntimeError(
+                "exporting a model whose attention is 'proxyattn' needs the exporter's node: use "
+                "export.onnx_export.export_model, or install one with proxyattn.hf.set_export_attention"
+            )
+        out = emit(query, key, value, config=config, scale=scaling, sliding_window=sliding_window, layer_idx=layer_idx)
         return out.transpose(1, 2), None
     path = choose_path(
         module,

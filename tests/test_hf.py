@@ -282,3 +282,33 @@ def test_register_validates_and_config_fields_round_trip():
     with pytest.raises(ValueError, match="layer_idx=-1"):
         cfg.layer_is_sparse(-1)
     assert hf.register(cfg) is cfg and hf.active_config() is cfg
+
+
+def test_export_goes_through_the_installed_function_only(monkeypatch):
+    """While exporting, a call returns the function installed with `set_export_attention` (the exporter's node);
+    with none installed it is an error naming the fix (the algorithm package never imports the exporter)."""
+
+    class Mod(torch.nn.Module):
+        is_causal = True
+        layer_idx = 3
+
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    previous = hf.set_export_attention(None)
+    try:
+        with pytest.raises(RuntimeError, match="export.onnx_export.export_model"):
+            hf.proxyattn_attention_forward(Mod(), q, k, v, None, scaling=0.5)
+        calls = []
+
+        def emit(query, key, value, **kwargs):
+            calls.append(kwargs)
+            return torch.zeros_like(query)
+
+        assert hf.set_export_attention(emit) is None
+        out, weights = hf.proxyattn_attention_forward(Mod(), q, k, v, None, scaling=0.5, sliding_window=None)
+        assert out.shape == (1, 16, 4, 8) and weights is None
+        assert calls == [{"config": hf.active_config(), "scale": 0.5, "sliding_window": None, "layer_idx": 3}]
+        with pytest.raises(ValueError, match="callable"):
+            hf.set_export_attention("emit")
+    finally:
+        hf.set_export_attention(previous)

@@ -24,7 +24,7 @@ def _clean_env():
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("ptx") / "kernels"
     res = subprocess.run(
-        [sys.executable, "-m", "plugins.tensorrt.aot", "--model", "tiny-llama", "--out", str(out), "--profiles", "up-to-128"],
+        [sys.executable, "-m", "engines.plugin_kernels", "--model", "tiny-llama", "--out", str(out), "--profiles", "up-to-128"],
         cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]

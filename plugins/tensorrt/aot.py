@@ -109,7 +109,10 @@ def attention_scale(hf_config: dict) -> float:
 
 
 def model_shapes(spec, config, precision: str, profiles: Sequence | None = None) -> list[dict[str, Any]]:
-    """Every (plugin, static shapes, types, attributes) one full-attention layer of the model needs; B = S = -1."""
+    """Every (plugin, static shapes, types, attributes) one full-attention layer of the model needs; B = S = -1.
+
+    `spec` is read for `num_heads`, `num_kv_heads`, `head_dim`, `hf_config` and `profiles` (an
+    `engines.models.ModelSpec`); `profiles` (default `spec.profiles`) for each one's `max`."""
     dtype = "float16" if precision == "fp16" else "bfloat16"
     hq, hkv, d, g = spec.num_heads, spec.num_kv_heads, spec.head_dim, config.proxy_heads
     # Only what the kernels read: a change of gamma or budgets does not recompile them.
@@ -167,28 +170,3 @@ def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence
     if bar:
         bar.close()
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m plugins.tensorrt.aot --model NAME --out DIR [--archs 80 89 90] [--precision bf16|fp16]
-    [--profiles P ...]`: compile the model's plugin kernels and print the table as JSON."""
-    import argparse
-
-    from engines.models import get_model, select_profiles
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
-    p.add_argument("--profiles", nargs="+", default=())
-    args = p.parse_args(argv)
-    spec = get_model(args.model)
-    entries = model_shapes(spec, spec.proxyattn, args.precision, select_profiles(spec, list(args.profiles)))
-    table = compile_all(entries, Path(args.out), archs=args.archs)
-    print(json.dumps(table, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

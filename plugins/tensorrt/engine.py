@@ -13,26 +13,34 @@ Not run in this project: TensorRT is not installable on its machines (see docs/d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
-from engines.artifacts import atomic_write_bytes
-from engines.models import Profile
-
+from ..atomic import atomic_write_bytes
 from .registration import import_tensorrt, register_plugins
 
-__all__ = ["profile_shapes", "build_engines", "TIMING_CACHE"]
+__all__ = ["ShapeProfile", "profile_shapes", "build_engines", "TIMING_CACHE"]
 
 TIMING_CACHE = "timing.cache"  # in the engines directory, shared by the profiles and seeding the next build
 
 
-def profile_shapes(profile: Profile, max_batch: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+class ShapeProfile(Protocol):
+    """What an engine reads of a sequence-length profile (`engines.models.Profile` is one): its name (the engine's
+    directory) and min <= opt <= max tokens."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+
+def profile_shapes(profile: ShapeProfile, max_batch: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(min, opt, max) shapes of `input_ids` for one engine: batch 1 / max(1, max_batch // 2) / max_batch."""
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be >= 1")
     return (1, profile.min), (max(1, max_batch // 2), profile.opt), (max_batch, profile.max)
 
 
-def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[Profile], *, precision: str, max_batch: int,
+def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[ShapeProfile], *, precision: str, max_batch: int,
                   kernels_dir: Path | None = None, progress: Callable | None = None,
                   timing_cache: Path | None = None) -> list[Path]:
     """`<out_dir>/<profile>/model.plan` per profile and `<out_dir>/timing.cache`; `timing_cache` (default the one in
