@@ -5,25 +5,27 @@
     run(plan)                                 # export, parity, plugin kernels, engines / ORT models, repository,
                                               # manifest; returns the manifest path
 
-Stages (`STAGES`) record their inputs and artifacts in `manifest.json`; a stage whose inputs and artifacts are
-unchanged is skipped (`--force` rebuilds). Every artifact is written atomically.
+Each stage is a `Stage`: plain functions for its inputs, the reason it does not run this time, and its build into
+a fresh temporary directory; `run_stage` does the bookkeeping once for all of them (skip when the inputs and the
+recorded output are unchanged, `--force` rebuilds; claim the files in `manifest.json`, rename the output into place
+whole, record). `PIPELINE` is the ordered table of stages.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import importlib.util
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from proxyattn.config import ProxyAttnConfig
 
-from .artifacts import Manifest, atomic_dir, atomic_write_text, file_sha256, remove_atomically, tool_versions, tree_hashes
+from .artifacts import Manifest, atomic_dir, atomic_write_bytes, remove_atomically, tool_versions, tree_hashes
 from .build_dir import OUTPUTS, check_out_dir, clean_temporaries
 from .models import ModelSpec, Profile, estimate_bytes, get_model, select_profiles, transformers_config
 
@@ -292,46 +294,79 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)  # bars on a terminal only
 
 
-def _rel(path: Path, plan: BuildPlan) -> str:
-    return path.relative_to(plan.out).as_posix()
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage's build function reports: the manifest status ("built" or "failed"), the record's info, the
+    summary line (or dict) shown by build.py, and for "failed" the error raised after the record is saved."""
+
+    info: dict
+    summary: Any
+    status: str = "built"
+    error: str | None = None
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One build stage as plain functions of its inputs.
 
-def _unchanged(plan: BuildPlan, manifest: Manifest, stage: str, inputs: dict) -> bool:
-    """True (and the stage reported as skipped) when `stage` already ran on the same inputs and --force is off."""
-    if plan.force or not manifest.up_to_date(stage, inputs):
-        return False
-    plan.results[stage] = "skipped (unchanged)"
-    return True
+    `inputs(plan, manifest)` is the dict whose hash decides whether the stage reruns (with the output's recorded
+    hashes: `Manifest.up_to_date`); `not_run(plan)` returns a reason to skip the stage this time (recorded as not
+    run, its old output removed) or None; `build(plan, manifest, tmp)` writes the stage's output into the empty
+    directory `tmp` and returns a StageResult. `run_stage` does the bookkeeping: skip when unchanged (unless
+    --force), build into a temporary, claim the files in the manifest, rename into place (a file output is the file
+    of that name in tmp), record, save."""
+
+    name: str
+    inputs: Callable[[BuildPlan, Manifest], dict]
+    build: Callable[[BuildPlan, Manifest, Path], StageResult]
+    not_run: Callable[[BuildPlan], str | None] = lambda plan: None
+
+    @property
+    def output(self) -> str:
+        return OUTPUTS[self.name]
 
 
-def _not_run(plan: BuildPlan, manifest: Manifest, stage: str, inputs: dict, reason: str, *, shown: str | None = None) -> None:
-    """Record `stage` as not run for `reason` in the manifest (saved) and in the summary (`shown`, default reason).
-    An earlier run's output of the stage is removed: it would describe another build."""
-    remove_atomically(plan.out / OUTPUTS[stage])
-    manifest.record(stage, inputs, status="not run", info={"reason": reason})
-    manifest.save()
-    plan.results[stage] = f"not run: {shown or reason}"
-
-
-@contextlib.contextmanager
-def _stage_output(plan: BuildPlan, manifest: Manifest, stage: str) -> Iterator[Path]:
-    """A fresh temporary directory for `stage`'s output; when the block succeeds it replaces the output whole
-    (its files claimed in the manifest first), when it fails the temporary is removed and the old output stays."""
-    root = plan.out / OUTPUTS[stage]
+def run_stage(stage: Stage, plan: BuildPlan, manifest: Manifest) -> Path:
+    """Run `stage` with the bookkeeping described on `Stage`; returns its output path."""
+    out = plan.out / stage.output
+    inputs = stage.inputs(plan, manifest)
+    reason = stage.not_run(plan)
+    if reason is not None:
+        remove_atomically(out)  # an earlier run's output would describe another build
+        manifest.record(stage.name, inputs, status="not run", info={"reason": reason})
+        manifest.save()
+        plan.results[stage.name] = f"not run: {reason}"
+        return out
+    if not plan.force and manifest.up_to_date(stage.name, inputs):
+        plan.results[stage.name] = "skipped (unchanged)"
+        return out
+    file_output = "." in stage.output  # parity.json; the other outputs are directories
 
     def claim(tmp: Path) -> None:
-        manifest.claim([(root / p.relative_to(tmp)).relative_to(plan.out).as_posix() for p in tmp.rglob("*") if p.is_file()])
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        if file_output:
+            manifest.claim([stage.output])
+        else:
+            manifest.claim([(out / p.relative_to(tmp)).relative_to(plan.out).as_posix() for p in files])
 
-    with atomic_dir(root, before_swap=claim) as tmp:
-        yield tmp
+    if file_output:
+        with tempfile.TemporaryDirectory(prefix=f".{stage.output}.", suffix=".tmp", dir=plan.out) as tmp:
+            result = stage.build(plan, manifest, Path(tmp))
+            claim(Path(tmp))
+            atomic_write_bytes(out, (Path(tmp) / stage.output).read_bytes())
+    else:
+        with atomic_dir(out, before_swap=claim) as tmp:
+            result = stage.build(plan, manifest, tmp)
+    manifest.record(stage.name, inputs, status=result.status, artifacts=tree_hashes(out, plan.out), info=result.info)
+    manifest.save()
+    plan.results[stage.name] = result.summary
+    if result.status == "failed":
+        raise RuntimeError(result.error)
+    return out
 
 
-def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
-    """`onnx/model.onnx` (+ `model.onnx.data`): the model with one proxy::ProxyAttention node per layer."""
-    import torch
-    from export.onnx_export import export_model
-
+# ------------------------------------------------------------------------------------------------ export
+def _export_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
     inputs = {"model": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights,
               "precision": plan.precision, "config": plan.config.to_attrs(), "opset": 18,
               "code": _code_hash("export", "proxyattn")}
@@ -340,25 +375,33 @@ def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
 
         gguf = packaged.locate(plan.weights.split(":", 1)[1])
         inputs["weights_file"] = {"name": gguf.name, "size": gguf.stat().st_size, "mtime": int(gguf.stat().st_mtime)}
-    if _unchanged(plan, manifest, "export", inputs):
-        return plan.onnx_path
+    return inputs
+
+
+def _export_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
+    import torch
+    from export.onnx_export import export_model
+
     meta = not plan.ort_fits
     model = load_model(plan, meta=meta)
     dtype = getattr(torch, _TORCH_DTYPES[plan.precision])
-    kwargs: dict[str, Any] = {}
-    if meta:
-        kwargs["weights"] = _weight_source(plan, model)
+    kwargs: dict[str, Any] = {"weights": _weight_source(plan, model)} if meta else {}
     t0 = time.monotonic()
-    with _stage_output(plan, manifest, "export") as tmp:
-        export_model(model, tmp / plan.onnx_path.name, config=plan.config, dtype=dtype, **kwargs)
+    export_model(model, tmp / plan.onnx_path.name, config=plan.config, dtype=dtype, **kwargs)
     dt = time.monotonic() - t0
-    arts = tree_hashes(plan.onnx_path.parent, plan.out)
-    manifest.record("export", inputs, status="built", artifacts=arts, info={"seconds": round(dt, 1), "meta": meta})
-    manifest.save()
-    plan.results["export"] = f"built in {dt:.0f} s" + (" (meta model, weights streamed)" if meta else "")
+    return StageResult({"seconds": round(dt, 1), "meta": meta}, f"built in {dt:.0f} s" + (" (meta model, weights streamed)" if meta else ""))
+
+
+EXPORT = Stage("export", _export_inputs, _export_build)
+
+
+def stage_export(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`onnx/model.onnx` (+ `model.onnx.data`): the model with one proxy::ProxyAttention node per layer."""
+    run_stage(EXPORT, plan, manifest)
     return plan.onnx_path
 
 
+# ------------------------------------------------------------------------------------------------ parity
 # Parity compares, at every tested length, the final hidden states (the LM head's input, every position) and the
 # logits. The logits of every position are compared while three fp32 copies of them (ONNX Runtime's output, the
 # reference's, one for the ops after the head inside ONNX Runtime, e.g. soft-capping) fit in PARITY_LOGITS_BYTES;
@@ -424,7 +467,22 @@ def parity_passed(rows: list[dict]) -> bool:
     )
 
 
-def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
+def _parity_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
+    lengths, _ = _parity_lengths(plan)
+    return {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(),
+            "lengths": [n for n, _ in lengths], "logits_positions": [p for _, p in lengths], "method": PARITY_METHOD,
+            "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
+
+
+def _parity_not_run(plan: BuildPlan) -> str | None:
+    if not plan.parity:
+        return "--no-parity"
+    if not plan.ort_fits:
+        return f"the model {plan.ort_reason}"
+    return None
+
+
+def _parity_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
     """`parity.json`: ONNX Runtime (custom op, sparse) vs PyTorch (proxyattn_ref attention) final hidden states and
     logits, and densities.
 
@@ -433,24 +491,12 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
     of float64 chunks (engines.parity.compare); the logits of every position only within PARITY_LOGITS_BYTES. The
     measured peak resident memory of the stage and of every row is recorded (`peak_rss_gib`); gemma3-270m, the
     largest vocabulary: 4.2 GiB at 64 tokens, 7.5 GiB at 8448 tokens (mostly weights twice and attention at 8448)."""
-    out = plan.out / "parity.json"
-    lengths, note = _parity_lengths(plan)
-    inputs = {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(),
-              "lengths": [n for n, _ in lengths], "logits_positions": [p for _, p in lengths], "method": PARITY_METHOD,
-              "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
-    if not plan.parity:
-        _not_run(plan, manifest, "parity", inputs, "--no-parity")
-        return out
-    if not plan.ort_fits:
-        _not_run(plan, manifest, "parity", inputs, plan.ort_reason, shown=f"the model {plan.ort_reason}")
-        return out
-    if _unchanged(plan, manifest, "parity", inputs):
-        return out
     import numpy as np
     import torch
 
     from .parity import HIDDEN_OUTPUT, LOGITS_FROM_INPUT, PeakRSS, parity_session, reference
 
+    lengths, note = _parity_lengths(plan)
     rows = []
     t0 = time.monotonic()
     with PeakRSS() as load_peak:  # the model in PyTorch and in the ONNX Runtime session
@@ -482,88 +528,110 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
                           "and max_abs_error are the worse of the two",
               "peak_rss_gib": round(peak / 1024**3, 2), "peak_rss_scope": load_peak.scope,
               "seconds": round(time.monotonic() - t0, 1)}
-    manifest.claim([_rel(out, plan)])
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    manifest.record("parity", inputs, status="built" if ok else "failed", artifacts={_rel(out, plan): file_sha256(out)}, info=report)
-    manifest.save()
-    plan.results["parity"] = report
-    if not ok:
-        raise RuntimeError(f"parity check failed (tolerance {PARITY_REL_TOL:g}): {rows}")
-    return out
+    (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    return StageResult(report, report, status="built" if ok else "failed",
+                       error=None if ok else f"parity check failed (tolerance {PARITY_REL_TOL:g}): {rows}")
+
+
+PARITY = Stage("parity", _parity_inputs, _parity_build, _parity_not_run)
+
+
+def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`parity.json` (`_parity_build`); RuntimeError (after the record is saved) when parity fails."""
+    return run_stage(PARITY, plan, manifest)
+
+
+# ------------------------------------------------------------------------------------------------ plugin kernels
+def _plugin_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
+    from plugins.tensorrt import aot
+
+    return {"shapes": aot.model_shapes(plan.spec, plan.config, plan.precision), "archs": list(aot.ARCHS),
+            "triton": tool_versions()["triton"], "source": aot.source_hash()}
+
+
+def _plugin_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
+    from plugins.tensorrt import aot
+
+    t0 = time.monotonic()
+    table = aot.compile_all(aot.model_shapes(plan.spec, plan.config, plan.precision), tmp, progress=_progress)
+    dt = time.monotonic() - t0
+    return StageResult({"kernels": len(table), "seconds": round(dt, 1)}, f"{len(table)} PTX kernels in {dt:.0f} s")
+
+
+PLUGIN_KERNELS = Stage("plugin_kernels", _plugin_inputs, _plugin_build)
 
 
 def stage_plugin_kernels(plan: BuildPlan, manifest: Manifest) -> Path:
     """`plugins/`: the TensorRT plugin kernels AOT-compiled to PTX for sm_80 / sm_89 / sm_90, with their launch data."""
-    from plugins.tensorrt import aot
+    return run_stage(PLUGIN_KERNELS, plan, manifest)
 
-    out = plan.out / "plugins"
-    shapes = aot.model_shapes(plan.spec, plan.config, plan.precision)
-    inputs = {"shapes": shapes, "archs": list(aot.ARCHS), "triton": tool_versions()["triton"], "source": aot.source_hash()}
-    if _unchanged(plan, manifest, "plugin_kernels", inputs):
-        return out
-    t0 = time.monotonic()
-    with _stage_output(plan, manifest, "plugin_kernels") as tmp:
-        table = aot.compile_all(shapes, tmp, progress=_progress)
-    dt = time.monotonic() - t0
-    manifest.record("plugin_kernels", inputs, status="built", artifacts=tree_hashes(out, plan.out),
-                    info={"kernels": len(table), "seconds": round(dt, 1)})
-    manifest.save()
-    plan.results["plugin_kernels"] = f"{len(table)} PTX kernels in {dt:.0f} s"
-    return out
+
+# ------------------------------------------------------------------------------------------------ engines
+def _engines_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
+    return {"onnx": manifest.artifact_hashes("export"), "plugins": manifest.artifact_hashes("plugin_kernels"),
+            "profiles": [p.as_dict() for p in plan.profiles], "precision": plan.precision, "max_batch": plan.max_batch}
+
+
+def _engines_not_run(plan: BuildPlan) -> str | None:
+    if plan.backend == "tensorrt":
+        return None
+    return "TensorRT is not installed here (import tensorrt fails)" if not tensorrt_available() else f"backend is {plan.backend}"
+
+
+def _engines_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
+    from plugins.tensorrt import engine
+
+    built = engine.build_engines(plan.onnx_path, tmp, plan.profiles, precision=plan.precision, max_batch=plan.max_batch,
+                                 kernels_dir=plan.out / "plugins", progress=_progress,
+                                 timing_cache=plan.out / OUTPUTS["engines"] / engine.TIMING_CACHE)
+    names = [str(plan.out / OUTPUTS["engines"] / p.relative_to(tmp)) for p in built]
+    return StageResult({"engines": names}, f"{len(built)} engines")
+
+
+ENGINES = Stage("engines", _engines_inputs, _engines_build, _engines_not_run)
 
 
 def stage_engines(plan: BuildPlan, manifest: Manifest) -> Path:
     """`engines/<profile>/model.plan`: one TensorRT engine per profile (only where TensorRT exists)."""
-    out = plan.out / "engines"
-    inputs = {"onnx": manifest.artifact_hashes("export"), "plugins": manifest.artifact_hashes("plugin_kernels"),
-              "profiles": [p.as_dict() for p in plan.profiles], "precision": plan.precision, "max_batch": plan.max_batch}
-    if plan.backend != "tensorrt":
-        reason = "TensorRT is not installed here (import tensorrt fails)" if not tensorrt_available() else f"backend is {plan.backend}"
-        _not_run(plan, manifest, "engines", inputs, reason)
-        return out
-    if _unchanged(plan, manifest, "engines", inputs):
-        return out
-    from plugins.tensorrt import engine
+    return run_stage(ENGINES, plan, manifest)
 
-    with _stage_output(plan, manifest, "engines") as tmp:
-        built = engine.build_engines(plan.onnx_path, tmp, plan.profiles, precision=plan.precision, max_batch=plan.max_batch,
-                                     kernels_dir=plan.out / "plugins", progress=_progress, timing_cache=out / engine.TIMING_CACHE)
-    built = [out / p.relative_to(tmp) for p in built]
-    manifest.record("engines", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"engines": [str(p) for p in built]})
-    manifest.save()
-    plan.results["engines"] = f"{len(built)} engines"
-    return out
+
+# ------------------------------------------------------------------------------------------------ ONNX Runtime models
+def _ort_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
+    return {"onnx": manifest.artifact_hashes("export"), "profiles": [p.as_dict() for p in plan.profiles],
+            "dense_below_tokens": plan.config.dense_below_tokens, "onnxruntime": tool_versions()["onnxruntime"],
+            "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
+
+
+def _ort_not_run(plan: BuildPlan) -> str | None:
+    if not plan.ort_fits:
+        return f"the model {plan.ort_reason}"
+    return None if plan.backend == "onnxruntime" else f"backend is {plan.backend}"
+
+
+def _ort_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
+    from .ort_models import optimize_for_profile, profile_is_dense
+
+    bar = _progress(len(plan.profiles), "ort models")
+    kinds = {}
+    for p in plan.profiles:
+        dense = profile_is_dense(p, plan.config.dense_below_tokens)
+        optimize_for_profile(plan.onnx_path, tmp / f"{p.name}.onnx", dense=dense)
+        kinds[p.name] = "dense (local function)" if dense else "sparse (ProxyAttn custom op)"
+        bar.update(1)
+    bar.close()
+    return StageResult({"kinds": kinds}, kinds)
+
+
+ORT_MODELS = Stage("ort_models", _ort_inputs, _ort_build, _ort_not_run)
 
 
 def stage_ort_models(plan: BuildPlan, manifest: Manifest) -> Path:
     """`ort/<profile>.onnx`: ONNX Runtime's optimized model per profile (the embedded default backend)."""
-    from .ort_models import optimize_for_profile, profile_is_dense
-
-    out = plan.out / "ort"
-    inputs = {"onnx": manifest.artifact_hashes("export"), "profiles": [p.as_dict() for p in plan.profiles],
-              "dense_below_tokens": plan.config.dense_below_tokens, "onnxruntime": tool_versions()["onnxruntime"],
-              "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
-    if plan.backend != "onnxruntime" or not plan.ort_fits:
-        reason = f"the model {plan.ort_reason}" if not plan.ort_fits else f"backend is {plan.backend}"
-        _not_run(plan, manifest, "ort_models", inputs, reason)
-        return out
-    if _unchanged(plan, manifest, "ort_models", inputs):
-        return out
-    bar = _progress(len(plan.profiles), "ort models")
-    kinds = {}
-    with _stage_output(plan, manifest, "ort_models") as tmp:
-        for p in plan.profiles:
-            dense = profile_is_dense(p, plan.config.dense_below_tokens)
-            optimize_for_profile(plan.onnx_path, tmp / f"{p.name}.onnx", dense=dense)
-            kinds[p.name] = "dense (local function)" if dense else "sparse (ProxyAttn custom op)"
-            bar.update(1)
-    bar.close()
-    manifest.record("ort_models", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"kinds": kinds})
-    manifest.save()
-    plan.results["ort_models"] = kinds
-    return out
+    return run_stage(ORT_MODELS, plan, manifest)
 
 
+# ------------------------------------------------------------------------------------------------ repository
 def _onnx_io(plan: BuildPlan):
     import onnx
 
@@ -580,38 +648,42 @@ def _onnx_io(plan: BuildPlan):
     return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
 
 
-def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
-    """`model_repository/`: a TensorRT model per profile and the Python-backend ONNX Runtime model."""
+def _repository_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
+    return {"engines": manifest.artifact_hashes("engines"), "ort": manifest.artifact_hashes("ort_models"),
+            "export": manifest.artifact_hashes("export"), "max_batch": plan.max_batch,
+            "profiles": [p.as_dict() for p in plan.profiles], "source": _source_hash()}
+
+
+def _repository_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
     from .triton_repo import python_ort_config, tensorrt_plan_config, write_python_model, write_tensorrt_model
 
-    out = plan.out / "model_repository"
-    inputs = {"engines": manifest.artifact_hashes("engines"), "ort": manifest.artifact_hashes("ort_models"),
-              "export": manifest.artifact_hashes("export"), "max_batch": plan.max_batch,
-              "profiles": [p.as_dict() for p in plan.profiles], "source": _source_hash()}
-    if _unchanged(plan, manifest, "repository", inputs):
-        return out
     ins, outs = _onnx_io(plan)
     models = {}
-    with _stage_output(plan, manifest, "repository") as tmp:
-        for p in plan.profiles:
-            name = f"{plan.spec.name}_{p.name}"
-            cfg = tensorrt_plan_config(name, inputs=ins, outputs=outs, max_batch_size=plan.max_batch)
-            engine_file = plan.out / "engines" / p.name / "model.plan"
-            write_tensorrt_model(tmp, name, engine_file if engine_file.is_file() else None, cfg)
-            models[name] = "tensorrt_plan" + ("" if engine_file.is_file() else " (config only: engine not built)")
-        ort_dir = plan.out / "ort"
-        files = [ort_dir / f"{p.name}.onnx" for p in plan.profiles]
-        if all(f.is_file() for f in files) and manifest.stage("ort_models") and manifest.stage("ort_models")["status"] == "built":
-            name = f"{plan.spec.name}_onnxruntime"
-            cfg = python_ort_config(name, vocab_size=plan.spec.vocab_size, max_batch_size=plan.max_batch,
-                                    profiles=plan.profiles, profile_files=[f.name for f in files])
-            data = [d for d in sorted(ort_dir.iterdir()) if d.name.endswith(".onnx.data")]
-            write_python_model(tmp, name, files + data, cfg)
-            models[name] = "python (ONNX Runtime, embedded default)"
-    manifest.record("repository", inputs, status="built", artifacts=tree_hashes(out, plan.out), info={"models": models})
-    manifest.save()
-    plan.results["repository"] = models
-    return out
+    for p in plan.profiles:
+        name = f"{plan.spec.name}_{p.name}"
+        cfg = tensorrt_plan_config(name, inputs=ins, outputs=outs, max_batch_size=plan.max_batch)
+        engine_file = plan.out / OUTPUTS["engines"] / p.name / "model.plan"
+        write_tensorrt_model(tmp, name, engine_file if engine_file.is_file() else None, cfg)
+        models[name] = "tensorrt_plan" + ("" if engine_file.is_file() else " (config only: engine not built)")
+    ort_dir = plan.out / OUTPUTS["ort_models"]
+    files = [ort_dir / f"{p.name}.onnx" for p in plan.profiles]
+    ort = manifest.stage("ort_models")
+    if all(f.is_file() for f in files) and ort and ort["status"] == "built":
+        name = f"{plan.spec.name}_onnxruntime"
+        cfg = python_ort_config(name, vocab_size=plan.spec.vocab_size, max_batch_size=plan.max_batch,
+                                profiles=plan.profiles, profile_files=[f.name for f in files])
+        data = [d for d in sorted(ort_dir.iterdir()) if d.name.endswith(".onnx.data")]
+        write_python_model(tmp, name, files + data, cfg)
+        models[name] = "python (ONNX Runtime, embedded default)"
+    return StageResult({"models": models}, models)
+
+
+REPOSITORY = Stage("repository", _repository_inputs, _repository_build)
+
+
+def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
+    """`model_repository/`: a TensorRT model per profile and the Python-backend ONNX Runtime model."""
+    return run_stage(REPOSITORY, plan, manifest)
 
 
 def _code_hash(*packages: str) -> str:
@@ -634,7 +706,9 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-STAGES = tuple(OUTPUTS)
+PIPELINE = (EXPORT, PARITY, PLUGIN_KERNELS, ENGINES, ORT_MODELS, REPOSITORY)
+STAGES = tuple(st.name for st in PIPELINE)
+assert STAGES == tuple(OUTPUTS), "every stage has one output (build_dir.OUTPUTS), in pipeline order"
 
 
 def _now() -> str:
@@ -663,12 +737,11 @@ def run(plan: BuildPlan, *, log: Callable[[str], None] = print) -> Path:
     })
     manifest.data["build"] = {"state": "running", "started": _now()}
     manifest.save()
-    steps = [stage_export, stage_parity, stage_plugin_kernels, stage_engines, stage_ort_models, stage_repository]
     try:
-        for name, fn in zip(STAGES, steps):
-            plan.results["stage"] = name
-            log(f"[build] {name} ...")
-            fn(plan, manifest)
+        for stage in PIPELINE:
+            plan.results["stage"] = stage.name
+            log(f"[build] {stage.name} ...")
+            run_stage(stage, plan, manifest)
     except BaseException as e:
         manifest.data["build"].update(state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                                       stage=plan.results["stage"], finished=_now())
