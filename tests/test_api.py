@@ -13,7 +13,8 @@ from proxyattn.plan import BlockPlan
 from tests.helpers import assert_close
 from tests.test_reference import SHAPES, make_qkv
 
-IDS = lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s)  # noqa: E731
+def shape_id(s):
+    return "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s)
 
 
 def small_config(bs, **kw):
@@ -23,7 +24,7 @@ def small_config(bs, **kw):
 
 
 # ----------------------------------------------------------------------------------------------- oracles
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_full_budget_is_dense(shape):
     b, s, hq, hkv, d, bs = shape
     q, k, v = make_qkv(b, s, hq, hkv, d, seed=10)
@@ -42,7 +43,7 @@ def test_short_sequences_take_dense_path():
 
 
 # ------------------------------------------------------------------------------------- stages vs brute force
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("sink,diag", [(True, True), (False, False), (True, False)])
 def test_selection_matches_brute_force(shape, sink, diag):
     b, s, hq, hkv, d, bs = shape
@@ -62,7 +63,8 @@ def test_selection_matches_brute_force(shape, sink, diag):
 
 def test_selection_ties_prefer_lower_index():
     scores = torch.zeros(1, 1, 4, 4)  # every causal block ties
-    plan = pa.select_blocks(scores, torch.tensor([[2]], dtype=torch.int32), 4 * 64, small_config(64, keep_sink=False, keep_diagonal=False, min_budget_tokens=0))
+    plan = pa.select_blocks(scores, torch.tensor([[2]], dtype=torch.int32), 4 * 64,
+                            small_config(64, keep_sink=False, keep_diagonal=False, min_budget_tokens=0))
     mask = plan.to_mask()[0, 0]
     # Row 3 keeps ceil(2*4/4) = 2 blocks: the two lowest indices.
     assert mask[3].tolist() == [True, True, False, False]
@@ -82,7 +84,7 @@ def test_lse_matches_logsumexp():
 
 
 # ------------------------------------------------------------------------------------------ plan invariants
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_plan_invariants(shape):
     b, s, hq, hkv, d, bs = shape
     q, k, _ = make_qkv(b, s, hq, hkv, d, seed=14, temperature=6.0)

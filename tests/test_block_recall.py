@@ -1,30 +1,20 @@
 """Budget rule 3 ("block_recall"): the reference against brute force, its oracles, the plan, the Triton needs kernel
 (TRITON_INTERPRET=1 on the CPU, small shapes) against the reference, and the backends that refuse it by name."""
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import proxyattn as pa  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.plan import compact_plan_needs  # noqa: E402
-from proxyattn.testing import need_mismatches, structured_qkv  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-
-interpret = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests need TRITON_INTERPRET=1 on the CPU")
+import proxyattn as pa
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.plan import compact_plan_needs
+from proxyattn.testing import need_mismatches
+from tests.helpers import assert_close, qkv_inputs
 
 
 def _qk(kind, b, s, hq, hkv, d, seed, dtype=torch.float32):
-    if kind == "structured":
-        q, k, _ = structured_qkv(b, s, hq, hkv, d, dtype=dtype, seed=seed)
-        return q, k
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, s, hq, d, generator=g).to(dtype), torch.randn(b, s, hkv, d, generator=g).to(dtype)
+    return qkv_inputs(kind, b, s, hq, hkv, d, seed, dtype)[:2]
 
 
 def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diagonal=True):
@@ -40,7 +30,9 @@ def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diag
             for m in range(nb):
                 row = scores[bi, h // rep, m].double()
                 forced = [n for n, on in ((0, keep_sink), (m, keep_diagonal)) if on]
-                rank = lambda n: (-row[n].item(), n)  # noqa: E731
+                def rank(n, row=row):
+                    return -row[n].item(), n
+
                 ranked = sorted(set(forced), key=rank) + sorted(set(range(m + 1)) - set(forced), key=rank)
                 step = bs // rows
                 need = 0
@@ -78,7 +70,8 @@ def test_reference_needs_equal_brute_force(case):
     got = reference.block_needs(q, k, scores, block_size=bs, gamma=gamma, scale=scale, rows=rows, keep_sink=True, keep_diagonal=True)
     brute = _brute_needs(q, k, scores, bs, gamma, scale, rows)
     # fp32 against float64 sums: a row whose cumulative mass passes gamma within rounding may differ by a block.
-    assert int((got != brute).sum()) == 0 or need_mismatches(got, q, k, scores, ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows), scale) == 0
+    rows_cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows)
+    assert int((got != brute).sum()) == 0 or need_mismatches(got, q, k, scores, rows_cfg, scale) == 0
     assert (got >= 1).all() and (got <= torch.arange(1, got.shape[-1] + 1)).all()
 
 
@@ -134,7 +127,8 @@ def test_config_and_attrs():
     for bad in (0, 3, 256, True, 4.0):
         with pytest.raises(ValueError, match="recall_rows"):
             ProxyAttnConfig(recall_rows=bad)
-    with pytest.raises(ValueError, match=r"recall_rows=128 must be a power of two dividing block_size=64; allowed: \[1, 2, 4, 8, 16, 32, 64\]"):
+    with pytest.raises(ValueError, match=r"recall_rows=128 must be a power of two dividing block_size=64; "
+                                         r"allowed: \[1, 2, 4, 8, 16, 32, 64\]"):
         ProxyAttnConfig(block_size=64, recall_rows=128)
 
 
@@ -155,7 +149,8 @@ def test_tensorrt_rewrite_refuses_block_recall_by_name():
     node = helper.make_node("ProxyAttention", ["q", "k", "v"], ["o"], name="attn0", domain="proxy", **attrs)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"],
                           [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
-    with pytest.raises(ValueError, match=r"pa_budget_rule=3 \(block_recall\) has no TensorRT graph; allowed: 0 \(mass\), 1 \(recall\), 2 \(row_recall\)"):
+    with pytest.raises(ValueError, match=r"pa_budget_rule=3 \(block_recall\) has no TensorRT graph; "
+                                         r"allowed: 0 \(mass\), 1 \(recall\), 2 \(row_recall\)"):
         graph._rewrite_node(node, g, 4096)
 
 
@@ -172,7 +167,7 @@ KERNEL_CASES = [
 ]
 
 
-@interpret
+@pytest.mark.interpret
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[:-1])))
 def test_needs_kernel_against_reference(case):
     from proxyattn.kernels import estimate_select as esel
@@ -193,7 +188,7 @@ def test_needs_kernel_against_reference(case):
     assert plan.order.equal(own.order) and plan.counts.equal(own.counts)
 
 
-@interpret
+@pytest.mark.interpret
 def test_needs_kernel_packed_batch_equals_each_sequence_alone():
     from proxyattn.kernels import estimate_scores as es
     from proxyattn.kernels import estimate_select as esel

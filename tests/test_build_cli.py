@@ -3,25 +3,16 @@ the ONNX model, parity report, plugin PTX, ONNX Runtime models, model repository
 skipped, changed inputs rebuild. Runs build.py in subprocesses (as a user does, and outside Triton's interpreter)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from engines.artifacts import file_sha256
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _build(*args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "build.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from tests.helpers import run_build
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "gpt-17"], "unknown model 'gpt-17'; known models: llama3-8b, llama3.1-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m, tiny-llama"),
+    (["--model", "gpt-17"],
+     "unknown model 'gpt-17'; known models: llama3-8b, llama3.1-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m, tiny-llama"),
     (["--model", "llama3-8b"], "llama3-8b needs weights: --weights DIR"),
     (["--model", "mistral-7b", "--weights", "/nonexistent/ckpt"], "no transformers checkpoint there (config.json missing)"),
     (["--model", "tiny-llama", "--profiles", "1:64:4096"], "MAX=4096 exceeds its context of 2048 tokens"),
@@ -45,13 +36,14 @@ def test_bad_input_is_one_clear_message_and_writes_nothing(tmp_path, capsys, arg
 
 
 def test_bad_input_exit_code_from_the_command_line(tmp_path):
-    res = _build("--model", "gpt-17", "--out", str(tmp_path / "o"), timeout=120)
+    res = run_build("--model", "gpt-17", "--out", str(tmp_path / "o"), timeout=120)
     assert res.returncode == 2 and "unknown model 'gpt-17'" in res.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_tiny_build_end_to_end_and_skips(tmp_path):
     out = tmp_path / "tiny"
-    res = _build("--model", "tiny-llama", "--profiles", "up-to-128", "128-1k", "--out", str(out))
+    res = run_build("--model", "tiny-llama", "--profiles", "up-to-128", "128-1k", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["name"] == "tiny-llama" and m["backend"] == "onnxruntime" and m["precision"] == "fp32"
@@ -76,7 +68,7 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
     for word in ("export", "parity", "density", "not run", "manifest"):
         assert word in res.stdout
 
-    again = _build("--model", "tiny-llama", "--profiles", "up-to-128", "128-1k", "--out", str(out))
+    again = run_build("--model", "tiny-llama", "--profiles", "up-to-128", "128-1k", "--out", str(out))
     assert again.returncode == 0, again.stderr[-3000:]
     m2 = json.loads((out / "manifest.json").read_text())
     # Skipping is keyed on the inputs, which include a hash of the project's code: in a checkout where someone edits
@@ -90,7 +82,7 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
 
     # A new gamma changes the exported node attributes: export, parity, ORT models and repository rebuild; the
     # plugin kernels do not depend on gamma and stay.
-    changed = _build("--model", "tiny-llama", "--profiles", "up-to-128", "128-1k", "--out", str(out), "--gamma", "0.9")
+    changed = run_build("--model", "tiny-llama", "--profiles", "up-to-128", "128-1k", "--out", str(out), "--gamma", "0.9")
     assert changed.returncode == 0, changed.stderr[-3000:]
     m3 = json.loads((out / "manifest.json").read_text())
     assert m3["stages"]["export"]["inputs_hash"] != m["stages"]["export"]["inputs_hash"]

@@ -22,10 +22,9 @@ _SMALL_BUDGET = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    plan = pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", out=str(tmp_path_factory.mktemp("tiny") / "b")))
-    pipeline.stage_export(plan, Manifest.load(plan.out))
-    return plan
+def tiny_export(tiny_build):
+    """The plan of the session's tiny-llama build (its export is what these tests read and copy)."""
+    return tiny_build[0]
 
 
 def _copy_plan(plan, out, perturb=None):

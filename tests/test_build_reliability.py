@@ -20,21 +20,14 @@ import pytest
 
 from engines.artifacts import Manifest, file_sha256
 from engines.build_dir import OUTPUTS, foreign_files, temporaries
+from tests.helpers import run_build, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-llama", "--profiles", "up-to-128", "128-1k"]
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-
-
-def _run(*args, timeout=600):
-    return subprocess.run([sys.executable, "build.py", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def _start(*args):
-    return subprocess.Popen([sys.executable, "-u", "build.py", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-u", "build.py", *args], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -64,7 +57,7 @@ def _tree_bytes(root: Path) -> dict[str, str]:
 
 
 def _check(out: Path):
-    return _run("--check", str(out), timeout=120)
+    return run_build("--check", str(out), timeout=120)
 
 
 def _assert_true_manifest(out: Path) -> dict:
@@ -99,12 +92,13 @@ def killed_builds(tmp_path_factory):
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
             record.append((f"inside {stage}", _check(out), temporaries(out)))
-    final = _run(*TINY, "--out", str(out))
+    final = run_build(*TINY, "--out", str(out))
     assert final.returncode == 0, final.stderr[-3000:]
     record.append(("complete", _check(out), []))
     return out, record, final
 
 
+@pytest.mark.slow
 def test_builds_killed_at_every_stage_boundary_resume(killed_builds):
     out, record, final = killed_builds
     assert [r[0] for r in record] == ["before export", "inside export", "before parity", "before plugin_kernels",
@@ -125,6 +119,7 @@ def test_builds_killed_at_every_stage_boundary_resume(killed_builds):
     assert json.loads((out / "parity.json").read_text())["passed"]
 
 
+@pytest.mark.slow
 def test_check_finds_every_kind_of_difference(killed_builds, tmp_path):
     out, _, _ = killed_builds
     ort = out / "ort" / "up-to-128.onnx"
@@ -145,6 +140,7 @@ def test_check_finds_every_kind_of_difference(killed_builds, tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not a ProxyAttn build" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_file_the_user_put_in_a_build_is_refused_and_kept(killed_builds):
     out, _, _ = killed_builds
     mine = out / "model_repository" / "my_model" / "config.pbtxt"
@@ -152,7 +148,7 @@ def test_a_file_the_user_put_in_a_build_is_refused_and_kept(killed_builds):
     mine.write_text("name: 'my_model'\n")
     before = _tree_bytes(out)
     try:
-        res = _run(*TINY, "--out", str(out), "--force")
+        res = run_build(*TINY, "--out", str(out), "--force")
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
         assert "model_repository/my_model/config.pbtxt is not a file of this build" in res.stderr
         assert _tree_bytes(out) == before
@@ -161,16 +157,17 @@ def test_a_file_the_user_put_in_a_build_is_refused_and_kept(killed_builds):
         mine.parent.rmdir()
 
 
+@pytest.mark.slow
 def test_stale_records_never_survive(killed_builds):
     out, _, _ = killed_builds
     # --no-parity: parity recorded as not run, the earlier parity.json gone.
-    res = _run(*TINY, "--out", str(out), "--no-parity")
+    res = run_build(*TINY, "--out", str(out), "--no-parity")
     assert res.returncode == 0, res.stderr[-2000:]
     m = _assert_true_manifest(out)
     assert m["stages"]["parity"]["status"] == "not run" and m["stages"]["parity"]["info"]["reason"] == "--no-parity"
     assert not (out / "parity.json").exists()
     # Fewer profiles: only the current profile's ONNX Runtime model is on disk and listed.
-    res = _run("--model", "tiny-llama", "--profiles", "up-to-128", "--out", str(out), "--no-parity")
+    res = run_build("--model", "tiny-llama", "--profiles", "up-to-128", "--out", str(out), "--no-parity")
     assert res.returncode == 0, res.stderr[-2000:]
     m = _assert_true_manifest(out)
     assert sorted(os.listdir(out / "ort")) == ["up-to-128.onnx"]
@@ -179,6 +176,7 @@ def test_stale_records_never_survive(killed_builds):
     assert _check(out).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_sigterm_exit_with_what_was_kept(tmp_path, sig, code, word):
     out = tmp_path / "b"

@@ -15,6 +15,7 @@ import torch
 
 import proxyattn as pa
 from proxyattn.config import ATTR_PREFIX, ProxyAttnConfig, attr_kinds
+from tests.helpers import qkv_inputs
 
 FULL = ProxyAttnConfig().to_attrs()
 
@@ -147,9 +148,7 @@ def test_decode_attrs_is_strict_too():
 
 # ---------------------------------------------------------------------------------------------- zero-size inputs
 def _qkv(b=1, s=64, hq=2, hkv=1, d=8):
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(b, s, hq, d, generator=g), torch.randn(b, s, hkv, d, generator=g),
-            torch.randn(b, s, hkv, d, generator=g))
+    return qkv_inputs("random", b, s, hq, hkv, d, seed=0)
 
 
 CFG = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0)

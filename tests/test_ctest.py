@@ -1,9 +1,9 @@
 """ctest on the libproxyattn build: `ctest --test-dir <build>` must find and pass the native host tests
 (cpp/tests/host_tests.cpp: config, plugin fields, .npy codec, hand-computed plans; no Python involved).
 
-Reuses the session's build of tests/test_cpp.py (`cpp_build_dir` / `build_cpp`: one directory per session, built
-incrementally), so CI pays for one full kernel build, not two. ctest's `pytest_host` test (tests/test_cpp.py against
-that build directory) is not run from here: this suite already runs test_cpp.py itself.
+Reuses the session's build of the tests/cpp modules (the `cpp_build` fixture of tests/conftest.py: one directory per
+session), so CI pays for one full kernel build, not two. ctest's `pytest_host` test (tests/cpp against that build
+directory) is not run from here: this suite already runs tests/cpp itself.
 """
 
 from __future__ import annotations
@@ -14,19 +14,14 @@ import subprocess
 
 import pytest
 
-from tests.test_cpp import build_cpp, cpp_build_dir, pytestmark as _cpp_pytestmark
-
-pytestmark = [
-    _cpp_pytestmark,
-    pytest.mark.skipif(shutil.which("ctest") is None, reason="ctest (CMake) is needed"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("ctest") is None, reason="ctest (CMake) is needed")
 
 NATIVE_GROUPS = ("config", "fields", "npy", "plan")
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
-    return build_cpp(cpp_build_dir(tmp_path_factory))
+def build(cpp_build):
+    return cpp_build
 
 
 def _ctest(build, *args) -> subprocess.CompletedProcess:

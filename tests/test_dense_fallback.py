@@ -7,30 +7,15 @@ reference's plan with the fallback; the eager mixed execution (dense groups thro
 block-sparse kernel) equals the whole plan run in the block-sparse kernel; bad values are named.
 """
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import proxyattn as pa  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.plan import BlockPlan, compact_plan_needs, dense_fallback  # noqa: E402
-from proxyattn.testing import structured_qkv  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-
-interpret = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests need TRITON_INTERPRET=1 on the CPU")
-
-
-def _qkv(kind, b, s, hq, hkv, d, seed, dtype=torch.float32):
-    if kind == "structured":
-        return structured_qkv(b, s, hq, hkv, d, dtype=dtype, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, s, hq, d, generator=g).to(dtype), torch.randn(b, s, hkv, d, generator=g).to(dtype),
-            torch.randn(b, s, hkv, d, generator=g).to(dtype))
+import proxyattn as pa
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.plan import BlockPlan, compact_plan_needs, dense_fallback
+from tests.helpers import assert_close, qkv_inputs
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, float("nan"), float("inf"), True, "0.7"])
@@ -69,7 +54,7 @@ def test_group_decisions_against_hand_counts():
     assert reference.dense_groups(packed, 1, 834, torch.tensor([2])).tolist() == [[False]]
     new, _ = reference.apply_dense_groups(packed, torch.tensor([[True]]), torch.tensor([2]))
     assert new.tolist() == [[[1, 2, 0, 0], [1, 2, 0, 0]]]
-    # Early decision: the heads' last-block needs summed over the group against the share of group x Nb_b.
+    # Early decision: the heads' last-block budgets (paper's rule) summed over the group against group x Nb_b.
     needs_last = torch.tensor([[4, 3, 1, 2]], dtype=torch.int32)  # groups: 7/8, 3/8
     assert reference.early_dense_groups(needs_last, 2, 875, torch.tensor([4])).tolist() == [[True, False]]
     assert reference.early_dense_groups(needs_last, 2, 876, torch.tensor([4])).tolist() == [[False, False]]
@@ -82,7 +67,7 @@ def test_group_decisions_against_hand_counts():
                          ids=["rule3", "rule2", "fraction"])
 def test_diffuse_attention_runs_dense_and_equals_dense(cfg):
     """Random q/k (near-uniform attention): every plan is dense enough, every head runs dense, output = dense."""
-    q, k, v = _qkv("random", 2, 517, 8, 2, 64, seed=1)
+    q, k, v = qkv_inputs("random", 2, 517, 8, 2, 64, seed=1)
     plan = pa.plan_blocks(q, k, cfg)
     nb = plan.num_blocks
     assert plan.dense_heads is not None and plan.dense_heads.all()
@@ -96,7 +81,7 @@ def test_diffuse_attention_runs_dense_and_equals_dense(cfg):
 
 
 def test_structured_plan_keeps_sparse_groups_unchanged():
-    q, k, _ = _qkv("structured", 1, 1100, 8, 4, 64, seed=2)
+    q, k, _ = qkv_inputs("structured", 1, 1100, 8, 4, 64, seed=2)
     base = ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=0, dense_density=None)
     off = pa.plan_blocks(q, k, base)
     for dd in (0.3, 0.7, 1.0):
@@ -119,10 +104,20 @@ def on_permille(dd: float) -> int:
     return ProxyAttnConfig(dense_density=dd).dense_density_permille
 
 
-def test_rule3_early_decision_skips_measuring():
-    """A group whose last query block needs the share is not measured: its needs are m + 1 everywhere, also in
-    query blocks where the measured need would be small."""
-    q, k, _ = _qkv("structured", 1, 900, 4, 2, 64, seed=3)
+def test_early_decision_is_made_before_the_scores_and_skips_measuring():
+    """The early decision reads only the paper's last-block budgets; its groups run dense in every rule, and rule 3
+    does not measure them: their needs are m + 1 everywhere, also where the measured need would be small."""
+    q, k, v = qkv_inputs("structured", 1, 900, 4, 2, 64, seed=3)
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, gamma=0.9, dense_density=0.3)
+    first = reference.rule_budgets(q, k, None, block_size=64, gamma=0.9, scale=1 / 8, budget_rule=0, keep_sink=True, keep_diagonal=True)
+    early = pa.early_dense_groups(q, k, cfg)
+    assert early.equal(reference.early_dense_groups(first, 2, 300, torch.tensor([15])))
+    for rule in (0, 2, 3):
+        plan = pa.plan_blocks(q, k, cfg.replace(budget_rule=rule))
+        assert (plan.dense_heads.reshape(1, 2, 2)[..., 0] >= early).all(), rule  # early groups are dense
+    assert pa.early_dense_groups(q, k, cfg.replace(budget_fraction=0.2)) is None  # a fixed budget decides nothing
+    assert pa.early_dense_groups(q, k, cfg.replace(dense_density=None)) is None
+    q, k, _ = qkv_inputs("structured", 1, 900, 4, 2, 64, seed=3)
     cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, gamma=0.9)
     scores = pa.proxy_scores(q, k, cfg)
     kw = dict(block_size=64, gamma=0.9, scale=1 / 8, rows=4, keep_sink=True, keep_diagonal=True)
@@ -147,37 +142,41 @@ KERNEL_CASES = [
 ]
 
 
-@interpret
+@pytest.mark.interpret
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernel_plan_with_fallback_equals_the_reference(case):
+    from proxyattn.kernels import estimate_budgets as eb
     from proxyattn.kernels import estimate_needs as en
     from proxyattn.kernels import estimate_select as esel
 
     kind, b, s, hq, hkv, d, bs, rows, g, gamma, dd = case
-    q, k, _ = _qkv(kind, b, s, hq, hkv, d, seed=5, dtype=torch.bfloat16)
+    q, k, _ = qkv_inputs(kind, b, s, hq, hkv, d, seed=5, dtype=torch.bfloat16)
     cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows, proxy_heads=g, min_budget_tokens=bs, dense_below_tokens=0,
                           dense_density=dd)
     scale = 1.0 / math.sqrt(d)
     scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
-    got = en.needs_plan(q, k, scores, cfg, scale)
-    # The reference decisions on the kernel's own needs (the needs themselves are checked against the reference in
-    # tests/test_block_recall.py): early skip on the last block, then compact_plan_needs, then the late decision.
-    needs = esel.block_needs(q, k, scores, cfg, scale)
     nb = scores.shape[-1]
     nb_seq = torch.full((b,), nb, dtype=torch.int64)
-    early = reference.early_dense_groups(needs[..., -1], hkv, cfg.dense_density_permille, nb_seq)
+    first = eb.head_budgets(q, k, cfg.replace(budget_rule=0), scale)  # the early decision's budgets (GPU kernel)
+    early = reference.early_dense_groups(first, hkv, cfg.dense_density_permille, nb_seq)
+    assert early.equal(pa.early_dense_groups(q, k, cfg, scale=scale))  # what plan_blocks decides
+    got = en.needs_plan(q, k, scores, cfg, scale, early=early)
+    # The reference decisions on the kernel's own needs (the needs themselves are checked against the reference in
+    # tests/test_block_recall.py): the early groups need every block, then compact_plan_needs, then the late decision.
+    needs = esel.block_needs(q, k, scores, cfg, scale)
     full = torch.arange(1, nb + 1, dtype=torch.int32)
     needs = torch.where(early.repeat_interleave(hq // hkv, dim=1)[..., None], full, needs)
-    want = dense_fallback(compact_plan_needs(scores, needs, reference.needs_budgets(needs, cfg.min_budget_blocks), s, cfg), hkv, cfg)
+    want = dense_fallback(compact_plan_needs(scores, needs, reference.needs_budgets(needs, cfg.min_budget_blocks), s, cfg), hkv, cfg,
+                          early=early)
     assert got.order.equal(want.order) and got.counts.equal(want.counts)
     assert got.dense_heads.equal(want.dense_heads) and got.budget_blocks.equal(want.budget_blocks)
 
 
-@interpret
+@pytest.mark.interpret
 def test_eager_mixed_execution_equals_the_whole_plan_in_the_sparse_kernel():
     from proxyattn.kernels import attention as attn
 
-    q, k, v = _qkv("structured", 2, 333, 8, 4, 64, seed=6, dtype=torch.float16)
+    q, k, v = qkv_inputs("structured", 2, 333, 8, 4, 64, seed=6, dtype=torch.float16)
     cfg = ProxyAttnConfig(block_size=64, budget_fraction=0.3, min_budget_tokens=0, dense_below_tokens=0, dense_density=None)
     plan = pa.plan_blocks(q.float(), k.float(), cfg)
     groups = torch.tensor([[True, False, False, True], [False, False, False, False]])

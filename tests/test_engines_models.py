@@ -21,7 +21,8 @@ def test_every_required_model_is_in_the_table():
 @pytest.mark.parametrize(
     "name, published",
     # Parameter counts published by the model authors (model cards), in billions.
-    [("llama3-8b", 8.03), ("llama3.1-8b", 8.03), ("qwen2.5-7b", 7.61), ("mistral-7b", 7.25), ("smollm2-135m", 0.1345), ("gemma3-270m", 0.268)],
+    [("llama3-8b", 8.03), ("llama3.1-8b", 8.03), ("qwen2.5-7b", 7.61), ("mistral-7b", 7.25), ("smollm2-135m", 0.1345),
+     ("gemma3-270m", 0.268)],
 )
 def test_configs_reproduce_published_parameter_counts(name, published):
     count = parameter_count(get_model(name)) / 1e9

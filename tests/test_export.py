@@ -130,7 +130,7 @@ def test_gamma_rule_and_config_dense_layers(tmp_path):
 
 
 def test_onnx_checker_full_and_polygraphy(exported):
-    for name, (_, path) in exported.items():
+    for _, path in exported.values():
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     _, path = exported["gemma3"]
     res = subprocess.run(
@@ -154,7 +154,7 @@ def test_polygraphy_runs_the_file_in_onnxruntime(exported):
 
 def test_tensorrt_rtx_parses_through_the_local_function(exported):
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is pinned in requirements.txt")
-    for name, (model, path) in exported.items():
+    for name, (_, path) in exported.items():
         logger = trt.Logger(trt.Logger.ERROR)
         builder = trt.Builder(logger)
         network = builder.create_network(0)

@@ -14,6 +14,8 @@ from plugins.onnxruntime import make_session
 from proxyattn import ProxyAttnConfig, hf, weights
 from tests.helpers import assert_close
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 exported and run in ONNX Runtime
+
 LAYERS = 6
 SPARSE = ProxyAttnConfig(block_size=64, stride=4, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.25)
 TEXT = (

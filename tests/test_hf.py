@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import proxyattn.hf as hf
+from proxyattn import ProxyAttnConfig, proxy_attention
+from tests.helpers import assert_close
 
-import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig, proxy_attention  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("restore_hf_config")
 
 FULL = ProxyAttnConfig(block_size=64, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0)
 # Sparse enough that the output differs from dense at a few hundred tokens.
@@ -56,13 +57,6 @@ def _logits(model, ids, impl, attention_mask=None):
     model.set_attn_implementation(impl)
     with torch.no_grad():
         return model(ids, attention_mask=attention_mask).logits
-
-
-@pytest.fixture(autouse=True)
-def _restore_config():
-    before = hf.active_config()
-    yield
-    hf.register(before)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]

@@ -11,12 +11,13 @@ import importlib.util
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import proxyattn.hf as hf
+from proxyattn import ProxyAttnConfig
+from proxyattn.weights import MODELS, load_model, load_tokenizer
+from tests.helpers import assert_close
 
-import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig  # noqa: E402
-from proxyattn.weights import MODELS, load_model, load_tokenizer  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+transformers = pytest.importorskip("transformers")
+pytestmark = [pytest.mark.usefixtures("restore_hf_config"), pytest.mark.slow]  # real weights: minutes on 2 cores
 
 FULL = ProxyAttnConfig(block_size=64, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0)
 # Default gamma (0.95) and block size; the minimum budget lowered so that ~1.3K-token prompts are sparse.
@@ -64,13 +65,6 @@ def real(request):
     if not _installed(name):
         pytest.skip(f"weights package for {name} not installed ({MODELS[name].package}; see requirements.txt)")
     return name, load_tokenizer(name), load_model(name)
-
-
-@pytest.fixture(autouse=True)
-def _restore_config():
-    before = hf.active_config()
-    yield
-    hf.register(before)
 
 
 def test_full_budget_logits_equal_stock(real):

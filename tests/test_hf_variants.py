@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from proxyattn import ProxyAttnConfig, plan_blocks, proxy_attention, proxy_scores, reference, variants
-from tests.helpers import assert_close
+from tests.helpers import assert_close, qkv_inputs
 
 
 def _qk(b, s, hq, hkv, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, s, hq, d, generator=g), torch.randn(b, s, hkv, d, generator=g)
+    return qkv_inputs("random", b, s, hq, hkv, d, seed)[:2]
 
 
 def _brute_head_max(q, k, groups, bs, stride, scale):

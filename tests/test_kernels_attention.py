@@ -1,23 +1,21 @@
 """Block-sparse attention kernel (proxyattn.kernels.attention) against the fp32 reference, under the Triton
 interpreter on CPU tensors (small shapes). The GPU run of the same checks is tests/gpu/check_attention.py."""
 
-import os
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+import triton.runtime.interpreter as _interp
 
-# The interpreter must be chosen before any Triton kernel is defined (i.e. before proxyattn.kernels is imported).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import proxyattn
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.api import _varlen_reference
+from proxyattn.kernels import attention as attn
+from proxyattn.plan import BlockPlan
+from tests.helpers import assert_close
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-import triton.runtime.interpreter as _interp  # noqa: E402
-
-import proxyattn  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.api import _varlen_reference  # noqa: E402
-from proxyattn.kernels import attention as attn  # noqa: E402
-from proxyattn.plan import BlockPlan  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+# Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before any kernel is defined).
+pytestmark = pytest.mark.interpret
 
 # Triton 3.6's interpreter turns a scalar (a 1-element array) into a loop bound with int(array), which numpy 2.5
 # rejects for arrays with ndim > 0; take the element instead. Affects only the interpreter.
@@ -177,7 +175,6 @@ def test_varlen_reference_equals_batched_reference():
 
 def test_proxy_attention_varlen_cpu_is_per_sequence_proxy_attention():
     gen = torch.Generator().manual_seed(9)
-    lens = [40, 300]
     cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=64, gamma=0.5, dense_below_tokens=64)
     cu = torch.tensor([0, 40, 340], dtype=torch.int32)
     q = torch.randn(340, 4, 64, generator=gen)

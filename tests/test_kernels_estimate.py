@@ -1,41 +1,31 @@
 """Estimation kernels (proxy scores, head budgets, selection, packed batches) against the fp32 reference.
 
-The Triton kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set before any import of
-triton), so shapes are small. Budgets and plans must equal the reference exactly up to documented ties
-(`proxyattn.testing.budget_mismatches` / `plan_mismatches`).
+The Triton kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
+any test module is imported), so shapes are small. Budgets and plans must equal the reference exactly up to
+documented ties (`proxyattn.testing.budget_mismatches` / `plan_mismatches`).
 """
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import math  # noqa: E402
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.api import plan_blocks_varlen as api_plan_blocks_varlen
+from proxyattn.kernels import estimate_budgets as eb
+from proxyattn.kernels import estimate_scores as es
+from proxyattn.kernels import estimate_select as esel
+from proxyattn.plan import compact_plan
+from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv
+from tests.helpers import assert_close, qkv_inputs
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.api import plan_blocks_varlen as api_plan_blocks_varlen  # noqa: E402
-from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
-from proxyattn.kernels import estimate_scores as es  # noqa: E402
-from proxyattn.kernels import estimate_select as esel  # noqa: E402
-from proxyattn.plan import compact_plan  # noqa: E402
-from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests need TRITON_INTERPRET=1 on the CPU")
+pytestmark = pytest.mark.interpret
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _inputs(kind, b, s, hq, hkv, d, dtype, seed):
-    if kind == "structured":
-        q, k, _ = structured_qkv(b, s, hq, hkv, d, dtype=dtype, seed=seed)
-        return q, k
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, s, hq, d, generator=g).to(dtype)
-    k = torch.randn(b, s, hkv, d, generator=g).to(dtype)
-    return q, k
+    return qkv_inputs(kind, b, s, hq, hkv, d, seed, dtype)[:2]
 
 
 def _ref_mass(q, k, block_size, scale):
@@ -102,7 +92,7 @@ def test_head_max_scores_match_reference(case):
 
 
 def test_head_max_scores_varlen_and_dispatch():
-    from proxyattn import api, variants
+    from proxyattn import variants
     from proxyattn.kernels import estimate_head_max as ehm
 
     lengths, hq, hkv, d, bs = [300, 70, 0, 200], 8, 2, 64, 64
@@ -391,7 +381,7 @@ def test_structured_qkv_has_the_intended_structure():
 
 def test_plan_comparison_helpers_detect_real_differences():
     """The tie-aware comparisons accept swaps of (nearly) tied blocks and reject anything else."""
-    nb, hq = 8, 2
+    nb = 8
     cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=0)
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(1, 1, nb, nb, generator=g) + 0.1

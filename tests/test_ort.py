@@ -102,7 +102,8 @@ def test_half_precision_node(tmp_path):
     feed = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
     out = make_session(path, sparse=True).run(None, feed)[0]
     assert out.dtype == np.float16
-    want = proxy_attention(q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), CFG, scale=0.125).transpose(1, 2)
+    want = proxy_attention(q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), CFG,
+                           scale=0.125).transpose(1, 2)
     assert_close(torch.from_numpy(out.astype(np.float32)), want, "fp16", what="fp16 node")
 
 

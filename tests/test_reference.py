@@ -9,7 +9,7 @@ import torch
 
 import proxyattn as pa
 from proxyattn import reference as ref
-from tests.helpers import assert_close
+from tests.helpers import assert_close, qkv_inputs
 
 # (B, S, Hq, Hkv, D, block_size): ragged lengths, GQA ratios 1/4/7/8, head dims 64/128/256, B > 1.
 SHAPES = [
@@ -23,10 +23,7 @@ SHAPES = [
 
 def make_qkv(b, s, hq, hkv, d, seed=0, temperature=None):
     """Random inputs; per-head temperatures make heads differ in how concentrated their attention is."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, s, hq, d, generator=g)
-    k = torch.randn(b, s, hkv, d, generator=g)
-    v = torch.randn(b, s, hkv, d, generator=g)
+    q, k, v = qkv_inputs("random", b, s, hq, hkv, d, seed)
     if temperature is not None:
         q = q * torch.linspace(0.5, temperature, hq).view(1, 1, hq, 1)
     return q, k, v
@@ -199,12 +196,14 @@ def test_ranking_rule_budgets_brute_force(shape, gamma, forced, rule):
     scale = 1 / math.sqrt(d)
     scores = ref.proxy_scores(q, k, proxy_heads=hkv, block_size=bs, stride=4, scale=scale)
     brute = brute_recall_budgets if rule == 1 else brute_row_recall_budgets
-    got = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule, keep_sink=forced[0], keep_diagonal=forced[1])
+    got = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule, keep_sink=forced[0],
+                           keep_diagonal=forced[1])
     want = brute(q, k, scores, bs, gamma, scale, *forced)
     assert torch.equal(got.long(), want), (got, want)
     # Rule 1: any ranking needs at least the head's own descending order (the paper's budget). Rule 2: every row
     # holding gamma implies their mean does, so never below rule 1.
-    lower = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule - 1, keep_sink=forced[0], keep_diagonal=forced[1])
+    lower = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule - 1, keep_sink=forced[0],
+                             keep_diagonal=forced[1])
     assert (got >= lower).all()
 
 

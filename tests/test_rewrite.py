@@ -141,7 +141,8 @@ def test_unmatched_attention_names_the_node_and_writes_nothing(rewritten, tmp_pa
     proto.graph.node.append(onnx.helper.make_node("Relu", [softmax.output[0]], [relu_out]))
     onnx.save(_toposorted(proto), str(tmp_path / "broken.onnx"))
     out_dir = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"replaced 1 attention blocks .* 2 attention layers; unmatched nodes: the_broken_softmax: its output does not feed a single MatMul"):
+    with pytest.raises(ValueError, match=r"replaced 1 attention blocks .* 2 attention layers; unmatched nodes: the_broken_softmax: "
+                                         r"its output does not feed a single MatMul"):
         rewrite_model(tmp_path / "broken.onnx", out_dir / "x.onnx", config=SPARSE, num_layers=2)
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 

@@ -26,41 +26,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from engines.density import measure_density
+from engines.triton_repo import PYTHON_MODEL_SOURCE, config_text, parse_config
+from engines.tritonserver import local_server
+from tests.helpers import assert_close, live_group_members
 
 httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from engines import pipeline  # noqa: E402
-from engines.artifacts import Manifest  # noqa: E402
-from engines.density import measure_density  # noqa: E402
-from engines.triton_repo import PYTHON_MODEL_SOURCE, config_text, parse_config  # noqa: E402
-from engines.tritonserver import local_server  # noqa: E402
+InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama_onnxruntime"
 BROKEN = "tiny-llama_broken"  # declares vocab 1024 over the real 512: ids 512..1023 fail inside ONNX Runtime
-VOCAB, MAX_BATCH, PROFILE_EDGE = 512, 4, 128  # tiny-llama's profiles: up-to-128 (1..128), 128-1k (129..1024)
-_BUILDS: dict = {}
-
-
-def build_tiny(tmp_path_factory):
-    """(plan, repository, PyTorch model) of tiny-llama, built once per test session (shared with other modules)."""
-    if "tiny" not in _BUILDS:
-        out = tmp_path_factory.mktemp("tiny")
-        plan = pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", out=str(out), max_batch=MAX_BATCH))
-        assert plan.backend == "onnxruntime" and plan.precision == "fp32"
-        manifest = Manifest.load(plan.out)
-        pipeline.stage_export(plan, manifest)
-        pipeline.stage_ort_models(plan, manifest)
-        repo = pipeline.stage_repository(plan, manifest)
-        _BUILDS["tiny"] = (plan, repo, pipeline.load_model(plan, meta=False))
-    return _BUILDS["tiny"]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_tiny(tmp_path_factory)
+VOCAB, PROFILE_EDGE = 512, 128  # tiny-llama's profiles: up-to-128 (1..128), 128-1k (129..1024)
 
 
 def _served_repository(repo: Path, dest: Path) -> Path:
@@ -74,28 +51,14 @@ def _served_repository(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def _live_group_members(pgid: int) -> list[int]:
-    """Non-zombie processes of process group `pgid` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited while listed
-        state, _, group = text[text.rindex(")") + 2:].split()[:3]
-        if state != "Z" and int(group) == pgid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.fixture(scope="module")
-def server(built, tmp_path_factory):
-    _, repo, _ = built
+def server(tiny_build, tmp_path_factory):
+    _, repo, _ = tiny_build
     served = _served_repository(repo, tmp_path_factory.mktemp("served"))
     with local_server(served, models=[MODEL, BROKEN], pythonpath=ROOT) as handle:
         yield handle
     assert handle.process.poll() is not None, "tritonserver still runs after local_server"
-    assert _live_group_members(handle.pid) == [], "processes of tritonserver's group outlived it"
+    assert live_group_members(handle.pid) == [], "processes of tritonserver's group outlived it"
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +93,13 @@ def _post_json(server, model, shape, datatype, data):
     return response.status, payload.get("error", "")
 
 
-def test_repository_holds_the_engines_and_the_python_model(built):
-    _, repo, _ = built
+def test_repository_holds_the_engines_and_the_python_model(tiny_build):
+    _, repo, _ = tiny_build
     assert sorted(p.name for p in repo.iterdir()) == ["tiny-llama_128-1k", "tiny-llama_onnxruntime", "tiny-llama_up-to-128"]
 
 
-def test_server_serves_logits_like_pytorch(built, client):
-    plan, _, model = built
+def test_server_serves_logits_like_pytorch(tiny_build, client):
+    plan, _, model = tiny_build
     g = torch.Generator().manual_seed(7)
     short = torch.randint(0, VOCAB, (2, 50), generator=g)  # dense profile, batch 2
     long = torch.randint(0, VOCAB, (1, 300), generator=g)  # sparse profile (dense_below_tokens = 128)
@@ -147,8 +110,8 @@ def test_server_serves_logits_like_pytorch(built, client):
     assert densities, "the 300-token prompt must take the sparse path"
 
 
-def test_concurrent_requests_on_both_sides_of_the_profile_boundary(built, client):
-    plan, _, model = built
+def test_concurrent_requests_on_both_sides_of_the_profile_boundary(tiny_build, client):
+    plan, _, model = tiny_build
     g = torch.Generator().manual_seed(11)
     shapes = [(1, 127), (2, 128), (2, 64), (1, 129), (2, 130), (1, 300)]  # batch 1 and 2 in each profile
     assert {(b, s <= PROFILE_EDGE) for b, s in shapes} == {(1, True), (2, True), (1, False), (2, False)}
@@ -198,8 +161,8 @@ def test_onnx_runtime_failure_is_answered_500_with_the_reason(server):
     assert "idx=600" in message
 
 
-def test_server_keeps_serving_after_errors(built, server, client):
-    plan, _, model = built
+def test_server_keeps_serving_after_errors(tiny_build, server, client):
+    plan, _, model = tiny_build
     assert _post_json(server, MODEL, [1, 3], "INT64", [1, 2, 999])[0] == 400
     assert _post_json(server, BROKEN, [1, 3], "INT64", [1, 2, 600])[0] == 500
     assert client.is_model_ready(MODEL) and client.is_model_ready(BROKEN)

@@ -28,7 +28,8 @@ def test_tensorrt_plan_config_round_trips():
     back = parse_config(text)
     assert back.platform == "tensorrt_plan" and back.max_batch_size == 4
     assert list(back.input[0].dims) == [-1] and list(back.output[0].dims) == [-1, 128256]
-    assert back.output[0].data_type == back.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type.values_by_name["TYPE_BF16"].number
+    data_types = back.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type
+    assert back.output[0].data_type == data_types.values_by_name["TYPE_BF16"].number
     g = back.instance_group[0]
     assert g.count == 2 and list(g.gpus) == [0] and list(g.profile) == ["0"]
     assert 'platform: "tensorrt_plan"' in text and "KIND_GPU" in text
@@ -36,20 +37,23 @@ def test_tensorrt_plan_config_round_trips():
 
 def test_python_config_carries_profiles():
     profiles = [Profile("short", 1, 64, 128), Profile("long", 129, 512, 1024)]
-    cfg = python_ort_config("tiny_onnxruntime", vocab_size=512, max_batch_size=8, profiles=profiles, profile_files=["short.onnx", "long.onnx"])
+    cfg = python_ort_config("tiny_onnxruntime", vocab_size=512, max_batch_size=8, profiles=profiles,
+                            profile_files=["short.onnx", "long.onnx"])
     text = config_text(cfg)
     validate_config(text, directory_name="tiny_onnxruntime")
     back = parse_config(text)
     table = json.loads(back.parameters["profiles"].string_value)
-    assert [(p["name"], p["min"], p["max"], p["file"]) for p in table] == [("short", 1, 128, "short.onnx"), ("long", 129, 1024, "long.onnx")]
+    assert [(p["name"], p["min"], p["max"], p["file"]) for p in table] == [("short", 1, 128, "short.onnx"),
+                                                                             ("long", 129, 1024, "long.onnx")]
     assert back.backend == "python" and "KIND_CPU" in text
 
 
 @pytest.mark.parametrize("text, match", [
     ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
      'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}] nonsense: 1', "schema"),
-    ('name: "m" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] '
-     'instance_group [{kind: KIND_GPU count: 1}]', "exactly one of platform / backend"),
+    ('name: "m" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
+     'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]',
+     "exactly one of platform / backend"),
     ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
      'output [{name: "a" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]', "repeat"),
     ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [0]}] '

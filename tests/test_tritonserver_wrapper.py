@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_triton_server_integration import MODEL, _live_group_members, build_tiny
+from tests.helpers import live_group_members
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real tritonserver processes started and signalled
+MODEL = "tiny-llama_onnxruntime"  # the Python-backend model of the tiny build
 READY_BOUND_S = 180  # the server's start takes ~10 s on an idle 2-core machine
 EXIT_BOUND_S = 60  # tritonserver's exit timeout (10 s) + the wrapper's grace for the stubs (5 s) + slack
 SERVING = re.compile(r"^serving .*: HTTP (\S+), gRPC \S+, tritonserver pid (\d+) ", re.M)
@@ -72,7 +74,7 @@ def _shm_regions(pids) -> list[Path]:
 def _assert_gone(pid: int) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped by the wrapper: not even a zombie
-    assert _live_group_members(pid) == [], f"processes of tritonserver's group {pid} outlived it"
+    assert live_group_members(pid) == [], f"processes of tritonserver's group {pid} outlived it"
 
 
 def _assert_stopped(proc: subprocess.Popen, out_dir: Path, server_pid: int, signum: int) -> None:
@@ -89,8 +91,8 @@ def _assert_stopped(proc: subprocess.Popen, out_dir: Path, server_pid: int, sign
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return build_tiny(tmp_path_factory)[1]
+def repo(tiny_build):
+    return tiny_build[1]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -99,7 +101,7 @@ def test_signal_stops_the_server_and_the_wrapper(repo, tmp_path, signum):
     serving = _wait_for(SERVING, proc, tmp_path, "stdout", READY_BOUND_S)
     http_url, server_pid = serving.group(1), int(serving.group(2))
     assert _ready(http_url) == 200
-    group = _live_group_members(server_pid)
+    group = live_group_members(server_pid)
     assert server_pid in group and len(group) >= 2, f"expected tritonserver and its backend stub, got {group}"
     regions = _shm_regions(group)
     assert regions and all(r.exists() for r in regions), regions

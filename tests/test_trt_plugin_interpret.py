@@ -5,25 +5,23 @@ TensorRT's `[B, H, S, D]` layout, against the fp32 reference and against the pro
 This checks the plugin logic end to end (strides, scalars, grids, fixed-size intermediates, output shapes), not
 TensorRT itself (not installable here)."""
 
-import os
+import math
 
-# The interpreter must be chosen before any Triton kernel is defined (i.e. before proxyattn.kernels is imported).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import triton.runtime.interpreter as _interp
 
-import math  # noqa: E402
+from plugins.tensorrt import spec as S
+from plugins.tensorrt.kernels import WRAPPERS
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.kernels import estimate_budgets as eb
+from proxyattn.kernels import estimate_scores as es
+from proxyattn.plan import compact_plan
+from proxyattn.testing import row_budget_mismatches
+from tests.helpers import assert_close
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.runtime.interpreter as _interp  # noqa: E402
-
-from plugins.tensorrt import spec as S  # noqa: E402
-from plugins.tensorrt.kernels import WRAPPERS  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
-from proxyattn.kernels import estimate_scores as es  # noqa: E402
-from proxyattn.plan import compact_plan  # noqa: E402
-from proxyattn.testing import row_budget_mismatches  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+# Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before any kernel is defined).
+pytestmark = pytest.mark.interpret
 
 _NP = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32"}
 _TORCH = {v: k for k, v in _NP.items()}
@@ -155,7 +153,6 @@ def _plugin_ops():
 
 
 def _attention_model(b, s, hq, hkv, d, cfg, scale):
-    import onnx
     from onnx import TensorProto, helper
 
     from export import contract
@@ -197,7 +194,8 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
     mass_plugin = "ProxyRowMass" if rule == 2 else "ProxyMass"
     assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyMassStats", mass_plugin, "ProxySparseAttention"]
-    assert all({"plugin_namespace", "plugin_version", "aot"} <= {a.name for a in n.attribute} for n in model.graph.node if n.domain == S.NAMESPACE)
+    plugin_nodes = [n for n in model.graph.node if n.domain == S.NAMESPACE]
+    assert all({"plugin_namespace", "plugin_version", "aot"} <= {a.name for a in n.attribute} for n in plugin_nodes)
 
     # Structured inputs (a few strong keys) so that budgets are below the full sequence.
     q, k, v = _qkv(b, s, hq, hkv, d, seed=s + 2)
@@ -206,7 +204,8 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     ev = ReferenceEvaluator(model, new_ops=_plugin_ops())
     results = ev.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}, intermediate=True)
     def pick(tag):
-        return torch.from_numpy(next(val for key, val in results.items() if key.startswith("layer0/") and key.rsplit("/", 1)[-1].rsplit("_", 1)[0] == tag))
+        return torch.from_numpy(next(val for key, val in results.items()
+                                     if key.startswith("layer0/") and key.rsplit("/", 1)[-1].rsplit("_", 1)[0] == tag))
 
     order, counts = pick("order"), pick("counts")
     scores = torch.from_numpy(next(val for key, val in results.items() if key.startswith("layer0/ProxyScores")))

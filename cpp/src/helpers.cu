@@ -1,6 +1,6 @@
 // libproxyattn's CUDA C helper kernels: the steps the Python GPU path does with torch tensor operations.
-// Bodies in helpers_impl.h, shared with the host tests (tests/test_cpp.py runs them on the CPU against the torch
-// code they replace). Compiled by nvcc to an sm_90 cubin and loaded through the driver API like the Triton
+// Bodies in helpers_impl.h, shared with the host tests (tests/cpp/test_host_helpers.py runs them on the CPU against
+// the torch code they replace). Compiled by nvcc to an sm_90 cubin and loaded through the driver API like the Triton
 // kernels. cu_seqlens (device, [B+1]) is NULL for the padded layout, where every sequence has seq_len tokens.
 #include "helpers_impl.h"
 

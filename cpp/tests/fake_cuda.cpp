@@ -1,6 +1,6 @@
 // A recording stand-in for libcuda.so.1 (host tests only): libproxyattn opens it through PROXYATTN_LIBCUDA and
 // "launches" its kernels here, which records every launch (entry name, grid, block, shared memory, parameter
-// values) instead of running it. tests/test_cpp.py compares the recorded parameters with those the Python
+// values) instead of running it. tests/cpp/test_launches.py compares the recorded parameters with those the Python
 // launchers of proxyattn/kernels pass to the same kernels. Device pointers are plain numbers here: nothing is
 // dereferenced.
 #include <cuda.h>

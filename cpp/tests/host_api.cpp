@@ -1,6 +1,6 @@
 // Host-side test surface of libproxyattn (built only with PROXYATTN_BUILD_TESTS): the CUDA C helper kernels'
 // bodies (src/helpers_impl.h) run over whole grids on the CPU, and the .npy codec of the example program, behind
-// a C interface that tests/test_cpp.py calls through ctypes and compares with the PyTorch code they replace.
+// a C interface that tests/cpp calls through ctypes and compares with the PyTorch code they replace.
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -1,6 +1,6 @@
 // TensorRT-independent logic of the ProxyAttention IPluginV3 (ProxyAttnPlugin.cpp): the node's fields to a
 // libproxyattn config, and tensor dimensions to a problem. Kept free of TensorRT types so that the host tests
-// (tests/test_cpp.py, through cpp/tests/host_api.cpp) check it on a machine without TensorRT.
+// (tests/cpp/test_plugin_fields.py, through cpp/tests/host_api.cpp) check it on a machine without TensorRT.
 //
 // The node contract is export/contract.py: inputs query [B, Hq, S, D], key/value [B, Hkv, S, D] (BHSD), output
 // [B, Hq, S, D] in query's dtype; fields pa_* (ProxyAttnConfig.to_attrs), scale (float), is_causal (int, must be 1),
