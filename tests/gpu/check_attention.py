@@ -7,26 +7,26 @@ public path, varlen batches, the dense path and proxy_attention (attention given
 poisoned with NaN before each run (preallocated buffers; for the public functions the caching allocator's free
 memory is poisoned) and any NaN, i.e. an unwritten element, fails. Exit status 1 on any failure.
 
-    python3 tests/gpu/check_attention.py [--quick]
+    python3 -m tests.gpu.check_attention [--quick]      (from the repository root)
+
+The same checks run under pytest as tests/gpu/test_gpu_attention.py (`pytest -m gpu tests/gpu`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import proxyattn  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.api import _varlen_reference  # noqa: E402
-from proxyattn.kernels import attention as attn  # noqa: E402
-from proxyattn.plan import BlockPlan, compact_plan  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+import proxyattn
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.api import _varlen_reference
+from proxyattn.kernels import attention as attn
+from proxyattn.plan import BlockPlan, compact_plan
+from tests.helpers import assert_close
 
 PREC = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 RESULTS: list[tuple[str, bool, str]] = []
@@ -51,8 +51,7 @@ def poison_allocator(nbytes: int) -> None:
 
 def qkv(b, s, hq, hkv, d, dtype, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda h: torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.float32).to(dtype)  # noqa: E731
-    return mk(hq), mk(hkv), mk(hkv)
+    return tuple(torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.float32).to(dtype) for h in (hq, hkv, hkv))
 
 
 def random_plan(b, hq, s, bs, density, seed, proxy_like=True):
@@ -78,6 +77,95 @@ def check_sparse(q, k, v, plan, scale, **kw):
     assert_close(lse, rl, "fp16", allow_inf=True, what="lse")
 
 
+def tuning_inputs():
+    """4K ragged main shape (B 1, Hq 32, Hkv 8, D 128, bf16) and a random per-head plan at 30 % density."""
+    q, k, v = qkv(1, 4096 - 37, 32, 8, 128, torch.bfloat16, 1)
+    return q, k, v, random_plan(1, 32, q.shape[1], 128, 0.3, 2, proxy_like=False)
+
+
+def tuning_configs(q) -> list[dict]:
+    """Every config the autotuner may pick for the main shape."""
+    named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q}
+    return [dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+            for c in attn._prune(attn._configs(), named)]
+
+
+EVERY_TILE = dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)  # the variant that masks every tile
+
+# Autotuned path over shapes: GQA 1/4/7/8, D 64/128/256, block 64/128, fp16/bf16, B > 1, ragged S.
+# (B, S, Hq, Hkv, D, block, dtype)
+AUTOTUNED_SHAPES = [
+    (2, 4096 - 37, 32, 8, 128, 128, torch.bfloat16),
+    (1, 4096 + 64, 8, 8, 64, 64, torch.float16),
+    (1, 4000, 16, 2, 256, 128, torch.bfloat16),
+    (1, 4096, 28, 4, 128, 64, torch.float16),
+    (1, 4096 + 5, 16, 2, 256, 64, torch.float16),
+]
+VARLEN_LENGTHS = [4096 + 13, 1000, 9000, 0, 2048]
+
+
+def check_autotuned(i: int) -> None:
+    """The autotuned kernel on AUTOTUNED_SHAPES[i], a proxy-like plan and a random per-head one."""
+    b, s, hq, hkv, d, bs, dt = AUTOTUNED_SHAPES[i]
+    q, k, v = qkv(b, s, hq, hkv, d, dt, 10 + i)
+    for proxy_like in (True, False):
+        plan = random_plan(b, hq, s, bs, 0.2, 20 + i, proxy_like)
+        check_sparse(q, k, v, plan, d**-0.5)
+
+
+def check_public(s: int) -> None:
+    """Public block_sparse_attention_with_lse (allocates its outputs: the allocator is poisoned first), main shape."""
+    q, k, v = qkv(1, s, 32, 8, 128, torch.bfloat16, s)
+    plan = random_plan(1, 32, s, 128, 0.1, s + 1)
+    poison_allocator(4 * q.numel() * 2)
+    out, lse = proxyattn.block_sparse_attention_with_lse(q, k, v, plan)
+    ro, rl = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=128**-0.5)
+    assert_close(out, ro, "bf16", what="out")
+    assert_close(lse, rl, "fp16", allow_inf=True, what="lse")
+
+
+def check_varlen() -> None:
+    """Varlen: ragged lengths (VARLEN_LENGTHS: an empty sequence too), GQA 4, the launcher and the public function."""
+    lens = VARLEN_LENGTHS
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    t, mx = sum(lens), max(lens)
+    q, k, v = (x[0] for x in qkv(1, t, 32, 8, 128, torch.bfloat16, 77))
+    plan = random_plan(len(lens), 32, mx, 128, 0.3, 78, proxy_like=False)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((32, t), float("nan"), device="cuda")
+    attn._launch_sparse(q, k, v, plan.order, plan.counts, cu, mx, 128, 0.088, with_lse=True, out=out, lse=lse)
+    ro, rl = _varlen_reference(q, k, v, cu, plan, 0.088)
+    assert_close(out, ro, "bf16", what="varlen out")
+    assert_close(lse, rl, "fp16", allow_inf=True, what="varlen lse")
+    poison_allocator(4 * q.numel() * 2)
+    out2 = proxyattn.block_sparse_attention_varlen(q, k, v, cu, mx, plan, scale=0.088)
+    assert_close(out2, ro, "bf16", what="public varlen out")
+
+
+def check_dense(s: int) -> str:
+    """The dense path (cuDNN through SDPA) against the reference; returns the dense mode taken."""
+    q, k, v = qkv(1, s, 32, 8, 128, torch.bfloat16, 5 + s)
+    poison_allocator(4 * q.numel() * 2)
+    out = proxyattn.dense_attention(q, k, v)
+    assert_close(out, reference.dense_attention(q, k, v, 128**-0.5), "bf16", what="dense")
+    return attn._dense_mode(q, k, v)
+
+
+PROXY_S = 8192 + 100
+
+
+def check_proxy() -> float:
+    """proxy_attention at S=8292, gamma 0.9, against reference attention on the GPU plan; returns the mean density."""
+    q, k, v = qkv(1, PROXY_S, 32, 8, 128, torch.bfloat16, 99)
+    cfg = ProxyAttnConfig(gamma=0.9)
+    poison_allocator(4 * q.numel() * 2)
+    out = proxyattn.proxy_attention(q, k, v, cfg)
+    plan = proxyattn.plan_blocks(q, k, cfg)
+    ro, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=128**-0.5)
+    assert_close(out, ro, "bf16", what="proxy_attention")
+    return plan.density().mean().item()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="4K-16K only")
@@ -86,83 +174,29 @@ def main() -> int:
     print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
 
     # Every config the autotuner may pick, TMA and pointer loads, both masking variants: 4K, main shape, ragged.
-    q, k, v = qkv(1, 4096 - 37, 32, 8, 128, torch.bfloat16, 1)
-    plan = random_plan(1, 32, q.shape[1], 128, 0.3, 2, proxy_like=False)
-    named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q}
-    for c in attn._prune(attn._configs(), named):
+    q, k, v, plan = tuning_inputs()
+    for cfg in tuning_configs(q):
         for tma in (True, False):
-            cfg = dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
             record(f"config {cfg} tma={tma}", lambda cfg=cfg, tma=tma: check_sparse(q, k, v, plan, 0.088, use_tma=tma, config=cfg))
-    record("mask every tile (DIAG_BRANCH=False)", lambda: check_sparse(q, k, v, plan, 0.088, use_tma=True, config=dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)))
+    record("mask every tile (DIAG_BRANCH=False)", lambda: check_sparse(q, k, v, plan, 0.088, use_tma=True, config=EVERY_TILE))
 
-    # Autotuned path over shapes: GQA 1/4/7/8, D 64/128/256, block 64/128, fp16/bf16, B > 1, ragged S.
-    shapes = [
-        (2, 4096 - 37, 32, 8, 128, 128, torch.bfloat16),
-        (1, 4096 + 64, 8, 8, 64, 64, torch.float16),
-        (1, 4000, 16, 2, 256, 128, torch.bfloat16),
-        (1, 4096, 28, 4, 128, 64, torch.float16),
-        (1, 4096 + 5, 16, 2, 256, 64, torch.float16),
-    ]
-    for i, (b, s, hq, hkv, d, bs, dt) in enumerate(shapes):
-        def run(b=b, s=s, hq=hq, hkv=hkv, d=d, bs=bs, dt=dt, i=i):
-            q, k, v = qkv(b, s, hq, hkv, d, dt, 10 + i)
-            for proxy_like in (True, False):
-                plan = random_plan(b, hq, s, bs, 0.2, 20 + i, proxy_like)
-                check_sparse(q, k, v, plan, d**-0.5)
-        record(f"autotuned B={b} S={s} Hq={hq} Hkv={hkv} D={d} block={bs} {dt}", run)
+    for i, (b, s, hq, hkv, d, bs, dt) in enumerate(AUTOTUNED_SHAPES):
+        record(f"autotuned B={b} S={s} Hq={hq} Hkv={hkv} D={d} block={bs} {dt}", lambda i=i: check_autotuned(i))
 
     # Public API (allocates its outputs: poison the allocator first), 16K and 32K, main shape.
-    sizes = [16384] if args.quick else [16384, 32768]
-    for s in sizes:
-        def run_public(s=s):
-            q, k, v = qkv(1, s, 32, 8, 128, torch.bfloat16, s)
-            plan = random_plan(1, 32, s, 128, 0.1, s + 1)
-            poison_allocator(4 * q.numel() * 2)
-            out, lse = proxyattn.block_sparse_attention_with_lse(q, k, v, plan)
-            ro, rl = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=128**-0.5)
-            assert_close(out, ro, "bf16", what="out")
-            assert_close(lse, rl, "fp16", allow_inf=True, what="lse")
-        record(f"public block_sparse_attention_with_lse S={s}", run_public)
-
-    # Varlen: ragged lengths, an empty sequence, GQA 4.
-    def run_varlen():
-        lens = [4096 + 13, 1000, 9000, 0, 2048]
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-        t, mx = sum(lens), max(lens)
-        q, k, v = (x[0] for x in qkv(1, t, 32, 8, 128, torch.bfloat16, 77))
-        plan = random_plan(len(lens), 32, mx, 128, 0.3, 78, proxy_like=False)
-        out = torch.full_like(q, float("nan"))
-        lse = torch.full((32, t), float("nan"), device="cuda")
-        attn._launch_sparse(q, k, v, plan.order, plan.counts, cu, mx, 128, 0.088, with_lse=True, out=out, lse=lse)
-        ro, rl = _varlen_reference(q, k, v, cu, plan, 0.088)
-        assert_close(out, ro, "bf16", what="varlen out")
-        assert_close(lse, rl, "fp16", allow_inf=True, what="varlen lse")
-        poison_allocator(4 * q.numel() * 2)
-        out2 = proxyattn.block_sparse_attention_varlen(q, k, v, cu, mx, plan, scale=0.088)
-        assert_close(out2, ro, "bf16", what="public varlen out")
-    record("varlen lengths [4109, 1000, 9000, 0, 2048]", run_varlen)
+    for s in [16384] if args.quick else [16384, 32768]:
+        record(f"public block_sparse_attention_with_lse S={s}", lambda s=s: check_public(s))
+    record(f"varlen lengths {VARLEN_LENGTHS}", check_varlen)
 
     # Dense path (cuDNN through SDPA) and whole proxy_attention (attention given the GPU plan).
     for s in (4096, 16384):
         def run_dense(s=s):
-            q, k, v = qkv(1, s, 32, 8, 128, torch.bfloat16, 5 + s)
-            poison_allocator(4 * q.numel() * 2)
-            out = proxyattn.dense_attention(q, k, v)
-            assert_close(out, reference.dense_attention(q, k, v, 128**-0.5), "bf16", what="dense")
-            print(f"   dense mode: {attn._dense_mode(q, k, v)}")
+            print(f"   dense mode: {check_dense(s)}")
         record(f"dense_attention S={s}", run_dense)
 
     def run_proxy():
-        s = 8192 + 100
-        q, k, v = qkv(1, s, 32, 8, 128, torch.bfloat16, 99)
-        cfg = ProxyAttnConfig(gamma=0.9)
-        poison_allocator(4 * q.numel() * 2)
-        out = proxyattn.proxy_attention(q, k, v, cfg)
-        plan = proxyattn.plan_blocks(q, k, cfg)
-        ro, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=128**-0.5)
-        assert_close(out, ro, "bf16", what="proxy_attention")
-        print(f"   density {plan.density().mean().item():.3f}")
-    record("proxy_attention S=8292 gamma=0.9 (vs reference attention on the GPU plan)", run_proxy)
+        print(f"   density {check_proxy():.3f}")
+    record(f"proxy_attention S={PROXY_S} gamma=0.9 (vs reference attention on the GPU plan)", run_proxy)
 
     failed = [r for r in RESULTS if not r[1]]
     print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed")

@@ -3,7 +3,7 @@
 
 Run on the device machine (not in the CPU suite), from the repository root:
 
-    python3 tests/gpu/check_cpp.py --lib DIR [--alt DIR ...] --out OUTDIR [--commit SHA]
+    python3 -m tests.gpu.check_cpp --lib DIR [--alt DIR ...] --out OUTDIR [--commit SHA]
 
 DIR holds libproxyattn.so.0, proxyattn_example and manifest.json (a build of cpp/, made here or on the CPU machine
 and carried); --build makes one with cmake first. --alt DIRs are quick builds with other attention configs, timed
@@ -19,7 +19,8 @@ against the main one. Every check draws fresh inputs and poisons outputs with Na
 3. The example program (.npy in, .npy out) at 8K against the same output.
 4. Timing (do_bench median, rotated inputs): libproxyattn vs proxy_attention vs dense attention at 8K/16K/32K.
 
-Writes OUTDIR/cpp_<date>.json and prints a table; exit status 1 on any failed check.
+Writes OUTDIR/cpp_<date>.json and prints a table; exit status 1 on any failed check. Run from the repository root;
+the checks (not the timings) also run under pytest as tests/gpu/test_gpu_cpp.py (`pytest -m gpu tests/gpu`).
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ import torch
 import triton
 from triton.testing import do_bench
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import proxyattn
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.plan import BlockPlan, compact_plan
+from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv
+from tests.helpers import assert_close
 
-import proxyattn  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.plan import BlockPlan, compact_plan  # noqa: E402
-from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 RESULTS: list[dict] = []
 TIMINGS: list[dict] = []
@@ -156,7 +156,7 @@ class Lib:
 class PythonLib(Lib):
     """--dry-cpu: the same interface on the Python path (CPU reference), to test this script without a GPU."""
 
-    def __init__(self):  # noqa: D107 - no library
+    def __init__(self):  # no library to load
         self.dir = Path(".")
 
     def prefill(self, q, k, v, cfg, cu=None, max_seqlen=None, lse=False, out=None):
@@ -489,7 +489,7 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit,
-        "command": "python3 tests/gpu/check_cpp.py --lib cpp/build-carry/main --alt cpp/build-carry/alt-... --out $OUT "
+        "command": "python3 -m tests.gpu.check_cpp --lib cpp/build-carry/main --alt cpp/build-carry/alt-... --out $OUT "
                    "--commit <sha> (builds of cpp/ made on the CPU machine and carried)",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "library": lib.lib.proxyattn_version().decode()},
@@ -522,7 +522,7 @@ def main() -> int:
         for s in sizes:
             try:
                 time_case(lib, alts, s)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a failed timing is recorded and fails the script at the end
                 RESULTS.append({"check": f"timing S={s}", "ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             dump()
     if stage in ("all", "misc"):
@@ -568,9 +568,9 @@ def merge(out: Path) -> int:
         print("no parts to merge")
         return 1
     doc["stages"] = [p.stem[len("part_"):] for p in parts]
-    doc["command"] = ("for s in large example timing misc variants; do python3 tests/gpu/check_cpp.py --lib "
+    doc["command"] = ("for s in large example timing misc variants; do python3 -m tests.gpu.check_cpp --lib "
                       "cpp/build-carry/main --alt ... --stage $s --out $OUT --commit <sha>; done; "
-                      "python3 tests/gpu/check_cpp.py --merge --out $OUT --lib x")
+                      "python3 -m tests.gpu.check_cpp --merge --out $OUT --lib x")
     path = out / f"cpp_{doc['date'][:10]}.json"
     path.write_text(json.dumps(doc, indent=1))
     for c in doc["checks"]:

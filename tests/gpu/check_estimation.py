@@ -15,10 +15,11 @@
    (scores, budgets, selection) and the whole `plan_blocks`, `do_bench` median over rotated input sets; a small
    sweep of the scores kernel's tile/warps/stages at 128K; peak extra memory of `plan_blocks` at 128K.
 
-    python3 tests/gpu/check_estimation.py --out DIR [--commit SHA]
+    python3 -m tests.gpu.check_estimation --out DIR [--commit SHA]
 
 Writes DIR/estimation_<date>.json (GPU name, date, commit, command, versions, every figure) and prints a table.
-Exit status 1 on any failed check.
+Exit status 1 on any failed check. Run from the repository root as `python3 -m tests.gpu.check_estimation`; the
+checks (not the timings) also run under pytest as tests/gpu/test_gpu_estimation.py (`pytest -m gpu tests/gpu`).
 """
 
 from __future__ import annotations
@@ -37,15 +38,14 @@ import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import proxyattn  # noqa: E402
-from proxyattn import ProxyAttnConfig, reference  # noqa: E402
-from proxyattn.kernels import estimate_budgets as eb  # noqa: E402
-from proxyattn.kernels import estimate_scores as es  # noqa: E402
-from proxyattn.kernels import estimate_select as esel  # noqa: E402
-from proxyattn.plan import compact_plan, compact_plan_needs, dense_fallback  # noqa: E402
-from proxyattn.testing import budget_mismatches, need_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv  # noqa: E402
+import proxyattn
+from proxyattn import ProxyAttnConfig, reference
+from proxyattn.kernels import estimate_budgets as eb
+from proxyattn.kernels import estimate_scores as es
+from proxyattn.kernels import estimate_select as esel
+from proxyattn.plan import compact_plan, compact_plan_needs, dense_fallback
+from proxyattn.testing import budget_mismatches, need_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv
 
 ref_scores_fn = None  # set below (ref_scores)
 RESULTS: list[dict] = []
@@ -201,7 +201,10 @@ def check_varlen(small=False, rule=0):
     out = torch.full((len(lengths), 1, nb, nb), float("nan"), device=DEV)
     scores = es.proxy_scores_varlen(q, k, cu, max_len, cfg, scale, out=out)
     assert not torch.isnan(scores).any(), "NaN in varlen scores"
-    plan = proxyattn.api.plan_blocks_varlen(q, k, cu, max_len, cfg, scale=scale) if DEV == "cuda" else esel.plan_blocks_varlen(q, k, cu, max_len, cfg, scale)
+    if DEV == "cuda":
+        plan = proxyattn.api.plan_blocks_varlen(q, k, cu, max_len, cfg, scale=scale)
+    else:
+        plan = esel.plan_blocks_varlen(q, k, cu, max_len, cfg, scale)
     worst = 0.0
     bad = 0
     for i, n in enumerate(lengths):
@@ -221,7 +224,8 @@ def check_varlen(small=False, rule=0):
             continue
         order = None
         if rule == 1:
-            order = reference.last_row_order(scores[i : i + 1, :, :nbi, :nbi], keep_sink=True, keep_diagonal=True).repeat_interleave(hq, dim=1)
+            order = reference.last_row_order(scores[i : i + 1, :, :nbi, :nbi], keep_sink=True, keep_diagonal=True)
+            order = order.repeat_interleave(hq, dim=1)
         rb = budget_mismatches(plan.budget_blocks[i : i + 1], ref_mass(qi, ki, bs, scale), cfg.gamma, order=order)
         assert rb == 0, f"seq {i}: {rb} budgets differ beyond ties"
         sub = proxyattn.plan.BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
@@ -279,7 +283,6 @@ def check_head_max(s, hq, hkv, d, st, g, seed):
 def recall_timings():
     """plan_blocks with budget_rule 0 and 1 (same inputs), Llama-3-8B shapes, 32K and 128K."""
     hq, hkv, d = 32, 8, 128
-    scale = 1.0 / math.sqrt(d)
     for s in (32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
         for label, cfg in [("budget_rule=0", ProxyAttnConfig(budget_rule=0)), ("budget_rule=1", ProxyAttnConfig(budget_rule=1)),
@@ -429,7 +432,7 @@ def needs_timings():
         sweep = [(8, 4, 2)] if s < 131072 else [(qbv, nw, ns) for qbv in (4, 8, 16) for nw in (4, 8) for ns in (2, 3)]
         for qbv, nw, ns in sweep:
             try:
-                ms = bench(lambda q, k, r: en._launch_needs(q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[2:],
+                ms = bench(lambda q, k, r: en._launch_needs(q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[1:],
                                                             counts=True, qb=qbv, num_warps=nw, num_stages=ns), ranked)
                 TIMINGS.append({"stage": f"needs+counts kernels rows 4 qb={qbv} warps={nw} stages={ns}", "seq_len": s, "ms": round(ms, 4)})
                 print(f"  needs+counts qb={qbv} warps={nw} stages={ns} S={s}: {ms:.3f} ms", flush=True)
@@ -464,7 +467,6 @@ def timings():
     for s in (32768, 65536, 131072):
         nsets = 3 if s < 131072 else 2
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=200 + i) for i in range(nsets)]
-        nb = -(-s // cfg.block_size)
         sc_sets = [(es.proxy_scores(q, k, cfg, scale),) for q, k in sets]
         bu_sets = [(proxyattn.head_budgets(q, k, cfg, scale=scale),) for q, k in sets]
         rows = {
@@ -507,6 +509,31 @@ def timings():
         torch.cuda.empty_cache()
 
 
+# Correctness, 4K-128K: (kind, B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, seed)
+CASES = [
+    ("random", 1, 4096, 32, 8, 128, 128, 4, 1, 0.95, 1),
+    ("structured", 1, 4096, 32, 8, 128, 128, 4, 1, 0.9, 2),
+    ("structured", 2, 8192 + 77, 16, 2, 64, 64, 4, 2, 0.95, 3),
+    ("random", 1, 8192, 8, 1, 256, 128, 1, 1, 0.9, 4),
+    ("structured", 1, 16384, 32, 8, 128, 128, 4, 4, 0.95, 5),
+    ("structured", 1, 32768, 32, 8, 128, 128, 4, 1, 0.95, 6),
+    ("random", 1, 32768 - 5, 32, 8, 128, 128, 4, 1, 0.9, 7),
+    ("structured", 1, 131072, 32, 8, 128, 128, 4, 1, 0.9, 8),
+    ("structured", 1, 131072, 32, 8, 128, 128, 4, 1, 0.95, 8),
+]
+SMOKE_CASES = [("random", 1, 300, 4, 1, 64, 64, 4, 1, 0.95, 1), ("structured", 2, 333, 4, 2, 64, 64, 4, 2, 0.9, 2)]
+FP16_CASE = ("structured", 1, 8192, 32, 8, 128, 128, 4, 1, 0.95, 9)
+# --recall: budget rule 1 on these, rule 2 on the first two and the last; the head_max kernel (S, Hq, Hkv, D, stride,
+# proxy heads, seed).
+RECALL_CASES = [c for c in CASES if c[2] in (4096, 8192 + 77, 32768, 131072)]
+ROW_RECALL_CASES = list(dict.fromkeys(RECALL_CASES[:2] + RECALL_CASES[-1:]))
+HEAD_MAX_CASES = [(8192, 32, 8, 128, 4, 1, 11), (8192 + 77, 16, 2, 64, 16, 2, 12), (32768, 32, 8, 128, 16, 1, 13),
+                  (16384, 4, 1, 256, 4, 1, 14)]
+# --needs: budget rule 3 on these, and with 8 rows on one more.
+NEEDS_CASES = [c for c in CASES if c[2] in (4096, 8192 + 77, 8192, 32768 - 5, 131072)]
+NEEDS_ROWS8_CASE = ("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.95, 5)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -520,27 +547,12 @@ def main():
     if args.smoke:
         DEV = "cpu"
     t_start = time.time()
-    # Correctness, 4K-32K: (kind, B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, seed)
-    cases = [
-        ("random", 1, 4096, 32, 8, 128, 128, 4, 1, 0.95, 1),
-        ("structured", 1, 4096, 32, 8, 128, 128, 4, 1, 0.9, 2),
-        ("structured", 2, 8192 + 77, 16, 2, 64, 64, 4, 2, 0.95, 3),
-        ("random", 1, 8192, 8, 1, 256, 128, 1, 1, 0.9, 4),
-        ("structured", 1, 16384, 32, 8, 128, 128, 4, 4, 0.95, 5),
-        ("structured", 1, 32768, 32, 8, 128, 128, 4, 1, 0.95, 6),
-        ("random", 1, 32768 - 5, 32, 8, 128, 128, 4, 1, 0.9, 7),
-        ("structured", 1, 131072, 32, 8, 128, 128, 4, 1, 0.9, 8),
-        ("structured", 1, 131072, 32, 8, 128, 128, 4, 1, 0.95, 8),
-    ]
-    if args.smoke:
-        cases = [("random", 1, 300, 4, 1, 64, 64, 4, 1, 0.95, 1), ("structured", 2, 333, 4, 2, 64, 64, 4, 2, 0.9, 2)]
+    cases = SMOKE_CASES if args.smoke else CASES
     if args.needs:
-        needs_cases = [c for c in cases if c[2] in (4096, 8192 + 77, 8192, 32768 - 5, 131072)]
-        if args.smoke:
-            needs_cases = cases
+        needs_cases = cases if args.smoke else NEEDS_CASES
         for c in needs_cases:
             record("block_recall case " + "-".join(map(str, c)), lambda c=c: check_needs_case(*c))
-        r8 = ("structured", 1, 400, 4, 1, 64, 64, 4, 1, 0.95, 5) if args.smoke else ("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.95, 5)
+        r8 = ("structured", 1, 400, 4, 1, 64, 64, 4, 1, 0.95, 5) if args.smoke else NEEDS_ROWS8_CASE
         record("block_recall case rows 8 " + "-".join(map(str, r8)), lambda: check_needs_case(*r8, rows=8))
         record("rank kernel vs torch ranking", check_rank_kernel)
         if not args.smoke:
@@ -553,14 +565,14 @@ def main():
         cases = []
     if args.recall:
         if not args.smoke:
-            cases = [c for c in cases if c[2] in (4096, 8192 + 77, 32768, 131072)]
+            cases = RECALL_CASES
         for c in cases:
             record("recall case " + "-".join(map(str, c)), lambda c=c: check_case(*c, rule=1))
         for c in dict.fromkeys(cases[:2] + cases[-1:]):
             record("row_recall case " + "-".join(map(str, c)), lambda c=c: check_case(*c, rule=2))
         record("recall varlen packed batch", lambda: check_varlen(small=args.smoke, rule=1))
         if not args.smoke:
-            for hm in [(8192, 32, 8, 128, 4, 1, 11), (8192 + 77, 16, 2, 64, 16, 2, 12), (32768, 32, 8, 128, 16, 1, 13), (16384, 4, 1, 256, 4, 1, 14)]:
+            for hm in HEAD_MAX_CASES:
                 record("head_max kernel " + "-".join(map(str, hm)), lambda hm=hm: check_head_max(*hm))
         if not args.smoke and not args.skip_timing:
             record("recall timings", recall_timings)
@@ -573,7 +585,7 @@ def main():
         print(RESULTS)
         sys.exit(0 if all(r["ok"] for r in RESULTS) else 1)
     if not args.recall and not args.needs:
-        record("case fp16 structured-1-8192-32-8-128-128-4-1-0.95", lambda: check_case("structured", 1, 8192, 32, 8, 128, 128, 4, 1, 0.95, 9, torch.float16))
+        record("case fp16 structured-1-8192-32-8-128-128-4-1-0.95", lambda: check_case(*FP16_CASE, torch.float16))
         record("varlen packed batch", check_varlen)
         record("CUDA graph capture of plan_blocks (32K)", check_graph)
         if not args.skip_timing:
@@ -583,7 +595,7 @@ def main():
         "what": "ProxyAttn estimation kernels: correctness vs fp32 reference and stage timings",
         "gpu": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit, "command": "python3 tests/gpu/check_estimation.py --out $OUT --commit <sha>",
+        "commit": args.commit, "command": "python3 -m tests.gpu.check_estimation --out $OUT --commit <sha>",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
         "shapes_timing": "B=1, Hq=32, Hkv=8, D=128, bf16, block 128, stride 4, proxy_heads 1, gamma 0.95, structured inputs",
         "timing_method": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms), inputs rotated over 2-3 sets",
