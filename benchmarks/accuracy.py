@@ -16,7 +16,9 @@ rows sampled every 16 tokens in the second half; pairwise |A & B| / k, against t
 
 Methods (`--methods`, names in METHODS): dense; `proxy` (the paper: mean-pooled proxy heads, budget_rule 0) at
 gamma 0.95 / 0.9; `recall` (budget_rule 1) also at 0.98 / 0.99; `row_recall` (budget_rule 2: gamma of every
-last-block row) also at 0.8, so that the rules meet at equal density; `head_max` (estimator 1) alone and with the recall rules (also at stride 16); `block_mean` (estimator 2, baseline) at 0.9; `static` (budget_fraction 0.25, baseline). All
+last-block row) also at 0.8, so that the rules meet at equal density; `head_max` (estimator 1) alone and with the
+recall rules (also at stride 16); `block_mean` (estimator 2, baseline) at 0.9; `static` (budget_fraction 0.25,
+baseline). All
 sparse methods use block 128, stride 4 unless named, one proxy head, and `--min-budget` tokens (default 256: the
 default 2048 would make every length here dense) with dense_below 0.
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -39,11 +40,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig, block_sparse_attention, metrics, plan_blocks  # noqa: E402
-from proxyattn.weights import load_model, load_tokenizer  # noqa: E402
+import proxyattn.hf as hf
+from proxyattn import ProxyAttnConfig, block_sparse_attention, metrics, plan_blocks
+from proxyattn.weights import load_model, load_tokenizer
 
 
 def _cfg(min_budget: int, **kw) -> ProxyAttnConfig:
@@ -188,7 +188,8 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
     cfg = _sparse["config"]
     path = hf.choose_path(module, query, key, attention_mask, cfg, dropout=dropout, sliding_window=sliding_window)
     if path != "sparse":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     plan = plan_blocks(q, k, cfg, scale=scaling)
     _sparse["densities"].append(plan.density())  # [B, Hq]
@@ -204,10 +205,12 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """Stock SDPA, keeping q, k of the calls the sparse path would take (for plan statistics)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window)
+    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout,
+                          sliding_window=sliding_window)
     if path == "sparse" and _capture_on[0]:
         _captured.append((module.layer_idx, query.transpose(1, 2).detach(), key.transpose(1, 2).detach(), scaling))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  sliding_window=sliding_window, **kwargs)
 
 
 def top_overlap(q, k, scale, frac=0.05, every=16) -> tuple[float, float]:

@@ -46,14 +46,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import accuracy as acc  # noqa: E402
-import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig, head_budgets, plan_blocks, proxy_scores, reference  # noqa: E402
-from proxyattn.plan import BlockPlan, compact_plan_top_k  # noqa: E402
-from proxyattn.weights import load_model, load_tokenizer  # noqa: E402
+import accuracy as acc
+import proxyattn.hf as hf
+from proxyattn import ProxyAttnConfig, head_budgets, plan_blocks, proxy_scores, reference
+from proxyattn.plan import BlockPlan, compact_plan_top_k
+from proxyattn.weights import load_model, load_tokenizer
 
 BS = 128
 _state = {"mask_fn": None, "densities": []}
@@ -260,9 +258,11 @@ def experiments(min_budget: int) -> dict:
 def masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window)
+    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout,
+                          sliding_window=sliding_window)
     if path != "sparse" or _state["mask_fn"] is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     mask = _state["mask_fn"](q, k, scaling)
     nb = mask.shape[-1]

@@ -36,13 +36,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import proxyattn  # noqa: E402
-import proxyattn.hf as hf  # noqa: E402
-from proxyattn import ProxyAttnConfig  # noqa: E402
+import proxyattn
+import proxyattn.hf as hf
+from proxyattn import ProxyAttnConfig
 
-from engines.models import transformers_config, transformers_config_kwargs  # noqa: E402
+from engines.models import transformers_config, transformers_config_kwargs
 
 # The engines/models.py entry the benchmark runs: the one source of the model's configuration.
 MODEL = "llama3.1-8b"
@@ -237,7 +236,8 @@ def main() -> None:
         result["rows"].append(row)
         write_json(out_path, result)
         last_len_seconds = time.time() - t_len
-        print(f"[prefill] S={s} done in {last_len_seconds:.1f} s: " + ", ".join(f"{k} {v:.0f} ms" for k, v in row["ttft_ms"].items()), flush=True)
+        times = ", ".join(f"{k} {v:.0f} ms" for k, v in row["ttft_ms"].items())
+        print(f"[prefill] S={s} done in {last_len_seconds:.1f} s: {times}", flush=True)
 
     print(f"\nTTFT (ms), {result['gpu']}, Llama-3-8B arch, bf16, batch 1 (speedup vs the faster dense row; density)")
     head = f"{'S':>7} {'dense':>9}" + "".join(f" {l.split(' ', 1)[1]:>26}" for l, _ in SPARSE_ROWS)

@@ -39,7 +39,8 @@ def attention_tables(d: dict, name: str) -> list[str]:
     out += ["", "Block-sparse kernel alone (random inputs; TFLOP/s counted on kept blocks, diagonal blocks at half):", ""]
     out += ["| S | budget | density | ms | effective TFLOP/s | x cuDNN |", "|---|---|---|---|---|---|"]
     for r in d["sparse"]:
-        out.append(f"| {k(r['S'])} | {r['target_density']:.0%} | {r['density']:.3f} | {r['ms']:.3f} | {r['eff_tflops']:.0f} | {r['speedup_vs_cudnn']:.2f} |")
+        out.append(f"| {k(r['S'])} | {r['target_density']:.0%} | {r['density']:.3f} | {r['ms']:.3f} | {r['eff_tflops']:.0f} "
+                   f"| {r['speedup_vs_cudnn']:.2f} |")
     out += ["", "Planning alone (`plan_blocks`: proxy scores, budgets or needs, selection, dense fallback), eager:", ""]
     out += ["| S | inputs | config | ms | % of cuDNN dense |", "|---|---|---|---|---|"]
     for r in d["estimation"]:
@@ -102,13 +103,14 @@ def accuracy_table(d: dict, name: str) -> list[str]:
         for m, loss in c["copy_loss"].items():
             hits = c["passkey_hits"].get(m)
             bins = c["natural_loss_bins"].get(m)
-            dens = "1 (dense)" if m == "dense" else f"{c.get('density_copy', {}).get(m, float('nan')):.2f} / {c.get('density', {}).get(m, float('nan')):.2f}"
+            dens = ("1 (dense)" if m == "dense" else
+                    f"{c.get('density_copy', {}).get(m, float('nan')):.2f} / {c.get('density', {}).get(m, float('nan')):.2f}")
             rel = f"{loss / dense:.2f}" if dense else "—"
             out.append(f"| {k(c['seq_len'])} | {m} | {loss:.3f} | {rel} | {'—' if hits is None else f'{sum(hits)}/{len(hits)}'} | "
                        f"{'—' if not bins else f'{sum(bins) / len(bins):.3f}'} | {dens} |")
     for r in d.get("cells_from_log", []):
-        out.append(f"| {k(r['seq_len'])} | {r['method']} | {r['copy_loss']:.3f} | 1.00 | {r['passkey_hits']} | {r['natural_loss_mean']:.3f} | "
-                   f"1 (dense; from the run's log) |")
+        out.append(f"| {k(r['seq_len'])} | {r['method']} | {r['copy_loss']:.3f} | 1.00 | {r['passkey_hits']} | "
+                   f"{r['natural_loss_mean']:.3f} | 1 (dense; from the run's log) |")
     return out
 
 
@@ -199,7 +201,7 @@ def summary_rows(files: list[str]) -> list[dict]:
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
         for r in d["rows"]:
-            for method, ms in r["ttft_ms"].items():
+            for method in r["ttft_ms"]:
                 if method == "sdpa":
                     continue
                 label = method.removeprefix("proxyattn ").strip()

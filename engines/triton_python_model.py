@@ -36,9 +36,9 @@ for _entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     if _entry and _entry not in sys.path:
         sys.path.append(_entry)
 
-import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
-import torch
-from torch.utils.dlpack import from_dlpack, to_dlpack
+import triton_python_backend_utils as pb_utils  # noqa: E402 - provided by the Triton Python backend, after the path entries
+import torch  # noqa: E402 - importable in the backend stub only once the PYTHONPATH entries above are on sys.path
+from torch.utils.dlpack import from_dlpack, to_dlpack  # noqa: E402 - as torch
 
 INPUT, OUTPUT = "input_ids", "logits"
 
@@ -119,7 +119,7 @@ class TritonPythonModel:
             logits = self.infer(ids)
         except RequestError as e:
             return error_response(str(e), pb_utils.TritonError.INVALID_ARG)
-        except Exception as e:  # one failing request must not take the model down: report it to the client
+        except Exception as e:  # noqa: BLE001 - one failing request must not take the model down: report it to the client
             return error_response(f"inference failed: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(OUTPUT, to_dlpack(logits))])
 

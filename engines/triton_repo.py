@@ -98,7 +98,8 @@ def _fill_io(msg, specs: Sequence[TensorSpec]) -> None:
         entry.dims.extend(s.dims)
 
 
-def tensorrt_plan_config(name: str, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int, instances: int = 1, gpus: Sequence[int] = ()):
+def tensorrt_plan_config(name: str, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int, instances: int = 1,
+                         gpus: Sequence[int] = ()):
     """ModelConfig of one TensorRT engine (one optimization profile, index 0) with a dynamic sequence axis.
 
     Dims exclude the batch dim (the engine's dim 0, dynamic up to max_batch_size); -1 marks the sequence axis.
@@ -124,7 +125,8 @@ def tensorrt_plan_config(name: str, *, inputs: Sequence[TensorSpec], outputs: Se
     return cfg
 
 
-def python_ort_config(name: str, *, vocab_size: int, max_batch_size: int, profiles: Sequence[Profile], profile_files: Sequence[str], instances: int = 1):
+def python_ort_config(name: str, *, vocab_size: int, max_batch_size: int, profiles: Sequence[Profile], profile_files: Sequence[str],
+                      instances: int = 1):
     """ModelConfig of the Python-backend model: `input_ids` INT64 `[-1]` in, `logits` FP32 `[-1, vocab]` out.
 
     The profiles (with the ONNX file of each) travel as the JSON parameter `profiles`; a request is served by the

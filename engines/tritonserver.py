@@ -229,7 +229,8 @@ class Stopped:
     killed: bool
 
 
-def start_server(repo: str | os.PathLike, work: Path, *, models: Sequence[str] | None = None, pythonpath: str | os.PathLike | None = None) -> ServerHandle:
+def start_server(repo: str | os.PathLike, work: Path, *, models: Sequence[str] | None = None,
+                 pythonpath: str | os.PathLike | None = None) -> ServerHandle:
     """Start tritonserver on free loopback ports, serving `repo` (only `models` when given); returns at once.
 
     `work` (an existing, empty directory) receives the backend directory and the server log; it must outlive the
@@ -258,7 +259,8 @@ def start_server(repo: str | os.PathLike, work: Path, *, models: Sequence[str] |
         cmd += [f"--load-model={m}" for m in models]
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(dist, pythonpath), cwd=work, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(dist, pythonpath), cwd=work,
+                                start_new_session=True)
     return ServerHandle(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)
 
 
@@ -372,7 +374,8 @@ def _clear_group(pgid: int, grace_s: float) -> None:
         time.sleep(0.1)
 
 
-def stop_server(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S, grace_s: float = GROUP_GRACE_S) -> Stopped:
+def stop_server(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S,
+                grace_s: float = GROUP_GRACE_S) -> Stopped:
     """Stop a server started by `start_server` and everything of its process group, bounded in time.
 
     Sends `signum` (unless it has exited already), waits up to `timeout_s`, then SIGKILLs the group; the other
@@ -464,7 +467,8 @@ def _serve_until_signal(handle: ServerHandle, latch: _SignalLatch, label: str, r
         time.sleep(_POLL_S)
 
 
-def serve(repo: str, models: list[str] | None, *, pythonpath: str | os.PathLike | None, ready_timeout_s: float, stop_timeout_s: float) -> int:
+def serve(repo: str, models: list[str] | None, *, pythonpath: str | os.PathLike | None, ready_timeout_s: float,
+          stop_timeout_s: float) -> int:
     """Serve `repo` until SIGTERM/SIGINT; the exit status of the module docstring. Raises ServerError on failure."""
     with _SignalLatch(STOP_SIGNALS) as latch, tempfile.TemporaryDirectory(prefix="proxyattn-tritonserver-") as tmp:
         if latch.fired():
@@ -505,8 +509,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 "until SIGTERM or SIGINT (Ctrl-C). Exit status: 0 stopped on a signal, 1 server failure, 2 usage error.")
     p.add_argument("repo", help="the model repository (a build's <out>/model_repository)")
     p.add_argument("--models", nargs="+", default=None, help="load only these models (e.g. the *_onnxruntime one on a CPU machine)")
-    p.add_argument("--ready-timeout", type=_positive_seconds, default=READY_TIMEOUT_S, help="seconds to wait for readiness (default %(default)g)")
-    p.add_argument("--stop-timeout", type=_positive_seconds, default=STOP_TIMEOUT_S, help="seconds to wait for the server to exit after the signal before killing it (default %(default)g)")
+    p.add_argument("--ready-timeout", type=_positive_seconds, default=READY_TIMEOUT_S,
+                   help="seconds to wait for readiness (default %(default)g)")
+    p.add_argument("--stop-timeout", type=_positive_seconds, default=STOP_TIMEOUT_S,
+                   help="seconds to wait for the server to exit after the signal before killing it (default %(default)g)")
     return p.parse_args(argv)
 
 

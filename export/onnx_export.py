@@ -20,7 +20,6 @@ data file one tensor at a time, so an 8B model never sits in memory twice.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile

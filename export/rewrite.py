@@ -131,7 +131,8 @@ def _window(layer_windows: Sequence[int | None] | None, index: int) -> int:
 
 def _make_node(gs, graph, q, k, v, out, *, config, scale, window, index):
     attrs = contract.encode_attrs(config, scale=float(np.float32(scale)), sliding_window=window)
-    node = gs.Node(op=contract.OP_TYPE, name=f"proxy_attention_{index}", attrs=attrs, inputs=[q, k, v], outputs=[out], domain=contract.DOMAIN)
+    node = gs.Node(op=contract.OP_TYPE, name=f"proxy_attention_{index}", attrs=attrs, inputs=[q, k, v], outputs=[out],
+                   domain=contract.DOMAIN)
     graph.nodes.append(node)
     return node
 
@@ -167,12 +168,14 @@ def replace_attention_op(graph, *, config: ProxyAttnConfig, layer_windows=None, 
         index = start_index + count
         out = node.outputs[0]
         node.outputs = []
-        _make_node(gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index), index=index)
+        _make_node(gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index),
+                   index=index)
         count += 1
     return count
 
 
-def replace_matmul_softmax(graph, *, config: ProxyAttnConfig, layer_windows=None, unmatched: list | None = None, start_index: int = 0) -> int:
+def replace_matmul_softmax(graph, *, config: ProxyAttnConfig, layer_windows=None, unmatched: list | None = None,
+                           start_index: int = 0) -> int:
     """Replace the MatMul -> scale -> mask -> Softmax -> MatMul chain; returns how many."""
     gs = _gs()
     count = 0
@@ -210,7 +213,7 @@ def replace_matmul_softmax(graph, *, config: ProxyAttnConfig, layer_windows=None
         node = _producer(x)
         if node is not None and node.op == "Add":
             a, b = node.inputs
-            pa, pb = _producer(a), _producer(b)
+            pa = _producer(a)
             x = a if pa is not None and pa.op in ("MatMul", "Mul", "Div") else b
         elif node is not None and node.op == "Where":
             x = node.inputs[1]
@@ -233,7 +236,8 @@ def replace_matmul_softmax(graph, *, config: ProxyAttnConfig, layer_windows=None
         index = start_index + count
         out = pv.outputs[0]
         pv.outputs = []
-        _make_node(gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index), index=index)
+        _make_node(gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index),
+                   index=index)
         count += 1
     return count
 

@@ -176,7 +176,6 @@ def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: f
     from .reference import recall_row_cum_mass
 
     b, s, hq, _ = q.shape
-    nb = scores.shape[-1]
     got = got.cpu().to(torch.int64)
     bad = 0
     for bi in range(b):
@@ -196,7 +195,8 @@ def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: f
     return bad
 
 
-def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None, scores=None) -> int:
+def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None,
+                    scores=None) -> int:
     """Rows (b, h, m) whose kept key blocks differ between `plan` and `ref_plan` by more than score ties.
 
     Both plans keep the sink and diagonal blocks and use ref_plan's budgets. With k the row's top-k size

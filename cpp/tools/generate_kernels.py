@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +177,8 @@ def budget_variants(dtypes, dims, blocks):
             types[c] = "constexpr"
         div16 = ("q_ptr", "k_ptr", "cu_ptr", "mstat_ptr", "lstat_ptr", "lse_ptr", "mass_ptr", "stride_qb", "stride_qt",
                  "stride_qh", "stride_kb", "stride_kt", "stride_kh")
-        out.append(Variant(f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}{'rows' if rows else ''}", "proxyattn.kernels.estimate_budgets",
+        out.append(Variant(f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}{'rows' if rows else ''}",
+                           "proxyattn.kernels.estimate_budgets",
                            "_budget_kernel", types, consts, div16, 8 if block_d >= 128 else 4, 2, BUDGET_ARGS))
     return out
 
@@ -189,8 +189,8 @@ RUNTIME_INTS = ("GROUP", "RGROUP", "HPG", "NCHUNK", "CB")
 
 
 def compile_variant(v: Variant, out_dir: str) -> dict:
-    """Compile one variant (runs in a worker process); returns its manifest entry."""
-    sys.path.insert(0, str(REPO))
+    """Compile one variant (runs in a worker process; proxyattn comes from the installed project or PYTHONPATH,
+    which cmake sets to the repository); returns its manifest entry."""
     import importlib
 
     import triton
@@ -323,7 +323,8 @@ def main() -> None:
     if args.attn_config:
         f = [int(x) for x in args.attn_config.split(",")]
         override = {"BLOCK_N": f[0], "num_warps": f[1], "num_stages": f[2], "maxnreg": f[3] if len(f) > 3 else None}
-    variants = attention_variants(dtypes, dims, blocks, override) + pool_variants(dtypes, dims, STRIDES) + scores_variants(dims, blocks, STRIDES)
+    variants = attention_variants(dtypes, dims, blocks, override) + pool_variants(dtypes, dims, STRIDES)
+    variants += scores_variants(dims, blocks, STRIDES)
     variants += budget_variants(dtypes, dims, blocks)
     print(f"[generate_kernels] {len(variants)} Triton variants + CUDA C helpers -> {out}", flush=True)
     with tempfile.TemporaryDirectory(dir=out) as stage:

@@ -44,7 +44,8 @@ class CompiledKernel:
         return self.num_warps * 32
 
 
-def compile_kernel(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: dict, tactic: int, arch: int) -> CompiledKernel:
+def compile_kernel(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: dict, tactic: int,
+                   arch: int) -> CompiledKernel:
     """PTX of one plugin kernel for sm_<arch> (B and S in `shapes` may be -1: only static dims are read)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -140,12 +141,14 @@ def source_hash() -> str:
     import proxyattn.kernels as pk
 
     h = hashlib.sha256()
-    for path in sorted(Path(pk.__file__).parent.glob("*.py")) + [Path(__file__).with_name("kernels.py"), Path(__file__).with_name("spec.py")]:
+    for path in sorted(Path(pk.__file__).parent.glob("*.py")) + [Path(__file__).with_name("kernels.py"),
+                                                                 Path(__file__).with_name("spec.py")]:
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence[int] = ARCHS, progress: Callable | None = None) -> list[dict[str, Any]]:
+def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence[int] = ARCHS,
+                progress: Callable | None = None) -> list[dict[str, Any]]:
     """Compile every entry x tactic x arch into `out_dir` (new or empty; the caller makes it appear atomically):
     `<kernel>.ptx` files and `kernels.json` listing plugin, tactic, arch, kernel name, file, block size, shared memory
     and constants."""
@@ -158,7 +161,8 @@ def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence
     table = []
     for e, tactic, arch in jobs:
         k = compile_kernel(e["plugin"], e["shapes"], e["dtypes"], e["attrs"], tactic, arch)
-        key = hashlib.sha256(json.dumps([e["plugin"], e["shapes"], e["dtypes"], sorted(e["attrs"].items()), tactic, arch]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([e["plugin"], e["shapes"], e["dtypes"], sorted(e["attrs"].items()), tactic,
+                                         arch]).encode()).hexdigest()[:12]
         fname = f"{e['plugin']}_t{tactic}_sm{arch}_{key}.ptx"
         (out_dir / fname).write_text(k.ptx)
         table.append({"plugin": e["plugin"], "tactic": tactic, "arch": arch, "kernel": k.name, "file": fname,

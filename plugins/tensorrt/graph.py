@@ -205,7 +205,8 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
     counts = b.op("Where", [dense, b.op("Expand", [m1, b.op("Shape", [counts])]), counts])
     counts = b.op("Cast", [counts], to=TensorProto.INT32, hint="counts")
 
-    b.nodes.append(helper.make_node("ProxySparseAttention", [q, k, v, order, counts], list(node.output), name=b.name("ProxySparseAttention"),
+    b.nodes.append(helper.make_node("ProxySparseAttention", [q, k, v, order, counts], list(node.output),
+                                    name=b.name("ProxySparseAttention"),
                                     domain=PLUGIN_DOMAIN, plugin_namespace=S.NAMESPACE, plugin_version=S.VERSION, aot=1, **cfg_attrs))
     return b.nodes
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "NAMESPACE",
@@ -230,7 +230,8 @@ def _pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
-def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: Mapping[str, Any], tactic: int) -> tuple[dict[str, Any], dict[str, int]]:
+def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: Mapping[str, Any],
+              tactic: int) -> tuple[dict[str, Any], dict[str, int]]:
     """(constexpr values, compile options num_warps / num_stages) of the plugin's kernel.
 
     Needs only the static dims (heads, head dim); B and S may be anything (-1).
