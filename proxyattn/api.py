@@ -20,6 +20,7 @@ __all__ = [
     "block_needs",
     "select_blocks",
     "plan_blocks",
+    "early_dense_groups",
     "dense_attention",
     "block_sparse_attention",
     "block_sparse_attention_with_lse",
@@ -178,19 +179,37 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
 def plan_blocks(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
     """Scores, budgets, selection and the dense fallback: the ProxyAttn plan for q `[B, S, Hq, D]`,
     k `[B, S, Hkv, D]`. `plan.dense_heads` marks the heads of KV groups that run dense
-    (`ProxyAttnConfig.dense_density`; their counts cover every causal block)."""
+    (`ProxyAttnConfig.dense_density`; their counts cover every causal block). No host synchronisation."""
     cfg = _config(config)
+    _check_inputs(q, k)
+    return _plan(q, k, cfg, scale, early_dense_groups(q, k, cfg, scale=scale))
+
+
+def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor | None:
+    """The dense fallback's first decision, bool `[B, Hkv]` (`reference.early_dense_groups`): KV groups whose heads'
+    budgets of the paper's rule on the last query block reach `dense_density` run dense, whatever the scores; None
+    when there is nothing to decide (no fallback, or a fixed budget_fraction). Costs the last block's attention
+    mass (`head_budgets` with budget_rule 0), no proxy scores; no host synchronisation."""
+    cfg = _config(config)
+    if cfg.dense_density_permille == 0 or cfg.budget_fraction is not None:
+        return None
+    budgets = head_budgets(q, k, cfg.replace(budget_rule=0), scale=scale)
+    nb_seq = torch.full((q.shape[0],), -(-q.shape[1] // cfg.block_size), device=q.device, dtype=torch.int64)
+    return reference.early_dense_groups(budgets, k.shape[2], cfg.dense_density_permille, nb_seq)
+
+
+def _plan(q, k, cfg: ProxyAttnConfig, scale, early) -> BlockPlan:
     scores = proxy_scores(q, k, cfg, scale=scale)
     hkv = k.shape[2]
     if cfg.budget_rule == 3 and cfg.budget_fraction is None:
         backend = _kernels(q)
         if backend is not None and hasattr(backend, "needs_plan") and hkv % scores.shape[1] == 0:
-            return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]))
-        needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]))
+            return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early=early)
+        needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early)
         plan = select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
-        return dense_fallback(plan, hkv, cfg)
+        return dense_fallback(plan, hkv, cfg, early=early)
     budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
-    return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), hkv, cfg)
+    return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), hkv, cfg, early=early)
 
 
 def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
@@ -198,34 +217,32 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
     the dense fallback): what the transformers reference path (`attn_implementation="proxyattn_ref"`) runs."""
     from . import variants
 
-    s = q.shape[1]
+    s, nb = q.shape[1], -(-q.shape[1] // config.block_size)
+    early = None
+    if config.dense_density_permille > 0 and config.budget_fraction is None:
+        budgets = reference.rule_budgets(q, k, None, block_size=config.block_size, gamma=config.gamma, scale=scale,
+                                         budget_rule=0, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+        nb_seq = torch.full((q.shape[0],), nb, device=q.device, dtype=torch.int64)
+        early = reference.early_dense_groups(budgets, k.shape[2], config.dense_density_permille, nb_seq)
     scores = variants.proxy_scores(q, k, config, scale)
-    nb = -(-s // config.block_size)
     if config.budget_fraction is not None:
         budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
         plan = compact_plan(scores, budgets, s, config)
     elif config.budget_rule == 3:
-        needs = _reference_needs(q, k, scores, config, scale)
+        needs = _reference_needs(q, k, scores, config, scale, early)
         plan = compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), s, config)
     else:
         budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
                                          budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
         plan = compact_plan(scores, budgets, s, config)
-    return dense_fallback(plan, k.shape[2], config)
+    return dense_fallback(plan, k.shape[2], config, early=early)
 
 
-def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
-    """Rule 3's needs as the plan uses them: with the dense fallback on, KV groups whose last query block already
-    needs dense_density of the blocks (`reference.early_dense_groups`) are not measured and need every block."""
-    kwargs = dict(block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, rows=cfg.recall_rows,
-                  keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
-    skip = None
-    if cfg.dense_density_permille > 0 and cfg.gamma < 1.0:
-        b, nb = q.shape[0], scores.shape[-1]
-        last = reference.block_needs(q, k, scores, last_only=True, **kwargs)[..., -1]
-        nb_seq = torch.full((b,), nb, device=q.device, dtype=torch.int64)
-        skip = reference.early_dense_groups(last, k.shape[2], cfg.dense_density_permille, nb_seq)
-    return reference.block_needs(q, k, scores, skip_groups=skip, **kwargs)
+def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early) -> torch.Tensor:
+    """Rule 3's needs as the plan uses them: the groups of `early` (`early_dense_groups`) are not measured and
+    need every block."""
+    return reference.block_needs(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, rows=cfg.recall_rows,
+                                 keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, skip_groups=early)
 
 
 def _check_plan(q, plan: BlockPlan) -> None:
@@ -281,14 +298,21 @@ def dense_attention(q, k, v, *, scale: float | None = None) -> torch.Tensor:
 def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor:
     """ProxyAttn causal prefill: `[B, S, Hq, D]` in q.dtype.
 
-    Sequences with S <= config.dense_below_tokens take the dense path; otherwise plan + block-sparse attention.
+    Sequences with S <= config.dense_below_tokens take the dense path; otherwise plan + block-sparse attention, with
+    the dense fallback: when every KV group is dense by the early decision (`early_dense_groups`, e.g. diffuse
+    attention) the dense kernel runs without computing a plan (decided on the host in eager mode; under CUDA graph
+    capture the plan marks the groups and they run as full rows).
     """
     cfg = _config(config)
     _check_inputs(q, k, v)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
     if q.shape[1] <= cfg.dense_below_tokens:
         return dense_attention(q, k, v, scale=scale)
-    plan = plan_blocks(q, k, cfg, scale=scale)
+    early = early_dense_groups(q, k, cfg, scale=scale)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if early is not None and not capturing and bool(early.all()):  # one small host read (eager mode only)
+        return dense_attention(q, k, v, scale=scale)
+    plan = _plan(q, k, cfg, scale, early)
     return block_sparse_attention(q, k, v, plan, scale=scale)
 
 

@@ -103,14 +103,18 @@ class BlockPlan:
         return cls(order.contiguous(), counts.contiguous(), counts[..., -1].contiguous(), block_size, seq_len)
 
 
-def dense_fallback(plan: BlockPlan, num_kv_heads: int, config: ProxyAttnConfig, nb_seq: torch.Tensor | None = None) -> BlockPlan:
-    """The plan with the dense fallback applied (`reference.dense_groups`): KV groups keeping at least
-    config.dense_density of their causal blocks keep every causal block and are marked in `dense_heads`.
-    nb_seq: int `[B]` blocks of each packed sequence (default Nb). Device ops, no synchronisation."""
+def dense_fallback(plan: BlockPlan, num_kv_heads: int, config: ProxyAttnConfig, nb_seq: torch.Tensor | None = None,
+                   early: torch.Tensor | None = None) -> BlockPlan:
+    """The plan with the dense fallback applied: KV groups keeping at least config.dense_density of their causal
+    blocks (`reference.dense_groups`), and those of `early` (bool `[B, Hkv]`, `reference.early_dense_groups`),
+    keep every causal block and are marked in `dense_heads`. nb_seq: int `[B]` blocks of each packed sequence
+    (default Nb). Device ops, no synchronisation."""
     permille = config.dense_density_permille
     if permille == 0:
         return plan
     groups = reference.dense_groups(plan.counts, num_kv_heads, permille, nb_seq)
+    if early is not None:
+        groups = groups | early
     counts, heads = reference.apply_dense_groups(plan.counts, groups, nb_seq)
     return dataclasses.replace(plan, counts=counts, dense_heads=heads)
 

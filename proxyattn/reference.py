@@ -224,8 +224,8 @@ def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, ro
 # ------------------------------------------------------------------------------------------- dense fallback
 # A KV group (the query heads sharing one KV head) runs dense when its plan keeps at least dense_density of its
 # causal blocks (ProxyAttnConfig.dense_density, compared in thousandths: `permille`, so that every backend decides
-# with the same integer arithmetic). With budget_rule 3, a group whose last query block already needs that share is
-# not measured further (`early_dense_groups`).
+# with the same integer arithmetic), or, decided before any proxy score, when its heads' budgets of the paper's rule
+# on the last query block already reach that share (`early_dense_groups`); budget rule 3 does not measure those.
 
 
 def full_counts(nb: int, nb_seq: torch.Tensor) -> torch.Tensor:
@@ -248,13 +248,15 @@ def dense_groups(counts: torch.Tensor, num_kv_heads: int, permille: int, nb_seq:
     return (kept * 1000 >= permille * causal) & (causal > 0) & (permille > 0)
 
 
-def early_dense_groups(needs_last: torch.Tensor, num_kv_heads: int, permille: int, nb_seq: torch.Tensor) -> torch.Tensor:
-    """bool `[B, Hkv]`: KV groups whose heads' last-query-block needs (int `[B, Hq]`, budget rule 3) sum to at least
-    permille / 1000 of group x Nb_b blocks: budget rule 3 does not measure them further (they run dense)."""
-    b, hq = needs_last.shape
+def early_dense_groups(budgets: torch.Tensor, num_kv_heads: int, permille: int, nb_seq: torch.Tensor) -> torch.Tensor:
+    """bool `[B, Hkv]`: KV groups whose heads' budgets of the paper's rule on their last query block (int `[B, Hq]`,
+    `head_budgets` with rule "mass": the fewest blocks holding gamma of the block's mean attention mass, in the
+    head's own order, so no ranking needs fewer) sum to at least permille / 1000 of group x Nb_b blocks. Decided
+    before the proxy scores: these groups run dense, and budget rule 3 does not measure them."""
+    b, hq = budgets.shape
     group = hq // num_kv_heads
     nbs = nb_seq.to(torch.int64).reshape(-1, 1)
-    total = needs_last.to(torch.int64).reshape(b, num_kv_heads, group).sum(-1)
+    total = budgets.to(torch.int64).reshape(b, num_kv_heads, group).sum(-1)
     return (total * 1000 >= permille * group * nbs) & (nbs > 0) & (permille > 0)
 
 

@@ -18,10 +18,9 @@ gamma of its attention mass; a head's need is the largest over its rows. Two ker
 
 Long sequences are processed in chunks of query blocks so that the scratch stays within `_SCRATCH_BYTES`.
 
-Dense fallback (`ProxyAttnConfig.dense_density`): `needs_plan` first measures the last query block only; a KV group
-whose heads' last needs reach the share (`reference.early_dense_groups`, decided inside the cut kernel) is flagged,
-the full pass skips it and gives it every causal block, and `plan.dense_fallback` then marks the groups whose plan
-is dense enough.
+Dense fallback (`ProxyAttnConfig.dense_density`): the KV groups of the early decision (`api.early_dense_groups`,
+made before the proxy scores) are skipped by both kernels and keep every causal block; `plan.dense_fallback` then
+marks them and the groups whose plan is dense enough.
 
 Layers: `_mass_kernel`, `_cut_kernel` (jit) -> `_launch_needs` (allocate, chunk, grid) -> `block_needs`,
 `block_needs_varlen`, `needs_plan`, `needs_plan_varlen` (shapes).
@@ -129,9 +128,9 @@ def _mass_kernel(
 @triton.jit
 def _cut_kernel(
     mass_ptr, lse_ptr, order_ptr, sink_ptr, diag_ptr, cu_ptr, skip_ptr, need_ptr, counts_ptr,
-    seq_len, nb_max, num_kv_heads, kv_per_rank, m_lo, n_slots, gamma, min_blocks, dense_below, permille,
+    seq_len, nb_max, num_kv_heads, kv_per_rank, m_lo, n_slots, gamma, min_blocks, dense_below,
     GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr,
-    VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr, SKIP: tl.constexpr, FLAG: tl.constexpr, COUNTS: tl.constexpr,
+    VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr, SKIP: tl.constexpr, COUNTS: tl.constexpr,
     KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
@@ -192,9 +191,6 @@ def _cut_kernel(
         row_need = tl.where(valid, tl.minimum(below + 1, m + 1), 0)
         need = tl.max(tl.reshape(row_need, [HB, ROWS]), axis=1)
     tl.store(need_ptr + need_at, need, mask=head_ok)
-    if FLAG:  # the early dense decision (reference.early_dense_groups) from the last query block's needs
-        total = tl.sum(tl.where(head_ok, need, 0).to(tl.int64), axis=0)
-        tl.store(skip_ptr + pid, (total * 1000 >= permille * GROUP * nb).to(tl.int32))
     if COUNTS:
         k = tl.minimum(m + 1, min_blocks)
         rank_at = (b.to(tl.int64) * (num_kv_heads // kv_per_rank) + hkv // kv_per_rank) * nb_max + m
@@ -213,11 +209,11 @@ def _cut_kernel(
 
 
 def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, *,
-                  last_only: bool, ranks=None, skip=None, flag: bool = False, counts: bool = False,
+                  last_only: bool, ranks=None, skip=None, counts: bool = False,
                   qb: int = 8, num_warps: int = 4, num_stages: int = 2):
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
     plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
-    `[B * Hkv]`: groups not measured (need every block); `flag`: last_only fills `skip` (early dense decision)."""
+    `[B * Hkv]`: groups not measured (they need every block)."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs, rows = cfg.block_size, cfg.recall_rows
@@ -242,7 +238,7 @@ def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyA
     cu = cu_seqlens if varlen else need
     skip_t = skip if skip is not None else need
     sink_rank, diag_rank = ranks if ranks is not None else (need, need)
-    common = dict(GROUP=group, ROWS=rows, RB=rb, BS=bs, VARLEN=varlen, LAST_ONLY=last_only, SKIP=skip is not None and not flag)
+    common = dict(GROUP=group, ROWS=rows, RB=rb, BS=bs, VARLEN=varlen, LAST_ONLY=last_only, SKIP=skip is not None)
     upcast = interpreting() and q.dtype == torch.bfloat16
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dense_below = cfg.dense_below_tokens if varlen else -1
@@ -254,8 +250,8 @@ def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyA
             num_warps=num_warps, num_stages=num_stages)
         _cut_kernel[(batch * hkv, n_slots)](
             mass, lse, order, sink_rank, diag_rank, cu, skip_t, need, cnt, seq_len, nb, hkv, hkv // r, m_lo,
-            slots_per_chunk, cfg.gamma, cfg.min_budget_blocks, dense_below, cfg.dense_density_permille,
-            CH=_CUT_CHUNK, FLAG=flag, COUNTS=counts, KEEP_SINK=cfg.keep_sink, KEEP_DIAG=cfg.keep_diagonal, **common,
+            slots_per_chunk, cfg.gamma, cfg.min_budget_blocks, dense_below,
+            CH=_CUT_CHUNK, COUNTS=counts, KEEP_SINK=cfg.keep_sink, KEEP_DIAG=cfg.keep_diagonal, **common,
             num_warps=4)
     return (need, cnt) if counts else need
 
@@ -295,18 +291,15 @@ def block_needs_varlen(q, k, cu_seqlens, max_seqlen: int, order, cfg: ProxyAttnC
     return need[..., None] if last_only else need
 
 
-def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, nb_seq) -> BlockPlan:
+def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, nb_seq, early) -> BlockPlan:
     nb = scores.shape[-1]
     hq, hkv = (q.shape[1], k.shape[1]) if cu_seqlens is not None else (q.shape[2], k.shape[2])
     order, _, sink_rank, diag_rank = rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
-    skip = None
     if cfg.gamma >= 1.0:  # every causal block: the selection's counts from full needs
         need = _full_needs(nb_seq, hq, nb, last_only=False)
         counts = need.clone()
     else:
-        if cfg.dense_density_permille > 0:
-            skip = torch.zeros(batch * hkv, device=q.device, dtype=torch.int32)
-            _launch_needs(q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=True, skip=skip, flag=True)
+        skip = None if early is None else early.reshape(-1).to(torch.int32)
         need, counts = _launch_needs(q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=False,
                                      ranks=(sink_rank, diag_rank), skip=skip, counts=True)
     budgets = needs_budgets(need, cfg.min_budget_blocks, nb_seq)
@@ -314,18 +307,20 @@ def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConf
         full_seq = ((cu_seqlens[1:] - cu_seqlens[:-1]) <= cfg.dense_below_tokens)[:, None]
         budgets = torch.where(full_seq, nb_seq[:, None].to(torch.int32), budgets).contiguous()
     plan = BlockPlan(order, counts, budgets, cfg.block_size, seq_len)
-    return dense_fallback(plan, hkv, cfg, nb_seq)
+    return dense_fallback(plan, hkv, cfg, nb_seq, early)
 
 
-def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
+def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, early=None) -> BlockPlan:
     """The plan of budget rule 3 (with the dense fallback) from `[B, R, Nb, Nb]` scores: rankings, needs and
-    counts, in four launches (five with the early dense decision) and a few device ops."""
+    counts in three launches (per chunk of query blocks) and a few device ops. early: bool `[B, Hkv]` groups
+    decided dense before the scores (`api.early_dense_groups`), not measured."""
     b, s = q.shape[0], q.shape[1]
     nb_seq = torch.full((b,), scores.shape[-1], device=q.device, dtype=torch.int64)
-    return _plan(q, k, None, scores, b, s, cfg, scale, nb_seq)
+    return _plan(q, k, None, scores, b, s, cfg, scale, nb_seq, early)
 
 
-def needs_plan_varlen(q, k, cu_seqlens, max_seqlen: int, scores, cfg: ProxyAttnConfig, scale: float) -> BlockPlan:
+def needs_plan_varlen(q, k, cu_seqlens, max_seqlen: int, scores, cfg: ProxyAttnConfig, scale: float, *, early=None) -> BlockPlan:
     """`needs_plan` of a packed batch (q `[T, Hq, D]`, k `[T, Hkv, D]`); sequences of at most dense_below_tokens
     keep every causal block."""
-    return _plan(q, k, cu_seqlens, scores, cu_seqlens.shape[0] - 1, max_seqlen, cfg, scale, seq_blocks(cu_seqlens, cfg.block_size))
+    return _plan(q, k, cu_seqlens, scores, cu_seqlens.shape[0] - 1, max_seqlen, cfg, scale,
+                 seq_blocks(cu_seqlens, cfg.block_size), early)

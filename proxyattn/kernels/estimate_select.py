@@ -24,6 +24,7 @@ import torch
 
 from ..config import ProxyAttnConfig
 from ..plan import BlockPlan, dense_fallback
+from ..reference import early_dense_groups
 from .estimate_budgets import head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
 from .estimate_head_max import head_max_scores_varlen
@@ -174,12 +175,16 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
     else:
         assert cfg.estimator == 0, f"estimator {cfg.estimator} has no varlen kernel"
         scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
+    early = None
+    if cfg.dense_density_permille > 0 and cfg.budget_fraction is None:  # api.early_dense_groups, per sequence
+        first = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg.replace(budget_rule=0), scale)
+        early = early_dense_groups(first, k.shape[1], cfg.dense_density_permille, nb_seq)
     if cfg.budget_rule == 3 and cfg.budget_fraction is None:
-        return needs_plan_varlen(q, k, cu_seqlens, max_seqlen, scores, cfg, scale)
+        return needs_plan_varlen(q, k, cu_seqlens, max_seqlen, scores, cfg, scale, early=early)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     full_seq = lengths <= cfg.dense_below_tokens
-    nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
     budgets = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale, scores=scores)
     budgets = torch.where(full_seq[:, None], nb_seq[:, None].to(torch.int32), budgets).contiguous()
     plan = _select(scores, budgets, max_seqlen, cfg, nb_seq, full_seq)
-    return dense_fallback(plan, k.shape[1], cfg, nb_seq)
+    return dense_fallback(plan, k.shape[1], cfg, nb_seq, early)
