@@ -1,6 +1,7 @@
 """Render the README's performance tables from the JSON results in benchmarks/results/.
 
-    python3 benchmarks/report.py            # prints Markdown; the README's tables are pasted from this output
+    python3 benchmarks/report.py            # prints every table as Markdown
+    python3 benchmarks/report.py --readme   # rewrites the README's performance tables (between its markers)
 
 Every figure printed here is read from a results file (GPU, date, commit and command are printed with it). It also
 writes `benchmarks/results/summary.json`: one row per measured figure of the current attention and prefill files,
@@ -222,9 +223,69 @@ def write_summary(files: list[str]) -> str:
     return path
 
 
+README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+BEGIN, END = "<!-- report.py performance: begin -->", "<!-- report.py performance: end -->"
+_KEY_LENGTHS = (16384, 32768, 131072)
+_KEY_METHODS = ("default", "default, no dense fallback", "budget_rule=2", "budget_fraction=0.1")
+
+
+def _fmt(x, spec: str, none: str = "—") -> str:
+    return none if x is None else format(x, spec)
+
+
+def performance_section(files: list[str]) -> list[str]:
+    """The README's performance tables: per GPU, the newest attention and prefill files' key rows (summary.json)."""
+    rows = summary_rows(files)
+    out = []
+    for gpu in sorted({r["gpu"] for r in rows}):
+        mine = [r for r in rows if r["gpu"] == gpu]
+        sources = sorted({(r["source"], r["commit"], r["date"][:10]) for r in mine})
+        out += [f"**{gpu}** (" + "; ".join(f"`{n}`: commit {c}, {d}" for n, c, d in sources) + ")", ""]
+        out += ["| benchmark | S | method | inputs | density | rel. error vs dense | x dense (same run) | TFLOP/s on kept blocks |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(mine, key=lambda r: ({"attention": 0, "prefill": 1, "kernel": 2}[r["benchmark"]], r["seq_len"],
+                                             r["method"], r["inputs"])):
+            if r["benchmark"] == "kernel" and r["seq_len"] not in (32768, 131072):
+                continue
+            if r["benchmark"] != "kernel" and (r["method"] not in _KEY_METHODS or r["seq_len"] not in (8192,) + _KEY_LENGTHS):
+                continue
+            out.append(f"| {r['benchmark']} | {k(r['seq_len'])} | {r['method']} | {r['inputs']} | {_fmt(r['density'], '.2f')} | "
+                       f"{_fmt(r['rel_err'], '.3f')} | {r['speedup_vs_dense']:.2f} | {_fmt(r.get('tflops_eff'), '.0f')} |")
+        plans = []
+        for name in current_files(files)["attention"]:
+            d = load(name)
+            if d["gpu"] != gpu:
+                continue
+            for e in d.get("estimation", []):
+                if "ms" in e and e["S"] in _KEY_LENGTHS and e.get("inputs", "random") == "structured":
+                    plans.append(f"{k(e['S'])} {e['config']}: {e['ms']:.2f} ms ({e['pct_of_cudnn_dense']:.1f}% of dense)")
+        if plans:
+            out += ["", "Planning (`plan_blocks`, eager, structured inputs): " + "; ".join(plans) + "."]
+        out.append("")
+    return out
+
+
+def update_readme(files: list[str]) -> None:
+    """Replace the README's text between the performance markers with `performance_section` (atomically)."""
+    with open(README) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {BEGIN!r} ... {END!r}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = head + BEGIN + "\n" + "\n".join(performance_section(files)) + "\n" + END + tail
+    tmp = README + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, README)
+
+
 def main() -> int:
     files = sorted(os.listdir(RESULTS))
     write_summary(files)
+    if "--readme" in sys.argv[1:]:
+        update_readme(files)
+        return 0
     lines: list[str] = []
     if "attention_h200.json" in files:
         lines += ["### Attention (Llama-3-8B shapes: 32 query / 8 KV heads, D 128, bf16, batch 1)", ""]
