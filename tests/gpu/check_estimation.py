@@ -323,10 +323,13 @@ def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
     # The dense fallback (default dense_density): early decision on the last block's needs, late one on the counts.
     fb = cfg.replace(dense_density=ProxyAttnConfig().dense_density)
     nb_seq = torch.full((b,), nb, device=DEV, dtype=torch.int64)
-    early = reference.early_dense_groups(needs[..., -1], hkv, fb.dense_density_permille, nb_seq)
+    first = eb.head_budgets(q, k, fb.replace(budget_rule=0), scale)  # the early decision: paper's last-block budgets
+    early = reference.early_dense_groups(first, hkv, fb.dense_density_permille, nb_seq)
+    assert early.equal(proxyattn.early_dense_groups(q, k, fb, scale=scale)), "early decision differs from the API's"
     heads = early.repeat_interleave(hq // hkv, dim=1)[..., None]
     skipped_needs = torch.where(heads, m1.to(torch.int32), needs)
-    want = dense_fallback(compact_plan_needs(scores, skipped_needs, plan.budget_blocks, s, fb), hkv, fb)
+    want = dense_fallback(compact_plan_needs(scores, skipped_needs, reference.needs_budgets(skipped_needs, fb.min_budget_blocks), s, fb),
+                          hkv, fb, early=early)
     got = proxyattn.plan_blocks(q, k, fb, scale=scale)
     assert got.dense_heads.equal(want.dense_heads), "dense groups differ from the reference decisions"
     live = ~want.dense_heads[..., None].expand_as(want.counts)
@@ -429,7 +432,7 @@ def needs_timings():
             ms = bench(fn, args_)
             TIMINGS.append({"stage": stage, "seq_len": s, "ms": round(ms, 4)})
             print(f"  {stage} S={s}: {ms:.3f} ms", flush=True)
-        sweep = [(8, 4, 2)] if s < 131072 else [(qbv, nw, ns) for qbv in (4, 8, 16) for nw in (4, 8) for ns in (2, 3)]
+        sweep = [(8, 4, 2)] if s < 131072 else [(4, 4, 2), (8, 4, 2), (8, 8, 2), (16, 4, 2), (16, 8, 3)]
         for qbv, nw, ns in sweep:
             try:
                 ms = bench(lambda q, k, r: en._launch_needs(q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[1:],
