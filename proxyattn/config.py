@@ -39,9 +39,11 @@ _OPTIONAL_FLOATS = ("budget_fraction", "dense_density")
 # `dense_density` is applied at this resolution (integer arithmetic, so every backend decides alike).
 DENSE_DENSITY_SCALE = 1000
 
-# Default dense fallback: a KV group whose plan keeps this share of its causal blocks runs the dense kernel. The
-# block-sparse kernel reaches about 0.7 of cuDNN's throughput per kept block on the H100/H200 (benchmarks/results).
-DEFAULT_DENSE_DENSITY = 0.7
+# Default dense fallback: a KV group whose plan keeps this share of its causal blocks runs the dense kernel. On the
+# H100 (benchmarks/results/attention_h100.json) the block-sparse kernel reaches about 0.8 of cuDNN's throughput per
+# kept block, and a group sent to cuDNN costs copies of its heads: at 0.7, structured inputs ran slower with the
+# fallback than without it (0.85-1.01x against 1.08-1.10x at 16K-128K), so groups fall back only when nearly dense.
+DEFAULT_DENSE_DENSITY = 0.9
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,9 @@ class ProxyAttnConfig:
             least this share of its causal blocks runs dense instead (exact attention; `BlockPlan.dense_heads`
             says which heads, and their counts cover every causal block); with budget_rule 3 a group whose last
             query block already needs this share is not measured further. Applied at 1/1000 resolution
-            (`dense_density_permille`). None: never fall back. The default, 0.7, is about where the block-sparse
-            kernel's time at that density equals the dense kernel's.
+            (`dense_density_permille`). None: never fall back. The default, 0.9, is above the density where the
+            block-sparse kernel's time equals the dense kernel's (about 0.8 on the H100), with room for the copies a
+            group sent to the dense kernel costs.
     """
 
     block_size: int = 128

@@ -26,7 +26,7 @@ def test_bad_dense_density_is_named(value):
 
 def test_config_default_round_trip_and_permille():
     cfg = ProxyAttnConfig()
-    assert cfg.dense_density == 0.7 and cfg.dense_density_permille == 700
+    assert cfg.dense_density == 0.9 and cfg.dense_density_permille == 900
     assert ProxyAttnConfig(dense_density=None).dense_density_permille == 0
     assert ProxyAttnConfig(dense_density=1.0).dense_density_permille == 1000
     assert ProxyAttnConfig(dense_density=0.0004).dense_density_permille == 1  # never rounds to "off"
@@ -61,9 +61,11 @@ def test_group_decisions_against_hand_counts():
     assert reference.early_dense_groups(needs_last, 2, 375, torch.tensor([4])).tolist() == [[True, True]]
 
 
-@pytest.mark.parametrize("cfg", [ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=0),
-                                 ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_rule=2, gamma=0.9),
-                                 ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.6)],
+@pytest.mark.parametrize("cfg", [ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=0, dense_density=0.7),
+                                 ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_rule=2, gamma=0.9,
+                                                 dense_density=0.7),
+                                 ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.6,
+                                                 dense_density=0.7)],
                          ids=["rule3", "rule2", "fraction"])
 def test_diffuse_attention_runs_dense_and_equals_dense(cfg):
     """Random q/k (near-uniform attention): every plan is dense enough, every head runs dense, output = dense."""
