@@ -241,6 +241,10 @@ def performance_section(files: list[str]) -> list[str]:
         mine = [r for r in rows if r["gpu"] == gpu]
         sources = sorted({(r["source"], r["commit"], r["date"][:10]) for r in mine})
         out += [f"**{gpu}** (" + "; ".join(f"`{n}`: commit {c}, {d}" for n, c, d in sources) + ")", ""]
+        for name in sorted({src for src, _, _ in sources}):
+            note = load(name).get("note")
+            if note:
+                out += [f"Note on `{name}`: {note}", ""]
         out += ["| benchmark | S | method | inputs | density | rel. error vs dense | x dense (same run) | TFLOP/s on kept blocks |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in sorted(mine, key=lambda r: ({"attention": 0, "prefill": 1, "kernel": 2}[r["benchmark"]], r["seq_len"],
