@@ -46,6 +46,7 @@ from triton.testing import do_bench
 import proxyattn
 from proxyattn import ProxyAttnConfig, reference
 from proxyattn.plan import BlockPlan, compact_plan
+from tests.cpp.libproxyattn import Config, Problem  # the C API structs, as the CPU tests declare them
 from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv
 from tests.helpers import assert_close
 
@@ -72,18 +73,6 @@ def record(name: str, fn) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the library
-class Config(C.Structure):
-    _fields_ = [("block_size", C.c_int32), ("stride", C.c_int32), ("proxy_heads", C.c_int32), ("gamma", C.c_float),
-                ("min_budget_tokens", C.c_int32), ("keep_sink", C.c_int32), ("keep_diagonal", C.c_int32),
-                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float), ("budget_rule", C.c_int32)]
-
-
-class Problem(C.Structure):
-    _fields_ = [("dtype", C.c_int), ("batch", C.c_int32), ("seq_len", C.c_int32), ("cu_seqlens", C.c_void_p),
-                ("total_tokens", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
-                ("head_dim", C.c_int32), ("scale", C.c_float), ("layout", C.c_int)]
-
-
 class Lib:
     def __init__(self, directory: Path):
         self.dir = directory
