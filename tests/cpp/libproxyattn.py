@@ -32,9 +32,9 @@ class Problem(C.Structure):
                 ("head_dim", C.c_int32), ("scale", C.c_float), ("layout", C.c_int)]
 
 
-def load_lib(build: Path):
-    """libproxyattn.so of a build directory, with the argument and result types of its API."""
-    lib = C.CDLL(str(build / "libproxyattn.so"))
+def load_lib(build: Path, name: str = "libproxyattn.so"):
+    """libproxyattn (file `name`) of a build directory, with the argument and result types of its API."""
+    lib = C.CDLL(str(build / name))
     lib.proxyattn_last_error.restype = C.c_char_p
     lib.proxyattn_status_name.restype = C.c_char_p
     lib.proxyattn_version.restype = C.c_char_p

@@ -46,7 +46,7 @@ from triton.testing import do_bench
 import proxyattn
 from proxyattn import ProxyAttnConfig, reference
 from proxyattn.plan import BlockPlan, compact_plan
-from tests.cpp.libproxyattn import Config, Problem  # the C API structs, as the CPU tests declare them
+from tests.cpp.libproxyattn import Config, Problem, load_lib  # the C API as the CPU tests declare it
 from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv
 from tests.helpers import assert_close
 
@@ -76,14 +76,7 @@ def record(name: str, fn) -> None:
 class Lib:
     def __init__(self, directory: Path):
         self.dir = directory
-        self.lib = C.CDLL(str(directory / "libproxyattn.so.0"))
-        L = self.lib
-        L.proxyattn_last_error.restype = C.c_char_p
-        L.proxyattn_status_name.restype = C.c_char_p
-        L.proxyattn_version.restype = C.c_char_p
-        L.proxyattn_workspace_size.argtypes = [C.POINTER(Problem), C.POINTER(Config), C.POINTER(C.c_size_t)]
-        L.proxyattn_prefill.argtypes = [C.POINTER(Problem), C.POINTER(Config)] + [C.c_void_p] * 6 + [C.c_size_t, C.c_void_p]
-        L.proxyattn_plan.argtypes = [C.POINTER(Problem), C.POINTER(Config)] + [C.c_void_p] * 6 + [C.c_size_t, C.c_void_p]
+        self.lib = load_lib(directory, "libproxyattn.so.0")  # the installed soname
         self._ws: dict[int, torch.Tensor] = {}
 
     def _check(self, st: int, what: str) -> None:
