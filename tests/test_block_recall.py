@@ -1,5 +1,5 @@
 """Budget rule 3 ("block_recall"): the reference against brute force, its oracles, the plan, the Triton needs kernel
-(TRITON_INTERPRET=1 on the CPU, small shapes) against the reference, and the backends that refuse it by name."""
+(TRITON_INTERPRET=1 on the CPU, small shapes) against the reference, and the engines that run it."""
 
 import math
 
@@ -132,14 +132,20 @@ def test_config_and_attrs():
         ProxyAttnConfig(block_size=64, recall_rows=128)
 
 
-def test_engines_pin_the_rule_the_compiled_backends_implement():
-    from engines.models import ENGINE_BUDGET_RULE, MODELS
+def test_engines_are_built_with_the_default_config():
+    """Every model of the table exports the project's default method (budget rule 3 and the dense fallback); an
+    entry changes only what it names."""
+    from engines.models import MODELS
 
-    assert ENGINE_BUDGET_RULE == 2
-    assert all(spec.proxyattn.budget_rule == ENGINE_BUDGET_RULE for spec in MODELS.values())
+    default = ProxyAttnConfig()
+    for spec in MODELS.values():
+        assert spec.proxyattn.budget_rule == default.budget_rule == 3, spec.name
+        assert spec.proxyattn.dense_density == default.dense_density == 0.9, spec.name
+        assert spec.proxyattn.recall_rows == default.recall_rows, spec.name
+    assert MODELS["llama3-8b"].proxyattn == default
 
 
-def test_tensorrt_rewrite_refuses_block_recall_by_name():
+def test_tensorrt_rewrite_takes_block_recall_and_the_dense_fallback():
     from onnx import TensorProto, helper
 
     from export.contract import encode_attrs
@@ -149,9 +155,9 @@ def test_tensorrt_rewrite_refuses_block_recall_by_name():
     node = helper.make_node("ProxyAttention", ["q", "k", "v"], ["o"], name="attn0", domain="proxy", **attrs)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"],
                           [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
-    with pytest.raises(ValueError, match=r"pa_budget_rule=3 \(block_recall\) has no TensorRT graph; "
-                                         r"allowed: 0 \(mass\), 1 \(recall\), 2 \(row_recall\)"):
-        graph._rewrite_node(node, g, 4096)
+    kinds = [n.op_type for n in graph._rewrite_node(node, g, 4096) if n.domain == "proxy"]
+    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyRank", "ProxyMassStats", "ProxyMass",
+                     "ProxyNeedsMass", "ProxyNeedsCut", "ProxySparseAttention"]
 
 
 # ------------------------------------------------------------------------------------------- Triton kernel

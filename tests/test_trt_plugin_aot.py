@@ -50,7 +50,7 @@ def test_ptx_targets_and_entries(compiled):
         name, types = entry_params(ptx)
         assert name == r["kernel"]
         pdef = S.PLUGINS[r["plugin"]]
-        n_scalars = 2 if r["plugin"] in ("ProxyPool", "ProxyScores") else 1
+        n_scalars = len(S.extra_args(r["plugin"], [(1, 1, 1, 1)], {**S.RUNTIME_ATTRS.get(r["plugin"], {}), **r["attrs"]}))
         assert len(types) == len(pdef.inputs) + n_scalars + len(pdef.outputs) + HIDDEN_PARAMS
         sig = S.signature(r["plugin"], r["dtypes"], r["constants"])
         check_entry(ptx, sig)

@@ -41,7 +41,7 @@ def run_plugin(name, inputs, attrs, tactic=1):
     outs = [torch.full(sh, float("nan"), dtype=_TORCH[dt]) if _TORCH[dt].is_floating_point else torch.zeros(sh, dtype=_TORCH[dt])
             for sh, dt in zip(S.output_shapes(name, shapes, attrs), S.output_dtypes(name, dtypes))]
     grid = S.launch(name, shapes, attrs, consts)
-    args = [t.contiguous() for t in inputs] + S.extra_args(name, shapes) + outs
+    args = [t.contiguous() for t in inputs] + S.extra_args(name, shapes, attrs) + outs
     WRAPPERS[S.PLUGINS[name].kernel][grid](*args, **consts)
     return outs
 
@@ -193,7 +193,7 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
     mass_plugin = "ProxyRowMass" if rule == 2 else "ProxyMass"
-    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyMassStats", mass_plugin, "ProxySparseAttention"]
+    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyRank", "ProxyMassStats", mass_plugin, "ProxySparseAttention"]
     plugin_nodes = [n for n in model.graph.node if n.domain == S.NAMESPACE]
     assert all({"plugin_namespace", "plugin_version", "aot"} <= {a.name for a in n.attribute} for n in plugin_nodes)
 
@@ -207,7 +207,7 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
         return torch.from_numpy(next(val for key, val in results.items()
                                      if key.startswith("layer0/") and key.rsplit("/", 1)[-1].rsplit("_", 1)[0] == tag))
 
-    order, counts = pick("order"), pick("counts")
+    order, counts = pick("ProxyRank"), pick("counts")  # ProxyRank's first output is the order
     scores = torch.from_numpy(next(val for key, val in results.items() if key.startswith("layer0/ProxyScores")))
     nb = -(-s // bs)
     assert order.shape == (b, g, nb, nb) and counts.shape == (b, hq, nb) and order.dtype == counts.dtype == torch.int32
@@ -236,6 +236,135 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     out = torch.from_numpy(results["out"])
     ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
     assert_close(out.transpose(1, 2), ref, "fp16", what="engine graph output")
+
+
+def _run_graph(model, q, k, v):
+    """The engine graph in ONNX's reference evaluator: (output, tag -> first intermediate of layer0 with that hint)."""
+    from onnx.reference import ReferenceEvaluator
+
+    results = ReferenceEvaluator(model, new_ops=_plugin_ops()).run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()},
+                                                                  intermediate=True)
+    tagged = {}
+    for key, val in results.items():
+        if key.startswith("layer0/"):
+            tagged.setdefault(key.rsplit("/", 1)[-1].rsplit("_", 1)[0], torch.from_numpy(val))
+    return torch.from_numpy(results["out"]), tagged
+
+
+def _structured(b, s, hq, hkv, d, seed):
+    """Inputs in the node's [B, H, S, D] layout with sinks, locality and heavy hitters (budgets below Nb)."""
+    from proxyattn.testing import structured_qkv
+
+    q, k, v = structured_qkv(b, s, hq, hkv, d, dtype=torch.float16, seed=seed)
+    return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("case", [
+    # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, min_budget_tokens, recall_rows, dense_density)
+    (2, 330, 4, 2, 64, 64, 4, 1, 0.9, 64, 4, None),   # rule 3, no fallback
+    (1, 300, 4, 4, 64, 64, 4, 2, 0.8, 0, 2, None),    # GQA 1, two rankings, no minimum budget
+    (2, 700, 4, 2, 64, 64, 4, 1, 0.8, 64, 4, 0.45),   # the dense fallback on one group's plan (mixed execution)
+    (2, 330, 4, 2, 64, 64, 4, 1, 0.9, 64, 4, 0.4),    # early dense groups: not measured, every block
+    (1, 260, 8, 1, 64, 64, 4, 1, 1.0, 64, 4, 0.9),    # gamma 1: every block (and every group dense)
+], ids=lambda c: "-".join(map(str, c)))
+def test_tensorrt_graph_block_recall_and_dense_fallback(case):
+    """Budget rule 3 in the engine graph: ProxyRank + ProxyNeedsMass + ProxyNeedsCut give exactly the plan of the
+    project's GPU path (`estimate_needs.needs_plan`, same kernels, in the interpreter) on the graph's own scores and
+    early decision; the needs obey the rule on the reference mass; the dense fallback's groups equal
+    `plan.dense_fallback`'s; the output equals block-sparse attention with that plan."""
+    from plugins.tensorrt.graph import to_tensorrt_graph
+    from proxyattn.kernels import estimate_needs as en
+    from proxyattn.plan import BlockPlan
+    from proxyattn.testing import need_mismatches
+
+    b, s, hq, hkv, d, bs, st, g, gamma, min_tokens, rows, density = case
+    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=min_tokens,
+                          dense_below_tokens=bs, budget_rule=3, recall_rows=rows, dense_density=density)
+    scale = 1.0 / math.sqrt(d)
+    model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
+    kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
+    expected_kinds = ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyRank"]
+    if density is not None and gamma < 1:
+        expected_kinds += ["ProxyMassStats", "ProxyMass"]  # the early decision's rule-0 budgets
+    if gamma < 1:
+        expected_kinds += ["ProxyNeedsMass", "ProxyNeedsCut"]
+    assert kinds == expected_kinds + ["ProxySparseAttention"]
+
+    q, k, v = _structured(b, s, hq, hkv, d, seed=1 if s == 700 else s)
+    out, t = _run_graph(model, q, k, v)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    nb = -(-s // bs)
+    scores, order, counts = t["ProxyScores"], t["ProxyRank"], t["counts"]
+    early = None
+    if density is not None:
+        early = t["early_dense"]
+        ref_early = reference.early_dense_groups(t["early_budgets"], hkv, cfg.dense_density_permille, torch.full((b,), nb))
+        assert torch.equal(early, ref_early)
+        mass_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale)
+        assert (t["early_budgets"] - mass_budgets).abs().max() <= 1
+    expected = en.needs_plan(qt, kt, scores, cfg, scale, early=early)  # the GPU path's kernels on the same inputs
+    assert torch.equal(order, expected.order) and torch.equal(counts, expected.counts)
+    assert torch.equal(t["budgets"].to(torch.int32), expected.budget_blocks)
+    if density is not None:
+        assert torch.equal(t["dense_heads"], expected.dense_heads)
+        if s == 700:  # the case is chosen so that some groups run dense and some do not
+            assert expected.dense_heads.any() and not expected.dense_heads.all()
+        if s == 330:
+            assert early.any()
+    if gamma < 1:
+        need = t["ProxyNeedsCut"]
+        grp = hq // hkv
+        for bi in range(b):  # measured groups obey the rule on the reference mass; skipped ones need every block
+            for j in range(hkv):
+                heads = slice(j * grp, (j + 1) * grp)
+                if early is not None and bool(early[bi, j]):
+                    assert torch.equal(need[bi, heads], torch.arange(1, nb + 1, dtype=torch.int32).expand(grp, nb))
+                    continue
+                rank_rows = scores[bi : bi + 1, (j * g) // hkv : (j * g) // hkv + 1]
+                assert need_mismatches(need[bi : bi + 1, heads], qt[bi : bi + 1, :, heads], kt[bi : bi + 1, :, j : j + 1],
+                                       rank_rows, cfg, scale, tol=2e-3) == 0
+        assert (counts[..., -1] < nb).any() or density is not None, "the case must drop blocks"
+    else:
+        assert counts.tolist() == [[list(range(1, nb + 1))] * hq] * b
+    plan = BlockPlan(order.contiguous(), counts.contiguous(), counts[..., -1].contiguous(), bs, s)
+    ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
+    assert_close(out.transpose(1, 2), ref, "fp16", what="engine graph output (rule 3)")
+
+
+@pytest.mark.parametrize("rule, density", [(0, 0.4), (1, 0.4), (2, 0.6)])
+def test_tensorrt_graph_dense_fallback_rules_0_to_2(rule, density):
+    """The dense fallback with budget rules 0-2: the graph's counts equal `plan.dense_fallback` of compact_plan on
+    the graph's own scores and budgets, with the graph's early decision."""
+    from plugins.tensorrt.graph import to_tensorrt_graph
+    from proxyattn.plan import BlockPlan, dense_fallback
+
+    b, s, hq, hkv, d, bs = 2, 700, 4, 2, 64, 64
+    cfg = ProxyAttnConfig(block_size=bs, gamma=0.8, min_budget_tokens=64, dense_below_tokens=bs, budget_rule=rule,
+                          dense_density=density)
+    scale = 1.0 / math.sqrt(d)
+    model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
+    q, k, v = _structured(b, s, hq, hkv, d, seed=1)
+    out, t = _run_graph(model, q, k, v)
+    nb = -(-s // bs)
+    early = t["early_dense"]
+    assert torch.equal(early, reference.early_dense_groups(t["early_budgets"], hkv, cfg.dense_density_permille, torch.full((b,), nb)))
+    budgets = t["budgets"].to(torch.int32)
+    expected = dense_fallback(compact_plan(t["ProxyScores"], budgets, s, cfg), hkv, cfg, early=early)
+    assert torch.equal(t["ProxyRank"], expected.order) and torch.equal(t["counts"], expected.counts)
+    assert torch.equal(t["dense_heads"], expected.dense_heads)
+    assert expected.dense_heads.any() and not expected.dense_heads.all(), "the case must mix dense and sparse groups"
+    plan = BlockPlan(t["ProxyRank"].contiguous(), t["counts"].contiguous(), budgets, bs, s)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    ref, _ = reference.block_sparse_attention(qt, kt, vt, plan.to_mask(), block_size=bs, scale=scale)
+    assert_close(out.transpose(1, 2), ref, "fp16", what=f"engine graph output (rule {rule}, dense fallback)")
+
+
+def test_profiles_beyond_the_ranking_kernel_are_refused():
+    from plugins.tensorrt.graph import to_tensorrt_graph
+
+    model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64), 0.125)
+    with pytest.raises(ValueError, match=r"max_seq_len=262208 gives 4097 key blocks .*allowed: max_seq_len <= 262144"):
+        to_tensorrt_graph(model, max_seq_len=262208)
 
 
 def test_estimators_without_a_plugin_are_refused():

@@ -143,3 +143,44 @@ def test_engine_profile_shapes():
     assert profile_shapes(Profile("p", 1, 1, 1), 1) == ((1, 1), (1, 1), (1, 1))
     with pytest.raises(ValueError, match="max_batch=0"):
         profile_shapes(Profile("p", 1, 1, 1), 0)
+
+
+def test_rule3_and_ranking_plugins():
+    """ProxyRank / ProxyNeedsMass / ProxyNeedsCut: shapes, types, grids, constants and extra scalars (gamma as float32
+    bits and the minimum budget in blocks travel as int32 scalars, so they do not change the compiled kernel)."""
+    import struct
+
+    b, hq, hkv, s, d, nb = 3, 28, 4, 1000, 128, 8  # GQA 7: RB = next power of two of 7 * 4 = 32
+    q, k = (b, hq, s, d), (b, hkv, s, d)
+    rank_attrs = {"pa_block_size": 128, "pa_keep_sink": 1, "pa_keep_diagonal": 0, "max_seq_len": 32768}
+    assert S.output_shapes("ProxyRank", [(b, 2, nb, nb)], rank_attrs) == [(b, 2, nb, nb)] * 2 + [(b, 2, nb)] * 2
+    assert S.output_dtypes("ProxyRank", ["float32"]) == ["int32"] * 4
+    consts, opt = S.constants("ProxyRank", [(b, 2, nb, nb)], ["float32"], rank_attrs, 1)
+    assert consts == {"KEEP_SINK": True, "KEEP_DIAG": False, "BLOCK": 256} and opt["num_warps"] == 4
+    assert S.launch("ProxyRank", [(b, 2, nb, nb)], rank_attrs, consts) == (b * 2 * nb, 1, 1)
+    assert S.extra_args("ProxyRank", [(b, 2, nb, nb)]) == [nb]
+    with pytest.raises(ValueError, match="ranking kernel sorts at most 4096"):
+        S.parse_attrs("ProxyRank", dict(rank_attrs, max_seq_len=4097 * 128))
+
+    mass_attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "scale": 0.1}
+    assert S.output_shapes("ProxyNeedsMass", [q, k, (b, hkv)], mass_attrs) == [(b * hkv, nb, nb, 32), (b * hkv, nb, 32)]
+    consts, _ = S.constants("ProxyNeedsMass", [q, k, (b, hkv)], ["bfloat16", "bfloat16", "int32"], mass_attrs, 1)
+    assert (consts["GROUP"], consts["RB"], consts["QB"], consts["ROWS"]) == (7, 32, 8, 4)
+    assert S.launch("ProxyNeedsMass", [q], mass_attrs, consts) == (b * hkv, 1, 1)
+    cut_attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "pa_gamma": 0.95, "pa_min_budget_tokens": 2048,
+                 "pa_keep_sink": 1, "pa_keep_diagonal": 1}
+    cut_in = [q, (b * hkv, nb, nb, 32), (b * hkv, nb, 32), (b, 1, nb, nb), (b, 1, nb), (b, 1, nb), (b, hkv)]
+    assert S.output_shapes("ProxyNeedsCut", cut_in, cut_attrs) == [(b, hq, nb)] * 2
+    consts, _ = S.constants("ProxyNeedsCut", cut_in, ["bfloat16", "float32", "float32"] + ["int32"] * 4, {k2: v for k2, v in
+                            cut_attrs.items() if k2 not in S.RUNTIME_ATTRS["ProxyNeedsCut"]}, 1)
+    assert (consts["HKV"], consts["R"], consts["RB"], consts["CH"]) == (hkv, 1, 32, 128)
+    assert S.launch("ProxyNeedsCut", [q], cut_attrs, consts) == (b * hkv, nb, 1)
+    s_, bits, min_blocks = S.extra_args("ProxyNeedsCut", cut_in, cut_attrs)
+    assert (s_, min_blocks) == (s, 16) and struct.unpack("<f", struct.pack("<i", bits))[0] == pytest.approx(0.95)
+    assert bits == S.float_bits(0.95) and struct.pack("<i", bits) == struct.pack("<f", 0.95)
+    with pytest.raises(ValueError, match="extra_args needs the attributes"):
+        S.extra_args("ProxyNeedsCut", cut_in)
+    with pytest.raises(ValueError, match="pa_keep_sink=2 must be 0 or 1"):
+        S.parse_attrs("ProxyNeedsCut", dict(cut_attrs, pa_keep_sink=2))
+    with pytest.raises(ValueError, match="pa_recall_rows=3 must be a power of two"):
+        S.parse_attrs("ProxyNeedsCut", dict(cut_attrs, pa_recall_rows=3))

@@ -120,6 +120,8 @@ def model_shapes(spec, config, precision: str, profiles: Sequence | None = None)
     attrs = {k: v for k, v in config.to_attrs().items() if k in ("pa_block_size", "pa_stride", "pa_proxy_heads")}
     attrs["scale"] = attention_scale(dict(spec.hf_config))
     q, k = (-1, hq, -1, d), (-1, hkv, -1, d)
+    keep = {"pa_keep_sink": int(config.keep_sink), "pa_keep_diagonal": int(config.keep_diagonal)}
+    needs_attrs = {"pa_block_size": config.block_size, "pa_recall_rows": config.recall_rows}
     nbx = -1
     entries = [
         {"plugin": "ProxyPool", "shapes": [q], "dtypes": [dtype], "attrs": {"groups": g, "step": config.stride}},
@@ -127,9 +129,16 @@ def model_shapes(spec, config, precision: str, profiles: Sequence | None = None)
         {"plugin": "ProxyScores", "shapes": [q, (g, -1, d), (g, -1, d)], "dtypes": [dtype, "float16", "float16"], "attrs": attrs},
         {"plugin": "ProxySparseAttention", "shapes": [q, k, k, (-1, g, nbx, nbx), (-1, hq, nbx)],
          "dtypes": [dtype, dtype, dtype, "int32", "int32"], "attrs": attrs},
+        # Budget rule 3 (gamma and the minimum budget are extra scalars of ProxyNeedsCut: no recompilation).
+        {"plugin": "ProxyNeedsMass", "shapes": [q, k, (-1, hkv)], "dtypes": [dtype, dtype, "int32"],
+         "attrs": dict(needs_attrs, scale=attrs["scale"])},
+        {"plugin": "ProxyNeedsCut", "shapes": [q, (-1, -1, -1, -1), (-1, -1, -1), (-1, g, nbx, nbx), (-1, g, nbx), (-1, g, nbx), (-1, hkv)],
+         "dtypes": [dtype, "float32", "float32", "int32", "int32", "int32", "int32"], "attrs": dict(needs_attrs, **keep)},
     ]
     for max_len in sorted({p.max for p in (profiles or spec.profiles)}):
         a = dict(attrs, max_seq_len=max_len)
+        entries.append({"plugin": "ProxyRank", "shapes": [(-1, g, nbx, nbx)], "dtypes": ["float32"],
+                        "attrs": {"pa_block_size": config.block_size, "max_seq_len": max_len, **keep}})
         entries.append({"plugin": "ProxyMassStats", "shapes": [q, k], "dtypes": [dtype, dtype], "attrs": a})
         for mass in ("ProxyMass", "ProxyRowMass"):  # budget rules 0/1 and 2: a rule change does not recompile
             entries.append({"plugin": mass, "shapes": [q, k, (-1, config.block_size)], "dtypes": [dtype, dtype, "float32"], "attrs": a})

@@ -1,28 +1,39 @@
 """The TensorRT graph: every full-attention `proxy::ProxyAttention` node becomes the stage plugins plus native ops.
 
 TensorRT's AOT plugins launch one kernel each, so one ProxyAttention node (the ONNX contract, export/contract.py)
-is replaced by this subgraph (`to_tensorrt_graph`):
+is replaced by this subgraph (`to_tensorrt_graph`); every budget rule and the dense fallback of
+`ProxyAttnConfig` are implemented, with the same integer arithmetic as `proxyattn.plan`:
 
     pq = ProxyPool(query; step=stride)            pk = ProxyPool(key; step=1)          [plugins]
     scores = ProxyScores(query, pq, pk)                                                 [plugin]  [B, G, Nb, Nb]
+    order, rank, sink_rank, diag_rank = ProxyRank(scores)                               [plugin]  the plan's rankings
+    -- when needed (rules 0-2, the dense fallback's early decision):
     row_max, row_sum = ProxyMassStats(query, key)                                      [plugin]  fixed size
     lse = combine(row_max, row_sum)               ReduceMax, Pow, ReduceSum, Log, Where [native]
     mass = ProxyMass(query, key, lse)                                                   [plugin]  [B, Hq, Nb]
            (budget_rule 2: ProxyRowMass, the mass of every row of the last block,                  [B, Hq, BS, Nb])
-    budgets = smallest n with sorted cumsum >= gamma   TopK, CumSum, Less, ReduceSum    [native]  [B, Hq]
-              (budget_rule 1: cumsum along the last row's ranking, TopK + GatherElements;
-               budget_rule 2: the same per row, then the largest over the rows holding mass, ReduceMax)
-    order = TopK of (forced blocks +inf, causal scores, -inf above the diagonal)        [native]  [B, G, Nb, Nb]
+    budgets: rule 0 sorted cumsum >= gamma (TopK of the values, CumSum, Less, ReduceSum) [native]  [B, Hq]
+             rules 1/2: cumsum along row Nb-1 of `order` (GatherElements; rule 2 per row, ReduceMax over rows)
+    early = sum of the group's rule-0 budgets * 1000 >= dense_density_permille * group * Nb  [native] [B, Hkv]
+    -- rules 0-2 / budget_fraction:
     counts = clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k      [native]  [B, Hq, Nb]
-             (full rows when S <= dense_below_tokens: the dense path)
+    -- rule 3 ("block_recall", the default):
+    mass3, lse3 = ProxyNeedsMass(query, key, skip=early)                                [plugin]  log2 block masses
+    need, counts = ProxyNeedsCut(query, mass3, lse3, order, sink_rank, diag_rank, skip) [plugin]  [B, Hq, Nb]
+    -- every rule:
+    counts = m + 1 when S <= dense_below_tokens (the dense path)                        [native]
+    dense groups = early | kept * 1000 >= permille * causal blocks; their counts m + 1  [native]  (dense fallback)
     output = ProxySparseAttention(query, key, value, order, counts)                     [plugin]
 
-The native part computes exactly `proxyattn.plan.compact_plan` (ranks by comparisons, ties to the lower index);
-it is checked on the CPU with ONNX's reference evaluator, the plugin nodes run by their Triton kernels in the
-interpreter (tests/test_trt_plugin_interpret.py). Nodes with `sliding_window > 0` are left as they are: TensorRT's
-parser imports their model-local function (exact windowed attention), which is their semantics.
+The plan equals `proxyattn.plan_blocks` (`compact_plan`, `compact_plan_needs`, `dense_fallback`); dense groups run
+as full rows in the block-sparse kernel, decided on the device (what the Python GPU path does under CUDA graph
+capture). It is checked on the CPU with ONNX's reference evaluator, the plugin nodes run by their Triton kernels in
+the interpreter (tests/test_trt_plugin_interpret.py, tests/test_conformance.py). No index output depends on
+TensorRT's TopK tie order (TopK sorts mass values only). Nodes with `sliding_window > 0` are left as they are:
+TensorRT's parser imports their model-local function (exact windowed attention), which is their semantics.
 Plugin nodes carry `plugin_namespace="proxy"`, `plugin_version="1"` and `aot=1` (TensorRT's ONNX parser then
-uses the AOT implementation).
+uses the AOT implementation). What the graph cannot run is refused by name when it is built: estimators other than
+0, and profiles longer than `spec.MAX_RANK_BLOCKS` key blocks.
 """
 
 from __future__ import annotations
@@ -34,8 +45,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export import contract
-from proxyattn.config import BUDGET_RULES
-
 from . import spec as S
 
 __all__ = ["to_tensorrt_graph", "PLUGIN_DOMAIN"]
@@ -68,91 +77,70 @@ class _Builder:
         return self.op(op_type, inputs, n_out, domain=PLUGIN_DOMAIN, plugin_namespace=S.NAMESPACE, plugin_version=S.VERSION, aot=1, **attrs)
 
 
-def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int) -> list[onnx.NodeProto]:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    config, scale, window = contract.decode_attrs(attrs)
+def _check_config(node: onnx.NodeProto, config, max_seq_len: int) -> None:
+    """ValueError naming what the TensorRT graph cannot run (decided at build time, never changed silently)."""
     if config.estimator != 0:
         raise ValueError(
             f"node {node.name!r}: pa_estimator={config.estimator} has no TensorRT plugin; allowed: 0 (the proxy-head "
             "estimator of the ProxyScores plugin)"
         )
-    if config.budget_rule not in (0, 1, 2):
+    nb_max = -(-max_seq_len // config.block_size)
+    if nb_max > S.MAX_RANK_BLOCKS:
         raise ValueError(
-            f"node {node.name!r}: pa_budget_rule={config.budget_rule} ({BUDGET_RULES[config.budget_rule]}) has no "
-            "TensorRT graph; allowed: 0 (mass), 1 (recall), 2 (row_recall)"
+            f"node {node.name!r}: max_seq_len={max_seq_len} gives {nb_max} key blocks of {config.block_size} tokens; the "
+            f"TensorRT graph's ranking plugin sorts at most {S.MAX_RANK_BLOCKS} (allowed: max_seq_len <= "
+            f"{S.MAX_RANK_BLOCKS * config.block_size})"
         )
-    if config.dense_density is not None:
-        raise ValueError(
-            f"node {node.name!r}: pa_dense_density={config.dense_density} (the dense fallback) has no TensorRT graph; "
-            "allowed: 0 (off)"
-        )
+
+
+def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int) -> list[onnx.NodeProto]:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    config, scale, window = contract.decode_attrs(attrs)
+    _check_config(node, config, max_seq_len)
     q, k, v = node.input
     b = _Builder(node.name or "proxy_attention", graph)
     i64 = np.int64
     bs, g = config.block_size, config.proxy_heads
     cfg_attrs = {"pa_block_size": bs, "scale": float(scale)}
+    keep = {"pa_keep_sink": int(config.keep_sink), "pa_keep_diagonal": int(config.keep_diagonal)}
+    permille = config.dense_density_permille
+    fraction = config.budget_fraction is not None
+    rule3 = config.budget_rule == 3 and not fraction
+
+    def vec(*xs):  # 1-D int64 shape from scalars
+        return b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in xs], axis=0)
 
     shape_q = b.op("Shape", [q])
     seq = b.op("Gather", [shape_q, b.const(2, i64)], axis=0, hint="S")
     batch = b.op("Gather", [shape_q, b.const(0, i64)], axis=0, hint="B")
     heads = b.op("Gather", [shape_q, b.const(1, i64)], axis=0, hint="Hq")
+    kv_heads = b.op("Gather", [b.op("Shape", [k]), b.const(1, i64)], axis=0, hint="Hkv")
+    group = b.op("Div", [heads, kv_heads], hint="group")
     nb = b.op("Div", [b.op("Add", [seq, b.const(bs - 1, i64)]), b.const(bs, i64)], hint="Nb")
     nb1 = b.op("Reshape", [nb, b.const([1], i64)], hint="Nb1")
 
     pq = b.plugin("ProxyPool", [q], groups=g, step=config.stride)
     pk = b.plugin("ProxyPool", [k], groups=g, step=1)
     scores = b.plugin("ProxyScores", [q, pq, pk], pa_proxy_heads=g, pa_stride=config.stride, **cfg_attrs)
+    # The plan's rankings for every rule (the order compact_plan and the GPU path keep), and the score-only ranks of
+    # block 0 and block m in each row (forced blocks outside a top k are counted from these).
+    order, _, sink_rank, diag_rank = b.plugin("ProxyRank", [scores], n_out=4, pa_block_size=bs, max_seq_len=max_seq_len, **keep)
 
     idx = b.op("Range", [b.const(0, i64), nb, b.const(1, i64)], hint="idx")
+    m1 = b.op("Add", [idx, b.const(1, i64)], hint="m1")
+    bh = vec(batch, heads)
     rep = None
 
     def per_head(t):  # [B, G, Nb] -> [B, Hq, Nb], head h reads ranking h // (Hq / G)
         nonlocal rep
         if rep is None:
             rep = b.op("Div", [heads, b.const(g, i64)])
-        shape = b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in (batch, b.const(g, i64), rep, nb)], axis=0)
-        t4 = b.op("Expand", [b.op("Unsqueeze", [t, b.const([2], i64)]), shape])
-        return b.op("Reshape", [t4, b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in (batch, heads, nb)], axis=0)])
+        t4 = b.op("Expand", [b.op("Unsqueeze", [t, b.const([2], i64)]), vec(batch, b.const(g, i64), rep, nb)])
+        return b.op("Reshape", [t4, vec(batch, heads, nb)])
 
-    # ---- per-head budgets [B, Hq] (int64)
-    bh = b.op("Concat", [b.op("Reshape", [batch, b.const([1], i64)]), b.op("Reshape", [heads, b.const([1], i64)])], axis=0)
-    if config.budget_fraction is not None:
-        nbf = b.op("Cast", [nb], to=TensorProto.FLOAT)
-        n = b.op("Cast", [b.op("Ceil", [b.op("Mul", [nbf, b.const(config.budget_fraction, np.float32)])])], to=TensorProto.INT64)
-        n = b.op("Min", [b.op("Max", [n, b.const(1, i64)]), nb])
-        budgets = b.op("Expand", [n, bh], hint="budgets")
-    elif config.gamma >= 1.0:
-        budgets = b.op("Expand", [nb, bh], hint="budgets")
-    else:
-        row_max, row_sum = b.plugin("ProxyMassStats", [q, k], n_out=2, max_seq_len=max_seq_len, **cfg_attrs)
-        top = b.op("ReduceMax", [row_max, b.const([1], i64)], keepdims=1)
-        e = b.op("Pow", [b.const(2.0, np.float32), b.op("Sub", [row_max, top])])
-        total = b.op("ReduceSum", [b.op("Mul", [row_sum, e]), b.const([1], i64)], keepdims=0)
-        log2 = b.op("Div", [b.op("Log", [b.op("Max", [total, b.const(1e-30, np.float32)])]), b.const(math.log(2.0), np.float32)])
-        lse_val = b.op("Add", [b.op("Squeeze", [top, b.const([1], i64)]), log2])
-        lse = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), lse_val, b.const(-np.inf, np.float32)], hint="lse")
-        rows = config.budget_rule == 2
-        mass = b.plugin("ProxyRowMass" if rows else "ProxyMass", [q, k, lse], max_seq_len=max_seq_len, **cfg_attrs)
-        if config.budget_rule in (1, 2):
-            # Rule "recall": the head's mass along the last query block's shared ranking (forced blocks first, in
-            # score order: proxy scores are probabilities, so +2 lifts them above every other block; two forced
-            # scores closer than float32 rounding at 2 (2.4e-7) keep index order, where the reference compares
-            # them exactly).
-            last = b.op("Sub", [nb1, b.const([1], i64)])
-            srow = b.op("Squeeze", [b.op("Gather", [scores, last], axis=2), b.const([2], i64)])  # [B, G, Nb]
-            lforced = None
-            if config.keep_sink:
-                lforced = b.op("Equal", [idx, b.const(0, i64)])
-            if config.keep_diagonal:
-                ldiag = b.op("Equal", [idx, b.op("Sub", [nb, b.const(1, i64)])])
-                lforced = ldiag if lforced is None else b.op("Or", [lforced, ldiag])
-            lkey = srow if lforced is None else b.op("Where", [lforced, b.op("Add", [srow, b.const(2.0, np.float32)]), srow])
-            last_order = per_head(b.op("TopK", [lkey, nb1], n_out=2, axis=-1, largest=1, sorted=1, hint="last_order")[1])
-            if rows:  # the same ranking for every row of the head: [B, Hq, 1, Nb] -> [B, Hq, BS, Nb]
-                last_order = b.op("Expand", [b.op("Unsqueeze", [last_order, b.const([2], i64)]), b.op("Shape", [mass])])
-            ranked = b.op("GatherElements", [mass, last_order], axis=-1)
-        else:
-            ranked = b.op("TopK", [mass, nb1], n_out=2, axis=-1, largest=1, sorted=1)[0]
+    def count_budget(ranked, rows: bool):
+        """Blocks needed to reach gamma along the last axis of `ranked` (cumsum < gamma, plus one); per row (rows):
+        the largest need over the rows holding mass."""
         cum = b.op("CumSum", [ranked, b.const(-1, i64)])
         below = b.op("Cast", [b.op("Less", [cum, b.const(config.gamma, np.float32)])], to=TensorProto.INT64)
         needed = b.op("Add", [b.op("ReduceSum", [below, b.const([-1], i64)], keepdims=0), b.const(1, i64)])
@@ -163,46 +151,115 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
                                                     b.const([-1], i64)]), b.const([-1], i64)])  # [B, Hq, BS]
             needed = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), needed, b.const(0, i64)])
             needed = b.op("ReduceMax", [needed, b.const([-1], i64)], keepdims=0)
-        budgets = b.op("Min", [needed, nb], hint="budgets")
+        return b.op("Min", [needed, nb])
 
-    # ---- selection: order [B, G, Nb, Nb] int32 and counts [B, Hq, Nb] int32
-    row = b.op("Unsqueeze", [idx, b.const([1], i64)])
-    col = b.op("Unsqueeze", [idx, b.const([0], i64)])
-    causal = b.op("LessOrEqual", [col, row], hint="causal")
-    neg_inf, pos_inf = b.const(-np.inf, np.float32), b.const(np.inf, np.float32)
-    sc = b.op("Where", [causal, scores, neg_inf], hint="causal_scores")
-    forced = None
-    if config.keep_sink:
-        forced = b.op("Equal", [col, b.const(0, i64)])
-    if config.keep_diagonal:
-        diag = b.op("Equal", [col, row])
-        forced = diag if forced is None else b.op("Or", [forced, diag])
-    key = sc if forced is None else b.op("Where", [b.op("And", [forced, causal]), pos_inf, sc])
-    order = b.op("Cast", [b.op("TopK", [key, nb1], n_out=2, axis=-1, largest=1, sorted=1)[1]], to=TensorProto.INT32, hint="order")
+    lse = None
 
-    m1 = b.op("Add", [idx, b.const(1, i64)], hint="m1")
-    n3 = b.op("Unsqueeze", [budgets, b.const([2], i64)])
-    kk = b.op("Div", [b.op("Add", [b.op("Mul", [n3, m1]), b.op("Sub", [nb, b.const(1, i64)])]), nb])
-    kk = b.op("Min", [b.op("Max", [kk, b.const(config.min_budget_blocks, i64)]), m1], hint="k")  # [B, Hq, Nb]
+    def last_block_lse():
+        nonlocal lse
+        if lse is None:
+            row_max, row_sum = b.plugin("ProxyMassStats", [q, k], n_out=2, max_seq_len=max_seq_len, **cfg_attrs)
+            top = b.op("ReduceMax", [row_max, b.const([1], i64)], keepdims=1)
+            e = b.op("Pow", [b.const(2.0, np.float32), b.op("Sub", [row_max, top])])
+            total = b.op("ReduceSum", [b.op("Mul", [row_sum, e]), b.const([1], i64)], keepdims=0)
+            log2 = b.op("Div", [b.op("Log", [b.op("Max", [total, b.const(1e-30, np.float32)])]), b.const(math.log(2.0), np.float32)])
+            lse_val = b.op("Add", [b.op("Squeeze", [top, b.const([1], i64)]), log2])
+            lse = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), lse_val, b.const(-np.inf, np.float32)], hint="lse")
+        return lse
 
-    counts = kk
-    if config.keep_sink:
-        s0 = b.op("Gather", [sc, b.const([0], i64)], axis=3)  # [B, G, Nb, 1]
-        rank0 = b.op("ReduceSum", [b.op("Cast", [b.op("Greater", [sc, s0])], to=TensorProto.INT64), b.const([-1], i64)], keepdims=0)
-        counts = b.op("Add", [counts, b.op("Cast", [b.op("GreaterOrEqual", [per_head(rank0), kk])], to=TensorProto.INT64)])
-    if config.keep_diagonal:
-        sshape = b.op("Shape", [sc])
-        gidx = b.op("Expand", [b.op("Reshape", [idx, b.const([1, 1, -1, 1], i64)]),
-                              b.op("Concat", [b.op("Slice", [sshape, b.const([0], i64), b.const([3], i64)]), b.const([1], i64)], axis=0)])
-        sd = b.op("GatherElements", [sc, gidx], axis=3)  # [B, G, Nb, 1] diagonal scores
-        ahead = b.op("Or", [b.op("Greater", [sc, sd]), b.op("And", [b.op("Equal", [sc, sd]), b.op("Less", [col, row])])])
-        rankd = b.op("ReduceSum", [b.op("Cast", [b.op("And", [ahead, causal])], to=TensorProto.INT64), b.const([-1], i64)], keepdims=0)
-        extra = b.op("Cast", [b.op("GreaterOrEqual", [per_head(rankd), kk])], to=TensorProto.INT64)
-        if config.keep_sink:  # block 0 is both sink and diagonal in row 0
-            extra = b.op("Mul", [extra, b.op("Cast", [b.op("Greater", [idx, b.const(0, i64)])], to=TensorProto.INT64)])
-        counts = b.op("Add", [counts, extra])
+    mass = None
+
+    def last_block_mass():  # [B, Hq, Nb]: the mean mass of each head's last query block
+        nonlocal mass
+        if mass is None:
+            mass = b.plugin("ProxyMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs)
+        return mass
+
+    def mass_budgets():  # budget rule 0 (the paper): the fewest blocks holding gamma, mass sorted descending
+        return count_budget(b.op("TopK", [last_block_mass(), nb1], n_out=2, axis=-1, largest=1, sorted=1)[0], rows=False)
+
+    # ---- the dense fallback's early decision (api.early_dense_groups): before any score, from rule 0's budgets
+    early = None
+    if permille and not fraction:
+        budgets0 = b.op("Expand", [nb, bh], hint="early_budgets") if config.gamma >= 1.0 else \
+            b.op("Identity", [mass_budgets()], hint="early_budgets")
+        total0 = b.op("ReduceSum", [b.op("Reshape", [budgets0, vec(batch, kv_heads, group)]), b.const([-1], i64)], keepdims=0)
+        need0 = b.op("Mul", [b.op("Mul", [group, nb]), b.const(permille, i64)])
+        early = b.op("GreaterOrEqual", [b.op("Mul", [total0, b.const(1000, i64)]), need0], hint="early_dense")  # [B, Hkv]
+
+    causal_counts = b.op("Expand", [m1, b.op("Concat", [bh, nb1], axis=0)], hint="full_counts")  # [B, Hq, Nb]: m + 1
+    if rule3 and config.gamma < 1.0:
+        # ---- budget rule 3 ("block_recall"): each (head, query block)'s need measured by the two needs kernels;
+        # the cut kernel writes the counts (min_budget_tokens' top blocks, forced blocks outside them, >= the need).
+        skip = b.op("Cast", [early], to=TensorProto.INT32) if early is not None else \
+            b.op("ConstantOfShape", [vec(batch, kv_heads)], value=helper.make_tensor("zero", TensorProto.INT32, [1], [0]))
+        mass3, lse3 = b.plugin("ProxyNeedsMass", [q, k, skip], n_out=2, pa_recall_rows=config.recall_rows, **cfg_attrs)
+        need, counts = b.plugin("ProxyNeedsCut", [q, mass3, lse3, order, sink_rank, diag_rank, skip], n_out=2,
+                                pa_block_size=bs, pa_recall_rows=config.recall_rows, pa_gamma=float(config.gamma),
+                                pa_min_budget_tokens=config.min_budget_tokens, **keep)
+        counts = b.op("Cast", [counts], to=TensorProto.INT64)
+        # The reported budget (reference.needs_budgets): the last block's need, at least min(min_blocks, Nb).
+        last_need = b.op("Squeeze", [b.op("Gather", [b.op("Cast", [need], to=TensorProto.INT64),
+                                                     b.op("Sub", [nb1, b.const([1], i64)])], axis=2), b.const([2], i64)])
+        budgets = b.op("Max", [last_need, b.op("Min", [nb, b.const(config.min_budget_blocks, i64)])], hint="budgets")
+    elif rule3:  # gamma = 1: every causal block
+        counts = causal_counts
+        budgets = b.op("Expand", [nb, bh], hint="budgets")
+    else:
+        # ---- per-head budgets [B, Hq] (int64) of rules 0-2, or the static fraction
+        if fraction:
+            nbf = b.op("Cast", [nb], to=TensorProto.FLOAT)
+            n = b.op("Cast", [b.op("Ceil", [b.op("Mul", [nbf, b.const(config.budget_fraction, np.float32)])])], to=TensorProto.INT64)
+            n = b.op("Min", [b.op("Max", [n, b.const(1, i64)]), nb])
+            budgets = b.op("Expand", [n, bh], hint="budgets")
+        elif config.gamma >= 1.0:
+            budgets = b.op("Expand", [nb, bh], hint="budgets")
+        elif config.budget_rule == 0:
+            budgets = b.op("Identity", [mass_budgets()], hint="budgets")
+        else:
+            # Rules "recall" / "row_recall": the head's mass along the last query block's shared ranking, which is row
+            # Nb - 1 of the plan's order (forced blocks first in score order, then descending score, lower index first:
+            # reference.last_row_order).
+            rows = config.budget_rule == 2
+            lmass = b.plugin("ProxyRowMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs) if rows \
+                else last_block_mass()
+            last = b.op("Sub", [nb1, b.const([1], i64)])
+            lorder = b.op("Cast", [b.op("Squeeze", [b.op("Gather", [order, last], axis=2), b.const([2], i64)])], to=TensorProto.INT64)
+            last_order = per_head(lorder)  # [B, Hq, Nb]
+            if rows:  # the same ranking for every row of the head: [B, Hq, 1, Nb] -> [B, Hq, BS, Nb]
+                last_order = b.op("Expand", [b.op("Unsqueeze", [last_order, b.const([2], i64)]), b.op("Shape", [lmass])])
+            budgets = b.op("Identity", [count_budget(b.op("GatherElements", [lmass, last_order], axis=-1), rows)], hint="budgets")
+
+        # ---- selection counts [B, Hq, Nb]: clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k
+        n3 = b.op("Unsqueeze", [budgets, b.const([2], i64)])
+        kk = b.op("Div", [b.op("Add", [b.op("Mul", [n3, m1]), b.op("Sub", [nb, b.const(1, i64)])]), nb])
+        kk = b.op("Min", [b.op("Max", [kk, b.const(config.min_budget_blocks, i64)]), m1], hint="k")  # [B, Hq, Nb]
+        counts = kk
+        if config.keep_sink:
+            rank0 = per_head(b.op("Cast", [sink_rank], to=TensorProto.INT64))
+            counts = b.op("Add", [counts, b.op("Cast", [b.op("GreaterOrEqual", [rank0, kk])], to=TensorProto.INT64)])
+        if config.keep_diagonal:
+            rankd = per_head(b.op("Cast", [diag_rank], to=TensorProto.INT64))
+            extra = b.op("Cast", [b.op("GreaterOrEqual", [rankd, kk])], to=TensorProto.INT64)
+            if config.keep_sink:  # block 0 is both sink and diagonal in row 0
+                extra = b.op("Mul", [extra, b.op("Cast", [b.op("Greater", [idx, b.const(0, i64)])], to=TensorProto.INT64)])
+            counts = b.op("Add", [counts, extra])
+
+    # ---- the dense path (S <= dense_below_tokens) keeps every causal block
     dense = b.op("LessOrEqual", [seq, b.const(config.dense_below_tokens, i64)])
-    counts = b.op("Where", [dense, b.op("Expand", [m1, b.op("Shape", [counts])]), counts])
+    counts = b.op("Where", [dense, causal_counts, counts])
+    # ---- the dense fallback (plan.dense_fallback): KV groups whose plan keeps >= dense_density of their causal blocks
+    # (reference.dense_groups), or decided early, run as full rows in the block-sparse kernel; integer arithmetic.
+    if permille:
+        kept = b.op("ReduceSum", [b.op("Reshape", [counts, vec(batch, kv_heads, b.const(-1, i64))]), b.const([-1], i64)], keepdims=0)
+        causal_blocks = b.op("Div", [b.op("Mul", [b.op("Mul", [group, nb]), b.op("Add", [nb, b.const(1, i64)])]), b.const(2, i64)])
+        groups = b.op("GreaterOrEqual", [b.op("Mul", [kept, b.const(1000, i64)]), b.op("Mul", [causal_blocks, b.const(permille, i64)])])
+        if early is not None:
+            groups = b.op("Or", [groups, early])
+        groups = b.op("Identity", [groups], hint="dense_groups")  # [B, Hkv]
+        dense_heads = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [groups, b.const([2], i64)]), vec(batch, kv_heads, group)]),
+                                       bh], hint="dense_heads")  # [B, Hq]
+        counts = b.op("Where", [b.op("Unsqueeze", [dense_heads, b.const([2], i64)]), causal_counts, counts])
     counts = b.op("Cast", [counts], to=TensorProto.INT32, hint="counts")
 
     b.nodes.append(helper.make_node("ProxySparseAttention", [q, k, v, order, counts], list(node.output),

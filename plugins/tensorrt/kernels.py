@@ -15,9 +15,12 @@ import triton.language as tl
 
 from proxyattn.kernels.attention import _sparse_attn_fwd_kernel
 from proxyattn.kernels.estimate_budgets import _budget_kernel
+from proxyattn.kernels.estimate_needs import _cut_kernel, _mass_kernel
+from proxyattn.kernels.estimate_rank import _rank_kernel
 from proxyattn.kernels.estimate_scores import _pool_heads_kernel, _proxy_scores_kernel
 
-__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_sparse_attention", "WRAPPERS"]
+__all__ = ["trt_pool", "trt_scores", "trt_mass_stats", "trt_mass", "trt_rank", "trt_needs_mass", "trt_needs_cut",
+           "trt_sparse_attention", "WRAPPERS"]
 
 
 @triton.jit
@@ -80,6 +83,48 @@ def trt_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
 
 
 @triton.jit
+def trt_rank(scores_ptr, nb, order_ptr, rank_ptr, sink_ptr, diag_ptr,
+             KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, BLOCK: tl.constexpr):
+    """scores float32 `[B, G, Nb, Nb]` -> order, rank int32 `[B, G, Nb, Nb]`, sink_rank, diag_rank int32 `[B, G, Nb]`
+    (`estimate_rank.rank_order`; grid: B*G*Nb; BLOCK >= Nb, fixed per profile)."""
+    _rank_kernel(scores_ptr, order_ptr, rank_ptr, sink_ptr, diag_ptr, nb, KEEP_SINK=KEEP_SINK, KEEP_DIAG=KEEP_DIAG,
+                 BLOCK=BLOCK)
+
+
+@triton.jit
+def trt_needs_mass(q_ptr, k_ptr, skip_ptr, seq_len, mass_ptr, lse_ptr,
+                   HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr,
+                   QB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                   QK_SCALE: tl.constexpr):
+    """Budget rule 3, pass 1 (`estimate_needs._mass_kernel`, every query block in one chunk): q `[B, Hq, S, D]`, k
+    `[B, Hkv, S, D]`, skip int32 `[B, Hkv]` (groups not measured) -> mass float32 `[B*Hkv, Nb, Nb, RB]` (log2 block
+    masses), lse float32 `[B*Hkv, Nb, RB]` (grid: B*Hkv, cdiv(Nb, QB))."""
+    nb = tl.cdiv(seq_len, BS)
+    _mass_kernel(q_ptr, k_ptr, q_ptr, skip_ptr, mass_ptr, lse_ptr,
+                 seq_len, nb, HKV, 0, nb, QK_SCALE,
+                 HQ * seq_len * D, D, seq_len * D, 1,
+                 HKV * seq_len * D, D, seq_len * D, 1,
+                 GROUP=GROUP, ROWS=ROWS, RB=RB, QB=QB, BS=BS, HEAD_DIM=D, BLOCK_D=BLOCK_D, VARLEN=False,
+                 LAST_ONLY=False, SKIP=True, DOT_PREC=DOT_PREC, UPCAST=False)
+
+
+@triton.jit
+def trt_needs_cut(q_ptr, mass_ptr, lse_ptr, order_ptr, sink_ptr, diag_ptr, skip_ptr, seq_len, gamma_bits, min_blocks,
+                  need_ptr, counts_ptr,
+                  HQ: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+                  RB: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """Budget rule 3, pass 2 (`estimate_needs._cut_kernel` with COUNTS): the masses of `trt_needs_mass`, the rankings
+    and forced-block ranks of `trt_rank` -> need, counts int32 `[B, Hq, Nb]` (grid: B*Hkv, Nb). gamma arrives as the
+    bits of a float32 (AOT scalars are int32); q is not read (TensorRT derives S from it)."""
+    nb = tl.cdiv(seq_len, BS)
+    gamma = gamma_bits.to(tl.float32, bitcast=True)
+    _cut_kernel(mass_ptr, lse_ptr, order_ptr, sink_ptr, diag_ptr, skip_ptr, skip_ptr, need_ptr, counts_ptr,
+                seq_len, nb, HKV, HKV // R, 0, nb, gamma, min_blocks, -1,
+                GROUP=GROUP, ROWS=ROWS, RB=RB, BS=BS, CH=CH, VARLEN=False, LAST_ONLY=False, SKIP=True, COUNTS=True,
+                KEEP_SINK=KEEP_SINK, KEEP_DIAG=KEEP_DIAG)
+
+
+@triton.jit
 def trt_sparse_attention(q_ptr, k_ptr, v_ptr, order_ptr, counts_ptr, seq_len, o_ptr,
                          HQ: tl.constexpr, HKV: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr):
@@ -101,5 +146,8 @@ WRAPPERS = {
     "trt_scores": trt_scores,
     "trt_mass_stats": trt_mass_stats,
     "trt_mass": trt_mass,
+    "trt_rank": trt_rank,
+    "trt_needs_mass": trt_needs_mass,
+    "trt_needs_cut": trt_needs_cut,
     "trt_sparse_attention": trt_sparse_attention,
 }

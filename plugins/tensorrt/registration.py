@@ -149,7 +149,7 @@ def register_plugins() -> None:
             lp.grid_x, lp.grid_y, lp.grid_z = gx, gy, gz
             lp.block_x = compiled.metadata.num_warps * 32
             lp.shared_mem = compiled.metadata.shared
-            extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in S.extra_args(_name, shapes)])
+            extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in S.extra_args(_name, shapes, attrs)])
             return compiled.metadata.name, compiled.asm["ptx"], lp, extra
 
         trtp.aot_impl(pid)(_with_signature(

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.models import engine_config
+from proxyattn.config import ProxyAttnConfig
 
-# The config libproxyattn and its TensorRT plugin are built and used with (engines.models.engine_config): Python's
-# defaults except the budget rule (the library implements rules 0-2; Python's default, rule 3, runs in the Python /
-# Triton path only) and the dense fallback, off (dense_density=None: the library implements none).
-LIB_DEFAULT = engine_config()
+# What proxyattn_config_default() fills in: Python's defaults except the budget rule (the library implements rules
+# 0-2 and refuses rule 3, Python's default, by name) and the dense fallback, off (dense_density=None: the library
+# refuses any other value by name). Engines are built with Python's defaults (engines.models), so the C++ TensorRT
+# plugin refuses their nodes by name; the Python TensorRT plugin graph (plugins/tensorrt) runs them.
+LIB_DEFAULT = ProxyAttnConfig(budget_rule=2, dense_density=None)
 
 # Status codes of cpp/include/proxyattn.h.
 SUCCESS, INVALID, NOT_COMPILED, WS_SMALL, MISALIGNED, NO_DRIVER = 0, 1, 2, 3, 4, 5

@@ -9,7 +9,6 @@ import dataclasses
 
 import pytest
 
-from engines.models import engine_config
 from proxyattn import ProxyAttnConfig
 from tests.cpp.libproxyattn import BF16, LIB_DEFAULT, Config, Problem
 
@@ -36,7 +35,7 @@ def _parse_fields(host, fields: dict, *, as_float=(), as_int=()):
 def test_trt_plugin_reads_the_onnx_node_attributes(host):
     from export.contract import STRING_ATTRS, encode_attrs
 
-    pc = engine_config(block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
+    pc = ProxyAttnConfig(dense_density=None, block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
                        budget_fraction=0.25, budget_rule=1)
     attrs = {k: v for k, v in encode_attrs(pc, scale=0.0625).items() if k not in STRING_ATTRS}
     assert len(attrs) == PLUGIN_FIELD_COUNT and attrs["pa_dense_density"] == 0.0  # dense_density None travels as 0.0
