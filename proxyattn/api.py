@@ -193,6 +193,10 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
     cfg = _config(config)
     if cfg.dense_density_permille == 0 or cfg.budget_fraction is not None:
         return None
+    _check_inputs(q, k)
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "early_dense_groups"):
+        return backend.early_dense_groups(q, k, cfg, resolve_scale(scale, q.shape[-1]))
     budgets = head_budgets(q, k, cfg.replace(budget_rule=0), scale=scale)
     nb_seq = torch.full((q.shape[0],), -(-q.shape[1] // cfg.block_size), device=q.device, dtype=torch.int64)
     return reference.early_dense_groups(budgets, k.shape[2], cfg.dense_density_permille, nb_seq)
@@ -310,7 +314,7 @@ def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: fl
         return dense_attention(q, k, v, scale=scale)
     early = early_dense_groups(q, k, cfg, scale=scale)
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if early is not None and not capturing and bool(early.all()):  # one small host read (eager mode only)
+    if early is not None and not capturing and bool(early.cpu().all()):  # one small host read (eager mode only)
         return dense_attention(q, k, v, scale=scale)
     plan = _plan(q, k, cfg, scale, early)
     return block_sparse_attention(q, k, v, plan, scale=scale)

@@ -161,7 +161,8 @@ def test_kernel_plan_with_fallback_equals_the_reference(case):
     nb_seq = torch.full((b,), nb, dtype=torch.int64)
     first = eb.head_budgets(q, k, cfg.replace(budget_rule=0), scale)  # the early decision's budgets (GPU kernel)
     early = reference.early_dense_groups(first, hkv, cfg.dense_density_permille, nb_seq)
-    assert early.equal(pa.early_dense_groups(q, k, cfg, scale=scale))  # what plan_blocks decides
+    assert early.equal(pa.early_dense_groups(q, k, cfg, scale=scale))  # the API (reference on the CPU)
+    assert eb.early_dense_groups(q, k, cfg, scale).equal(early)  # the fused decision kernel (what CUDA tensors run)
     got = en.needs_plan(q, k, scores, cfg, scale, early=early)
     # The reference decisions on the kernel's own needs (the needs themselves are checked against the reference in
     # tests/test_block_recall.py): the early groups need every block, then compact_plan_needs, then the late decision.
@@ -172,6 +173,32 @@ def test_kernel_plan_with_fallback_equals_the_reference(case):
                           early=early)
     assert got.order.equal(want.order) and got.counts.equal(want.counts)
     assert got.dense_heads.equal(want.dense_heads) and got.budget_blocks.equal(want.budget_blocks)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("gamma,dd", [(0.9, 0.3), (0.95, 0.6), (1.0, 0.9)])
+def test_early_decision_kernel_of_a_packed_batch_equals_the_reference_per_sequence(gamma, dd):
+    from proxyattn.kernels import estimate_budgets as eb
+
+    lengths = [700, 0, 129, 333]  # ragged, an empty sequence, one block and one row
+    hq, hkv, d, bs = 8, 2, 64, 64
+    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, min_budget_tokens=bs, dense_below_tokens=0, dense_density=dd)
+    scale = 1.0 / math.sqrt(d)
+    seqs = [qkv_inputs("structured", 1, n, hq, hkv, d, seed=20 + i, dtype=torch.bfloat16)[:2] for i, n in enumerate(lengths) if n]
+    q = torch.cat([x[0][0] for x in seqs])
+    k = torch.cat([x[1][0] for x in seqs])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    got = eb.early_dense_groups_varlen(q, k, cu, max(lengths), cfg, scale)
+    want, it = [], iter(seqs)
+    for n in lengths:
+        if n == 0:
+            want.append(torch.zeros(1, hkv, dtype=torch.bool))
+            continue
+        qi, ki = next(it)
+        first = reference.rule_budgets(qi.float(), ki.float(), None, block_size=bs, gamma=gamma, scale=scale, budget_rule=0,
+                                       keep_sink=True, keep_diagonal=True)
+        want.append(reference.early_dense_groups(first, hkv, cfg.dense_density_permille, torch.tensor([-(-n // bs)])))
+    assert got.dtype == torch.bool and got.equal(torch.cat(want))
 
 
 @pytest.mark.interpret

@@ -6,16 +6,17 @@ descending mass order (budget_rule 0, the paper) or in the order of the last que
 (budget_rule 1, "recall"); budget_rule 2 ("row_recall") keeps the mass of every row and takes the largest
 prefix any row needs (`proxyattn.reference.head_budgets`).
 
-Layers: `_budget_kernel` (jit, two passes selected by PASS) -> `_launch_budgets` (allocate, grid) ->
-`head_budgets` / `head_budgets_varlen` (checks, shapes).
+Layers: `_budget_kernel` (jit, two passes selected by PASS), `_combine_lse_kernel`, `_early_dense_kernel` ->
+`_launch_mass` (allocate, grid) -> `head_budgets` / `head_budgets_varlen` / `early_dense_groups` (checks, shapes).
 
 The keys are split into chunks of key blocks so that B * Hq * chunks programs fill the GPU (a head alone has
 only its 128 rows). Programs are ordered with the query heads of one KV head adjacent, so their shared K tiles
-come from L2. PASS 0 writes each chunk's online row max and sum; torch combines them into each row's
-log-sum-exp (`[B, Hq, chunks, block_size]`, small); PASS 1 recomputes the logits and writes the attention mass of
+come from L2. PASS 0 writes each chunk's online row max and sum; `_combine_lse_kernel` combines them into each
+row's log-sum-exp (`[B, Hq, block_size]`); PASS 1 recomputes the logits and writes the attention mass of
 every key block, `[B, Hq, Nb]` (or, with ROWS, of every row and key block, `[B, Hq, block_size, Nb]`). Sort,
-cumulative sum and count are torch ops on the device. The dots take the inputs in their own dtype (fp16/bf16
-operands, fp32 accumulation): the reference's products exactly, summed in another order.
+cumulative sum and count are torch ops on the device, except for the dense fallback's first decision
+(`early_dense_groups`), which `_early_dense_kernel` makes in one launch per call. The dots take the inputs in
+their own dtype (fp16/bf16 operands, fp32 accumulation): the reference's products exactly, summed in another order.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ..config import ProxyAttnConfig
 from .estimate_common import _LOG2E, interpreting, num_sms, qk_layout
+from .estimate_rank import MAX_SORT_BLOCKS
 from .estimate_scores import _online_max_sum, _seq_base, _seq_bounds
 
-__all__ = ["head_budgets", "head_budgets_varlen", "block_mass"]
+__all__ = ["head_budgets", "head_budgets_varlen", "block_mass", "early_dense_groups", "early_dense_groups_varlen"]
 
 
 @triton.jit
@@ -161,12 +164,88 @@ def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, sc
     cu = cu_seqlens if varlen else mstat
     args = (seq_len, nb, hq, scale * _LOG2E, *sq, *sk)
     _budget_kernel[grid](q, k, cu, mstat, lstat, mstat, mass, *args, PASS=0, **common)
-    # Combine the chunks' (max, sum) into each row's log-sum-exp, log2 units: [B*Hq, BS].
-    top = mstat.amax(dim=1, keepdim=True)
-    total = (lstat * torch.exp2(mstat - top)).sum(dim=1)
-    lse = torch.where(total > 0, top.squeeze(1) + torch.log2(total.clamp_min(1e-30)), float("-inf")).contiguous()
+    lse = torch.empty(batch * hq, bs, device=dev, dtype=torch.float32)
+    _combine_lse_kernel[(batch * hq,)](mstat, lstat, lse, NCHUNK=nchunk, CT=min(16, triton.next_power_of_2(nchunk)), BS=bs,
+                                       num_warps=4)
     _budget_kernel[grid](q, k, cu, mstat, lstat, lse, mass, *args, PASS=1, **common)
     return mass
+
+
+@triton.jit
+def _combine_lse_kernel(mstat_ptr, lstat_ptr, lse_ptr, NCHUNK: tl.constexpr, CT: tl.constexpr, BS: tl.constexpr):
+    """Each row's log-sum-exp (log2 units; -inf for a row that saw no key) from the chunks' online (max, sum) of
+    PASS 0, `[B*Hq, NCHUNK, BS]` -> `[B*Hq, BS]`; one program per (sequence, head), CT chunks at a time."""
+    bh = tl.program_id(0)
+    offs_r = tl.arange(0, BS)
+    offs_c = tl.arange(0, CT)
+    m_run = tl.full([BS], -1.0e30, dtype=tl.float32)
+    l_run = tl.zeros([BS], dtype=tl.float32)
+    for c0 in range(0, NCHUNK, CT):
+        inside = (c0 + offs_c < NCHUNK)[:, None]
+        at = (bh.to(tl.int64) * NCHUNK + c0 + offs_c[:, None]) * BS + offs_r[None, :]
+        m = tl.load(mstat_ptr + at, mask=inside, other=-1.0e30)
+        l_c = tl.load(lstat_ptr + at, mask=inside, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        l_run = l_run * tl.exp2(m_run - m_new) + tl.sum(l_c * tl.exp2(m - m_new[None, :]), axis=0)
+        m_run = m_new
+    lse = tl.where(l_run > 0, m_run + tl.log2(tl.maximum(l_run, 1e-30)), float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * BS + offs_r, lse)
+
+
+@triton.jit
+def _early_dense_kernel(mass_ptr, nbseq_ptr, out_ptr, nb_max, num_kv_heads, gamma, permille,
+                        GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (sequence b, KV group g): the paper's budget of each of the group's heads from its last-block
+    mass `[B, Hq, nb_max]` (sort descending, cumulative sum, the fewest blocks reaching gamma, at most Nb_b), their
+    sum against permille / 1000 of GROUP x Nb_b (`reference.early_dense_groups`); writes int8 0/1 to out `[B*Hkv]`."""
+    pid = tl.program_id(0)  # b * Hkv + g: heads pid * GROUP .. pid * GROUP + GROUP - 1 of mass
+    nb = tl.load(nbseq_ptr + pid // num_kv_heads).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    inside = offs < nb
+    total = nb * 0
+    for h in tl.static_range(GROUP):
+        row = tl.load(mass_ptr + (pid.to(tl.int64) * GROUP + h) * nb_max + offs, mask=inside, other=0.0)
+        cum = tl.cumsum(tl.sort(row, descending=True), axis=0)
+        below = tl.sum(((cum < gamma) & inside).to(tl.int32), axis=0)
+        total += tl.minimum(below + 1, nb)
+    dense = (total * 1000 >= permille * GROUP * nb) & (nb > 0)
+    tl.store(out_ptr + pid, dense.to(tl.int8))
+
+
+def _early_dense(mass: torch.Tensor, nb_seq: torch.Tensor, num_kv_heads: int, cfg: ProxyAttnConfig) -> torch.Tensor:
+    """bool `[B, Hkv]` from the last-block mass `[B, Hq, Nb]` and the blocks of each sequence nb_seq int64 `[B]`."""
+    b, hq, nb = mass.shape
+    if cfg.gamma >= 1.0:  # every head keeps every block (`head_budgets`)
+        return (nb_seq > 0)[:, None].expand(b, num_kv_heads).contiguous()
+    if nb > MAX_SORT_BLOCKS:  # too long to sort in registers: the torch form
+        budgets = _budgets_from_mass(mass, cfg.gamma, nb_seq[:, None])
+        return reference.early_dense_groups(budgets, num_kv_heads, cfg.dense_density_permille, nb_seq)
+    out = torch.empty(b, num_kv_heads, device=mass.device, dtype=torch.int8)
+    block = max(16, triton.next_power_of_2(nb))
+    _early_dense_kernel[(b * num_kv_heads,)](mass, nb_seq, out, nb, num_kv_heads, cfg.gamma, cfg.dense_density_permille,
+                                             GROUP=hq // num_kv_heads, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return out.view(torch.bool)
+
+
+def early_dense_groups(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """The dense fallback's first decision (`api.early_dense_groups`), bool `[B, Hkv]`: KV groups whose heads'
+    paper budgets (budget_rule 0 on the last query block) reach cfg.dense_density of the blocks. Four launches
+    (mass pass 0, log-sum-exp, mass pass 1, decision), no host synchronisation.
+
+    Args:
+        q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
+    """
+    b, s, _, _ = q.shape
+    mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale)
+    nb_seq = torch.full((b,), mass.shape[-1], device=q.device, dtype=torch.int64)
+    return _early_dense(mass, nb_seq, k.shape[2], cfg)
+
+
+def early_dense_groups_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """`early_dense_groups` of a packed batch (q `[T, Hq, D]`, k `[T, Hkv, D]`), each sequence with its own Nb_b."""
+    bsz = cu_seqlens.shape[0] - 1
+    mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale)
+    return _early_dense(mass, seq_blocks(cu_seqlens, cfg.block_size), k.shape[1], cfg)
 
 
 def _budgets_from_mass(mass: torch.Tensor, gamma: float, nb_seq) -> torch.Tensor:

@@ -24,8 +24,7 @@ import torch
 
 from ..config import ProxyAttnConfig
 from ..plan import BlockPlan, dense_fallback
-from ..reference import early_dense_groups
-from .estimate_budgets import head_budgets_varlen, seq_blocks
+from .estimate_budgets import early_dense_groups_varlen, head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
 from .estimate_head_max import head_max_scores_varlen
 from .estimate_needs import block_needs as _needs, needs_plan, needs_plan_varlen
@@ -178,8 +177,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
     nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
     early = None
     if cfg.dense_density_permille > 0 and cfg.budget_fraction is None:  # api.early_dense_groups, per sequence
-        first = head_budgets_varlen(q, k, cu_seqlens, max_seqlen, cfg.replace(budget_rule=0), scale)
-        early = early_dense_groups(first, k.shape[1], cfg.dense_density_permille, nb_seq)
+        early = early_dense_groups_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
     if cfg.budget_rule == 3 and cfg.budget_fraction is None:
         return needs_plan_varlen(q, k, cu_seqlens, max_seqlen, scores, cfg, scale, early=early)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)

@@ -283,7 +283,7 @@ def check_head_max(s, hq, hkv, d, st, g, seed):
 def recall_timings():
     """plan_blocks with budget_rule 0 and 1 (same inputs), Llama-3-8B shapes, 32K and 128K."""
     hq, hkv, d = 32, 8, 128
-    for s in (32768, 131072):
+    for s in (16384, 32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
         for label, cfg in [("budget_rule=0", ProxyAttnConfig(budget_rule=0)), ("budget_rule=1", ProxyAttnConfig(budget_rule=1)),
                            ("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
@@ -410,7 +410,7 @@ def needs_timings():
     """plan_blocks with rule 2 and rule 3 (4 / 8 rows), and the needs kernel alone, Llama-3-8B shapes."""
     hq, hkv, d = 32, 8, 128
     scale = 1.0 / math.sqrt(d)
-    for s in (32768, 131072):
+    for s in (16384, 32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
         for label, cfg in [("budget_rule=2", ProxyAttnConfig(budget_rule=2, dense_density=None)),
                            ("budget_rule=3 rows 4, no fallback", ProxyAttnConfig(budget_rule=3, dense_density=None)),
@@ -426,13 +426,17 @@ def needs_timings():
         from proxyattn.kernels import estimate_rank as er
 
         scs = [(es.proxy_scores(q, k, cfg, scale),) for q, k in sets]
-        for stage, fn, args_ in [("scores", lambda q, k: es.proxy_scores(q, k, cfg, scale), sets),
+        default = ProxyAttnConfig()
+        for stage, fn, args_ in [("early dense decision (kernels)", lambda q, k: eb.early_dense_groups(q, k, default, scale), sets),
+                                 ("early dense decision + host read", lambda q, k: bool(proxyattn.early_dense_groups(q, k).cpu().all()),
+                                  sets),
+                                 ("scores", lambda q, k: es.proxy_scores(q, k, cfg, scale), sets),
                                  ("rank kernel", lambda sc: er._launch_rank(sc, True, True), scs),
                                  ("rank torch", lambda sc: esel.torch_rank_order(sc, True, True), scs)]:
             ms = bench(fn, args_)
             TIMINGS.append({"stage": stage, "seq_len": s, "ms": round(ms, 4)})
             print(f"  {stage} S={s}: {ms:.3f} ms", flush=True)
-        sweep = [(8, 4, 2)] if s < 131072 else [(4, 4, 2), (8, 4, 2), (8, 8, 2), (16, 4, 2), (16, 8, 3)]
+        sweep = [(8, 4, 2)] if s < 131072 else [(4, 4, 2), (8, 4, 2), (8, 4, 3), (8, 8, 2), (4, 8, 3), (16, 4, 2), (16, 8, 3)]
         for qbv, nw, ns in sweep:
             try:
                 ms = bench(lambda q, k, r: en._launch_needs(q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[1:],
