@@ -44,6 +44,7 @@ import torch
 from . import reference
 from .api import proxy_attention, reference_plan
 from .config import ProxyAttnConfig
+from .tp import shard_config
 
 __all__ = [
     "NAMES",
@@ -201,6 +202,8 @@ def _forward(implementation: str, module, query, key, value, attention_mask, dro
             )
         out = emit(query, key, value, config=config, scale=scaling, sliding_window=sliding_window, layer_idx=layer_idx)
         return out.transpose(1, 2), None
+    # Under transformers' tensor parallelism this call holds one shard's heads: its groups (proxyattn.tp).
+    config = shard_config(config, module, query.shape[1], key.shape[1])
     path = choose_path(
         module,
         query,
