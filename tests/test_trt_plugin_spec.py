@@ -184,3 +184,17 @@ def test_rule3_and_ranking_plugins():
         S.parse_attrs("ProxyNeedsCut", dict(cut_attrs, pa_keep_sink=2))
     with pytest.raises(ValueError, match="pa_recall_rows=3 must be a power of two"):
         S.parse_attrs("ProxyNeedsCut", dict(cut_attrs, pa_recall_rows=3))
+
+
+def test_needs_mass_needs_static_head_counts():
+    class Sym:  # a shape expression that is not a build-time constant
+        pass
+
+    class SymOps(S.IntOps):
+        @staticmethod
+        def static(a):
+            return -1 if isinstance(a, Sym) else a
+
+    attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "scale": 0.1}
+    with pytest.raises(ValueError, match="query heads=-1 must be a static positive int"):
+        S.output_shapes("ProxyNeedsMass", [(1, Sym(), 256, 64), (1, 2, 256, 64), (1, 2)], attrs, SymOps())

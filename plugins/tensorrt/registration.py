@@ -58,6 +58,11 @@ class _TrtOps:
     def floordiv(a, b):
         return a // b
 
+    @staticmethod
+    def static(a):
+        """A build-time dimension's value (head counts); -1 when the expression is not a constant (spec refuses it)."""
+        return _static(a)
+
 
 TRT_OPS = None  # set by register_plugins
 

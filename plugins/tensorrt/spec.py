@@ -75,6 +75,11 @@ class IntOps:
     def floordiv(a, b):
         return a // b
 
+    @staticmethod
+    def static(a):
+        """The value of a build-time dimension (TensorRT: a constant shape expression)."""
+        return a
+
 
 INT_OPS = IntOps()
 
@@ -234,7 +239,8 @@ def output_shapes(plugin: str, shapes: Sequence[Sequence[Any]], attrs: Mapping[s
         return [(b, hq, bs, nb)]
     if plugin == "ProxyNeedsMass":
         hkv = shapes[1][1]
-        rb = needs_rows(_static_int(plugin, "query heads", hq) // _static_int(plugin, "key heads", hkv), a["pa_recall_rows"])
+        rb = needs_rows(_static_int(plugin, "query heads", ops.static(hq)) // _static_int(plugin, "key heads", ops.static(hkv)),
+                        a["pa_recall_rows"])
         return [(b * hkv, nb, nb, rb), (b * hkv, nb, rb)]
     if plugin == "ProxyNeedsCut":
         return [(b, hq, nb), (b, hq, nb)]
