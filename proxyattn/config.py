@@ -23,9 +23,12 @@ ATTR_PREFIX = "pa_"
 MAX_LAYER_MASK = 2**53
 
 # Default dense crossover: with dense_below_tokens unset, sequences of at most max(min_budget_tokens, this) tokens take
-# the dense path. Measured on the H200 (benchmarks/results/attention_h200.json): at 8K tokens the estimation plus
-# sparse attention is slower than cuDNN dense (2.05 vs 0.95 ms eager), at 16K it is already 1.3x faster.
-DENSE_CROSSOVER_TOKENS = 8192
+# the dense path. Measured on the H100 (benchmarks/results/attention_h100.json, whole-method rows timed in interleaved
+# rounds with cuDNN): with the default config the method is no faster than cuDNN up to 32K tokens on structured
+# inputs (0.98x at 24K, 1.00x at 32K, 1.03x at 64K, 1.07x at 128K) and slower on diffuse ones (0.92x at 16K, 0.97x at
+# 32K: the dense fallback's decision and planning launches cost 0.3-0.5 ms there). Fixed budgets (budget_fraction)
+# pay off from 16K: set dense_below_tokens lower for them.
+DENSE_CROSSOVER_TOKENS = 32768
 
 # Block-score estimators (`ProxyAttnConfig.estimator`, an int so that it travels as an attribute).
 ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
@@ -59,8 +62,8 @@ class ProxyAttnConfig:
         keep_sink: always keep key block 0.
         keep_diagonal: always keep the diagonal key block.
         dense_below_tokens: sequences with S <= this take the dense path; None means
-            max(min_budget_tokens, DENSE_CROSSOVER_TOKENS = 8192), the measured crossover below which the dense
-            kernel is faster than estimation plus sparse attention.
+            max(min_budget_tokens, DENSE_CROSSOVER_TOKENS = 32768), the measured length up to which the dense
+            kernel is faster than estimation plus sparse attention with the default config.
         budget_fraction: if set, every head keeps this fixed fraction of key blocks instead of the gamma rule.
         dense_first_layers: model integrations (`proxyattn.hf`) keep layers 0..N-1 dense.
         dense_layer_mask: model integrations keep layer i dense when bit i is set (an explicit list of layers,

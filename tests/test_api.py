@@ -137,13 +137,13 @@ def test_plan_from_mask_round_trip():
 def test_config_defaults_and_round_trip():
     cfg = pa.ProxyAttnConfig()
     assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.gamma, cfg.min_budget_tokens) == (128, 4, 1, 0.95, 2048)
-    assert cfg.keep_sink and cfg.keep_diagonal and cfg.dense_below_tokens == 8192 and cfg.budget_fraction is None
+    assert cfg.keep_sink and cfg.keep_diagonal and cfg.dense_below_tokens == 32768 and cfg.budget_fraction is None
     for c in (cfg, pa.ProxyAttnConfig(block_size=64, stride=2, gamma=0.9, budget_fraction=0.1, keep_sink=False, dense_below_tokens=0)):
         attrs = c.to_attrs()
         assert all(type(v) in (int, float) for v in attrs.values())
         assert pa.ProxyAttnConfig.from_attrs(attrs) == c
-    assert pa.ProxyAttnConfig(min_budget_tokens=16384).dense_below_tokens == 16384
-    assert cfg.replace(min_budget_tokens=4096).dense_below_tokens == 8192
+    assert pa.ProxyAttnConfig(min_budget_tokens=65536).dense_below_tokens == 65536
+    assert cfg.replace(min_budget_tokens=4096).dense_below_tokens == 32768
     assert cfg.replace(dense_below_tokens=100).replace(min_budget_tokens=4096).dense_below_tokens == 100
 
 

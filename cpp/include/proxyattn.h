@@ -66,11 +66,11 @@ typedef enum proxyattn_dtype {
 /*
  * The algorithm's choices: the same fields, meanings and defaults as proxyattn.ProxyAttnConfig, named as in
  * ProxyAttnConfig.to_attrs() without the "pa_" prefix. Booleans are 0/1. Python's None maps to:
- * dense_below_tokens = -1 (max(min_budget_tokens, 8192), as ProxyAttnConfig resolves None), budget_fraction = 0
+ * dense_below_tokens = -1 (max(min_budget_tokens, 32768), as ProxyAttnConfig resolves None), budget_fraction = 0
  * (gamma rule). Start from proxyattn_config_default() so that fields added later (budget_rule, appended last) get
  * their defaults.
  */
-#define PROXYATTN_DENSE_CROSSOVER_TOKENS 8192 /* proxyattn.config.DENSE_CROSSOVER_TOKENS */
+#define PROXYATTN_DENSE_CROSSOVER_TOKENS 32768 /* proxyattn.config.DENSE_CROSSOVER_TOKENS */
 typedef struct proxyattn_config {
   int32_t block_size;         /* 64 or 128 (default 128) */
   int32_t stride;             /* positive divisor of block_size (default 4) */

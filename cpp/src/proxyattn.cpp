@@ -92,7 +92,7 @@ proxyattn_status_t validate_config(const proxyattn_config_t *c) {
                 "keep_diagonal=" + std::to_string(c->keep_diagonal) + " must be 0 or 1");
   if (c->dense_below_tokens < -1)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "dense_below_tokens=" + std::to_string(c->dense_below_tokens) +
-                                                   " must be >= 0, or -1 (= max(min_budget_tokens, 8192))");
+                                                   " must be >= 0, or -1 (= max(min_budget_tokens, 32768))");
   if (!(c->budget_fraction == 0.0f || (c->budget_fraction > 0.0f && c->budget_fraction <= 1.0f)))
     return fail(PROXYATTN_ERROR_INVALID_VALUE,
                 "budget_fraction=" + str(c->budget_fraction) + " must be 0 (gamma rule) or lie in (0, 1]");

@@ -148,7 +148,7 @@ def _ws(lib, prob, cfg) -> int:
 
 def test_workspace_size_covers_the_plan_and_scales(lib):
     cfg = default_config(lib)
-    b, s, hq, hkv = 2, 10_000, 8, 2
+    b, s, hq, hkv = 2, 40_000, 8, 2  # above the dense crossover (32768)
     nb = math.ceil(s / cfg.block_size)
     ws = _ws(lib, problem(b=b, s=s, hq=hq, hkv=hkv), cfg)
     plan_bytes = b * nb * nb * 4 + b * hq * nb * 4  # order + counts
@@ -172,7 +172,7 @@ def test_prefill_checks_arguments_before_touching_the_gpu(lib):
     assert prefill(lib, prob, cfg, v=264) == MISALIGNED and b"v is not 16-byte aligned" in lib.proxyattn_last_error()
     assert prefill(lib, prob, cfg, ws_bytes=10) == WS_SMALL and b"workspace_bytes=10" in lib.proxyattn_last_error()
     cfg.stride = 8  # valid, but only stride 4 is compiled
-    prob = problem(s=9000)  # above the dense crossover: the estimation kernels are needed
+    prob = problem(s=ProxyAttnConfig().dense_below_tokens + 1)  # above the dense crossover: the estimation kernels run
     assert prefill(lib, prob, cfg) == NOT_COMPILED and b"stride=8" in lib.proxyattn_last_error()
 
 

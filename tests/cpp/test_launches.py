@@ -96,6 +96,8 @@ def _python_launches(case, monkeypatch):
     monkeypatch.setattr(ES, "_pool_heads_kernel", _Recorder(ES._pool_heads_kernel, calls, "_pool_heads_kernel"))
     monkeypatch.setattr(ES, "_proxy_scores_kernel", _Recorder(ES._proxy_scores_kernel, calls, "_proxy_scores_kernel"))
     monkeypatch.setattr(EB, "_budget_kernel", _Recorder(EB._budget_kernel, calls, "_budget_kernel"))
+    # The log-sum-exp combine between the mass passes: the library's CUDA C helper pa_combine_lse (checked below).
+    monkeypatch.setattr(EB, "_combine_lse_kernel", _Recorder(EB._combine_lse_kernel, calls, "_combine_lse_kernel"))
     monkeypatch.setattr(A, "_sparse_attn_fwd_kernel", _Recorder(A._sparse_attn_fwd_kernel, calls, "_sparse_attn_fwd_kernel"))
     monkeypatch.setattr(A, "_env_interpret", lambda: True)  # fixed config: no autotuner
     p = case["problem"]
@@ -128,13 +130,16 @@ def _python_launches(case, monkeypatch):
     out, _ = A._launch_sparse(q, k, v, order, counts, cu, s, cfg.block_size, scale, with_lse=True, use_tma=False,
                               config={"BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
     tensors[id(out)] = O
-    return calls, tensors
+    return [c for c in calls if c[0] != "_combine_lse_kernel"], tensors
 
 
+# 9000-token sequences run the estimation with dense_below_tokens 8192 (the default crossover is 32768).
+SPARSE_BELOW = 8192
 LAUNCH_CASES = {
-    "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128)},
-    "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128, layout=1)},
-    "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300]},
+    "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128), "config": {"dense_below_tokens": SPARSE_BELOW}},
+    "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128, layout=1), "config": {"dense_below_tokens": SPARSE_BELOW}},
+    "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300],
+               "config": {"dense_below_tokens": SPARSE_BELOW}},
 }
 
 
@@ -191,7 +196,7 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert comb["params"][3:] == [p["b"] * p["hq"], pass0["params"][-4], 128]
     assert bud["grid"] == [p["hq"], p["b"], 1] and bud["params"][0] == pass1["params"][6]
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
-    dense_below = ProxyAttnConfig().dense_below_tokens
+    dense_below = SPARSE_BELOW
     assert bud["params"][8:10] == [0, dense_below]
     # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2 (the library's default), keep_sink, keep_diagonal.
     assert bud["params"][10:] == [scores["params"][3], 1, LIB_DEFAULT.budget_rule, 1, 1]
@@ -211,7 +216,8 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     assert dense[1]["params"][-1] == ProxyAttnConfig().dense_below_tokens and dense[1]["grid"] == [16, 1, 2]
     assert dense[2]["grid"] == [2 * 8 * 16, 1, 1]
     # budget_fraction: scores but no attention-mass kernels; the fraction reaches the budgets kernel as a double.
-    frac = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128), "config": {"budget_fraction": 0.25}})
+    frac = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128),
+                               "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW}})
     assert [l["entry"] for l in frac] == ["_pool_heads_kernel", "_pool_heads_kernel", "_proxy_scores_kernel",
                                           "pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
     assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
@@ -223,8 +229,9 @@ def test_launches_of_the_recall_budget_rule(build, problem):
     # budget_rule 1: the same kernels and buffers as rule 0; pa_budgets reads the proxy scores the scores kernel
     # wrote, with G rankings.
     cfg = {"budget_rule": 1, "proxy_heads": 2, "keep_sink": 0}
-    got = _c_launches(build, {"problem": problem, "config": cfg})
-    base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0, "budget_rule": 0}})
+    got = _c_launches(build, {"problem": problem, "config": {**cfg, "dense_below_tokens": SPARSE_BELOW}})
+    base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0, "budget_rule": 0,
+                                                                 "dense_below_tokens": SPARSE_BELOW}})
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
     scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
@@ -243,7 +250,8 @@ def test_launches_of_the_row_recall_budget_rule(build, problem):
     # pa_budgets with room for the rows' needs in shared memory and the scores of G rankings.
     code = {}
     for rule in (1, 2):
-        code[rule] = _c_run(build, {"problem": problem, "config": {"budget_rule": rule, "proxy_heads": 2}})
+        cfg = {"budget_rule": rule, "proxy_heads": 2, "dense_below_tokens": SPARSE_BELOW}
+        code[rule] = _c_run(build, {"problem": problem, "config": cfg})
     got, base = code[2]["launches"], code[1]["launches"]
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
     nb, bh = math.ceil(9000 / 128), problem["b"] * problem["hq"]

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Where the host time of eager planning goes (GPU): per-call CPU issue time, device synchronisations, top ops.
+
+For each length and config: the wall time of back-to-back calls (what a caller sees), the CPU time to issue one
+call while the GPU is idle (Python + launches), every device synchronisation the call makes (torch's sync debug
+mode, with the Python line that caused it) and the profiler's ten most expensive ops by CPU time.
+
+    python3 benchmarks/profile_plan.py [--sizes 16384,32768] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+import warnings
+
+import torch
+
+import proxyattn
+from proxyattn import ProxyAttnConfig
+from proxyattn.testing import structured_qkv
+
+HQ, HKV, D = 32, 8, 128
+
+
+def host_ms(fn, n: int = 20) -> tuple[float, float]:
+    """(ms per call back-to-back, CPU ms to issue one call onto an idle GPU)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    loop = (time.perf_counter() - t) * 1e3 / n
+    issue = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        issue.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    return loop, sorted(issue)[2]
+
+
+def syncs(fn) -> list[str]:
+    """The synchronising calls of one fn() call, each with the innermost project line that made it."""
+    found = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "proxyattn" in f.filename or "benchmarks" in f.filename]
+        where = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[-3:][::-1])
+        found.append(f"{str(message)[:80]} at {where}")
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = old
+    return found
+
+
+def top_ops(fn, k: int = 10) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
+    return [{"op": e.key[:60], "calls_per_call": e.count / 5, "self_cpu_us_per_call": round(e.self_cpu_time_total / 5, 1)} for e in rows]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="16384,32768")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    res = {"gpu": torch.cuda.get_device_name(), "rows": []}
+    configs = [("default", ProxyAttnConfig()), ("no dense fallback", ProxyAttnConfig(dense_density=None))]
+    for s in [int(x) for x in args.sizes.split(",")]:
+        q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
+        for name, cfg in configs:
+            for what, fn in [("plan_blocks", lambda: proxyattn.plan_blocks(q, k, cfg)),
+                             ("proxy_attention", lambda: proxyattn.proxy_attention(q, k, v, cfg))]:
+                loop, issue = host_ms(fn)
+                row = {"S": s, "config": name, "call": what, "ms_per_call_back_to_back": round(loop, 3),
+                       "cpu_issue_ms": round(issue, 3), "syncs": syncs(fn), "top_cpu_ops": top_ops(fn)}
+                res["rows"].append(row)
+                print(json.dumps(row, indent=1), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
