@@ -655,7 +655,8 @@ def _repository_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
 
 
 def _repository_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
-    from .triton_repo import python_ort_config, tensorrt_plan_config, write_python_model, write_tensorrt_model
+    from .serving import make_tokenizer, serving_config
+    from .triton_repo import tensorrt_plan_config, write_serving_models, write_tensorrt_model
 
     ins, outs = _onnx_io(plan)
     models = {}
@@ -668,13 +669,14 @@ def _repository_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageRe
     ort_dir = plan.out / OUTPUTS["ort_models"]
     files = [ort_dir / f"{p.name}.onnx" for p in plan.profiles]
     ort = manifest.stage("ort_models")
+    ort_models = None
     if all(f.is_file() for f in files) and ort and ort["status"] == "built":
-        name = f"{plan.spec.name}_onnxruntime"
-        cfg = python_ort_config(name, vocab_size=plan.spec.vocab_size, max_batch_size=plan.max_batch,
-                                profiles=plan.profiles, profile_files=[f.name for f in files])
         data = [d for d in sorted(ort_dir.iterdir()) if d.name.endswith(".onnx.data")]
-        write_python_model(tmp, name, files + data, cfg)
-        models[name] = "python (ONNX Runtime, embedded default)"
+        ort_models = {"files": files + data, "max_batch_size": plan.max_batch, "profiles": plan.profiles,
+                      "profile_files": [f.name for f in files]}
+    models.update(write_serving_models(tmp, model=plan.spec.name, weights=plan.weights, vocab_size=plan.spec.vocab_size,
+                                       proxyattn=serving_config(plan.config), tokenizer=make_tokenizer(plan.weights, dict(plan.spec.hf_config)),
+                                       ort=ort_models))
     return StageResult({"models": models}, models)
 
 
@@ -682,7 +684,8 @@ REPOSITORY = Stage("repository", _repository_inputs, _repository_build)
 
 
 def stage_repository(plan: BuildPlan, manifest: Manifest) -> Path:
-    """`model_repository/`: a TensorRT model per profile and the Python-backend ONNX Runtime model."""
+    """`model_repository/`: a TensorRT model per profile, the Python-backend ONNX Runtime model (and its decoupled
+    twin) and the transformers text models (ProxyAttn and dense prefill; `engines.triton_repo.write_serving_models`)."""
     return run_stage(REPOSITORY, plan, manifest)
 
 
@@ -701,7 +704,7 @@ def _code_hash(*packages: str) -> str:
 def _source_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("triton_repo.py", "triton_python_model.py", "ort_models.py"):
+    for name in ("triton_repo.py", "triton_python_model.py", "ort_models.py", "serving.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
 

@@ -21,6 +21,13 @@ process-group id, cannot be reused while the group is being signalled. tritonser
 expired"); a signal that reaches it before it has installed its own handlers (while it still loads models) ends it
 at once. Nothing can forward a SIGKILL sent to this process: the server then keeps running.
 
+The backend's Python needs numpy 1.x: the Python backend stub of nvidia-pytriton 0.7.0 is built against numpy 1.x
+and misreads numpy 2.x arrays (a BYTES tensor, the text interface, crashes the stub). `backend_env(path)` makes (once)
+a virtual environment of this interpreter holding numpy 1.26.4 in front of this interpreter's own site-packages;
+the server is started with that environment's `bin` first on PATH, which is where the stub's embedded interpreter
+(isolated: it ignores PYTHONPATH and PYTHONHOME) finds its prefix. numpy comes from the package index, or from a
+wheel file (`numpy_wheel`, for machines without one).
+
 Command line: `python -m engines.tritonserver REPO [--models M ...]` serves REPO until SIGTERM or SIGINT (Ctrl-C).
 It prints `tritonserver pid P starting ...` on stderr once the server process exists and
 `serving REPO ...: HTTP host:port, gRPC host:port, tritonserver pid P ...` on stdout once every model is ready.
@@ -42,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import shutil
 import http.client
 import importlib.util
 import os
@@ -65,7 +74,10 @@ __all__ = [
     "ServerError",
     "ServerHandle",
     "Stopped",
+    "BACKEND_NUMPY",
+    "backend_env",
     "check_models",
+    "default_backend_env",
     "find_distribution",
     "local_server",
     "main",
@@ -86,6 +98,8 @@ _INSTALL_HINT = "python3 -m pip install --no-deps nvidia-pytriton==0.7.0"
 _VERSION_DIR = re.compile(r"^[0-9]+$")
 _GLOG_ERROR = re.compile(r"^E\d{4} [^\]]*\] ?(.*)$")
 _BENIGN_ERRORS = ("CudaDriverHelper has not been initialized",)  # logged at every start on a machine without CUDA
+BACKEND_NUMPY = "1.26.4"  # the last numpy 1.x; wheels for Python 3.9-3.12
+_ENV_MARKER = ".proxyattn-backend-env"
 _SHM_REGION = re.compile(r"^triton_python_backend_shm_region_[0-9A-Za-z-]+$")  # a stub's argv[2]
 
 
@@ -160,6 +174,77 @@ def check_models(repo: str | os.PathLike, models: Sequence[str] | None) -> list[
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The backend's Python environment (numpy 1.x)
+
+
+def default_backend_env() -> Path:
+    """$PROXYATTN_TRITON_ENV, else ~/.cache/proxyattn/tritonserver-backend-py3.X."""
+    if os.environ.get("PROXYATTN_TRITON_ENV"):
+        return Path(os.environ["PROXYATTN_TRITON_ENV"])
+    return Path.home() / ".cache" / "proxyattn" / f"tritonserver-backend-py{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def _host_site_dirs() -> list[str]:
+    return [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+
+
+def _env_signature() -> str:
+    return json.dumps({"numpy": BACKEND_NUMPY, "python": sys.executable, "version": list(sys.version_info[:3]),
+                       "site": _host_site_dirs()}, sort_keys=True)
+
+
+def backend_env(path: str | os.PathLike | None = None, *, numpy_wheel: str | os.PathLike | None = None,
+                log: Callable[[str], None] | None = None) -> Path:
+    """The backend's Python environment at `path` (default `default_backend_env()`), made when missing or stale.
+
+    A venv of this interpreter (no pip) whose site-packages holds numpy BACKEND_NUMPY and a `.pth` that adds this
+    interpreter's site-packages after it (torch, transformers, onnxruntime and the project come from there). numpy
+    is installed with this interpreter's pip from `numpy_wheel` (no index) or from the package index. Built in a
+    temporary sibling, checked (`import numpy, torch` in it) and renamed into place; a directory at `path` that is
+    not such an environment (no marker file) is refused, never removed. ValueError naming the problem.
+    """
+    path = Path(path) if path is not None else default_backend_env()
+    marker = path / _ENV_MARKER
+    signature = _env_signature()
+    if marker.is_file() and marker.read_text() == signature:
+        return path
+    if path.exists() and not marker.is_file():
+        raise ValueError(f"backend environment {str(path)!r} exists but was not made by engines.tritonserver "
+                         f"(no {_ENV_MARKER}); remove it or name another path")
+    if numpy_wheel is not None and not Path(numpy_wheel).is_file():
+        raise ValueError(f"numpy_wheel {str(numpy_wheel)!r} is not a file; give numpy {BACKEND_NUMPY}'s wheel for Python "
+                         f"{sys.version_info[0]}.{sys.version_info[1]}")
+    if log is not None:
+        log(f"making the backend environment {path} (numpy {BACKEND_NUMPY})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(tmp)], check=True, capture_output=True, text=True)
+        site = tmp / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        source = [str(numpy_wheel), "--no-index"] if numpy_wheel is not None else [f"numpy=={BACKEND_NUMPY}"]
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                              "--only-binary=:all:", "--no-compile", "--target", str(site), *source], capture_output=True, text=True)
+        if pip.returncode != 0:
+            raise ValueError(f"installing numpy {BACKEND_NUMPY} into the backend environment failed: {pip.stderr.strip()[-800:]}")
+        lines = [f"import site; site.addsitedir({d!r})" for d in _host_site_dirs()]
+        (site / "zz_proxyattn_host.pth").write_text("\n".join(lines) + "\n")
+        check = subprocess.run([str(tmp / "bin" / "python3"), "-c", "import numpy, torch; print(numpy.__version__)"],
+                               capture_output=True, text=True)
+        if check.returncode != 0 or check.stdout.strip() != BACKEND_NUMPY:
+            raise ValueError(f"the backend environment does not work: numpy {check.stdout.strip()!r}, {check.stderr.strip()[-800:]}")
+        (tmp / _ENV_MARKER).write_text(signature)
+        if path.exists():  # a stale environment of ours (marker checked above)
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except (subprocess.CalledProcessError, OSError) as e:
+        raise ValueError(f"could not make the backend environment {str(path)!r}: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Starting and stopping the server
 
 
@@ -193,8 +278,10 @@ def _backend_dir(dist: Path, work: Path) -> Path:
     return work / "backends"
 
 
-def _server_env(dist: Path, pythonpath: str | os.PathLike | None) -> dict[str, str]:
+def _server_env(dist: Path, pythonpath: str | os.PathLike | None, env_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if env_dir is not None:  # the stub's interpreter takes its prefix from the first python3 on PATH
+        env["PATH"] = os.pathsep.join([str(env_dir / "bin")] + ([env["PATH"]] if env.get("PATH") else []))
     libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(dist.parent.parent / "nvidia_pytriton.libs")]
     env["LD_LIBRARY_PATH"] = ":".join([d for d in libdirs if d] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
     if pythonpath is not None:
@@ -230,24 +317,26 @@ class Stopped:
 
 
 def start_server(repo: str | os.PathLike, work: Path, *, models: Sequence[str] | None = None,
-                 pythonpath: str | os.PathLike | None = None) -> ServerHandle:
+                 pythonpath: str | os.PathLike | None = None, env_dir: str | os.PathLike | None = None,
+                 address: str = "127.0.0.1", http_port: int | None = None, grpc_port: int | None = None) -> ServerHandle:
     """Start tritonserver on free loopback ports, serving `repo` (only `models` when given); returns at once.
 
     `work` (an existing, empty directory) receives the backend directory and the server log; it must outlive the
-    server. The caller stops the server with `stop_server`.
+    server. `env_dir`: the backend's Python environment (`backend_env`), needed by models with text tensors.
+    `address` / ports: where to listen (default: loopback, free ports). The caller stops the server with `stop_server`.
     """
     dist = find_distribution()
     backends = _backend_dir(dist, work)
-    http_port = _free_port()
-    grpc_port = _free_port()
+    http_port = http_port or _free_port()
+    grpc_port = grpc_port or _free_port()
     while grpc_port == http_port:
         grpc_port = _free_port()
     cmd = [
         str(dist / "bin" / "tritonserver"),
         f"--model-repository={Path(repo).resolve()}",
         f"--backend-directory={backends}",
-        "--http-address=127.0.0.1",
-        "--grpc-address=127.0.0.1",
+        f"--http-address={address}",
+        f"--grpc-address={address}",
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
         "--allow-metrics=false",
@@ -259,9 +348,10 @@ def start_server(repo: str | os.PathLike, work: Path, *, models: Sequence[str] |
         cmd += [f"--load-model={m}" for m in models]
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_server_env(dist, pythonpath), cwd=work,
-                                start_new_session=True)
-    return ServerHandle(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)
+        env = _server_env(dist, pythonpath, Path(env_dir) if env_dir is not None else None)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+    host = "127.0.0.1" if address in ("0.0.0.0", "127.0.0.1") else address
+    return ServerHandle(f"{host}:{http_port}", f"{host}:{grpc_port}", proc, log_path)
 
 
 def _peek_exit(proc: subprocess.Popen) -> int | None:
@@ -399,7 +489,8 @@ def stop_server(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s:
 
 @contextlib.contextmanager
 def local_server(repo: str | os.PathLike, *, models: list[str] | None = None, pythonpath: str | os.PathLike | None = None,
-                 ready_timeout_s: float = READY_TIMEOUT_S, stop_timeout_s: float = STOP_TIMEOUT_S) -> Iterator[ServerHandle]:
+                 env_dir: str | os.PathLike | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
+                 stop_timeout_s: float = STOP_TIMEOUT_S) -> Iterator[ServerHandle]:
     """Serve model repository `repo` on 127.0.0.1 until the block ends.
 
     Args:
@@ -408,12 +499,13 @@ def local_server(repo: str | os.PathLike, *, models: list[str] | None = None, py
             TensorRT, where the repository's tensorrt_plan models cannot load; None loads every model. ValueError
             for a name that is not a model of `repo`.
         pythonpath: prepended to PYTHONPATH for the backend's Python (the project root, for `plugins.onnxruntime`).
+        env_dir: the backend's Python environment (`backend_env()`); needed by models with text tensors.
         ready_timeout_s: give up (and raise ServerError, a RuntimeError, with the server log) after this long.
         stop_timeout_s: at the end, SIGTERM the server and SIGKILL its process group after this long.
     """
     checked = check_models(repo, models)
     with tempfile.TemporaryDirectory(prefix="proxyattn-tritonserver-") as tmp:
-        handle = start_server(repo, Path(tmp), models=checked, pythonpath=pythonpath)
+        handle = start_server(repo, Path(tmp), models=checked, pythonpath=pythonpath, env_dir=env_dir)
         try:
             wait_ready(handle, ready_timeout_s)
             yield handle
@@ -468,12 +560,14 @@ def _serve_until_signal(handle: ServerHandle, latch: _SignalLatch, label: str, r
 
 
 def serve(repo: str, models: list[str] | None, *, pythonpath: str | os.PathLike | None, ready_timeout_s: float,
-          stop_timeout_s: float) -> int:
+          stop_timeout_s: float, env_dir: Path | None = None, address: str = "127.0.0.1", http_port: int | None = None,
+          grpc_port: int | None = None) -> int:
     """Serve `repo` until SIGTERM/SIGINT; the exit status of the module docstring. Raises ServerError on failure."""
     with _SignalLatch(STOP_SIGNALS) as latch, tempfile.TemporaryDirectory(prefix="proxyattn-tritonserver-") as tmp:
         if latch.fired():
             return EXIT_OK
-        handle = start_server(repo, Path(tmp), models=models, pythonpath=pythonpath)
+        handle = start_server(repo, Path(tmp), models=models, pythonpath=pythonpath, env_dir=env_dir, address=address,
+                              http_port=http_port, grpc_port=grpc_port)
         _say(f"tritonserver pid {handle.pid} starting (HTTP {handle.http_url}, gRPC {handle.grpc_url})")
         label = f"{repo} ({', '.join(models)})" if models else repo
         try:
@@ -513,7 +607,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to wait for readiness (default %(default)g)")
     p.add_argument("--stop-timeout", type=_positive_seconds, default=STOP_TIMEOUT_S,
                    help="seconds to wait for the server to exit after the signal before killing it (default %(default)g)")
-    return p.parse_args(argv)
+    p.add_argument("--backend-env", default=None, metavar="DIR",
+                   help="the backend's Python environment with numpy 1.x, made there when missing (default: "
+                        "$PROXYATTN_TRITON_ENV or ~/.cache/proxyattn/tritonserver-backend-py3.X)")
+    p.add_argument("--numpy-wheel", default=None, metavar="WHL",
+                   help=f"numpy {BACKEND_NUMPY}'s wheel for this Python, to make the backend environment without a package index")
+    p.add_argument("--no-backend-env", action="store_true",
+                   help="run the backend with this interpreter's numpy (models with text tensors then refuse to load)")
+    p.add_argument("--address", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--http-port", type=_port, default=None, help="HTTP port (default: a free one)")
+    p.add_argument("--grpc-port", type=_port, default=None, help="gRPC port (default: a free one)")
+    args = p.parse_args(argv)
+    if args.no_backend_env and (args.backend_env or args.numpy_wheel):
+        p.error("--no-backend-env excludes --backend-env and --numpy-wheel")
+    if args.http_port is not None and args.http_port == args.grpc_port:
+        p.error(f"--http-port and --grpc-port are both {args.http_port}")
+    return args
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,8 +640,16 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: {e}")
         return EXIT_USAGE
     root = Path(__file__).resolve().parents[1]
+    env_dir = None
+    if not args.no_backend_env:
+        try:
+            env_dir = backend_env(args.backend_env, numpy_wheel=args.numpy_wheel, log=_say)
+        except ValueError as e:
+            _say(f"error: {e}")
+            return EXIT_SERVER_FAILURE
     try:
-        return serve(args.repo, models, pythonpath=root, ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout)
+        return serve(args.repo, models, pythonpath=root, ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,
+                     env_dir=env_dir, address=args.address, http_port=args.http_port, grpc_port=args.grpc_port)
     except ServerError as e:
         _say(f"error: {e.reason}" + (f"; last server error: {e.last_error}" if e.last_error else ""))
     except (ValueError, OSError, subprocess.SubprocessError) as e:  # could not start (wheel, stub, ports) or reap it

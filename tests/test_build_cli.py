@@ -60,7 +60,8 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
     assert parity["passed"] and [r["tokens"] for r in parity["rows"]] == [64, 256]
     assert parity["rows"][1]["sparse_layers"] == 2 and 0 < parity["rows"][1]["density_mean"] <= 1
     repo = out / "model_repository"
-    assert sorted(p.name for p in repo.iterdir()) == ["tiny-llama_128-1k", "tiny-llama_onnxruntime", "tiny-llama_up-to-128"]
+    assert sorted(p.name for p in repo.iterdir()) == ["tiny-llama_128-1k", "tiny-llama_dense", "tiny-llama_onnxruntime",
+                                                      "tiny-llama_onnxruntime_stream", "tiny-llama_proxyattn", "tiny-llama_up-to-128"]
     assert (repo / "tiny-llama_onnxruntime" / "1" / "model.py").is_file()
     assert not (repo / "tiny-llama_up-to-128" / "1" / "model.plan").exists()  # no TensorRT: config only
     kernels = json.loads((out / "plugins" / "kernels.json").read_text())

@@ -172,7 +172,9 @@ def test_stale_records_never_survive(killed_builds):
     m = _assert_true_manifest(out)
     assert sorted(os.listdir(out / "ort")) == ["up-to-128.onnx"]
     assert sorted(m["stages"]["ort_models"]["artifacts"]) == ["ort/up-to-128.onnx"]
-    assert sorted(p.name for p in (out / "model_repository").iterdir()) == ["tiny-llama_onnxruntime", "tiny-llama_up-to-128"]
+    assert sorted(p.name for p in (out / "model_repository").iterdir()) == ["tiny-llama_dense", "tiny-llama_onnxruntime",
+                                                                             "tiny-llama_onnxruntime_stream", "tiny-llama_proxyattn",
+                                                                             "tiny-llama_up-to-128"]
     assert _check(out).returncode == 0
 
 

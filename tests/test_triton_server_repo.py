@@ -12,6 +12,7 @@ from engines.triton_repo import (
     config_text,
     parse_config,
     python_ort_config,
+    python_torch_config,
     tensorrt_plan_config,
     validate_config,
     write_tensorrt_model,
@@ -45,7 +46,45 @@ def test_python_config_carries_profiles():
     table = json.loads(back.parameters["profiles"].string_value)
     assert [(p["name"], p["min"], p["max"], p["file"]) for p in table] == [("short", 1, 128, "short.onnx"),
                                                                              ("long", 129, 1024, "long.onnx")]
-    assert back.backend == "python" and "KIND_CPU" in text
+    assert back.backend == "python" and "KIND_CPU" in text and back.max_batch_size == 0
+    assert back.parameters["max_batch"].string_value == "8" and back.parameters["engine"].string_value == "onnxruntime"
+    assert "tokenizer" not in back.parameters and not back.model_transaction_policy.decoupled
+
+
+def test_text_model_config_has_the_generate_interface():
+    from proxyattn.config import ProxyAttnConfig
+
+    cfg = python_torch_config("m_proxyattn", weights="random:tiny-llama", attention="proxyattn", vocab_size=512,
+                              proxyattn=ProxyAttnConfig(gamma=0.9))
+    text = config_text(cfg)
+    validate_config(text, directory_name="m_proxyattn")
+    back = parse_config(text)
+    inputs = {t.name: (t.optional, list(t.dims)) for t in back.input}
+    assert inputs == {"text_input": (True, [1]), "input_ids": (True, [-1, -1])}
+    assert [t.name for t in back.output][:3] == ["text_output", "output_ids", "finish_reason"]
+    assert back.model_transaction_policy.decoupled and "KIND_GPU" in text
+    assert json.loads(back.parameters["proxyattn"].string_value)["pa_gamma"] == 0.9
+    assert (back.parameters["weights"].string_value, back.parameters["tokenizer"].string_value) == ("random:tiny-llama", "tokenizer")
+    with pytest.raises(ValueError, match="attention='flash'; allowed: proxyattn, dense"):
+        python_torch_config("m", weights="random:tiny-llama", attention="flash", vocab_size=512)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"engine": "vllm"}, "parameter engine='vllm'; allowed: onnxruntime, transformers"),
+    ({"attention": "flash"}, "parameter attention='flash'; allowed: proxyattn, dense"),
+    ({"weights": ""}, "missing: \\['weights'\\]"),
+    ({"max_batch": "0"}, "parameter max_batch='0' must be an int >= 1"),
+    ({"max_batch_size": 4}, "max_batch_size=4: the text models take max_batch_size 0"),
+])
+def test_invalid_text_model_configs_are_refused(change, match):
+    cfg = python_torch_config("m", weights="random:tiny-llama", attention="dense", vocab_size=512)
+    for key, value in change.items():
+        if key == "max_batch_size":
+            cfg.max_batch_size = value
+        else:
+            cfg.parameters[key].string_value = value
+    with pytest.raises(ValueError, match=match):
+        validate_config(config_text(cfg))
 
 
 @pytest.mark.parametrize("text, match", [
