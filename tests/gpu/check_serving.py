@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LENGTHS = {
     "smollm2": [1024, 2048, 4096, 8000],
     "gemma3-270m": [1024, 4096, 16384, 32000],
-    "llama3.1-8b": [8192, 16384, 32768, 65536],
+    "llama3.1-8b": [16384, 32768, 49152, 65536],  # the default config is dense up to 32768 tokens
     "tiny-llama": [100, 300],
 }
 PACKAGED = {"smollm2": "smollm2-135m", "gemma3-270m": "gemma3-270m"}  # package name -> build.py model (config, spec)
