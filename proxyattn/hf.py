@@ -132,7 +132,8 @@ def record_paths() -> Iterator[list[PathRecord]]:
     try:
         yield records
     finally:
-        _recorders.remove(records)
+        # By identity: nested recorders may hold equal lists (list.remove compares by equality).
+        del _recorders[next(i for i, r in enumerate(_recorders) if r is records)]
 
 
 def choose_path(

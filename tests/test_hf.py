@@ -306,3 +306,13 @@ def test_export_goes_through_the_installed_function_only(monkeypatch):
             hf.set_export_attention("emit")
     finally:
         hf.set_export_attention(previous)
+
+
+def test_nested_path_recorders_with_equal_records_leave_in_order():
+    from proxyattn import hf
+
+    with hf.record_paths() as outer:
+        with hf.record_paths() as inner:
+            assert inner == outer == []  # equal lists: the inner one must be the one removed
+        assert hf._recorders and hf._recorders[-1] is outer
+    assert all(r is not outer and r is not inner for r in hf._recorders)
