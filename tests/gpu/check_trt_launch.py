@@ -235,6 +235,13 @@ def _plugin_ops(drv: Driver):
             return tuple(o.cpu().numpy() for o in outs)
 
         ops.append(type(name, (OpRun,), {"op_domain": S.NAMESPACE, "_run": _run}))
+
+    def _gather_elements(self, data, indices, axis=0, **_):
+        # onnx.reference's GatherElements goes through np.choose, which takes at most 64 choices (Nb > 64 fails);
+        # np.take_along_axis is the operator's definition without that limit.
+        return (np.take_along_axis(data, indices.astype(np.int64), axis=axis),)
+
+    ops.append(type("GatherElements", (OpRun,), {"op_domain": "", "_run": _gather_elements}))
     return ops
 
 
