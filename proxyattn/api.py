@@ -7,11 +7,13 @@ Each function validates its inputs, then dispatches: CUDA tensors go to the Trit
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from . import reference
 from ._checks import check_proxy_heads, check_qk, resolve_scale
-from .config import ProxyAttnConfig
+from .config import BudgetRule, Estimator, ProxyAttnConfig
 from .plan import BlockPlan, compact_plan, compact_plan_needs, dense_fallback
 
 __all__ = [
@@ -71,17 +73,34 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     cfg = _config(config)
     _check_inputs(q, k)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
-    sc = resolve_scale(scale, q.shape[-1])
-    backend = _kernels(q)
-    if cfg.estimator == 1 and backend is not None and hasattr(backend, "head_max_scores"):
-        return backend.head_max_scores(q, k, cfg, sc)
-    if cfg.estimator != 0:  # head_max off CUDA, block_mean anywhere: PyTorch ([B, Hq, Nb, Nb] for block_mean)
-        from . import variants
+    return _SCORES[cfg.estimator](q, k, cfg, resolve_scale(scale, q.shape[-1]), _kernels(q))
 
-        return variants.proxy_scores(q, k, cfg, sc)
+
+def _proxy_estimator_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend) -> torch.Tensor:
     if backend is not None and hasattr(backend, "proxy_scores"):
         return backend.proxy_scores(q, k, cfg, sc)
     return reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride, scale=sc)
+
+
+def _variant_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend) -> torch.Tensor:
+    """The PyTorch estimators of `proxyattn.variants` (head_max off CUDA, block_mean anywhere: `[B, Hq, Nb, Nb]`)."""
+    from . import variants
+
+    return variants.proxy_scores(q, k, cfg, sc)
+
+
+def _head_max_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend) -> torch.Tensor:
+    if backend is not None and hasattr(backend, "head_max_scores"):
+        return backend.head_max_scores(q, k, cfg, sc)
+    return _variant_scores(q, k, cfg, sc, backend)
+
+
+# Estimator -> block scores `(q, k, cfg, scale, backend or None)`: the Python API's one dispatch on the estimator.
+_SCORES: dict[Estimator, Callable[..., torch.Tensor]] = {
+    Estimator.PROXY: _proxy_estimator_scores,
+    Estimator.HEAD_MAX: _head_max_scores,
+    Estimator.BLOCK_MEAN: _variant_scores,
+}
 
 
 def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None,
@@ -89,9 +108,10 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     """Per-head budgets in key blocks, int32 `[B, Hq]`; the budget fraction is that over Nb.
 
     With `config.budget_fraction` set, every head gets ceil(budget_fraction * Nb) blocks. Otherwise the gamma rule
-    `config.budget_rule` (`proxyattn.reference.head_budgets`); rules 1 ("recall") and 2
-    ("row_recall", the default) read the shared ranking of the last query block from `scores` (`[B, R, Nb, Nb]`, `proxy_scores`), computed here when not given
-    (`plan_blocks` passes the ones it selects with).
+    `config.budget_rule` (`proxyattn.reference.head_budgets`); "recall" and "row_recall" read the shared ranking of
+    the last query block from `scores` (`[B, R, Nb, Nb]`, `proxy_scores`), computed here when not given
+    (`plan_blocks` passes the ones it selects with); "block_recall" (the default) reports the last query block's
+    need (`block_needs`), at least min_budget_tokens.
     """
     cfg = _config(config)
     _check_inputs(q, k)
@@ -99,9 +119,12 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     nb = -(-s // cfg.block_size)
     if cfg.budget_fraction is not None:
         return reference.fraction_budgets(b, hq, nb, cfg.budget_fraction, q.device)
-    if cfg.budget_rule == 3:
-        return reference.needs_budgets(block_needs(q, k, cfg, scale=scale, scores=scores, last_only=True), cfg.min_budget_blocks)
-    needs_scores = cfg.budget_rule in (1, 2) and cfg.gamma < 1.0
+    return _RULES[cfg.budget_rule].budgets(q, k, cfg, scale, scores)
+
+
+def _last_block_budgets(q, k, cfg: ProxyAttnConfig, scale, scores) -> torch.Tensor:
+    """Budgets of mass / recall / row_recall, measured on the last query block."""
+    needs_scores = cfg.budget_rule.reads_ranking and cfg.gamma < 1.0
     if needs_scores:
         scores = _checked_scores(q, k, cfg, scale, scores)
     sc = resolve_scale(scale, q.shape[-1])
@@ -110,6 +133,11 @@ def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
         return backend.head_budgets(q, k, cfg, sc, scores=scores if needs_scores else None)
     return reference.rule_budgets(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc,
                                   budget_rule=cfg.budget_rule, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+
+
+def _block_recall_budgets(q, k, cfg: ProxyAttnConfig, scale, scores) -> torch.Tensor:
+    """block_recall's reported budgets: the last query block's need, at least min_budget_blocks."""
+    return reference.needs_budgets(block_needs(q, k, cfg, scale=scale, scores=scores, last_only=True), cfg.min_budget_blocks)
 
 
 def _checked_scores(q, k, cfg: ProxyAttnConfig, scale, scores):
@@ -125,7 +153,7 @@ def _checked_scores(q, k, cfg: ProxyAttnConfig, scale, scores):
 
 def block_needs(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None,
                 scores: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-    """Budget rule 3 ("block_recall"): how many leading blocks of its ranking every (head, query block) needs,
+    """Budget rule "block_recall": how many leading blocks of its ranking every (head, query block) needs,
     int32 `[B, Hq, Nb]` (`proxyattn.reference.block_needs`; `config.recall_rows` rows measured per block).
 
     Args:
@@ -151,7 +179,7 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
         scores: `[B, R, Nb, Nb]` proxy block scores (head h reads row h // (Hq / R)).
         budget_blocks: int `[B, Hq]` budgets in key blocks.
         seq_len: S.
-        needs: int `[B, Hq, Nb]` (`block_needs`, budget rule 3): every row keeps min_budget_tokens' blocks and at
+        needs: int `[B, Hq, Nb]` (`block_needs`, budget rule block_recall): every row keeps min_budget_tokens' blocks and at
             least the first needs[m] of its ranking; budget_blocks is then only stored.
     """
     cfg = _config(config)
@@ -189,7 +217,7 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
     """The dense fallback's first decision, bool `[B, Hkv]` (`reference.early_dense_groups`): KV groups whose heads'
     budgets of the paper's rule on the last query block reach `dense_density` run dense, whatever the scores; None
     when there is nothing to decide (no fallback, or a fixed budget_fraction). Costs the last block's attention
-    mass (`head_budgets` with budget_rule 0), no proxy scores; no host synchronisation."""
+    mass (`head_budgets` with budget_rule "mass"), no proxy scores; no host synchronisation."""
     cfg = _config(config)
     if cfg.dense_density_permille == 0 or cfg.budget_fraction is not None:
         return None
@@ -197,23 +225,30 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "early_dense_groups"):
         return backend.early_dense_groups(q, k, cfg, resolve_scale(scale, q.shape[-1]))
-    budgets = head_budgets(q, k, cfg.replace(budget_rule=0), scale=scale)
+    budgets = head_budgets(q, k, cfg.replace(budget_rule=BudgetRule.MASS), scale=scale)
     nb_seq = torch.full((q.shape[0],), -(-q.shape[1] // cfg.block_size), device=q.device, dtype=torch.int64)
     return reference.early_dense_groups(budgets, k.shape[2], cfg.dense_density_permille, nb_seq)
 
 
 def _plan(q, k, cfg: ProxyAttnConfig, scale, early) -> BlockPlan:
-    scores = proxy_scores(q, k, cfg, scale=scale)
-    hkv = k.shape[2]
-    if cfg.budget_rule == 3 and cfg.budget_fraction is None:
-        backend = _kernels(q)
-        if backend is not None and hasattr(backend, "needs_plan") and hkv % scores.shape[1] == 0:
-            return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early=early)
-        needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early)
-        plan = select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
-        return dense_fallback(plan, hkv, cfg, early=early)
+    return _rule_path(cfg).plan(q, k, cfg, scale, early, proxy_scores(q, k, cfg, scale=scale))
+
+
+def _budget_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores) -> BlockPlan:
+    """Plan of mass / recall / row_recall and of budget_fraction: per-head budgets scaled by position."""
     budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
-    return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), hkv, cfg, early=early)
+    return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), k.shape[2], cfg, early=early)
+
+
+def _needs_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores) -> BlockPlan:
+    """Plan of block_recall: every (head, query block) keeps its own need."""
+    hkv = k.shape[2]
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "needs_plan") and hkv % scores.shape[1] == 0:
+        return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early=early)
+    needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early)
+    plan = select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
+    return dense_fallback(plan, hkv, cfg, early=early)
 
 
 def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
@@ -221,29 +256,61 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
     the dense fallback): what the transformers reference path (`attn_implementation="proxyattn_ref"`) runs."""
     from . import variants
 
-    s, nb = q.shape[1], -(-q.shape[1] // config.block_size)
+    nb = -(-q.shape[1] // config.block_size)
     early = None
     if config.dense_density_permille > 0 and config.budget_fraction is None:
         budgets = reference.rule_budgets(q, k, None, block_size=config.block_size, gamma=config.gamma, scale=scale,
-                                         budget_rule=0, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+                                         budget_rule=BudgetRule.MASS, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
         nb_seq = torch.full((q.shape[0],), nb, device=q.device, dtype=torch.int64)
         early = reference.early_dense_groups(budgets, k.shape[2], config.dense_density_permille, nb_seq)
     scores = variants.proxy_scores(q, k, config, scale)
-    if config.budget_fraction is not None:
-        budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
-        plan = compact_plan(scores, budgets, s, config)
-    elif config.budget_rule == 3:
-        needs = _reference_needs(q, k, scores, config, scale, early)
-        plan = compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), s, config)
-    else:
-        budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
-                                         budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
-        plan = compact_plan(scores, budgets, s, config)
+    plan = _rule_path(config).reference_plan(q, k, config, scale, early, scores)
     return dense_fallback(plan, k.shape[2], config, early=early)
 
 
+def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores) -> BlockPlan:
+    """`reference_plan` of mass / recall / row_recall and of budget_fraction (before the dense fallback)."""
+    s, nb = q.shape[1], -(-q.shape[1] // config.block_size)
+    if config.budget_fraction is not None:
+        budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
+    else:
+        budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
+                                         budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+    return compact_plan(scores, budgets, s, config)
+
+
+def _reference_needs_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores) -> BlockPlan:
+    """`reference_plan` of block_recall (before the dense fallback)."""
+    needs = _reference_needs(q, k, scores, config, scale, early)
+    return compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), q.shape[1], config)
+
+
+class _RulePath(NamedTuple):
+    """What a budget rule runs in the Python API (each called with the arguments its functions above take)."""
+
+    budgets: Callable[..., torch.Tensor]  # head_budgets (budget_fraction unset)
+    plan: Callable[..., BlockPlan]  # plan_blocks: GPU backend where it has the stage, else the reference
+    reference_plan: Callable[..., BlockPlan]  # reference_plan: the fp32 reference whatever the device
+
+
+_LAST_BLOCK = _RulePath(_last_block_budgets, _budget_plan, _reference_budget_plan)
+_PER_QUERY_BLOCK = _RulePath(_block_recall_budgets, _needs_plan, _reference_needs_plan)
+
+# BudgetRule -> its path: the Python API's one dispatch on the budget rule (budget_fraction takes _LAST_BLOCK).
+_RULES: dict[BudgetRule, _RulePath] = {
+    BudgetRule.MASS: _LAST_BLOCK,
+    BudgetRule.RECALL: _LAST_BLOCK,
+    BudgetRule.ROW_RECALL: _LAST_BLOCK,
+    BudgetRule.BLOCK_RECALL: _PER_QUERY_BLOCK,
+}
+
+
+def _rule_path(cfg: ProxyAttnConfig) -> _RulePath:
+    return _LAST_BLOCK if cfg.budget_fraction is not None else _RULES[cfg.budget_rule]
+
+
 def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early) -> torch.Tensor:
-    """Rule 3's needs as the plan uses them: the groups of `early` (`early_dense_groups`) are not measured and
+    """block_recall's needs as the plan uses them: the groups of `early` (`early_dense_groups`) are not measured and
     need every block."""
     return reference.block_needs(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, rows=cfg.recall_rows,
                                  keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, skip_groups=early)
@@ -303,9 +370,10 @@ def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: fl
     """ProxyAttn causal prefill: `[B, S, Hq, D]` in q.dtype.
 
     Sequences with S <= config.dense_below_tokens take the dense path; otherwise plan + block-sparse attention, with
-    the dense fallback: when every KV group is dense by the early decision (`early_dense_groups`, e.g. diffuse
-    attention) the dense kernel runs without computing a plan (decided on the host in eager mode; under CUDA graph
-    capture the plan marks the groups and they run as full rows).
+    the dense fallback. In eager mode the early decision (`early_dense_groups`, e.g. diffuse attention) is read on
+    the host once: when every KV group is dense the dense kernel runs without computing a plan, otherwise the early
+    groups run through the dense kernel and every other head through the block-sparse kernel (groups the plan makes
+    dense later as full rows). Under CUDA graph capture the plan marks the groups and they run as full rows.
     """
     cfg = _config(config)
     _check_inputs(q, k, v)
@@ -314,9 +382,16 @@ def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: fl
         return dense_attention(q, k, v, scale=scale)
     early = early_dense_groups(q, k, cfg, scale=scale)
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if early is not None and not capturing and bool(early.cpu().all()):  # one small host read (eager mode only)
+    if early is None or capturing:
+        return block_sparse_attention(q, k, v, _plan(q, k, cfg, scale, early), scale=scale)
+    early_host = early.cpu()  # the one host read of eager mode
+    if bool(early_host.all()):
         return dense_attention(q, k, v, scale=scale)
     plan = _plan(q, k, cfg, scale, early)
+    backend = _kernels(q)
+    if backend is not None and hasattr(backend, "block_sparse_attention_split"):
+        # The early groups through the dense kernel; groups the plan made dense later run as full rows (no second read).
+        return backend.block_sparse_attention_split(q, k, v, plan, resolve_scale(scale, q.shape[-1]), early, early_host)
     return block_sparse_attention(q, k, v, plan, scale=scale)
 
 
@@ -411,6 +486,11 @@ def block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, plan: Bl
     return _varlen_reference(q, k, v, cu_seqlens, plan, sc)[0].to(q.dtype)
 
 
+# The estimators whose packed-batch plan the GPU backend computes in one pass (`kernels.plan_blocks_varlen`); the
+# others are planned per sequence.
+_VARLEN_KERNEL_ESTIMATORS = (Estimator.PROXY, Estimator.HEAD_MAX)
+
+
 def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
     """The ProxyAttn plan of a packed batch, padded to max_seqlen (layout: see the section comment).
 
@@ -423,7 +503,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfi
     check_proxy_heads(cfg.proxy_heads, k.shape[1])
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
-    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator in (0, 1):
+    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator in _VARLEN_KERNEL_ESTIMATORS:
         return backend.plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, sc)
     batch, hq = cu_seqlens.shape[0] - 1, q.shape[1]
     nb = -(-max_seqlen // cfg.block_size)

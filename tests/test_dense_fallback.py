@@ -202,6 +202,27 @@ def test_early_decision_kernel_of_a_packed_batch_equals_the_reference_per_sequen
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("hq,hkv,permille,with_early", [(8, 2, 600, True), (7, 1, 500, False), (8, 8, 900, True), (16, 4, 1000, False)])
+def test_fallback_kernel_equals_the_reference(hq, hkv, permille, with_early):
+    from proxyattn.kernels import fallback as fb
+
+    gen = torch.Generator().manual_seed(hq * 100 + permille)
+    b, nb = 3, 37
+    nb_seq = torch.tensor([37, 5, 0])  # a padded packed batch: a short sequence and an empty one
+    m1 = torch.arange(1, nb + 1)
+    counts = (torch.rand(b, hq, nb, generator=gen) * (m1 + 1)).floor().clamp(min=1).minimum(m1).to(torch.int32)
+    counts[:, :, :][m1.expand(b, hq, nb) > nb_seq.reshape(-1, 1, 1)] = 0  # nothing past a sequence's end
+    counts[0, : hq // hkv] = m1.to(torch.int32)  # group 0 of sequence 0 keeps every block: dense at any density
+    early = torch.rand(b, hkv, generator=gen) < 0.3 if with_early else None
+    cfg = ProxyAttnConfig(dense_density=permille / 1000)
+    plan = BlockPlan(torch.zeros(b, 1, nb, nb, dtype=torch.int32), counts, torch.zeros(b, hq, dtype=torch.int32), 64, nb * 64)
+    got = fb.dense_fallback(plan, hkv, cfg, nb_seq, early)
+    want = dense_fallback(plan, hkv, cfg, nb_seq, early)
+    assert got.counts.equal(want.counts) and got.dense_heads.equal(want.dense_heads)
+    assert want.dense_heads[0, 0] and not want.dense_heads.all()  # the case decides both ways
+
+
+@pytest.mark.interpret
 def test_eager_mixed_execution_equals_the_whole_plan_in_the_sparse_kernel():
     from proxyattn.kernels import attention as attn
 
@@ -218,3 +239,23 @@ def test_eager_mixed_execution_equals_the_whole_plan_in_the_sparse_kernel():
     assert_close(got.float(), want, "fp16", what="mixed vs reference")
     dense = reference.dense_attention(q.float(), k.float(), v.float(), 0.125)
     assert_close(got[0, :, :2].float(), dense[0, :, :2], "fp16", what="dense group 0 vs dense attention")
+
+
+@pytest.mark.interpret
+def test_split_execution_runs_early_groups_dense_and_late_dense_groups_as_full_rows():
+    from proxyattn.kernels import attention as attn
+
+    q, k, v = qkv_inputs("structured", 2, 333, 8, 4, 64, seed=7, dtype=torch.float16)
+    cfg = ProxyAttnConfig(block_size=64, budget_fraction=0.3, min_budget_tokens=0, dense_below_tokens=0, dense_density=None)
+    plan = pa.plan_blocks(q.float(), k.float(), cfg)
+    early = torch.tensor([[True, False, False, False], [False, False, False, False]])  # known before the plan
+    late = torch.tensor([[False, False, True, False], [False, True, False, False]])  # found dense by the plan
+    counts, heads = reference.apply_dense_groups(plan.counts, early | late)
+    mixed = BlockPlan(plan.order, counts, plan.budget_blocks, 64, 333, heads)
+    got = attn.block_sparse_attention_split(q, k, v, mixed, 0.125, early, early.clone())
+    want = reference.block_sparse_attention(q.float(), k.float(), v.float(), mixed.to_mask(), block_size=64, scale=0.125)[0]
+    assert_close(got.float(), want, "fp16", what="split execution vs reference")
+    dense = reference.dense_attention(q.float(), k.float(), v.float(), 0.125)
+    for b, g in ((0, 0), (0, 2), (1, 1)):  # early (dense kernel) and late (full rows) groups equal dense attention
+        assert_close(got[b, :, 2 * g : 2 * g + 2].float(), dense[b, :, 2 * g : 2 * g + 2], "fp16", what=f"group {g} of sequence {b}")
+    assert (plan.counts != counts).any()  # the plan alone would have skipped blocks of those groups

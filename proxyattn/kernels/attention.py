@@ -351,14 +351,39 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tens
 
 def _with_dense_groups(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:
     """Eager mixed execution: dense groups through `dense_attention`, the rest through the block-sparse kernel."""
-    b, s, hq, _ = q.shape
+    b, hq = plan.dense_heads.shape
     hkv = k.shape[2]
     groups = plan.dense_heads.reshape(b, hkv, hq // hkv)[..., 0].cpu()  # the host read of the eager fallback
+    return _split(q, k, v, plan, scale, plan.dense_heads, groups)
+
+
+def block_sparse_attention_split(q, k, v, plan: BlockPlan, scale: float, groups: torch.Tensor, groups_host: torch.Tensor):
+    """Eager mixed execution with the dense KV groups already known on the host (the dense fallback's early decision,
+    `api.early_dense_groups`): those groups through `dense_attention`, every other head through the block-sparse
+    kernel, including heads the plan marked dense later (their counts cover every causal block). No device
+    synchronisation.
+
+    Args:
+        q: `[B, S, Hq, D]`; k, v: `[B, S, Hkv, D]`; plan: `BlockPlan` as `block_sparse_attention_with_lse`.
+        groups: bool `[B, Hkv]` on q's device; groups_host: the same values on the CPU.
+    Returns:
+        out `[B, S, Hq, D]` in q.dtype.
+    """
+    _check_kernel_inputs(q, k, v)
+    heads = groups[:, :, None].expand(-1, -1, q.shape[2] // k.shape[2]).reshape(q.shape[0], q.shape[2])
+    return _split(q, k, v, plan, scale, heads, groups_host)
+
+
+def _split(q, k, v, plan: BlockPlan, scale: float, heads: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Heads `heads` (bool `[B, Hq]`, on q's device) of the KV groups `groups` (bool `[B, Hkv]`, on the host) through
+    `dense_attention`, the others through the block-sparse kernel."""
+    b, s, hq, _ = q.shape
+    hkv = k.shape[2]
     if not bool(groups.any()):
         return _launch_sparse(q, k, v, plan.order, plan.counts, None, s, plan.block_size, scale, with_lse=False)[0]
     if bool(groups.all()):
         return dense_attention(q, k, v, scale)
-    counts = torch.where(plan.dense_heads[..., None], 0, plan.counts)  # the sparse launch skips the dense heads
+    counts = torch.where(heads[..., None], 0, plan.counts)  # the sparse launch skips the dense heads
     out = _launch_sparse(q, k, v, plan.order, counts, None, s, plan.block_size, scale, with_lse=False)[0]
     g = hq // hkv
     for bi in range(b):

@@ -19,7 +19,7 @@ gamma of its attention mass; a head's need is the largest over its rows. Two ker
 Long sequences are processed in chunks of query blocks so that the scratch stays within `_SCRATCH_BYTES`.
 
 Dense fallback (`ProxyAttnConfig.dense_density`): the KV groups of the early decision (`api.early_dense_groups`,
-made before the proxy scores) are skipped by both kernels and keep every causal block; `plan.dense_fallback` then
+made before the proxy scores) are skipped by both kernels and keep every causal block; `fallback.dense_fallback` then
 marks them and the groups whose plan is dense enough.
 
 Layers: `_mass_kernel`, `_cut_kernel` (jit) -> `_launch_needs` (allocate, chunk, grid) -> `block_needs`,
@@ -33,11 +33,12 @@ import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
-from ..plan import BlockPlan, dense_fallback
+from ..plan import BlockPlan
 from ..reference import needs_budgets
 from .estimate_budgets import _budget_tile, seq_blocks
 from .estimate_common import _LOG2E, interpreting, qk_layout
 from .estimate_rank import rank_order
+from .fallback import dense_fallback
 from .estimate_scores import _seq_base, _seq_bounds
 
 __all__ = ["block_needs", "block_needs_varlen", "needs_plan", "needs_plan_varlen"]

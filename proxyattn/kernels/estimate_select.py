@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 
 from ..config import ProxyAttnConfig
-from ..plan import BlockPlan, dense_fallback
+from ..plan import BlockPlan
 from .estimate_budgets import early_dense_groups_varlen, head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
 from .estimate_head_max import head_max_scores_varlen
 from .estimate_needs import block_needs as _needs, needs_plan, needs_plan_varlen
 from .estimate_rank import rank_order as _rank_order
+from .fallback import dense_fallback
 
 __all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan", "torch_rank_order"]
 
