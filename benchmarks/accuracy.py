@@ -14,11 +14,11 @@ per layer and head density, budget fraction and attention recall for every metho
 the overlap of the top-k attended tokens across the heads of a layer (k = 5% of the visible keys, mean over query
 rows sampled every 16 tokens in the second half; pairwise |A & B| / k, against the k / visible chance level).
 
-Methods (`--methods`, names in METHODS): dense; `proxy` (the paper: mean-pooled proxy heads, budget_rule 0) at
-gamma 0.95 / 0.9; `recall` (budget_rule 1) also at 0.98 / 0.99; `row_recall` (budget_rule 2: gamma of every
-last-block row) also at 0.8, so that the rules meet at equal density; `head_max` (estimator 1) alone and with the
-recall rules (also at stride 16); `block_mean` (estimator 2, baseline) at 0.9; `static` (budget_fraction 0.25,
-baseline). All
+Methods (`--methods`, names in METHODS): dense; `proxy` (the paper: mean-pooled proxy heads, budget_rule "mass")
+at gamma 0.95 / 0.9; `recall` (budget_rule "recall") also at 0.98 / 0.99; `row_recall` (gamma of every last-block
+row) also at 0.8, so that the rules meet at equal density; `block_recall` (the default rule) at 0.95 / 0.9 / 0.8;
+`head_max` (estimator "head_max") alone and with the recall rules (also at stride 16); `block_mean` (estimator
+"block_mean", baseline) at 0.9; `static` (budget_fraction 0.25, baseline). All
 sparse methods use block 128, stride 4 unless named, one proxy head, and `--min-budget` tokens (default 256: the
 default 2048 would make every length here dense) with dense_below 0.
 
@@ -52,29 +52,29 @@ def _cfg(min_budget: int, **kw) -> ProxyAttnConfig:
 
 METHODS = {
     "dense": None,
-    "proxy g0.95": dict(gamma=0.95, budget_rule=0),
-    "proxy g0.9": dict(gamma=0.9, budget_rule=0),
-    "head_max g0.95": dict(gamma=0.95, estimator=1, budget_rule=0),
-    "head_max g0.9": dict(gamma=0.9, estimator=1, budget_rule=0),
-    "recall g0.95": dict(gamma=0.95, budget_rule=1),
-    "recall g0.9": dict(gamma=0.9, budget_rule=1),
-    "recall g0.98": dict(gamma=0.98, budget_rule=1),  # rule 1 at the density rule 2 reaches at 0.95
-    "recall g0.99": dict(gamma=0.99, budget_rule=1),
-    "head_max+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1),
-    "head_max+recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=1),
-    "head_max s16+recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=1, stride=16),
-    "row_recall g0.95": dict(gamma=0.95, budget_rule=2),
-    "row_recall g0.9": dict(gamma=0.9, budget_rule=2),
-    "row_recall g0.8": dict(gamma=0.8, budget_rule=2),  # rule 2 at the density rule 1 reaches at 0.95
-    "head_max+row_recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=2),
-    "head_max+row_recall g0.9": dict(gamma=0.9, estimator=1, budget_rule=2),
-    "head_max s16+row_recall g0.95": dict(gamma=0.95, estimator=1, budget_rule=2, stride=16),
-    "block_recall g0.95": dict(gamma=0.95, budget_rule=3),
-    "block_recall g0.9": dict(gamma=0.9, budget_rule=3),
-    "block_recall g0.8": dict(gamma=0.8, budget_rule=3),
-    "block_recall r8 g0.95": dict(gamma=0.95, budget_rule=3, recall_rows=8),
-    "block_recall r8 g0.9": dict(gamma=0.9, budget_rule=3, recall_rows=8),
-    "block_mean g0.9": dict(gamma=0.9, estimator=2, budget_rule=0),
+    "proxy g0.95": dict(gamma=0.95, budget_rule="mass"),
+    "proxy g0.9": dict(gamma=0.9, budget_rule="mass"),
+    "head_max g0.95": dict(gamma=0.95, estimator="head_max", budget_rule="mass"),
+    "head_max g0.9": dict(gamma=0.9, estimator="head_max", budget_rule="mass"),
+    "recall g0.95": dict(gamma=0.95, budget_rule="recall"),
+    "recall g0.9": dict(gamma=0.9, budget_rule="recall"),
+    "recall g0.98": dict(gamma=0.98, budget_rule="recall"),  # recall at the density row_recall reaches at 0.95
+    "recall g0.99": dict(gamma=0.99, budget_rule="recall"),
+    "head_max+recall g0.95": dict(gamma=0.95, estimator="head_max", budget_rule="recall"),
+    "head_max+recall g0.9": dict(gamma=0.9, estimator="head_max", budget_rule="recall"),
+    "head_max s16+recall g0.95": dict(gamma=0.95, estimator="head_max", budget_rule="recall", stride=16),
+    "row_recall g0.95": dict(gamma=0.95, budget_rule="row_recall"),
+    "row_recall g0.9": dict(gamma=0.9, budget_rule="row_recall"),
+    "row_recall g0.8": dict(gamma=0.8, budget_rule="row_recall"),  # row_recall at the density recall reaches at 0.95
+    "head_max+row_recall g0.95": dict(gamma=0.95, estimator="head_max", budget_rule="row_recall"),
+    "head_max+row_recall g0.9": dict(gamma=0.9, estimator="head_max", budget_rule="row_recall"),
+    "head_max s16+row_recall g0.95": dict(gamma=0.95, estimator="head_max", budget_rule="row_recall", stride=16),
+    "block_recall g0.95": dict(gamma=0.95, budget_rule="block_recall"),
+    "block_recall g0.9": dict(gamma=0.9, budget_rule="block_recall"),
+    "block_recall g0.8": dict(gamma=0.8, budget_rule="block_recall"),
+    "block_recall r8 g0.95": dict(gamma=0.95, budget_rule="block_recall", recall_rows=8),
+    "block_recall r8 g0.9": dict(gamma=0.9, budget_rule="block_recall", recall_rows=8),
+    "block_mean g0.9": dict(gamma=0.9, estimator="block_mean", budget_rule="mass"),
     "static 0.25": dict(budget_fraction=0.25),
 }
 

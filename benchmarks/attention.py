@@ -233,8 +233,8 @@ def main() -> int:
     # output's relative error against cuDNN's ||out - dense|| / ||dense|| (fp32 of the bf16 outputs).
     res["proxy_inputs"] = ["structured_qkv", "random"] if structured_qkv is not None else ["random"]
     configs = [("default", ProxyAttnConfig()), ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
-               ("gamma=0.9", ProxyAttnConfig(gamma=0.9)), ("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
-               ("budget_rule=0", ProxyAttnConfig(budget_rule=0)),
+               ("gamma=0.9", ProxyAttnConfig(gamma=0.9)), ("budget_rule=2", ProxyAttnConfig(budget_rule="row_recall")),
+               ("budget_rule=0", ProxyAttnConfig(budget_rule="mass")),
                ("budget_fraction=0.05", ProxyAttnConfig(budget_fraction=0.05)),
                ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
                ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2))]

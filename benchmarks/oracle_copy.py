@@ -22,7 +22,7 @@ full-attention layers run `reference.block_sparse_attention` with a block mask f
   sampled block); the budget rules measure only the last block and scale it by (m+1) / Nb;
 * `plan rank + counts from R strided rows of every block <name>`: the plan's ranking, each (head, query block)
   cut at the shortest prefix holding gamma of each of R rows of the block (its last row and every 128 / R-th row
-  before it) -- what budget_rule 3 ("block_recall") computes; `plan <name> + counts from R strided rows ...`: the
+  before it) -- what budget_rule "block_recall" computes; `plan <name> + counts from R strided rows ...`: the
   same but never below the rule's own scaled counts;
 * `plan <name> proxy-shaped counts g`: the rule's budget n_h scaled per query block by how many blocks the proxy
   row needs to reach g of its (normalised) scores, relative to the last block, instead of by (m+1) / Nb.

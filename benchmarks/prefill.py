@@ -60,7 +60,7 @@ def model_config(**override):
 SPARSE_ROWS = [
     ("proxyattn default", ProxyAttnConfig()),
     ("proxyattn default, no dense fallback", ProxyAttnConfig(dense_density=None)),
-    ("proxyattn budget_rule=2", ProxyAttnConfig(budget_rule=2)),
+    ("proxyattn budget_rule=2", ProxyAttnConfig(budget_rule="row_recall")),  # row label kept: stored results use it
     ("proxyattn budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
 ]
 

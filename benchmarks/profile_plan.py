@@ -5,7 +5,10 @@ For each length and config: the wall time of back-to-back calls (what a caller s
 call while the GPU is idle (Python + launches), every device synchronisation the call makes (torch's sync debug
 mode, with the Python line that caused it) and the profiler's ten most expensive ops by CPU time.
 
-    python3 benchmarks/profile_plan.py [--sizes 16384,32768] [--out FILE.json]
+    python3 benchmarks/profile_plan.py [--sizes 16384,32768] [--out FILE.json] [--budget-rule NAME] [--estimator NAME]
+
+`--budget-rule` and `--estimator` take a name (or, for compatibility, the number): the profiled configs are the
+default with those choices, with and without the dense fallback.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import warnings
 import torch
 
 import proxyattn
-from proxyattn import ProxyAttnConfig
+from proxyattn import BudgetRule, Estimator, ProxyAttnConfig
 from proxyattn.testing import structured_qkv
 
 HQ, HKV, D = 32, 8, 128
@@ -77,13 +80,24 @@ def top_ops(fn, k: int = 10) -> list[dict]:
     return [{"op": e.key[:60], "calls_per_call": e.count / 5, "self_cpu_us_per_call": round(e.self_cpu_time_total / 5, 1)} for e in rows]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    default = ProxyAttnConfig()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="16384,32768")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    res = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    configs = [("default", ProxyAttnConfig()), ("no dense fallback", ProxyAttnConfig(dense_density=None))]
+    ap.add_argument("--budget-rule", type=BudgetRule.cli_type(), default=default.budget_rule,
+                    help=f"one of {BudgetRule.allowed()} (default {default.budget_rule.label})")
+    ap.add_argument("--estimator", type=Estimator.cli_type(), default=default.estimator,
+                    help=f"one of {Estimator.allowed()} (default {default.estimator.label})")
+    return ap
+
+
+def main() -> int:
+    args = parser().parse_args()
+    base = ProxyAttnConfig(budget_rule=args.budget_rule, estimator=args.estimator)
+    res = {"gpu": torch.cuda.get_device_name(), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label,
+           "rows": []}
+    configs = [("default", base), ("no dense fallback", base.replace(dense_density=None))]
     for s in [int(x) for x in args.sizes.split(",")]:
         q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
         for name, cfg in configs:

@@ -116,9 +116,9 @@ def accuracy_table(d: dict, name: str) -> list[str]:
 
 
 def budget_rule_table(model: str, files: list[str]) -> list[str]:
-    """Budget rules 1, 2 and 3 (proxy estimator) at several gammas on the same copy sequences: every GPU accuracy file
-    of `model` whose dense per-sequence losses agree on the first sequences they share; copy loss x dense over
-    those sequences, with the plan density of the whole cell."""
+    """Budget rules recall, row_recall and block_recall (proxy estimator) at several gammas on the same copy
+    sequences: every GPU accuracy file of `model` whose dense per-sequence losses agree on the first sequences they
+    share; copy loss x dense over those sequences, with the plan density of the whole cell."""
     runs = []
     for name in files:
         d = load(name)

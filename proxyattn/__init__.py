@@ -22,11 +22,13 @@ from .api import (
     proxy_scores,
     select_blocks,
 )
-from .config import ProxyAttnConfig
+from .config import BudgetRule, Estimator, ProxyAttnConfig
 from .plan import BlockPlan
 
 __all__ = [
     "ProxyAttnConfig",
+    "BudgetRule",
+    "Estimator",
     "BlockPlan",
     "proxy_scores",
     "head_budgets",

@@ -4,11 +4,17 @@
 float values only, which is what ONNX node attributes and TensorRT plugin fields can carry; `from_attrs()`
 reads such a dict back, strictly: every field must be present and of its kind (`attr_kinds()`), nothing is coerced.
 Booleans travel as 0/1 and an unset `budget_fraction` as 0.0.
+
+The two named choices, `BudgetRule` and `Estimator`, are IntEnums: the config accepts a member, its name
+(`budget_rule="row_recall"`) or its number (`budget_rule=2`) and always holds the member; the number is the stable
+encoding of ONNX attributes, TensorRT plugin fields and the C API (`to_attrs()` writes it), the name is what people
+write and read (`repr`, CLI flags, error messages).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -30,11 +36,112 @@ MAX_LAYER_MASK = 2**53
 # pay off from 16K: set dense_below_tokens lower for them.
 DENSE_CROSSOVER_TOKENS = 32768
 
-# Block-score estimators (`ProxyAttnConfig.estimator`, an int so that it travels as an attribute).
-ESTIMATORS = {0: "proxy", 1: "head_max", 2: "block_mean"}
 
-# Budget rules (`ProxyAttnConfig.budget_rule`): how a head's gamma budget is counted on its last query block.
-BUDGET_RULES = {0: "mass", 1: "recall", 2: "row_recall", 3: "block_recall"}
+
+class _Choice(enum.IntEnum):
+    """A named choice with a stable integer encoding. Each member is declared as `NAME = number, "one-line doc"`;
+    the number never changes (it is what attributes, plugin fields and the C API carry), `label` is the lower-case
+    name accepted everywhere a choice is given."""
+
+    def __new__(cls, value: int, doc: str = ""):
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.__doc__ = doc
+        return member
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+    @property
+    def label(self) -> str:
+        """The name accepted by `parse` and shown to people, e.g. "block_recall"."""
+        return self.name.lower()
+
+    @classmethod
+    def allowed(cls) -> str:
+        """The allowed values for messages: `mass (0), recall (1), ...`."""
+        return ", ".join(f"{m.label} ({int(m)})" for m in cls)
+
+    @classmethod
+    def parse(cls, value: Any, what: str | None = None):
+        """The member for a member, its name (case-insensitive, '-' for '_') or its number; ValueError naming
+        `value` and the allowed names and numbers otherwise. bools, floats, digit strings and members of another
+        choice are refused (use `parse_cli` for command-line text, where numbers arrive as strings)."""
+        what = what or cls.__name__
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            member = cls.__members__.get(value.strip().replace("-", "_").upper())
+            if member is not None:
+                return member
+        elif isinstance(value, int) and not isinstance(value, (bool, enum.Enum)):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{what}={value!r} is not supported; allowed: {cls.allowed()}")
+
+    @classmethod
+    def parse_cli(cls, text: str, what: str | None = None):
+        """`parse` for command-line and config-file text: a name, or a number written as digits (compatibility)."""
+        if isinstance(text, str) and text.strip().isdigit():
+            return cls.parse(int(text.strip()), what)
+        return cls.parse(text, what)
+
+    @classmethod
+    def cli_type(cls):
+        """An argparse `type=`: `parse_cli`; argparse reports a bad value with the allowed names and numbers
+        ("argument --budget-rule: 'x' is not supported; allowed: mass (0), ...")."""
+        import argparse
+
+        def convert(text: str):
+            try:
+                return cls.parse_cli(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{text!r} is not supported; allowed: {cls.allowed()}") from e
+
+        convert.__name__ = cls.__name__
+        return convert
+
+
+class BudgetRule(_Choice):
+    """How a head's gamma budget is counted (`ProxyAttnConfig.budget_rule`; `proxyattn.reference`)."""
+
+    MASS = 0, "the paper: the fewest blocks holding gamma of the head's last-block mass, scaled by position"
+    RECALL = 1, "the shortest prefix of the last block's shared ranking holding gamma of the head's own mass"
+    ROW_RECALL = 2, "as recall, but gamma of the mass of every query row of the head's last block"
+    BLOCK_RECALL = 3, "the default: every (head, query block) keeps the prefix of its own ranking holding gamma of each measured row"
+
+    @property
+    def per_query_block(self) -> bool:
+        """True when every query block is measured on its own (no budget scaled from the last block)."""
+        return self is BudgetRule.BLOCK_RECALL
+
+    @property
+    def reads_ranking(self) -> bool:
+        """True when the last block's budget is counted along the proxy ranking (it needs the block scores)."""
+        return self in (BudgetRule.RECALL, BudgetRule.ROW_RECALL)
+
+    @property
+    def per_row(self) -> bool:
+        """True when gamma must hold for every query row of the last block, not only for their mean."""
+        return self is BudgetRule.ROW_RECALL
+
+
+class Estimator(_Choice):
+    """How block scores are estimated (`ProxyAttnConfig.estimator`; `proxyattn.variants`)."""
+
+    PROXY = 0, "the paper: one mean-pooled proxy query per group of heads, strided token-level scores"
+    HEAD_MAX = 1, "per-head strided scores, max over each group's heads"
+    BLOCK_MEAN = 2, "baseline: block-mean-pooled queries and keys per head"
+
+
+# The same choices as {number: name} (what older code and the C tests read).
+ESTIMATORS = {int(m): m.label for m in Estimator}
+BUDGET_RULES = {int(m): m.label for m in BudgetRule}
+
+# Config fields holding a named choice, and the choice (ints in attributes, members in the config).
+CHOICE_FIELDS = {"estimator": Estimator, "budget_rule": BudgetRule}
 
 # Optional float fields: None travels as 0.0 in attributes (0.0 is not a valid value of either).
 _OPTIONAL_FLOATS = ("budget_fraction", "dense_density")
@@ -69,29 +176,31 @@ class ProxyAttnConfig:
         dense_layer_mask: model integrations keep layer i dense when bit i is set (an explicit list of layers,
             e.g. `dense_layer_mask=ProxyAttnConfig.layer_mask([0, 5])`); below 2**53 so that it survives the
             float round trip of attributes (layers 0..52; use dense_first_layers beyond).
-        estimator: how block scores are estimated (`proxyattn.variants`): 0 = the paper's mean-pooled proxy heads,
-            1 = "head_max" (per-head strided scores, max over each group's heads; Hq / G times the score work at
-            the same stride, so a larger stride suits it), 2 = "block_mean" (baseline: block-mean-pooled queries
-            and keys per head). 0 and 1 have Triton kernels; 2 runs in PyTorch on any device. The TensorRT graph
-            and libproxyattn implement 0 only.
-        budget_rule: how the gamma budget is counted (`proxyattn.reference.head_budgets`): 0 = "mass" (the paper:
-            the fewest blocks holding gamma of the head's last-block attention mass), 1 = "recall" (the shortest
-            prefix of the shared ranking of the last query block holding gamma of the head's own mass, so a head
-            that attends where the proxy ranking does not look gets a larger budget), 2 = "row_recall" (that prefix
-            must hold gamma of the mass of every query row of the head's last block, not only of their mean; never
-            below rule 1). Rules 0-2 measure the last query block only and scale its budget by position ((m+1) / Nb
-            for query block m). 3 = "block_recall" (the default): no scaled budget; every (head, query block) keeps
-            the shortest prefix of that block's own ranking holding gamma of the mass of each of `recall_rows` query
-            rows of the block (its last row and every block_size / recall_rows-th row before it), at least
-            min_budget_tokens (`proxyattn.reference.block_needs`). It meets the copy target at every measured length
-            of both packaged models at lower density than rule 2 (docs/accuracy.md). The Triton kernels and the
-            reference implement all four; the TensorRT graph and libproxyattn implement 0-2 and refuse 3 by name,
-            so engines (`engines.models`) use rule 2.
-        recall_rows: query rows per block that budget_rule 3 measures (a power of two dividing block_size);
-            ignored by the other rules.
+        estimator: how block scores are estimated (`Estimator`, given as a member, a name or a number;
+            `proxyattn.variants`): "proxy" (0, the paper's mean-pooled proxy heads), "head_max" (1: per-head
+            strided scores, max over each group's heads; Hq / G times the score work at the same stride, so a larger
+            stride suits it), "block_mean" (2, baseline: block-mean-pooled queries and keys per head). proxy and
+            head_max have Triton kernels; block_mean runs in PyTorch on any device. The TensorRT graph and
+            libproxyattn implement proxy only.
+        budget_rule: how the gamma budget is counted (`BudgetRule`, given as a member, a name or a number;
+            `proxyattn.reference.head_budgets`): "mass" (0, the paper: the fewest blocks holding gamma of the head's
+            last-block attention mass), "recall" (1: the shortest prefix of the shared ranking of the last query
+            block holding gamma of the head's own mass, so a head that attends where the proxy ranking does not look
+            gets a larger budget), "row_recall" (2: that prefix must hold gamma of the mass of every query row of the
+            head's last block, not only of their mean; never below recall). mass, recall and row_recall measure the
+            last query block only and scale its budget by position ((m+1) / Nb for query block m).
+            "block_recall" (3, the default): no scaled budget; every (head, query block) keeps the shortest prefix of
+            that block's own ranking holding gamma of the mass of each of `recall_rows` query rows of the block (its
+            last row and every block_size / recall_rows-th row before it), at least min_budget_tokens
+            (`proxyattn.reference.block_needs`). It meets the copy target at every measured length of both packaged
+            models at lower density than row_recall (docs/accuracy.md). The Triton kernels, the reference and the
+            TensorRT graph implement all four; libproxyattn implements mass, recall and row_recall and refuses
+            block_recall by name.
+        recall_rows: query rows per block that budget_rule "block_recall" measures (a power of two dividing
+            block_size); ignored by the other rules.
         dense_density: the dense fallback. A KV group (the query heads sharing one KV head) whose plan keeps at
             least this share of its causal blocks runs dense instead (exact attention; `BlockPlan.dense_heads`
-            says which heads, and their counts cover every causal block); with budget_rule 3 a group whose last
+            says which heads, and their counts cover every causal block); with block_recall a group whose last
             query block already needs this share is not measured further. Applied at 1/1000 resolution
             (`dense_density_permille`). None: never fall back. The default, 0.9, is above the density where the
             block-sparse kernel's time equals the dense kernel's (about 0.8 on the H100), with room for the copies a
@@ -109,8 +218,8 @@ class ProxyAttnConfig:
     budget_fraction: float | None = None
     dense_first_layers: int = 0
     dense_layer_mask: int = 0
-    estimator: int = 0
-    budget_rule: int = 3
+    estimator: Estimator = Estimator.PROXY
+    budget_rule: BudgetRule = BudgetRule.BLOCK_RECALL
     recall_rows: int = 4
     dense_density: float | None = DEFAULT_DENSE_DENSITY
 
@@ -151,12 +260,8 @@ class ProxyAttnConfig:
         _check_int("dense_layer_mask", self.dense_layer_mask)
         if not (0 <= self.dense_layer_mask < MAX_LAYER_MASK):
             raise ValueError(f"dense_layer_mask={self.dense_layer_mask!r} must lie in [0, 2**53) (bit i = layer i dense)")
-        _check_int("estimator", self.estimator)
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={self.estimator!r} is not supported; allowed: {ESTIMATORS}")
-        _check_int("budget_rule", self.budget_rule)
-        if self.budget_rule not in BUDGET_RULES:
-            raise ValueError(f"budget_rule={self.budget_rule!r} is not supported; allowed: {BUDGET_RULES}")
+        for name, choice in CHOICE_FIELDS.items():  # a member, its name or its number -> the member
+            object.__setattr__(self, name, choice.parse(getattr(self, name), name))
         if self.dense_density is not None:
             _check_float("dense_density", self.dense_density)
             if not (0.0 < self.dense_density <= 1.0):
@@ -256,6 +361,8 @@ def _field_kind(f: dataclasses.Field) -> str:
     """The attribute kind of a config field, from its annotation (`bool`, `int`, `float`, optionally `| None`)."""
     annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     base = annotation.replace(" ", "").replace("|None", "")
+    if f.name in CHOICE_FIELDS and base == CHOICE_FIELDS[f.name].__name__:
+        return "int"  # a named choice travels as its number
     if base not in ("bool", "int", "float"):
         raise TypeError(f"ProxyAttnConfig.{f.name}: annotation {annotation!r} has no attribute kind; allowed: "
                         "bool, int, float (optionally | None)")

@@ -130,7 +130,7 @@ def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int
 
 def compact_plan_needs(scores: torch.Tensor, needs: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int,
                        config: ProxyAttnConfig) -> BlockPlan:
-    """Selection of budget_rule 3: top-k min_blocks per (head, query block), and every row keeps at least the
+    """Selection of budget_rule "block_recall": top-k min_blocks per (head, query block), and every row keeps at least the
     first needs[b, h, m] blocks of its order (`reference.block_needs`; equals `reference.select_blocks` with
     needs). needs `[B, Hq, Nb]` int; budget_blocks `[B, Hq]` is only stored in the plan."""
     b, hq, nb = needs.shape

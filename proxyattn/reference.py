@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .config import BudgetRule
+
 __all__ = [
     "dense_attention",
     "proxy_queries_keys",
@@ -183,7 +185,7 @@ def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_orde
 
 
 def recall_row_positions(m: int, seq_len: int, block_size: int, rows: int) -> list[int]:
-    """Query rows of block m that budget_rule 3 measures: the block's last row and every (block_size / rows)-th
+    """Query rows of block m that the "block_recall" rule measures: the block's last row and every (block_size / rows)-th
     row before it, inside the block (a short last block has fewer)."""
     lo, hi = m * block_size, min(seq_len, (m + 1) * block_size)
     step = block_size // rows
@@ -192,7 +194,7 @@ def recall_row_positions(m: int, seq_len: int, block_size: int, rows: int) -> li
 
 def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, rows: int, keep_sink: bool,
                 keep_diagonal: bool, last_only: bool = False, skip_groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Budget rule 3 ("block_recall"): per (head, query block) the shortest prefix of that block's ranking that
+    """Budget rule "block_recall": per (head, query block) the shortest prefix of that block's ranking that
     holds gamma of the attention mass of each measured row, int32 `[B, Hq, Nb]`.
 
     For query block m the ranking is row m of `scores` `[B, R, Nb, Nb]` (head h reads row h // (Hq / R)), forced
@@ -225,7 +227,7 @@ def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, ro
 # A KV group (the query heads sharing one KV head) runs dense when its plan keeps at least dense_density of its
 # causal blocks (ProxyAttnConfig.dense_density, compared in thousandths: `permille`, so that every backend decides
 # with the same integer arithmetic), or, decided before any proxy score, when its heads' budgets of the paper's rule
-# on the last query block already reach that share (`early_dense_groups`); budget rule 3 does not measure those.
+# on the last query block already reach that share (`early_dense_groups`); block_recall does not measure those.
 
 
 def full_counts(nb: int, nb_seq: torch.Tensor) -> torch.Tensor:
@@ -252,7 +254,7 @@ def early_dense_groups(budgets: torch.Tensor, num_kv_heads: int, permille: int, 
     """bool `[B, Hkv]`: KV groups whose heads' budgets of the paper's rule on their last query block (int `[B, Hq]`,
     `head_budgets` with rule "mass": the fewest blocks holding gamma of the block's mean attention mass, in the
     head's own order, so no ranking needs fewer) sum to at least permille / 1000 of group x Nb_b blocks. Decided
-    before the proxy scores: these groups run dense, and budget rule 3 does not measure them."""
+    before the proxy scores: these groups run dense, and block_recall does not measure them."""
     b, hq = budgets.shape
     group = hq // num_kv_heads
     nbs = nb_seq.to(torch.int64).reshape(-1, 1)
@@ -271,7 +273,7 @@ def apply_dense_groups(counts: torch.Tensor, groups: torch.Tensor, nb_seq: torch
 
 
 def needs_budgets(needs: torch.Tensor, min_blocks: int, nb_seq: torch.Tensor | None = None) -> torch.Tensor:
-    """Budget rule 3's reported budget, int32 `[B, Hq]`: the need of each sequence's last query block, at least
+    """Budget rule block_recall's reported budget, int32 `[B, Hq]`: the need of each sequence's last query block, at least
     min(min_blocks, Nb_b). needs `[B, Hq, Nb]`; nb_seq: int64 `[B]` blocks of each packed sequence (default Nb).
     Device ops only (no host synchronisation)."""
     b, hq, nb = needs.shape
@@ -301,15 +303,16 @@ def recall_row_cum_mass(q, k, scores, m: int, *, block_size: int, scale: float, 
     return mass.gather(-1, order).cumsum(-1)
 
 
-def rule_budgets(q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: int, keep_sink: bool,
-                 keep_diagonal: bool) -> torch.Tensor:
-    """`head_budgets` under `budget_rule` (0: mass; 1: recall and 2: row_recall, reading the last row of `scores`
-    `[B, R, Nb, Nb]`)."""
-    assert budget_rule in (0, 1, 2), "budget_rule 3 counts per query block: block_needs"
+def rule_budgets(q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: BudgetRule | int | str,
+                 keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
+    """`head_budgets` under `budget_rule` (a `BudgetRule`, its name or number): mass; recall and row_recall read the
+    last row of `scores` `[B, R, Nb, Nb]`."""
+    rule = BudgetRule.parse(budget_rule, "budget_rule")
+    assert not rule.per_query_block, "block_recall counts per query block: block_needs"
     last_order = None
-    if budget_rule in (1, 2) and gamma < 1.0:
+    if rule.reads_ranking and gamma < 1.0:
         last_order = last_row_order(scores, keep_sink=keep_sink, keep_diagonal=keep_diagonal)
-    return head_budgets(q, k, block_size=block_size, gamma=gamma, scale=scale, last_order=last_order, per_row=budget_rule == 2)
+    return head_budgets(q, k, block_size=block_size, gamma=gamma, scale=scale, last_order=last_order, per_row=rule.per_row)
 
 
 def fraction_budgets(batch: int, num_q_heads: int, num_blocks: int, fraction: float, device) -> torch.Tensor:
@@ -337,7 +340,7 @@ def select_blocks(scores, budget_blocks, *, min_blocks: int, keep_sink: bool, ke
     scores `[B, G, Nb, Nb]` (head h uses proxy row h // (Hq / G)), budget_blocks `[B, Hq]`. For head h and query
     block m keep the k (see `block_counts`) causal key blocks with the highest scores in row m (ties: lower block
     index first), plus block 0 and block m when keep_sink / keep_diagonal. With `needs` `[B, Hq, Nb]` (budget_rule
-    3, `block_needs`) k is min_blocks instead, and row m also keeps the first needs[m] blocks of its ranking
+    "block_recall", `block_needs`) k is min_blocks instead, and row m also keeps the first needs[m] blocks of its ranking
     (forced blocks first, `last_row_order` of the scores cut at m).
     """
     b, g, nb, _ = scores.shape

@@ -122,8 +122,8 @@ def structured_qkv(
 def budget_mismatches(got: torch.Tensor, mass: torch.Tensor, gamma: float, tol: float = 1e-4, order: torch.Tensor | None = None) -> int:
     """Heads whose budget differs from the gamma rule on the reference `mass` `[B, Hq, Nb]` by more than a tie.
 
-    The cumulative mass runs in descending mass order (budget_rule 0), or along `order` `[B, Hq, Nb]` (each
-    head's ranking of the last query block, budget_rule 1). A budget n is accepted when the reference's
+    The cumulative mass runs in descending mass order (budget_rule "mass"), or along `order` `[B, Hq, Nb]` (each
+    head's ranking of the last query block, budget_rule "recall"). A budget n is accepted when the reference's
     cumulative mass crosses gamma within `tol` of both n and the reference budget (rounding can move a crossing
     that close to gamma by one block or more).
     """
@@ -165,7 +165,7 @@ def row_budget_mismatches(got: torch.Tensor, row_mass: torch.Tensor, gamma: floa
 
 def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: float, tol: float = 1e-4,
                     lengths=None, blocks=None) -> int:
-    """(b, h, m) entries of budget rule 3's needs `[B, Hq, Nb]` that break the rule beyond rounding.
+    """(b, h, m) entries of budget rule block_recall's needs `[B, Hq, Nb]` that break the rule beyond rounding.
 
     Each measured row needs the shortest prefix of its block's ranking (from `scores` `[B, R, Nb, Nb]`) whose
     reference mass (`reference.recall_row_cum_mass`) reaches gamma; the head's need is the largest over its rows.

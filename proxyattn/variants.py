@@ -1,25 +1,25 @@
 """Block-score estimators beside the paper's proxy heads (`ProxyAttnConfig.estimator`), in plain PyTorch.
 
-* `estimator=0` ("proxy", the paper): one proxy query per group = mean of the group's query heads; token-level
+* `estimator="proxy"` (0, the paper): one proxy query per group = mean of the group's query heads; token-level
   softmax on strided rows; max-pooled to blocks. `proxyattn.reference.proxy_scores` / the Triton kernel.
-* `estimator=1` ("head_max", our improvement): the same strided token-level softmax, but per query head (against
+* `estimator="head_max"` (1, our improvement): the same strided token-level softmax, but per query head (against
   its own KV head), then max over the query heads of each proxy group and max-pooled to blocks. A block that any
   head of the group attends to strongly ranks high, so a head that retrieves what the others ignore is not starved
   by the averaged proxy query. Still one ranking per group (the compact plan and the kernels are unchanged); the
   estimation costs Hq / G times the paper's.
-* `estimator=2` ("block_mean", baseline): per query head, softmax over key blocks of (mean query of block m) .
+* `estimator="block_mean"` (2, baseline): per query head, softmax over key blocks of (mean query of block m) .
   (mean key of block n); one ranking per query head (R = Hq). Cheap, coarse: what pooled estimators do.
 
 Budgets and selection work the same for every estimator. These functions are fp32 and run on any device: the
 reference of `proxyattn.kernels.estimate_head_max` (which `proxyattn.api.proxy_scores` uses on CUDA for
-estimator 1) and the only implementation of block_mean.
+head_max) and the only implementation of block_mean.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .config import ESTIMATORS, ProxyAttnConfig
+from .config import ESTIMATORS, Estimator, ProxyAttnConfig
 from .reference import _causal_rows, _expand_kv, _num_blocks
 from . import reference
 
@@ -68,12 +68,15 @@ def block_mean_scores(q, k, *, block_size: int, scale: float) -> torch.Tensor:
 
 
 def proxy_scores(q, k, config: ProxyAttnConfig, scale: float) -> torch.Tensor:
-    """Block scores of `config.estimator` (the reference for 0), fp32 `[B, R, Nb, Nb]` with R = G or Hq."""
-    e = config.estimator
-    if e == 0:
-        return reference.proxy_scores(q, k, proxy_heads=config.proxy_heads, block_size=config.block_size, stride=config.stride, scale=scale)
-    if e == 1:
-        return head_max_scores(q, k, proxy_heads=config.proxy_heads, block_size=config.block_size, stride=config.stride, scale=scale)
-    if e == 2:
-        return block_mean_scores(q, k, block_size=config.block_size, scale=scale)
-    raise AssertionError(f"estimator {e} passed validation")
+    """Block scores of `config.estimator` (the reference of every estimator), fp32 `[B, R, Nb, Nb]` with R = G or Hq."""
+    return _SCORES[config.estimator](q, k, config, scale)
+
+
+# Estimator -> its fp32 PyTorch scores `(q, k, config, scale)`: the reference's one dispatch on the estimator.
+_SCORES = {
+    Estimator.PROXY: lambda q, k, c, scale: reference.proxy_scores(q, k, proxy_heads=c.proxy_heads, block_size=c.block_size,
+                                                                   stride=c.stride, scale=scale),
+    Estimator.HEAD_MAX: lambda q, k, c, scale: head_max_scores(q, k, proxy_heads=c.proxy_heads, block_size=c.block_size,
+                                                               stride=c.stride, scale=scale),
+    Estimator.BLOCK_MEAN: lambda q, k, c, scale: block_mean_scores(q, k, block_size=c.block_size, scale=scale),
+}

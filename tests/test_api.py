@@ -231,6 +231,6 @@ def test_recall_budget_rule_scores_and_validation():
     # gamma = 1 and fixed fractions need no scores.
     assert pa.head_budgets(q, k, cfg.replace(gamma=1.0)).min() == plan.num_blocks
     pa.head_budgets(q, k, cfg.replace(budget_fraction=0.5))
-    with pytest.raises(ValueError, match=r"budget_rule=4 .*allowed: \{0: 'mass', 1: 'recall', 2: 'row_recall', 3: 'block_recall'\}"):
+    with pytest.raises(ValueError, match=r"budget_rule=4 .*allowed: mass \(0\), recall \(1\), row_recall \(2\), block_recall \(3\)"):
         pa.ProxyAttnConfig(budget_rule=4)
     assert pa.ProxyAttnConfig.from_attrs(cfg.to_attrs()) == cfg and cfg.to_attrs()["pa_budget_rule"] == 1

@@ -7,17 +7,17 @@ is replaced by this subgraph (`to_tensorrt_graph`); every budget rule and the de
     pq = ProxyPool(query; step=stride)            pk = ProxyPool(key; step=1)          [plugins]
     scores = ProxyScores(query, pq, pk)                                                 [plugin]  [B, G, Nb, Nb]
     order, rank, sink_rank, diag_rank = ProxyRank(scores)                               [plugin]  the plan's rankings
-    -- when needed (rules 0-2, the dense fallback's early decision):
+    -- when needed (mass, recall, row_recall, the dense fallback's early decision):
     row_max, row_sum = ProxyMassStats(query, key)                                      [plugin]  fixed size
     lse = combine(row_max, row_sum)               ReduceMax, Pow, ReduceSum, Log, Where [native]
     mass = ProxyMass(query, key, lse)                                                   [plugin]  [B, Hq, Nb]
-           (budget_rule 2: ProxyRowMass, the mass of every row of the last block,                  [B, Hq, BS, Nb])
-    budgets: rule 0 sorted cumsum >= gamma (TopK of the values, CumSum, Less, ReduceSum) [native]  [B, Hq]
-             rules 1/2: cumsum along row Nb-1 of `order` (GatherElements; rule 2 per row, ReduceMax over rows)
-    early = sum of the group's rule-0 budgets * 1000 >= dense_density_permille * group * Nb  [native] [B, Hkv]
-    -- rules 0-2 / budget_fraction:
+           (row_recall: ProxyRowMass, the mass of every row of the last block,                    [B, Hq, BS, Nb])
+    budgets: mass: sorted cumsum >= gamma (TopK of the values, CumSum, Less, ReduceSum)   [native]  [B, Hq]
+             recall / row_recall: cumsum along row Nb-1 of `order` (GatherElements; per row, ReduceMax over rows)
+    early = sum of the group's mass budgets * 1000 >= dense_density_permille * group * Nb  [native] [B, Hkv]
+    -- mass / recall / row_recall / budget_fraction:
     counts = clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k      [native]  [B, Hq, Nb]
-    -- rule 3 ("block_recall", the default):
+    -- block_recall (the default):
     mass3, lse3 = ProxyNeedsMass(query, key, skip=early)                                [plugin]  log2 block masses
     need, counts = ProxyNeedsCut(query, mass3, lse3, order, sink_rank, diag_rank, skip) [plugin]  [B, Hq, Nb]
     -- every rule:
@@ -32,8 +32,9 @@ the interpreter (tests/test_trt_plugin_interpret.py, tests/test_conformance.py).
 TensorRT's TopK tie order (TopK sorts mass values only). Nodes with `sliding_window > 0` are left as they are:
 TensorRT's parser imports their model-local function (exact windowed attention), which is their semantics.
 Plugin nodes carry `plugin_namespace="proxy"`, `plugin_version="1"` and `aot=1` (TensorRT's ONNX parser then
-uses the AOT implementation). What the graph cannot run is refused by name when it is built: estimators other than
-0, and profiles longer than `spec.MAX_RANK_BLOCKS` key blocks.
+uses the AOT implementation). Each budget rule's part of the graph is one builder in `rule_counts` (`_rewrite_node`).
+What the graph cannot run is refused by name when it is built: estimators other than proxy, and profiles longer than
+`spec.MAX_RANK_BLOCKS` key blocks.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export import contract
+from proxyattn.config import BudgetRule, Estimator
 from . import spec as S
 
 __all__ = ["to_tensorrt_graph", "PLUGIN_DOMAIN"]
@@ -79,10 +81,10 @@ class _Builder:
 
 def _check_config(node: onnx.NodeProto, config, max_seq_len: int) -> None:
     """ValueError naming what the TensorRT graph cannot run (decided at build time, never changed silently)."""
-    if config.estimator != 0:
+    if config.estimator is not Estimator.PROXY:
         raise ValueError(
-            f"node {node.name!r}: pa_estimator={config.estimator} has no TensorRT plugin; allowed: 0 (the proxy-head "
-            "estimator of the ProxyScores plugin)"
+            f"node {node.name!r}: pa_estimator={int(config.estimator)} ({config.estimator.label}) has no TensorRT plugin; "
+            f"allowed: {int(Estimator.PROXY)} ({Estimator.PROXY.label}, the proxy-head estimator of the ProxyScores plugin)"
         )
     nb_max = -(-max_seq_len // config.block_size)
     if nb_max > S.MAX_RANK_BLOCKS:
@@ -105,7 +107,6 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
     keep = {"pa_keep_sink": int(config.keep_sink), "pa_keep_diagonal": int(config.keep_diagonal)}
     permille = config.dense_density_permille
     fraction = config.budget_fraction is not None
-    rule3 = config.budget_rule == 3 and not fraction
 
     def vec(*xs):  # 1-D int64 shape from scalars
         return b.op("Concat", [b.op("Reshape", [x, b.const([1], i64)]) for x in xs], axis=0)
@@ -175,10 +176,10 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
             mass = b.plugin("ProxyMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs)
         return mass
 
-    def mass_budgets():  # budget rule 0 (the paper): the fewest blocks holding gamma, mass sorted descending
+    def mass_budgets():  # budget rule "mass" (the paper): the fewest blocks holding gamma, mass sorted descending
         return count_budget(b.op("TopK", [last_block_mass(), nb1], n_out=2, axis=-1, largest=1, sorted=1)[0], rows=False)
 
-    # ---- the dense fallback's early decision (api.early_dense_groups): before any score, from rule 0's budgets
+    # ---- the dense fallback's early decision (api.early_dense_groups): before any score, from rule mass's budgets
     early = None
     if permille and not fraction:
         budgets0 = b.op("Expand", [nb, bh], hint="early_budgets") if config.gamma >= 1.0 else \
@@ -188,9 +189,13 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         early = b.op("GreaterOrEqual", [b.op("Mul", [total0, b.const(1000, i64)]), need0], hint="early_dense")  # [B, Hkv]
 
     causal_counts = b.op("Expand", [m1, b.op("Concat", [bh, nb1], axis=0)], hint="full_counts")  # [B, Hq, Nb]: m + 1
-    if rule3 and config.gamma < 1.0:
-        # ---- budget rule 3 ("block_recall"): each (head, query block)'s need measured by the two needs kernels;
-        # the cut kernel writes the counts (min_budget_tokens' top blocks, forced blocks outside them, >= the need).
+
+    def block_recall_counts():
+        """Rule "block_recall": each (head, query block)'s need measured by the two needs kernels; the cut kernel
+        writes the counts (min_budget_tokens' top blocks, forced blocks outside them, >= the need)."""
+        if config.gamma >= 1.0:  # every causal block
+            b.op("Expand", [nb, bh], hint="budgets")
+            return causal_counts
         skip = b.op("Cast", [early], to=TensorProto.INT32) if early is not None else \
             b.op("ConstantOfShape", [vec(batch, kv_heads)], value=helper.make_tensor("zero", TensorProto.INT32, [1], [0]))
         mass3, lse3 = b.plugin("ProxyNeedsMass", [q, k, skip], n_out=2, pa_recall_rows=config.recall_rows, **cfg_attrs)
@@ -201,12 +206,28 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         # The reported budget (reference.needs_budgets): the last block's need, at least min(min_blocks, Nb).
         last_need = b.op("Squeeze", [b.op("Gather", [b.op("Cast", [need], to=TensorProto.INT64),
                                                      b.op("Sub", [nb1, b.const([1], i64)])], axis=2), b.const([2], i64)])
-        budgets = b.op("Max", [last_need, b.op("Min", [nb, b.const(config.min_budget_blocks, i64)])], hint="budgets")
-    elif rule3:  # gamma = 1: every causal block
-        counts = causal_counts
-        budgets = b.op("Expand", [nb, bh], hint="budgets")
-    else:
-        # ---- per-head budgets [B, Hq] (int64) of rules 0-2, or the static fraction
+        b.op("Max", [last_need, b.op("Min", [nb, b.const(config.min_budget_blocks, i64)])], hint="budgets")
+        return counts
+
+    def mass_rule_budgets():  # rule "mass" (the paper)
+        return b.op("Identity", [mass_budgets()], hint="budgets")
+
+    def ranked_budgets(rows: bool):
+        """Rules "recall" / "row_recall" (rows): the head's mass along the last query block's shared ranking, which
+        is row Nb - 1 of the plan's order (forced blocks first in score order, then descending score, lower index
+        first: reference.last_row_order)."""
+        lmass = b.plugin("ProxyRowMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs) if rows \
+            else last_block_mass()
+        last = b.op("Sub", [nb1, b.const([1], i64)])
+        lorder = b.op("Cast", [b.op("Squeeze", [b.op("Gather", [order, last], axis=2), b.const([2], i64)])], to=TensorProto.INT64)
+        last_order = per_head(lorder)  # [B, Hq, Nb]
+        if rows:  # the same ranking for every row of the head: [B, Hq, 1, Nb] -> [B, Hq, BS, Nb]
+            last_order = b.op("Expand", [b.op("Unsqueeze", [last_order, b.const([2], i64)]), b.op("Shape", [lmass])])
+        return b.op("Identity", [count_budget(b.op("GatherElements", [lmass, last_order], axis=-1), rows)], hint="budgets")
+
+    def scaled_counts(budget_rule_budgets):
+        """Rules "mass" / "recall" / "row_recall" and budget_fraction: per-head budgets [B, Hq] (int64), then the
+        selection counts [B, Hq, Nb]: clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k."""
         if fraction:
             nbf = b.op("Cast", [nb], to=TensorProto.FLOAT)
             n = b.op("Cast", [b.op("Ceil", [b.op("Mul", [nbf, b.const(config.budget_fraction, np.float32)])])], to=TensorProto.INT64)
@@ -214,23 +235,8 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
             budgets = b.op("Expand", [n, bh], hint="budgets")
         elif config.gamma >= 1.0:
             budgets = b.op("Expand", [nb, bh], hint="budgets")
-        elif config.budget_rule == 0:
-            budgets = b.op("Identity", [mass_budgets()], hint="budgets")
         else:
-            # Rules "recall" / "row_recall": the head's mass along the last query block's shared ranking, which is row
-            # Nb - 1 of the plan's order (forced blocks first in score order, then descending score, lower index first:
-            # reference.last_row_order).
-            rows = config.budget_rule == 2
-            lmass = b.plugin("ProxyRowMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs) if rows \
-                else last_block_mass()
-            last = b.op("Sub", [nb1, b.const([1], i64)])
-            lorder = b.op("Cast", [b.op("Squeeze", [b.op("Gather", [order, last], axis=2), b.const([2], i64)])], to=TensorProto.INT64)
-            last_order = per_head(lorder)  # [B, Hq, Nb]
-            if rows:  # the same ranking for every row of the head: [B, Hq, 1, Nb] -> [B, Hq, BS, Nb]
-                last_order = b.op("Expand", [b.op("Unsqueeze", [last_order, b.const([2], i64)]), b.op("Shape", [lmass])])
-            budgets = b.op("Identity", [count_budget(b.op("GatherElements", [lmass, last_order], axis=-1), rows)], hint="budgets")
-
-        # ---- selection counts [B, Hq, Nb]: clamp(ceil(n (m+1) / Nb), min, m+1) + forced blocks outside the top k
+            budgets = budget_rule_budgets()
         n3 = b.op("Unsqueeze", [budgets, b.const([2], i64)])
         kk = b.op("Div", [b.op("Add", [b.op("Mul", [n3, m1]), b.op("Sub", [nb, b.const(1, i64)])]), nb])
         kk = b.op("Min", [b.op("Max", [kk, b.const(config.min_budget_blocks, i64)]), m1], hint="k")  # [B, Hq, Nb]
@@ -244,6 +250,16 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
             if config.keep_sink:  # block 0 is both sink and diagonal in row 0
                 extra = b.op("Mul", [extra, b.op("Cast", [b.op("Greater", [idx, b.const(0, i64)])], to=TensorProto.INT64)])
             counts = b.op("Add", [counts, extra])
+        return counts
+
+    # BudgetRule -> the builder of its counts [B, Hq, Nb] (int64): the TensorRT graph's one dispatch on the rule.
+    rule_counts = {
+        BudgetRule.MASS: lambda: scaled_counts(mass_rule_budgets),
+        BudgetRule.RECALL: lambda: scaled_counts(lambda: ranked_budgets(rows=False)),
+        BudgetRule.ROW_RECALL: lambda: scaled_counts(lambda: ranked_budgets(rows=True)),
+        BudgetRule.BLOCK_RECALL: block_recall_counts,
+    }
+    counts = scaled_counts(None) if fraction else rule_counts[config.budget_rule]()
 
     # ---- the dense path (S <= dense_below_tokens) keeps every causal block
     dense = b.op("LessOrEqual", [seq, b.const(config.dense_below_tokens, i64)])

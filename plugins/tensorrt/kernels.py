@@ -72,7 +72,7 @@ def trt_mass(q_ptr, k_ptr, lse_ptr, seq_len, mass_ptr,
              ROWS: tl.constexpr):
     """Pass 1: attention mass per key block of each head's last query block, float32 `[B, Hq, Nb]` (ProxyMass), or
     with ROWS of every row of that block, `[B, Hq, BS, Nb]`, rows past a sequence shorter than one block 0
-    (ProxyRowMass, budget_rule 2) (grid: B*Hq, NCHUNK)."""
+    (ProxyRowMass, budget_rule "row_recall") (grid: B*Hq, NCHUNK)."""
     nb = tl.cdiv(seq_len, BS)
     _budget_kernel(q_ptr, k_ptr, q_ptr, lse_ptr, lse_ptr, lse_ptr, mass_ptr,
                    seq_len, nb, HQ, QK_SCALE,

@@ -2,9 +2,9 @@
 
 For every query head: softmax of its last `block_size` queries against all keys (causal), mean over those rows,
 summed per key block; the budget is the smallest number of blocks whose cumulative mass reaches gamma, in
-descending mass order (budget_rule 0, the paper) or in the order of the last query block's shared ranking
-(budget_rule 1, "recall"); budget_rule 2 ("row_recall") keeps the mass of every row and takes the largest
-prefix any row needs (`proxyattn.reference.head_budgets`).
+descending mass order (budget_rule "mass", the paper) or in the order of the last query block's shared ranking
+("recall"); "row_recall" keeps the mass of every row and takes the largest prefix any row needs
+(`proxyattn.reference.head_budgets`). "block_recall" counts per query block: `estimate_needs`.
 
 Layers: `_budget_kernel` (jit, two passes selected by PASS), `_combine_lse_kernel`, `_early_dense_kernel` ->
 `_launch_mass` (allocate, grid) -> `head_budgets` / `head_budgets_varlen` / `early_dense_groups` (checks, shapes).
@@ -229,7 +229,7 @@ def _early_dense(mass: torch.Tensor, nb_seq: torch.Tensor, num_kv_heads: int, cf
 
 def early_dense_groups(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
     """The dense fallback's first decision (`api.early_dense_groups`), bool `[B, Hkv]`: KV groups whose heads'
-    paper budgets (budget_rule 0 on the last query block) reach cfg.dense_density of the blocks. Four launches
+    paper budgets (budget_rule "mass" on the last query block) reach cfg.dense_density of the blocks. Four launches
     (mass pass 0, log-sum-exp, mass pass 1, decision), no host synchronisation.
 
     Args:
@@ -307,7 +307,7 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> to
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
-        scores: `[B, R, Nb, Nb]` block scores, needed by budget_rules 1 ("recall") and 2 ("row_recall").
+        scores: `[B, R, Nb, Nb]` block scores, needed by the budget rules that read the ranking ("recall", "row_recall").
     With cfg.budget_fraction set, every head gets ceil(budget_fraction * Nb) blocks.
     """
     b, s, hq, _ = q.shape
@@ -316,12 +316,19 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> to
         return _fraction_budgets(torch.full((b,), nb, device=q.device, dtype=torch.int64), hq, cfg.budget_fraction)
     if cfg.gamma >= 1.0:
         return torch.full((b, hq), nb, dtype=torch.int32, device=q.device)
-    assert cfg.budget_rule in (0, 1, 2), "budget_rule 3 counts per query block: estimate_needs"
-    mass = _launch_mass(q, k, None, b, s, cfg.block_size, scale, rows=cfg.budget_rule == 2)
-    if cfg.budget_rule in (1, 2):
-        assert scores is not None, f"budget_rule {cfg.budget_rule} needs scores"
-        return _recall_budgets(mass, scores, cfg, torch.full((b,), nb, device=q.device, dtype=torch.int64))
-    return _budgets_from_mass(mass, cfg.gamma, torch.full((1, 1), nb, device=q.device, dtype=torch.int64))
+    return _rule_budgets(q, k, None, b, s, cfg, scale, scores, torch.full((b,), nb, device=q.device, dtype=torch.int64))
+
+
+def _rule_budgets(q, k, cu_seqlens, bsz: int, max_seqlen: int, cfg: ProxyAttnConfig, scale: float, scores,
+                  nb_seq: torch.Tensor) -> torch.Tensor:
+    """Budgets of the last-block rules (mass, recall, row_recall), int32 `[B, Hq]`; nb_seq int64 `[B]`."""
+    rule = cfg.budget_rule
+    assert not rule.per_query_block, "block_recall counts per query block: estimate_needs"
+    mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale, rows=rule.per_row)
+    if rule.reads_ranking:
+        assert scores is not None, f"budget_rule {rule.label} needs scores"
+        return _recall_budgets(mass, scores, cfg, nb_seq)
+    return _budgets_from_mass(mass, cfg.gamma, nb_seq[:, None])
 
 
 def seq_blocks(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -342,7 +349,7 @@ def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig,
 
     Args:
         q: `[T, Hq, D]`, k: `[T, Hkv, D]`; cu_seqlens int32 `[B+1]`; max_seqlen host int >= every length.
-        scores: `[B, R, Nb, Nb]` (`proxy_scores_varlen`), needed by budget_rules 1 ("recall") and 2 ("row_recall").
+        scores: `[B, R, Nb, Nb]` (`proxy_scores_varlen`), needed by "recall" and "row_recall".
     """
     bsz = cu_seqlens.shape[0] - 1
     hq = q.shape[1]
@@ -351,9 +358,4 @@ def head_budgets_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig,
         return _fraction_budgets(nb_seq, hq, cfg.budget_fraction)
     if cfg.gamma >= 1.0:
         return nb_seq[:, None].expand(-1, hq).to(torch.int32).contiguous()
-    assert cfg.budget_rule in (0, 1, 2), "budget_rule 3 counts per query block: estimate_needs"
-    mass = _launch_mass(q, k, cu_seqlens, bsz, max_seqlen, cfg.block_size, scale, rows=cfg.budget_rule == 2)
-    if cfg.budget_rule in (1, 2):
-        assert scores is not None, f"budget_rule {cfg.budget_rule} needs scores"
-        return _recall_budgets(mass, scores, cfg, nb_seq)
-    return _budgets_from_mass(mass, cfg.gamma, nb_seq[:, None])
+    return _rule_budgets(q, k, cu_seqlens, bsz, max_seqlen, cfg, scale, scores, nb_seq)

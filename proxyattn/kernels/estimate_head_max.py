@@ -1,4 +1,4 @@
-"""Head-max block scores on the GPU (Triton): `ProxyAttnConfig.estimator = 1` ("head_max").
+"""Head-max block scores on the GPU (Triton): `ProxyAttnConfig.estimator = "head_max"` (1).
 
 The scores of `proxyattn.variants.head_max_scores`: for every query head, the causal softmax of its own strided
 query rows (0, stride, 2*stride, ...) against its KV head's keys, max-pooled per (query block, key block), then the
