@@ -486,11 +486,6 @@ def block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, plan: Bl
     return _varlen_reference(q, k, v, cu_seqlens, plan, sc)[0].to(q.dtype)
 
 
-# The estimators whose packed-batch plan the GPU backend computes in one pass (`kernels.plan_blocks_varlen`); the
-# others are planned per sequence.
-_VARLEN_KERNEL_ESTIMATORS = (Estimator.PROXY, Estimator.HEAD_MAX)
-
-
 def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
     """The ProxyAttn plan of a packed batch, padded to max_seqlen (layout: see the section comment).
 
@@ -503,7 +498,7 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfi
     check_proxy_heads(cfg.proxy_heads, k.shape[1])
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
-    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator in _VARLEN_KERNEL_ESTIMATORS:
+    if backend is not None and hasattr(backend, "plan_blocks_varlen") and cfg.estimator in backend.VARLEN_SCORES:
         return backend.plan_blocks_varlen(q, k, cu_seqlens, max_seqlen, cfg, sc)
     batch, hq = cu_seqlens.shape[0] - 1, q.shape[1]
     nb = -(-max_seqlen // cfg.block_size)

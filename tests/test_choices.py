@@ -105,6 +105,9 @@ def test_parse_cli_takes_digits_for_compatibility():
 def test_every_backend_table_covers_every_member():
     assert set(api._SCORES) == set(Estimator) and set(variants._SCORES) == set(Estimator)
     assert set(api._RULES) == set(BudgetRule)
+    from proxyattn.kernels.estimate_select import VARLEN_SCORES  # the Triton backend's packed-batch estimators
+
+    assert set(VARLEN_SCORES) <= set(Estimator) and Estimator.PROXY in VARLEN_SCORES
     assert {r for r, path in api._RULES.items() if path is api._PER_QUERY_BLOCK} == {r for r in BudgetRule if r.per_query_block}
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ProxyAttnConfig
+from ..config import Estimator, ProxyAttnConfig
 from ..plan import BlockPlan
 from .estimate_budgets import early_dense_groups_varlen, head_budgets_varlen, seq_blocks
 from .estimate_scores import proxy_scores_varlen
@@ -31,9 +31,14 @@ from .estimate_needs import block_needs as _needs, needs_plan, needs_plan_varlen
 from .estimate_rank import rank_order as _rank_order
 from .fallback import dense_fallback
 
-__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan", "torch_rank_order"]
+__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan", "torch_rank_order",
+           "VARLEN_SCORES"]
 
 _CHUNK_ELEMS = 1 << 22
+
+# Estimator -> its varlen score kernel (`[T, H, D]` inputs, cu_seqlens): the estimators whose packed batches the GPU
+# backend plans in one pass (`proxyattn.api.plan_blocks_varlen` plans the others per sequence).
+VARLEN_SCORES = {Estimator.PROXY: proxy_scores_varlen, Estimator.HEAD_MAX: head_max_scores_varlen}
 
 
 def torch_rank_order(scores: torch.Tensor, keep_sink: bool, keep_diagonal: bool):
@@ -170,16 +175,13 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, 
         `[B, Hq]` (a short sequence's budget is its Nb_b), dense_heads (the dense fallback). Row b equals
         `plan_blocks` of sequence b alone, padded.
     """
-    if cfg.estimator == 1:
-        scores = head_max_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
-    else:
-        assert cfg.estimator == 0, f"estimator {cfg.estimator} has no varlen kernel"
-        scores = proxy_scores_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
+    assert cfg.estimator in VARLEN_SCORES, f"estimator {cfg.estimator.label} has no varlen kernel"
+    scores = VARLEN_SCORES[cfg.estimator](q, k, cu_seqlens, max_seqlen, cfg, scale)
     nb_seq = seq_blocks(cu_seqlens, cfg.block_size)
     early = None
     if cfg.dense_density_permille > 0 and cfg.budget_fraction is None:  # api.early_dense_groups, per sequence
         early = early_dense_groups_varlen(q, k, cu_seqlens, max_seqlen, cfg, scale)
-    if cfg.budget_rule == 3 and cfg.budget_fraction is None:
+    if cfg.budget_rule.per_query_block and cfg.budget_fraction is None:
         return needs_plan_varlen(q, k, cu_seqlens, max_seqlen, scores, cfg, scale, early=early)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     full_seq = lengths <= cfg.dense_below_tokens
