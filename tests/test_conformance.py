@@ -9,8 +9,8 @@ Backends (each against the fp32 reference plan `api.reference_plan` and its bloc
 * ONNX Runtime: a `proxy::ProxyAttention` node through the custom op (`plugins.onnxruntime.make_session`);
 * TensorRT graph: the engine graph of the node (`plugins.tensorrt.graph`) in ONNX's reference evaluator, its plugin
   nodes run by their AOT-convention Triton kernels (tests/test_trt_plugin_interpret.py);
-* libproxyattn's CUDA C helpers, compiled for the host: budgets and selection from the reference's mass and scores
-  (rules 0-2; the library refuses rule 3 and the dense fallback by name, checked here).
+* libproxyattn's CUDA C helpers, compiled for the host: the dense fallback's decisions, budgets (every rule) and
+  selection from the reference's mass, scores and rule-3 needs.
 
 Tolerances (written down once): kept blocks must be equal, block for block, to the reference plan's on these
 structured inputs (fp16 proxies move scores by ~1e-4 relative; the inputs have no block pair that close at a
@@ -165,37 +165,75 @@ def test_packed_batch_of_two_lengths(rule, density):
         assert_close(out[lo : lo + n], ref_out[0], "fp16", what=f"packed sequence {i} output")
 
 
-@pytest.mark.parametrize("rule", [0, 1, 2])
-def test_c_helpers_plan_equals_the_reference(cpp_build, rule):
-    """libproxyattn's budget and selection helpers (host build) on the reference's mass and scores give the
-    reference plan exactly, for the rules the library implements (it has no dense fallback: dense_density None)."""
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "rule{}-B{}-S{}-{}x{}-g{}-gamma{}-dd{}".format(*c))
+def test_c_helpers_plan_equals_the_reference(cpp_build, case):
+    """libproxyattn's CUDA C helpers (host build), chained as the library launches them, on the reference's mass,
+    scores and (rule 3) needs give the reference plan exactly, dense fallback included: the early decision
+    (pa_budgets with rule 0 + pa_early_dense), the budgets (pa_budgets, or pa_needs_budgets for rule 3), the selection
+    (pa_select; rule 3's counts come from the Triton cut kernel, here the reference's compact_plan_needs) and the late
+    decision (pa_dense_fallback). The Triton kernels in between are checked by the Triton rows above and, as launched
+    by the library, only on a GPU (tests/gpu/check_cpp.py)."""
+    from proxyattn.plan import compact_plan_needs
     from tests.cpp.libproxyattn import load_host
-    from tests.cpp.test_host_helpers import _host_budgets, _host_select
+    from tests.cpp.test_host_helpers import (
+        _host_budgets,
+        _host_dense_fallback,
+        _host_early,
+        _host_needs_budgets,
+        _host_select,
+    )
 
+    rule, b, s, hq, hkv, g, gamma, density = case
     host = load_host(cpp_build)
-    b, s, hq, hkv, g, d = 2, 330, 8, 1, 1, 64
-    cfg = _cfg(rule, 0.9, g, None)
+    d = 64
+    cfg = _cfg(rule, gamma, g, density)
     scale = 1.0 / math.sqrt(d)
-    q, k, _ = _inputs(b, s, hq, hkv, d, seed=3)
-    scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=BS, stride=cfg.stride, scale=scale)
-    mass = (reference.last_block_row_mass if rule == 2 else reference.last_block_mass)(q, k, block_size=BS, scale=scale)
-    budgets = _host_budgets(host, mass.numpy(), s, BS, cfg.gamma, scores=scores.numpy(), rule=rule, dense_below=BS)
+    q, k, _ = _inputs(b, s, hq, hkv, d, seed=s + hq)
+    nb = -(-s // BS)
     want = api.reference_plan(q, k, cfg, scale=scale)
+    scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=BS, stride=cfg.stride, scale=scale)
+    permille = cfg.dense_density_permille
+    early = None
+    if permille:
+        mass = reference.last_block_mass(q, k, block_size=BS, scale=scale)
+        first = _host_budgets(host, mass.numpy(), s, BS, cfg.gamma, rule=0, dense_below=-1)
+        early = _host_early(host, first, hkv, s, BS, permille)
+        ref_first = reference.rule_budgets(q, k, None, block_size=BS, gamma=cfg.gamma, scale=scale, budget_rule=0,
+                                           keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+        np.testing.assert_array_equal(early, reference.early_dense_groups(ref_first, hkv, permille,
+                                                                          torch.full((b,), nb)).int().numpy())
+    if rule == 3:
+        needs = api._reference_needs(q, k, scores, cfg, scale, None if early is None else torch.from_numpy(early).bool())
+        budgets = _host_needs_budgets(host, needs.numpy(), s, BS, cfg.min_budget_blocks)
+        part = compact_plan_needs(scores, needs, torch.from_numpy(budgets), s, cfg)
+        order, counts = part.order.numpy(), part.counts.numpy()
+    else:
+        mass = (reference.last_block_row_mass if rule == 2 else reference.last_block_mass)(q, k, block_size=BS, scale=scale)
+        budgets = _host_budgets(host, mass.numpy(), s, BS, cfg.gamma, scores=scores.numpy(), rule=rule, dense_below=BS)
+        order, counts = _host_select(host, scores.numpy(), budgets, cfg, s, dense_below=BS)
+    if permille:
+        counts = _host_dense_fallback(host, counts, early, hkv, s, BS, permille)
     np.testing.assert_array_equal(budgets, want.budget_blocks.numpy())
-    order, counts = _host_select(host, scores.numpy(), budgets, cfg, s, dense_below=BS)
     np.testing.assert_array_equal(order, want.order.numpy())
     np.testing.assert_array_equal(counts, want.counts.numpy())
+    if density is not None:
+        assert want.dense_heads.any() or density == 0.9  # the cases send some group dense (as above)
 
 
-def test_c_library_refuses_what_it_does_not_run(cpp_build):
-    """Budget rule 3 and the dense fallback are refused by name (config validation and the TensorRT plugin's fields)."""
+def test_c_library_accepts_the_default_config(cpp_build):
+    """The library's default config is ProxyAttnConfig() (budget rule 3, the dense fallback at 0.9) and validates;
+    a budget rule outside 0-3 is refused by name."""
     import ctypes as C
 
-    from tests.cpp.libproxyattn import INVALID, Config, load_lib
+    from tests.cpp.libproxyattn import INVALID, SUCCESS, Config, load_lib
 
     lib = load_lib(cpp_build)
     c = Config()
     lib.proxyattn_config_default(C.byref(c))
-    c.budget_rule = 3
+    want = ProxyAttnConfig()
+    assert (c.budget_rule, c.recall_rows, round(c.dense_density * 1000)) == (want.budget_rule, want.recall_rows,
+                                                                            want.dense_density_permille)
+    assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
+    c.budget_rule = 4
     assert lib.proxyattn_config_validate(C.byref(c)) == INVALID
-    assert b"budget_rule=3 is not supported" in lib.proxyattn_last_error()
+    assert b"budget_rule=4 is not supported" in lib.proxyattn_last_error()

@@ -67,8 +67,8 @@ typedef enum proxyattn_dtype {
  * The algorithm's choices: the same fields, meanings and defaults as proxyattn.ProxyAttnConfig, named as in
  * ProxyAttnConfig.to_attrs() without the "pa_" prefix. Booleans are 0/1. Python's None maps to:
  * dense_below_tokens = -1 (max(min_budget_tokens, 32768), as ProxyAttnConfig resolves None), budget_fraction = 0
- * (gamma rule). Start from proxyattn_config_default() so that fields added later (budget_rule, appended last) get
- * their defaults.
+ * (gamma rule), dense_density = 0 (no dense fallback). Start from proxyattn_config_default() so that fields added
+ * later (budget_rule, recall_rows, dense_density: appended last) get their defaults.
  */
 #define PROXYATTN_DENSE_CROSSOVER_TOKENS 32768 /* proxyattn.config.DENSE_CROSSOVER_TOKENS */
 typedef struct proxyattn_config {
@@ -81,13 +81,17 @@ typedef struct proxyattn_config {
   int32_t keep_diagonal;      /* 0/1 (default 1) */
   int32_t dense_below_tokens; /* >= 0, or -1 = max(min_budget_tokens, PROXYATTN_DENSE_CROSSOVER_TOKENS) (default -1) */
   float budget_fraction;      /* 0 = gamma rule, else (0, 1] (default 0) */
-  int32_t budget_rule;        /* how the gamma budget is counted (default 2, ROW_RECALL): PROXYATTN_BUDGET_RULE_MASS,
-                                 _RECALL or _ROW_RECALL */
+  int32_t budget_rule;        /* how the gamma budget is counted (default 3, BLOCK_RECALL): PROXYATTN_BUDGET_RULE_* */
+  int32_t recall_rows;        /* query rows per block that budget_rule 3 measures: a power of two dividing block_size
+                                 (default 4; the compiled values are listed in ROWS of cpp/tools/generate_kernels.py) */
+  float dense_density;        /* the dense fallback: 0 = off, else (0, 1] (default 0.9), applied in thousandths
+                                 (round(dense_density * 1000), at least 1: ProxyAttnConfig.dense_density_permille) */
 } proxyattn_config_t;
 
 /*
- * config.budget_rule, proxyattn.config.BUDGET_RULES (proxyattn.reference.head_budgets). All count on the attention of
- * each head's last query block (softmax of its last block_size queries, summed per key block):
+ * config.budget_rule, proxyattn.config.BUDGET_RULES (proxyattn.reference.head_budgets / block_needs). Rules 0-2
+ * count on the attention of each head's last query block (softmax of its last block_size queries, summed per key
+ * block) and scale that budget by position:
  *   MASS (0, the paper): the fewest key blocks holding gamma of that block's mean mass (sorted descending);
  *   RECALL (1): the shortest prefix of the shared ranking of the last query block (proxy score row Nb-1 of the
  *     head's ranking: sink/diagonal blocks first, then descending score, ties to the lower index) holding gamma of
@@ -95,11 +99,24 @@ typedef struct proxyattn_config {
  *   ROW_RECALL (2): the shortest prefix of that ranking holding gamma of the mass of every row of the last query
  *     block (never below RECALL): a query that retrieves what its block's other rows ignore keeps its blocks.
  *     Workspace: the mass of every row, block_size times the per-head mass.
- * Only the gamma rule (budget_fraction = 0, gamma < 1, sparse sequences) reads it.
+ *   BLOCK_RECALL (3, the default): every (head, query block) keeps min_budget_tokens' top blocks plus the forced
+ *     blocks, and at least the shortest prefix of that block's own ranking holding gamma of the mass of each of
+ *     recall_rows rows of the block (its last row and every block_size / recall_rows-th row before it). At most
+ *     PROXYATTN_MAX_BLOCKS_BLOCK_RECALL blocks per sequence (longer: PROXYATTN_ERROR_INVALID_VALUE). The reported
+ *     budget is the need of the last query block, at least min(min_budget_tokens' blocks, Nb).
+ * Only the gamma rule (budget_fraction = 0, sparse sequences) reads it.
+ *
+ * The dense fallback (config.dense_density > 0; ProxyAttnConfig.dense_density): a KV group (the query heads of one
+ * KV head) keeps every causal block when its heads' MASS budgets on the last query block sum to at least
+ * dense_density of group x Nb blocks (decided first, from the attention mass alone; budget_rule 3 then does not
+ * measure the group), or when its plan keeps at least dense_density of its causal blocks. Such groups run as full
+ * rows in the block-sparse kernel. Integer arithmetic in thousandths, as every backend.
  */
 #define PROXYATTN_BUDGET_RULE_MASS 0
 #define PROXYATTN_BUDGET_RULE_RECALL 1
 #define PROXYATTN_BUDGET_RULE_ROW_RECALL 2
+#define PROXYATTN_BUDGET_RULE_BLOCK_RECALL 3
+#define PROXYATTN_MAX_BLOCKS_BLOCK_RECALL 4096 /* proxyattn.kernels.estimate_rank.MAX_SORT_BLOCKS */
 
 typedef enum proxyattn_layout {
   PROXYATTN_LAYOUT_BSHD = 0, /* q, out [B, S, Hq, D]; k, v [B, S, Hkv, D] (flash-attention layout; varlen: [T, H, D]) */
@@ -137,7 +154,8 @@ PROXYATTN_API proxyattn_status_t proxyattn_workspace_size(const proxyattn_proble
  * ProxyAttn causal prefill: out = proxy_attention(q, k, v, config, scale). Everything is enqueued on
  * `stream` (no host synchronisation, no allocation); the workspace must stay untouched until the stream
  * has finished this call. Equal to proxyattn.proxy_attention on the same inputs within bf16/fp16
- * tolerance (checked on an H200: see docs/cpp.md).
+ * tolerance (checked on an H200 with budget rules 0-2 and no dense fallback; budget rule 3 and the dense fallback
+ * have not run on a GPU yet: see docs/cpp.md).
  * lse may be NULL; otherwise float32 [B, Hq, S] (padded) or [Hq, T] (varlen): natural log of each row's
  * softmax denominator over the kept keys.
  */
@@ -152,7 +170,8 @@ PROXYATTN_API proxyattn_status_t proxyattn_prefill(const proxyattn_problem_t *pr
  *   budgets int32 [B, Hq]        (budget in key blocks; may be NULL),
  * Nb = ceil(seq_len / block_size). Query blocks past a varlen sequence's end are left unwritten. Dense
  * sequences (length <= dense_below_tokens) get the keep-everything plan (order 0..Nb-1, counts m+1) and a budget of
- * their own block count. Same workspace as proxyattn_prefill().
+ * their own block count; the heads of KV groups sent to the dense fallback keep every causal block (counts m+1,
+ * order as ranked). Same workspace as proxyattn_prefill().
  */
 PROXYATTN_API proxyattn_status_t proxyattn_plan(const proxyattn_problem_t *problem, const proxyattn_config_t *config,
                                   const void *q, const void *k, int32_t *order, int32_t *counts, int32_t *budgets,

@@ -39,3 +39,35 @@ pa_combine_lse(const float *__restrict__ mstat, const float *__restrict__ lstat,
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < (long long)rows * bs) pa_impl::combine_lse_element(i, mstat, lstat, lse, nchunk, bs);
 }
+
+// The dense fallback's first decision: budgets0 [B, Hq] (MASS budgets) -> flags [B * Hkv] int32 0/1.
+// Grid (ceil(B * Hkv / 256)).
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+pa_early_dense(const int32_t *__restrict__ budgets0, int32_t *__restrict__ flags, const int32_t *__restrict__ cu_seqlens,
+               int seq_len, int block_size, int num_q_heads, int num_kv_heads, int batch, int permille) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (long long)batch * num_kv_heads)
+    pa_impl::early_dense_element(i, budgets0, flags, cu_seqlens, seq_len, block_size, num_q_heads, num_kv_heads,
+                                 permille);
+}
+
+// Budget rule 3's reported budgets: need [B, Hq, nb_total] -> budgets [B, Hq]. Grid (ceil(B * Hq / 256)).
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+pa_needs_budgets(const int32_t *__restrict__ need, int32_t *__restrict__ budgets, const int32_t *__restrict__ cu_seqlens,
+                 int seq_len, int block_size, int nb_total, int num_q_heads, int batch, int min_blocks,
+                 int dense_below_tokens, int full) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (long long)batch * num_q_heads)
+    pa_impl::needs_budgets_element(i, need, budgets, cu_seqlens, seq_len, block_size, nb_total, num_q_heads,
+                                   min_blocks, dense_below_tokens, full);
+}
+
+// The dense fallback on a plan's counts [B, Hq, nb_total] (in place), early flags [B * Hkv] or NULL.
+// Grid (Hkv, B), PA_THREADS threads; static shared memory.
+extern "C" __global__ void __launch_bounds__(PA_THREADS)
+pa_dense_fallback(int32_t *__restrict__ counts, const int32_t *__restrict__ early, const int32_t *__restrict__ cu_seqlens,
+                  int seq_len, int block_size, int nb_total, int num_q_heads, int permille) {
+  __shared__ long long scratch[PA_THREADS + 1];
+  pa_impl::dense_fallback_program(blockIdx.x, blockIdx.y, gridDim.x, counts, early, cu_seqlens, seq_len, block_size,
+                                  nb_total, num_q_heads, permille, scratch, threadIdx.x, blockDim.x);
+}

@@ -11,6 +11,9 @@
 //                   dense path keeps every block)
 //   select_row   <- plan.compact_plan (order, counts)
 //   full_plan_row <- the plan that keeps every causal block (dense path through the sparse kernel)
+//   early_dense_element <- reference.early_dense_groups (the dense fallback's first decision, from the MASS budgets)
+//   needs_budgets_element <- reference.needs_budgets (budget rule 3's reported budget; packed short sequences: Nb_b)
+//   dense_fallback_program <- reference.dense_groups + apply_dense_groups (plan.dense_fallback)
 #pragma once
 
 #include <math.h>
@@ -264,6 +267,69 @@ PA_HD void combine_lse_element(long long i, const float *mstat, const float *lst
   const long long row = i / bs, r = i % bs;
   const long long off = row * nchunk * bs + r;
   lse[i] = combine_lse(mstat + off, lstat + off, nchunk, bs);
+}
+
+// ---------------------------------------------------------------------------------------------- dense fallback
+// pa_early_dense element i = b * Hkv + g (reference.early_dense_groups): the KV group's heads' budgets of the paper's
+// rule on the last query block (budgets0 [B, Hq], pa_budgets with budget_rule 0 and no dense sequences) sum to at
+// least permille / 1000 of group x Nb_b blocks -> flags[i] = 1, else 0. Integer arithmetic. permille 0: 0.
+PA_HD void early_dense_element(long long i, const int32_t *budgets0, int32_t *flags, const int32_t *cu_seqlens,
+                               int seq_len, int block_size, int num_q_heads, int num_kv_heads, int permille) {
+  const int b = (int)(i / num_kv_heads), g = (int)(i % num_kv_heads);
+  const int group = num_q_heads / num_kv_heads;
+  const long long nb = (seq_length(cu_seqlens, seq_len, b) + block_size - 1) / block_size;
+  long long total = 0;
+  for (int j = 0; j < group; ++j) total += budgets0[(long long)b * num_q_heads + (long long)g * group + j];
+  flags[i] = (permille > 0 && nb > 0 && total * 1000 >= (long long)permille * group * nb) ? 1 : 0;
+}
+
+// pa_needs_budgets element i = b * Hq + h (reference.needs_budgets): the need of the sequence's last query block
+// (need [B, Hq, nb_total], row nb_b - 1, row 0 for an empty sequence), at least min(min_blocks, nb_b); every block
+// (nb_b) for a sequence of at most dense_below_tokens tokens (packed batches) or when `full` (gamma >= 1: need is
+// not read).
+PA_HD void needs_budgets_element(long long i, const int32_t *need, int32_t *budgets, const int32_t *cu_seqlens,
+                                 int seq_len, int block_size, int nb_total, int num_q_heads, int min_blocks,
+                                 int dense_below_tokens, int full) {
+  const int b = (int)(i / num_q_heads);
+  const int len = seq_length(cu_seqlens, seq_len, b);
+  const int nb = (len + block_size - 1) / block_size;
+  if (full || len <= dense_below_tokens) {
+    budgets[i] = nb;
+    return;
+  }
+  const int last = need[i * nb_total + (nb > 0 ? nb - 1 : 0)];
+  const int floor_blocks = nb < min_blocks ? nb : min_blocks;
+  budgets[i] = last > floor_blocks ? last : floor_blocks;
+}
+
+// pa_dense_fallback program (g, b) (plan.dense_fallback: reference.dense_groups | early, then apply_dense_groups):
+// the KV group g of sequence b is dense when early[b * Hkv + g] != 0 (early may be NULL: no early decision) or,
+// with permille > 0, when its heads keep at least permille / 1000 of their causal blocks (counts [B, Hq, nb_total],
+// query blocks m < nb_b summed as int64; group x nb_b (nb_b + 1) / 2 causal blocks); a dense group's heads then keep
+// every causal block: counts m + 1 for m < nb_b (query blocks past a packed sequence's end stay untouched).
+// Scratch: nthreads long longs (partial sums) + 1 (the decision).
+PA_HD void dense_fallback_program(int g, int b, int num_kv_heads, int32_t *counts, const int32_t *early,
+                                  const int32_t *cu_seqlens, int seq_len, int block_size, int nb_total,
+                                  int num_q_heads, int permille, long long *scratch, int tid, int nthreads) {
+  const int group = num_q_heads / num_kv_heads;
+  const long long nb = (seq_length(cu_seqlens, seq_len, b) + block_size - 1) / block_size;
+  int32_t *base = counts + ((long long)b * num_q_heads + (long long)g * group) * nb_total;
+  const long long n = (long long)group * nb;
+  long long part = 0;
+  for (long long i = tid; i < n; i += nthreads) part += base[(i / nb) * nb_total + i % nb];
+  scratch[tid] = part;
+  PA_SYNC();
+  if (tid == 0) {
+    long long kept = 0;
+    for (int t = 0; t < nthreads; ++t) kept += scratch[t];
+    const long long causal = (long long)group * nb * (nb + 1) / 2;
+    const bool late = permille > 0 && causal > 0 && kept * 1000 >= (long long)permille * causal;
+    const bool first = early != nullptr && early[(long long)b * num_kv_heads + g] != 0;
+    scratch[nthreads] = (late || first) ? 1 : 0;
+  }
+  PA_SYNC();
+  if (scratch[nthreads] != 0)
+    for (long long i = tid; i < n; i += nthreads) base[(i / nb) * nb_total + i % nb] = (int32_t)(i % nb) + 1;
 }
 
 }  // namespace pa_impl

@@ -1,18 +1,34 @@
 // libproxyattn: the C entry points. Validation, workspace layout and the launch sequence of
 // proxyattn.proxy_attention / proxy_attention_varlen on the GPU path:
 //
+//   budget pass 0       proxyattn/kernels/estimate_budgets.py::_budget_kernel PASS=0  (Triton, AOT)
+//   combine lse         pa_combine_lse (CUDA C; estimate_budgets._combine_lse_kernel)
+//   budget pass 1       _budget_kernel PASS=1 (mean mass: rules 0/1, the dense fallback's early decision) and/or
+//                       PASS=1 ROWS (the mass of every row: rule 2)                   (Triton, AOT)
+//   early decision      pa_budgets (budget_rule 0, no dense sequences) + pa_early_dense (CUDA C;
+//                       api.early_dense_groups / estimate_budgets._early_dense_kernel): KV groups dense from the
+//                       start; with budget_rule 3 and no early decision the flags are zeroed (cuMemsetD32Async)
 //   pool q, pool k      proxyattn/kernels/estimate_scores.py::_pool_heads_kernel      (Triton, AOT)
 //   proxy scores        proxyattn/kernels/estimate_scores.py::_proxy_scores_kernel    (Triton, AOT)
-//   budget pass 0       proxyattn/kernels/estimate_budgets.py::_budget_kernel PASS=0  (Triton, AOT)
-//   combine lse         pa_combine_lse (CUDA C; the torch ops between the passes)
-//   budget pass 1       _budget_kernel PASS=1                                          (Triton, AOT)
+// budget rules 0-2 and budget_fraction:
 //   budgets             pa_budgets (CUDA C; torch sort or last-row ranking / cumsum / count, fraction and dense
-//                       budgets; budget_rule 2 runs pass 1 with ROWS, the mass of every row, and counts per row)
+//                       budgets; budget_rule 2 counts per row)
 //   select              pa_select (CUDA C; proxyattn/plan.py::compact_plan)
+// budget rule 3 (proxyattn/kernels/estimate_needs.py::needs_plan):
+//   rankings            proxyattn/kernels/estimate_rank.py::_rank_kernel             (Triton, AOT)
+//   per chunk of query blocks (the scratch stays below kNeedsScratchBytes, estimate_needs._SCRATCH_BYTES):
+//     needs mass        estimate_needs.py::_mass_kernel (SKIP: the early groups)     (Triton, AOT)
+//     needs cut         estimate_needs.py::_cut_kernel (SKIP, COUNTS: the plan's counts) (Triton, AOT)
+//   budgets             pa_needs_budgets (CUDA C; reference.needs_budgets)
+// then:
+//   dense fallback      pa_dense_fallback (CUDA C; plan.dense_fallback: the early groups and those whose plan keeps
+//                       >= dense_density of their causal blocks keep every causal block)
 //   attention           proxyattn/kernels/attention.py::_sparse_attn_fwd_kernel      (Triton, AOT)
 //
 // The dense path (every sequence of a padded batch <= dense_below_tokens) skips the estimation and runs the
-// sparse kernel on the keep-everything plan. Nothing here synchronises with the device or allocates.
+// sparse kernel on the keep-everything plan; dense groups of the fallback run as full rows in the sparse kernel
+// (the Python path's eager mode runs cuDNN when every group is dense, which needs a host read the library does not
+// make). Nothing here synchronises with the device or allocates.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -34,6 +50,9 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaxBlocks = 8192;  // helpers keep 2 * Nb (+ block_size) words in shared memory (64.5 KB)
+constexpr int kMaxRankBlocks = PROXYATTN_MAX_BLOCKS_BLOCK_RECALL;  // the ranking kernel sorts a row in registers
+constexpr size_t kNeedsScratchBytes = size_t(128) << 20;         // estimate_needs._SCRATCH_BYTES
+constexpr int kNeedsQB = 8;                                       // generate_kernels.NEEDS_QB
 constexpr int kHelperThreads = 256;
 constexpr size_t kAlign = 256;
 
@@ -44,17 +63,28 @@ struct Resolved {
   bool bhsd;  // [B, H, S, D] inputs and output
   const int32_t *cu;
   double scale;
-  int bs, stride, min_blocks, keep_sink, keep_diag, dense_below, budget_rule;
+  int bs, stride, min_blocks, keep_sink, keep_diag, dense_below, budget_rule, recall_rows, permille;
   float gamma;
   double fraction;
   int nb;
   bool all_dense;  // padded batch with S <= dense_below: no estimation at all
-  bool need_mass;  // gamma rule with gamma < 1 on at least one possibly sparse sequence
+  bool rule3;      // budget_rule 3 plans the sparse sequences (gamma rule, not all dense)
+  bool early;      // the dense fallback's early decision runs (permille > 0, gamma rule with gamma < 1)
+  bool rule_mass;  // budget rules 0-2 need the last block's mass (gamma < 1)
+  bool need_mass;  // the budget kernel's passes run (rule_mass or early)
+  bool mean_mass;  // pass 1 without ROWS: rules 0/1 or the early decision
+  bool row_mass;   // pass 1 with ROWS: rule 2
+  bool fallback;   // pa_dense_fallback runs (permille > 0, or rule 3 with gamma >= 1: flags mark every group)
+  // budget rule 3's needs kernels (estimate_needs._launch_needs): rows per query block RB, query blocks per mass
+  // program QB, query blocks per chunk (slots) of the scratch.
+  int needs_rb, needs_qb, needs_slots;
+  bool needs_measure;  // rule3 with gamma < 1: the needs kernels run
 };
 
 // Workspace layout (byte offsets, each 256-aligned).
 struct Layout {
-  size_t pq = 0, pk = 0, scores = 0, mstat = 0, lstat = 0, blse = 0, mass = 0, budgets = 0, order = 0, counts = 0,
+  size_t pq = 0, pk = 0, scores = 0, mstat = 0, lstat = 0, blse = 0, mass = 0, mass_rows = 0, budgets0 = 0,
+         flags = 0, rank = 0, sink = 0, diag = 0, need = 0, nmass = 0, nlse = 0, budgets = 0, order = 0, counts = 0,
          lse = 0, total = 0;
   size_t rows_q = 0, rows_k = 0;
 };
@@ -96,12 +126,18 @@ proxyattn_status_t validate_config(const proxyattn_config_t *c) {
   if (!(c->budget_fraction == 0.0f || (c->budget_fraction > 0.0f && c->budget_fraction <= 1.0f)))
     return fail(PROXYATTN_ERROR_INVALID_VALUE,
                 "budget_fraction=" + str(c->budget_fraction) + " must be 0 (gamma rule) or lie in (0, 1]");
-  if (c->budget_rule != PROXYATTN_BUDGET_RULE_MASS && c->budget_rule != PROXYATTN_BUDGET_RULE_RECALL &&
-      c->budget_rule != PROXYATTN_BUDGET_RULE_ROW_RECALL)
+  if (c->budget_rule < PROXYATTN_BUDGET_RULE_MASS || c->budget_rule > PROXYATTN_BUDGET_RULE_BLOCK_RECALL)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "budget_rule=" + std::to_string(c->budget_rule) +
-                                                   " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)" +
-                                                   (c->budget_rule == 3 ? " (3, block_recall, runs in the Python / "
-                                                                          "Triton path only)" : ""));
+                                                   " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), "
+                                                   "3 (block_recall)");
+  if (c->recall_rows < 1 || c->recall_rows > c->block_size || (c->recall_rows & (c->recall_rows - 1)) != 0)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "recall_rows=" + std::to_string(c->recall_rows) +
+                                                   " must be a power of two dividing block_size=" +
+                                                   std::to_string(c->block_size) + " (1, 2, 4, ..., " +
+                                                   std::to_string(c->block_size) + ")");
+  if (!(c->dense_density == 0.0f || (c->dense_density > 0.0f && c->dense_density <= 1.0f)))
+    return fail(PROXYATTN_ERROR_INVALID_VALUE, "dense_density=" + str(c->dense_density) +
+                                                   " must be 0 (no dense fallback) or lie in (0, 1]");
   return PROXYATTN_SUCCESS;
 }
 
@@ -168,6 +204,10 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
   r->gamma = c->gamma;
   r->fraction = c->budget_fraction;
   r->budget_rule = c->budget_rule;
+  r->recall_rows = c->recall_rows;
+  // ProxyAttnConfig.dense_density_permille: round half to even (Python's round), at least 1 when on. From the
+  // float32 field: equal to Python's value from the float64 one except within 1e-4 of a half-thousandth.
+  r->permille = c->dense_density == 0.0f ? 0 : std::max(1, (int)std::nearbyint((double)c->dense_density * 1000.0));
   r->nb = (r->S + r->bs - 1) / r->bs;
   if (r->nb > kMaxBlocks)
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "seq_len=" + std::to_string(r->S) + " gives " + std::to_string(r->nb) +
@@ -179,7 +219,38 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
     return fail(PROXYATTN_ERROR_INVALID_VALUE, "seq_len * num_q_heads * head_dim = " + std::to_string(big) +
                                                    " must stay below 2^31 (int32 strides of the compiled kernels)");
   r->all_dense = !r->varlen && r->S <= r->dense_below;
-  r->need_mass = !r->all_dense && r->fraction == 0.0 && r->gamma < 1.0f;
+  const bool gamma_rule = !r->all_dense && r->fraction == 0.0;
+  r->rule3 = gamma_rule && r->budget_rule == PROXYATTN_BUDGET_RULE_BLOCK_RECALL;
+  r->early = gamma_rule && r->permille > 0 && r->gamma < 1.0f;
+  r->rule_mass = gamma_rule && !r->rule3 && r->gamma < 1.0f;
+  r->need_mass = r->rule_mass || r->early;
+  r->row_mass = r->rule_mass && r->budget_rule == PROXYATTN_BUDGET_RULE_ROW_RECALL;
+  r->mean_mass = r->early || (r->rule_mass && !r->row_mass);
+  r->needs_measure = r->rule3 && r->gamma < 1.0f;
+  r->fallback = !r->all_dense && (r->permille > 0 || (r->rule3 && !r->needs_measure));
+  if (r->rule3 && r->nb > kMaxRankBlocks)
+    return fail(PROXYATTN_ERROR_INVALID_VALUE,
+                "seq_len=" + std::to_string(r->S) + " gives " + std::to_string(r->nb) + " blocks of " +
+                    std::to_string(r->bs) + "; budget_rule=3 (block_recall) ranks at most " +
+                    std::to_string(kMaxRankBlocks) + " blocks per sequence in libproxyattn (the ranking kernel sorts a "
+                    "row in registers; the Python path uses torch.sort beyond); allowed: seq_len <= " +
+                    std::to_string(kMaxRankBlocks * r->bs) + " with block_size=" + std::to_string(r->bs) +
+                    ", or budget_rule 0, 1, 2");
+  // estimate_needs._launch_needs: RB rows per query block (heads x rows, a power of two), QB query blocks per mass
+  // program (the compiled QB: the Python path's qb for Nb >= 8), chunks of `slots` query blocks whose block masses
+  // fit kNeedsScratchBytes.
+  {
+    const int group = r->Hq / r->Hkv;
+    int rb = 1;
+    while (rb < group * r->recall_rows) rb *= 2;
+    r->needs_rb = rb;
+    r->needs_qb = std::max(kNeedsQB, (16 + rb - 1) / rb);
+    const size_t per_slot = (size_t)r->B * r->Hkv * r->nb * rb * 4;
+    const int qb = r->needs_qb;
+    size_t slots = std::max((size_t)qb, (kNeedsScratchBytes / per_slot) / qb * qb);
+    slots = std::min(slots, (size_t)((r->nb + qb - 1) / qb) * qb);
+    r->needs_slots = (int)slots;
+  }
   return PROXYATTN_SUCCESS;
 }
 
@@ -203,7 +274,21 @@ Layout layout_of(const Resolved &r) {
       L.mstat = take(B * Hq * nb * bs * 4);  // chunks <= nb
       L.lstat = take(B * Hq * nb * bs * 4);
       L.blse = take(B * Hq * bs * 4);
-      L.mass = take(B * Hq * nb * 4 * (r.budget_rule == PROXYATTN_BUDGET_RULE_ROW_RECALL ? bs : 1));  // rule 2: per row
+      if (r.mean_mass) L.mass = take(B * Hq * nb * 4);
+      if (r.row_mass) L.mass_rows = take(B * Hq * bs * nb * 4);  // rule 2: the mass of every row
+    }
+    if (r.early) L.budgets0 = take(B * Hq * 4);         // the MASS budgets of the early decision
+    if (r.early || r.rule3) L.flags = take(B * r.Hkv * 4);  // early groups (the needs kernels' skip flags)
+    if (r.rule3) {
+      L.rank = take(B * G * nb * nb * 4);  // the ranking kernel's inverse permutation (not read by the library)
+      L.sink = take(B * G * nb * 4);
+      L.diag = take(B * G * nb * 4);
+      L.need = take(B * Hq * nb * 4);
+      if (r.needs_measure) {
+        const size_t rows = (size_t)B * r.Hkv * r.needs_slots * r.needs_rb;
+        L.nmass = take(rows * nb * 4);  // [B * Hkv, slots, Nb, RB]
+        L.nlse = take(rows * 4);        // [B * Hkv, slots, RB]
+      }
     }
   }
   L.budgets = take(B * Hq * 4);
@@ -233,8 +318,17 @@ bool misaligned(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) !
 
 struct Kernels {
   const KernelImage *pool_q = nullptr, *pool_k = nullptr, *scores = nullptr, *budget0 = nullptr, *budget1 = nullptr;
-  const KernelImage *combine = nullptr, *budgets = nullptr, *select = nullptr, *attn = nullptr;
+  const KernelImage *budget1_rows = nullptr, *combine = nullptr, *budgets = nullptr, *select = nullptr, *attn = nullptr;
+  const KernelImage *early_dense = nullptr, *rank = nullptr, *needs_mass = nullptr, *needs_cut = nullptr;
+  const KernelImage *needs_budgets = nullptr, *dense_fallback = nullptr;
 };
+
+// BLOCK of the ranking kernel for nb blocks (estimate_rank._launch_rank): max(16, next_pow2(nb)).
+int rank_block(int nb) {
+  int b = 16;
+  while (b < nb) b *= 2;
+  return b;
+}
 
 proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels *k) {
   char buf[128];
@@ -254,14 +348,42 @@ proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels 
     if (r.need_mass) {
       std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass0", dt, r.D, r.bs, v);
       PA_TRY(need(buf, &k->budget0));
-      std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1%s", dt, r.D, r.bs, v,
-                    r.budget_rule == PROXYATTN_BUDGET_RULE_ROW_RECALL ? "rows" : "");
-      PA_TRY(need(buf, &k->budget1));
+      if (r.mean_mass) {
+        std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1", dt, r.D, r.bs, v);
+        PA_TRY(need(buf, &k->budget1));
+      }
+      if (r.row_mass) {
+        std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1rows", dt, r.D, r.bs, v);
+        PA_TRY(need(buf, &k->budget1_rows));
+      }
       PA_TRY(need("helper/combine_lse", &k->combine));
     }
+    if (r.early) PA_TRY(need("helper/early_dense", &k->early_dense));
+    if (r.rule3) {
+      std::snprintf(buf, sizeof buf, "rank/block%d", rank_block(r.nb));
+      PA_TRY(need(buf, &k->rank));
+      PA_TRY(need("helper/needs_budgets", &k->needs_budgets));
+    }
+    if (r.needs_measure) {
+      std::snprintf(buf, sizeof buf, "needs_mass/%s/d%d/bs%d/rows%d/rb%d/varlen%d", dt, r.D, r.bs, r.recall_rows,
+                    r.needs_rb, v);
+      if (need(buf, &k->needs_mass) != PROXYATTN_SUCCESS)
+        return fail(PROXYATTN_ERROR_NOT_COMPILED,
+                    "budget_rule=3 with recall_rows=" + std::to_string(r.recall_rows) + " and " +
+                        std::to_string(r.Hq / r.Hkv) + " query heads per KV head (" + dt + ", head_dim=" +
+                        std::to_string(r.D) + ", block_size=" + std::to_string(r.bs) + ") has no compiled kernel '" +
+                        buf + "'; the compiled recall_rows and the largest group are ROWS and MAX_NEEDS_GROUP in "
+                        "cpp/tools/generate_kernels.py");
+      std::snprintf(buf, sizeof buf, "needs_cut/bs%d/rows%d/rb%d/varlen%d", r.bs, r.recall_rows, r.needs_rb, v);
+      PA_TRY(need(buf, &k->needs_cut));
+    }
   }
-  PA_TRY(need("helper/budgets", &k->budgets));
-  PA_TRY(need("helper/select", &k->select));
+  if (!r.rule3) {
+    PA_TRY(need("helper/budgets", &k->budgets));
+    PA_TRY(need("helper/select", &k->select));
+  }
+  if (r.early) PA_TRY(need("helper/budgets", &k->budgets));
+  if (r.fallback) PA_TRY(need("helper/dense_fallback", &k->dense_fallback));
   if (with_attention) {
     std::snprintf(buf, sizeof buf, "attn/%s/d%d/bs%d/varlen%d", dt, r.D, r.bs, v);
     PA_TRY(need(buf, &k->attn));
@@ -288,6 +410,8 @@ Strides strides_of(const Resolved &r, int heads) {
   return s;
 }
 
+unsigned helper_grid(size_t n) { return (unsigned)((n + kHelperThreads - 1) / kHelperThreads); }
+
 // Plan into (order, counts, budgets); everything on `stream`.
 proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K, const void *q, const void *k,
                             int32_t *order, int32_t *counts, int32_t *budgets, char *ws, CUstream stream) {
@@ -296,13 +420,63 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
   // helpers tell the layouts apart by cu_seqlens == NULL, so they get NULL for a padded batch.
   CUdeviceptr cu = r.varlen ? (CUdeviceptr)r.cu : (CUdeviceptr)(ws + L.budgets);
   CUdeviceptr cu_helpers = r.varlen ? (CUdeviceptr)r.cu : (CUdeviceptr)0;
-  int seq_len = r.S, nb = r.nb, Hq = r.Hq, G = r.G;
+  int seq_len = r.S, nb = r.nb, Hq = r.Hq, Hkv = r.Hkv, G = r.G, B = r.B;
   float qk_scale = (float)(r.scale * kLog2e);
   CUdeviceptr bud = (CUdeviceptr)budgets, ord = (CUdeviceptr)order, cnt = (CUdeviceptr)counts;
-  CUdeviceptr mass = (CUdeviceptr)(ws + (r.need_mass ? L.mass : L.budgets));
+  CUdeviceptr mass = (CUdeviceptr)(ws + L.mass), mass_rows = (CUdeviceptr)(ws + L.mass_rows);
+  CUdeviceptr flags = (CUdeviceptr)(ws + L.flags);
+  CUdeviceptr sc = r.all_dense ? (CUdeviceptr)0 : (CUdeviceptr)(ws + L.scores);
+  if (r.need_mass) {
+    // 1. attention mass per key block of each head's last query block [B, Hq, nb] (rules 0/1, the early decision);
+    //    rule 2: of every row of that block, [B, Hq, bs, nb]. Pass 0 and the combine serve both passes 1.
+    int sms = 0;
+    PA_TRY(current_sm_count(&sms));
+    const int bh = r.B * r.Hq;
+    int chunks = std::max(1, std::min(nb, (4 * sms + std::max(1, bh) - 1) / std::max(1, bh)));
+    int cb = (nb + chunks - 1) / chunks;
+    int nchunk = (nb + cb - 1) / cb;
+    CUdeviceptr ms = (CUdeviceptr)(ws + L.mstat), ls = (CUdeviceptr)(ws + L.lstat), bl = (CUdeviceptr)(ws + L.blse);
+    Strides sq = strides_of(r, r.Hq), sk = strides_of(r, r.Hkv);
+    int group = r.Hq / r.Hkv;
+    CUdeviceptr out = r.mean_mass ? mass : mass_rows;  // pass 0 does not write it
+    void *args[] = {&qp, &kp, &cu, &ms, &ls, &bl, &out, &seq_len, &nb, &Hq, &qk_scale,
+                    &sq.b, &sq.t, &sq.h, &sk.b, &sk.t, &sk.h, &group, &nchunk, &cb};
+    PA_TRY(launch(*K.budget0, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget0), K.budget0->shared_bytes,
+                  args, 20, stream));
+    int rows = bh, bsz = r.bs;
+    void *cargs[] = {&ms, &ls, &bl, &rows, &nchunk, &bsz};
+    PA_TRY(launch(*K.combine, helper_grid((size_t)bh * r.bs), 1, 1, kHelperThreads, 0, cargs, 6, stream));
+    if (r.mean_mass)
+      PA_TRY(launch(*K.budget1, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget1), K.budget1->shared_bytes,
+                    args, 20, stream));
+    if (r.row_mass) {
+      out = mass_rows;
+      PA_TRY(launch(*K.budget1_rows, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget1_rows),
+                    K.budget1_rows->shared_bytes, args, 20, stream));
+    }
+  }
+  if (r.early) {
+    // 2. the dense fallback's early decision: MASS budgets of the last query block (every sequence measured: no
+    //    dense sequences), then per KV group their sum against permille of group x Nb_b.
+    int bs = r.bs, parts = 1, dense = -1, rule = PROXYATTN_BUDGET_RULE_MASS, sink = r.keep_sink, diag = r.keep_diag;
+    float gamma = r.gamma;
+    double fraction = 0.0;
+    CUdeviceptr b0 = (CUdeviceptr)(ws + L.budgets0), no_scores = 0;
+    void *args[] = {&mass, &b0, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense,
+                    &no_scores, &G, &rule, &sink, &diag};
+    const unsigned smem = (unsigned)(pa_impl::budgets_scratch_words(nb, bs) * 4);
+    PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 15, stream));
+    int permille = r.permille;
+    void *eargs[] = {&b0, &flags, &cu_helpers, &seq_len, &bs, &Hq, &Hkv, &B, &permille};
+    PA_TRY(launch(*K.early_dense, helper_grid((size_t)r.B * r.Hkv), 1, 1, kHelperThreads, 0, eargs, 9, stream));
+  } else if (r.rule3) {
+    // No early decision: no group is skipped (gamma >= 1: every group keeps every block, as the Python path's
+    // full needs).
+    PA_TRY(memset_d32(flags, r.gamma >= 1.0f ? 1u : 0u, (size_t)r.B * r.Hkv, stream));
+  }
+  CUdeviceptr pq = (CUdeviceptr)(ws + L.pq), pk = (CUdeviceptr)(ws + L.pk);
   if (!r.all_dense) {
-    // 1. pooled proxies (float16): pq [G, rows_q, D] on strided query rows, pk [G, rows_k, D].
-    CUdeviceptr pq = (CUdeviceptr)(ws + L.pq), pk = (CUdeviceptr)(ws + L.pk);
+    // 3. pooled proxies (float16): pq [G, rows_q, D] on strided query rows, pk [G, rows_k, D].
     for (int which = 0; which < 2; ++which) {
       const KernelImage &img = which == 0 ? *K.pool_q : *K.pool_k;
       const int heads = which == 0 ? r.Hq : r.Hkv;
@@ -317,9 +491,8 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
       void *args[] = {&x, &out, &cu, &seq_len, &s.b, &s.t, &s.h, &sog, &sor, &hpg};
       PA_TRY(launch(img, gx, (unsigned)r.B, (unsigned)G, threads_of(img), img.shared_bytes, args, 10, stream));
     }
-    // 2. proxy block scores [B, G, nb, nb].
+    // 4. proxy block scores [B, G, nb, nb].
     {
-      CUdeviceptr sc = (CUdeviceptr)(ws + L.scores);
       const int rpb = r.bs / r.stride;
       const int qb = std::max(1, 64 / rpb);
       int spqg = (int)(L.rows_q * r.D), spqr = r.D, spkg = (int)(L.rows_k * r.D), spkr = r.D;
@@ -328,52 +501,70 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
       PA_TRY(launch(*K.scores, (unsigned)((nb + qb - 1) / qb), (unsigned)(r.B * G), 1, threads_of(*K.scores),
                     K.scores->shared_bytes, args, 15, stream));
     }
-    // 3. attention mass per key block of each head's last query block [B, Hq, nb] (rule 2: of every row of that
-    //    block, [B, Hq, bs, nb]).
-    if (r.need_mass) {
-      int sms = 0;
-      PA_TRY(current_sm_count(&sms));
-      const int bh = r.B * r.Hq;
-      int chunks = std::max(1, std::min(nb, (4 * sms + std::max(1, bh) - 1) / std::max(1, bh)));
-      int cb = (nb + chunks - 1) / chunks;
-      int nchunk = (nb + cb - 1) / cb;
-      CUdeviceptr ms = (CUdeviceptr)(ws + L.mstat), ls = (CUdeviceptr)(ws + L.lstat), bl = (CUdeviceptr)(ws + L.blse);
+  }
+  if (r.rule3) {
+    // 5 (rule 3). rankings: order [B, G, nb, nb], its inverse, and the score ranks of block 0 / block m per row.
+    CUdeviceptr rk = (CUdeviceptr)(ws + L.rank), sr = (CUdeviceptr)(ws + L.sink), dr = (CUdeviceptr)(ws + L.diag);
+    uint8_t ks = (uint8_t)r.keep_sink, kd = (uint8_t)r.keep_diag;  // i1 parameters: one byte
+    void *rargs[] = {&sc, &ord, &rk, &sr, &dr, &nb, &ks, &kd};
+    PA_TRY(launch(*K.rank, (unsigned)((size_t)r.B * G * nb), 1, 1, threads_of(*K.rank), K.rank->shared_bytes, rargs, 8,
+                  stream));
+    CUdeviceptr nd = (CUdeviceptr)(ws + L.need);
+    if (r.needs_measure) {
+      // 6 (rule 3). needs and the plan's counts, per chunk of `slots` query blocks (estimate_needs._launch_needs).
+      CUdeviceptr nm = (CUdeviceptr)(ws + L.nmass), nl = (CUdeviceptr)(ws + L.nlse);
       Strides sq = strides_of(r, r.Hq), sk = strides_of(r, r.Hkv);
-      int group = r.Hq / r.Hkv;
-      void *args[] = {&qp, &kp, &cu, &ms, &ls, &bl, &mass, &seq_len, &nb, &Hq, &qk_scale,
-                      &sq.b, &sq.t, &sq.h, &sk.b, &sk.t, &sk.h, &group, &nchunk, &cb};
-      PA_TRY(launch(*K.budget0, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget0), K.budget0->shared_bytes,
-                    args, 20, stream));
-      int rows = bh, bsz = r.bs;
-      void *cargs[] = {&ms, &ls, &bl, &rows, &nchunk, &bsz};
-      PA_TRY(launch(*K.combine, (unsigned)(((size_t)bh * r.bs + kHelperThreads - 1) / kHelperThreads), 1, 1,
-                    kHelperThreads, 0, cargs, 6, stream));
-      PA_TRY(launch(*K.budget1, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget1), K.budget1->shared_bytes,
-                    args, 20, stream));
+      int group = r.Hq / r.Hkv, slots = r.needs_slots, kv_per_rank = r.Hkv / G, minb = r.min_blocks;
+      int dense_below = r.varlen ? r.dense_below : -1, sink = r.keep_sink, diag = r.keep_diag;
+      float gamma = r.gamma;
+      for (int m_lo = 0; m_lo < nb; m_lo += slots) {
+        const int n_slots = std::min(slots, nb - m_lo);
+        void *margs[] = {&qp,   &kp,   &cu,   &flags, &nm,   &nl,   &seq_len, &nb,  &Hkv,   &m_lo,
+                         &slots, &qk_scale, &sq.b, &sq.t, &sq.h, &sk.b, &sk.t,    &sk.h, &group};
+        PA_TRY(launch(*K.needs_mass, (unsigned)(r.B * r.Hkv), (unsigned)((n_slots + r.needs_qb - 1) / r.needs_qb), 1,
+                      threads_of(*K.needs_mass), K.needs_mass->shared_bytes, margs, 19, stream));
+        void *cargs[] = {&nm,   &nl,   &ord,   &sr,    &dr,    &cu,    &flags, &nd,          &cnt,   &seq_len, &nb,
+                         &Hkv,  &kv_per_rank, &m_lo, &slots, &gamma, &minb,  &dense_below, &group, &sink,    &diag};
+        PA_TRY(launch(*K.needs_cut, (unsigned)(r.B * r.Hkv), (unsigned)n_slots, 1, threads_of(*K.needs_cut),
+                      K.needs_cut->shared_bytes, cargs, 21, stream));
+      }
+    }
+    // 7 (rule 3). reported budgets: the last query block's need (reference.needs_budgets); gamma >= 1: Nb_b.
+    int bs = r.bs, minb = r.min_blocks, dense = r.dense_below, full = r.needs_measure ? 0 : 1;
+    void *args[] = {&nd, &bud, &cu_helpers, &seq_len, &bs, &nb, &Hq, &B, &minb, &dense, &full};
+    PA_TRY(launch(*K.needs_budgets, helper_grid((size_t)r.B * r.Hq), 1, 1, kHelperThreads, 0, args, 11, stream));
+  } else {
+    // 5. budgets [B, Hq] (gamma rule from the mass, rules 1/2 also from the last query block's scores; fraction;
+    //    gamma = 1; dense sequences keep everything). The scores exist whenever the mass does.
+    {
+      int bs = r.bs, parts = 1, dense = r.dense_below, rule = r.budget_rule, sink = r.keep_sink, diag = r.keep_diag;
+      float gamma = r.gamma;
+      double fraction = r.fraction;
+      CUdeviceptr m = r.row_mass ? mass_rows : mass;  // read only by the gamma rule with gamma < 1
+      void *args[] = {&m, &bud, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense,
+                      &sc, &G,   &rule,       &sink,    &diag};
+      const unsigned smem = r.rule_mass ? (unsigned)(pa_impl::budgets_scratch_words(nb, bs) * 4) : 0u;
+      PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 15, stream));
+    }
+    // 6. selection into the compact plan.
+    {
+      CUdeviceptr ssc = (CUdeviceptr)(ws + (r.all_dense ? L.budgets : L.scores));
+      int bs = r.bs, minb = r.min_blocks, sink = r.keep_sink, diag = r.keep_diag, dense = r.dense_below;
+      void *args[] = {&ssc, &bud, &ord, &cnt, &cu_helpers, &seq_len, &bs, &nb, &Hq, &minb, &sink, &diag, &dense};
+      PA_TRY(launch(*K.select, (unsigned)nb, (unsigned)G, (unsigned)r.B, kHelperThreads, (unsigned)(2 * nb * 4), args,
+                    13, stream));
     }
   }
-  // 4. budgets [B, Hq] (gamma rule from the mass, rules 1/2 also from the last query block's scores; fraction;
-  //    gamma = 1; dense sequences keep everything). The scores exist whenever the mass does.
-  {
-    int bs = r.bs, parts = 1, dense = r.dense_below, rule = r.budget_rule, sink = r.keep_sink, diag = r.keep_diag;
-    float gamma = r.gamma;
-    double fraction = r.fraction;
-    CUdeviceptr sc = r.all_dense ? (CUdeviceptr)0 : (CUdeviceptr)(ws + L.scores);
-    void *args[] = {&mass, &bud, &cu_helpers, &seq_len, &bs, &nb, &parts, &gamma, &fraction, &dense,
-                    &sc,   &G,   &rule,       &sink,    &diag};
-    const unsigned smem = r.need_mass ? (unsigned)(pa_impl::budgets_scratch_words(nb, bs) * 4) : 0u;
-    PA_TRY(launch(*K.budgets, (unsigned)r.Hq, (unsigned)r.B, 1, kHelperThreads, smem, args, 15, stream));
-  }
-  // 5. selection into the compact plan.
-  {
-    CUdeviceptr sc = (CUdeviceptr)(ws + (r.all_dense ? L.budgets : L.scores));
-    int bs = r.bs, minb = r.min_blocks, sink = r.keep_sink, diag = r.keep_diag, dense = r.dense_below;
-    void *args[] = {&sc, &bud, &ord, &cnt, &cu_helpers, &seq_len, &bs, &nb, &Hq, &minb, &sink, &diag, &dense};
-    PA_TRY(launch(*K.select, (unsigned)nb, (unsigned)G, (unsigned)r.B, kHelperThreads, (unsigned)(2 * nb * 4), args, 13,
-                  stream));
+  if (r.fallback) {
+    // 8. the dense fallback: early groups and groups whose plan keeps >= permille of their causal blocks keep them all.
+    CUdeviceptr early = (r.early || r.rule3) ? flags : (CUdeviceptr)0;
+    int bs = r.bs, permille = r.permille;
+    void *args[] = {&cnt, &early, &cu_helpers, &seq_len, &bs, &nb, &Hq, &permille};
+    PA_TRY(launch(*K.dense_fallback, (unsigned)r.Hkv, (unsigned)r.B, 1, kHelperThreads, 0, args, 8, stream));
   }
   return PROXYATTN_SUCCESS;
 }
+
 
 proxyattn_status_t check_common(const Resolved &r, const Layout &L, void *workspace, size_t workspace_bytes,
                                 std::initializer_list<std::pair<const char *, const void *>> ptrs) {
@@ -407,7 +598,9 @@ void proxyattn_config_default(proxyattn_config_t *c) {
   c->keep_diagonal = 1;
   c->dense_below_tokens = -1;
   c->budget_fraction = 0.0f;
-  c->budget_rule = PROXYATTN_BUDGET_RULE_ROW_RECALL;
+  c->budget_rule = PROXYATTN_BUDGET_RULE_BLOCK_RECALL;
+  c->recall_rows = 4;
+  c->dense_density = 0.9f;
 }
 
 proxyattn_status_t proxyattn_config_validate(const proxyattn_config_t *config) {

@@ -95,4 +95,14 @@ FAKE_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigne
   g_launches.push_back(l);
   return CUDA_SUCCESS;
 }
-FAKE_API CUresult cuMemsetD32Async(CUdeviceptr, unsigned, size_t, CUstream) { return CUDA_SUCCESS; }
+// Recorded like a launch: entry "cuMemsetD32Async", grid and block 0, params (dst, value, count).
+FAKE_API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t count, CUstream) {
+  Launch l;
+  l.entry = "cuMemsetD32Async";
+  l.grid[0] = l.grid[1] = l.grid[2] = 0;
+  l.block = 0;
+  l.shared = 0;
+  l.params = {(uint64_t)dst, (uint64_t)value, (uint64_t)count};
+  g_launches.push_back(l);
+  return CUDA_SUCCESS;
+}

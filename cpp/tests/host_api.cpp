@@ -46,6 +46,34 @@ HOST_API void pa_host_combine_lse(const float *mstat, const float *lstat, float 
   for (long long i = 0; i < (long long)rows * bs; ++i) pa_impl::combine_lse_element(i, mstat, lstat, lse, nchunk, bs);
 }
 
+// pa_early_dense over every (b, KV group): budgets0 [B, Hq] -> flags [B * Hkv].
+HOST_API void pa_host_early_dense(const int32_t *budgets0, int32_t *flags, const int32_t *cu_seqlens, int batch,
+                                  int seq_len, int block_size, int num_q_heads, int num_kv_heads, int permille) {
+  for (long long i = 0; i < (long long)batch * num_kv_heads; ++i)
+    pa_impl::early_dense_element(i, budgets0, flags, cu_seqlens, seq_len, block_size, num_q_heads, num_kv_heads,
+                                 permille);
+}
+
+// pa_needs_budgets over every (b, h): need [B, Hq, nb_total] -> budgets [B, Hq].
+HOST_API void pa_host_needs_budgets(const int32_t *need, int32_t *budgets, const int32_t *cu_seqlens, int batch,
+                                    int seq_len, int block_size, int nb_total, int num_q_heads, int min_blocks,
+                                    int dense_below_tokens, int full) {
+  for (long long i = 0; i < (long long)batch * num_q_heads; ++i)
+    pa_impl::needs_budgets_element(i, need, budgets, cu_seqlens, seq_len, block_size, nb_total, num_q_heads, min_blocks,
+                                   dense_below_tokens, full);
+}
+
+// pa_dense_fallback over the grid (Hkv, B) with one "thread" (tid 0, nthreads 1: scratch of 2 partial words).
+HOST_API void pa_host_dense_fallback(int32_t *counts, const int32_t *early, const int32_t *cu_seqlens, int batch,
+                                     int num_kv_heads, int seq_len, int block_size, int nb_total, int num_q_heads,
+                                     int permille) {
+  std::vector<long long> scratch(2);
+  for (int b = 0; b < batch; ++b)
+    for (int g = 0; g < num_kv_heads; ++g)
+      pa_impl::dense_fallback_program(g, b, num_kv_heads, counts, early, cu_seqlens, seq_len, block_size, nb_total,
+                                      num_q_heads, permille, scratch.data(), 0, 1);
+}
+
 // .npy: load `path` and write its elements converted to float32 into `out` (capacity `cap` elements);
 // returns the element count, or -1 with the message in `err` (capacity `err_cap`).
 HOST_API long long pa_host_npy_load_f32(const char *path, float *out, long long cap, long long *shape, int *ndim,

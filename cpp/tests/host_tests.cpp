@@ -1,8 +1,8 @@
 // Native host tests of libproxyattn, run by ctest without Python (cpp/CMakeLists.txt registers one test per group):
 //   proxyattn_host_tests config   the C config API: defaults, validation errors that name the value, problem checks
 //   proxyattn_host_tests fields   the TensorRT plugin's field parsing (trt/plugin_logic.h), strict: missing, unknown,
-//                                 repeated, mistyped fields and booleans other than 0/1 are refused, as is a
-//                                 dense fallback (pa_dense_density other than 0)
+//                                 repeated, mistyped fields and booleans other than 0/1 are refused; budget rule 3
+//                                 and the dense fallback (the default config's fields) are read into the config
 //   proxyattn_host_tests npy      the .npy codec: element conversions and a save / load round trip
 //   proxyattn_host_tests plan     the helper kernels' bodies (src/helpers_impl.h) on hand-computed cases
 // Every expected value below is written out by hand (worked in the comments), not computed by the code under test.
@@ -44,12 +44,13 @@ void test_config_defaults() {
   proxyattn_config_t c;
   std::memset(&c, 0x7f, sizeof c);
   proxyattn_config_default(&c);
-  // proxyattn.ProxyAttnConfig() except budget_rule (2, row_recall: rule 3 is Python / Triton only).
+  // proxyattn.ProxyAttnConfig(): budget_rule 3 (block_recall), recall_rows 4, dense_density 0.9.
   check(c.block_size == 128 && c.stride == 4 && c.proxy_heads == 1, "default block_size 128, stride 4, proxy_heads 1");
   check(c.gamma == 0.95f && c.min_budget_tokens == 2048, "default gamma 0.95, min_budget_tokens 2048");
   check(c.keep_sink == 1 && c.keep_diagonal == 1, "default keep_sink 1, keep_diagonal 1");
   check(c.dense_below_tokens == -1 && c.budget_fraction == 0.0f, "default dense_below_tokens -1, budget_fraction 0");
-  check(c.budget_rule == PROXYATTN_BUDGET_RULE_ROW_RECALL, "default budget_rule 2 (row_recall)");
+  check(c.budget_rule == PROXYATTN_BUDGET_RULE_BLOCK_RECALL && c.budget_rule == 3, "default budget_rule 3 (block_recall)");
+  check(c.recall_rows == 4 && c.dense_density == 0.9f, "default recall_rows 4, dense_density 0.9");
   check(proxyattn_config_validate(&c) == PROXYATTN_SUCCESS, "defaults validate", proxyattn_last_error());
   check(std::string(proxyattn_last_error()).empty(), "no error message after a success");
 }
@@ -77,8 +78,24 @@ void test_config_errors() {
                       "dense_below_tokens=-2");
   expect_config_error("budget_fraction 1.5", [](proxyattn_config_t &c) { c.budget_fraction = 1.5f; },
                       "budget_fraction=1.5");
-  expect_config_error("budget_rule 3", [](proxyattn_config_t &c) { c.budget_rule = 3; },
-                      "budget_rule=3 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)");
+  expect_config_error("budget_rule 4", [](proxyattn_config_t &c) { c.budget_rule = 4; },
+                      "budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)");
+  expect_config_error("recall_rows 3", [](proxyattn_config_t &c) { c.recall_rows = 3; },
+                      "recall_rows=3 must be a power of two dividing block_size=128");
+  expect_config_error("recall_rows 256 > block_size", [](proxyattn_config_t &c) { c.recall_rows = 256; },
+                      "recall_rows=256");
+  expect_config_error("dense_density 1.5", [](proxyattn_config_t &c) { c.dense_density = 1.5f; },
+                      "dense_density=1.5 must be 0 (no dense fallback) or lie in (0, 1]");
+  expect_config_error("dense_density -0.1", [](proxyattn_config_t &c) { c.dense_density = -0.1f; },
+                      "dense_density=-0.1");
+  for (int rule = 0; rule <= 3; ++rule) {
+    proxyattn_config_t c;
+    proxyattn_config_default(&c);
+    c.budget_rule = rule;
+    c.dense_density = rule == 3 ? 0.0f : 0.5f;
+    check(proxyattn_config_validate(&c) == PROXYATTN_SUCCESS, "budget_rule " + std::to_string(rule) + " validates",
+          proxyattn_last_error());
+  }
   check(std::string(proxyattn_status_name(PROXYATTN_ERROR_INVALID_VALUE)) == "PROXYATTN_ERROR_INVALID_VALUE",
         "status name of INVALID_VALUE");
   check(proxyattn_config_validate(nullptr) == PROXYATTN_ERROR_INVALID_VALUE, "a NULL config is refused");
@@ -194,28 +211,23 @@ void test_fields_read_every_value() {
   check(a.dense_density == 0.0f, "dense_density 0 (no dense fallback) read back");
 }
 
-// pa_dense_density (ProxyAttnConfig.dense_density, None = 0.0): declared, FLOAT32, required, and 0 only: the dense
-// fallback runs in the Python / Triton path only, so the plugin refuses a node that asks for it.
-void test_fields_refuse_the_dense_fallback() {
-  {
-    auto fields = node_fields();
-    fields["pa_dense_density"] = F(0.0f);
-    pa_trt::NodeAttrs a;
-    const std::string err = parse(fields, &a);
-    check(err.empty() && a.dense_density == 0.0f, "pa_dense_density 0.0 (off) is accepted", err);
-  }
-  for (float v : {0.7f, 1.0f, 0.001f}) {
+// pa_dense_density (ProxyAttnConfig.dense_density, None = 0.0): declared, FLOAT32, required, 0 or (0, 1], read into
+// config.dense_density; pa_budget_rule 3 and pa_recall_rows into the config (the default config's node).
+void test_fields_read_the_dense_fallback_and_rule_3() {
+  for (float v : {0.0f, 0.9f, 1.0f, 0.001f}) {
     auto fields = node_fields();
     fields["pa_dense_density"] = F(v);
+    fields["pa_budget_rule"] = I(3);
+    fields["pa_recall_rows"] = I(8);
     pa_trt::NodeAttrs a;
     const std::string err = parse(fields, &a);
-    check(contains(err, "pa_dense_density=") && contains(err, "is not supported") && contains(err, "allowed: 0 (off)"),
-          "pa_dense_density " + std::to_string(v) + " is refused, naming the field and the allowed value", err);
+    check(err.empty() && a.config.dense_density == v && a.dense_density == v && a.config.budget_rule == 3 &&
+              a.config.recall_rows == 8,
+          "pa_dense_density " + std::to_string(v) + ", pa_budget_rule 3, pa_recall_rows 8 are read into the config", err);
   }
-  expect_field_error("dense_density 0.7", [](auto &f) { f["pa_dense_density"] = F(0.7f); },
-                     "pa_dense_density=0.7");
-  expect_field_error("dense_density 0.7: why and what is allowed", [](auto &f) { f["pa_dense_density"] = F(0.7f); },
-                     "the dense fallback runs in the Python / Triton path only; allowed: 0 (off)");
+  expect_field_error("dense_density 1.5", [](auto &f) { f["pa_dense_density"] = F(1.5f); },
+                     "pa_dense_density=1.500000 must be 0 (no dense fallback) or lie in (0, 1]");
+  expect_field_error("dense_density -0.5", [](auto &f) { f["pa_dense_density"] = F(-0.5f); }, "pa_dense_density=-0.5");
   expect_field_error("dense_density as INT32", [](auto &f) { f["pa_dense_density"] = I(0); },
                      "field pa_dense_density must be FLOAT32, not INT32");
   expect_field_error("missing pa_dense_density", [](auto &f) { f.erase("pa_dense_density"); },
@@ -246,7 +258,10 @@ void test_fields_are_strict() {
   expect_field_error("dense_first_layers -1", [](auto &f) { f["pa_dense_first_layers"] = I(-1); },
                      "pa_dense_first_layers=-1 must be >= 0");
   expect_field_error("stride 3 (config validation)", [](auto &f) { f["pa_stride"] = I(3); }, "stride=3");
-  expect_field_error("budget_rule 3", [](auto &f) { f["pa_budget_rule"] = I(3); }, "pa_budget_rule=3 is not supported");
+  expect_field_error("budget_rule 4", [](auto &f) { f["pa_budget_rule"] = I(4); },
+                     "pa_budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)");
+  expect_field_error("recall_rows 128 with block_size 64", [](auto &f) { f["pa_recall_rows"] = I(128); },
+                     "pa_recall_rows=128 must divide pa_block_size=64");
   expect_field_error("sliding_window 512", [](auto &f) { f["sliding_window"] = I(512); }, "sliding_window=512");
   expect_field_error("negative scale", [](auto &f) { f["scale"] = F(-1.0f); }, "scale must be finite and >= 0");
   {
@@ -378,14 +393,56 @@ void test_selection_by_hand() {
   }
 }
 
+
+void test_dense_fallback_by_hand() {
+  // Early decision: 2 KV groups of 2 heads, Nb = 4 (256 tokens, blocks of 64). MASS budgets (4, 3 | 2, 1).
+  // permille 875: group 0 keeps 7 of 2 x 4 = 8 -> 7000 >= 875 * 8 = 7000: dense; group 1: 3000 < 7000: not.
+  // permille 876: 7000 < 7008: not dense. permille 0 (off): never.
+  const int32_t budgets0[4] = {4, 3, 2, 1};
+  for (int permille : {875, 876, 0}) {
+    int32_t flags[2] = {-7, -7};
+    for (long long i = 0; i < 2; ++i)
+      pa_impl::early_dense_element(i, budgets0, flags, nullptr, 256, 64, 4, 2, permille);
+    const int want0 = permille == 875 ? 1 : 0;
+    check(flags[0] == want0 && flags[1] == 0, "early decision with permille " + std::to_string(permille),
+          std::to_string(flags[0]) + ", " + std::to_string(flags[1]));
+  }
+  // Rule 3's budget: needs of one head over Nb = 4: (1, 2, 2, 3); last need 3; min_blocks 2 -> 3; min_blocks 4 ->
+  // min(4, Nb = 4) = 4; a packed sequence of 200 tokens (<= dense_below 200): Nb_b = ceil(200 / 64) = 4.
+  const int32_t need[4] = {1, 2, 2, 3};
+  int32_t b = -7;
+  pa_impl::needs_budgets_element(0, need, &b, nullptr, 256, 64, 4, 1, 2, -1, 0);
+  check(b == 3, "rule-3 budget: the last block's need 3", std::to_string(b));
+  pa_impl::needs_budgets_element(0, need, &b, nullptr, 256, 64, 4, 1, 4, -1, 0);
+  check(b == 4, "rule-3 budget: at least min(min_blocks, Nb) = 4", std::to_string(b));
+  const int32_t cu[2] = {0, 200};
+  pa_impl::needs_budgets_element(0, need, &b, cu, 256, 64, 4, 1, 2, 200, 0);
+  check(b == 4, "rule-3 budget of a short packed sequence: its Nb_b = 4", std::to_string(b));
+  // Late decision: one KV group of 2 heads, Nb = 4: causal blocks 2 x (1+2+3+4) = 20. Counts (1, 2, 2, 3 | 1, 2, 3, 3)
+  // keep 8 + 9 = 17: permille 850 -> 17000 >= 17000: dense, counts become (1, 2, 3, 4) for both heads;
+  // permille 851 -> not dense, counts untouched; with an early flag: dense whatever the counts.
+  for (int permille : {850, 851}) {
+    for (int early_flag : {0, 1}) {
+      int32_t counts[8] = {1, 2, 2, 3, 1, 2, 3, 3};
+      const int32_t early[1] = {early_flag};
+      long long scratch[2];
+      pa_impl::dense_fallback_program(0, 0, 1, counts, early, nullptr, 256, 64, 4, 2, permille, scratch, 0, 1);
+      const bool dense = permille == 850 || early_flag;
+      const int32_t full[8] = {1, 2, 3, 4, 1, 2, 3, 4}, kept[8] = {1, 2, 2, 3, 1, 2, 3, 3};
+      check(std::memcmp(counts, dense ? full : kept, sizeof counts) == 0,
+            "late decision, permille " + std::to_string(permille) + ", early flag " + std::to_string(early_flag));
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
   const std::map<std::string, std::vector<void (*)()>> groups = {
       {"config", {test_config_defaults, test_config_errors, test_problem_errors}},
-      {"fields", {test_fields_read_every_value, test_fields_are_strict, test_fields_refuse_the_dense_fallback}},
+      {"fields", {test_fields_read_every_value, test_fields_are_strict, test_fields_read_the_dense_fallback_and_rule_3}},
       {"npy", {test_npy_conversions, test_npy_round_trip}},
-      {"plan", {test_budgets_by_hand, test_selection_by_hand}},
+      {"plan", {test_budgets_by_hand, test_selection_by_hand, test_dense_fallback_by_hand}},
   };
   std::vector<std::string> wanted;
   for (int i = 1; i < argc; ++i) wanted.push_back(argv[i]);

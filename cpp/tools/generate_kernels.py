@@ -18,7 +18,9 @@ alignment at run time; D in 64/128/256 makes every head/token stride a multiple 
 
 Kernel parameters that the Python path marks constexpr but that vary with the model (query heads per KV head,
 heads per proxy group: GROUP, RGROUP, HPG) are compiled as runtime i32 values here, so one binary serves every
-GQA ratio; Triton accepts this because those names are only used in integer arithmetic and loop bounds.
+GQA ratio; Triton accepts this because those names are only used in integer arithmetic and loop bounds. Budget
+rule 3's kernels take KEEP_SINK / KEEP_DIAG at run time too (the ranking kernel as i1, a one-byte parameter, since
+it combines them with `and`; the cut kernel as i32), so one binary serves every sink/diagonal setting.
 The kernels' parameter lists are checked against the lists below: a changed kernel fails here, loudly.
 
 Usage: python3 cpp/tools/generate_kernels.py --out DIR [--nvcc PATH] [--jobs N] [--quick] [--attn-config B,W,S[,R]]
@@ -49,6 +51,13 @@ DTYPES = {"fp16": "fp16", "bf16": "bf16"}
 HEAD_DIMS = (64, 128, 256)
 BLOCK_SIZES = (64, 128)
 STRIDES = (4,)  # config.stride values compiled for the scores kernels (default 4); others: NOT_COMPILED
+# Budget rule 3 ("block_recall"): config.recall_rows values compiled for the needs kernels (default 4), and the
+# largest query heads per KV head (GQA group) they serve: RB = next_pow2(group * rows) rows per query block. Others:
+# NOT_COMPILED.
+ROWS = (4,)
+MAX_NEEDS_GROUP = 8
+NEEDS_QB = 8  # query blocks per program of the needs mass kernel (estimate_needs._launch_needs' qb for Nb >= 8)
+RANK_BLOCKS = tuple(1 << i for i in range(4, 13))  # the ranking kernel's BLOCK: 16 .. 4096 (MAX_SORT_BLOCKS)
 
 
 def attention_config(d: int, bs: int) -> dict:
@@ -183,6 +192,74 @@ def budget_variants(dtypes, dims, blocks):
     return out
 
 
+RANK_ARGS = ("scores_ptr", "order_ptr", "rank_ptr", "sink_ptr", "diag_ptr", "nb", "KEEP_SINK", "KEEP_DIAG", "BLOCK")
+
+
+def rank_variants():
+    """estimate_rank._rank_kernel per BLOCK (16 .. 4096); KEEP_SINK / KEEP_DIAG are runtime i1 (bool) values."""
+    out = []
+    for block in RANK_BLOCKS:
+        types = {"scores_ptr": "*fp32", "order_ptr": "*i32", "rank_ptr": "*i32", "sink_ptr": "*i32", "diag_ptr": "*i32",
+                 "nb": "i32", "KEEP_SINK": "i1", "KEEP_DIAG": "i1", "BLOCK": "constexpr"}
+        div16 = ("scores_ptr", "order_ptr", "rank_ptr", "sink_ptr", "diag_ptr")
+        out.append(Variant(f"rank/block{block}", "proxyattn.kernels.estimate_rank", "_rank_kernel", types,
+                           {"BLOCK": block}, div16, 4 if block <= 1024 else 8, 3, RANK_ARGS))
+    return out
+
+
+NEEDS_MASS_ARGS = (
+    "q_ptr", "k_ptr", "cu_ptr", "skip_ptr", "mass_ptr", "lse_ptr", "seq_len", "nb_max", "num_kv_heads", "m_lo",
+    "n_slots", "qk_scale", "stride_qb", "stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kt", "stride_kh",
+    "stride_kd", "GROUP", "ROWS", "RB", "QB", "BS", "HEAD_DIM", "BLOCK_D", "VARLEN", "LAST_ONLY", "SKIP", "DOT_PREC",
+    "UPCAST",
+)
+NEEDS_CUT_ARGS = (
+    "mass_ptr", "lse_ptr", "order_ptr", "sink_ptr", "diag_ptr", "cu_ptr", "skip_ptr", "need_ptr", "counts_ptr",
+    "seq_len", "nb_max", "num_kv_heads", "kv_per_rank", "m_lo", "n_slots", "gamma", "min_blocks", "dense_below",
+    "GROUP", "ROWS", "RB", "BS", "CH", "VARLEN", "LAST_ONLY", "SKIP", "COUNTS", "KEEP_SINK", "KEEP_DIAG",
+)
+CUT_CHUNK = 128  # estimate_needs._CUT_CHUNK
+
+
+def needs_rbs() -> list:
+    """(rows, RB) pairs compiled: RB = next_pow2(group * rows) for every group up to MAX_NEEDS_GROUP."""
+    return sorted({(rows, _next_pow2(g * rows)) for rows in ROWS for g in range(1, MAX_NEEDS_GROUP + 1)})
+
+
+def needs_variants(dtypes, dims, blocks):
+    """estimate_needs._mass_kernel and _cut_kernel as `_launch_needs` runs them for a plan: every query block
+    (LAST_ONLY off), skip flags on (SKIP: the library passes zeros when there is no early decision), counts on;
+    GROUP runtime; the cut kernel's KEEP_SINK / KEEP_DIAG runtime i32."""
+    out = []
+    for dt, d, bs, varlen, (rows, rb) in itertools.product(dtypes, dims, blocks, (0, 1), needs_rbs()):
+        block_d = _next_pow2(d)
+        qb = max(NEEDS_QB, -(-16 // rb))
+        types = {n: "i32" for n in NEEDS_MASS_ARGS}
+        types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", cu_ptr="*i32", skip_ptr="*i32", mass_ptr="*fp32", lse_ptr="*fp32",
+                     qk_scale="fp32")
+        consts = dict(stride_qd=1, stride_kd=1, ROWS=rows, RB=rb, QB=qb, BS=bs, HEAD_DIM=d, BLOCK_D=block_d,
+                      VARLEN=bool(varlen), LAST_ONLY=False, SKIP=True, DOT_PREC="tf32", UPCAST=False)
+        for c in consts:
+            types[c] = "constexpr"
+        div16 = ("q_ptr", "k_ptr", "cu_ptr", "skip_ptr", "mass_ptr", "lse_ptr", "stride_qb", "stride_qt", "stride_qh",
+                 "stride_kb", "stride_kt", "stride_kh")
+        out.append(Variant(f"needs_mass/{dt}/d{d}/bs{bs}/rows{rows}/rb{rb}/varlen{varlen}",
+                           "proxyattn.kernels.estimate_needs", "_mass_kernel", types, consts, div16, 4, 2,
+                           NEEDS_MASS_ARGS, {"QB": qb}))
+    for bs, varlen, (rows, rb) in itertools.product(blocks, (0, 1), needs_rbs()):
+        types = {n: "i32" for n in NEEDS_CUT_ARGS}
+        types.update(mass_ptr="*fp32", lse_ptr="*fp32", order_ptr="*i32", sink_ptr="*i32", diag_ptr="*i32",
+                     cu_ptr="*i32", skip_ptr="*i32", need_ptr="*i32", counts_ptr="*i32", gamma="fp32")
+        consts = dict(ROWS=rows, RB=rb, BS=bs, CH=CUT_CHUNK, VARLEN=bool(varlen), LAST_ONLY=False, SKIP=True, COUNTS=True)
+        for c in consts:
+            types[c] = "constexpr"
+        div16 = ("mass_ptr", "lse_ptr", "order_ptr", "sink_ptr", "diag_ptr", "cu_ptr", "skip_ptr", "need_ptr",
+                 "counts_ptr")
+        out.append(Variant(f"needs_cut/bs{bs}/rows{rows}/rb{rb}/varlen{varlen}", "proxyattn.kernels.estimate_needs",
+                           "_cut_kernel", types, consts, div16, 4, 3, NEEDS_CUT_ARGS))
+    return out
+
+
 # Parameters the Python path specialises as constexpr but the library passes at run time (they vary with the
 # model's head counts or the sequence length and are only used in integer arithmetic and loop bounds).
 RUNTIME_INTS = ("GROUP", "RGROUP", "HPG", "NCHUNK", "CB")
@@ -260,6 +337,9 @@ HELPERS = [  # (key, entry, threads are chosen by the launcher; maximum dynamic 
     ("helper/budgets", "pa_budgets", (2 * 8192 + 128) * 4, 15),  # budgets_scratch_words(kMaxBlocks, 128) words
     ("helper/select", "pa_select", 64 * 1024, 13),
     ("helper/combine_lse", "pa_combine_lse", 0, 6),
+    ("helper/early_dense", "pa_early_dense", 0, 9),
+    ("helper/needs_budgets", "pa_needs_budgets", 0, 11),
+    ("helper/dense_fallback", "pa_dense_fallback", 0, 8),  # static shared memory only
 ]
 
 
@@ -326,6 +406,7 @@ def main() -> None:
     variants = attention_variants(dtypes, dims, blocks, override) + pool_variants(dtypes, dims, STRIDES)
     variants += scores_variants(dims, blocks, STRIDES)
     variants += budget_variants(dtypes, dims, blocks)
+    variants += rank_variants() + needs_variants(dtypes, dims, blocks)
     print(f"[generate_kernels] {len(variants)} Triton variants + CUDA C helpers -> {out}", flush=True)
     with tempfile.TemporaryDirectory(dir=out) as stage:
         helpers = compile_helpers(args.nvcc, Path(stage))

@@ -158,9 +158,9 @@ class ProxyAttnPlugin : public IPluginV3, public IPluginV3OneCore, public IPlugi
     const proxyattn_config_t &c = attrs_.config;
     // INT32 fields in field_names() order; dense_first_layers, dense_layer_mask, estimator serialise as 0.
     ints_ = {c.block_size, c.stride, c.proxy_heads, c.min_budget_tokens, c.keep_sink, c.keep_diagonal,
-             c.dense_below_tokens, 0, 0, 0, c.budget_rule, attrs_.recall_rows, attrs_.is_causal,
+             c.dense_below_tokens, 0, 0, 0, c.budget_rule, c.recall_rows, attrs_.is_causal,
              attrs_.sliding_window};
-    floats_ = {c.gamma, c.budget_fraction, attrs_.scale};
+    floats_ = {c.gamma, c.budget_fraction, c.dense_density, attrs_.scale};  // the FLOAT32 fields in field_names() order
     fields_.clear();
     size_t ii = 0, fi = 0;
     for (int i = 0; i < n; ++i) {

@@ -6,11 +6,10 @@
 // [B, Hq, S, D] in query's dtype; fields pa_* (ProxyAttnConfig.to_attrs), scale (float), is_causal (int, must be 1),
 // sliding_window (int, must be 0: this plugin refuses windowed layers rather than computing something else),
 // pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass",
-// 1 "recall" or 2 "row_recall", proxyattn.config.BUDGET_RULES; 3 "block_recall" runs in the Python / Triton
-// path only and is refused here, as are other values), pa_recall_rows (int, a power of two dividing
-// pa_block_size; read by rule 3 only, validated and carried), pa_dense_density (float, must be 0: the dense
-// fallback runs in the Python / Triton path only). Every field is required (parse_fields): the plugin never
-// substitutes a default for a field the node lacks.
+// 1 "recall", 2 "row_recall" or 3 "block_recall", proxyattn.config.BUDGET_RULES; other values are refused),
+// pa_recall_rows (int, a power of two dividing pa_block_size; read by rule 3), pa_dense_density (float, 0 = no
+// dense fallback, else (0, 1]). Every field is required (parse_fields): the plugin never substitutes a default for
+// a field the node lacks.
 #pragma once
 
 #include <cmath>
@@ -37,8 +36,8 @@ struct NodeAttrs {
   float scale = 0.0f;  // 0: 1/sqrt(D)
   int32_t is_causal = 1;
   int32_t sliding_window = 0;
-  int32_t recall_rows = 4;  // ProxyAttnConfig.recall_rows (budget_rule 3 only, which this plugin refuses)
-  float dense_density = 0.0f;  // ProxyAttnConfig.dense_density (0: no dense fallback, the only value accepted)
+  int32_t recall_rows = 4;     // ProxyAttnConfig.recall_rows (also in config.recall_rows)
+  float dense_density = 0.9f;  // ProxyAttnConfig.dense_density, 0 = None (also in config.dense_density)
 };
 
 // Every field name the plugin declares, in the order it serialises them.
@@ -99,19 +98,20 @@ inline std::string apply_field(const std::string &name, int32_t iv, float fv, No
       return "pa_estimator=" + std::to_string(iv) +
              " is not supported: libproxyattn implements estimator 0 (the paper's mean-pooled proxy heads)";
   } else if (name == "pa_budget_rule") {
-    if (iv != PROXYATTN_BUDGET_RULE_MASS && iv != PROXYATTN_BUDGET_RULE_RECALL && iv != PROXYATTN_BUDGET_RULE_ROW_RECALL)
-      return "pa_budget_rule=" + std::to_string(iv) + " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)" +
-             (iv == 3 ? " (3, block_recall, runs in the Python / Triton path only)" : "");
+    if (iv < PROXYATTN_BUDGET_RULE_MASS || iv > PROXYATTN_BUDGET_RULE_BLOCK_RECALL)
+      return "pa_budget_rule=" + std::to_string(iv) +
+             " is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)";
     a->config.budget_rule = iv;
   } else if (name == "pa_recall_rows") {
     if (iv < 1 || iv > 128 || (iv & (iv - 1)) != 0)
       return "pa_recall_rows=" + std::to_string(iv) + " must be a power of two in 1..128";
     a->recall_rows = iv;
+    a->config.recall_rows = iv;
   } else if (name == "pa_dense_density") {
-    if (fv != 0.0f)
-      return "pa_dense_density=" + std::to_string(fv) +
-             " is not supported: the dense fallback runs in the Python / Triton path only; allowed: 0 (off)";
+    if (!(fv == 0.0f || (fv > 0.0f && fv <= 1.0f)))
+      return "pa_dense_density=" + std::to_string(fv) + " must be 0 (no dense fallback) or lie in (0, 1]";
     a->dense_density = fv;
+    a->config.dense_density = fv;
   } else if (name == "scale") a->scale = fv;
   else if (name == "is_causal") a->is_causal = iv;
   else if (name == "sliding_window") a->sliding_window = iv;
@@ -160,9 +160,9 @@ inline std::string parse_fields(const Field *fields, int n, NodeAttrs *out) {
     return "sliding_window=" + std::to_string(a.sliding_window) +
            ": windowed layers are not supported by this plugin (the node must be refused, not approximated)";
   if (!(a.scale >= 0.0f) || !std::isfinite(a.scale)) return "scale must be finite and >= 0 (0: 1/sqrt(D))";
-  if (proxyattn_config_validate(&a.config) != PROXYATTN_SUCCESS) return proxyattn_last_error();
-  if (a.config.block_size % a.recall_rows != 0)
+  if (a.config.block_size > 0 && a.config.block_size % a.recall_rows != 0)
     return "pa_recall_rows=" + std::to_string(a.recall_rows) + " must divide pa_block_size=" + std::to_string(a.config.block_size);
+  if (proxyattn_config_validate(&a.config) != PROXYATTN_SUCCESS) return proxyattn_last_error();
   *out = a;
   return "";
 }

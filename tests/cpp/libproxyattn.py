@@ -10,11 +10,9 @@ import numpy as np
 
 from proxyattn.config import ProxyAttnConfig
 
-# What proxyattn_config_default() fills in: Python's defaults except the budget rule (the library implements rules
-# 0-2 and refuses rule 3, Python's default, by name) and the dense fallback, off (dense_density=None: the library
-# refuses any other value by name). Engines are built with Python's defaults (engines.models), so the C++ TensorRT
-# plugin refuses their nodes by name; the Python TensorRT plugin graph (plugins/tensorrt) runs them.
-LIB_DEFAULT = ProxyAttnConfig(budget_rule=2, dense_density=None)
+# What proxyattn_config_default() fills in: Python's defaults (budget rule 3 "block_recall", recall_rows 4, the dense
+# fallback at dense_density 0.9), the config engines are built with (engines.models).
+LIB_DEFAULT = ProxyAttnConfig()
 
 # Status codes of cpp/include/proxyattn.h.
 SUCCESS, INVALID, NOT_COMPILED, WS_SMALL, MISALIGNED, NO_DRIVER = 0, 1, 2, 3, 4, 5
@@ -24,7 +22,8 @@ BF16, FP16 = 1, 0
 class Config(C.Structure):
     _fields_ = [("block_size", C.c_int32), ("stride", C.c_int32), ("proxy_heads", C.c_int32), ("gamma", C.c_float),
                 ("min_budget_tokens", C.c_int32), ("keep_sink", C.c_int32), ("keep_diagonal", C.c_int32),
-                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float), ("budget_rule", C.c_int32)]
+                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float), ("budget_rule", C.c_int32),
+                ("recall_rows", C.c_int32), ("dense_density", C.c_float)]
 
 
 class Problem(C.Structure):
@@ -52,6 +51,9 @@ def load_host(build: Path):
     h.pa_host_budgets.argtypes = [C.c_void_p] * 3 + [C.c_int] * 6 + [C.c_float, C.c_double, C.c_int, C.c_void_p] + [C.c_int] * 4
     h.pa_host_select.argtypes = [C.c_void_p] * 5 + [C.c_int] * 10
     h.pa_host_combine_lse.argtypes = [C.c_void_p] * 3 + [C.c_int] * 3
+    h.pa_host_early_dense.argtypes = [C.c_void_p] * 3 + [C.c_int] * 6
+    h.pa_host_needs_budgets.argtypes = [C.c_void_p] * 3 + [C.c_int] * 8
+    h.pa_host_dense_fallback.argtypes = [C.c_void_p] * 3 + [C.c_int] * 7
     return h
 
 

@@ -49,7 +49,14 @@ def test_build_compiles_every_variant(build, lib):
                         assert f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}" in keys
                         rows = by_key[f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}"]["constexprs"]["ROWS"]
                         assert rows == (p == "1rows")
+                    for rb in (4, 8, 16, 32):  # budget rule 3, recall_rows 4, groups 1..8
+                        assert f"needs_mass/{dt}/d{d}/bs{bs}/rows4/rb{rb}/varlen{varlen}" in keys
+                        assert f"needs_cut/bs{bs}/rows4/rb{rb}/varlen{varlen}" in keys
+                        c = by_key[f"needs_mass/{dt}/d{d}/bs{bs}/rows4/rb{rb}/varlen{varlen}"]["constexprs"]
+                        assert (c["SKIP"], c["LAST_ONLY"], c["QB"], c["RB"]) == (True, False, 8, rb)
                 assert lib.proxyattn_is_compiled(BF16 if dt == "bf16" else FP16, d, bs) == 1
+    for block in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):  # the ranking kernel up to MAX_SORT_BLOCKS
+        assert by_key[f"rank/block{block}"]["param_types"][-2:] == ["i1", "i1"]  # KEEP_SINK, KEEP_DIAG at run time
     assert lib.proxyattn_is_compiled(BF16, 96, 128) == 0
     for k in manifest["kernels"]:
         assert k["shared"] <= 227 * 1024, k["key"]  # fits an sm_90 block
@@ -79,11 +86,10 @@ def test_config_defaults_match_python(lib):
     assert c.gamma == pytest.approx(attrs["pa_gamma"]) and c.budget_fraction == attrs["pa_budget_fraction"] == 0.0
     assert c.keep_sink == attrs["pa_keep_sink"] and c.keep_diagonal == attrs["pa_keep_diagonal"]
     assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
-    assert c.budget_rule == attrs["pa_budget_rule"] == 2  # "row_recall"
-    assert attrs["pa_dense_density"] == 0.0  # no dense fallback (None travels as 0.0): the library implements none
-    engine_only = ("pa_budget_rule", "pa_recall_rows", "pa_dense_density")
-    assert {k: v for k, v in ProxyAttnConfig().to_attrs().items() if k not in engine_only} == \
-        {k: v for k, v in attrs.items() if k not in engine_only}
+    assert c.budget_rule == attrs["pa_budget_rule"] == 3  # "block_recall"
+    assert c.recall_rows == attrs["pa_recall_rows"] == 4
+    assert c.dense_density == pytest.approx(attrs["pa_dense_density"]) and attrs["pa_dense_density"] == 0.9
+    assert LIB_DEFAULT == ProxyAttnConfig()  # the library's default is Python's default config
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""
 
@@ -94,8 +100,11 @@ def test_config_defaults_match_python(lib):
     ("min_budget_tokens", -1, b"min_budget_tokens=-1"), ("keep_sink", 2, b"keep_sink=2"),
     ("keep_diagonal", -1, b"keep_diagonal=-1"), ("dense_below_tokens", -2, b"dense_below_tokens=-2"),
     ("budget_fraction", 1.5, b"budget_fraction=1.5"), ("budget_fraction", -0.5, b"budget_fraction=-0.5"),
-    ("budget_rule", 3, b"budget_rule=3 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)"),
-    ("budget_rule", -1, b"budget_rule=-1"),
+    ("budget_rule", 4, b"budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)"),
+    ("budget_rule", -1, b"budget_rule=-1"), ("recall_rows", 3, b"recall_rows=3 must be a power of two dividing block_size=128"),
+    ("recall_rows", 0, b"recall_rows=0"), ("recall_rows", 256, b"recall_rows=256"),
+    ("dense_density", 1.5, b"dense_density=1.5 must be 0 (no dense fallback) or lie in (0, 1]"),
+    ("dense_density", -0.25, b"dense_density=-0.25"), ("dense_density", float("nan"), b"dense_density=nan"),
 ])
 def test_config_errors_name_the_value(lib, field, value, needle):
     c = default_config(lib)
@@ -105,17 +114,30 @@ def test_config_errors_name_the_value(lib, field, value, needle):
     assert lib.proxyattn_status_name(INVALID) == b"PROXYATTN_ERROR_INVALID_VALUE"
 
 
-def test_config_accepts_every_python_budget_rule_but_block_recall(lib):
+def test_config_accepts_every_python_budget_rule_and_dense_density(lib):
     from proxyattn.config import BUDGET_RULES
 
     for rule in BUDGET_RULES:
-        c = default_config(lib)
-        c.budget_rule = rule
-        if BUDGET_RULES[rule] == "block_recall":  # Python / Triton only: refused by name
-            assert lib.proxyattn_config_validate(C.byref(c)) == INVALID
-            assert b"(3, block_recall, runs in the Python / Triton path only)" in lib.proxyattn_last_error()
-        else:
+        for density in (0.0, 0.5, 1.0):  # 0: no dense fallback (Python's None)
+            c = default_config(lib)
+            c.budget_rule, c.dense_density = rule, density
             assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS, lib.proxyattn_last_error()
+
+
+def test_block_recall_refuses_more_blocks_than_the_ranking_kernel_sorts(lib):
+    cfg = default_config(lib)
+    n = C.c_size_t(0)
+    ok = problem(s=4096 * 128, hq=1, hkv=1, d=64)  # 4096 blocks: the limit
+    assert lib.proxyattn_workspace_size(C.byref(ok), C.byref(cfg), C.byref(n)) == SUCCESS, lib.proxyattn_last_error()
+    long = problem(s=4096 * 128 + 1, hq=1, hkv=1, d=64)
+    assert lib.proxyattn_workspace_size(C.byref(long), C.byref(cfg), C.byref(n)) == INVALID
+    msg = lib.proxyattn_last_error()
+    assert b"seq_len=524289 gives 4097 blocks" in msg and b"budget_rule=3 (block_recall) ranks at most 4096" in msg
+    assert b"allowed: seq_len <= 524288" in msg
+    cfg.budget_rule = 2  # the other rules go up to 8192 blocks
+    assert lib.proxyattn_workspace_size(C.byref(long), C.byref(cfg), C.byref(n)) == SUCCESS
+    cfg.budget_rule, cfg.budget_fraction = 3, 0.1  # a static budget ranks nothing with the rank kernel
+    assert lib.proxyattn_workspace_size(C.byref(long), C.byref(cfg), C.byref(n)) == SUCCESS
 
 
 # ----------------------------------------------------------------------------------------------- workspace

@@ -1,6 +1,7 @@
 """The CUDA C helper kernels' bodies (cpp/src/helpers_impl.h: block selection, budgets of rules 0-2, the LSE
-combine) run on the CPU through libproxyattn_host, against the PyTorch code they replace on the GPU path and the
-fp32 reference, padded and packed (varlen) batches, ties included."""
+combine, the dense fallback's early and late decisions, budget rule 3's reported budgets) run on the CPU through
+libproxyattn_host, against the PyTorch code they replace on the GPU path and the fp32 reference, padded and packed
+(varlen) batches, ties included."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from proxyattn import ProxyAttnConfig
+from proxyattn import ProxyAttnConfig, reference
 from proxyattn.plan import compact_plan
 from tests.cpp.libproxyattn import ptr
 
@@ -416,3 +417,112 @@ def test_combine_lse_equals_the_torch_ops_of_the_gpu_path(host):
     want = torch.where(total > 0, top.squeeze(1) + torch.log2(total.clamp_min(1e-30)), float("-inf"))
     assert np.isneginf(lse[0, :3]).all()
     np.testing.assert_allclose(lse, want.numpy(), rtol=2e-6, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- budget rule 3 and the dense fallback
+def _host_early(host, budgets0, num_kv_heads, seq_len, block_size, permille, cu=None):
+    b, hq = budgets0.shape
+    flags = np.full(b * num_kv_heads, -7, np.int32)
+    bu = np.ascontiguousarray(budgets0, dtype=np.int32)
+    cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
+    host.pa_host_early_dense(ptr(bu), ptr(flags), None if cu_arr is None else ptr(cu_arr), b, seq_len, block_size, hq,
+                             num_kv_heads, permille)
+    return flags.reshape(b, num_kv_heads)
+
+
+def _host_needs_budgets(host, need, seq_len, block_size, min_blocks, dense_below=-1, cu=None, full=0):
+    b, hq, nb = need.shape
+    out = np.full((b, hq), -7, np.int32)
+    nd = np.ascontiguousarray(need, dtype=np.int32)
+    cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
+    host.pa_host_needs_budgets(ptr(nd), ptr(out), None if cu_arr is None else ptr(cu_arr), b, seq_len, block_size, nb,
+                               hq, min_blocks, dense_below, full)
+    return out
+
+
+def _host_dense_fallback(host, counts, early, num_kv_heads, seq_len, block_size, permille, cu=None):
+    """pa_dense_fallback on a copy of counts `[B, Hq, Nb]`; early bool/int `[B, Hkv]` or None."""
+    b, hq, nb = counts.shape
+    out = np.ascontiguousarray(counts, dtype=np.int32).copy()
+    ea = None if early is None else np.ascontiguousarray(early, dtype=np.int32)
+    cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
+    host.pa_host_dense_fallback(ptr(out), None if ea is None else ptr(ea), None if cu_arr is None else ptr(cu_arr), b,
+                                num_kv_heads, seq_len, block_size, nb, hq, permille)
+    return out
+
+
+@pytest.mark.parametrize("permille", [1, 500, 875, 900, 1000])
+def test_early_dense_equals_the_reference(host, permille):
+    gen = torch.Generator().manual_seed(permille)
+    lengths = [64 * 9 - 3, 64 * 16, 1, 64 * 16 - 64]  # Nb_b 9, 16, 1, 15 in a packed batch
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    nb_seq = torch.tensor([math.ceil(n / 64) for n in lengths])
+    hq, hkv = 8, 2
+    budgets = torch.minimum(torch.randint(1, 17, (4, hq), generator=gen, dtype=torch.int32), nb_seq[:, None].int())
+    budgets[1, :4] = torch.tensor([14, 14, 14, 14])  # 56 of 64 = 875 permille exactly: the boundary
+    want = reference.early_dense_groups(budgets, hkv, permille, nb_seq)
+    got = _host_early(host, budgets.numpy(), hkv, max(lengths), 64, permille, cu=cu)
+    np.testing.assert_array_equal(got, want.int().numpy())
+    if permille == 875:
+        assert got[1, 0] == 1 and _host_early(host, budgets.numpy(), hkv, max(lengths), 64, 876, cu=cu)[1, 0] == 0
+    # Padded batch: every sequence has Nb blocks; permille 0 (no fallback): nothing is dense.
+    pad = _host_early(host, budgets.numpy(), hkv, 16 * 64, 64, permille)
+    np.testing.assert_array_equal(pad, reference.early_dense_groups(budgets, hkv, permille, torch.full((4,), 16)).int().numpy())
+    assert not _host_early(host, np.full((4, hq), 16, np.int32), hkv, 16 * 64, 64, 0).any()
+
+
+def test_needs_budgets_equal_the_reference(host):
+    gen = torch.Generator().manual_seed(11)
+    b, hq, nb = 4, 6, 12
+    need = torch.randint(0, nb + 1, (b, hq, nb), generator=gen, dtype=torch.int32)
+    for mb in (0, 3, 20):
+        got = _host_needs_budgets(host, need.numpy(), nb * 64, 64, mb)
+        np.testing.assert_array_equal(got, reference.needs_budgets(need, mb).numpy())
+    lengths = [700, 64, 0, 200]  # Nb_b 11, 1, 0 (empty), 4; 200 <= dense_below 250: every block
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    nb_seq = torch.tensor([math.ceil(n / 64) for n in lengths])
+    got = _host_needs_budgets(host, need.numpy(), 700, 64, 3, dense_below=250, cu=cu)
+    want = reference.needs_budgets(need, 3, nb_seq)
+    want = torch.where(torch.tensor(lengths)[:, None] <= 250, nb_seq[:, None].int(), want)  # estimate_needs._plan
+    np.testing.assert_array_equal(got, want.numpy())
+    full = _host_needs_budgets(host, need.numpy(), 700, 64, 3, cu=cu, full=1)  # gamma >= 1: Nb_b, need unread
+    np.testing.assert_array_equal(full, np.broadcast_to(nb_seq.numpy()[:, None], (b, hq)))
+
+
+@pytest.mark.parametrize("permille,with_early", [(1, False), (700, True), (850, False), (1000, True), (0, True)])
+def test_dense_fallback_equals_the_reference(host, permille, with_early):
+    """pa_dense_fallback == plan.dense_fallback (reference.dense_groups | early, apply_dense_groups), padded and
+    packed (query blocks past a sequence's end hold garbage here: never read, never written)."""
+    from proxyattn.plan import BlockPlan, dense_fallback
+
+    gen = torch.Generator().manual_seed(permille + with_early)
+    b, hq, hkv, nb = 3, 8, 4, 10
+    m1 = torch.arange(1, nb + 1, dtype=torch.int32)
+    keep = torch.rand(b, hq, nb, generator=gen)
+    counts = torch.minimum(torch.ceil(keep * m1 * 1.3).int(), m1).clamp_min(1)
+    counts[0, 2:4] = m1  # group 1 of sequence 0 already keeps every block
+    counts[1, 4:6] = torch.minimum(m1, torch.full_like(m1, 9))  # 2 x (55 - 1) = 108 of 110: 981 permille
+    early = torch.rand(b, hkv, generator=gen) < 0.3 if with_early else None
+    cfg = ProxyAttnConfig(block_size=64, dense_density=None if permille == 0 else permille / 1000)
+    assert cfg.dense_density_permille == permille
+    plan = BlockPlan(torch.zeros(b, 1, nb, nb, dtype=torch.int32), counts, counts[..., -1].contiguous(), 64, nb * 64)
+    want = dense_fallback(plan, hkv, cfg, early=early).counts if permille else counts.clone()
+    if permille == 0 and early is not None:  # the library applies early flags whatever permille (rule 3, gamma 1)
+        want = reference.apply_dense_groups(counts, early)[0]
+    got = _host_dense_fallback(host, counts.numpy(), None if early is None else early.numpy(), hkv, nb * 64, 64, permille)
+    np.testing.assert_array_equal(got, want.numpy())
+    # Packed: sequences of 10, 3 and 0 blocks; entries past each end are garbage (-7) and stay untouched.
+    lengths = [640, 150, 0]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    nb_seq = torch.tensor([math.ceil(n / 64) for n in lengths])
+    packed = torch.where(m1 <= nb_seq[:, None, None], counts, torch.full_like(counts, -7))
+    got = _host_dense_fallback(host, packed.numpy(), None if early is None else early.numpy(), hkv, 640, 64, permille,
+                               cu=cu)
+    zeroed = torch.where(m1 <= nb_seq[:, None, None], counts, 0)  # the Python path's padding: 0
+    if permille:
+        want = dense_fallback(dataclasses.replace(plan, counts=zeroed), hkv, cfg, nb_seq, early=early).counts
+    else:
+        want = zeroed if early is None else reference.apply_dense_groups(zeroed, early, nb_seq)[0]
+    inside = (m1 <= nb_seq[:, None, None]).expand_as(counts).numpy()
+    np.testing.assert_array_equal(got[inside], want.numpy()[inside])
+    assert (got[~inside] == -7).all()

@@ -1,7 +1,8 @@
 """Launch parameters: the C launcher against the Python launchers. libproxyattn runs on a recording stand-in for
 libcuda.so.1 (cpp/tests/fake_cuda.cpp), the Python GPU path's launch code runs on CPU tensors with its Triton kernels
 replaced by recorders; every grid, block size and scalar parameter must agree, and pointers must follow the same
-data flow (padded, BHSD and packed batches; the dense, static-budget, recall and row-recall paths)."""
+data flow (padded, BHSD and packed batches; the dense, static-budget, recall and row-recall paths; budget rule 3 and
+the dense fallback, with the needs kernels' chunks of query blocks)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import pytest
 import torch
 
 from proxyattn import ProxyAttnConfig
-from tests.cpp.libproxyattn import LIB_DEFAULT
 from tests.helpers import ROOT
 
 Q, K, V, O, WS, CU = 0x10000000, 0x20000000, 0x30000000, 0x40000000, 0x50000000, 0x60000000
 HELPER_SIZES = {"pa_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 8, 4, 8, 4, 4, 4, 4], "pa_select": [8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
-                "pa_combine_lse": [8, 8, 8, 4, 4, 4]}
+                "pa_combine_lse": [8, 8, 8, 4, 4, 4], "pa_early_dense": [8, 8, 8, 4, 4, 4, 4, 4, 4],
+                "pa_needs_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4], "pa_dense_fallback": [8, 8, 8, 4, 4, 4, 4, 4]}
 
 _C_SIDE = r"""
 import ctypes as C, json
@@ -32,7 +33,7 @@ HELPER_SIZES = json.loads({helper_sizes!r})
 fake = C.CDLL(str(build / "libproxyattn_fakecuda.so"))
 manifest = json.loads((build / "generated" / "manifest.json").read_text())
 for k in manifest["kernels"]:
-    sizes = [8 if t.startswith("*") else 4 for t in k["param_types"]] + [8, 8]
+    sizes = [8 if t.startswith("*") else 1 if t == "i1" else 4 for t in k["param_types"]] + [8, 8]
     fake.fake_set_param_sizes(k["entry"].encode(), (C.c_int * len(sizes))(*sizes), len(sizes))
 for name, sizes in HELPER_SIZES.items():
     fake.fake_set_param_sizes(name.encode(), (C.c_int * len(sizes))(*sizes), len(sizes))
@@ -101,7 +102,7 @@ def _python_launches(case, monkeypatch):
     monkeypatch.setattr(A, "_sparse_attn_fwd_kernel", _Recorder(A._sparse_attn_fwd_kernel, calls, "_sparse_attn_fwd_kernel"))
     monkeypatch.setattr(A, "_env_interpret", lambda: True)  # fixed config: no autotuner
     p = case["problem"]
-    cfg = LIB_DEFAULT
+    cfg = RULE2
     d, hq, hkv, b, s = p["d"], p["hq"], p["hkv"], p["b"], p["s"]
     scale = 1.0 / math.sqrt(d)
     nb = math.ceil(s / cfg.block_size)
@@ -120,11 +121,12 @@ def _python_launches(case, monkeypatch):
         q, k, v = torch.empty(b, s, hq, d, dtype=torch.bfloat16), *(torch.empty(b, s, hkv, d, dtype=torch.bfloat16) for _ in range(2))
         cu = None
     tensors.update({id(q): Q, id(k): K, id(v): V})
+    # The library measures the mass first (the dense fallback's early decision needs it before the scores).
+    EB._launch_mass(q, k, cu, b, s, cfg.block_size, scale, rows=cfg.budget_rule == 2)
     if cu is None:
         ES.proxy_scores(q, k, cfg, scale)
     else:
         ES.proxy_scores_varlen(q, k, cu, s, cfg, scale)
-    EB._launch_mass(q, k, cu, b, s, cfg.block_size, scale, rows=cfg.budget_rule == 2)
     order = torch.zeros(b, cfg.proxy_heads, nb, nb, dtype=torch.int32)
     counts = torch.zeros(b, hq, nb, dtype=torch.int32)
     out, _ = A._launch_sparse(q, k, v, order, counts, cu, s, cfg.block_size, scale, with_lse=True, use_tma=False,
@@ -135,11 +137,14 @@ def _python_launches(case, monkeypatch):
 
 # 9000-token sequences run the estimation with dense_below_tokens 8192 (the default crossover is 32768).
 SPARSE_BELOW = 8192
+# The rules 0-2 cases run budget rule 2 without the dense fallback (rule 3 and the fallback: further below).
+RULE2 = ProxyAttnConfig(budget_rule=2, dense_density=None, dense_below_tokens=SPARSE_BELOW)
+_RULE2_C = {"dense_below_tokens": SPARSE_BELOW, "budget_rule": 2, "dense_density": 0.0}
 LAUNCH_CASES = {
-    "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128), "config": {"dense_below_tokens": SPARSE_BELOW}},
-    "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128, layout=1), "config": {"dense_below_tokens": SPARSE_BELOW}},
+    "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128), "config": _RULE2_C},
+    "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128, layout=1), "config": _RULE2_C},
     "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300],
-               "config": {"dense_below_tokens": SPARSE_BELOW}},
+               "config": _RULE2_C},
 }
 
 
@@ -198,8 +203,8 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
     dense_below = SPARSE_BELOW
     assert bud["params"][8:10] == [0, dense_below]
-    # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2 (the library's default), keep_sink, keep_diagonal.
-    assert bud["params"][10:] == [scores["params"][3], 1, LIB_DEFAULT.budget_rule, 1, 1]
+    # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2, keep_sink, keep_diagonal.
+    assert bud["params"][10:] == [scores["params"][3], 1, 2, 1, 1]
     assert sel["grid"] == [nb, 1, p["b"]] and sel["params"][0] == scores["params"][3]
     assert sel["params"][1] == bud["params"][1] and sel["params"][2:4] == attn["params"][5:7]
     assert sel["params"][4:] == [cu_expect, p["s"], 128, nb, p["hq"], 16, 1, 1, dense_below]
@@ -216,11 +221,19 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     assert dense[1]["params"][-1] == ProxyAttnConfig().dense_below_tokens and dense[1]["grid"] == [16, 1, 2]
     assert dense[2]["grid"] == [2 * 8 * 16, 1, 1]
     # budget_fraction: scores but no attention-mass kernels; the fraction reaches the budgets kernel as a double.
+    # The dense fallback (default 0.9) has no early decision with a fixed fraction (api.early_dense_groups gives
+    # None), only the late one on the plan: pa_dense_fallback with no early flags (NULL) and permille 900.
     frac = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128),
                                "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW}})
     assert [l["entry"] for l in frac] == ["_pool_heads_kernel", "_pool_heads_kernel", "_proxy_scores_kernel",
-                                          "pa_budgets", "pa_select", "_sparse_attn_fwd_kernel"]
+                                          "pa_budgets", "pa_select", "pa_dense_fallback", "_sparse_attn_fwd_kernel"]
     assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
+    fb = frac[5]
+    assert fb["grid"] == [2, 1, 1] and fb["params"][0] == frac[4]["params"][3] == frac[6]["params"][6]  # counts
+    assert fb["params"][1:] == [0, 0, 9000, 128, math.ceil(9000 / 128), 8, 900]
+    off = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128),
+                              "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}})
+    assert "pa_dense_fallback" not in [l["entry"] for l in off]
 
 
 @pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128),
@@ -228,10 +241,10 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
 def test_launches_of_the_recall_budget_rule(build, problem):
     # budget_rule 1: the same kernels and buffers as rule 0; pa_budgets reads the proxy scores the scores kernel
     # wrote, with G rankings.
-    cfg = {"budget_rule": 1, "proxy_heads": 2, "keep_sink": 0}
+    cfg = {"budget_rule": 1, "proxy_heads": 2, "keep_sink": 0, "dense_density": 0.0}
     got = _c_launches(build, {"problem": problem, "config": {**cfg, "dense_below_tokens": SPARSE_BELOW}})
     base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0, "budget_rule": 0,
-                                                                 "dense_below_tokens": SPARSE_BELOW}})
+                                                                 "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}})
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
     scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
@@ -250,7 +263,7 @@ def test_launches_of_the_row_recall_budget_rule(build, problem):
     # pa_budgets with room for the rows' needs in shared memory and the scores of G rankings.
     code = {}
     for rule in (1, 2):
-        cfg = {"budget_rule": rule, "proxy_heads": 2, "dense_below_tokens": SPARSE_BELOW}
+        cfg = {"budget_rule": rule, "proxy_heads": 2, "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}
         code[rule] = _c_run(build, {"problem": problem, "config": cfg})
     got, base = code[2]["launches"], code[1]["launches"]
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
@@ -274,6 +287,214 @@ def test_unset_dense_below_tokens_resolves_as_in_python(build, min_budget_tokens
     s = want + 1  # just above the crossover: the sparse path
     got = _c_launches(build, {"problem": dict(b=1, s=s, hq=8, hkv=2, d=128),
                               "config": {"min_budget_tokens": min_budget_tokens, "dense_below_tokens": -1}})
-    sel = [l for l in got if l["entry"] == "pa_select"][0]
-    assert sel["params"][-1] == want
-    assert got[0]["entry"] == "_pool_heads_kernel"  # not the dense path
+    nbud = [l for l in got if l["entry"] == "pa_needs_budgets"][0]  # the default budget rule 3
+    assert nbud["params"][9] == want
+    assert "_pool_heads_kernel" in [l["entry"] for l in got]  # not the dense path
+
+
+# ----------------------------------------------------------------------------------- budget rule 3, dense fallback
+RULE3_CASES = {
+    "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128)},
+    "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=4, d=128, layout=1), "config": {"proxy_heads": 2, "keep_sink": 0}},
+    "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300]},
+    # 64 query / 8 KV heads (RB 32), 300 blocks: the needs scratch (B * Hkv * Nb * RB * 4 bytes per query block)
+    # holds 216 query blocks under 128 MiB, so the needs kernels run in two chunks (216 + 84 query blocks).
+    "chunked": {"problem": dict(b=2, s=38400, hq=64, hkv=8, d=128)},
+}
+_PY_RULE3_KERNELS = ("_pool_heads_kernel", "_proxy_scores_kernel", "_budget_kernel", "_combine_lse_kernel",
+                     "_early_dense_kernel", "_rank_kernel", "_mass_kernel", "_cut_kernel", "_sparse_attn_fwd_kernel")
+
+
+def _rule3_config(case) -> ProxyAttnConfig:
+    c = case.get("config", {})
+    return ProxyAttnConfig(dense_below_tokens=SPARSE_BELOW, **{k: bool(v) if k == "keep_sink" else v for k, v in c.items()})
+
+
+def _python_rule3_launches(case, monkeypatch):
+    """The Python GPU path of plan_blocks + block_sparse_attention with the default config (budget rule 3 and the dense
+    fallback), recorded on CPU tensors: api.early_dense_groups, proxy_scores, estimate_needs.needs_plan, the sparse
+    kernel. Returns [(kernel, grid, named args)] and {id(tensor): C pointer} for q, k, v (and cu_seqlens)."""
+    from proxyattn.kernels import attention as A
+    from proxyattn.kernels import estimate_budgets as EB
+    from proxyattn.kernels import estimate_needs as EN
+    from proxyattn.kernels import estimate_rank as ER
+    from proxyattn.kernels import estimate_scores as ES
+
+    mods = {"_pool_heads_kernel": ES, "_proxy_scores_kernel": ES, "_budget_kernel": EB, "_combine_lse_kernel": EB,
+            "_early_dense_kernel": EB, "_rank_kernel": ER, "_mass_kernel": EN, "_cut_kernel": EN,
+            "_sparse_attn_fwd_kernel": A}
+    calls = []
+    for name in _PY_RULE3_KERNELS:
+        monkeypatch.setattr(mods[name], name, _Recorder(getattr(mods[name], name), calls, name))
+    monkeypatch.setattr(A, "_env_interpret", lambda: True)  # fixed config: no autotuner
+    cfg = _rule3_config(case)
+    p = case["problem"]
+    d, hq, hkv, b, s = p["d"], p["hq"], p["hkv"], p["b"], p["s"]
+    scale = 1.0 / math.sqrt(d)
+    tensors = {}
+    if "lengths" in case:
+        t = sum(case["lengths"])
+        q, k, v = torch.empty(t, hq, d, dtype=torch.bfloat16), torch.empty(t, hkv, d, dtype=torch.bfloat16), None
+        v = torch.empty_like(k)
+        cu = torch.tensor([0] + list(np.cumsum(case["lengths"])), dtype=torch.int32)
+        tensors[id(cu)] = CU
+        early = EB.early_dense_groups_varlen(q, k, cu, s, cfg, scale)
+        scores = ES.proxy_scores_varlen(q, k, cu, s, cfg, scale)
+        plan = EN.needs_plan_varlen(q, k, cu, s, scores, cfg, scale, early=early)
+    else:
+        if p.get("layout") == 1:
+            q = torch.empty(b, hq, s, d, dtype=torch.bfloat16).transpose(1, 2)
+            k, v = (torch.empty(b, hkv, s, d, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+        else:
+            q, k, v = torch.empty(b, s, hq, d, dtype=torch.bfloat16), *(torch.empty(b, s, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+        cu = None
+        early = EB.early_dense_groups(q, k, cfg, scale)
+        scores = ES.proxy_scores(q, k, cfg, scale)
+        plan = EN.needs_plan(q, k, scores, cfg, scale, early=early)
+    tensors.update({id(q): Q, id(k): K, id(v): V})
+    out, _ = A._launch_sparse(q, k, v, plan.order, plan.counts, cu, s, cfg.block_size, scale, with_lse=True,
+                              use_tma=False, config={"BLOCK_N": 64, "num_warps": 8 if cfg.block_size == 128 else 4,
+                                                     "num_stages": 2 if d == 256 else 3})
+    tensors[id(out)] = O
+    return calls, tensors
+
+
+@pytest.mark.parametrize("name", list(RULE3_CASES))
+def test_block_recall_and_dense_fallback_launches_equal_the_python_launchers(build, monkeypatch, name):
+    """Budget rule 3 with the dense fallback (the default config): the C launch sequence equals the Python GPU path's
+    (api.early_dense_groups, proxy_scores, estimate_needs.needs_plan, the sparse kernel): the same Triton kernels in
+    the same order, chunks of query blocks included, with equal grids, block sizes and scalars, and pointers that
+    follow the same data flow (equal up to renaming); the CUDA C helpers take the place of the Triton early-decision
+    kernel and of the torch ops, on the right buffers."""
+    case = RULE3_CASES[name]
+    cfg = _rule3_config(case)
+    got = _c_run(build, {**case, "config": {"dense_below_tokens": SPARSE_BELOW, **case.get("config", {})}})
+    ws_lo, ws_hi = WS, WS + got["ws"]
+    c_all = got["launches"]
+    manifest = {k["entry"]: k for k in json.loads((build / "generated" / "manifest.json").read_text())["kernels"]}
+    py_calls, tensors = _python_rule3_launches(case, monkeypatch)
+    py = [c for c in py_calls if c[0] not in ("_combine_lse_kernel", "_early_dense_kernel")]
+    c_triton = [l for l in c_all if not l["entry"].startswith(("pa_", "cuMemset"))]
+    assert [l["entry"] for l in c_triton] == [c[0] for c in py]
+    p = case["problem"]
+    b, s, hq, hkv = p["b"], p["s"], p["hq"], p["hkv"]
+    nb = math.ceil(s / 128)
+    n_chunks = sum(1 for c in py if c[0] == "_mass_kernel")
+    assert n_chunks == (2 if name == "chunked" else 1)
+    varlen = "lengths" in case
+    # Pointers: equal up to a renaming (first appearance), q/k/v/out/cu_seqlens fixed; every other C pointer inside
+    # the workspace. Skipped: cu_seqlens of padded batches (read only by VARLEN kernels), pass 0's unused lse, and
+    # the sparse kernel's counts (the Python path's dense fallback makes a new tensor, the library rewrites the
+    # plan's counts in place: checked below).
+    py_label: dict[int, int] = {}
+    c_label: dict[int, int] = {}
+    fixed = {tensors[i]: f"fixed{tensors[i]}" for i in tensors}
+    for c, (entry, grid, named) in zip(c_triton, py):
+        m = manifest[entry]
+        assert tuple(c["grid"]) == grid, (entry, c["grid"], grid)
+        assert c["block"] == named["num_warps"] * 32, entry
+        for pname, ptype, value in zip(m["params"], m["param_types"], c["params"]):
+            want = named[pname]
+            if ptype.startswith("*"):
+                if (pname == "cu_ptr" and not varlen) or (entry == "_budget_kernel" and named["PASS"] == 0 and pname == "lse_ptr"):
+                    continue
+                if entry == "_sparse_attn_fwd_kernel" and pname == "counts_ptr":
+                    continue
+                lp = tensors.get(id(want)) and fixed[tensors[id(want)]] or py_label.setdefault(id(want), len(py_label))
+                lc = fixed.get(value) or c_label.setdefault(value, len(c_label))
+                assert lp == lc, (entry, pname, hex(value))
+                if value not in fixed:
+                    assert ws_lo <= value < ws_hi and value % 16 == 0, (entry, pname, hex(value))
+            elif ptype == "fp32":
+                assert np.uint32(value).view(np.float32) == np.float32(want), (entry, pname, want)
+            elif name == "bhsd" and entry == "_sparse_attn_fwd_kernel" and pname in ("stride_ob", "stride_os", "stride_oh"):
+                want_o = {"stride_ob": hq * s * p["d"], "stride_os": p["d"], "stride_oh": s * p["d"]}
+                assert value == want_o[pname], (pname, value)
+            else:
+                assert np.uint32(value).view(np.int32) == int(want), (entry, pname, value, want)
+        assert c["params"][-2:] == [0, 0]  # Triton 3.6's global and profile scratch pointers
+    # Chunks: m_lo 0, slots, 2 * slots, ...; n_slots per cut grid; the same scratch for every chunk.
+    mass = [c for c in c_triton if c["entry"] == "_mass_kernel"]
+    cut = [c for c in c_triton if c["entry"] == "_cut_kernel"]
+    slots = mass[0]["params"][10]
+    assert [c["params"][9] for c in mass] == list(range(0, nb, slots))
+    assert [c["grid"][1] for c in cut] == [min(slots, nb - lo) for lo in range(0, nb, slots)]
+    assert len({c["params"][4] for c in mass}) == 1 and all(c["params"][0] == mass[0]["params"][4] for c in cut)
+    # The needs scratch [B*Hkv, slots, Nb, RB] float32 lies inside the workspace, disjoint from every other buffer.
+    rb = 1 << (hq // hkv * cfg.recall_rows - 1).bit_length()  # next power of two of group x rows
+    lo, hi = mass[0]["params"][4], mass[0]["params"][4] + b * hkv * slots * nb * rb * 4
+    assert hi <= ws_hi and b * hkv * slots * nb * rb * 4 <= 128 * 2**20
+    others = {v for l in c_all for v in l["params"] if ws_lo <= v < ws_hi and v != lo}
+    assert not any(lo < v < hi for v in others)
+    # The CUDA C helpers, in order, on the right buffers.
+    helpers = [l for l in c_all if l["entry"].startswith(("pa_", "cuMemset"))]
+    assert [l["entry"] for l in helpers] == ["pa_combine_lse", "pa_budgets", "pa_early_dense", "pa_needs_budgets",
+                                             "pa_dense_fallback"]
+    comb, bud0, early, nbud, fb = helpers
+    pass0, pass1 = [c for c in c_triton if c["entry"] == "_budget_kernel"]
+    rank = [c for c in c_triton if c["entry"] == "_rank_kernel"][0]
+    attn = c_triton[-1]
+    cu_h = CU if varlen else 0
+    g = cfg.proxy_heads
+    assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], pass1["params"][5]]
+    # The early decision: the paper's budgets (rule 0, no dense sequences: -1) from pass 1's mean mass, no scores.
+    assert bud0["grid"] == [hq, b, 1] and bud0["params"][0] == pass1["params"][6]
+    assert bud0["params"][2:8] == [cu_h, s, 128, nb, 1, np.float32(0.95).view(np.uint32)]
+    assert bud0["params"][8] == 0 and np.uint32(bud0["params"][9]).view(np.int32) == -1
+    assert bud0["params"][10:] == [0, g, 0, int(cfg.keep_sink), 1]
+    assert early["params"] == [bud0["params"][1], mass[0]["params"][3], cu_h, s, 128, hq, hkv, b, 900]
+    assert early["grid"] == [math.ceil(b * hkv / 256), 1, 1]
+    flags = early["params"][1]
+    assert all(c["params"][3] == flags for c in mass) and all(c["params"][6] == flags for c in cut)  # skip flags
+    # Rule 3's budgets from the needs; the late decision on the cut kernel's counts, in place, read by the sparse kernel.
+    need, counts = cut[0]["params"][7], cut[0]["params"][8]
+    assert nbud["params"] == [need, nbud["params"][1], cu_h, s, 128, nb, hq, b, 16, SPARSE_BELOW, 0]
+    assert fb["grid"] == [hkv, b, 1] and fb["params"] == [counts, flags, cu_h, s, 128, nb, hq, 900]
+    assert attn["params"][5:7] == [rank["params"][1], counts]  # order, counts
+    assert rank["params"][0] == [c for c in c_triton if c["entry"] == "_proxy_scores_kernel"][0]["params"][3]
+
+
+def test_block_recall_without_the_fallback_and_with_gamma_one(build):
+    # dense_density 0: no mass passes and no early decision; the skip flags are zeroed (the compiled kernels keep
+    # SKIP on), no pa_dense_fallback.
+    prob = dict(b=2, s=9000, hq=8, hkv=2, d=128)
+    off = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}})
+    assert [l["entry"] for l in off] == ["cuMemsetD32Async", "_pool_heads_kernel", "_pool_heads_kernel",
+                                         "_proxy_scores_kernel", "_rank_kernel", "_mass_kernel", "_cut_kernel",
+                                         "pa_needs_budgets", "_sparse_attn_fwd_kernel"]
+    assert off[0]["params"][1:] == [0, 2 * 2] and off[0]["params"][0] == off[5]["params"][3] == off[6]["params"][6]
+    # gamma 1: every block, as the Python path's full needs: no needs kernels, the flags set to 1 make every group
+    # keep every causal block (pa_dense_fallback), the reported budgets are Nb_b (full=1).
+    one = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "gamma": 1.0}})
+    assert [l["entry"] for l in one] == ["cuMemsetD32Async", "_pool_heads_kernel", "_pool_heads_kernel",
+                                         "_proxy_scores_kernel", "_rank_kernel", "pa_needs_budgets", "pa_dense_fallback",
+                                         "_sparse_attn_fwd_kernel"]
+    assert one[0]["params"][1:] == [1, 4] and one[6]["params"][1] == one[0]["params"][0]
+    assert one[5]["params"][-1] == 1
+    # KEEP_SINK / KEEP_DIAG reach the ranking kernel as one-byte values, and the cut kernel as int32.
+    nosink = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "keep_sink": 0}})
+    rank = [l for l in nosink if l["entry"] == "_rank_kernel"][0]
+    cut = [l for l in nosink if l["entry"] == "_cut_kernel"][0]
+    assert rank["params"][6:8] == [0, 1] and cut["params"][19:21] == [0, 1]
+
+
+@pytest.mark.parametrize("rule", [0, 1, 2])
+def test_dense_fallback_launches_with_rules_0_to_2(build, rule):
+    # One mass computation serves the early decision (rule 0 budgets, no dense sequences) and the rule's budgets
+    # (rule 2 adds pass 1 with ROWS); the late decision runs on pa_select's counts with the early flags.
+    prob = dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300)
+    got = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "budget_rule": rule}})
+    entries = [l["entry"] for l in got]
+    passes = ["_budget_kernel", "pa_combine_lse", "_budget_kernel"] + (["_budget_kernel"] if rule == 2 else [])
+    assert entries == passes + ["pa_budgets", "pa_early_dense", "_pool_heads_kernel", "_pool_heads_kernel",
+                                "_proxy_scores_kernel", "pa_budgets", "pa_select", "pa_dense_fallback",
+                                "_sparse_attn_fwd_kernel"]
+    kern = [l for l in got if l["entry"] == "_budget_kernel"]
+    bud0, bud = [l for l in got if l["entry"] == "pa_budgets"]
+    early = [l for l in got if l["entry"] == "pa_early_dense"][0]
+    sel, fb = [l for l in got if l["entry"] == "pa_select"][0], [l for l in got if l["entry"] == "pa_dense_fallback"][0]
+    assert bud0["params"][0] == kern[1]["params"][6] and bud0["params"][12] == 0  # mean mass, rule 0
+    assert bud["params"][0] == kern[-1]["params"][6] and bud["params"][12] == rule  # rule 2: the row masses
+    assert bud["params"][9] == SPARSE_BELOW and np.uint32(bud0["params"][9]).view(np.int32) == -1
+    assert early["params"][0] == bud0["params"][1] and early["params"][-1] == 900
+    assert fb["params"][:2] == [sel["params"][3], early["params"][1]] and fb["params"][2] == CU

@@ -1,6 +1,7 @@
 """The TensorRT plugin's logic (cpp/trt/plugin_logic.h) on the CPU through libproxyattn_host: the fields TensorRT
 passes for a node export/contract.py writes are parsed strictly (every field required, types checked, unsupported
-values refused by name), and BHSD dims map to a problem."""
+values refused by name; the default config's budget rule 3 and dense fallback read into the config), and BHSD dims map
+to a problem."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_trt_plugin_reads_the_onnx_node_attributes(host):
     assert (cfg.keep_sink, cfg.keep_diagonal, cfg.dense_below_tokens) == (0, 1, pc.dense_below_tokens)
     assert cfg.gamma == pytest.approx(0.9) and cfg.budget_fraction == pytest.approx(0.25) and scale == 0.0625
     assert cfg.budget_rule == 1
-    for rule in (0, 2):
+    for rule in (0, 2, 3):
         st, cfg, _, err = _parse_fields(host, {**attrs, "pa_budget_rule": rule})
         assert st == 0 and cfg.budget_rule == rule, err
     st, cfg, _, err = _parse_fields(host, {k: v for k, v in attrs.items() if k != "pa_budget_rule"})
@@ -95,24 +96,20 @@ def test_trt_plugin_refuses_mistyped_fields(host, change, retyped, needle):
     assert st == -1 and needle in err, err
 
 
-@pytest.mark.parametrize("value", [0.7, 1.0, 0.001])
-def test_trt_plugin_refuses_the_dense_fallback(host, value):
-    """pa_dense_density (ProxyAttnConfig.dense_density; None travels as 0.0) is declared and required, but only 0.0
-    (no dense fallback) is accepted: the fallback runs in the Python / Triton path only, so a node asking for it is
-    refused by name rather than run without it."""
-    attrs = _node_fields()
-    assert attrs["pa_dense_density"] == 0.0
-    st, _, _, err = _parse_fields(host, attrs)
+def test_trt_plugin_reads_the_default_config_node(host):
+    """The exporter's node for ProxyAttnConfig() (budget rule 3, recall_rows 4, the dense fallback at 0.9: what every
+    engine is built with) parses into the library's default config; pa_dense_density 0.0 (None) turns the fallback
+    off, any value in (0, 1] is carried."""
+    attrs = _node_fields(ProxyAttnConfig())
+    assert attrs["pa_dense_density"] == pytest.approx(0.9) and attrs["pa_budget_rule"] == 3
+    st, cfg, _, err = _parse_fields(host, attrs)
     assert st == 0, err
-    st, _, _, err = _parse_fields(host, {**attrs, "pa_dense_density": value})
-    assert st == -1 and err.startswith("pa_dense_density=") and "is not supported" in err, err
-    assert "the dense fallback runs in the Python / Triton path only; allowed: 0 (off)" in err, err
-    # The exporter's node for Python's default config (dense_density 0.7) is refused alike.
-    if value == 0.7:
-        default = _node_fields(dataclasses.replace(LIB_DEFAULT, dense_density=0.7))
-        assert default["pa_dense_density"] == pytest.approx(0.7)
-        st, _, _, err = _parse_fields(host, default)
-        assert st == -1 and "pa_dense_density=0.7" in err and "allowed: 0 (off)" in err, err
+    assert (cfg.budget_rule, cfg.recall_rows) == (3, 4) and cfg.dense_density == pytest.approx(0.9)
+    for value in (0.0, 0.001, 0.7, 1.0):
+        st, cfg, _, err = _parse_fields(host, {**attrs, "pa_dense_density": value, "pa_recall_rows": 8})
+        assert st == 0 and cfg.dense_density == pytest.approx(value) and cfg.recall_rows == 8, err
+    off = _node_fields(dataclasses.replace(ProxyAttnConfig(), dense_density=None))
+    assert off["pa_dense_density"] == 0.0 and _parse_fields(host, off)[1].dense_density == 0.0
 
 
 def test_trt_plugin_test_bridge_never_truncates(host):
@@ -136,12 +133,12 @@ def test_trt_plugin_declares_every_node_attribute(host):
 @pytest.mark.parametrize("change,needle", [
     ({"sliding_window": 512}, "sliding_window=512"), ({"is_causal": 0}, "is_causal=0"),
     ({"pa_estimator": 1}, "pa_estimator=1"), ({"pa_gamma": 1.5}, "gamma=1.5"), ({"bogus": 1}, "unknown field bogus"),
-    ({"pa_budget_rule": 3}, "pa_budget_rule=3 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall)"),
+    ({"pa_budget_rule": 4}, "pa_budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)"),
     ({"pa_budget_rule": -1}, "pa_budget_rule=-1"),
-    ({"pa_budget_rule": 3}, "(3, block_recall, runs in the Python / Triton path only)"),
     ({"pa_recall_rows": 3}, "pa_recall_rows=3 must be a power of two"),
     ({"pa_recall_rows": 128, "pa_block_size": 64}, "pa_recall_rows=128 must divide pa_block_size=64"),
-    ({"pa_dense_density": 0.7}, "pa_dense_density=0.7"),
+    ({"pa_dense_density": 1.5}, "pa_dense_density=1.500000 must be 0 (no dense fallback) or lie in (0, 1]"),
+    ({"pa_dense_density": -0.5}, "pa_dense_density=-0.5"),
 ])
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
     from export.contract import STRING_ATTRS, encode_attrs
