@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""H200 check of libproxyattn (cpp/): the C library's output against the PyTorch path, and both timed.
+"""GPU check of libproxyattn (cpp/): the C library's output against the PyTorch path, and both timed.
 
 Run on the device machine (not in the CPU suite), from the repository root:
 
@@ -10,12 +10,16 @@ and carried); --build makes one with cmake first. --alt DIRs are quick builds wi
 against the main one. Every check draws fresh inputs and poisons outputs with NaN (an unwritten element fails).
 
 1. Every compiled variant (bf16/fp16 x D 64/128/256 x block 64/128 x padded/varlen), small ragged shapes, sparse
-   config: the library's plan against the fp32 reference plan (up to score ties: proxyattn.testing), its output and
-   LSE against the fp32 reference attention on the library's own plan.
-2. 8K-32K, Llama-3-8B attention shapes (32 q / 8 KV heads, D 128, bf16), structured and random inputs, default
-   config: output against proxyattn.proxy_attention (the PyTorch/Triton path) within bf16 tolerance, plan agreement,
-   and the Python block-sparse kernel on the library's plan; a packed varlen batch against proxy_attention_varlen;
-   the dense path; CUDA-graph capture of the C call.
+   config with the default budget rule 3 and dense fallback: the library's plan (order, counts, budgets) equal to
+   proxyattn.plan_blocks / plan_blocks_varlen on the GPU (the same Triton kernels: exact), its output and LSE against
+   the fp32 reference attention on the library's own plan; rules 0-2 (with the fallback) on one variant per layout
+   against the fp32 reference plan (up to score ties: proxyattn.testing).
+2. 8K-32K, Llama-3-8B attention shapes (32 q / 8 KV heads, D 128, bf16), structured and random inputs, the default
+   config (dense up to its crossover, 32K) and the default with dense_below_tokens 8192 (rule 3 and the dense
+   fallback on the sparse path; random inputs send every group dense by the early decision): output against
+   proxyattn.proxy_attention (the PyTorch/Triton path) within bf16 tolerance, plan agreement with plan_blocks, and the
+   Python block-sparse kernel on the library's plan; rules 0-2 with the fallback at 16K; a packed varlen batch
+   against proxy_attention_varlen; the dense path; CUDA-graph capture of the C call.
 3. The example program (.npy in, .npy out) at 8K against the same output.
 4. Timing (do_bench median, rotated inputs): libproxyattn vs proxy_attention vs dense attention at 8K/16K/32K.
 
@@ -45,7 +49,7 @@ from triton.testing import do_bench
 
 import proxyattn
 from proxyattn import ProxyAttnConfig, reference
-from proxyattn.plan import BlockPlan, compact_plan
+from proxyattn.plan import BlockPlan, compact_plan, dense_fallback
 from tests.cpp.libproxyattn import Config, Problem, load_lib  # the C API as the CPU tests declare it
 from proxyattn.testing import budget_mismatches, plan_mismatches, row_budget_mismatches, structured_qkv
 from tests.helpers import assert_close
@@ -86,7 +90,8 @@ class Lib:
     @staticmethod
     def config(cfg: ProxyAttnConfig) -> Config:
         return Config(cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.gamma, cfg.min_budget_tokens, int(cfg.keep_sink),
-                      int(cfg.keep_diagonal), cfg.dense_below_tokens, cfg.budget_fraction or 0.0, cfg.budget_rule)
+                      int(cfg.keep_diagonal), cfg.dense_below_tokens, cfg.budget_fraction or 0.0, int(cfg.budget_rule),
+                      cfg.recall_rows, cfg.dense_density or 0.0)
 
     @staticmethod
     def problem(q, k, cu=None, max_seqlen=None, scale=None, bhsd=False) -> Problem:
@@ -213,11 +218,39 @@ def check_plan_vs_reference(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, scale: 
             else torch.full_like(plan.budget_blocks, nb)
         bad_budgets = int((want != plan.budget_blocks).sum())
     ref_plan = compact_plan(scores, plan.budget_blocks, s, cfg)  # same budgets: isolates the selection
+    if cfg.dense_density_permille:  # the dense fallback: the GPU path's early decision, the late one on the plan
+        ref_plan = dense_fallback(ref_plan, k.shape[2], cfg, early=proxyattn.early_dense_groups(q, k, cfg, scale=scale))
     bad_rows = plan_mismatches(plan, ref_plan, scores, min_blocks=cfg.min_budget_blocks)
     assert bad_budgets == 0, f"{bad_budgets} budgets differ from the reference beyond ties"
     assert bad_rows == 0, f"{bad_rows} plan rows differ from the reference beyond score ties"
     rows_identical = float(((plan.to_mask() == ref_plan.to_mask()).all(-1)).float().mean())
     return {"rows_identical": round(rows_identical, 5), "density": round(float(plan.density().mean()), 4)}
+
+
+def check_plan_vs_python(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, cu=None, max_seqlen=None) -> dict:
+    """The library's plan against the GPU path's (proxyattn.plan_blocks / plan_blocks_varlen: the same Triton kernels
+    for scores, rankings and rule 3's needs, torch ops where the library has CUDA C helpers): kept blocks, counts and
+    budgets equal, query blocks of each sequence (packed: its own Nb_b) only."""
+    if cu is None:
+        py = proxyattn.plan_blocks(q, k, cfg)
+        nbs = [plan.num_blocks] * q.shape[0]
+        if q.shape[1] <= cfg.dense_below_tokens:
+            raise AssertionError("check_plan_vs_python needs a sparse sequence")
+    else:
+        py = proxyattn.plan_blocks_varlen(q, k, cu, max_seqlen, cfg)
+        nbs = [-(-int(n) // cfg.block_size) for n in (cu[1:] - cu[:-1]).tolist()]
+    mc, mp = plan.to_mask(), py.to_mask()
+    rows = diff_rows = 0
+    for i, n in enumerate(nbs):
+        same = (mc[i, :, :n, :n] == mp[i, :, :n, :n]).all(-1) & (plan.counts[i, :, :n] == py.counts[i, :, :n])
+        rows += same.numel()
+        diff_rows += int((~same).sum())
+    same_budgets = bool(torch.equal(plan.budget_blocks, py.budget_blocks))
+    dense = None if py.dense_heads is None else int(py.dense_heads.sum())
+    info = {"plan_rows": rows, "rows_differing_from_plan_blocks": diff_rows, "budgets_equal": same_budgets,
+            "dense_heads_py": dense, "density_c": round(float(plan.density().mean()), 4)}
+    assert diff_rows == 0 and same_budgets, f"the library's plan differs from plan_blocks: {info}"
+    return info
 
 
 def fresh(b, s, hq, hkv, d, dtype, kind: str, seed: int):
@@ -260,15 +293,21 @@ def check_variant(lib: Lib, dtype, d: int, bs: int, varlen: bool, seed: int, rul
             nbi = -(-n // bs)
             sub = BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
                             plan.budget_blocks[i : i + 1].contiguous(), bs, n)
-            info[f"seq{i}"] = check_plan_vs_reference(sub, qi, ki, cfg, scale)
+            if cfg.budget_rule != 3:
+                info[f"seq{i}"] = check_plan_vs_reference(sub, qi, ki, cfg, scale)
             ro, rl = reference.block_sparse_attention(qi, ki, vi, sub.to_mask(), block_size=bs, scale=scale)
             assert_close(out[lo : lo + n], ro[0], prec(dtype), what=f"out seq {i}")
             assert_close(lse[:, lo : lo + n], rl[0], "fp16", what=f"lse seq {i}")
+        if cfg.budget_rule == 3:
+            info["plan_vs_plan_blocks_varlen"] = check_plan_vs_python(plan, q, k, cfg, cu=cu, max_seqlen=max(lengths))
     else:
         q, k, v = (torch.cat([x[j] for x in seqs]).contiguous() for j in range(3))
         out, lse = lib.prefill(q, k, v, cfg, lse=True)
         plan = lib.plan(q, k, cfg)
-        info["plan"] = check_plan_vs_reference(plan, q, k, cfg, scale)
+        if cfg.budget_rule == 3:
+            info["plan"] = check_plan_vs_python(plan, q, k, cfg)
+        else:
+            info["plan"] = check_plan_vs_reference(plan, q, k, cfg, scale)
         ro, rl = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=bs, scale=scale)
         assert_close(out, ro, prec(dtype), what="out")
         assert_close(lse, rl, "fp16", what="lse")
@@ -276,9 +315,14 @@ def check_variant(lib: Lib, dtype, d: int, bs: int, varlen: bool, seed: int, rul
     return info
 
 
-def check_large(lib: Lib, s: int, kind: str, seed: int) -> dict:
-    """Llama-3-8B shapes, default config: library vs proxyattn.proxy_attention."""
-    cfg = ProxyAttnConfig()
+# The default config on the sparse path at 16K-32K (its crossover is 32K): budget rule 3 and the dense fallback.
+SPARSE_DEFAULT = ProxyAttnConfig(dense_below_tokens=8192)
+
+
+def check_large(lib: Lib, s: int, kind: str, seed: int, cfg: ProxyAttnConfig | None = None) -> dict:
+    """Llama-3-8B shapes, default config (or `cfg`): library vs proxyattn.proxy_attention; on the sparse path the
+    plan equals plan_blocks'."""
+    cfg = cfg or ProxyAttnConfig()
     q, k, v = fresh(1, s, 32, 8, 128, torch.bfloat16, kind, seed)
     out = lib.prefill(q, k, v, cfg)
     ref = proxyattn.proxy_attention(q, k, v, cfg)
@@ -293,12 +337,16 @@ def check_large(lib: Lib, s: int, kind: str, seed: int) -> dict:
             "density_c": round(float(plan_c.density().mean()), 4), "density_py": round(float(plan_py.density().mean()), 4)}
     assert_close(out, on_c_plan, "bf16", what="library vs Python kernel on the library's plan")
     assert_close(out, ref, "bf16", what="library vs proxy_attention")
+    if s > cfg.dense_below_tokens:
+        info["plan_vs_plan_blocks"] = check_plan_vs_python(plan_c, q, k, cfg)
+        if plan_py.dense_heads is not None:
+            info["dense_heads"] = int(plan_py.dense_heads.sum())
     return info
 
 
-def check_varlen_large(lib: Lib) -> dict:
-    cfg = ProxyAttnConfig()
-    lengths = [1500, 5000, 8269]  # 1500 <= dense_below_tokens: dense
+def check_varlen_large(lib: Lib, cfg: ProxyAttnConfig | None = None) -> dict:
+    cfg = cfg or ProxyAttnConfig(dense_below_tokens=4096)  # rule 3 and the fallback; 1500 <= 4096: dense
+    lengths = [1500, 5000, 8269]
     parts = [fresh(1, n, 32, 8, 128, torch.bfloat16, "structured", 40 + i) for i, n in enumerate(lengths)]
     q, k, v = (torch.cat([p[j][0] for p in parts]).contiguous() for j in range(3))
     cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32, device=DEV)
@@ -309,12 +357,14 @@ def check_varlen_large(lib: Lib) -> dict:
         lo = int(cu[i])
         alone = proxyattn.proxy_attention(*(x[None, lo : lo + n] for x in (q, k, v)), cfg)[0]
         assert_close(out[lo : lo + n], alone, "bf16", what=f"varlen sequence {i} vs proxy_attention alone")
-    return {"rel": f"{rel(out, ref):.2e}", "lengths": lengths}
+    plan = lib.plan(q, k, cfg, cu=cu, max_seqlen=max(lengths))
+    return {"rel": f"{rel(out, ref):.2e}", "lengths": lengths,
+            "plan_vs_plan_blocks_varlen": check_plan_vs_python(plan, q, k, cfg, cu=cu, max_seqlen=max(lengths))}
 
 
 def check_bhsd(lib: Lib) -> dict:
     """[B, H, S, D] inputs (the ONNX node's layout) give the transposed output of the [B, S, H, D] call."""
-    cfg = ProxyAttnConfig()
+    cfg = ProxyAttnConfig(dense_below_tokens=4096)
     q, k, v = fresh(2, 8192, 16, 4, 128, torch.bfloat16, "structured", 61)
     out = lib.prefill(q, k, v, cfg)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
@@ -337,7 +387,7 @@ def check_dense(lib: Lib) -> dict:
 
 
 def check_graph(lib: Lib) -> dict:
-    cfg = ProxyAttnConfig()
+    cfg = SPARSE_DEFAULT  # rule 3, the dense fallback, the needs kernels' chunks: all captured
     q, k, v = fresh(1, 8192, 32, 8, 128, torch.bfloat16, "structured", 77)
     eager = lib.prefill(q, k, v, cfg)
     out = torch.full_like(q, float("nan"))
@@ -495,6 +545,15 @@ def main() -> int:
     if stage in ("all", "large"):
         for s in sizes:
             record(f"large structured S={s}", lambda: check_large(lib, s, "structured", seed=s))
+        for s in sizes:
+            if s > SPARSE_DEFAULT.dense_below_tokens:
+                record(f"large structured S={s} rule 3 + dense fallback (dense_below 8192)",
+                       lambda: check_large(lib, s, "structured", seed=s + 1, cfg=SPARSE_DEFAULT))
+        record("large random S=16384 rule 3 + dense fallback (every group dense early)",
+               lambda: check_large(lib, 16384, "random", seed=4, cfg=SPARSE_DEFAULT))
+        for rule in (0, 1, 2):
+            record(f"large structured S=16384 budget_rule {rule} + dense fallback",
+                   lambda: check_large(lib, 16384, "structured", seed=20 + rule, cfg=SPARSE_DEFAULT.replace(budget_rule=rule)))
         dump()
     if stage in ("all", "example"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -522,7 +581,7 @@ def main() -> int:
                         record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
                                lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
             dump()
-        for rule in (0, 1):  # the default is rule 2; the other budget rules on one variant each layout
+        for rule in (0, 1, 2):  # the default is rule 3; the other budget rules on one variant each layout
             for varlen in (False, True):
                 record(f"variant bf16 D128 block128 {'varlen' if varlen else 'padded'} budget_rule {rule}",
                        lambda: check_variant(lib, torch.bfloat16, 128, 128, varlen, seed=7 + rule, rule=rule))
@@ -567,10 +626,12 @@ def dry_run(args) -> int:
     for dtype, d, bs, varlen in ((torch.bfloat16, 64, 64, False), (torch.float16, 128, 128, True)):
         record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
                lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
-    for rule in (0, 1):
+    for rule in (0, 1, 2):
         record(f"variant bf16 D64 block64 varlen budget_rule {rule}",
                lambda: check_variant(lib, torch.bfloat16, 64, 64, True, seed=7 + rule, rule=rule))
     record("large structured (dry, S=2304)", lambda: check_large(lib, 2304, "structured", seed=1))
+    record("large structured (dry, S=2304) rule 3 + dense fallback",
+           lambda: check_large(lib, 2304, "structured", seed=1, cfg=ProxyAttnConfig(dense_below_tokens=1024)))
     print(json.dumps(RESULTS, indent=1))
     return 0 if all(r["ok"] for r in RESULTS) else 1
 

@@ -29,7 +29,7 @@ def test_compiled_variant(lib, variant):
     cc.check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen)
 
 
-@pytest.mark.parametrize("rule", [0, 1])
+@pytest.mark.parametrize("rule", [0, 1, 2])
 @pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
 def test_other_budget_rules(lib, rule, varlen):
     cc.check_variant(lib, torch.bfloat16, 128, 128, varlen, seed=7 + rule, rule=rule)
@@ -38,6 +38,20 @@ def test_other_budget_rules(lib, rule, varlen):
 @pytest.mark.parametrize("s", [8192, 16384, pytest.param(32768, marks=pytest.mark.slow)])
 def test_large_structured(lib, s):
     cc.check_large(lib, s, "structured", seed=s)
+
+
+@pytest.mark.parametrize("s", [16384, pytest.param(32768, marks=pytest.mark.slow)])
+def test_large_structured_rule3_and_dense_fallback(lib, s):
+    cc.check_large(lib, s, "structured", seed=s + 1, cfg=cc.SPARSE_DEFAULT)
+
+
+def test_large_random_every_group_dense_early(lib):
+    cc.check_large(lib, 16384, "random", seed=4, cfg=cc.SPARSE_DEFAULT)
+
+
+@pytest.mark.parametrize("rule", [0, 1, 2])
+def test_large_rules_0_to_2_with_dense_fallback(lib, rule):
+    cc.check_large(lib, 16384, "structured", seed=20 + rule, cfg=cc.SPARSE_DEFAULT.replace(budget_rule=rule))
 
 
 def test_large_random(lib):
