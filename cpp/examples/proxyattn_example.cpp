@@ -3,7 +3,8 @@
 //
 //   proxyattn_example --q q.npy --k k.npy --v v.npy --out out.npy [--dtype bf16|fp16] [--block-size 128]
 //                     [--stride 4] [--proxy-heads 1] [--gamma 0.95] [--min-budget-tokens 2048]
-//                     [--dense-below-tokens N] [--budget-fraction F] [--budget-rule 0|1|2] [--scale S] [--lse lse.npy]
+//                     [--dense-below-tokens N] [--budget-fraction F] [--budget-rule 0|1|2|3] [--recall-rows N]
+//                     [--dense-density F] [--scale S] [--lse lse.npy]
 //                     [--warmup 1] [--repeat 0]
 //
 // q is [B, S, Hq, D], k and v [B, S, Hkv, D], stored as float32 ('<f4'), float16 ('<f2') or bfloat16 bits
@@ -83,7 +84,8 @@ Args parse(int argc, char **argv) {
     if (key == "-h" || key == "--help") {
       std::printf("usage: proxyattn_example --q q.npy --k k.npy --v v.npy --out out.npy [options]\n"
                   "  --dtype bf16|fp16 --block-size N --stride N --proxy-heads N --gamma F\n"
-                  "  --min-budget-tokens N --dense-below-tokens N --budget-fraction F --budget-rule 0|1|2 --scale F\n"
+                  "  --min-budget-tokens N --dense-below-tokens N --budget-fraction F --budget-rule 0|1|2|3\n"
+                  "  --recall-rows N --dense-density F (0: no dense fallback) --scale F\n"
                   "  --lse lse.npy --warmup N --repeat N\n");
       std::exit(0);
     }
@@ -103,6 +105,8 @@ Args parse(int argc, char **argv) {
     else if (key == "--dense-below-tokens") a.cfg.dense_below_tokens = std::atoi(val.c_str());
     else if (key == "--budget-fraction") a.cfg.budget_fraction = std::strtof(val.c_str(), nullptr);
     else if (key == "--budget-rule") a.cfg.budget_rule = std::atoi(val.c_str());
+    else if (key == "--recall-rows") a.cfg.recall_rows = std::atoi(val.c_str());
+    else if (key == "--dense-density") a.cfg.dense_density = std::strtof(val.c_str(), nullptr);
     else if (key == "--scale") a.scale = std::strtof(val.c_str(), nullptr);
     else if (key == "--warmup") a.warmup = std::atoi(val.c_str());
     else if (key == "--repeat") a.repeat = std::atoi(val.c_str());
