@@ -371,7 +371,7 @@ def test_estimators_without_a_plugin_are_refused():
     from plugins.tensorrt.graph import to_tensorrt_graph
 
     model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, estimator=1), 0.125)
-    with pytest.raises(ValueError, match=r"pa_estimator=1 has no TensorRT plugin; allowed: 0"):
+    with pytest.raises(ValueError, match=r"pa_estimator=1 \(head_max\) has no TensorRT plugin; allowed: 0 \(proxy"):
         to_tensorrt_graph(model, max_seq_len=1024)
 
 
