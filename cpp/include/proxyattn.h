@@ -168,8 +168,10 @@ PROXYATTN_API proxyattn_status_t proxyattn_prefill(const proxyattn_problem_t *pr
  *   order   int32 [B, G, Nb, Nb] (G = proxy_heads; row m lists key blocks 0..m in keep order),
  *   counts  int32 [B, Hq, Nb]    (head h keeps the first counts[b, h, m] entries of order[b, h / (Hq / G), m]),
  *   budgets int32 [B, Hq]        (budget in key blocks; may be NULL),
- * Nb = ceil(seq_len / block_size). Query blocks past a varlen sequence's end are left unwritten. Dense
- * sequences (length <= dense_below_tokens) get the keep-everything plan (order 0..Nb-1, counts m+1) and a budget of
+ * Nb = ceil(seq_len / block_size). Query blocks past a varlen sequence's end are unused: left unwritten by
+ * budget rules 0-2; budget rule 3 writes counts 0 there and order rows ranked from the padding. Dense
+ * sequences (length <= dense_below_tokens) get the keep-everything plan (counts m+1; order 0..Nb-1, with budget
+ * rule 3 as ranked) and a budget of
  * their own block count; the heads of KV groups sent to the dense fallback keep every causal block (counts m+1,
  * order as ranked). Same workspace as proxyattn_prefill().
  */
