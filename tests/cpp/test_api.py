@@ -198,6 +198,21 @@ def test_prefill_checks_arguments_before_touching_the_gpu(lib):
     assert prefill(lib, prob, cfg) == NOT_COMPILED and b"stride=8" in lib.proxyattn_last_error()
 
 
+def test_block_recall_refuses_uncompiled_rows_and_groups_by_name(lib):
+    # Budget rule 3's needs kernels are compiled for recall_rows 4 and up to 8 query heads per KV head.
+    s = ProxyAttnConfig().dense_below_tokens + 1
+    cfg = default_config(lib)
+    assert prefill(lib, problem(s=s, hq=16, hkv=1), cfg) == NOT_COMPILED
+    msg = lib.proxyattn_last_error()
+    assert b"budget_rule=3 with recall_rows=4 and 16 query heads per KV head" in msg and b"MAX_NEEDS_GROUP" in msg
+    cfg.recall_rows = 8
+    assert prefill(lib, problem(s=s, hq=8, hkv=2), cfg) == NOT_COMPILED
+    assert b"recall_rows=8" in lib.proxyattn_last_error()
+    cfg.budget_rule = 2  # recall_rows is read by rule 3 only; rule 2 never needs these kernels
+    n = C.c_size_t(0)
+    assert lib.proxyattn_workspace_size(C.byref(problem(s=s, hq=16, hkv=1)), C.byref(cfg), C.byref(n)) == SUCCESS
+
+
 def test_prefill_without_a_driver_reports_it(build):
     code = f"""
 from pathlib import Path
