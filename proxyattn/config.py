@@ -193,9 +193,8 @@ class ProxyAttnConfig:
             that block's own ranking holding gamma of the mass of each of `recall_rows` query rows of the block (its
             last row and every block_size / recall_rows-th row before it), at least min_budget_tokens
             (`proxyattn.reference.block_needs`). It meets the copy target at every measured length of both packaged
-            models at lower density than row_recall (docs/accuracy.md). The Triton kernels, the reference and the
-            TensorRT graph implement all four; libproxyattn implements mass, recall and row_recall and refuses
-            block_recall by name.
+            models at lower density than row_recall (docs/accuracy.md). The Triton kernels, the reference, the
+            TensorRT graph and libproxyattn implement all four (docs/deploy.md, per backend).
         recall_rows: query rows per block that budget_rule "block_recall" measures (a power of two dividing
             block_size); ignored by the other rules.
         dense_density: the dense fallback. A KV group (the query heads sharing one KV head) whose plan keeps at
