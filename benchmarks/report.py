@@ -225,7 +225,7 @@ def write_summary(files: list[str]) -> str:
 
 README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 BEGIN, END = "<!-- report.py performance: begin -->", "<!-- report.py performance: end -->"
-_KEY_LENGTHS = (16384, 32768, 65536, 131072)
+_KEY_LENGTHS = (16384, 32768, 40960, 65536, 131072)
 _KEY_METHODS = ("default", "default, no dense fallback", "budget_rule=2", "budget_fraction=0.1")
 
 
