@@ -46,6 +46,7 @@ def _on_sigterm(signum, frame):
 def _parser() -> argparse.ArgumentParser:
     from engines.models import MODELS
     from engines.pipeline import BACKENDS, PRECISIONS
+    from proxyattn.config import BudgetRule, Estimator
 
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help=f"one of: {', '.join(MODELS)} (default smollm2-135m)")
@@ -56,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: fp32 for ONNX Runtime, bf16 for TensorRT")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TensorRT when installed, else ONNX Runtime")
     p.add_argument("--gamma", type=float, default=None, help="ProxyAttn gamma (default: the model's config, 0.95)")
+    p.add_argument("--budget-rule", type=BudgetRule.cli_type(), default=None,
+                   help=f"ProxyAttn budget rule, by name or number: {BudgetRule.allowed()} (default: the model's config)")
+    p.add_argument("--estimator", type=Estimator.cli_type(), default=None,
+                   help=f"ProxyAttn block-score estimator: {Estimator.allowed()} (default: the model's config)")
     p.add_argument("--out", default=None, help="output directory (default build/<model>)")
     p.add_argument("--force", action="store_true", help="rebuild every stage even if its inputs did not change")
     p.add_argument("--max-batch", type=int, default=8, help="max batch size of the served models (default 8)")
@@ -131,7 +136,8 @@ def _build(args) -> int:
     from engines.pipeline import BuildRequest, resolve, run
 
     req = BuildRequest(model=args.model, weights=args.weights, random_weights=args.random_weights, profiles=tuple(args.profiles),
-                       precision=args.precision, backend=args.backend, gamma=args.gamma, out=args.out, force=args.force,
+                       precision=args.precision, backend=args.backend, gamma=args.gamma, budget_rule=args.budget_rule,
+                       estimator=args.estimator, out=args.out, force=args.force,
                        max_batch=args.max_batch, parity=not args.no_parity)
     plan = resolve(req)
     try:

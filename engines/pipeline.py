@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from proxyattn.config import ProxyAttnConfig
+from proxyattn.config import Estimator, ProxyAttnConfig
 
 from .artifacts import Manifest, atomic_dir, atomic_write_bytes, remove_atomically, tool_versions, tree_hashes
 from .build_dir import OUTPUTS, check_out_dir, clean_temporaries
@@ -64,6 +64,8 @@ class BuildRequest:
     precision: str = "auto"
     backend: str = "auto"
     gamma: float | None = None
+    budget_rule: object = None  # a BudgetRule, its name or number (None: the model's config)
+    estimator: object = None  # an Estimator, its name or number (None: the model's config)
     out: str | None = None
     force: bool = False
     max_batch: int = 8
@@ -121,6 +123,13 @@ def resolve(req: BuildRequest) -> BuildPlan:
     config = spec.proxyattn
     if req.gamma is not None:
         config = config.replace(gamma=float(req.gamma))  # validated by ProxyAttnConfig
+    if req.budget_rule is not None:
+        config = config.replace(budget_rule=req.budget_rule)  # a name or number, validated by ProxyAttnConfig
+    if req.estimator is not None:
+        config = config.replace(estimator=req.estimator)
+    if backend == "tensorrt" and config.estimator is not Estimator.PROXY:
+        raise ValueError(f"--estimator {config.estimator.label} with TensorRT: the plugin graph implements "
+                         f"{Estimator.PROXY.label} only (use --backend onnxruntime for {config.estimator.label})")
     from export.contract import encode_attrs
 
     encode_attrs(config, scale=1.0)  # refuses a gamma the ONNX/TensorRT attributes cannot carry exactly

@@ -106,3 +106,31 @@ def test_backend_resolution_with_and_without_tensorrt(monkeypatch):
     assert (plan.backend, plan.precision) == ("tensorrt", "bf16")
     with pytest.raises(ValueError, match="plugin kernels take fp16 or bf16"):
         pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", precision="fp32"))
+    with pytest.raises(ValueError, match="--estimator head_max with TensorRT: the plugin graph implements proxy only"):
+        pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", estimator="head_max"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget-rule", "fastest"], "'fastest' is not supported; allowed: mass (0), recall (1), row_recall (2), block_recall (3)"),
+    (["--estimator", "7"], "'7' is not supported; allowed: proxy (0), head_max (1), block_mean (2)"),
+])
+def test_bad_budget_rule_or_estimator_flag_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    import build
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        build.main(["--model", "tiny-llama", *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_budget_rule_and_estimator_flags_take_names_and_numbers():
+    import build
+    from engines import pipeline
+    from proxyattn.config import BudgetRule, Estimator
+
+    args = build._parser().parse_args(["--model", "tiny-llama", "--budget-rule", "row_recall", "--estimator", "1"])
+    assert (args.budget_rule, args.estimator) == (BudgetRule.ROW_RECALL, Estimator.HEAD_MAX)
+    plan = pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", budget_rule=args.budget_rule, backend="onnxruntime"))
+    assert plan.config.budget_rule is BudgetRule.ROW_RECALL and plan.config.estimator is Estimator.PROXY
+    assert pipeline.resolve(pipeline.BuildRequest(model="tiny-llama")).config.budget_rule is BudgetRule.BLOCK_RECALL
