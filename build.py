@@ -53,29 +53,47 @@ def _parser() -> argparse.ArgumentParser:
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", metavar="DIR", help="transformers checkpoint directory (llama3-8b, llama3.1-8b, qwen2.5-7b, mistral-7b)")
     w.add_argument("--random-weights", action="store_true", help="random weights: a structural build")
-    p.add_argument("--profiles", nargs="+", metavar="P", default=(), help="profile names of the model, or MIN:OPT:MAX (default: all of the model's)")
+    p.add_argument(
+        "--profiles", nargs="+", metavar="P", default=(), help="profile names of the model, or MIN:OPT:MAX (default: all of the model's)"
+    )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: fp32 for ONNX Runtime, bf16 for TensorRT")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TensorRT when installed, else ONNX Runtime")
     p.add_argument("--gamma", type=float, default=None, help="ProxyAttn gamma (default: the model's config, 0.95)")
-    p.add_argument("--budget-rule", type=BudgetRule.cli_type(), default=None,
-                   help=f"ProxyAttn budget rule, by name or number: {BudgetRule.allowed()} (default: the model's config)")
-    p.add_argument("--estimator", type=Estimator.cli_type(), default=None,
-                   help=f"ProxyAttn block-score estimator: {Estimator.allowed()} (default: the model's config)")
+    p.add_argument(
+        "--budget-rule",
+        type=BudgetRule.cli_type(),
+        default=None,
+        help=f"ProxyAttn budget rule, by name or number: {BudgetRule.allowed()} (default: the model's config)",
+    )
+    p.add_argument(
+        "--estimator",
+        type=Estimator.cli_type(),
+        default=None,
+        help=f"ProxyAttn block-score estimator: {Estimator.allowed()} (default: the model's config)",
+    )
     p.add_argument("--out", default=None, help="output directory (default build/<model>)")
     p.add_argument("--force", action="store_true", help="rebuild every stage even if its inputs did not change")
     p.add_argument("--max-batch", type=int, default=8, help="max batch size of the served models (default 8)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check")
     p.add_argument("--list-models", action="store_true", help="list the models and their profiles, then exit")
-    p.add_argument("--check", metavar="DIR", help="verify the build in DIR against its manifest (hashes, config, tool "
-                   "versions); exits 1 on any difference")
+    p.add_argument(
+        "--check",
+        metavar="DIR",
+        help="verify the build in DIR against its manifest (hashes, config, tool versions); exits 1 on any difference",
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
 def _summary(plan, manifest_path: Path) -> str:
     manifest = json.loads(manifest_path.read_text())
-    lines = [f"\nProxyAttn build: {plan.spec.name}  ({plan.weights}, {plan.precision}, backend {plan.backend})",
-             f"output: {plan.out}", f"embedded backend (ONNX Runtime): {plan.ort_reason}", "", "stage            status      artifacts  size"]
+    lines = [
+        f"\nProxyAttn build: {plan.spec.name}  ({plan.weights}, {plan.precision}, backend {plan.backend})",
+        f"output: {plan.out}",
+        f"embedded backend (ONNX Runtime): {plan.ort_reason}",
+        "",
+        "stage            status      artifacts  size",
+    ]
     from engines.pipeline import STAGES
 
     for name in STAGES:
@@ -97,7 +115,9 @@ def _summary(plan, manifest_path: Path) -> str:
         for r in parity["rows"]:
             dm = "-" if r["density_mean"] is None else f"{r['density_mean']:.3f}"
             dn = "-" if r["density_min"] is None else f"{r['density_min']:.3f}"
-            lines.append(f"  {r['tokens']:>6}  {r['rel_error']:.2e}   {r['max_abs_error']:.2e}   {r['sparse_layers']:>13}  {dm:>12}  {dn:>11}")
+            lines.append(
+                f"  {r['tokens']:>6}  {r['rel_error']:.2e}   {r['max_abs_error']:.2e}   {r['sparse_layers']:>13}  {dm:>12}  {dn:>11}"
+            )
         lines.append(f"  passed: {parity['passed']} (tolerance {parity['tolerance_rel']:g})")
         if parity.get("note"):
             lines.append(f"  note: {parity['note']}")
@@ -128,24 +148,39 @@ def _kept(plan) -> str:
     manifest = Manifest.read(plan.out)
     stages = manifest.data["stages"] if manifest else {}
     done = [f"{name} ({rec['status']})" for name, rec in stages.items()]
-    return (f"kept in {plan.out}: {', '.join(done) if done else 'nothing'}; no partial file remains "
-            f"(the next build resumes, `{PROG} --check {plan.out}` shows what is missing)")
+    return (
+        f"kept in {plan.out}: {', '.join(done) if done else 'nothing'}; no partial file remains "
+        f"(the next build resumes, `{PROG} --check {plan.out}` shows what is missing)"
+    )
 
 
 def _build(args) -> int:
     from engines.pipeline import BuildRequest, resolve, run
 
-    req = BuildRequest(model=args.model, weights=args.weights, random_weights=args.random_weights, profiles=tuple(args.profiles),
-                       precision=args.precision, backend=args.backend, gamma=args.gamma, budget_rule=args.budget_rule,
-                       estimator=args.estimator, out=args.out, force=args.force,
-                       max_batch=args.max_batch, parity=not args.no_parity)
+    req = BuildRequest(
+        model=args.model,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        profiles=tuple(args.profiles),
+        precision=args.precision,
+        backend=args.backend,
+        gamma=args.gamma,
+        budget_rule=args.budget_rule,
+        estimator=args.estimator,
+        out=args.out,
+        force=args.force,
+        max_batch=args.max_batch,
+        parity=not args.no_parity,
+    )
     plan = resolve(req)
     try:
         manifest_path = run(plan)
     except KeyboardInterrupt as e:
         code = 143 if isinstance(e, Terminated) else 130
-        print(f"{PROG}: {'terminated' if code == 143 else 'interrupted'} during stage {plan.results.get('stage', '?')}; "
-              f"{_kept(plan)}", file=sys.stderr)
+        print(
+            f"{PROG}: {'terminated' if code == 143 else 'interrupted'} during stage {plan.results.get('stage', '?')}; {_kept(plan)}",
+            file=sys.stderr,
+        )
         return code
     print(_summary(plan, manifest_path))
     return 0

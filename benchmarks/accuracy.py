@@ -188,8 +188,9 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
     cfg = _sparse["config"]
     path = hf.choose_path(module, query, key, attention_mask, cfg, dropout=dropout, sliding_window=sliding_window)
     if path != "sparse":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+        )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     plan = plan_blocks(q, k, cfg, scale=scaling)
     _sparse["densities"].append(plan.density())  # [B, Hq]
@@ -205,12 +206,14 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """Stock SDPA, keeping q, k of the calls the sparse path would take (for plan statistics)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout,
-                          sliding_window=sliding_window)
+    path = hf.choose_path(
+        module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window
+    )
     if path == "sparse" and _capture_on[0]:
         _captured.append((module.layer_idx, query.transpose(1, 2).detach(), key.transpose(1, 2).detach(), scaling))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  sliding_window=sliding_window, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+    )
 
 
 def top_overlap(q, k, scale, frac=0.05, every=16) -> tuple[float, float]:
@@ -275,16 +278,20 @@ def plot(result: dict, path: str) -> None:
         pk = [c for c in cells if name in c["passkey_acc"]]
         ax[1].plot([c["seq_len"] for c in pk], [c["passkey_acc"][name] for c in pk], "o-", label=name, color=color[name])
         if name != "dense":
-            pts = [(c.get("density_copy", c["density"]).get(name), c["copy_loss"][name] / c["copy_loss"]["dense"], c["seq_len"])
-                   for c in cs if "dense" in c["copy_loss"]]
+            pts = [
+                (c.get("density_copy", c["density"]).get(name), c["copy_loss"][name] / c["copy_loss"]["dense"], c["seq_len"])
+                for c in cs
+                if "dense" in c["copy_loss"]
+            ]
             pts = [p for p in pts if p[0] is not None]
             ax[2].plot([p[0] for p in pts], [p[1] for p in pts], "o", label=name, color=color[name])
             for x, y, n in pts:
                 ax[2].annotate(f"{n // 1024}K", (x, y), fontsize=6)
     ax[2].axhline(1.03, color="k", lw=0.6, ls=":")
     ax[0].set(xscale="log", xlabel="length", ylabel="copy loss (2nd copy)", title="long-range copy")
-    ax[1].set(xscale="log", xlabel="length", ylabel="passkey accuracy", title=f"passkey retrieval ({result['trials']} trials)",
-              ylim=(-0.05, 1.05))
+    ax[1].set(
+        xscale="log", xlabel="length", ylabel="passkey accuracy", title=f"passkey retrieval ({result['trials']} trials)", ylim=(-0.05, 1.05)
+    )
     ax[2].set(yscale="log", xlabel="density on the copy task", ylabel="copy loss / dense", title="copy loss vs density (dotted: +3%)")
     last = cells[-1] if cells else None
     if last:
@@ -300,8 +307,13 @@ def plot(result: dict, path: str) -> None:
                 continue
             rec = [sum(last["plan"][l]["methods"][name]["recall"]) / len(last["plan"][l]["methods"][name]["recall"]) for l in layers]
             ax[4].plot(range(len(layers)), rec, "o-", label=name, color=color[name])
-        ax[4].set(xticks=range(len(layers)), xticklabels=layers, xlabel="layer", ylabel="mean recall (natural text)",
-                  title=f"recall per layer, L={last['seq_len']}")
+        ax[4].set(
+            xticks=range(len(layers)),
+            xticklabels=layers,
+            xlabel="layer",
+            ylabel="mean recall (natural text)",
+            title=f"recall per layer, L={last['seq_len']}",
+        )
     ax[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: ProxyAttn accuracy ({result['device']})")
     fig.tight_layout()
@@ -358,8 +370,11 @@ def main() -> None:
     result = {
         "what": "ProxyAttn accuracy on packaged real weights (see benchmarks/accuracy.py docstring)",
         "model": args.model,
-        "device": (f"{torch.cuda.get_device_name()}, {args.dtype}, Triton kernels" if args.device.startswith("cuda")
-                   else f"CPU ({os.cpu_count()} cores), {args.dtype}, fp32 reference"),
+        "device": (
+            f"{torch.cuda.get_device_name()}, {args.dtype}, Triton kernels"
+            if args.device.startswith("cuda")
+            else f"CPU ({os.cpu_count()} cores), {args.dtype}, fp32 reference"
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
@@ -376,9 +391,19 @@ def main() -> None:
         copy_ids, c0 = copy_batch(tok, length, args.copies, seed=length)
         pk_ids, pk_pos, depths = passkey_batch(tok, length, args.trials, seed=length + 1)
         nat_ids = natural_batch(tok, length)
-        cell = {"seq_len": length, "copy_loss": {}, "copy_loss_per_seq": {}, "passkey_acc": {}, "passkey_hits": {},
-                "passkey_depths": depths, "natural_loss_bins": {}, "density": {}, "density_copy": {},
-                "density_passkey": {}, "seconds": {}}
+        cell = {
+            "seq_len": length,
+            "copy_loss": {},
+            "copy_loss_per_seq": {},
+            "passkey_acc": {},
+            "passkey_hits": {},
+            "passkey_depths": depths,
+            "natural_loss_bins": {},
+            "density": {},
+            "density_copy": {},
+            "density_passkey": {},
+            "seconds": {},
+        }
         for m in methods:
             tm = time.time()
             dens = {}
@@ -414,10 +439,12 @@ def main() -> None:
                     if task in dens:
                         cell[key][m] = dens[task]
             cell["seconds"][m] = round(time.time() - tm, 1)
-            parts = [f"copy {cell['copy_loss'][m]:.3f}" if m in cell["copy_loss"] else "",
-                     f"passkey {sum(cell['passkey_hits'][m])}/{args.trials}" if m in cell["passkey_hits"] else "",
-                     f"natural {sum(cell['natural_loss_bins'][m]) / BINS:.3f}" if m in cell["natural_loss_bins"] else "",
-                     "density " + "/".join(f"{t} {d:.2f}" for t, d in dens.items()) if m != "dense" else ""]
+            parts = [
+                f"copy {cell['copy_loss'][m]:.3f}" if m in cell["copy_loss"] else "",
+                f"passkey {sum(cell['passkey_hits'][m])}/{args.trials}" if m in cell["passkey_hits"] else "",
+                f"natural {sum(cell['natural_loss_bins'][m]) / BINS:.3f}" if m in cell["natural_loss_bins"] else "",
+                "density " + "/".join(f"{t} {d:.2f}" for t, d in dens.items()) if m != "dense" else "",
+            ]
             print(f"[accuracy] L={length} {m:>22}: " + "  ".join(p for p in parts if p) + f"  ({cell['seconds'][m]} s)", flush=True)
         if _captured and not args.no_plan_stats:
             cell["plan"] = plan_stats(cfgs, [(l, q[-1:], k[-1:], s) for l, q, k, s in _captured])
@@ -432,8 +459,10 @@ def main() -> None:
             cl = c["copy_loss"].get(m, float("nan"))
             rel = cl / c["copy_loss"]["dense"] if "dense" in c["copy_loss"] else float("nan")
             hits = c["passkey_hits"].get(m)
-            print(f"  L={c['seq_len']:>6} {m:>22}: {cl:.3f} ({rel:.3f}x) / {'-' if hits is None else f'{sum(hits)}/{len(hits)}'}"
-                  f" / {c['density_copy'].get(m, 1.0):.2f}, {c['density'].get(m, 1.0):.2f}")
+            print(
+                f"  L={c['seq_len']:>6} {m:>22}: {cl:.3f} ({rel:.3f}x) / {'-' if hits is None else f'{sum(hits)}/{len(hits)}'}"
+                f" / {c['density_copy'].get(m, 1.0):.2f}, {c['density'].get(m, 1.0):.2f}"
+            )
     print(f"[accuracy] wrote {json_path}; total {time.time() - t0:.0f} s")
 
 

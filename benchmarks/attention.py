@@ -139,7 +139,12 @@ def main() -> int:
         "triton": triton.__version__,
         "shape": {"batch": 1, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bf16", "block_size": BS},
         "estimation_backend": "triton kernels" if hasattr(kernels, "proxy_scores") else "reference (no estimation kernels)",
-        "dense": [], "sparse": [], "variants": [], "estimation": [], "proxy": [], "checks": {},
+        "dense": [],
+        "sparse": [],
+        "variants": [],
+        "estimation": [],
+        "proxy": [],
+        "checks": {},
     }
     t_start = time.time()
 
@@ -173,8 +178,14 @@ def main() -> int:
             plan = fixed_density_plan(s, dens, s + int(dens * 100))
             ms = bench_ms(lambda: proxyattn.block_sparse_attention(q, k, v, plan))
             fl = plan_flops(plan)
-            r = {"S": s, "target_density": dens, "density": plan.density().mean().item(), "ms": ms,
-                 "eff_tflops": fl / ms * 1e-9, "speedup_vs_cudnn": dense_ms[s] / ms}
+            r = {
+                "S": s,
+                "target_density": dens,
+                "density": plan.density().mean().item(),
+                "ms": ms,
+                "eff_tflops": fl / ms * 1e-9,
+                "speedup_vs_cudnn": dense_ms[s] / ms,
+            }
             res["sparse"].append(r)
             log(f"sparse {r}")
         write_json(args.out, res)
@@ -193,8 +204,11 @@ def main() -> int:
         variants.append((dict(BLOCK_N=128, num_warps=8, num_stages=2, DIAG_BRANCH=False), True))
         for cfg, tma in variants:
             try:
-                ms = bench_ms(lambda: attn._launch_sparse(q, k, v, plan.order, plan.counts, None, s, BS, D**-0.5,
-                                                          with_lse=False, use_tma=tma, config=cfg))
+                ms = bench_ms(
+                    lambda: attn._launch_sparse(
+                        q, k, v, plan.order, plan.counts, None, s, BS, D**-0.5, with_lse=False, use_tma=tma, config=cfg
+                    )
+                )
                 r = {"S": s, "density": plan.density().mean().item(), "config": cfg, "tma": tma, "ms": ms, "eff_tflops": fl / ms * 1e-9}
             except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is recorded, not fatal
                 r = {"S": s, "config": cfg, "tma": tma, "error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -208,8 +222,11 @@ def main() -> int:
         from proxyattn.testing import structured_qkv
     except ImportError:
         structured_qkv = None
-    est_configs = [("default", ProxyAttnConfig()), ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
-                   ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1))]
+    est_configs = [
+        ("default", ProxyAttnConfig()),
+        ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
+        ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
+    ]
     for s in sizes:
         for kind in ("random", "structured"):
             if kind == "structured" and structured_qkv is None:
@@ -232,12 +249,16 @@ def main() -> int:
     # against cuDNN in the same run, density of what ran (dense groups count as 1), groups that ran dense, and the
     # output's relative error against cuDNN's ||out - dense|| / ||dense|| (fp32 of the bf16 outputs).
     res["proxy_inputs"] = ["structured_qkv", "random"] if structured_qkv is not None else ["random"]
-    configs = [("default", ProxyAttnConfig()), ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
-               ("gamma=0.9", ProxyAttnConfig(gamma=0.9)), ("budget_rule=2", ProxyAttnConfig(budget_rule="row_recall")),
-               ("budget_rule=0", ProxyAttnConfig(budget_rule="mass")),
-               ("budget_fraction=0.05", ProxyAttnConfig(budget_fraction=0.05)),
-               ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
-               ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2))]
+    configs = [
+        ("default", ProxyAttnConfig()),
+        ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
+        ("gamma=0.9", ProxyAttnConfig(gamma=0.9)),
+        ("budget_rule=2", ProxyAttnConfig(budget_rule="row_recall")),
+        ("budget_rule=0", ProxyAttnConfig(budget_rule="mass")),
+        ("budget_fraction=0.05", ProxyAttnConfig(budget_fraction=0.05)),
+        ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
+        ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
+    ]
     for s in sizes:
         for kind in res["proxy_inputs"]:
             if kind == "structured_qkv":
@@ -252,8 +273,10 @@ def main() -> int:
                 try:
                     # Interleaved with cuDNN (A, B, A, B, ...), median of each: the ratio is measured in the same
                     # rounds, so clock drift between the sections of this run does not enter it.
-                    fns = {"cudnn": lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION, True),
-                           "ours": lambda: proxyattn.proxy_attention(q, k, v, cfg)}
+                    fns = {
+                        "cudnn": lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION, True),
+                        "ours": lambda: proxyattn.proxy_attention(q, k, v, cfg),
+                    }
                     times: dict[str, list[float]] = {n: [] for n in fns}
                     for _ in range(args.rounds):
                         for n, fn in fns.items():
@@ -262,9 +285,16 @@ def main() -> int:
                     ms = med["ours"]
                     out = proxyattn.proxy_attention(q, k, v, cfg).float()
                     sparse = s > cfg.dense_below_tokens
-                    r = {"S": s, "inputs": kind, "config": name, "ms": ms, "cudnn_same_rounds_ms": med["cudnn"],
-                         "speedup_vs_cudnn": med["cudnn"] / ms, "rel_err": (out - ref).norm().item() / ref_norm,
-                         "sparse_path": sparse}
+                    r = {
+                        "S": s,
+                        "inputs": kind,
+                        "config": name,
+                        "ms": ms,
+                        "cudnn_same_rounds_ms": med["cudnn"],
+                        "speedup_vs_cudnn": med["cudnn"] / ms,
+                        "rel_err": (out - ref).norm().item() / ref_norm,
+                        "sparse_path": sparse,
+                    }
                     del out
                     if sparse:
                         plan = proxyattn.plan_blocks(q, k, cfg)
@@ -300,9 +330,12 @@ def main() -> int:
             for n, fn in fns.items():
                 times[n].append(bench_ms(fn, budget_ms=60))
         med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-        r = {"S": s, **{n + "_ms": m for n, m in med.items()},
-             "dense_path_slowdown_pct": 100 * (med["proxy_attention_dense_below_8192"] / med["cudnn_gqa"] - 1),
-             "default_slowdown_pct": 100 * (med["proxy_attention_default"] / med["cudnn_gqa"] - 1)}
+        r = {
+            "S": s,
+            **{n + "_ms": m for n, m in med.items()},
+            "dense_path_slowdown_pct": 100 * (med["proxy_attention_dense_below_8192"] / med["cudnn_gqa"] - 1),
+            "default_slowdown_pct": 100 * (med["proxy_attention_default"] / med["cudnn_gqa"] - 1),
+        }
         # The default (sparse) path at this length replayed as a CUDA graph: its cost without host launch overhead.
         try:
             cfg = ProxyAttnConfig()
@@ -357,8 +390,13 @@ def main() -> int:
         torch.cuda.synchronize()
         # Eager runs dense groups through cuDNN, a replay through the block-sparse kernel: equal up to rounding.
         rel = ((gout.float() - eager.float()).norm() / eager.float().norm()).item()
-        res["checks"]["cuda_graph"] = {"S": sg, "captured": True, "replay_rel_err_vs_eager": rel, "replay_close_to_eager": rel < 1e-2,
-                                       "replay_ms": bench_ms(g.replay)}
+        res["checks"]["cuda_graph"] = {
+            "S": sg,
+            "captured": True,
+            "replay_rel_err_vs_eager": rel,
+            "replay_close_to_eager": rel < 1e-2,
+            "replay_ms": bench_ms(g.replay),
+        }
     except Exception as e:  # noqa: BLE001 - a capture that fails is recorded in the results, not fatal
         res["checks"]["cuda_graph"] = {"S": sg, "captured": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     log(f"cuda graph {res['checks']['cuda_graph']}")
@@ -394,8 +432,13 @@ def plot(res: dict, path: str) -> None:
         for name in ("default", "default, no dense fallback", "budget_rule=2", "budget_fraction=0.1"):
             rows = [r for r in res["proxy"] if r.get("config") == name and r.get("inputs", "structured_qkv") == inputs and "ms" in r]
             if rows:
-                b.plot([r["S"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], ls=style, marker="o",
-                       label=f"{name} ({'structured' if inputs == 'structured_qkv' else 'random, diffuse'})")
+                b.plot(
+                    [r["S"] for r in rows],
+                    [r["speedup_vs_cudnn"] for r in rows],
+                    ls=style,
+                    marker="o",
+                    label=f"{name} ({'structured' if inputs == 'structured_qkv' else 'random, diffuse'})",
+                )
     b.axhline(1.0, color="k", lw=0.8, ls="--")
     b.set_xscale("log", base=2)
     b.set_yscale("log", base=2)
@@ -411,32 +454,43 @@ def plot(res: dict, path: str) -> None:
 
 
 def print_table(res: dict) -> None:
-    print(f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  commit {res['commit'][:10]}  "
-          f"estimation: {res['estimation_backend']}")
+    print(
+        f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  commit {res['commit'][:10]}  "
+        f"estimation: {res['estimation_backend']}"
+    )
     print(f"{'S':>7} {'cuDNN gqa':>10} {'cuDNN exp':>10} {'FA2':>8} {'ours dense':>10} {'TFLOP/s':>8}")
+
     def f(x):
         return f"{x:10.2f}" if isinstance(x, (int, float)) else f"{'-':>10}"
 
     for r in res["dense"]:
-        print(f"{r['S']:>7} {f(r.get('cudnn_gqa_ms'))} {f(r.get('cudnn_expanded_ms'))} {f(r.get('flash2_gqa_ms'))} "
-              f"{f(r['ours_dense_ms'])} {r['cudnn_tflops']:8.0f}")
+        print(
+            f"{r['S']:>7} {f(r.get('cudnn_gqa_ms'))} {f(r.get('cudnn_expanded_ms'))} {f(r.get('flash2_gqa_ms'))} "
+            f"{f(r['ours_dense_ms'])} {r['cudnn_tflops']:8.0f}"
+        )
     print(f"\n(a) block-sparse kernel: {'S':>7} {'dens':>6} {'ms':>9} {'eff TFLOP/s':>11} {'x cuDNN':>8}")
     for r in res["sparse"]:
         print(f"{'':22}{r['S']:>7} {r['density']:6.3f} {r['ms']:9.3f} {r['eff_tflops']:11.0f} {r['speedup_vs_cudnn']:8.2f}")
     print("\nvariants (10% density):")
     for r in res["variants"]:
-        print(f"  S={r['S']:>7} tma={r['tma']!s:5} {r['config']}  "
-              + (f"{r['ms']:.3f} ms {r['eff_tflops']:.0f} TFLOP/s" if "ms" in r else r["error"]))
+        print(
+            f"  S={r['S']:>7} tma={r['tma']!s:5} {r['config']}  "
+            + (f"{r['ms']:.3f} ms {r['eff_tflops']:.0f} TFLOP/s" if "ms" in r else r["error"])
+        )
     print("\n(b) estimation:")
     for r in res["estimation"]:
-        print(f"  S={r['S']:>7} {r.get('inputs', ''):>10} {r.get('config', ''):>28}: "
-              + (f"{r['ms']:.3f} ms ({r['pct_of_cudnn_dense']:.1f}% of cuDNN dense)" if "ms" in r else r["error"]))
+        print(
+            f"  S={r['S']:>7} {r.get('inputs', ''):>10} {r.get('config', ''):>28}: "
+            + (f"{r['ms']:.3f} ms ({r['pct_of_cudnn_dense']:.1f}% of cuDNN dense)" if "ms" in r else r["error"])
+        )
     print("\n(c) proxy_attention:")
     for r in res["proxy"]:
         if "ms" in r:
             rec = f" recall {r['recall']:.4f}" if "recall" in r else ""
-            print(f"  S={r['S']:>7} {r.get('inputs', ''):>14} {r['config']:>28}: {r['ms']:9.3f} ms  x{r['speedup_vs_cudnn']:.2f} vs cuDNN  "
-                  f"density {r['density']:.3f} dense groups {r.get('dense_groups', '-')} rel.err {r['rel_err']:.4f}{rec}")
+            print(
+                f"  S={r['S']:>7} {r.get('inputs', ''):>14} {r['config']:>28}: {r['ms']:9.3f} ms  x{r['speedup_vs_cudnn']:.2f} vs cuDNN  "
+                f"density {r['density']:.3f} dense groups {r.get('dense_groups', '-')} rel.err {r['rel_err']:.4f}{rec}"
+            )
         else:
             print(f"  S={r['S']:>7} {r.get('inputs', ''):>14} {r['config']:>28}: {r['error']}")
     print("\nshort sequences (interleaved medians):")

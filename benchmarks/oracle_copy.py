@@ -125,8 +125,9 @@ def sampled_row_counts(q, k, scale, scores, cfg: ProxyAttnConfig, samples: int):
     frac = []
     for m in blocks:
         rows = row_block_mass(q, k, scale, m)
-        order = reference.last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=cfg.keep_sink,
-                                         keep_diagonal=cfg.keep_diagonal).repeat_interleave(rep, dim=1)
+        order = reference.last_row_order(
+            scores[:, :, : m + 1, : m + 1], keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal
+        ).repeat_interleave(rep, dim=1)
         cum = rows.gather(-1, order[:, :, None, :].expand_as(rows)).cumsum(-1)
         need = torch.where(cum[..., -1] > 0, (cum < cfg.gamma).sum(-1) + 1, 0).amax(-1)
         frac.append(need.double() / (m + 1))
@@ -143,8 +144,9 @@ def strided_row_counts(q, k, scale, scores, cfg: ProxyAttnConfig, rows: int, bud
     included): the shortest prefix of the plan's ranking of that block holding gamma of each sampled row's exact
     mass; with `budgets`, never below the rule's scaled counts `block_counts(budgets)`."""
     nb = scores.shape[-1]
-    out = reference.block_needs(q, k, scores, block_size=BS, gamma=cfg.gamma, scale=scale, rows=rows,
-                                keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)  # budget rule 3's needs
+    out = reference.block_needs(
+        q, k, scores, block_size=BS, gamma=cfg.gamma, scale=scale, rows=rows, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal
+    )  # budget rule 3's needs
     m1 = torch.arange(1, nb + 1)
     out = torch.minimum(out.clamp(min=cfg.min_budget_blocks), m1)
     if budgets is not None:
@@ -181,6 +183,7 @@ def experiments(min_budget: int) -> dict:
             plan = plan_blocks(q, k, cfg(name), scale=s)
             counts = oracle(q, k, s, 0.95, per_row=True, shared="mean").sum(-1).to(torch.int32)
             return BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, plan.seq_len).to_mask()
+
         return f
 
     def plan_rank_oracle_counts(name):
@@ -188,6 +191,7 @@ def experiments(min_budget: int) -> dict:
             plan = plan_blocks(q, k, cfg(name), scale=s)
             counts = oracle(q, k, s, 0.95, per_row=True).sum(-1).to(torch.int32)
             return BlockPlan(plan.order, counts, plan.budget_blocks, plan.block_size, plan.seq_len).to_mask()
+
         return f
 
     def with_previous(name):
@@ -195,6 +199,7 @@ def experiments(min_budget: int) -> dict:
             mask = plan_blocks(q, k, cfg(name), scale=s).to_mask()
             nb = mask.shape[-1]
             return mask | torch.eye(nb, dtype=torch.bool, device=mask.device).roll(-1, dims=1).tril(-1)
+
         return f
 
     def ones(q):  # budgets stored in a plan whose counts are given
@@ -206,6 +211,7 @@ def experiments(min_budget: int) -> dict:
             scores = proxy_scores(q, k, c, scale=s)
             n = samples or scores.shape[-1]
             return compact_plan_top_k(scores, sampled_row_counts(q, k, s, scores, c, n), ones(q), q.shape[1], c).to_mask()
+
         return f
 
     def shaped(name, gamma_proxy):
@@ -215,6 +221,7 @@ def experiments(min_budget: int) -> dict:
             budgets = head_budgets(q, k, c, scale=s, scores=scores)
             top_k = proxy_shaped_counts(scores, budgets, c, gamma_proxy)
             return compact_plan_top_k(scores, top_k, budgets, q.shape[1], c).to_mask()
+
         return f
 
     def strided(name, rows, with_budget):
@@ -224,6 +231,7 @@ def experiments(min_budget: int) -> dict:
             budgets = head_budgets(q, k, c, scale=s, scores=scores) if with_budget else None
             top_k = strided_row_counts(q, k, s, scores, c, rows, budgets)
             return compact_plan_top_k(scores, top_k, ones(q) if budgets is None else budgets, q.shape[1], c).to_mask()
+
         return f
 
     out = {
@@ -258,11 +266,13 @@ def experiments(min_budget: int) -> dict:
 def masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    path = hf.choose_path(module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout,
-                          sliding_window=sliding_window)
+    path = hf.choose_path(
+        module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window
+    )
     if path != "sparse" or _state["mask_fn"] is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+        )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     mask = _state["mask_fn"](q, k, scaling)
     nb = mask.shape[-1]
@@ -299,11 +309,17 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    result = {"what": "oracle block selections on the copy task (benchmarks/oracle_copy.py docstring)", "model": "gemma3-270m",
-              "device": f"CPU ({os.cpu_count()} cores), float32, fp32 reference", "commit": commit,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python3 benchmarks/oracle_copy.py " + " ".join(sys.argv[1:]), "seq_len": args.length,
-              "copies": args.copies, "rows": []}
+    result = {
+        "what": "oracle block selections on the copy task (benchmarks/oracle_copy.py docstring)",
+        "model": "gemma3-270m",
+        "device": f"CPU ({os.cpu_count()} cores), float32, fp32 reference",
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python3 benchmarks/oracle_copy.py " + " ".join(sys.argv[1:]),
+        "seq_len": args.length,
+        "copies": args.copies,
+        "rows": [],
+    }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"oracle_copy_gemma3-270m_{args.length}{'_' + args.tag if args.tag else ''}.json")
     dense = None
@@ -318,8 +334,16 @@ def main() -> None:
         loss = sum(losses) / len(losses)
         dense = loss if n == "dense" else dense
         dens = sum(_state["densities"]) / len(_state["densities"]) if _state["densities"] else 1.0
-        result["rows"].append({"name": n, "copy_loss": loss, "x_dense": loss / dense, "density": dens,
-                               "per_seq": [round(x, 4) for x in losses], "seconds": round(time.time() - t, 1)})
+        result["rows"].append(
+            {
+                "name": n,
+                "copy_loss": loss,
+                "x_dense": loss / dense,
+                "density": dens,
+                "per_seq": [round(x, 4) for x in losses],
+                "seconds": round(time.time() - t, 1),
+            }
+        )
         print(f"[oracle] {n:55s} copy {loss:.4f} ({loss / dense:.3f}x dense) density {dens:.3f} ({time.time() - t:.0f} s)", flush=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:

@@ -85,27 +85,43 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="16384,32768")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--budget-rule", type=BudgetRule.cli_type(), default=default.budget_rule,
-                    help=f"one of {BudgetRule.allowed()} (default {default.budget_rule.label})")
-    ap.add_argument("--estimator", type=Estimator.cli_type(), default=default.estimator,
-                    help=f"one of {Estimator.allowed()} (default {default.estimator.label})")
+    ap.add_argument(
+        "--budget-rule",
+        type=BudgetRule.cli_type(),
+        default=default.budget_rule,
+        help=f"one of {BudgetRule.allowed()} (default {default.budget_rule.label})",
+    )
+    ap.add_argument(
+        "--estimator",
+        type=Estimator.cli_type(),
+        default=default.estimator,
+        help=f"one of {Estimator.allowed()} (default {default.estimator.label})",
+    )
     return ap
 
 
 def main() -> int:
     args = parser().parse_args()
     base = ProxyAttnConfig(budget_rule=args.budget_rule, estimator=args.estimator)
-    res = {"gpu": torch.cuda.get_device_name(), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label,
-           "rows": []}
+    res = {"gpu": torch.cuda.get_device_name(), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label, "rows": []}
     configs = [("default", base), ("no dense fallback", base.replace(dense_density=None))]
     for s in [int(x) for x in args.sizes.split(",")]:
         q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
         for name, cfg in configs:
-            for what, fn in [("plan_blocks", lambda: proxyattn.plan_blocks(q, k, cfg)),
-                             ("proxy_attention", lambda: proxyattn.proxy_attention(q, k, v, cfg))]:
+            for what, fn in [
+                ("plan_blocks", lambda: proxyattn.plan_blocks(q, k, cfg)),
+                ("proxy_attention", lambda: proxyattn.proxy_attention(q, k, v, cfg)),
+            ]:
                 loop, issue = host_ms(fn)
-                row = {"S": s, "config": name, "call": what, "ms_per_call_back_to_back": round(loop, 3),
-                       "cpu_issue_ms": round(issue, 3), "syncs": syncs(fn), "top_cpu_ops": top_ops(fn)}
+                row = {
+                    "S": s,
+                    "config": name,
+                    "call": what,
+                    "ms_per_call_back_to_back": round(loop, 3),
+                    "cpu_issue_ms": round(issue, 3),
+                    "syncs": syncs(fn),
+                    "top_cpu_ops": top_ops(fn),
+                }
                 res["rows"].append(row)
                 print(json.dumps(row, indent=1), flush=True)
     if args.out:

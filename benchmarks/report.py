@@ -40,17 +40,25 @@ def attention_tables(d: dict, name: str) -> list[str]:
     out += ["", "Block-sparse kernel alone (random inputs; TFLOP/s counted on kept blocks, diagonal blocks at half):", ""]
     out += ["| S | budget | density | ms | effective TFLOP/s | x cuDNN |", "|---|---|---|---|---|---|"]
     for r in d["sparse"]:
-        out.append(f"| {k(r['S'])} | {r['target_density']:.0%} | {r['density']:.3f} | {r['ms']:.3f} | {r['eff_tflops']:.0f} "
-                   f"| {r['speedup_vs_cudnn']:.2f} |")
+        out.append(
+            f"| {k(r['S'])} | {r['target_density']:.0%} | {r['density']:.3f} | {r['ms']:.3f} | {r['eff_tflops']:.0f} "
+            f"| {r['speedup_vs_cudnn']:.2f} |"
+        )
     out += ["", "Planning alone (`plan_blocks`: proxy scores, budgets or needs, selection, dense fallback), eager:", ""]
     out += ["| S | inputs | config | ms | % of cuDNN dense |", "|---|---|---|---|---|"]
     for r in d["estimation"]:
         if "ms" in r:
             out.append(f"| {k(r['S'])} | {r.get('inputs', 'random')} | {r['config']} | {r['ms']:.2f} | {r['pct_of_cudnn_dense']:.1f}% |")
-    out += ["", "Whole `proxy_attention` (structured inputs: `proxyattn.testing.structured_qkv`; random: diffuse attention). "
-            "Density counts groups that ran dense as 1; rel. error = ||out - cuDNN|| / ||cuDNN||; recall measured up to 32K:", ""]
-    out += ["| S | inputs | config | path | ms | x cuDNN | density | dense groups | rel. error | mean recall |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "Whole `proxy_attention` (structured inputs: `proxyattn.testing.structured_qkv`; random: diffuse attention). "
+        "Density counts groups that ran dense as 1; rel. error = ||out - cuDNN|| / ||cuDNN||; recall measured up to 32K:",
+        "",
+    ]
+    out += [
+        "| S | inputs | config | path | ms | x cuDNN | density | dense groups | rel. error | mean recall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in d["proxy"]:
         if "ms" not in r:
             continue
@@ -58,19 +66,31 @@ def attention_tables(d: dict, name: str) -> list[str]:
         path = "sparse" if r["sparse_path"] else "dense"
         inputs = "structured" if r.get("inputs", "structured_qkv") == "structured_qkv" else "random"
         err = f"{r['rel_err']:.4f}" if r.get("rel_err") is not None else "—"
-        out.append(f"| {k(r['S'])} | {inputs} | {r['config']} | {path} | {r['ms']:.2f} | {r['speedup_vs_cudnn']:.2f} | "
-                   f"{r['density']:.3f} | {r.get('dense_groups', '—')} | {err} | {recall} |")
+        out.append(
+            f"| {k(r['S'])} | {inputs} | {r['config']} | {path} | {r['ms']:.2f} | {r['speedup_vs_cudnn']:.2f} | "
+            f"{r['density']:.3f} | {r.get('dense_groups', '—')} | {err} | {recall} |"
+        )
     out += ["", "Short sequences, default config against cuDNN (interleaved medians):", ""]
     out += ["| S | cuDNN (ms) | `proxy_attention` default (ms) | slowdown |", "|---|---|---|---|"]
     for r in d["short"]:
         out.append(f"| {k(r['S'])} | {r['cudnn_gqa_ms']:.3f} | {r['proxy_attention_default_ms']:.3f} | {r['default_slowdown_pct']:+.1f}% |")
     mem, graph = d["checks"]["memory"], d["checks"]["cuda_graph"]
     replay_ok = graph.get("captured") and (graph.get("replay_equals_eager") or graph.get("replay_close_to_eager"))
-    what = ("captured, replay equals eager" if graph.get("replay_equals_eager") else
-            f"captured, replay within {graph.get('replay_rel_err_vs_eager', 0):.1e} of eager (dense groups: cuDNN eager, "
-            "block-sparse kernel in the graph)") if replay_ok else "FAILED"
-    out += ["", f"Extra memory at {k(mem['S'])} (plan + scratch): {mem['extra_bytes_beyond_output'] / 2**20:.1f} MiB = "
-            f"{mem['ratio']:.2%} of q, k, v. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: {what}."]
+    what = (
+        (
+            "captured, replay equals eager"
+            if graph.get("replay_equals_eager")
+            else f"captured, replay within {graph.get('replay_rel_err_vs_eager', 0):.1e} of eager (dense groups: cuDNN eager, "
+            "block-sparse kernel in the graph)"
+        )
+        if replay_ok
+        else "FAILED"
+    )
+    out += [
+        "",
+        f"Extra memory at {k(mem['S'])} (plan + scratch): {mem['extra_bytes_beyond_output'] / 2**20:.1f} MiB = "
+        f"{mem['ratio']:.2%} of q, k, v. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: {what}.",
+    ]
     return out
 
 
@@ -94,24 +114,36 @@ def prefill_table(d: dict, name: str) -> list[str]:
 
 def accuracy_table(d: dict, name: str) -> list[str]:
     runs = d.get("runs") or [{"command": d["command"]}]
-    out = [f"Source: `{name}`: {d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}; "
-           + "; ".join(f"`{r['command']}`" for r in runs), ""]
-    out += ["Copy loss on the second copy (x dense), passkey hits, natural-text loss (mean of the position bins), "
-            "plan density on the copy task / natural text.", ""]
+    out = [
+        f"Source: `{name}`: {d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}; " + "; ".join(f"`{r['command']}`" for r in runs),
+        "",
+    ]
+    out += [
+        "Copy loss on the second copy (x dense), passkey hits, natural-text loss (mean of the position bins), "
+        "plan density on the copy task / natural text.",
+        "",
+    ]
     out += ["| L | method | copy loss | x dense | passkey | natural loss | density copy / natural |", "|---|---|---|---|---|---|---|"]
     for c in d["cells"]:
         dense = c["copy_loss"].get("dense")
         for m, loss in c["copy_loss"].items():
             hits = c["passkey_hits"].get(m)
             bins = c["natural_loss_bins"].get(m)
-            dens = ("1 (dense)" if m == "dense" else
-                    f"{c.get('density_copy', {}).get(m, float('nan')):.2f} / {c.get('density', {}).get(m, float('nan')):.2f}")
+            dens = (
+                "1 (dense)"
+                if m == "dense"
+                else f"{c.get('density_copy', {}).get(m, float('nan')):.2f} / {c.get('density', {}).get(m, float('nan')):.2f}"
+            )
             rel = f"{loss / dense:.2f}" if dense else "—"
-            out.append(f"| {k(c['seq_len'])} | {m} | {loss:.3f} | {rel} | {'—' if hits is None else f'{sum(hits)}/{len(hits)}'} | "
-                       f"{'—' if not bins else f'{sum(bins) / len(bins):.3f}'} | {dens} |")
+            out.append(
+                f"| {k(c['seq_len'])} | {m} | {loss:.3f} | {rel} | {'—' if hits is None else f'{sum(hits)}/{len(hits)}'} | "
+                f"{'—' if not bins else f'{sum(bins) / len(bins):.3f}'} | {dens} |"
+            )
     for r in d.get("cells_from_log", []):
-        out.append(f"| {k(r['seq_len'])} | {r['method']} | {r['copy_loss']:.3f} | 1.00 | {r['passkey_hits']} | "
-                   f"{r['natural_loss_mean']:.3f} | 1 (dense; from the run's log) |")
+        out.append(
+            f"| {k(r['seq_len'])} | {r['method']} | {r['copy_loss']:.3f} | 1.00 | {r['passkey_hits']} | "
+            f"{r['natural_loss_mean']:.3f} | 1 (dense; from the run's log) |"
+        )
     return out
 
 
@@ -143,10 +175,17 @@ def budget_rule_table(model: str, files: list[str]) -> list[str]:
                 continue
             rows[(c["seq_len"], rule, m)] = (sum(losses[:n]) / n / dense, c.get("density_copy", {}).get(m, float("nan")))
             used.add(name)
-    out = [f"Same {n} copy sequences per length (the first {n} of each run), proxy estimator; from "
-           + ", ".join(f"`{u}`" for u in sorted(used)) + ". Density: the cell's copy-task plan density.", ""]
-    out += ["| L | rule 1 (recall): gamma, density, copy x dense | rule 2 (row_recall): gamma, density, copy x dense "
-            "| rule 3 (block_recall): gamma, density, copy x dense |", "|---|---|---|---|"]
+    out = [
+        f"Same {n} copy sequences per length (the first {n} of each run), proxy estimator; from "
+        + ", ".join(f"`{u}`" for u in sorted(used))
+        + ". Density: the cell's copy-task plan density.",
+        "",
+    ]
+    out += [
+        "| L | rule 1 (recall): gamma, density, copy x dense | rule 2 (row_recall): gamma, density, copy x dense "
+        "| rule 3 (block_recall): gamma, density, copy x dense |",
+        "|---|---|---|---|",
+    ]
     for s in sorted({key[0] for key in rows}):
         cells = []
         for rule in ("recall", "row_recall", "block_recall"):
@@ -187,17 +226,35 @@ def summary_rows(files: list[str]) -> list[dict]:
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
         for r in d.get("sparse", []):
-            rows.append({**base, "benchmark": "kernel", "method": f"block-sparse kernel, {r['target_density']:.0%} budget",
-                         "inputs": "random, per-head plans", "seq_len": r["S"], "density": r["density"], "rel_err": None,
-                         "speedup_vs_dense": r["speedup_vs_cudnn"], "tflops_eff": r["eff_tflops"]})
+            rows.append(
+                {
+                    **base,
+                    "benchmark": "kernel",
+                    "method": f"block-sparse kernel, {r['target_density']:.0%} budget",
+                    "inputs": "random, per-head plans",
+                    "seq_len": r["S"],
+                    "density": r["density"],
+                    "rel_err": None,
+                    "speedup_vs_dense": r["speedup_vs_cudnn"],
+                    "tflops_eff": r["eff_tflops"],
+                }
+            )
         for r in d.get("proxy", []):
             if "ms" not in r:
                 continue
             inputs = r.get("inputs", d.get("proxy_inputs"))
-            rows.append({**base, "benchmark": "attention", "method": r["config"],
-                         "inputs": "structured" if inputs in ("structured_qkv", ["structured_qkv"]) else "random",
-                         "seq_len": r["S"], "density": r.get("density"), "rel_err": r.get("rel_err"),
-                         "speedup_vs_dense": r["speedup_vs_cudnn"]})
+            rows.append(
+                {
+                    **base,
+                    "benchmark": "attention",
+                    "method": r["config"],
+                    "inputs": "structured" if inputs in ("structured_qkv", ["structured_qkv"]) else "random",
+                    "seq_len": r["S"],
+                    "density": r.get("density"),
+                    "rel_err": r.get("rel_err"),
+                    "speedup_vs_dense": r["speedup_vs_cudnn"],
+                }
+            )
     for name in cur["prefill"]:
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
@@ -206,10 +263,18 @@ def summary_rows(files: list[str]) -> list[dict]:
                 if method == "sdpa":
                     continue
                 label = method.removeprefix("proxyattn ").strip()
-                rows.append({**base, "benchmark": "prefill", "method": "default" if label in ("default", "") else label,
-                             "inputs": "random-weight Llama-3-8B", "seq_len": r["seq_len"],
-                             "density": r.get("density", {}).get(method), "rel_err": None,
-                             "speedup_vs_dense": r["speedup"][method]})
+                rows.append(
+                    {
+                        **base,
+                        "benchmark": "prefill",
+                        "method": "default" if label in ("default", "") else label,
+                        "inputs": "random-weight Llama-3-8B",
+                        "seq_len": r["seq_len"],
+                        "density": r.get("density", {}).get(method),
+                        "rel_err": None,
+                        "speedup_vs_dense": r["speedup"][method],
+                    }
+                )
     return rows
 
 
@@ -245,16 +310,21 @@ def performance_section(files: list[str]) -> list[str]:
             note = load(name).get("note")
             if note:
                 out += [f"Note on `{name}`: {note}", ""]
-        out += ["| benchmark | S | method | inputs | density | rel. error vs dense | x dense (same run) | TFLOP/s on kept blocks |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(mine, key=lambda r: ({"attention": 0, "prefill": 1, "kernel": 2}[r["benchmark"]], r["seq_len"],
-                                             r["method"], r["inputs"])):
+        out += [
+            "| benchmark | S | method | inputs | density | rel. error vs dense | x dense (same run) | TFLOP/s on kept blocks |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(
+            mine, key=lambda r: ({"attention": 0, "prefill": 1, "kernel": 2}[r["benchmark"]], r["seq_len"], r["method"], r["inputs"])
+        ):
             if r["benchmark"] == "kernel" and r["seq_len"] not in (32768, 131072):
                 continue
             if r["benchmark"] != "kernel" and (r["method"] not in _KEY_METHODS or r["seq_len"] not in (8192,) + _KEY_LENGTHS):
                 continue
-            out.append(f"| {r['benchmark']} | {k(r['seq_len'])} | {r['method']} | {r['inputs']} | {_fmt(r['density'], '.2f')} | "
-                       f"{_fmt(r['rel_err'], '.3f')} | {r['speedup_vs_dense']:.2f} | {_fmt(r.get('tflops_eff'), '.0f')} |")
+            out.append(
+                f"| {r['benchmark']} | {k(r['seq_len'])} | {r['method']} | {r['inputs']} | {_fmt(r['density'], '.2f')} | "
+                f"{_fmt(r['rel_err'], '.3f')} | {r['speedup_vs_dense']:.2f} | {_fmt(r.get('tflops_eff'), '.0f')} |"
+            )
         plans = []
         for name in current_files(files)["attention"]:
             d = load(name)

@@ -53,7 +53,7 @@ ALLOWED_TP = (1, 2)  # proxy_heads=2 must be a multiple of the degree (proxyattn
 
 # --------------------------------------------------------------------------------------------- pure helpers
 def parse_sizes(text: str) -> list[int]:
-    """"32K,64K,128K" or "32768,65536" -> token counts (K = 1024), ascending, each a positive multiple of 128."""
+    """ "32K,64K,128K" or "32768,65536" -> token counts (K = 1024), ascending, each a positive multiple of 128."""
     sizes = []
     for item in text.split(","):
         item = item.strip()
@@ -66,7 +66,7 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def parse_tp(text: str) -> list[int]:
-    """"1,2" -> [1, 2]; each degree in ALLOWED_TP."""
+    """ "1,2" -> [1, 2]; each degree in ALLOWED_TP."""
     out = []
     for item in text.split(","):
         if not item.strip().isdigit() or int(item) not in ALLOWED_TP:
@@ -105,8 +105,7 @@ def merge(partials: list[dict]) -> dict:
     commits = sorted({p["commit"] for p in partials})
     merged["commit"] = commits[0] if len(commits) == 1 else commits
     merged["date"] = max(p["date"] for p in partials)
-    merged["runs"] = {f"tp{n}": {k: p[k] for k in ("date", "commit", "command", "gpus", "weights_gib_per_gpu")}
-                      for n, p in by_tp.items()}
+    merged["runs"] = {f"tp{n}": {k: p[k] for k in ("date", "commit", "command", "gpus", "weights_gib_per_gpu")} for n, p in by_tp.items()}
     merged["rows"] = [dict(r, tp_size=n) for n, p in by_tp.items() for r in p["rows"]]
     table = {}
     for r in merged["rows"]:
@@ -255,7 +254,7 @@ def worker(args) -> None:
     date = datetime.datetime.now(datetime.timezone.utc)
     result = {
         "what": f"Time to first token and peak memory per GPU, {args.model} architecture with random bf16 weights, batch 1, "
-                "transformers tensor parallelism (tp_plan auto), stock SDPA vs ProxyAttn",
+        "transformers tensor parallelism (tp_plan auto), stock SDPA vs ProxyAttn",
         "gpu": gpu_name,
         "gpus": gather(gpu_name),
         "tp_size": n,
@@ -264,8 +263,8 @@ def worker(args) -> None:
         "command": f"python3 -m torch.distributed.run --standalone --nproc_per_node {n} benchmarks/tp_prefill.py " + " ".join(sys.argv[1:]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "method": f"one forward (use_cache=True, logits_to_keep=1) + argmax, wall clock between a barrier and a device "
-                  f"synchronisation, max over ranks, median of {args.reps} runs after one warm-up per (row, length); "
-                  "peak = torch.cuda.max_memory_allocated per rank over the timed runs",
+        f"synchronisation, max over ranks, median of {args.reps} runs after one warm-up per (row, length); "
+        "peak = torch.cuda.max_memory_allocated per rank over the timed runs",
         "model": {"name": args.model, "proxy_heads": PROXY_HEADS},
         "weights_gib_per_gpu": weights,
         "rows": [],
@@ -315,9 +314,30 @@ def driver(args) -> None:
     ensure_checkpoint(Path(args.checkpoint), args.model)
     sizes = ",".join(str(s) for s in args.sizes)
     for n in args.tp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(Path(__file__).resolve()),
-               "--worker", "--tp", str(n), "--sizes", sizes, "--reps", str(args.reps), "--out", str(out),
-               "--checkpoint", str(args.checkpoint), "--model", args.model, "--commit", args.commit or git_commit()]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--tp",
+            str(n),
+            "--sizes",
+            sizes,
+            "--reps",
+            str(args.reps),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(args.checkpoint),
+            "--model",
+            args.model,
+            "--commit",
+            args.commit or git_commit(),
+        ]
         print("[tp_prefill] " + " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
     partials = [json.loads(p.read_text()) for p in sorted(out.glob("tp_prefill_tp*.json"))]

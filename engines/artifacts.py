@@ -41,8 +41,19 @@ MANIFEST_FORMAT = 1
 # Written into every manifest: a directory whose manifest.json carries it is a build of ours (build.py refuses to
 # write anywhere else unless the directory is new or empty).
 GENERATOR = "proxyattn build.py"
-_TOOLS = ("torch", "triton", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "tensorrt", "tritonclient", "nvidia-pytriton",
-          "protobuf")
+_TOOLS = (
+    "torch",
+    "triton",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "transformers",
+    "tensorrt",
+    "tritonclient",
+    "nvidia-pytriton",
+    "protobuf",
+)
 
 
 def is_temporary(name: str) -> bool:
@@ -201,8 +212,15 @@ class Manifest:
                 return False
         return True
 
-    def record(self, name: str, inputs: Mapping[str, Any], *, status: str, artifacts: Mapping[str, str] | None = None,
-               info: Mapping[str, Any] | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        inputs: Mapping[str, Any],
+        *,
+        status: str,
+        artifacts: Mapping[str, str] | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
         self.data["stages"][name] = {
             "inputs": json.loads(json.dumps(inputs, default=str)),
             "inputs_hash": json_hash(inputs),

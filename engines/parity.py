@@ -30,8 +30,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-__all__ = ["HIDDEN_OUTPUT", "LOGITS_FROM_INPUT", "find_lm_head", "add_parity_outputs", "parity_session", "reference",
-           "compare", "PeakRSS"]
+__all__ = ["HIDDEN_OUTPUT", "LOGITS_FROM_INPUT", "find_lm_head", "add_parity_outputs", "parity_session", "reference", "compare", "PeakRSS"]
 
 HIDDEN_OUTPUT = "hidden_states"
 LOGITS_FROM_INPUT = "logits_from"
@@ -70,8 +69,10 @@ def find_lm_head(graph: onnx.GraphProto, logits: str = "logits") -> onnx.NodePro
         if node.op_type in _TAIL_OPS and len(dyn) == 1:
             name = dyn[0]
             continue
-        raise ValueError(f"no LM head found: walking back from {logits!r} through {path} met {node.op_type} "
-                         f"{node.name!r} with {len(dyn)} input(s) from the graph input")
+        raise ValueError(
+            f"no LM head found: walking back from {logits!r} through {path} met {node.op_type} "
+            f"{node.name!r} with {len(dyn)} input(s) from the graph input"
+        )
 
 
 def add_parity_outputs(proto: onnx.ModelProto, logits: str = "logits") -> onnx.ModelProto:
@@ -88,10 +89,10 @@ def add_parity_outputs(proto: onnx.ModelProto, logits: str = "logits") -> onnx.M
     elem = out.type.tensor_type.elem_type
     ends, axes, selected = "parity/ends", "parity/axes", "parity/hidden_selected"
     nodes = [
-        helper.make_node("Constant", [], [ends], value=helper.make_tensor(ends, TensorProto.INT64, [1], [_INT64_MAX]),
-                         name="parity/ends_const"),
-        helper.make_node("Constant", [], [axes], value=helper.make_tensor(axes, TensorProto.INT64, [1], [1]),
-                         name="parity/axes_const"),
+        helper.make_node(
+            "Constant", [], [ends], value=helper.make_tensor(ends, TensorProto.INT64, [1], [_INT64_MAX]), name="parity/ends_const"
+        ),
+        helper.make_node("Constant", [], [axes], value=helper.make_tensor(axes, TensorProto.INT64, [1], [1]), name="parity/axes_const"),
         helper.make_node("Slice", [hidden, LOGITS_FROM_INPUT, ends, axes], [selected], name="parity/select_positions"),
         helper.make_node("Identity", [hidden], [HIDDEN_OUTPUT], name="parity/hidden_states"),
     ]
@@ -130,8 +131,9 @@ def parity_session(src, *, providers=None):
         proto = onnx.load(str(src), load_external_data=False)
         add_parity_outputs(proto)
         # Moves the inline weights to data_file and drops them from `proto`, so the copy below is small.
-        onnx.save(proto, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data_file.name, size_threshold=1024)
+        onnx.save(
+            proto, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file.name, size_threshold=1024
+        )
         onnx.save(to_custom_op_model(proto), str(model_file))
         del proto
         register_op()
@@ -179,7 +181,7 @@ def compare(actual, expected) -> dict:
     max_abs = 0.0
     finite = True
     for i in range(0, a.shape[0], step):
-        ac, ec = a[i:i + step].double(), e[i:i + step].double()
+        ac, ec = a[i : i + step].double(), e[i : i + step].double()
         finite = finite and bool(torch.isfinite(ac).all()) and bool(torch.isfinite(ec).all())
         d = ac - ec
         num += float((d * d).sum())

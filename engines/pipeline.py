@@ -128,8 +128,10 @@ def resolve(req: BuildRequest) -> BuildPlan:
     if req.estimator is not None:
         config = config.replace(estimator=req.estimator)
     if backend == "tensorrt" and config.estimator is not Estimator.PROXY:
-        raise ValueError(f"--estimator {config.estimator.label} with TensorRT: the plugin graph implements "
-                         f"{Estimator.PROXY.label} only (use --backend onnxruntime for {config.estimator.label})")
+        raise ValueError(
+            f"--estimator {config.estimator.label} with TensorRT: the plugin graph implements "
+            f"{Estimator.PROXY.label} only (use --backend onnxruntime for {config.estimator.label})"
+        )
     from export.contract import encode_attrs
 
     encode_attrs(config, scale=1.0)  # refuses a gamma the ONNX/TensorRT attributes cannot carry exactly
@@ -138,7 +140,9 @@ def resolve(req: BuildRequest) -> BuildPlan:
         raise ValueError("give either --weights DIR or --random-weights, not both")
     if spec.weights == "checkpoint":
         if req.weights is None and not req.random_weights:
-            raise ValueError(f"{spec.name} needs weights: --weights DIR (a transformers checkpoint) or --random-weights for a structural build")
+            raise ValueError(
+                f"{spec.name} needs weights: --weights DIR (a transformers checkpoint) or --random-weights for a structural build"
+            )
         if req.weights is not None:
             wdir = Path(req.weights)
             if not (wdir / "config.json").is_file():
@@ -198,8 +202,10 @@ def _check_checkpoint_config(spec: ModelSpec, wdir: Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--weights {wdir}: config.json is not valid JSON ({e})") from e
     if not isinstance(cfg, dict):
-        raise ValueError(f"--weights {wdir}: config.json must hold a JSON object (a transformers config), "
-                         f"it holds {type(cfg).__name__} {json.dumps(cfg)[:40]}")
+        raise ValueError(
+            f"--weights {wdir}: config.json must hold a JSON object (a transformers config), "
+            f"it holds {type(cfg).__name__} {json.dumps(cfg)[:40]}"
+        )
     for key in _ARCH_KEYS:
         want = spec.hf_config.get(key)
         got = cfg.get(key)
@@ -376,9 +382,15 @@ def run_stage(stage: Stage, plan: BuildPlan, manifest: Manifest) -> Path:
 
 # ------------------------------------------------------------------------------------------------ export
 def _export_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
-    inputs = {"model": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights,
-              "precision": plan.precision, "config": plan.config.to_attrs(), "opset": 18,
-              "code": _code_hash("export", "proxyattn")}
+    inputs = {
+        "model": plan.spec.name,
+        "hf_config": dict(plan.spec.hf_config),
+        "weights": plan.weights,
+        "precision": plan.precision,
+        "config": plan.config.to_attrs(),
+        "opset": 18,
+        "code": _code_hash("export", "proxyattn"),
+    }
     if plan.weights.startswith("package:"):
         from proxyattn import weights as packaged
 
@@ -398,7 +410,9 @@ def _export_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult
     t0 = time.monotonic()
     export_model(model, tmp / plan.onnx_path.name, config=plan.config, dtype=dtype, **kwargs)
     dt = time.monotonic() - t0
-    return StageResult({"seconds": round(dt, 1), "meta": meta}, f"built in {dt:.0f} s" + (" (meta model, weights streamed)" if meta else ""))
+    return StageResult(
+        {"seconds": round(dt, 1), "meta": meta}, f"built in {dt:.0f} s" + (" (meta model, weights streamed)" if meta else "")
+    )
 
 
 EXPORT = Stage("export", _export_inputs, _export_build)
@@ -438,9 +452,11 @@ def _parity_lengths(plan: BuildPlan) -> tuple[list[tuple[int, str]], str | None]
     last = [n for n, p in out if p == "last"]
     if last:
         need = 3 * max(last) * vocab * 4
-        return out, (f"at {', '.join(map(str, last))} tokens the logits are compared at the last position only "
-                     f"(all positions' fp32 logits, {vocab} vocab, would need {need / 1024**3:.1f} GiB, over the "
-                     f"{PARITY_LOGITS_BYTES / 1024**3:.0f} GiB budget); the final hidden states are compared at every position")
+        return out, (
+            f"at {', '.join(map(str, last))} tokens the logits are compared at the last position only "
+            f"(all positions' fp32 logits, {vocab} vocab, would need {need / 1024**3:.1f} GiB, over the "
+            f"{PARITY_LOGITS_BYTES / 1024**3:.0f} GiB budget); the final hidden states are compared at every position"
+        )
     return out, None
 
 
@@ -471,16 +487,20 @@ def parity_passed(rows: list[dict]) -> bool:
     """Every row finite (ONNX Runtime and reference, hidden states and logits) and within PARITY_REL_TOL for both
     the hidden states and the logits (a NaN error fails: NaN <= tol is False)."""
     return bool(rows) and all(
-        r["finite"] and r["hidden"]["rel_error"] <= PARITY_REL_TOL and r["logits"]["rel_error"] <= PARITY_REL_TOL
-        for r in rows
+        r["finite"] and r["hidden"]["rel_error"] <= PARITY_REL_TOL and r["logits"]["rel_error"] <= PARITY_REL_TOL for r in rows
     )
 
 
 def _parity_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
     lengths, _ = _parity_lengths(plan)
-    return {"onnx": manifest.artifact_hashes("export"), "config": plan.config.to_attrs(),
-            "lengths": [n for n, _ in lengths], "logits_positions": [p for _, p in lengths], "method": PARITY_METHOD,
-            "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
+    return {
+        "onnx": manifest.artifact_hashes("export"),
+        "config": plan.config.to_attrs(),
+        "lengths": [n for n, _ in lengths],
+        "logits_positions": [p for _, p in lengths],
+        "method": PARITY_METHOD,
+        "code": _code_hash("plugins/onnxruntime", "export", "proxyattn"),
+    }
 
 
 def _parity_not_run(plan: BuildPlan) -> str | None:
@@ -519,7 +539,8 @@ def _parity_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult
         logits_from = 0 if positions == "all" else -1
         with PeakRSS() as row_peak:  # includes the model and the session, resident throughout
             ort_hidden, ort_logits = session.run(
-                [HIDDEN_OUTPUT, "logits"], {"input_ids": ids.numpy(), LOGITS_FROM_INPUT: np.array([logits_from], np.int64)})
+                [HIDDEN_OUTPUT, "logits"], {"input_ids": ids.numpy(), LOGITS_FROM_INPUT: np.array([logits_from], np.int64)}
+            )
             ref_hidden, ref_logits, densities = reference(model, ids, plan.config, logits_from)
             row = _parity_row(n, positions, ort_hidden, ort_logits, ref_hidden, ref_logits, densities)
             del ort_hidden, ort_logits, ref_hidden, ref_logits
@@ -530,16 +551,26 @@ def _parity_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult
     del session, model
     peak = max([load_peak.bytes] + [r["peak_rss_gib"] * 1024**3 for r in rows])
     ok = parity_passed(rows)
-    report = {"tolerance_rel": PARITY_REL_TOL, "passed": ok, "rows": rows, "note": note,
-              "compared": "onnxruntime, ProxyAttention on the sparse custom op (as make_session(sparse=True)) vs transformers with proxyattn_ref attention, fp32: "
-                          "final hidden states (LM head input) at every position, logits at the positions in "
-                          "rows[].logits.positions; rel_error = ||ort - ref|| / ||ref|| per tensor, a row's rel_error "
-                          "and max_abs_error are the worse of the two",
-              "peak_rss_gib": round(peak / 1024**3, 2), "peak_rss_scope": load_peak.scope,
-              "seconds": round(time.monotonic() - t0, 1)}
+    report = {
+        "tolerance_rel": PARITY_REL_TOL,
+        "passed": ok,
+        "rows": rows,
+        "note": note,
+        "compared": "onnxruntime, ProxyAttention on the sparse custom op (as make_session(sparse=True)) vs transformers with proxyattn_ref attention, fp32: "
+        "final hidden states (LM head input) at every position, logits at the positions in "
+        "rows[].logits.positions; rel_error = ||ort - ref|| / ||ref|| per tensor, a row's rel_error "
+        "and max_abs_error are the worse of the two",
+        "peak_rss_gib": round(peak / 1024**3, 2),
+        "peak_rss_scope": load_peak.scope,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
     (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
-    return StageResult(report, report, status="built" if ok else "failed",
-                       error=None if ok else f"parity check failed (tolerance {PARITY_REL_TOL:g}): {rows}")
+    return StageResult(
+        report,
+        report,
+        status="built" if ok else "failed",
+        error=None if ok else f"parity check failed (tolerance {PARITY_REL_TOL:g}): {rows}",
+    )
 
 
 PARITY = Stage("parity", _parity_inputs, _parity_build, _parity_not_run)
@@ -554,8 +585,12 @@ def stage_parity(plan: BuildPlan, manifest: Manifest) -> Path:
 def _plugin_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
     from plugins.tensorrt import aot
 
-    return {"shapes": aot.model_shapes(plan.spec, plan.config, plan.precision), "archs": list(aot.ARCHS),
-            "triton": tool_versions()["triton"], "source": aot.source_hash()}
+    return {
+        "shapes": aot.model_shapes(plan.spec, plan.config, plan.precision),
+        "archs": list(aot.ARCHS),
+        "triton": tool_versions()["triton"],
+        "source": aot.source_hash(),
+    }
 
 
 def _plugin_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
@@ -577,8 +612,13 @@ def stage_plugin_kernels(plan: BuildPlan, manifest: Manifest) -> Path:
 
 # ------------------------------------------------------------------------------------------------ engines
 def _engines_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
-    return {"onnx": manifest.artifact_hashes("export"), "plugins": manifest.artifact_hashes("plugin_kernels"),
-            "profiles": [p.as_dict() for p in plan.profiles], "precision": plan.precision, "max_batch": plan.max_batch}
+    return {
+        "onnx": manifest.artifact_hashes("export"),
+        "plugins": manifest.artifact_hashes("plugin_kernels"),
+        "profiles": [p.as_dict() for p in plan.profiles],
+        "precision": plan.precision,
+        "max_batch": plan.max_batch,
+    }
 
 
 def _engines_not_run(plan: BuildPlan) -> str | None:
@@ -590,9 +630,16 @@ def _engines_not_run(plan: BuildPlan) -> str | None:
 def _engines_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
     from plugins.tensorrt import engine
 
-    built = engine.build_engines(plan.onnx_path, tmp, plan.profiles, precision=plan.precision, max_batch=plan.max_batch,
-                                 kernels_dir=plan.out / "plugins", progress=_progress,
-                                 timing_cache=plan.out / OUTPUTS["engines"] / engine.TIMING_CACHE)
+    built = engine.build_engines(
+        plan.onnx_path,
+        tmp,
+        plan.profiles,
+        precision=plan.precision,
+        max_batch=plan.max_batch,
+        kernels_dir=plan.out / "plugins",
+        progress=_progress,
+        timing_cache=plan.out / OUTPUTS["engines"] / engine.TIMING_CACHE,
+    )
     names = [str(plan.out / OUTPUTS["engines"] / p.relative_to(tmp)) for p in built]
     return StageResult({"engines": names}, f"{len(built)} engines")
 
@@ -607,9 +654,13 @@ def stage_engines(plan: BuildPlan, manifest: Manifest) -> Path:
 
 # ------------------------------------------------------------------------------------------------ ONNX Runtime models
 def _ort_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
-    return {"onnx": manifest.artifact_hashes("export"), "profiles": [p.as_dict() for p in plan.profiles],
-            "dense_below_tokens": plan.config.dense_below_tokens, "onnxruntime": tool_versions()["onnxruntime"],
-            "code": _code_hash("plugins/onnxruntime", "export", "proxyattn")}
+    return {
+        "onnx": manifest.artifact_hashes("export"),
+        "profiles": [p.as_dict() for p in plan.profiles],
+        "dense_below_tokens": plan.config.dense_below_tokens,
+        "onnxruntime": tool_versions()["onnxruntime"],
+        "code": _code_hash("plugins/onnxruntime", "export", "proxyattn"),
+    }
 
 
 def _ort_not_run(plan: BuildPlan) -> str | None:
@@ -658,9 +709,14 @@ def _onnx_io(plan: BuildPlan):
 
 
 def _repository_inputs(plan: BuildPlan, manifest: Manifest) -> dict:
-    return {"engines": manifest.artifact_hashes("engines"), "ort": manifest.artifact_hashes("ort_models"),
-            "export": manifest.artifact_hashes("export"), "max_batch": plan.max_batch,
-            "profiles": [p.as_dict() for p in plan.profiles], "source": _source_hash()}
+    return {
+        "engines": manifest.artifact_hashes("engines"),
+        "ort": manifest.artifact_hashes("ort_models"),
+        "export": manifest.artifact_hashes("export"),
+        "max_batch": plan.max_batch,
+        "profiles": [p.as_dict() for p in plan.profiles],
+        "source": _source_hash(),
+    }
 
 
 def _repository_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageResult:
@@ -681,11 +737,23 @@ def _repository_build(plan: BuildPlan, manifest: Manifest, tmp: Path) -> StageRe
     ort_models = None
     if all(f.is_file() for f in files) and ort and ort["status"] == "built":
         data = [d for d in sorted(ort_dir.iterdir()) if d.name.endswith(".onnx.data")]
-        ort_models = {"files": files + data, "max_batch_size": plan.max_batch, "profiles": plan.profiles,
-                      "profile_files": [f.name for f in files]}
-    models.update(write_serving_models(tmp, model=plan.spec.name, weights=plan.weights, vocab_size=plan.spec.vocab_size,
-                                       proxyattn=serving_config(plan.config), tokenizer=make_tokenizer(plan.weights, dict(plan.spec.hf_config)),
-                                       ort=ort_models))
+        ort_models = {
+            "files": files + data,
+            "max_batch_size": plan.max_batch,
+            "profiles": plan.profiles,
+            "profile_files": [f.name for f in files],
+        }
+    models.update(
+        write_serving_models(
+            tmp,
+            model=plan.spec.name,
+            weights=plan.weights,
+            vocab_size=plan.spec.vocab_size,
+            proxyattn=serving_config(plan.config),
+            tokenizer=make_tokenizer(plan.weights, dict(plan.spec.hf_config)),
+            ort=ort_models,
+        )
+    )
     return StageResult({"models": models}, models)
 
 
@@ -738,15 +806,17 @@ def run(plan: BuildPlan, *, log: Callable[[str], None] = print) -> Path:
     if removed:
         log(f"[build] removed {len(removed)} temporaries of an interrupted build: {', '.join(p.name for p in removed)}")
     manifest = Manifest.load(plan.out)
-    manifest.data.update({
-        "tools": tool_versions(),
-        "model": {"name": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights},
-        "config": plan.config.to_attrs(),
-        "profiles": [p.as_dict() for p in plan.profiles],
-        "precision": plan.precision,
-        "backend": plan.backend,
-        "embedded_backend": plan.ort_reason,
-    })
+    manifest.data.update(
+        {
+            "tools": tool_versions(),
+            "model": {"name": plan.spec.name, "hf_config": dict(plan.spec.hf_config), "weights": plan.weights},
+            "config": plan.config.to_attrs(),
+            "profiles": [p.as_dict() for p in plan.profiles],
+            "precision": plan.precision,
+            "backend": plan.backend,
+            "embedded_backend": plan.ort_reason,
+        }
+    )
     manifest.data["build"] = {"state": "running", "started": _now()}
     manifest.save()
     try:
@@ -755,8 +825,9 @@ def run(plan: BuildPlan, *, log: Callable[[str], None] = print) -> Path:
             log(f"[build] {stage.name} ...")
             run_stage(stage, plan, manifest)
     except BaseException as e:
-        manifest.data["build"].update(state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                                      stage=plan.results["stage"], finished=_now())
+        manifest.data["build"].update(
+            state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", stage=plan.results["stage"], finished=_now()
+        )
         manifest.save()
         raise
     plan.results.pop("stage")

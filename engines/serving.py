@@ -58,8 +58,7 @@ __all__ = [
 ENGINES = ("onnxruntime", "transformers")
 ATTENTIONS = {"proxyattn": "proxyattn", "dense": "sdpa"}  # config value -> transformers attn_implementation
 # Keys Triton or its clients may put into a request's parameters themselves; they are not generation options.
-TRITON_PARAMETERS = frozenset({"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
-                               "headers"})
+TRITON_PARAMETERS = frozenset({"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers"})
 
 
 class RequestError(ValueError):
@@ -270,8 +269,16 @@ class TorchEngine:
         self.sparse_layers: int | None = None  # set by each prefill
 
     @classmethod
-    def load(cls, weights: str, *, attention: str, device: str | torch.device = "cpu", dtype: str = "auto",
-             proxyattn_attrs: dict | None = None, base_dir: str | Path | None = None) -> "TorchEngine":
+    def load(
+        cls,
+        weights: str,
+        *,
+        attention: str,
+        device: str | torch.device = "cpu",
+        dtype: str = "auto",
+        proxyattn_attrs: dict | None = None,
+        base_dir: str | Path | None = None,
+    ) -> "TorchEngine":
         """Load `weights` (see the module docstring) with `attention` ("proxyattn" or "dense") on `device`.
 
         dtype: "auto" (bfloat16 on CUDA, float32 on the CPU), "bfloat16", "float16" or "float32".
@@ -311,8 +318,10 @@ class TorchEngine:
             if not path.is_absolute() and base_dir is not None:
                 path = Path(base_dir) / path
             if not (path / "config.json").is_file():
-                raise ValueError(f"weights={weights!r}: {path} holds no config.json; give package:<name>, checkpoint:<dir>, "
-                                 f"random:<model> or a transformers checkpoint directory")
+                raise ValueError(
+                    f"weights={weights!r}: {path} holds no config.json; give package:<name>, checkpoint:<dir>, "
+                    f"random:<model> or a transformers checkpoint directory"
+                )
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=impl).to(device)
         model.eval()
         cfg = model.config
@@ -378,7 +387,7 @@ class TextStream:
         if self.stop:
             at = text.find(self.stop)
             if at >= 0:
-                delta, self.text = text[self.emitted:at], text[:at]
+                delta, self.text = text[self.emitted : at], text[:at]
                 self.emitted = at
                 return delta, True
         self.text = text
@@ -387,15 +396,15 @@ class TextStream:
             end -= 1  # an incomplete UTF-8 sequence: wait for its next bytes
         if self.stop:
             for k in range(min(len(self.stop) - 1, end - self.emitted), 0, -1):
-                if self.stop.startswith(text[end - k:end]):
+                if self.stop.startswith(text[end - k : end]):
                     end -= k  # could be the stop string's beginning
                     break
-        delta = text[self.emitted:end]
+        delta = text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return delta, False
 
     def flush(self) -> str:
-        delta = self.text[self.emitted:]
+        delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
 
@@ -413,16 +422,24 @@ def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Gene
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate(engine, tokenizer, prompt: list[int], params: GenerationParams, eos_ids: Sequence[int] = (),
-             cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+def generate(
+    engine,
+    tokenizer,
+    prompt: list[int],
+    params: GenerationParams,
+    eos_ids: Sequence[int] = (),
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[Chunk]:
     """Generate up to `params.max_tokens` tokens after `prompt`; one `Chunk` per token, the last one with its
     finish reason (possibly a last chunk without a token, carrying held-back text). RequestError when the prompt
     plus max_tokens does not fit the engine's longest sequence."""
     if not prompt:
         raise RequestError("the prompt has no tokens")
     if len(prompt) + params.max_tokens > engine.max_len:
-        raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the longest sequence "
-                           f"this model serves ({engine.max_len} tokens)")
+        raise RequestError(
+            f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the longest sequence "
+            f"this model serves ({engine.max_len} tokens)"
+        )
     check_vocab(torch.tensor(prompt), engine.vocab_size)
     generator = None
     if params.seed is not None:

@@ -94,8 +94,14 @@ class TritonPythonModel:
         elif engine == "transformers":
             device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
             attrs = json.loads(params["proxyattn"]) if params.get("proxyattn") else None
-            self.engine = serving.TorchEngine.load(params["weights"], attention=params.get("attention", "proxyattn"), device=device,
-                                                   dtype=params.get("dtype", "auto"), proxyattn_attrs=attrs, base_dir=version_dir)
+            self.engine = serving.TorchEngine.load(
+                params["weights"],
+                attention=params.get("attention", "proxyattn"),
+                device=device,
+                dtype=params.get("dtype", "auto"),
+                proxyattn_attrs=attrs,
+                base_dir=version_dir,
+            )
         else:
             raise ValueError(f"{self.name}: parameter engine={engine!r}; allowed: {', '.join(serving.ENGINES)}")
         self.tokenizer = None
@@ -106,7 +112,8 @@ class TritonPythonModel:
             raise RuntimeError(
                 f"{self.name} has a text interface (BYTES tensors), which the Python backend stub of nvidia-pytriton 0.7.0 "
                 f"misreads under numpy {np.__version__} (it is built against numpy 1.x); start tritonserver through "
-                f"`python -m engines.tritonserver`, which runs the backend with numpy 1.26.4 (see docs/serving.md)")
+                f"`python -m engines.tritonserver`, which runs the backend with numpy 1.26.4 (see docs/serving.md)"
+            )
         model_config = getattr(getattr(self.engine, "model", None), "config", None)
         self.eos_ids = serving.eos_token_ids(self.tokenizer, model_config)
         self.max_batch = int(params.get("max_batch", "1"))
@@ -119,10 +126,13 @@ class TritonPythonModel:
         text = pb_utils.get_input_tensor_by_name(request, TEXT)
         ids = pb_utils.get_input_tensor_by_name(request, IDS)
         if (text is None) == (ids is None):
-            raise RequestError(f"give exactly one of {TEXT!r} (a text to continue) or {IDS!r} (token ids to score), got "
-                               f"{'both' if text is not None else 'neither'}")
-        params = serving.parse_parameters(request.parameters(), max_tokens_limit=self.engine.max_len,
-                                          default_max_tokens=self.default_max_tokens)
+            raise RequestError(
+                f"give exactly one of {TEXT!r} (a text to continue) or {IDS!r} (token ids to score), got "
+                f"{'both' if text is not None else 'neither'}"
+            )
+        params = serving.parse_parameters(
+            request.parameters(), max_tokens_limit=self.engine.max_len, default_max_tokens=self.default_max_tokens
+        )
         if ids is not None:
             return "ids", from_dlpack(ids.to_dlpack()), params
         values = text.as_numpy().reshape(-1)
@@ -146,8 +156,10 @@ class TritonPythonModel:
         """last_logits (and logits when asked) of token ids [batch, tokens]."""
         requested = set(request.requested_output_names())
         if "logits" in requested and requested != self.all_outputs and not params.full_logits:
-            raise RequestError("output 'logits' (the full [batch, tokens, vocab] logits) is returned only with the request "
-                               "parameter full_logits: true; 'last_logits' holds the last position's")
+            raise RequestError(
+                "output 'logits' (the full [batch, tokens, vocab] logits) is returned only with the request "
+                "parameter full_logits: true; 'last_logits' holds the last position's"
+            )
         if ids.dim() == 2 and ids.shape[0] > self.max_batch:
             raise RequestError(f"batch of {ids.shape[0]} sequences exceeds this model's max_batch {self.max_batch}")
         logits = self.engine.logits(ids)
@@ -161,8 +173,11 @@ class TritonPythonModel:
         return serving.generate(self.engine, self.tokenizer, tokens, params, self.eos_ids, cancelled)
 
     def _stats(self, prompt_tokens, completion_tokens, first_ms):
-        out = {"prompt_tokens": _scalar(prompt_tokens), "completion_tokens": _scalar(completion_tokens),
-               "first_token_ms": _scalar(first_ms, torch.float32)}
+        out = {
+            "prompt_tokens": _scalar(prompt_tokens),
+            "completion_tokens": _scalar(completion_tokens),
+            "first_token_ms": _scalar(first_ms, torch.float32),
+        }
         if getattr(self.engine, "sparse_layers", None) is not None:
             out["sparse_layers"] = _scalar(self.engine.sparse_layers)
         return out
@@ -181,8 +196,12 @@ class TritonPythonModel:
                 ids += [] if chunk.token is None else [chunk.token]
                 text.append(chunk.text)
                 reason = chunk.finish_reason
-            return _response(text_output="".join(text), output_ids=torch.tensor(ids, dtype=torch.int64), finish_reason=reason,
-                             **self._stats(len(payload), len(ids), first))
+            return _response(
+                text_output="".join(text),
+                output_ids=torch.tensor(ids, dtype=torch.int64),
+                finish_reason=reason,
+                **self._stats(len(payload), len(ids), first),
+            )
         except RequestError as e:
             return error_response(str(e), pb_utils.TritonError.INVALID_ARG)
         except Exception as e:  # noqa: BLE001 - one failing request must not take the model down: report it to the client

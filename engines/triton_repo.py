@@ -79,8 +79,7 @@ def _pb():
         from google.protobuf import text_format
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError(
-            "the Triton model repository needs tritonclient's protobuf schema: "
-            "python3 -m pip install 'tritonclient[grpc,http]==2.73.0'"
+            "the Triton model repository needs tritonclient's protobuf schema: python3 -m pip install 'tritonclient[grpc,http]==2.73.0'"
         ) from e
     return model_config_pb2, text_format
 
@@ -116,8 +115,15 @@ def _fill_io(msg, specs: Sequence[TensorSpec]) -> None:
         entry.dims.extend(s.dims)
 
 
-def tensorrt_plan_config(name: str, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int, instances: int = 1,
-                         gpus: Sequence[int] = ()):
+def tensorrt_plan_config(
+    name: str,
+    *,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    instances: int = 1,
+    gpus: Sequence[int] = (),
+):
     """ModelConfig of one TensorRT engine (one optimization profile, index 0) with a dynamic sequence axis.
 
     Dims exclude the batch dim (the engine's dim 0, dynamic up to max_batch_size); -1 marks the sequence axis.
@@ -147,10 +153,17 @@ def _llm_io(vocab_size: int):
     """(inputs, outputs) of the Python-backend model: (name, dtype, dims, optional)."""
     v = int(vocab_size)
     inputs = [("text_input", "bytes", (1,), True), ("input_ids", "int64", (-1, -1), True)]
-    outputs = [("text_output", "bytes", (1,)), ("output_ids", "int64", (-1,)), ("finish_reason", "bytes", (1,)),
-               ("prompt_tokens", "int64", (1,)), ("completion_tokens", "int64", (1,)), ("first_token_ms", "float32", (1,)),
-               ("sparse_layers", "int64", (1,)),
-               ("last_logits", "float32", (-1, v)), ("logits", "float32", (-1, -1, v))]
+    outputs = [
+        ("text_output", "bytes", (1,)),
+        ("output_ids", "int64", (-1,)),
+        ("finish_reason", "bytes", (1,)),
+        ("prompt_tokens", "int64", (1,)),
+        ("completion_tokens", "int64", (1,)),
+        ("first_token_ms", "float32", (1,)),
+        ("sparse_layers", "int64", (1,)),
+        ("last_logits", "float32", (-1, v)),
+        ("logits", "float32", (-1, -1, v)),
+    ]
     return inputs, outputs
 
 
@@ -165,9 +178,20 @@ def _positive(name: str, value) -> int:
     return value
 
 
-def python_llm_config(name: str, *, engine: str, vocab_size: int, parameters: dict[str, str], kind: str = "CPU",
-                      decoupled: bool = False, instances: int = 1, max_batch: int = 1, gpus: Sequence[int] = (),
-                      tokenizer: bool = True, default_max_tokens: int = 16):
+def python_llm_config(
+    name: str,
+    *,
+    engine: str,
+    vocab_size: int,
+    parameters: dict[str, str],
+    kind: str = "CPU",
+    decoupled: bool = False,
+    instances: int = 1,
+    max_batch: int = 1,
+    gpus: Sequence[int] = (),
+    tokenizer: bool = True,
+    default_max_tokens: int = 16,
+):
     """ModelConfig of a Python-backend model running `engines/triton_python_model.py`.
 
     Interface (max_batch_size 0: the model handles its own batch axis): optional inputs `text_input` BYTES [1] and
@@ -210,8 +234,13 @@ def python_llm_config(name: str, *, engine: str, vocab_size: int, parameters: di
     group.gpus.extend(gpus)
     if decoupled:
         cfg.model_transaction_policy.decoupled = True
-    values = {"engine": engine, "vocab_size": str(int(vocab_size)), "max_batch": str(max_batch),
-              "default_max_tokens": str(default_max_tokens), **parameters}
+    values = {
+        "engine": engine,
+        "vocab_size": str(int(vocab_size)),
+        "max_batch": str(max_batch),
+        "default_max_tokens": str(default_max_tokens),
+        **parameters,
+    }
     if tokenizer:
         values["tokenizer"] = "tokenizer"
     for key, value in values.items():
@@ -221,8 +250,17 @@ def python_llm_config(name: str, *, engine: str, vocab_size: int, parameters: di
     return cfg
 
 
-def python_ort_config(name: str, *, vocab_size: int, max_batch_size: int, profiles: Sequence[Profile], profile_files: Sequence[str],
-                      instances: int = 1, decoupled: bool = False, tokenizer: bool = False):
+def python_ort_config(
+    name: str,
+    *,
+    vocab_size: int,
+    max_batch_size: int,
+    profiles: Sequence[Profile],
+    profile_files: Sequence[str],
+    instances: int = 1,
+    decoupled: bool = False,
+    tokenizer: bool = False,
+):
     """ModelConfig of the embedded default (`python_llm_config` with engine "onnxruntime", KIND_CPU).
 
     The profiles (with the ONNX file of each) travel as the JSON parameter `profiles`; a sequence is served by the
@@ -233,13 +271,35 @@ def python_ort_config(name: str, *, vocab_size: int, max_batch_size: int, profil
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size!r} must be an int >= 1")
     table = [dict(p.as_dict(), file=f) for p, f in zip(profiles, profile_files)]
-    return python_llm_config(name, engine="onnxruntime", vocab_size=vocab_size, parameters={"profiles": json.dumps(table)},
-                             kind="CPU", decoupled=decoupled, instances=instances, max_batch=max_batch_size, tokenizer=tokenizer)
+    return python_llm_config(
+        name,
+        engine="onnxruntime",
+        vocab_size=vocab_size,
+        parameters={"profiles": json.dumps(table)},
+        kind="CPU",
+        decoupled=decoupled,
+        instances=instances,
+        max_batch=max_batch_size,
+        tokenizer=tokenizer,
+    )
 
 
-def python_torch_config(name: str, *, weights: str, attention: str, vocab_size: int, proxyattn=None, kind: str = "GPU",
-                        decoupled: bool = True, dtype: str = "auto", instances: int = 1, gpus: Sequence[int] = (),
-                        tokenizer: bool = True, max_batch: int = 1, default_max_tokens: int = 16):
+def python_torch_config(
+    name: str,
+    *,
+    weights: str,
+    attention: str,
+    vocab_size: int,
+    proxyattn=None,
+    kind: str = "GPU",
+    decoupled: bool = True,
+    dtype: str = "auto",
+    instances: int = 1,
+    gpus: Sequence[int] = (),
+    tokenizer: bool = True,
+    max_batch: int = 1,
+    default_max_tokens: int = 16,
+):
     """ModelConfig of a transformers model (`python_llm_config` with engine "transformers"): `weights` as
     `engines.serving.TorchEngine.load` takes them, `attention` "proxyattn" or "dense", `proxyattn` the
     ProxyAttnConfig of the sparse prefill (None: the default config)."""
@@ -252,9 +312,19 @@ def python_torch_config(name: str, *, weights: str, attention: str, vocab_size: 
     params = {"weights": weights, "attention": attention, "dtype": dtype}
     if proxyattn is not None:
         params["proxyattn"] = json.dumps(proxyattn.to_attrs())
-    return python_llm_config(name, engine="transformers", vocab_size=vocab_size, parameters=params, kind=kind, decoupled=decoupled,
-                             instances=instances, max_batch=max_batch, gpus=gpus, tokenizer=tokenizer,
-                             default_max_tokens=default_max_tokens)
+    return python_llm_config(
+        name,
+        engine="transformers",
+        vocab_size=vocab_size,
+        parameters=params,
+        kind=kind,
+        decoupled=decoupled,
+        instances=instances,
+        max_batch=max_batch,
+        gpus=gpus,
+        tokenizer=tokenizer,
+        default_max_tokens=default_max_tokens,
+    )
 
 
 def config_text(cfg) -> str:
@@ -362,8 +432,10 @@ def write_python_model(repo: Path, name: str, onnx_files: Sequence[Path], cfg, t
     """`<repo>/<name>/config.pbtxt`, `1/model.py`, the ONNX files (hard-linked when possible, else copied) and, when
     given, the tokenizer (`1/tokenizer/`). The config must name a tokenizer exactly when one is given."""
     if ("tokenizer" in cfg.parameters) != (tokenizer is not None):
-        raise ValueError(f"model {name!r}: the config {'names' if 'tokenizer' in cfg.parameters else 'names no'} tokenizer "
-                         f"but {'none' if tokenizer is None else 'one'} was given")
+        raise ValueError(
+            f"model {name!r}: the config {'names' if 'tokenizer' in cfg.parameters else 'names no'} tokenizer "
+            f"but {'none' if tokenizer is None else 'one'} was given"
+        )
     model_dir = Path(repo) / name
     version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
@@ -390,8 +462,9 @@ def transformers_weights(weights: str, model: str) -> str:
     return f"random:{model}" if weights == "random" else weights
 
 
-def write_serving_models(repo: Path, *, model: str, weights: str, vocab_size: int, proxyattn, tokenizer,
-                         ort: dict | None = None) -> dict[str, str]:
+def write_serving_models(
+    repo: Path, *, model: str, weights: str, vocab_size: int, proxyattn, tokenizer, ort: dict | None = None
+) -> dict[str, str]:
     """The text models of a build into `repo`; returns {model name: description}.
 
     Always `<model>_proxyattn` and `<model>_dense`: transformers on KIND_GPU, decoupled, the same weights
@@ -412,8 +485,14 @@ def write_serving_models(repo: Path, *, model: str, weights: str, vocab_size: in
             models[name] = "python (ONNX Runtime, CPU" + (", decoupled: streams tokens)" if decoupled else ", embedded default)")
     for attention in ("proxyattn", "dense"):
         name = f"{model}_{attention}"
-        cfg = python_torch_config(name, weights=transformers_weights(weights, model), attention=attention, vocab_size=vocab_size,
-                                  proxyattn=proxyattn if attention == "proxyattn" else None, tokenizer=has_tok)
+        cfg = python_torch_config(
+            name,
+            weights=transformers_weights(weights, model),
+            attention=attention,
+            vocab_size=vocab_size,
+            proxyattn=proxyattn if attention == "proxyattn" else None,
+            tokenizer=has_tok,
+        )
         write_python_model(repo, name, [], cfg, tokenizer)
         models[name] = f"python (transformers, {'ProxyAttn' if attention == 'proxyattn' else 'dense'} prefill, GPU, decoupled)"
     return models

@@ -141,15 +141,17 @@ def repository_models(repo: str | os.PathLike) -> list[str]:
     path = Path(repo)
     if not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
-        raise ValueError(f"model repository {str(repo)!r} {what}; pass a Triton model repository directory "
-                         f"(a build's <out>/model_repository)")
+        raise ValueError(
+            f"model repository {str(repo)!r} {what}; pass a Triton model repository directory (a build's <out>/model_repository)"
+        )
     try:
         models = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and _is_model_dir(d))
     except OSError as e:
         raise ValueError(f"model repository {str(repo)!r} cannot be read: {e}") from e
     if not models:
-        raise ValueError(f"model repository {str(repo)!r} holds no model; a model is a subdirectory with a "
-                         f"config.pbtxt or a numbered version directory")
+        raise ValueError(
+            f"model repository {str(repo)!r} holds no model; a model is a subdirectory with a config.pbtxt or a numbered version directory"
+        )
     return models
 
 
@@ -189,12 +191,14 @@ def _host_site_dirs() -> list[str]:
 
 
 def _env_signature() -> str:
-    return json.dumps({"numpy": BACKEND_NUMPY, "python": sys.executable, "version": list(sys.version_info[:3]),
-                       "site": _host_site_dirs()}, sort_keys=True)
+    return json.dumps(
+        {"numpy": BACKEND_NUMPY, "python": sys.executable, "version": list(sys.version_info[:3]), "site": _host_site_dirs()}, sort_keys=True
+    )
 
 
-def backend_env(path: str | os.PathLike | None = None, *, numpy_wheel: str | os.PathLike | None = None,
-                log: Callable[[str], None] | None = None) -> Path:
+def backend_env(
+    path: str | os.PathLike | None = None, *, numpy_wheel: str | os.PathLike | None = None, log: Callable[[str], None] | None = None
+) -> Path:
     """The backend's Python environment at `path` (default `default_backend_env()`), made when missing or stale.
 
     A venv of this interpreter (no pip) whose site-packages holds numpy BACKEND_NUMPY and a `.pth` that adds this
@@ -209,11 +213,15 @@ def backend_env(path: str | os.PathLike | None = None, *, numpy_wheel: str | os.
     if marker.is_file() and marker.read_text() == signature:
         return path
     if path.exists() and not marker.is_file():
-        raise ValueError(f"backend environment {str(path)!r} exists but was not made by engines.tritonserver "
-                         f"(no {_ENV_MARKER}); remove it or name another path")
+        raise ValueError(
+            f"backend environment {str(path)!r} exists but was not made by engines.tritonserver "
+            f"(no {_ENV_MARKER}); remove it or name another path"
+        )
     if numpy_wheel is not None and not Path(numpy_wheel).is_file():
-        raise ValueError(f"numpy_wheel {str(numpy_wheel)!r} is not a file; give numpy {BACKEND_NUMPY}'s wheel for Python "
-                         f"{sys.version_info[0]}.{sys.version_info[1]}")
+        raise ValueError(
+            f"numpy_wheel {str(numpy_wheel)!r} is not a file; give numpy {BACKEND_NUMPY}'s wheel for Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]}"
+        )
     if log is not None:
         log(f"making the backend environment {path} (numpy {BACKEND_NUMPY})")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,14 +230,31 @@ def backend_env(path: str | os.PathLike | None = None, *, numpy_wheel: str | os.
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(tmp)], check=True, capture_output=True, text=True)
         site = tmp / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
         source = [str(numpy_wheel), "--no-index"] if numpy_wheel is not None else [f"numpy=={BACKEND_NUMPY}"]
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                              "--only-binary=:all:", "--no-compile", "--target", str(site), *source], capture_output=True, text=True)
+        pip = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--no-compile",
+                "--target",
+                str(site),
+                *source,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if pip.returncode != 0:
             raise ValueError(f"installing numpy {BACKEND_NUMPY} into the backend environment failed: {pip.stderr.strip()[-800:]}")
         lines = [f"import site; site.addsitedir({d!r})" for d in _host_site_dirs()]
         (site / "zz_proxyattn_host.pth").write_text("\n".join(lines) + "\n")
-        check = subprocess.run([str(tmp / "bin" / "python3"), "-c", "import numpy, torch; print(numpy.__version__)"],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [str(tmp / "bin" / "python3"), "-c", "import numpy, torch; print(numpy.__version__)"], capture_output=True, text=True
+        )
         if check.returncode != 0 or check.stdout.strip() != BACKEND_NUMPY:
             raise ValueError(f"the backend environment does not work: numpy {check.stdout.strip()!r}, {check.stderr.strip()[-800:]}")
         (tmp / _ENV_MARKER).write_text(signature)
@@ -316,9 +341,17 @@ class Stopped:
     killed: bool
 
 
-def start_server(repo: str | os.PathLike, work: Path, *, models: Sequence[str] | None = None,
-                 pythonpath: str | os.PathLike | None = None, env_dir: str | os.PathLike | None = None,
-                 address: str = "127.0.0.1", http_port: int | None = None, grpc_port: int | None = None) -> ServerHandle:
+def start_server(
+    repo: str | os.PathLike,
+    work: Path,
+    *,
+    models: Sequence[str] | None = None,
+    pythonpath: str | os.PathLike | None = None,
+    env_dir: str | os.PathLike | None = None,
+    address: str = "127.0.0.1",
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+) -> ServerHandle:
     """Start tritonserver on free loopback ports, serving `repo` (only `models` when given); returns at once.
 
     `work` (an existing, empty directory) receives the backend directory and the server log; it must outlive the
@@ -419,7 +452,7 @@ def _group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue  # the process exited while we looked
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
@@ -464,8 +497,9 @@ def _clear_group(pgid: int, grace_s: float) -> None:
         time.sleep(0.1)
 
 
-def stop_server(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S,
-                grace_s: float = GROUP_GRACE_S) -> Stopped:
+def stop_server(
+    proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S, grace_s: float = GROUP_GRACE_S
+) -> Stopped:
     """Stop a server started by `start_server` and everything of its process group, bounded in time.
 
     Sends `signum` (unless it has exited already), waits up to `timeout_s`, then SIGKILLs the group; the other
@@ -488,9 +522,15 @@ def stop_server(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout_s:
 
 
 @contextlib.contextmanager
-def local_server(repo: str | os.PathLike, *, models: list[str] | None = None, pythonpath: str | os.PathLike | None = None,
-                 env_dir: str | os.PathLike | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
-                 stop_timeout_s: float = STOP_TIMEOUT_S) -> Iterator[ServerHandle]:
+def local_server(
+    repo: str | os.PathLike,
+    *,
+    models: list[str] | None = None,
+    pythonpath: str | os.PathLike | None = None,
+    env_dir: str | os.PathLike | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    stop_timeout_s: float = STOP_TIMEOUT_S,
+) -> Iterator[ServerHandle]:
     """Serve model repository `repo` on 127.0.0.1 until the block ends.
 
     Args:
@@ -550,8 +590,10 @@ def _serve_until_signal(handle: ServerHandle, latch: _SignalLatch, label: str, r
     """Wait for readiness, announce it, then wait for a signal; ServerError when the server fails first."""
     if not wait_ready(handle, ready_timeout_s, stop_requested=latch.fired):
         return
-    print(f"serving {label}: HTTP {handle.http_url}, gRPC {handle.grpc_url}, tritonserver pid {handle.pid} "
-          f"(SIGTERM or Ctrl-C stops it)", flush=True)
+    print(
+        f"serving {label}: HTTP {handle.http_url}, gRPC {handle.grpc_url}, tritonserver pid {handle.pid} (SIGTERM or Ctrl-C stops it)",
+        flush=True,
+    )
     while not latch.fired():
         code = _peek_exit(handle.process)
         if code is not None:
@@ -559,15 +601,32 @@ def _serve_until_signal(handle: ServerHandle, latch: _SignalLatch, label: str, r
         time.sleep(_POLL_S)
 
 
-def serve(repo: str, models: list[str] | None, *, pythonpath: str | os.PathLike | None, ready_timeout_s: float,
-          stop_timeout_s: float, env_dir: Path | None = None, address: str = "127.0.0.1", http_port: int | None = None,
-          grpc_port: int | None = None) -> int:
+def serve(
+    repo: str,
+    models: list[str] | None,
+    *,
+    pythonpath: str | os.PathLike | None,
+    ready_timeout_s: float,
+    stop_timeout_s: float,
+    env_dir: Path | None = None,
+    address: str = "127.0.0.1",
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+) -> int:
     """Serve `repo` until SIGTERM/SIGINT; the exit status of the module docstring. Raises ServerError on failure."""
     with _SignalLatch(STOP_SIGNALS) as latch, tempfile.TemporaryDirectory(prefix="proxyattn-tritonserver-") as tmp:
         if latch.fired():
             return EXIT_OK
-        handle = start_server(repo, Path(tmp), models=models, pythonpath=pythonpath, env_dir=env_dir, address=address,
-                              http_port=http_port, grpc_port=grpc_port)
+        handle = start_server(
+            repo,
+            Path(tmp),
+            models=models,
+            pythonpath=pythonpath,
+            env_dir=env_dir,
+            address=address,
+            http_port=http_port,
+            grpc_port=grpc_port,
+        )
         _say(f"tritonserver pid {handle.pid} starting (HTTP {handle.http_url}, gRPC {handle.grpc_url})")
         label = f"{repo} ({', '.join(models)})" if models else repo
         try:
@@ -578,8 +637,10 @@ def serve(repo: str, models: list[str] | None, *, pythonpath: str | os.PathLike 
                 _say(f"{signal.Signals(signum).name} received, stopping tritonserver (pid {handle.pid})")
             stopped = stop_server(handle.process, signum, stop_timeout_s)
         if stopped.killed:
-            raise ServerError(f"tritonserver (pid {handle.pid}) did not exit within {stop_timeout_s:g} s of "
-                              f"{signal.Signals(signum).name}; killed its process group")
+            raise ServerError(
+                f"tritonserver (pid {handle.pid}) did not exit within {stop_timeout_s:g} s of "
+                f"{signal.Signals(signum).name}; killed its process group"
+            )
         if stopped.returncode > 0:  # e.g. 1: its exit timeout expired with client connections still open
             _say(f"tritonserver exited with code {stopped.returncode}: {_last_error_line(handle.log()) or 'no error logged'}")
         elif stopped.returncode < 0:  # the signal came before tritonserver had installed its own handler
@@ -599,21 +660,40 @@ def _positive_seconds(text: str) -> float:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description="Serve a generated Triton model repository on 127.0.0.1 "
-                                "until SIGTERM or SIGINT (Ctrl-C). Exit status: 0 stopped on a signal, 1 server failure, 2 usage error.")
+    p = argparse.ArgumentParser(
+        prog=f"python -m {PROG}",
+        description="Serve a generated Triton model repository on 127.0.0.1 "
+        "until SIGTERM or SIGINT (Ctrl-C). Exit status: 0 stopped on a signal, 1 server failure, 2 usage error.",
+    )
     p.add_argument("repo", help="the model repository (a build's <out>/model_repository)")
     p.add_argument("--models", nargs="+", default=None, help="load only these models (e.g. the *_onnxruntime one on a CPU machine)")
-    p.add_argument("--ready-timeout", type=_positive_seconds, default=READY_TIMEOUT_S,
-                   help="seconds to wait for readiness (default %(default)g)")
-    p.add_argument("--stop-timeout", type=_positive_seconds, default=STOP_TIMEOUT_S,
-                   help="seconds to wait for the server to exit after the signal before killing it (default %(default)g)")
-    p.add_argument("--backend-env", default=None, metavar="DIR",
-                   help="the backend's Python environment with numpy 1.x, made there when missing (default: "
-                        "$PROXYATTN_TRITON_ENV or ~/.cache/proxyattn/tritonserver-backend-py3.X)")
-    p.add_argument("--numpy-wheel", default=None, metavar="WHL",
-                   help=f"numpy {BACKEND_NUMPY}'s wheel for this Python, to make the backend environment without a package index")
-    p.add_argument("--no-backend-env", action="store_true",
-                   help="run the backend with this interpreter's numpy (models with text tensors then refuse to load)")
+    p.add_argument(
+        "--ready-timeout", type=_positive_seconds, default=READY_TIMEOUT_S, help="seconds to wait for readiness (default %(default)g)"
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=_positive_seconds,
+        default=STOP_TIMEOUT_S,
+        help="seconds to wait for the server to exit after the signal before killing it (default %(default)g)",
+    )
+    p.add_argument(
+        "--backend-env",
+        default=None,
+        metavar="DIR",
+        help="the backend's Python environment with numpy 1.x, made there when missing (default: "
+        "$PROXYATTN_TRITON_ENV or ~/.cache/proxyattn/tritonserver-backend-py3.X)",
+    )
+    p.add_argument(
+        "--numpy-wheel",
+        default=None,
+        metavar="WHL",
+        help=f"numpy {BACKEND_NUMPY}'s wheel for this Python, to make the backend environment without a package index",
+    )
+    p.add_argument(
+        "--no-backend-env",
+        action="store_true",
+        help="run the backend with this interpreter's numpy (models with text tensors then refuse to load)",
+    )
     p.add_argument("--address", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 for every interface)")
     p.add_argument("--http-port", type=_port, default=None, help="HTTP port (default: a free one)")
     p.add_argument("--grpc-port", type=_port, default=None, help="gRPC port (default: a free one)")
@@ -648,8 +728,17 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"error: {e}")
             return EXIT_SERVER_FAILURE
     try:
-        return serve(args.repo, models, pythonpath=root, ready_timeout_s=args.ready_timeout, stop_timeout_s=args.stop_timeout,
-                     env_dir=env_dir, address=args.address, http_port=args.http_port, grpc_port=args.grpc_port)
+        return serve(
+            args.repo,
+            models,
+            pythonpath=root,
+            ready_timeout_s=args.ready_timeout,
+            stop_timeout_s=args.stop_timeout,
+            env_dir=env_dir,
+            address=args.address,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+        )
     except ServerError as e:
         _say(f"error: {e.reason}" + (f"; last server error: {e.last_error}" if e.last_error else ""))
     except (ValueError, OSError, subprocess.SubprocessError) as e:  # could not start (wheel, stub, ports) or reap it

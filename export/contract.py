@@ -164,8 +164,9 @@ def reference_semantics(query, key, value, *, config: ProxyAttnConfig, scale: fl
     return out.transpose(1, 2).to(query.dtype)
 
 
-def emit_proxy_attention(query, key, value, *, config: ProxyAttnConfig, scale: float | None, sliding_window: int | None = None,
-                         layer_idx: int | None = None) -> torch.Tensor:
+def emit_proxy_attention(
+    query, key, value, *, config: ProxyAttnConfig, scale: float | None, sliding_window: int | None = None, layer_idx: int | None = None
+) -> torch.Tensor:
     """One `proxy::ProxyAttention` node while `torch.onnx.export` runs; the reference semantics otherwise.
 
     Args:

@@ -34,18 +34,27 @@ def main(argv=None) -> dict:
     from .onnx_export import count_proxy_nodes, estimate_export_memory, export_model, random_weights
 
     cfg = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
     )
     with init_empty_weights(include_buffers=False):
         model = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"Llama-3-8B architecture: {n_params / 1e9:.2f}B parameters; planned export memory "
-          f"{estimate_export_memory(model, torch.bfloat16) / 1024**3:.1f} GiB", flush=True)
+    print(
+        f"Llama-3-8B architecture: {n_params / 1e9:.2f}B parameters; planned export memory "
+        f"{estimate_export_memory(model, torch.bfloat16) / 1024**3:.1f} GiB",
+        flush=True,
+    )
     out = args.out_dir / "llama3-8b.onnx"
     t0 = time.time()
-    export_model(model, out, config=ProxyAttnConfig(), dtype=torch.bfloat16,
-                 weights=random_weights(model, std=0.0 if args.zeros else 0.02))
+    export_model(model, out, config=ProxyAttnConfig(), dtype=torch.bfloat16, weights=random_weights(model, std=0.0 if args.zeros else 0.02))
     seconds = time.time() - t0
     proto = onnx.load(str(out), load_external_data=False)
     result = {

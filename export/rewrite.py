@@ -131,8 +131,9 @@ def _window(layer_windows: Sequence[int | None] | None, index: int) -> int:
 
 def _make_node(gs, graph, q, k, v, out, *, config, scale, window, index):
     attrs = contract.encode_attrs(config, scale=float(np.float32(scale)), sliding_window=window)
-    node = gs.Node(op=contract.OP_TYPE, name=f"proxy_attention_{index}", attrs=attrs, inputs=[q, k, v], outputs=[out],
-                   domain=contract.DOMAIN)
+    node = gs.Node(
+        op=contract.OP_TYPE, name=f"proxy_attention_{index}", attrs=attrs, inputs=[q, k, v], outputs=[out], domain=contract.DOMAIN
+    )
     graph.nodes.append(node)
     return node
 
@@ -168,14 +169,16 @@ def replace_attention_op(graph, *, config: ProxyAttnConfig, layer_windows=None, 
         index = start_index + count
         out = node.outputs[0]
         node.outputs = []
-        _make_node(gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index),
-                   index=index)
+        _make_node(
+            gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index), index=index
+        )
         count += 1
     return count
 
 
-def replace_matmul_softmax(graph, *, config: ProxyAttnConfig, layer_windows=None, unmatched: list | None = None,
-                           start_index: int = 0) -> int:
+def replace_matmul_softmax(
+    graph, *, config: ProxyAttnConfig, layer_windows=None, unmatched: list | None = None, start_index: int = 0
+) -> int:
     """Replace the MatMul -> scale -> mask -> Softmax -> MatMul chain; returns how many."""
     gs = _gs()
     count = 0
@@ -236,8 +239,9 @@ def replace_matmul_softmax(graph, *, config: ProxyAttnConfig, layer_windows=None
         index = start_index + count
         out = pv.outputs[0]
         pv.outputs = []
-        _make_node(gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index),
-                   index=index)
+        _make_node(
+            gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index), index=index
+        )
         count += 1
     return count
 

@@ -16,24 +16,40 @@ _COMMON = dict(vocab_size=128, max_position_embeddings=1024, initializer_range=0
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                      **_COMMON)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_COMMON
+    )
     return LlamaForCausalLM(cfg)
 
 
 def _mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=1,
-                        head_dim=16, sliding_window=48, **_COMMON)
+    cfg = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=48,
+        **_COMMON,
+    )
     return MistralForCausalLM(cfg)
 
 
 def _qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(hidden_size=112, intermediate_size=128, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1,
-                      use_sliding_window=False, **_COMMON)
+    cfg = Qwen2Config(
+        hidden_size=112,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=7,
+        num_key_value_heads=1,
+        use_sliding_window=False,
+        **_COMMON,
+    )
     return Qwen2ForCausalLM(cfg)
 
 
@@ -41,8 +57,16 @@ def _gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"], query_pre_attn_scalar=64, **_COMMON,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=64,
+        **_COMMON,
     )
     return Gemma3ForCausalLM(cfg)
 

@@ -103,8 +103,9 @@ _SCORES: dict[Estimator, Callable[..., torch.Tensor]] = {
 }
 
 
-def head_budgets(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None,
-                 scores: torch.Tensor | None = None) -> torch.Tensor:
+def head_budgets(
+    q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None, scores: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-head budgets in key blocks, int32 `[B, Hq]`; the budget fraction is that over Nb.
 
     With `config.budget_fraction` set, every head gets ceil(budget_fraction * Nb) blocks. Otherwise the gamma rule
@@ -131,8 +132,17 @@ def _last_block_budgets(q, k, cfg: ProxyAttnConfig, scale, scores) -> torch.Tens
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "head_budgets"):
         return backend.head_budgets(q, k, cfg, sc, scores=scores if needs_scores else None)
-    return reference.rule_budgets(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc,
-                                  budget_rule=cfg.budget_rule, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
+    return reference.rule_budgets(
+        q,
+        k,
+        scores,
+        block_size=cfg.block_size,
+        gamma=cfg.gamma,
+        scale=sc,
+        budget_rule=cfg.budget_rule,
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+    )
 
 
 def _block_recall_budgets(q, k, cfg: ProxyAttnConfig, scale, scores) -> torch.Tensor:
@@ -151,8 +161,9 @@ def _checked_scores(q, k, cfg: ProxyAttnConfig, scale, scores):
     return scores
 
 
-def block_needs(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None,
-                scores: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+def block_needs(
+    q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None, scores: torch.Tensor | None = None, last_only: bool = False
+) -> torch.Tensor:
     """Budget rule "block_recall": how many leading blocks of its ranking every (head, query block) needs,
     int32 `[B, Hq, Nb]` (`proxyattn.reference.block_needs`; `config.recall_rows` rows measured per block).
 
@@ -167,12 +178,28 @@ def block_needs(q, k, config: ProxyAttnConfig | None = None, *, scale: float | N
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "block_needs") and k.shape[2] % scores.shape[1] == 0:
         return backend.block_needs(q, k, scores, cfg, sc, last_only=last_only)
-    return reference.block_needs(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=sc, rows=cfg.recall_rows,
-                                 keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, last_only=last_only)
+    return reference.block_needs(
+        q,
+        k,
+        scores,
+        block_size=cfg.block_size,
+        gamma=cfg.gamma,
+        scale=sc,
+        rows=cfg.recall_rows,
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+        last_only=last_only,
+    )
 
 
-def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig | None = None,
-                  *, needs: torch.Tensor | None = None) -> BlockPlan:
+def select_blocks(
+    scores: torch.Tensor,
+    budget_blocks: torch.Tensor,
+    seq_len: int,
+    config: ProxyAttnConfig | None = None,
+    *,
+    needs: torch.Tensor | None = None,
+) -> BlockPlan:
     """Selection into a `BlockPlan`.
 
     Args:
@@ -194,8 +221,10 @@ def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: in
     if budget_blocks.device != scores.device:
         raise ValueError(f"budget_blocks.device={budget_blocks.device} differs from scores.device={scores.device}")
     if needs is not None and (needs.shape != (*budget_blocks.shape, nb) or needs.device != scores.device):
-        raise ValueError(f"needs shape {tuple(needs.shape)} on {needs.device} must be [{budget_blocks.shape[0]}, "
-                         f"{budget_blocks.shape[1]}, {nb}] on {scores.device}")
+        raise ValueError(
+            f"needs shape {tuple(needs.shape)} on {needs.device} must be [{budget_blocks.shape[0]}, "
+            f"{budget_blocks.shape[1]}, {nb}] on {scores.device}"
+        )
     backend = _kernels(scores)
     if backend is not None and hasattr(backend, "select_blocks"):
         return backend.select_blocks(scores, budget_blocks, seq_len, cfg, needs=needs)
@@ -259,8 +288,17 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
     nb = -(-q.shape[1] // config.block_size)
     early = None
     if config.dense_density_permille > 0 and config.budget_fraction is None:
-        budgets = reference.rule_budgets(q, k, None, block_size=config.block_size, gamma=config.gamma, scale=scale,
-                                         budget_rule=BudgetRule.MASS, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+        budgets = reference.rule_budgets(
+            q,
+            k,
+            None,
+            block_size=config.block_size,
+            gamma=config.gamma,
+            scale=scale,
+            budget_rule=BudgetRule.MASS,
+            keep_sink=config.keep_sink,
+            keep_diagonal=config.keep_diagonal,
+        )
         nb_seq = torch.full((q.shape[0],), nb, device=q.device, dtype=torch.int64)
         early = reference.early_dense_groups(budgets, k.shape[2], config.dense_density_permille, nb_seq)
     scores = variants.proxy_scores(q, k, config, scale)
@@ -274,8 +312,17 @@ def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, s
     if config.budget_fraction is not None:
         budgets = reference.fraction_budgets(q.shape[0], q.shape[2], nb, config.budget_fraction, q.device)
     else:
-        budgets = reference.rule_budgets(q, k, scores, block_size=config.block_size, gamma=config.gamma, scale=scale,
-                                         budget_rule=config.budget_rule, keep_sink=config.keep_sink, keep_diagonal=config.keep_diagonal)
+        budgets = reference.rule_budgets(
+            q,
+            k,
+            scores,
+            block_size=config.block_size,
+            gamma=config.gamma,
+            scale=scale,
+            budget_rule=config.budget_rule,
+            keep_sink=config.keep_sink,
+            keep_diagonal=config.keep_diagonal,
+        )
     return compact_plan(scores, budgets, s, config)
 
 
@@ -312,8 +359,18 @@ def _rule_path(cfg: ProxyAttnConfig) -> _RulePath:
 def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early) -> torch.Tensor:
     """block_recall's needs as the plan uses them: the groups of `early` (`early_dense_groups`) are not measured and
     need every block."""
-    return reference.block_needs(q, k, scores, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, rows=cfg.recall_rows,
-                                 keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal, skip_groups=early)
+    return reference.block_needs(
+        q,
+        k,
+        scores,
+        block_size=cfg.block_size,
+        gamma=cfg.gamma,
+        scale=scale,
+        rows=cfg.recall_rows,
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+        skip_groups=early,
+    )
 
 
 def _check_plan(q, plan: BlockPlan) -> None:
@@ -322,8 +379,7 @@ def _check_plan(q, plan: BlockPlan) -> None:
     b, s, hq, _ = q.shape
     if plan.seq_len != s or plan.counts.shape[:2] != (b, hq):
         raise ValueError(
-            f"plan covers B={plan.counts.shape[0]}, Hq={plan.counts.shape[1]}, S={plan.seq_len} "
-            f"but q has B={b}, Hq={hq}, S={s}"
+            f"plan covers B={plan.counts.shape[0]}, Hq={plan.counts.shape[1]}, S={plan.seq_len} but q has B={b}, Hq={hq}, S={s}"
         )
     if plan.counts.device != q.device:
         raise ValueError(f"plan is on {plan.counts.device} but q is on {q.device}")
@@ -440,8 +496,11 @@ def _sequence_plan(plan: BlockPlan, i: int, length: int) -> BlockPlan:
     """Row i of a varlen plan as the BlockPlan of one sequence of `length` tokens."""
     nb = -(-length // plan.block_size)
     return BlockPlan(
-        plan.order[i : i + 1, :, :nb, :nb].contiguous(), plan.counts[i : i + 1, :, :nb].contiguous(),
-        plan.budget_blocks[i : i + 1].contiguous(), plan.block_size, length,
+        plan.order[i : i + 1, :, :nb, :nb].contiguous(),
+        plan.counts[i : i + 1, :, :nb].contiguous(),
+        plan.budget_blocks[i : i + 1].contiguous(),
+        plan.block_size,
+        length,
     )
 
 
@@ -455,7 +514,9 @@ def _varlen_reference(q, k, v, cu_seqlens, plan: BlockPlan, scale: float):
         if hi == lo:
             continue
         p = _sequence_plan(plan, i, hi - lo)
-        o, l = reference.block_sparse_attention(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], p.to_mask(), block_size=p.block_size, scale=scale)
+        o, l = reference.block_sparse_attention(
+            q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], p.to_mask(), block_size=p.block_size, scale=scale
+        )
         out[lo:hi], lse[:, lo:hi] = o[0], l[0]
     return out, lse
 
@@ -486,7 +547,9 @@ def block_sparse_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, plan: Bl
     return _varlen_reference(q, k, v, cu_seqlens, plan, sc)[0].to(q.dtype)
 
 
-def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> BlockPlan:
+def plan_blocks_varlen(
+    q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None
+) -> BlockPlan:
     """The ProxyAttn plan of a packed batch, padded to max_seqlen (layout: see the section comment).
 
     Sequences of at most `config.dense_below_tokens` tokens get the full causal plan (equal to dense attention).
@@ -521,7 +584,9 @@ def plan_blocks_varlen(q, k, cu_seqlens, max_seqlen: int, config: ProxyAttnConfi
     return dense_fallback(BlockPlan(order, counts, budgets, cfg.block_size, max_seqlen), k.shape[1], cfg, nb_seq)
 
 
-def proxy_attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor:
+def proxy_attention_varlen(
+    q, k, v, cu_seqlens, max_seqlen: int, config: ProxyAttnConfig | None = None, *, scale: float | None = None
+) -> torch.Tensor:
     """ProxyAttn causal prefill of a packed batch: out `[T, Hq, D]` in q.dtype.
 
     Every sequence is treated as `proxy_attention` treats it alone (dense at most `dense_below_tokens` tokens,

@@ -37,7 +37,6 @@ MAX_LAYER_MASK = 2**53
 DENSE_CROSSOVER_TOKENS = 32768
 
 
-
 class _Choice(enum.IntEnum):
     """A named choice with a stable integer encoding. Each member is declared as `NAME = number, "one-line doc"`;
     the number never changes (it is what attributes, plugin fields and the C API carry), `label` is the lower-case
@@ -268,8 +267,9 @@ class ProxyAttnConfig:
         _check_int("recall_rows", self.recall_rows)
         allowed_rows = [1 << i for i in range(self.block_size.bit_length()) if (1 << i) <= self.block_size]
         if self.recall_rows not in allowed_rows:
-            raise ValueError(f"recall_rows={self.recall_rows!r} must be a power of two dividing block_size={self.block_size}; "
-                             f"allowed: {allowed_rows}")
+            raise ValueError(
+                f"recall_rows={self.recall_rows!r} must be a power of two dividing block_size={self.block_size}; allowed: {allowed_rows}"
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -344,7 +344,7 @@ class ProxyAttnConfig:
                 f"ProxyAttn attribute(s) {missing} missing; every one of {list(kinds)} is required "
                 "(ProxyAttnConfig.to_attrs() writes them all)"
             )
-        kwargs = {key[len(ATTR_PREFIX):]: _decode_attr(key, given[key], kind) for key, kind in kinds.items()}
+        kwargs = {key[len(ATTR_PREFIX) :]: _decode_attr(key, given[key], kind) for key, kind in kinds.items()}
         for name in _OPTIONAL_FLOATS:
             if kwargs[name] == 0.0:
                 kwargs[name] = None  # to_attrs writes an unset optional float as 0.0
@@ -363,8 +363,9 @@ def _field_kind(f: dataclasses.Field) -> str:
     if f.name in CHOICE_FIELDS and base == CHOICE_FIELDS[f.name].__name__:
         return "int"  # a named choice travels as its number
     if base not in ("bool", "int", "float"):
-        raise TypeError(f"ProxyAttnConfig.{f.name}: annotation {annotation!r} has no attribute kind; allowed: "
-                        "bool, int, float (optionally | None)")
+        raise TypeError(
+            f"ProxyAttnConfig.{f.name}: annotation {annotation!r} has no attribute kind; allowed: bool, int, float (optionally | None)"
+        )
     return base
 
 

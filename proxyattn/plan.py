@@ -103,8 +103,9 @@ class BlockPlan:
         return cls(order.contiguous(), counts.contiguous(), counts[..., -1].contiguous(), block_size, seq_len)
 
 
-def dense_fallback(plan: BlockPlan, num_kv_heads: int, config: ProxyAttnConfig, nb_seq: torch.Tensor | None = None,
-                   early: torch.Tensor | None = None) -> BlockPlan:
+def dense_fallback(
+    plan: BlockPlan, num_kv_heads: int, config: ProxyAttnConfig, nb_seq: torch.Tensor | None = None, early: torch.Tensor | None = None
+) -> BlockPlan:
     """The plan with the dense fallback applied: KV groups keeping at least config.dense_density of their causal
     blocks (`reference.dense_groups`), and those of `early` (bool `[B, Hkv]`, `reference.early_dense_groups`),
     keep every causal block and are marked in `dense_heads`. nb_seq: int `[B]` blocks of each packed sequence
@@ -128,8 +129,9 @@ def compact_plan(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int
     return compact_plan_top_k(scores, k, budget_blocks, seq_len, config)
 
 
-def compact_plan_needs(scores: torch.Tensor, needs: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int,
-                       config: ProxyAttnConfig) -> BlockPlan:
+def compact_plan_needs(
+    scores: torch.Tensor, needs: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig
+) -> BlockPlan:
     """Selection of budget_rule "block_recall": top-k min_blocks per (head, query block), and every row keeps at least the
     first needs[b, h, m] blocks of its order (`reference.block_needs`; equals `reference.select_blocks` with
     needs). needs `[B, Hq, Nb]` int; budget_blocks `[B, Hq]` is only stored in the plan."""
@@ -141,8 +143,9 @@ def compact_plan_needs(scores: torch.Tensor, needs: torch.Tensor, budget_blocks:
     return BlockPlan(plan.order, counts.contiguous(), plan.budget_blocks, plan.block_size, plan.seq_len)
 
 
-def compact_plan_top_k(scores: torch.Tensor, top_k: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int,
-                       config: ProxyAttnConfig) -> BlockPlan:
+def compact_plan_top_k(
+    scores: torch.Tensor, top_k: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, config: ProxyAttnConfig
+) -> BlockPlan:
     """`compact_plan` with the top-k size of every (head, query block) given, `top_k` `[B, Hq, Nb]`, instead of
     derived from the budgets by `block_counts` (budget_blocks is only stored in the plan)."""
     b, r, nb, _ = scores.shape

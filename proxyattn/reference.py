@@ -151,8 +151,9 @@ def last_row_order(scores: torch.Tensor, *, keep_sink: bool, keep_diagonal: bool
     return out.to(scores.device)
 
 
-def head_budgets(q, k, *, block_size: int, gamma: float, scale: float, last_order: torch.Tensor | None = None,
-                 per_row: bool = False) -> torch.Tensor:
+def head_budgets(
+    q, k, *, block_size: int, gamma: float, scale: float, last_order: torch.Tensor | None = None, per_row: bool = False
+) -> torch.Tensor:
     """Per-head budgets as a number of key blocks `[B, Hq]` int32 (the fraction is that over Nb).
 
     Rule "mass" (the paper; last_order None): the smallest number of blocks whose cumulative mass, sorted
@@ -192,8 +193,20 @@ def recall_row_positions(m: int, seq_len: int, block_size: int, rows: int) -> li
     return [t for t in (hi - 1 - i * step for i in range(rows)) if t >= lo]
 
 
-def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, rows: int, keep_sink: bool,
-                keep_diagonal: bool, last_only: bool = False, skip_groups: torch.Tensor | None = None) -> torch.Tensor:
+def block_needs(
+    q,
+    k,
+    scores,
+    *,
+    block_size: int,
+    gamma: float,
+    scale: float,
+    rows: int,
+    keep_sink: bool,
+    keep_diagonal: bool,
+    last_only: bool = False,
+    skip_groups: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Budget rule "block_recall": per (head, query block) the shortest prefix of that block's ranking that
     holds gamma of the attention mass of each measured row, int32 `[B, Hq, Nb]`.
 
@@ -215,8 +228,9 @@ def block_needs(q, k, scores, *, block_size: int, gamma: float, scale: float, ro
         if gamma >= 1.0:
             out[..., m] = m + 1
             continue
-        cum = recall_row_cum_mass(q, k, scores, m, block_size=block_size, scale=scale, rows=rows,
-                                  keep_sink=keep_sink, keep_diagonal=keep_diagonal)
+        cum = recall_row_cum_mass(
+            q, k, scores, m, block_size=block_size, scale=scale, rows=rows, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+        )
         out[..., m] = ((cum < gamma).sum(-1) + 1).clamp(max=m + 1).amax(-1).to(torch.int32)
         if skip is not None:
             out[..., m] = torch.where(skip, m + 1, out[..., m])
@@ -283,8 +297,9 @@ def needs_budgets(needs: torch.Tensor, min_blocks: int, nb_seq: torch.Tensor | N
     return torch.maximum(last.to(torch.int64), nb_seq.clamp(max=min_blocks).reshape(-1, 1)).to(torch.int32)
 
 
-def recall_row_cum_mass(q, k, scores, m: int, *, block_size: int, scale: float, rows: int, keep_sink: bool,
-                        keep_diagonal: bool) -> torch.Tensor:
+def recall_row_cum_mass(
+    q, k, scores, m: int, *, block_size: int, scale: float, rows: int, keep_sink: bool, keep_diagonal: bool
+) -> torch.Tensor:
     """Cumulative attention mass of query block m's measured rows along the block's ranking: `[B, Hq, rows_m,
     m+1]` fp32 (`block_needs`). Each measured row's softmax (causal) is summed per key block; the blocks are
     taken in the order of row m of `scores` (`last_row_order` of the scores cut at m, head h reads row
@@ -303,8 +318,9 @@ def recall_row_cum_mass(q, k, scores, m: int, *, block_size: int, scale: float, 
     return mass.gather(-1, order).cumsum(-1)
 
 
-def rule_budgets(q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: BudgetRule | int | str,
-                 keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
+def rule_budgets(
+    q, k, scores, *, block_size: int, gamma: float, scale: float, budget_rule: BudgetRule | int | str, keep_sink: bool, keep_diagonal: bool
+) -> torch.Tensor:
     """`head_budgets` under `budget_rule` (a `BudgetRule`, its name or number): mass; recall and row_recall read the
     last row of `scores` `[B, R, Nb, Nb]`."""
     rule = BudgetRule.parse(budget_rule, "budget_rule")
@@ -333,8 +349,9 @@ def block_counts(budget_blocks: torch.Tensor, num_blocks: int, min_blocks: int) 
     return torch.minimum(k, m1.expand_as(k)).to(torch.int32)
 
 
-def select_blocks(scores, budget_blocks, *, min_blocks: int, keep_sink: bool, keep_diagonal: bool,
-                  needs: torch.Tensor | None = None) -> torch.Tensor:
+def select_blocks(
+    scores, budget_blocks, *, min_blocks: int, keep_sink: bool, keep_diagonal: bool, needs: torch.Tensor | None = None
+) -> torch.Tensor:
     """Brute-force selection: bool mask `[B, Hq, Nb, Nb]`.
 
     scores `[B, G, Nb, Nb]` (head h uses proxy row h // (Hq / G)), budget_blocks `[B, Hq]`. For head h and query

@@ -49,7 +49,7 @@ def _smooth_walk(batch: int, seq_len: int, dim: int, period: int, gen: torch.Gen
     walk = anchors[:, lo] * (1 - w) + anchors[:, lo + 1] * w
     walk = walk / torch.sqrt((1 - w) ** 2 + w**2)
     noise = torch.randn(batch, seq_len, dim, generator=gen, device=device)
-    return (0.9 * walk + math.sqrt(1 - 0.81) * noise)
+    return 0.9 * walk + math.sqrt(1 - 0.81) * noise
 
 
 def structured_qkv(
@@ -163,8 +163,7 @@ def row_budget_mismatches(got: torch.Tensor, row_mass: torch.Tensor, gamma: floa
     return int(((got < budget(gamma - tol)) | (got > budget(gamma + tol))).sum())
 
 
-def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: float, tol: float = 1e-4,
-                    lengths=None, blocks=None) -> int:
+def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: float, tol: float = 1e-4, lengths=None, blocks=None) -> int:
     """(b, h, m) entries of budget rule block_recall's needs `[B, Hq, Nb]` that break the rule beyond rounding.
 
     Each measured row needs the shortest prefix of its block's ranking (from `scores` `[B, R, Nb, Nb]`) whose
@@ -183,9 +182,21 @@ def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: f
         nbs = -(-s_b // cfg.block_size)
         bad += int((got[bi, :, nbs:] != 0).sum())
         for m in range(nbs) if blocks is None else [m for m in blocks if m < nbs]:
-            cum = recall_row_cum_mass(q[bi : bi + 1, :s_b], k[bi : bi + 1, :s_b], scores[bi : bi + 1, :, :nbs, :nbs], m,
-                                      block_size=cfg.block_size, scale=scale, rows=cfg.recall_rows,
-                                      keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal).double().cpu()[0]
+            cum = (
+                recall_row_cum_mass(
+                    q[bi : bi + 1, :s_b],
+                    k[bi : bi + 1, :s_b],
+                    scores[bi : bi + 1, :, :nbs, :nbs],
+                    m,
+                    block_size=cfg.block_size,
+                    scale=scale,
+                    rows=cfg.recall_rows,
+                    keep_sink=cfg.keep_sink,
+                    keep_diagonal=cfg.keep_diagonal,
+                )
+                .double()
+                .cpu()[0]
+            )
 
             def need(g):
                 return ((cum < g).sum(-1) + 1).clamp(max=m + 1).amax(-1)
@@ -195,8 +206,9 @@ def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: f
     return bad
 
 
-def plan_mismatches(plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None,
-                    scores=None) -> int:
+def plan_mismatches(
+    plan, ref_plan, ref_scores: torch.Tensor, min_blocks: int, rtol: float = 2e-3, rows=None, seq_blocks=None, scores=None
+) -> int:
     """Rows (b, h, m) whose kept key blocks differ between `plan` and `ref_plan` by more than score ties.
 
     Both plans keep the sink and diagonal blocks and use ref_plan's budgets. With k the row's top-k size

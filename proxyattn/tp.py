@@ -122,8 +122,15 @@ def shard_config(config: ProxyAttnConfig, module, num_q_heads: int, num_kv_heads
     return check_tp(config, hq // num_q_heads, hq, hkv)
 
 
-def from_pretrained(path, config: ProxyAttnConfig | None = None, *, implementation: str = "proxyattn", tp_size: int | None = None,
-                    model_class=None, **kwargs):
+def from_pretrained(
+    path,
+    config: ProxyAttnConfig | None = None,
+    *,
+    implementation: str = "proxyattn",
+    tp_size: int | None = None,
+    model_class=None,
+    **kwargs,
+):
     """Load a causal LM sharded by transformers' tensor-parallel plan, with ProxyAttn attention on every shard.
 
     Call it on every rank of a `torchrun --nproc_per_node N` launch. Before loading anything it reads the model's

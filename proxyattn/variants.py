@@ -74,9 +74,11 @@ def proxy_scores(q, k, config: ProxyAttnConfig, scale: float) -> torch.Tensor:
 
 # Estimator -> its fp32 PyTorch scores `(q, k, config, scale)`: the reference's one dispatch on the estimator.
 _SCORES = {
-    Estimator.PROXY: lambda q, k, c, scale: reference.proxy_scores(q, k, proxy_heads=c.proxy_heads, block_size=c.block_size,
-                                                                   stride=c.stride, scale=scale),
-    Estimator.HEAD_MAX: lambda q, k, c, scale: head_max_scores(q, k, proxy_heads=c.proxy_heads, block_size=c.block_size,
-                                                               stride=c.stride, scale=scale),
+    Estimator.PROXY: lambda q, k, c, scale: reference.proxy_scores(
+        q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale
+    ),
+    Estimator.HEAD_MAX: lambda q, k, c, scale: head_max_scores(
+        q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale
+    ),
     Estimator.BLOCK_MEAN: lambda q, k, c, scale: block_mean_scores(q, k, block_size=c.block_size, scale=scale),
 }

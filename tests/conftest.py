@@ -76,8 +76,9 @@ def cpp_build(tmp_path_factory) -> Path:
         pytest.skip("cmake and nvcc are needed to build libproxyattn")
     out = cpp_build_dir(tmp_path_factory)
     env = subprocess_env()
-    subprocess.run(["cmake", "-S", str(ROOT / "cpp"), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", "-S", str(ROOT / "cpp"), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env, stdout=subprocess.DEVNULL
+    )
     subprocess.run(["cmake", "--build", str(out), "-j", "2"], check=True, env=env, stdout=subprocess.DEVNULL)
     return out
 

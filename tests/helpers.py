@@ -45,7 +45,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, precision: str = 
         e = e.masked_fill(same_inf, 0.0)
     assert torch.isfinite(a).all(), f"{what}: actual has inf"
     assert torch.isfinite(e).all(), f"{what}: expected has inf"
-    diff = (a - e)
+    diff = a - e
     denom = e.norm().clamp_min(1e-12)
     rel = (diff.norm() / denom).item()
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
@@ -75,8 +75,9 @@ def subprocess_env() -> dict[str, str]:
 
 def run_build(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python build.py ARGS` from the repository root (captured text output)."""
-    return subprocess.run([sys.executable, "build.py", *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "build.py", *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -87,7 +88,7 @@ def live_group_members(pgid: int) -> list[int]:
             text = stat.read_text()
         except OSError:
             continue  # exited while listed
-        state, _, group = text[text.rindex(")") + 2:].split()[:3]
+        state, _, group = text[text.rindex(")") + 2 :].split()[:3]
         if state != "Z" and int(group) == pgid:
             found.append(int(stat.parent.name))
     return found

@@ -13,6 +13,7 @@ from proxyattn.plan import BlockPlan
 from tests.helpers import assert_close
 from tests.test_reference import SHAPES, make_qkv
 
+
 def shape_id(s):
     return "B{}_S{}_Hq{}_Hkv{}_D{}_bs{}".format(*s)
 
@@ -63,8 +64,9 @@ def test_selection_matches_brute_force(shape, sink, diag):
 
 def test_selection_ties_prefer_lower_index():
     scores = torch.zeros(1, 1, 4, 4)  # every causal block ties
-    plan = pa.select_blocks(scores, torch.tensor([[2]], dtype=torch.int32), 4 * 64,
-                            small_config(64, keep_sink=False, keep_diagonal=False, min_budget_tokens=0))
+    plan = pa.select_blocks(
+        scores, torch.tensor([[2]], dtype=torch.int32), 4 * 64, small_config(64, keep_sink=False, keep_diagonal=False, min_budget_tokens=0)
+    )
     mask = plan.to_mask()[0, 0]
     # Row 3 keeps ceil(2*4/4) = 2 blocks: the two lowest indices.
     assert mask[3].tolist() == [True, True, False, False]
@@ -184,7 +186,7 @@ def _qkv(b=1, s=64, hq=4, hkv=2, d=64, dtype=torch.float32):
         (lambda: (_qkv()[0][0], *_qkv()[1:]), "q must have 4 dims"),
         (lambda: (_qkv()[0], _qkv(s=32)[1], _qkv()[2]), "k shape"),
         (lambda: (_qkv()[0], _qkv()[1], _qkv(s=32)[2]), "v shape"),
-        (lambda: (_qkv(hq=6, hkv=4)), "Hq=6 must be a multiple of KV heads Hkv=4"),
+        (lambda: _qkv(hq=6, hkv=4), "Hq=6 must be a multiple of KV heads Hkv=4"),
         (lambda: (_qkv()[0], _qkv(dtype=torch.float16)[1], _qkv()[2]), "k.dtype=torch.float16 differs"),
         (lambda: (_qkv()[0].int(), *_qkv()[1:]), "q.dtype=torch.int32 is not supported"),
         (lambda: _qkv(s=0), "S=0"),

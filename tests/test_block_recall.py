@@ -30,6 +30,7 @@ def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diag
             for m in range(nb):
                 row = scores[bi, h // rep, m].double()
                 forced = [n for n, on in ((0, keep_sink), (m, keep_diagonal)) if on]
+
                 def rank(n, row=row):
                     return -row[n].item(), n
 
@@ -115,8 +116,9 @@ def test_needs_follow_each_query_block():
     plan3 = pa.plan_blocks(q, k, cfg.replace(budget_rule=3))
     assert plan3.to_mask()[0, 1, 3, 1], "rule 3 keeps the block the middle query block copies from"
     assert needs[0, 1, 3] >= 2
-    mass3 = reference.recall_row_cum_mass(q, k, pa.proxy_scores(q, k, cfg), 3, block_size=bs, scale=0.125, rows=4,
-                                          keep_sink=True, keep_diagonal=True)
+    mass3 = reference.recall_row_cum_mass(
+        q, k, pa.proxy_scores(q, k, cfg), 3, block_size=bs, scale=0.125, rows=4, keep_sink=True, keep_diagonal=True
+    )
     assert (mass3[0, 1, :, int(needs[0, 1, 3]) - 1] >= 0.9).all()
 
 
@@ -127,8 +129,11 @@ def test_config_and_attrs():
     for bad in (0, 3, 256, True, 4.0):
         with pytest.raises(ValueError, match="recall_rows"):
             ProxyAttnConfig(recall_rows=bad)
-    with pytest.raises(ValueError, match=r"recall_rows=128 must be a power of two dividing block_size=64; "
-                                         r"allowed: \[1, 2, 4, 8, 16, 32, 64\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"recall_rows=128 must be a power of two dividing block_size=64; "
+        r"allowed: \[1, 2, 4, 8, 16, 32, 64\]",
+    ):
         ProxyAttnConfig(block_size=64, recall_rows=128)
 
 
@@ -153,11 +158,24 @@ def test_tensorrt_rewrite_takes_block_recall_and_the_dense_fallback():
 
     attrs = encode_attrs(ProxyAttnConfig(), scale=0.125)
     node = helper.make_node("ProxyAttention", ["q", "k", "v"], ["o"], name="attn0", domain="proxy", **attrs)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"],
-                          [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+    )
     kinds = [n.op_type for n in graph._rewrite_node(node, g, 4096) if n.domain == "proxy"]
-    assert kinds == ["ProxyPool", "ProxyPool", "ProxyScores", "ProxyRank", "ProxyMassStats", "ProxyMass",
-                     "ProxyNeedsMass", "ProxyNeedsCut", "ProxySparseAttention"]
+    assert kinds == [
+        "ProxyPool",
+        "ProxyPool",
+        "ProxyScores",
+        "ProxyRank",
+        "ProxyMassStats",
+        "ProxyMass",
+        "ProxyNeedsMass",
+        "ProxyNeedsCut",
+        "ProxySparseAttention",
+    ]
 
 
 # ------------------------------------------------------------------------------------------- Triton kernel
@@ -180,8 +198,16 @@ def test_needs_kernel_against_reference(case):
 
     kind, b, s, hq, hkv, d, bs, rows, g, gamma, dtype = case
     q, k = _qk(kind, b, s, hq, hkv, d, seed=3, dtype=dtype)
-    cfg = ProxyAttnConfig(block_size=bs, budget_rule=3, gamma=gamma, recall_rows=rows, proxy_heads=g, min_budget_tokens=0,
-                          dense_below_tokens=0, dense_density=None)
+    cfg = ProxyAttnConfig(
+        block_size=bs,
+        budget_rule=3,
+        gamma=gamma,
+        recall_rows=rows,
+        proxy_heads=g,
+        min_budget_tokens=0,
+        dense_below_tokens=0,
+        dense_density=None,
+    )
     scale = 1.0 / math.sqrt(d)
     scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
     got = esel.block_needs(q, k, scores, cfg, scale)

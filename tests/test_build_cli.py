@@ -10,19 +10,24 @@ from engines.artifacts import file_sha256
 from tests.helpers import run_build
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "gpt-17"],
-     "unknown model 'gpt-17'; known models: llama3-8b, llama3.1-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m, tiny-llama"),
-    (["--model", "llama3-8b"], "llama3-8b needs weights: --weights DIR"),
-    (["--model", "mistral-7b", "--weights", "/nonexistent/ckpt"], "no transformers checkpoint there (config.json missing)"),
-    (["--model", "tiny-llama", "--profiles", "1:64:4096"], "MAX=4096 exceeds its context of 2048 tokens"),
-    (["--model", "tiny-llama", "--profiles", "9:3:20"], "impossible"),
-    (["--model", "tiny-llama", "--profiles", "huge"], "has no profile 'huge'"),
-    (["--model", "tiny-llama", "--backend", "tensorrt"], "TensorRT is not installed here"),
-    (["--model", "tiny-llama", "--gamma", "0"], "gamma=0.0 must lie in (0, 1]"),
-    (["--model", "tiny-llama", "--gamma", "0.123456789"], "does not survive the float32 attribute round trip"),
-    (["--model", "tiny-llama", "--precision", "bf16", "--backend", "onnxruntime"], "CPU kernels need fp32"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--model", "gpt-17"],
+            "unknown model 'gpt-17'; known models: llama3-8b, llama3.1-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m, tiny-llama",
+        ),
+        (["--model", "llama3-8b"], "llama3-8b needs weights: --weights DIR"),
+        (["--model", "mistral-7b", "--weights", "/nonexistent/ckpt"], "no transformers checkpoint there (config.json missing)"),
+        (["--model", "tiny-llama", "--profiles", "1:64:4096"], "MAX=4096 exceeds its context of 2048 tokens"),
+        (["--model", "tiny-llama", "--profiles", "9:3:20"], "impossible"),
+        (["--model", "tiny-llama", "--profiles", "huge"], "has no profile 'huge'"),
+        (["--model", "tiny-llama", "--backend", "tensorrt"], "TensorRT is not installed here"),
+        (["--model", "tiny-llama", "--gamma", "0"], "gamma=0.0 must lie in (0, 1]"),
+        (["--model", "tiny-llama", "--gamma", "0.123456789"], "does not survive the float32 attribute round trip"),
+        (["--model", "tiny-llama", "--precision", "bf16", "--backend", "onnxruntime"], "CPU kernels need fp32"),
+    ],
+)
 def test_bad_input_is_one_clear_message_and_writes_nothing(tmp_path, capsys, args, message):
     import build
 
@@ -50,8 +55,14 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
     assert m["tools"]["torch"].startswith("2.13.0") and m["tools"]["tensorrt"] is None
     assert [p["name"] for p in m["profiles"]] == ["up-to-128", "128-1k"]
     status = {k: v["status"] for k, v in m["stages"].items()}
-    assert status == {"export": "built", "parity": "built", "plugin_kernels": "built", "engines": "not run",
-                      "ort_models": "built", "repository": "built"}
+    assert status == {
+        "export": "built",
+        "parity": "built",
+        "plugin_kernels": "built",
+        "engines": "not run",
+        "ort_models": "built",
+        "repository": "built",
+    }
     assert "TensorRT is not installed" in m["stages"]["engines"]["info"]["reason"]
     for stage in m["stages"].values():  # every recorded artifact is on disk with its hash
         for rel, digest in stage["artifacts"].items():
@@ -60,8 +71,14 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
     assert parity["passed"] and [r["tokens"] for r in parity["rows"]] == [64, 256]
     assert parity["rows"][1]["sparse_layers"] == 2 and 0 < parity["rows"][1]["density_mean"] <= 1
     repo = out / "model_repository"
-    assert sorted(p.name for p in repo.iterdir()) == ["tiny-llama_128-1k", "tiny-llama_dense", "tiny-llama_onnxruntime",
-                                                      "tiny-llama_onnxruntime_stream", "tiny-llama_proxyattn", "tiny-llama_up-to-128"]
+    assert sorted(p.name for p in repo.iterdir()) == [
+        "tiny-llama_128-1k",
+        "tiny-llama_dense",
+        "tiny-llama_onnxruntime",
+        "tiny-llama_onnxruntime_stream",
+        "tiny-llama_proxyattn",
+        "tiny-llama_up-to-128",
+    ]
     assert (repo / "tiny-llama_onnxruntime" / "1" / "model.py").is_file()
     assert not (repo / "tiny-llama_up-to-128" / "1" / "model.plan").exists()  # no TensorRT: config only
     kernels = json.loads((out / "plugins" / "kernels.json").read_text())
@@ -78,8 +95,10 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
         assert "skipped (unchanged)" in again.stdout
         for stage in ("export", "parity", "ort_models", "repository"):
             assert m2["stages"][stage] == m["stages"][stage], stage
-    assert m2["stages"]["plugin_kernels"]["inputs_hash"] == m["stages"]["plugin_kernels"]["inputs_hash"] or \
-        m2["stages"]["plugin_kernels"]["inputs"]["source"] != m["stages"]["plugin_kernels"]["inputs"]["source"]
+    assert (
+        m2["stages"]["plugin_kernels"]["inputs_hash"] == m["stages"]["plugin_kernels"]["inputs_hash"]
+        or m2["stages"]["plugin_kernels"]["inputs"]["source"] != m["stages"]["plugin_kernels"]["inputs"]["source"]
+    )
 
     # A new gamma changes the exported node attributes: export, parity, ORT models and repository rebuild; the
     # plugin kernels do not depend on gamma and stay.
@@ -88,8 +107,10 @@ def test_tiny_build_end_to_end_and_skips(tmp_path):
     m3 = json.loads((out / "manifest.json").read_text())
     assert m3["stages"]["export"]["inputs_hash"] != m["stages"]["export"]["inputs_hash"]
     assert m3["config"]["pa_gamma"] == pytest.approx(0.9)
-    assert m3["stages"]["plugin_kernels"] == m2["stages"]["plugin_kernels"] or \
-        m3["stages"]["plugin_kernels"]["inputs"]["source"] != m2["stages"]["plugin_kernels"]["inputs"]["source"]
+    assert (
+        m3["stages"]["plugin_kernels"] == m2["stages"]["plugin_kernels"]
+        or m3["stages"]["plugin_kernels"]["inputs"]["source"] != m2["stages"]["plugin_kernels"]["inputs"]["source"]
+    )
     assert m3["stages"]["ort_models"]["artifacts"] != m["stages"]["ort_models"]["artifacts"]
 
 
@@ -110,10 +131,13 @@ def test_backend_resolution_with_and_without_tensorrt(monkeypatch):
         pipeline.resolve(pipeline.BuildRequest(model="tiny-llama", estimator="head_max"))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--budget-rule", "fastest"], "'fastest' is not supported; allowed: mass (0), recall (1), row_recall (2), block_recall (3)"),
-    (["--estimator", "7"], "'7' is not supported; allowed: proxy (0), head_max (1), block_mean (2)"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budget-rule", "fastest"], "'fastest' is not supported; allowed: mass (0), recall (1), row_recall (2), block_recall (3)"),
+        (["--estimator", "7"], "'7' is not supported; allowed: proxy (0), head_max (1), block_mean (2)"),
+    ],
+)
 def test_bad_budget_rule_or_estimator_flag_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     import build
 

@@ -99,14 +99,17 @@ def test_parity_session_outputs(tiny_export):
 _NAN_AT_7 = np.where(np.arange(256) == 7, np.nan, 1.0)
 
 
-@pytest.mark.parametrize("name, perturb, failing", [
-    # The final hidden states scaled by 1 % (so the logits too).
-    ("hidden x1.01", ("hidden", 1.01), "hidden"),
-    # The LM head weight scaled by 1 %: hidden states intact, the (last position's) logits off by 1e-2.
-    ("head x1.01", ("weight", 1.01), "logits"),
-    # One NaN feature of the final hidden states at every position.
-    ("hidden NaN", ("hidden", _NAN_AT_7), "nan"),
-])
+@pytest.mark.parametrize(
+    "name, perturb, failing",
+    [
+        # The final hidden states scaled by 1 % (so the logits too).
+        ("hidden x1.01", ("hidden", 1.01), "hidden"),
+        # The LM head weight scaled by 1 %: hidden states intact, the (last position's) logits off by 1e-2.
+        ("head x1.01", ("weight", 1.01), "logits"),
+        # One NaN feature of the final hidden states at every position.
+        ("hidden NaN", ("hidden", _NAN_AT_7), "nan"),
+    ],
+)
 def test_a_perturbed_model_fails_parity(tiny_export, tmp_path, monkeypatch, name, perturb, failing):
     monkeypatch.setattr(pipeline, "PARITY_LOGITS_BYTES", _SMALL_BUDGET)  # the sparse row compares the last position
     plan = _copy_plan(tiny_export, tmp_path / "b", perturb)
@@ -132,9 +135,11 @@ def test_compare_chunks_and_nan(monkeypatch):
     assert whole["finite"] and whole["rel_error"] == pytest.approx(5e-4, rel=1e-3)  # fp32 rounding of got
     monkeypatch.setattr(parity, "_CHUNK_ELEMENTS", 100)  # one row per chunk
     assert parity.compare(got.numpy(), ref) == pytest.approx(whole)
-    for bad_got, bad_ref in ((got, ref.clone().index_fill_(0, torch.tensor([5]), float("nan"))),
-                             (got.clone().index_fill_(0, torch.tensor([299]), float("nan")), ref),
-                             (got.clone().index_fill_(0, torch.tensor([0]), float("inf")), ref)):
+    for bad_got, bad_ref in (
+        (got, ref.clone().index_fill_(0, torch.tensor([5]), float("nan"))),
+        (got.clone().index_fill_(0, torch.tensor([299]), float("nan")), ref),
+        (got.clone().index_fill_(0, torch.tensor([0]), float("inf")), ref),
+    ):
         r = parity.compare(bad_got, bad_ref)
         assert not r["finite"] and r["rel_error"] != r["rel_error"]
         row = {"finite": r["finite"], "hidden": r, "logits": whole}
@@ -148,12 +153,16 @@ def test_compare_chunks_and_nan(monkeypatch):
 def _graph(tail, *, head_constant=True):
     """input x [B, S, 4] -> MatMul(W1) -> h -> MatMul(Transpose(E)) -> `tail` ops -> logits [B, S, 6]."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W1"),
-             numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "E"),
-             numpy_helper.from_array(np.array(3.0, np.float32), "cap")]
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="body"),
-             helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="head_w"),
-             helper.make_node("MatMul", ["h", "Et" if head_constant else "h_t"], ["z0"], name="head")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "E"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "cap"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="body"),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="head_w"),
+        helper.make_node("MatMul", ["h", "Et" if head_constant else "h_t"], ["z0"], name="head"),
+    ]
     if not head_constant:
         nodes.insert(2, helper.make_node("Transpose", ["h"], ["h_t"], perm=[0, 2, 1], name="dyn"))
     prev = "z0"
@@ -162,8 +171,13 @@ def _graph(tail, *, head_constant=True):
         nodes.append(helper.make_node(op, ins, [f"z{k + 1}"], name=f"tail{k}"))
         prev = f"z{k + 1}"
     nodes.append(helper.make_node("Identity", [prev], ["logits"], name="out"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 6])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 6])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 

@@ -27,8 +27,9 @@ TINY = ["--model", "tiny-llama", "--profiles", "up-to-128", "128-1k"]
 
 
 def _start(*args):
-    return subprocess.Popen([sys.executable, "-u", "build.py", *args], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-u", "build.py", *args], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_line(proc, line: str, timeout=300.0) -> None:
@@ -52,8 +53,11 @@ def _wait_for_temporary(out: Path, name: str, timeout=300.0) -> Path:
 
 
 def _tree_bytes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def _check(out: Path):
@@ -101,9 +105,17 @@ def killed_builds(tmp_path_factory):
 @pytest.mark.slow
 def test_builds_killed_at_every_stage_boundary_resume(killed_builds):
     out, record, final = killed_builds
-    assert [r[0] for r in record] == ["before export", "inside export", "before parity", "before plugin_kernels",
-                                      "inside plugin_kernels", "before engines", "before ort_models",
-                                      "before repository", "complete"]
+    assert [r[0] for r in record] == [
+        "before export",
+        "inside export",
+        "before parity",
+        "before plugin_kernels",
+        "inside plugin_kernels",
+        "before engines",
+        "before ort_models",
+        "before repository",
+        "complete",
+    ]
     for where, check, temps in record[:-1]:
         assert check.returncode == 1, (where, check.stdout, check.stderr)
         assert "the last build did not finish" in check.stdout, where
@@ -114,8 +126,14 @@ def test_builds_killed_at_every_stage_boundary_resume(killed_builds):
     assert "removed" not in final.stdout  # the temporaries were removed by the build after the kill, not the last one
     m = _assert_true_manifest(out)
     status = {k: v["status"] for k, v in m["stages"].items()}
-    assert status == {"export": "built", "parity": "built", "plugin_kernels": "built", "engines": "not run",
-                      "ort_models": "built", "repository": "built"}
+    assert status == {
+        "export": "built",
+        "parity": "built",
+        "plugin_kernels": "built",
+        "engines": "not run",
+        "ort_models": "built",
+        "repository": "built",
+    }
     assert json.loads((out / "parity.json").read_text())["passed"]
 
 
@@ -172,9 +190,13 @@ def test_stale_records_never_survive(killed_builds):
     m = _assert_true_manifest(out)
     assert sorted(os.listdir(out / "ort")) == ["up-to-128.onnx"]
     assert sorted(m["stages"]["ort_models"]["artifacts"]) == ["ort/up-to-128.onnx"]
-    assert sorted(p.name for p in (out / "model_repository").iterdir()) == ["tiny-llama_dense", "tiny-llama_onnxruntime",
-                                                                             "tiny-llama_onnxruntime_stream", "tiny-llama_proxyattn",
-                                                                             "tiny-llama_up-to-128"]
+    assert sorted(p.name for p in (out / "model_repository").iterdir()) == [
+        "tiny-llama_dense",
+        "tiny-llama_onnxruntime",
+        "tiny-llama_onnxruntime_stream",
+        "tiny-llama_proxyattn",
+        "tiny-llama_up-to-128",
+    ]
     assert _check(out).returncode == 0
 
 
@@ -237,13 +259,16 @@ def _checkpoint(tmp_path, config_text: str, weights: bytes | None = None) -> Pat
     return d
 
 
-@pytest.mark.parametrize("config_text, weights, needle", [
-    ("[]", None, "config.json must hold a JSON object (a transformers config), it holds list []"),
-    ("null", None, "config.json must hold a JSON object (a transformers config), it holds NoneType null"),
-    ("{not json", None, "config.json is not valid JSON"),
-    (None, b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header}", "model.safetensors is not a readable safetensors file"),
-    (None, b"", "model.safetensors is not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    "config_text, weights, needle",
+    [
+        ("[]", None, "config.json must hold a JSON object (a transformers config), it holds list []"),
+        ("null", None, "config.json must hold a JSON object (a transformers config), it holds NoneType null"),
+        ("{not json", None, "config.json is not valid JSON"),
+        (None, b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage header}", "model.safetensors is not a readable safetensors file"),
+        (None, b"", "model.safetensors is not a readable safetensors file"),
+    ],
+)
 def test_bad_checkpoints_are_named(tmp_path, capsys, config_text, weights, needle):
     import build
     from engines.models import get_model
@@ -258,14 +283,17 @@ def test_bad_checkpoints_are_named(tmp_path, capsys, config_text, weights, needl
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--out", ""], "--out '' is empty"),
-    (["--max-batch", "x"], "argument --max-batch: invalid int value: 'x'"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--profiles", "1:2"], "or MIN:OPT:MAX token counts"),
-    (["--gamma", "nan"], "gamma=nan must be a finite number"),
-    (["--check", "/etc/hostname"], "--check /etc/hostname: not a directory"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--out", ""], "--out '' is empty"),
+        (["--max-batch", "x"], "argument --max-batch: invalid int value: 'x'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--profiles", "1:2"], "or MIN:OPT:MAX token counts"),
+        (["--gamma", "nan"], "gamma=nan must be a finite number"),
+        (["--check", "/etc/hostname"], "--check /etc/hostname: not a directory"),
+    ],
+)
 def test_bad_arguments_are_one_line_and_exit_2(capsys, args, needle):
     import build
 

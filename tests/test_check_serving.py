@@ -14,9 +14,32 @@ pytestmark = pytest.mark.slow  # a real tritonserver with two transformers model
 
 
 def test_check_serving_cpu_mode(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu.check_serving", "--device", "cpu", "--models", "tiny-llama",
-                           "--lengths", "tiny-llama=100,300", "--max-tokens", "4", "--concurrency", "2", "--out", str(tmp_path),
-                           "--commit", "test"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.gpu.check_serving",
+            "--device",
+            "cpu",
+            "--models",
+            "tiny-llama",
+            "--lengths",
+            "tiny-llama=100,300",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--commit",
+            "test",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("serving_*.json")
     report = json.loads(path.read_text())

@@ -18,8 +18,10 @@ from proxyattn.config import BUDGET_RULES, CHOICE_FIELDS, ESTIMATORS, BudgetRule
 ROOT = Path(__file__).resolve().parents[1]
 
 # The encoding written down once (ONNX attributes, TensorRT plugin fields, the C API): it must never change.
-ENCODING = {BudgetRule: {"MASS": 0, "RECALL": 1, "ROW_RECALL": 2, "BLOCK_RECALL": 3},
-            Estimator: {"PROXY": 0, "HEAD_MAX": 1, "BLOCK_MEAN": 2}}
+ENCODING = {
+    BudgetRule: {"MASS": 0, "RECALL": 1, "ROW_RECALL": 2, "BLOCK_RECALL": 3},
+    Estimator: {"PROXY": 0, "HEAD_MAX": 1, "BLOCK_MEAN": 2},
+}
 
 
 @pytest.mark.parametrize("choice", [BudgetRule, Estimator])
@@ -62,12 +64,25 @@ def test_defaults_and_attributes_are_unchanged():
     assert hash(BudgetRule.ROW_RECALL) == hash(2) and BudgetRule.ROW_RECALL == 2
 
 
-@pytest.mark.parametrize("field, value", [
-    ("budget_rule", "nope"), ("budget_rule", 4), ("budget_rule", -1), ("budget_rule", True), ("budget_rule", 2.0),
-    ("budget_rule", "3"), ("budget_rule", None), ("budget_rule", Estimator.HEAD_MAX), ("budget_rule", "proxy"),
-    ("estimator", "block_recall"), ("estimator", 3), ("estimator", False), ("estimator", BudgetRule.MASS),
-    ("estimator", ""),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("budget_rule", "nope"),
+        ("budget_rule", 4),
+        ("budget_rule", -1),
+        ("budget_rule", True),
+        ("budget_rule", 2.0),
+        ("budget_rule", "3"),
+        ("budget_rule", None),
+        ("budget_rule", Estimator.HEAD_MAX),
+        ("budget_rule", "proxy"),
+        ("estimator", "block_recall"),
+        ("estimator", 3),
+        ("estimator", False),
+        ("estimator", BudgetRule.MASS),
+        ("estimator", ""),
+    ],
+)
 def test_bad_values_are_refused_with_the_allowed_names_and_numbers(field, value):
     choice = CHOICE_FIELDS[field]
     with pytest.raises(ValueError) as e:

@@ -31,16 +31,36 @@ def test_attr_kinds_cover_every_field_with_its_kind():
     assert list(kinds) == list(FULL)
     assert kinds["pa_keep_sink"] == kinds["pa_keep_diagonal"] == "bool"
     assert kinds["pa_gamma"] == kinds["pa_budget_fraction"] == kinds["pa_dense_density"] == "float"
-    assert {k for k, v in kinds.items() if v == "int"} == set(FULL) - {"pa_keep_sink", "pa_keep_diagonal", "pa_gamma",
-                                                                       "pa_budget_fraction", "pa_dense_density"}
+    assert {k for k, v in kinds.items() if v == "int"} == set(FULL) - {
+        "pa_keep_sink",
+        "pa_keep_diagonal",
+        "pa_gamma",
+        "pa_budget_fraction",
+        "pa_dense_density",
+    }
 
 
-@pytest.mark.parametrize("config", [
-    ProxyAttnConfig(),
-    ProxyAttnConfig(block_size=64, stride=2, gamma=0.9, budget_fraction=0.1, keep_sink=False, dense_below_tokens=0,
-                    dense_first_layers=2, dense_layer_mask=ProxyAttnConfig.layer_mask([0, 52]), budget_rule=1,
-                    recall_rows=8, estimator=2, proxy_heads=4, min_budget_tokens=0),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ProxyAttnConfig(),
+        ProxyAttnConfig(
+            block_size=64,
+            stride=2,
+            gamma=0.9,
+            budget_fraction=0.1,
+            keep_sink=False,
+            dense_below_tokens=0,
+            dense_first_layers=2,
+            dense_layer_mask=ProxyAttnConfig.layer_mask([0, 52]),
+            budget_rule=1,
+            recall_rows=8,
+            estimator=2,
+            proxy_heads=4,
+            min_budget_tokens=0,
+        ),
+    ],
+)
 def test_round_trip_of_every_field(config):
     assert ProxyAttnConfig.from_attrs(config.to_attrs()) == config
     assert ProxyAttnConfig.from_attrs({**config.to_attrs(), "scale": 0.125, "is_causal": 1, "other": "x"}) == config
@@ -82,15 +102,18 @@ def test_bool_fields_accept_0_and_1_as_int_bool_or_float(value, want):
     assert ProxyAttnConfig.from_attrs(_with(keep_sink=value)).keep_sink is want
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("block_size", 64.5, "must be an integer"),
-    ("block_size", "64", "must be an int or an exactly integral finite float, not str"),
-    ("block_size", None, "not NoneType"),
-    ("block_size", True, "not bool"),
-    ("stride", float("inf"), "must be an int or an exactly integral finite float"),
-    ("dense_below_tokens", 8192.25, "must be an integer"),
-    ("recall_rows", b"4", "not bytes"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("block_size", 64.5, "must be an integer"),
+        ("block_size", "64", "must be an int or an exactly integral finite float, not str"),
+        ("block_size", None, "not NoneType"),
+        ("block_size", True, "not bool"),
+        ("stride", float("inf"), "must be an int or an exactly integral finite float"),
+        ("dense_below_tokens", 8192.25, "must be an integer"),
+        ("recall_rows", b"4", "not bytes"),
+    ],
+)
 def test_int_fields_refuse_non_integers(key, value, needle):
     with pytest.raises(ValueError) as e:
         ProxyAttnConfig.from_attrs(_with(**{key: value}))
@@ -103,13 +126,16 @@ def test_int_fields_accept_exactly_integral_floats():
     assert all(type(v) is int for v in (cfg.block_size, cfg.stride, cfg.min_budget_tokens))
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("gamma", "0.9", "must be a finite int or float, not str"),
-    ("gamma", None, "not NoneType"),
-    ("gamma", True, "not bool"),
-    ("gamma", float("nan"), "must be a finite int or float"),
-    ("budget_fraction", float("inf"), "must be a finite int or float"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("gamma", "0.9", "must be a finite int or float, not str"),
+        ("gamma", None, "not NoneType"),
+        ("gamma", True, "not bool"),
+        ("gamma", float("nan"), "must be a finite int or float"),
+        ("budget_fraction", float("inf"), "must be a finite int or float"),
+    ],
+)
 def test_float_fields_refuse_non_numbers(key, value, needle):
     with pytest.raises(ValueError) as e:
         ProxyAttnConfig.from_attrs(_with(**{key: value}))
@@ -156,8 +182,9 @@ CFG = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0)
 
 def _entries(q, k, v):
     """Every public entry point that takes q/k(/v), called on these tensors."""
-    plan = pa.BlockPlan(torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32),
-                        torch.ones(1, 2, dtype=torch.int32), 64, 64)
+    plan = pa.BlockPlan(
+        torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32), torch.ones(1, 2, dtype=torch.int32), 64, 64
+    )
     cu = torch.tensor([0, q.shape[0] * q.shape[1]], dtype=torch.int32)
     t = tuple(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]) for x in (q, k, v))  # packed [T, H, D] of the batch
     return {
@@ -190,9 +217,11 @@ def test_head_dim_zero_is_a_value_error_naming_it(entry):
 @pytest.mark.parametrize("entry", ["proxy_attention", "dense_attention", "plan_blocks"])
 def test_head_dim_zero_with_an_explicit_scale(entry):
     q, k, v = _qkv(d=0)
-    call = {"proxy_attention": lambda: pa.proxy_attention(q, k, v, CFG, scale=0.5),
-            "dense_attention": lambda: pa.dense_attention(q, k, v, scale=0.5),
-            "plan_blocks": lambda: pa.plan_blocks(q, k, CFG, scale=0.5)}[entry]
+    call = {
+        "proxy_attention": lambda: pa.proxy_attention(q, k, v, CFG, scale=0.5),
+        "dense_attention": lambda: pa.dense_attention(q, k, v, scale=0.5),
+        "plan_blocks": lambda: pa.plan_blocks(q, k, CFG, scale=0.5),
+    }[entry]
     with pytest.raises(ValueError, match="head dim D=0"):
         call()
 
@@ -205,10 +234,15 @@ def test_no_query_heads_is_a_value_error(entry):
         _entries(q, k, v)[entry]()
 
 
-@pytest.mark.parametrize("shape,needle", [
-    (dict(b=0), "batch size B=0"), (dict(s=0), "sequence length S=0"), (dict(hq=2, hkv=0), "Hkv=0"),
-    (dict(hq=0, hkv=0), "Hkv=0"),
-])
+@pytest.mark.parametrize(
+    "shape,needle",
+    [
+        (dict(b=0), "batch size B=0"),
+        (dict(s=0), "sequence length S=0"),
+        (dict(hq=2, hkv=0), "Hkv=0"),
+        (dict(hq=0, hkv=0), "Hkv=0"),
+    ],
+)
 def test_other_zero_sizes_stay_value_errors(shape, needle):
     q, k, v = _qkv(**shape)
     for name in ("proxy_attention", "plan_blocks", "dense_attention", "proxy_scores", "head_budgets", "block_needs"):

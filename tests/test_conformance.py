@@ -37,18 +37,27 @@ BS = 64
 # (budget rule, B, S, Hq, Hkv, proxy heads, gamma, dense_density): every rule, GQA 1/4/7/8, the fallback on and off.
 CASES = [
     (0, 2, 330, 4, 4, 2, 0.9, None),
-    (1, 2, 300, 4, 1, 1, 0.9, 0.8),     # the fallback takes one sequence's group, not the other's
-    (2, 2, 330, 7, 1, 1, 0.8, 0.67),    # likewise
+    (1, 2, 300, 4, 1, 1, 0.9, 0.8),  # the fallback takes one sequence's group, not the other's
+    (2, 2, 330, 7, 1, 1, 0.8, 0.67),  # likewise
     (2, 1, 300, 8, 1, 1, 0.9, None),
-    (3, 2, 330, 8, 1, 1, 0.9, 0.9),     # the default dense_density (no group that dense here)
-    (3, 2, 300, 4, 4, 2, 0.8, 0.75),    # one of eight groups dense
+    (3, 2, 330, 8, 1, 1, 0.9, 0.9),  # the default dense_density (no group that dense here)
+    (3, 2, 300, 4, 4, 2, 0.8, 0.75),  # one of eight groups dense
     (3, 1, 330, 7, 1, 1, 0.8, None),
 ]
 
 
 def _cfg(rule, gamma, g, density) -> ProxyAttnConfig:
-    return ProxyAttnConfig(block_size=BS, stride=4, proxy_heads=g, gamma=gamma, min_budget_tokens=BS,
-                           dense_below_tokens=BS, budget_rule=rule, recall_rows=4, dense_density=density)
+    return ProxyAttnConfig(
+        block_size=BS,
+        stride=4,
+        proxy_heads=g,
+        gamma=gamma,
+        min_budget_tokens=BS,
+        dense_below_tokens=BS,
+        budget_rule=rule,
+        recall_rows=4,
+        dense_density=density,
+    )
 
 
 def _inputs(b, s, hq, hkv, d=64, seed=0):
@@ -198,10 +207,10 @@ def test_c_helpers_plan_equals_the_reference(cpp_build, case):
         mass = reference.last_block_mass(q, k, block_size=BS, scale=scale)
         first = _host_budgets(host, mass.numpy(), s, BS, cfg.gamma, rule=0, dense_below=-1)
         early = _host_early(host, first, hkv, s, BS, permille)
-        ref_first = reference.rule_budgets(q, k, None, block_size=BS, gamma=cfg.gamma, scale=scale, budget_rule=0,
-                                           keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
-        np.testing.assert_array_equal(early, reference.early_dense_groups(ref_first, hkv, permille,
-                                                                          torch.full((b,), nb)).int().numpy())
+        ref_first = reference.rule_budgets(
+            q, k, None, block_size=BS, gamma=cfg.gamma, scale=scale, budget_rule=0, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal
+        )
+        np.testing.assert_array_equal(early, reference.early_dense_groups(ref_first, hkv, permille, torch.full((b,), nb)).int().numpy())
     if rule == 3:
         needs = api._reference_needs(q, k, scores, cfg, scale, None if early is None else torch.from_numpy(early).bool())
         budgets = _host_needs_budgets(host, needs.numpy(), s, BS, cfg.min_budget_blocks)
@@ -231,8 +240,11 @@ def test_c_library_accepts_the_default_config(cpp_build):
     c = Config()
     lib.proxyattn_config_default(C.byref(c))
     want = ProxyAttnConfig()
-    assert (c.budget_rule, c.recall_rows, round(c.dense_density * 1000)) == (want.budget_rule, want.recall_rows,
-                                                                            want.dense_density_permille)
+    assert (c.budget_rule, c.recall_rows, round(c.dense_density * 1000)) == (
+        want.budget_rule,
+        want.recall_rows,
+        want.dense_density_permille,
+    )
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     c.budget_rule = 4
     assert lib.proxyattn_config_validate(C.byref(c)) == INVALID

@@ -25,8 +25,7 @@ def build(cpp_build):
 
 
 def _ctest(build, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_ctest_registers_the_host_tests(build):

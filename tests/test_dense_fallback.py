@@ -61,12 +61,15 @@ def test_group_decisions_against_hand_counts():
     assert reference.early_dense_groups(needs_last, 2, 375, torch.tensor([4])).tolist() == [[True, True]]
 
 
-@pytest.mark.parametrize("cfg", [ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=0, dense_density=0.7),
-                                 ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_rule=2, gamma=0.9,
-                                                 dense_density=0.7),
-                                 ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.6,
-                                                 dense_density=0.7)],
-                         ids=["rule3", "rule2", "fraction"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ProxyAttnConfig(block_size=64, min_budget_tokens=64, dense_below_tokens=0, dense_density=0.7),
+        ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_rule=2, gamma=0.9, dense_density=0.7),
+        ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, budget_fraction=0.6, dense_density=0.7),
+    ],
+    ids=["rule3", "rule2", "fraction"],
+)
 def test_diffuse_attention_runs_dense_and_equals_dense(cfg):
     """Random q/k (near-uniform attention): every plan is dense enough, every head runs dense, output = dense."""
     q, k, v = qkv_inputs("random", 2, 517, 8, 2, 64, seed=1)
@@ -98,8 +101,10 @@ def test_structured_plan_keeps_sparse_groups_unchanged():
         assert on.counts[~heads].equal(off.counts[~heads])
         late = reference.dense_groups(off.counts, 4, on_permille(dd))
         assert (late.repeat_interleave(2, dim=1) <= heads).all()  # every late-dense group is dense
-    assert pa.plan_blocks(q, k, base.replace(dense_density=1.0)).dense_heads.sum() <= \
-        pa.plan_blocks(q, k, base.replace(dense_density=0.3)).dense_heads.sum()
+    assert (
+        pa.plan_blocks(q, k, base.replace(dense_density=1.0)).dense_heads.sum()
+        <= pa.plan_blocks(q, k, base.replace(dense_density=0.3)).dense_heads.sum()
+    )
 
 
 def on_permille(dd: float) -> int:
@@ -153,8 +158,9 @@ def test_kernel_plan_with_fallback_equals_the_reference(case):
 
     kind, b, s, hq, hkv, d, bs, rows, g, gamma, dd = case
     q, k, _ = qkv_inputs(kind, b, s, hq, hkv, d, seed=5, dtype=torch.bfloat16)
-    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows, proxy_heads=g, min_budget_tokens=bs, dense_below_tokens=0,
-                          dense_density=dd)
+    cfg = ProxyAttnConfig(
+        block_size=bs, gamma=gamma, recall_rows=rows, proxy_heads=g, min_budget_tokens=bs, dense_below_tokens=0, dense_density=dd
+    )
     scale = 1.0 / math.sqrt(d)
     scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
     nb = scores.shape[-1]
@@ -169,8 +175,9 @@ def test_kernel_plan_with_fallback_equals_the_reference(case):
     needs = esel.block_needs(q, k, scores, cfg, scale)
     full = torch.arange(1, nb + 1, dtype=torch.int32)
     needs = torch.where(early.repeat_interleave(hq // hkv, dim=1)[..., None], full, needs)
-    want = dense_fallback(compact_plan_needs(scores, needs, reference.needs_budgets(needs, cfg.min_budget_blocks), s, cfg), hkv, cfg,
-                          early=early)
+    want = dense_fallback(
+        compact_plan_needs(scores, needs, reference.needs_budgets(needs, cfg.min_budget_blocks), s, cfg), hkv, cfg, early=early
+    )
     assert got.order.equal(want.order) and got.counts.equal(want.counts)
     assert got.dense_heads.equal(want.dense_heads) and got.budget_blocks.equal(want.budget_blocks)
 
@@ -195,8 +202,9 @@ def test_early_decision_kernel_of_a_packed_batch_equals_the_reference_per_sequen
             want.append(torch.zeros(1, hkv, dtype=torch.bool))
             continue
         qi, ki = next(it)
-        first = reference.rule_budgets(qi.float(), ki.float(), None, block_size=bs, gamma=gamma, scale=scale, budget_rule=0,
-                                       keep_sink=True, keep_diagonal=True)
+        first = reference.rule_budgets(
+            qi.float(), ki.float(), None, block_size=bs, gamma=gamma, scale=scale, budget_rule=0, keep_sink=True, keep_diagonal=True
+        )
         want.append(reference.early_dense_groups(first, hkv, cfg.dense_density_permille, torch.tensor([-(-n // bs)])))
     assert got.dtype == torch.bool and got.equal(torch.cat(want))
 

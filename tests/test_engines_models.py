@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from engines.models import (MODELS, Profile, estimate_bytes, get_model, parameter_count, parse_profile, select_profiles,
-                            transformers_config, transformers_config_kwargs)
+from engines.models import (
+    MODELS,
+    Profile,
+    estimate_bytes,
+    get_model,
+    parameter_count,
+    parse_profile,
+    select_profiles,
+    transformers_config,
+    transformers_config_kwargs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +30,14 @@ def test_every_required_model_is_in_the_table():
 @pytest.mark.parametrize(
     "name, published",
     # Parameter counts published by the model authors (model cards), in billions.
-    [("llama3-8b", 8.03), ("llama3.1-8b", 8.03), ("qwen2.5-7b", 7.61), ("mistral-7b", 7.25), ("smollm2-135m", 0.1345),
-     ("gemma3-270m", 0.268)],
+    [
+        ("llama3-8b", 8.03),
+        ("llama3.1-8b", 8.03),
+        ("qwen2.5-7b", 7.61),
+        ("mistral-7b", 7.25),
+        ("smollm2-135m", 0.1345),
+        ("gemma3-270m", 0.268),
+    ],
 )
 def test_configs_reproduce_published_parameter_counts(name, published):
     count = parameter_count(get_model(name)) / 1e9
@@ -61,12 +76,15 @@ def test_select_profiles_by_name_and_custom():
     assert (custom.name, custom.min, custom.opt, custom.max) == ("100-300", 100, 200, 300)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("no-such", "has no profile 'no-such'; give one of"),
-    ("5:3:9", "impossible"),
-    ("0:1:2", "impossible"),
-    ("1:2:999999", "exceeds its context of 131072"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("no-such", "has no profile 'no-such'; give one of"),
+        ("5:3:9", "impossible"),
+        ("0:1:2", "impossible"),
+        ("1:2:999999", "exceeds its context of 131072"),
+    ],
+)
 def test_bad_profiles(text, match):
     with pytest.raises(ValueError, match=match):
         select_profiles(get_model("llama3.1-8b"), [text])
@@ -125,8 +143,24 @@ def test_prefill_benchmark_config_comes_from_the_table():
     assert type(cfg) is transformers.LlamaConfig
     assert cfg.to_dict() == transformers.AutoConfig.for_model(**dict(get_model("llama3.1-8b").hf_config)).to_dict()
     # The architecture the benchmark has always run (its former hand-written dict): Llama-3-8B with 128K llama3 RoPE.
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-            cfg.num_key_value_heads, cfg.head_dim, cfg.max_position_embeddings, cfg.rms_norm_eps, cfg.bos_token_id,
-            cfg.tie_word_embeddings) == (128256, 4096, 14336, 32, 32, 8, 128, 131072, 1e-5, 128000, False)
-    assert cfg.rope_parameters == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert (
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.max_position_embeddings,
+        cfg.rms_norm_eps,
+        cfg.bos_token_id,
+        cfg.tie_word_embeddings,
+    ) == (128256, 4096, 14336, 32, 32, 8, 128, 131072, 1e-5, 128000, False)
+    assert cfg.rope_parameters == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }

@@ -135,7 +135,9 @@ def test_onnx_checker_full_and_polygraphy(exported):
     _, path = exported["gemma3"]
     res = subprocess.run(
         [POLYGRAPHY, "inspect", "model", str(path), "--show", "layers"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("[Op: ProxyAttention]") == 3, res.stdout[-2000:]
@@ -146,7 +148,9 @@ def test_polygraphy_runs_the_file_in_onnxruntime(exported):
     _, path = exported["qwen2"]
     res = subprocess.run(
         [POLYGRAPHY, "run", str(path), "--onnxrt", "--input-shapes", "input_ids:[2,70]", "--val-range", "input_ids:[0,127]"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "PASSED" in res.stdout + res.stderr
@@ -219,8 +223,14 @@ def test_llama3_8b_architecture_memory_plan():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     )
     with init_empty_weights(include_buffers=False):
         model = LlamaForCausalLM(cfg)

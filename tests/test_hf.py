@@ -41,8 +41,13 @@ def _tiny(arch: str, **over):
     elif arch == "gemma3":
         common["num_hidden_layers"] = 4
         cfg = transformers.Gemma3TextConfig(
-            **common, num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=48,
-            layer_types=["sliding_attention", "full_attention"] * 2, query_pre_attn_scalar=16,
+            **common,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            sliding_window=48,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            query_pre_attn_scalar=16,
         )
         cls = transformers.Gemma3ForCausalLM
     else:

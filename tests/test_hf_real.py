@@ -39,9 +39,11 @@ def passkey_prompt(key: int, n_fill: int, depth: float) -> str:
 
 def list_prompt() -> str:
     items = [("red", "apple"), ("yellow", "banana"), ("green", "pear"), ("purple", "grape"), ("orange", "orange")] * 30
-    return "Here is a list of fruits with their colours. " + " ".join(
-        f"Item {i}: the {c} {f}." for i, (c, f) in enumerate(items)
-    ) + " Item 150: the"
+    return (
+        "Here is a list of fruits with their colours. "
+        + " ".join(f"Item {i}: the {c} {f}." for i, (c, f) in enumerate(items))
+        + " Item 150: the"
+    )
 
 
 PROMPTS = [passkey_prompt(68231, 50, 0.2), passkey_prompt(40917, 50, 0.6), list_prompt()]
@@ -95,8 +97,14 @@ def test_default_gamma_greedy_generations_match_stock(real):
         ids = _encode(tok, text)
         assert ids.shape[1] > 1024, ids.shape  # at least 9 blocks of 128
         # An explicit mask: SmolLM2's pad id equals its BOS id, so generate() would mask the BOS token as padding.
-        kw = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=tok.eos_token_id,
-                  output_scores=True, return_dict_in_generate=True)
+        kw = dict(
+            max_new_tokens=5,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=tok.eos_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         with torch.no_grad():
             model.set_attn_implementation("sdpa")
             stock = model.generate(ids, **kw)
@@ -106,7 +114,7 @@ def test_default_gamma_greedy_generations_match_stock(real):
         n_sparse = sum(r.path == "sparse" for r in rec)
         assert n_sparse == (3 if name == "gemma3-270m" else model.config.num_hidden_layers), n_sparse
         assert torch.equal(got.sequences, stock.sequences), (
-            f"{name}: {tok.decode(got.sequences[0, ids.shape[1]:])!r} != stock {tok.decode(stock.sequences[0, ids.shape[1]:])!r}"
+            f"{name}: {tok.decode(got.sequences[0, ids.shape[1] :])!r} != stock {tok.decode(stock.sequences[0, ids.shape[1] :])!r}"
         )
         a, e = got.scores[0], stock.scores[0]
         changed.append(((a - e).norm() / e.norm()).item())

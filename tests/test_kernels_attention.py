@@ -217,8 +217,22 @@ def test_mask_every_tile_variant_and_preallocated_outputs():
     plan = _random_plan(1, 4, 180, 64, 0.7, gen)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((1, 4, 180), float("nan"))
-    attn._launch_sparse(q, k, v, plan.order, plan.counts, None, 180, 64, 0.125, with_lse=True, use_tma=True,
-                        config={"BLOCK_N": 32, "DIAG_BRANCH": False, "num_warps": 8, "maxnreg": 128}, out=out, lse=lse)
+    attn._launch_sparse(
+        q,
+        k,
+        v,
+        plan.order,
+        plan.counts,
+        None,
+        180,
+        64,
+        0.125,
+        with_lse=True,
+        use_tma=True,
+        config={"BLOCK_N": 32, "DIAG_BRANCH": False, "num_warps": 8, "maxnreg": 128},
+        out=out,
+        lse=lse,
+    )
     ref_out, ref_lse = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=64, scale=0.125)
     assert_close(out, ref_out, "fp16", what="mask-all out")
     assert_close(lse, ref_lse, "fp32", allow_inf=True, what="mask-all lse")

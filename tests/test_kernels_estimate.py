@@ -97,8 +97,17 @@ def test_head_max_scores_varlen_and_dispatch():
 
     lengths, hq, hkv, d, bs = [300, 70, 0, 200], 8, 2, 64, 64
     q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=21)
-    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, estimator=1, gamma=0.9, min_budget_tokens=64, dense_below_tokens=0,
-                          budget_rule=2, dense_density=None)
+    cfg = ProxyAttnConfig(
+        block_size=bs,
+        stride=4,
+        proxy_heads=2,
+        estimator=1,
+        gamma=0.9,
+        min_budget_tokens=64,
+        dense_below_tokens=0,
+        budget_rule=2,
+        dense_density=None,
+    )
     scale = 1.0 / math.sqrt(d)
     nb = -(-300 // bs)
     got = ehm.head_max_scores_varlen(q, k, cu, 300, cfg, scale)
@@ -186,7 +195,7 @@ def test_row_recall_budgets_match_reference(case):
     ref_rows = reference.last_block_row_mass(q, k, block_size=bs, scale=scale)
     rows = eb._launch_mass(q, k, None, b, s, bs, scale, rows=True)
     assert_close(rows[:, :, : ref_rows.shape[2]], ref_rows, "fp32", what=f"row mass {case}")
-    assert rows[:, :, ref_rows.shape[2]:].eq(0).all()  # rows past a sequence shorter than one block
+    assert rows[:, :, ref_rows.shape[2] :].eq(0).all()  # rows past a sequence shorter than one block
     scores = es.proxy_scores(q, k, cfg, scale)
     got = eb.head_budgets(q, k, cfg, scale, scores=scores)
     order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // hkv, dim=1)
@@ -249,7 +258,7 @@ def test_select_blocks_equals_compact_plan(keep_sink, keep_diagonal, r, hq, nb, 
         sc = scores[bi, h // (hq // r), m]
         forced = sorted({n for n in (0, m) if (n == 0 and keep_sink) or (n == m and keep_diagonal)}, key=lambda n: (-sc[n].item(), n))
         assert row[: len(forced)] == forced
-        rest = row[len(forced):]
+        rest = row[len(forced) :]
         assert rest == sorted(rest, key=lambda n: (-sc[n].item(), n))
 
 
@@ -328,8 +337,9 @@ def test_varlen_scores_budgets_and_plan():
 def test_varlen_recall_budgets_match_each_sequence(rule):
     lengths, hq, hkv, d, bs = [300, 70, 520, 0], 4, 2, 64, 64
     q, k, cu = _packed(lengths, hq, hkv, d, torch.bfloat16, seed=12)
-    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128,
-                          dense_below_tokens=100, budget_rule=rule)
+    cfg = ProxyAttnConfig(
+        block_size=bs, stride=4, proxy_heads=2, gamma=0.9, min_budget_tokens=128, dense_below_tokens=100, budget_rule=rule
+    )
     scale = 1.0 / math.sqrt(d)
     scores = es.proxy_scores_varlen(q, k, cu, 520, cfg, scale)
     budgets = eb.head_budgets_varlen(q, k, cu, 520, cfg, scale, scores=scores)
@@ -357,13 +367,16 @@ def test_structured_qkv_has_the_intended_structure():
     assert q.shape == (b, s, hq, d) and k.shape == v.shape == (b, s, hkv, d)
     q2, _, _ = structured_qkv(b, s, hq, hkv, d, dtype=torch.float32, seed=0)
     assert q.equal(q2), "deterministic for a seed"
-    scale = d ** -0.5
+    scale = d**-0.5
     budgets = reference.head_budgets(q, k, block_size=64, gamma=0.9, scale=scale)
     assert len(set(budgets[0].tolist())) >= 3, f"per-head budgets should differ: {budgets.tolist()}"
     rows = torch.arange(s - 64, s)
     p = torch.softmax(
         (torch.einsum("rhd,khd->hrk", q[0, rows], reference._expand_kv(k, hq)[0]) * scale).masked_fill(
-            torch.arange(s)[None, None, :] > rows[None, :, None], float("-inf")), dim=-1).mean(1)  # [Hq, S]
+            torch.arange(s)[None, None, :] > rows[None, :, None], float("-inf")
+        ),
+        dim=-1,
+    ).mean(1)  # [Hq, S]
     assert float(p[:, :4].sum(-1).max()) > 0.3, "sink tokens draw attention"
     # Heads agree on which distant tokens matter (most heads share top keys outside the sink and the local window)
     # but differ in how much attention they give them.

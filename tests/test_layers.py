@@ -21,8 +21,6 @@ def _sources() -> list[Path]:
     return files + [ROOT / "build.py"]
 
 
-
-
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in the file; relative imports stay inside their package."""
     found = []
@@ -57,14 +55,17 @@ def test_no_module_imports_a_layer_above_it():
     assert upward_imports(_sources()) == []
 
 
-@pytest.mark.parametrize("source, layer, bad", [
-    ("from export.contract import emit_proxy_attention\n", "proxyattn/x.py", True),
-    ("def f():\n    import engines.models\n", "plugins/tensorrt/x.py", True),
-    ("import build\n", "engines/x.py", True),
-    ("from proxyattn import hf\nfrom . import contract\n", "export/x.py", False),
-    ("from engines.models import MODELS\n", "build.py", False),
-    ("import torch\nfrom ..atomic import atomic_write_bytes\n", "plugins/tensorrt/x.py", False),
-])
+@pytest.mark.parametrize(
+    "source, layer, bad",
+    [
+        ("from export.contract import emit_proxy_attention\n", "proxyattn/x.py", True),
+        ("def f():\n    import engines.models\n", "plugins/tensorrt/x.py", True),
+        ("import build\n", "engines/x.py", True),
+        ("from proxyattn import hf\nfrom . import contract\n", "export/x.py", False),
+        ("from engines.models import MODELS\n", "build.py", False),
+        ("import torch\nfrom ..atomic import atomic_write_bytes\n", "plugins/tensorrt/x.py", False),
+    ],
+)
 def test_the_check_finds_upward_imports(tmp_path, source, layer, bad):
     """The checker itself: an upward import (also a lazy one inside a function) is found, downward ones are not."""
     path = tmp_path / layer

@@ -26,8 +26,14 @@ def single_node_model(path, *, hq, hkv, d, config, scale, window=0, elem=TensorP
     k = helper.make_tensor_value_info("k", elem, ["B", hkv, "S", d])
     v = helper.make_tensor_value_info("v", elem, ["B", hkv, "S", d])
     o = helper.make_tensor_value_info("o", elem, ["B", hq, "S", d])
-    node = helper.make_node(contract.OP_TYPE, ["q", "k", "v"], ["o"], domain=contract.DOMAIN, name="attn",
-                            **contract.encode_attrs(config, scale=scale, sliding_window=window))
+    node = helper.make_node(
+        contract.OP_TYPE,
+        ["q", "k", "v"],
+        ["o"],
+        domain=contract.DOMAIN,
+        name="attn",
+        **contract.encode_attrs(config, scale=scale, sliding_window=window),
+    )
     graph = helper.make_graph([node], "one_node", [q, k, v], [o])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     local_function.attach(model)
@@ -102,8 +108,9 @@ def test_half_precision_node(tmp_path):
     feed = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
     out = make_session(path, sparse=True).run(None, feed)[0]
     assert out.dtype == np.float16
-    want = proxy_attention(q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), CFG,
-                           scale=0.125).transpose(1, 2)
+    want = proxy_attention(q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2), CFG, scale=0.125).transpose(
+        1, 2
+    )
     assert_close(torch.from_numpy(out.astype(np.float32)), want, "fp16", what="fp16 node")
 
 

@@ -37,13 +37,13 @@ def brute_scores(q, k, proxy_heads, block_size, stride, scale):
     qh, kh = hq // proxy_heads, hkv // proxy_heads
     for bi in range(b):
         for g in range(proxy_heads):
-            pq = q[bi, :, g * qh:(g + 1) * qh].double().mean(dim=1)
-            pk = k[bi, :, g * kh:(g + 1) * kh].double().mean(dim=1)
+            pq = q[bi, :, g * qh : (g + 1) * qh].double().mean(dim=1)
+            pk = k[bi, :, g * kh : (g + 1) * kh].double().mean(dim=1)
             for r in range(0, s, stride):
                 p = torch.softmax(pk[: r + 1] @ pq[r] * scale, dim=0)
                 m = r // block_size
                 for n in range(m + 1):
-                    seg = p[n * block_size:min(r + 1, (n + 1) * block_size)]
+                    seg = p[n * block_size : min(r + 1, (n + 1) * block_size)]
                     out[bi, g, m, n] = max(out[bi, g, m, n].item(), seg.max().item())
     return out
 
@@ -196,14 +196,16 @@ def test_ranking_rule_budgets_brute_force(shape, gamma, forced, rule):
     scale = 1 / math.sqrt(d)
     scores = ref.proxy_scores(q, k, proxy_heads=hkv, block_size=bs, stride=4, scale=scale)
     brute = brute_recall_budgets if rule == 1 else brute_row_recall_budgets
-    got = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule, keep_sink=forced[0],
-                           keep_diagonal=forced[1])
+    got = ref.rule_budgets(
+        q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule, keep_sink=forced[0], keep_diagonal=forced[1]
+    )
     want = brute(q, k, scores, bs, gamma, scale, *forced)
     assert torch.equal(got.long(), want), (got, want)
     # Rule 1: any ranking needs at least the head's own descending order (the paper's budget). Rule 2: every row
     # holding gamma implies their mean does, so never below rule 1.
-    lower = ref.rule_budgets(q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule - 1, keep_sink=forced[0],
-                             keep_diagonal=forced[1])
+    lower = ref.rule_budgets(
+        q, k, scores, block_size=bs, gamma=gamma, scale=scale, budget_rule=rule - 1, keep_sink=forced[0], keep_diagonal=forced[1]
+    )
     assert (got >= lower).all()
 
 

@@ -34,8 +34,13 @@ def stock_export(model, path, *, opset: int, implementation: str = "sdpa"):
     ids = torch.randint(0, 128, (2, 16))
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
     program = torch.onnx.export(
-        _Logits(model).eval(), (ids,), dynamo=True, opset_version=opset, input_names=["input_ids"],
-        output_names=["logits"], dynamic_shapes=({0: batch, 1: seq},),
+        _Logits(model).eval(),
+        (ids,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["input_ids"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch, 1: seq},),
     )
     program.save(str(path), external_data=False)
     return path
@@ -141,8 +146,11 @@ def test_unmatched_attention_names_the_node_and_writes_nothing(rewritten, tmp_pa
     proto.graph.node.append(onnx.helper.make_node("Relu", [softmax.output[0]], [relu_out]))
     onnx.save(_toposorted(proto), str(tmp_path / "broken.onnx"))
     out_dir = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"replaced 1 attention blocks .* 2 attention layers; unmatched nodes: the_broken_softmax: "
-                                         r"its output does not feed a single MatMul"):
+    with pytest.raises(
+        ValueError,
+        match=r"replaced 1 attention blocks .* 2 attention layers; unmatched nodes: the_broken_softmax: "
+        r"its output does not feed a single MatMul",
+    ):
         rewrite_model(tmp_path / "broken.onnx", out_dir / "x.onnx", config=SPARSE, num_layers=2)
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 

@@ -22,29 +22,46 @@ def _ids(text):
 # ------------------------------------------------------------------------------------------------ parameters
 def test_parameters_defaults_and_values():
     assert parse_parameters(None, max_tokens_limit=100) == GenerationParams(max_tokens=16)
-    p = parse_parameters(json.dumps({"max_tokens": 5, "temperature": 1, "top_p": 0.5, "seed": 3, "stop": "\n", "ignore_eos": True,
-                                     "stream": True, "full_logits": True, "binary_data_output": True}), max_tokens_limit=100)
+    p = parse_parameters(
+        json.dumps(
+            {
+                "max_tokens": 5,
+                "temperature": 1,
+                "top_p": 0.5,
+                "seed": 3,
+                "stop": "\n",
+                "ignore_eos": True,
+                "stream": True,
+                "full_logits": True,
+                "binary_data_output": True,
+            }
+        ),
+        max_tokens_limit=100,
+    )
     assert p == GenerationParams(5, 1.0, 0.5, 3, "\n", True, True, True)
     assert parse_parameters({}, max_tokens_limit=4).max_tokens == 4  # the default never exceeds the limit
 
 
-@pytest.mark.parametrize("params, fragment", [
-    ({"max_tokens": "ten"}, "parameter 'max_tokens' must be an integer, got str 'ten'"),
-    ({"max_tokens": 2.5}, "parameter 'max_tokens' must be an integer, got float 2.5"),
-    ({"max_tokens": True}, "parameter 'max_tokens' must be an integer, got bool True"),
-    ({"max_tokens": 0}, "max_tokens=0 is out of range; allowed: 1..100"),
-    ({"max_tokens": 101}, "max_tokens=101 is out of range; allowed: 1..100"),
-    ({"temperature": "hot"}, "parameter 'temperature' must be a number, got str 'hot'"),
-    ({"temperature": -1}, "temperature=-1.0 is out of range; allowed: [0, 100]"),
-    ({"temperature": float("nan")}, "temperature=nan is out of range"),
-    ({"top_p": 0}, "top_p=0.0 is out of range; allowed: (0, 1]"),
-    ({"seed": -1}, "seed=-1 is out of range"),
-    ({"stop": 5}, "parameter 'stop' must be a string (one stop sequence), got int 5"),
-    ({"stop": ""}, "parameter 'stop' must not be empty"),
-    ({"stream": "yes"}, "parameter 'stream' must be true or false, got str 'yes'"),
-    ({"ignore_eos": 1}, "parameter 'ignore_eos' must be true or false, got int 1"),
-    ({"max_token": 5}, "unknown parameter 'max_token'; allowed: max_tokens, temperature"),
-])
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"max_tokens": "ten"}, "parameter 'max_tokens' must be an integer, got str 'ten'"),
+        ({"max_tokens": 2.5}, "parameter 'max_tokens' must be an integer, got float 2.5"),
+        ({"max_tokens": True}, "parameter 'max_tokens' must be an integer, got bool True"),
+        ({"max_tokens": 0}, "max_tokens=0 is out of range; allowed: 1..100"),
+        ({"max_tokens": 101}, "max_tokens=101 is out of range; allowed: 1..100"),
+        ({"temperature": "hot"}, "parameter 'temperature' must be a number, got str 'hot'"),
+        ({"temperature": -1}, "temperature=-1.0 is out of range; allowed: [0, 100]"),
+        ({"temperature": float("nan")}, "temperature=nan is out of range"),
+        ({"top_p": 0}, "top_p=0.0 is out of range; allowed: (0, 1]"),
+        ({"seed": -1}, "seed=-1 is out of range"),
+        ({"stop": 5}, "parameter 'stop' must be a string (one stop sequence), got int 5"),
+        ({"stop": ""}, "parameter 'stop' must not be empty"),
+        ({"stream": "yes"}, "parameter 'stream' must be true or false, got str 'yes'"),
+        ({"ignore_eos": 1}, "parameter 'ignore_eos' must be true or false, got int 1"),
+        ({"max_token": 5}, "unknown parameter 'max_token'; allowed: max_tokens, temperature"),
+    ],
+)
 def test_bad_parameters_are_named(params, fragment):
     with pytest.raises(RequestError) as err:
         parse_parameters(json.dumps(params) if "nan" not in fragment else params, max_tokens_limit=100)
@@ -214,8 +231,9 @@ def test_torch_engine_greedy_equals_transformers_generate(tiny_engines):
     _, dense, _ = tiny_engines
     prompt = _ids("The quick brown fox")
     ours = [c.token for c in generate(dense, TOK, prompt, GenerationParams(max_tokens=6, ignore_eos=True))]
-    ref = dense.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0,
-                               eos_token_id=None)[0, len(prompt):].tolist()
+    ref = dense.model.generate(
+        torch.tensor([prompt]), max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None
+    )[0, len(prompt) :].tolist()
     assert ours == ref
     last = dense.logits(torch.tensor([prompt]))[0, -1]
     assert int(last.argmax()) == ours[0]

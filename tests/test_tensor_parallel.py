@@ -50,8 +50,15 @@ def _ids() -> torch.Tensor:
 
 def _save_tiny_llama(path: Path) -> None:
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, intermediate_size=192, num_hidden_layers=2, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=2048, initializer_range=0.08,
+        vocab_size=VOCAB,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=2048,
+        initializer_range=0.08,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
@@ -77,7 +84,9 @@ def _install_probe(records: dict) -> str:
         glob = hf.active_config()
         naive = plan_blocks(q, k, glob, scale=kwargs["scaling"]).to_mask() if key.shape[1] % glob.proxy_heads == 0 else None
         records[module.layer_idx] = {
-            "mask": plan.to_mask(), "naive_mask": naive, "out": out.detach().clone(),
+            "mask": plan.to_mask(),
+            "naive_mask": naive,
+            "out": out.detach().clone(),
             "replay": block_sparse_attention(q, k, v, plan, scale=kwargs["scaling"]),
         }
         return out, weights
@@ -114,14 +123,18 @@ def _worker(model_dir: str, out_dir: str) -> None:
     try:
         with torch.no_grad():
             transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, distributed_config=DistributedConfig(tp_plan="auto"),
-                attn_implementation="proxyattn", dtype=torch.float32,
+                model_dir,
+                distributed_config=DistributedConfig(tp_plan="auto"),
+                attn_implementation="proxyattn",
+                dtype=torch.float32,
             )(_ids()[:, :8])
         refusal = None
     except ValueError as e:
         refusal = str(e)
-    torch.save({"logits": logits, "records": records, "paths": paths, "refusal": refusal, "rank": rank,
-                "world": dist.get_world_size()}, Path(out_dir) / f"rank{rank}.pt")
+    torch.save(
+        {"logits": logits, "records": records, "paths": paths, "refusal": refusal, "rank": rank, "world": dist.get_world_size()},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -142,8 +155,11 @@ def test_refused_before_loading(tiny_dir):
         def from_pretrained(*args, **kwargs):
             raise AssertionError("the model was loaded although the config is refused")
 
-    with pytest.raises(ValueError, match=r"proxy_heads=1 is not a multiple of .*tp_size=2.*num_key_value_heads=4.*"
-                                         r"Allowed: proxy_heads in \[2, 4\] with tp_size=2.*tp_size in \[1\] with proxy_heads=1"):
+    with pytest.raises(
+        ValueError,
+        match=r"proxy_heads=1 is not a multiple of .*tp_size=2.*num_key_value_heads=4.*"
+        r"Allowed: proxy_heads in \[2, 4\] with tp_size=2.*tp_size in \[1\] with proxy_heads=1",
+    ):
         tp.from_pretrained(str(tiny_dir), _config(proxy_heads=1), tp_size=2, model_class=NotLoaded)
     with pytest.raises(ValueError, match=r"tp_size=3 must divide the model's num_key_value_heads=4.*allowed tp_size: \[1, 2, 4\]"):
         tp.from_pretrained(str(tiny_dir), _config(proxy_heads=4), tp_size=3, model_class=NotLoaded)
@@ -186,8 +202,17 @@ def test_tp2_gloo_plans_and_outputs_equal_tp1(tiny_dir, tmp_path, restore_hf_con
     assert paths1 == ["sparse", "sparse"], paths1
 
     env = {**subprocess_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), str(tiny_dir), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        str(tiny_dir),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -230,8 +255,12 @@ def _bench():
 def test_benchmark_arguments():
     bench = _bench()
     args = bench.parse_args(["--out", "x"])
-    assert (args.sizes, args.tp, args.model, args.checkpoint) == ([32768, 65536, 131072], [1, 2], "llama3.1-8b",
-                                                                   "/tmp/tp_prefill_llama3.1-8b")
+    assert (args.sizes, args.tp, args.model, args.checkpoint) == (
+        [32768, 65536, 131072],
+        [1, 2],
+        "llama3.1-8b",
+        "/tmp/tp_prefill_llama3.1-8b",
+    )
     assert bench.parse_sizes("128K,32768,32k") == [32768, 131072]
     for bad in ("32K,100", "0", "K", "-128", "32M"):
         with pytest.raises(ValueError, match=r"--sizes item .* must be a positive multiple of 128 tokens"):
@@ -252,8 +281,20 @@ def test_benchmark_merge():
 
     def partial(n, sdpa, method, gpu="NVIDIA H100 80GB HBM3"):
         row = {"seq_len": 131072, "ttft_ms": {"sdpa": sdpa, "proxyattn default": method}}
-        return {"tp_size": n, "gpu": gpu, "model": {"name": "m"}, "what": "w", "method": "m", "versions": {}, "date": f"d{n}",
-                "commit": "abc", "command": f"c{n}", "gpus": [gpu] * n, "weights_gib_per_gpu": [1.0] * n, "rows": [row]}
+        return {
+            "tp_size": n,
+            "gpu": gpu,
+            "model": {"name": "m"},
+            "what": "w",
+            "method": "m",
+            "versions": {},
+            "date": f"d{n}",
+            "commit": "abc",
+            "command": f"c{n}",
+            "gpus": [gpu] * n,
+            "weights_gib_per_gpu": [1.0] * n,
+            "rows": [row],
+        }
 
     merged = bench.merge([partial(2, 600.0, 300.0), partial(1, 1000.0, 500.0)])
     (line,) = merged["summary"]

@@ -120,7 +120,7 @@ def _post(server, path, body, timeout=120):
     finally:
         conn.close()
     if path.endswith("generate_stream") and raw.startswith("data: "):
-        return response.status, [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+        return response.status, [json.loads(line[len("data: ") :]) for line in raw.splitlines() if line.startswith("data: ")]
     if path.endswith("generate_stream"):  # refused by Triton's HTTP front end before any event: a plain JSON body
         return response.status, [json.loads(raw or "{}")]
     return response.status, json.loads(raw or "{}")
@@ -251,7 +251,7 @@ def _greedy(model, prompt, n):
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_generate_text_on_every_model_equals_pytorch_greedy(server, tiny_build, tokenizer):
@@ -284,8 +284,11 @@ def test_long_prompt_is_prefilled_sparse_as_in_process(server, tokenizer):
 def test_generate_stream_sends_every_token(server, model):
     status, whole = _generate(server, MODEL, "abc", max_tokens=12, ignore_eos=True)
     assert status == 200
-    status, events = _post(server, f"/v2/models/{model}/generate_stream",
-                           {"text_input": "abc", "parameters": {"max_tokens": 12, "ignore_eos": True, "stream": True}})
+    status, events = _post(
+        server,
+        f"/v2/models/{model}/generate_stream",
+        {"text_input": "abc", "parameters": {"max_tokens": 12, "ignore_eos": True, "stream": True}},
+    )
     assert status == 200 and len(events) == 12, events
     assert [e["output_ids"] for e in events] == whole["output_ids"]
     assert "".join(e["text_output"] for e in events) == whole["text_output"]
@@ -299,9 +302,12 @@ def test_stop_string_ends_the_text_before_it(server):
     assert status == 200 and len(text) >= 2, f"the greedy text must hold two characters for this test: {text!r}"
     stop = text[1]
     status, out = _generate(server, MODEL, "abc", max_tokens=40, ignore_eos=True, stop=stop)
-    assert status == 200 and out["finish_reason"] == "stop" and out["text_output"] == text[:text.index(stop)], out
-    status, events = _post(server, f"/v2/models/{STREAM}/generate_stream",
-                           {"text_input": "abc", "parameters": {"max_tokens": 40, "ignore_eos": True, "stop": stop, "stream": True}})
+    assert status == 200 and out["finish_reason"] == "stop" and out["text_output"] == text[: text.index(stop)], out
+    status, events = _post(
+        server,
+        f"/v2/models/{STREAM}/generate_stream",
+        {"text_input": "abc", "parameters": {"max_tokens": 40, "ignore_eos": True, "stop": stop, "stream": True}},
+    )
     assert "".join(e["text_output"] for e in events) == out["text_output"] and events[-1]["finish_reason"] == "stop"
 
 
@@ -333,11 +339,20 @@ def test_bad_generate_request_is_answered_400_with_the_reason(server, case):
             assert fragment in message, f"{case} on {model}: {fragment!r} not in {message!r}"
 
 
-@pytest.mark.parametrize("inputs, fragment", [
-    ([], "got neither"),
-    ([{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
-      {"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [1]}], "got both"),
-], ids=["no input", "both inputs"])
+@pytest.mark.parametrize(
+    "inputs, fragment",
+    [
+        ([], "got neither"),
+        (
+            [
+                {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+                {"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+            ],
+            "got both",
+        ),
+    ],
+    ids=["no input", "both inputs"],
+)
 def test_request_needs_exactly_one_input(server, inputs, fragment):
     status, out = _post(server, f"/v2/models/{MODEL}/infer", {"inputs": inputs})
     assert status == 400 and "give exactly one of 'text_input'" in out["error"] and fragment in out["error"], out
@@ -445,15 +460,19 @@ def _fake_model(module, fail=False):
     return model
 
 
-@pytest.mark.parametrize("request_, code, fragment", [
-    ({"input_ids": _FakeTensor(torch.ones(1, 3, dtype=torch.int32))}, "INVALID_ARG", "must be INT64, got torch.int32"),
-    ({}, "INVALID_ARG", "give exactly one of 'text_input'"),
-    ({"input_ids": _FakeTensor(torch.ones(3, dtype=torch.int64))}, "INVALID_ARG", "got shape [3]"),
-    ({"input_ids": _FakeTensor(torch.ones(0, 3, dtype=torch.int64))}, "INVALID_ARG", "got shape [0, 3]"),
-    ({"input_ids": _FakeTensor(torch.ones(1, 200, dtype=torch.int64))}, "INVALID_ARG", "sequence length 200"),
-    ({"input_ids": _FakeTensor(torch.ones(3, 2, dtype=torch.int64))}, "INVALID_ARG", "batch of 3 sequences exceeds"),
-    ({"text_input": _FakeText("hello")}, "INVALID_ARG", "model 'fake' has no tokenizer: send token ids as 'input_ids'"),
-], ids=["int32", "missing", "rank 1", "zero batch", "no profile", "batch", "no tokenizer"])
+@pytest.mark.parametrize(
+    "request_, code, fragment",
+    [
+        ({"input_ids": _FakeTensor(torch.ones(1, 3, dtype=torch.int32))}, "INVALID_ARG", "must be INT64, got torch.int32"),
+        ({}, "INVALID_ARG", "give exactly one of 'text_input'"),
+        ({"input_ids": _FakeTensor(torch.ones(3, dtype=torch.int64))}, "INVALID_ARG", "got shape [3]"),
+        ({"input_ids": _FakeTensor(torch.ones(0, 3, dtype=torch.int64))}, "INVALID_ARG", "got shape [0, 3]"),
+        ({"input_ids": _FakeTensor(torch.ones(1, 200, dtype=torch.int64))}, "INVALID_ARG", "sequence length 200"),
+        ({"input_ids": _FakeTensor(torch.ones(3, 2, dtype=torch.int64))}, "INVALID_ARG", "batch of 3 sequences exceeds"),
+        ({"text_input": _FakeText("hello")}, "INVALID_ARG", "model 'fake' has no tokenizer: send token ids as 'input_ids'"),
+    ],
+    ids=["int32", "missing", "rank 1", "zero batch", "no profile", "batch", "no tokenizer"],
+)
 def test_model_answers_client_errors_with_invalid_arg(model_module, request_, code, fragment):
     (response,) = _fake_model(model_module).execute([_FakeRequest(request_)])
     assert response.error.code == code and fragment in response.error.message, response.error.message

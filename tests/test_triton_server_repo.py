@@ -38,14 +38,17 @@ def test_tensorrt_plan_config_round_trips():
 
 def test_python_config_carries_profiles():
     profiles = [Profile("short", 1, 64, 128), Profile("long", 129, 512, 1024)]
-    cfg = python_ort_config("tiny_onnxruntime", vocab_size=512, max_batch_size=8, profiles=profiles,
-                            profile_files=["short.onnx", "long.onnx"])
+    cfg = python_ort_config(
+        "tiny_onnxruntime", vocab_size=512, max_batch_size=8, profiles=profiles, profile_files=["short.onnx", "long.onnx"]
+    )
     text = config_text(cfg)
     validate_config(text, directory_name="tiny_onnxruntime")
     back = parse_config(text)
     table = json.loads(back.parameters["profiles"].string_value)
-    assert [(p["name"], p["min"], p["max"], p["file"]) for p in table] == [("short", 1, 128, "short.onnx"),
-                                                                             ("long", 129, 1024, "long.onnx")]
+    assert [(p["name"], p["min"], p["max"], p["file"]) for p in table] == [
+        ("short", 1, 128, "short.onnx"),
+        ("long", 129, 1024, "long.onnx"),
+    ]
     assert back.backend == "python" and "KIND_CPU" in text and back.max_batch_size == 0
     assert back.parameters["max_batch"].string_value == "8" and back.parameters["engine"].string_value == "onnxruntime"
     assert "tokenizer" not in back.parameters and not back.model_transaction_policy.decoupled
@@ -54,8 +57,9 @@ def test_python_config_carries_profiles():
 def test_text_model_config_has_the_generate_interface():
     from proxyattn.config import ProxyAttnConfig
 
-    cfg = python_torch_config("m_proxyattn", weights="random:tiny-llama", attention="proxyattn", vocab_size=512,
-                              proxyattn=ProxyAttnConfig(gamma=0.9))
+    cfg = python_torch_config(
+        "m_proxyattn", weights="random:tiny-llama", attention="proxyattn", vocab_size=512, proxyattn=ProxyAttnConfig(gamma=0.9)
+    )
     text = config_text(cfg)
     validate_config(text, directory_name="m_proxyattn")
     back = parse_config(text)
@@ -69,13 +73,16 @@ def test_text_model_config_has_the_generate_interface():
         python_torch_config("m", weights="random:tiny-llama", attention="flash", vocab_size=512)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"engine": "vllm"}, "parameter engine='vllm'; allowed: onnxruntime, transformers"),
-    ({"attention": "flash"}, "parameter attention='flash'; allowed: proxyattn, dense"),
-    ({"weights": ""}, "missing: \\['weights'\\]"),
-    ({"max_batch": "0"}, "parameter max_batch='0' must be an int >= 1"),
-    ({"max_batch_size": 4}, "max_batch_size=4: the text models take max_batch_size 0"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"engine": "vllm"}, "parameter engine='vllm'; allowed: onnxruntime, transformers"),
+        ({"attention": "flash"}, "parameter attention='flash'; allowed: proxyattn, dense"),
+        ({"weights": ""}, "missing: \\['weights'\\]"),
+        ({"max_batch": "0"}, "parameter max_batch='0' must be an int >= 1"),
+        ({"max_batch_size": 4}, "max_batch_size=4: the text models take max_batch_size 0"),
+    ],
+)
 def test_invalid_text_model_configs_are_refused(change, match):
     cfg = python_torch_config("m", weights="random:tiny-llama", attention="dense", vocab_size=512)
     for key, value in change.items():
@@ -87,21 +94,41 @@ def test_invalid_text_model_configs_are_refused(change, match):
         validate_config(config_text(cfg))
 
 
-@pytest.mark.parametrize("text, match", [
-    ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
-     'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}] nonsense: 1', "schema"),
-    ('name: "m" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
-     'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]',
-     "exactly one of platform / backend"),
-    ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
-     'output [{name: "a" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]', "repeat"),
-    ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [0]}] '
-     'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]', "dims"),
-    ('name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
-     'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_CPU count: 1}]', "KIND_GPU"),
-    ('name: "m" platform: "tensorrt_plan" max_batch_size: 0 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
-     'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]', "max_batch_size >= 1"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            'name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
+            'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}] nonsense: 1',
+            "schema",
+        ),
+        (
+            'name: "m" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
+            'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]',
+            "exactly one of platform / backend",
+        ),
+        (
+            'name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
+            'output [{name: "a" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]',
+            "repeat",
+        ),
+        (
+            'name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [0]}] '
+            'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]',
+            "dims",
+        ),
+        (
+            'name: "m" platform: "tensorrt_plan" max_batch_size: 1 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
+            'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_CPU count: 1}]',
+            "KIND_GPU",
+        ),
+        (
+            'name: "m" platform: "tensorrt_plan" max_batch_size: 0 input [{name: "a" data_type: TYPE_INT64 dims: [-1]}] '
+            'output [{name: "b" data_type: TYPE_FP32 dims: [-1]}] instance_group [{kind: KIND_GPU count: 1}]',
+            "max_batch_size >= 1",
+        ),
+    ],
+)
 def test_invalid_configs_are_refused(text, match):
     with pytest.raises(ValueError, match=match):
         validate_config(text)
@@ -113,10 +140,13 @@ def test_name_must_match_directory():
         validate_config(config_text(cfg), directory_name="b")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"max_batch_size": 0}, "max_batch_size=0"),
-    ({"max_batch_size": 2, "instances": 0}, "instances=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_batch_size": 0}, "max_batch_size=0"),
+        ({"max_batch_size": 2, "instances": 0}, "instances=0"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tensorrt_plan_config("m", inputs=[IDS], outputs=[LOGITS], **kwargs)

@@ -121,13 +121,21 @@ def test_signal_during_startup_stops_the_server(repo, tmp_path):
 def test_server_failure_is_one_line_exit_1(tmp_path):
     bad = tmp_path / "repo" / "fails"
     (bad / "1").mkdir(parents=True)
-    (bad / "config.pbtxt").write_text('name: "fails"\nbackend: "python"\nmax_batch_size: 0\n'
-                                      'input { name: "x" data_type: TYPE_INT64 dims: 1 }\n'
-                                      'output { name: "y" data_type: TYPE_INT64 dims: 1 }\n')
-    (bad / "1" / "model.py").write_text("class TritonPythonModel:\n    def initialize(self, args):\n"
-                                        "        raise RuntimeError('model cannot start')\n")
-    proc = subprocess.run([sys.executable, "-m", "engines.tritonserver", str(tmp_path / "repo")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=READY_BOUND_S)
+    (bad / "config.pbtxt").write_text(
+        'name: "fails"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input { name: "x" data_type: TYPE_INT64 dims: 1 }\n'
+        'output { name: "y" data_type: TYPE_INT64 dims: 1 }\n'
+    )
+    (bad / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('model cannot start')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "engines.tritonserver", str(tmp_path / "repo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=READY_BOUND_S,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("engines.tritonserver: error: tritonserver (pid ") and "exited with code" in lines[-1], lines

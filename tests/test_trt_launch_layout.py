@@ -42,9 +42,11 @@ def test_parameter_layout_and_pointer_array():
         assert C.cast(arr[i], C.POINTER(type(v))).contents.value == v.value
     with pytest.raises(ValueError, match="not an int32"):
         ctl.kernel_params([], [2**31], [])
-    ptx = (".visible .entry k(\n .param .u64 .ptr .global .align 1 k_param_0,\n .param .u32 k_param_1,\n"
-           " .param .u64 .ptr .global .align 1 k_param_2,\n .param .u64 .ptr .global .align 1 k_param_3,\n"
-           " .param .u64 .ptr .global .align 1 k_param_4\n)")
+    ptx = (
+        ".visible .entry k(\n .param .u64 .ptr .global .align 1 k_param_0,\n .param .u32 k_param_1,\n"
+        " .param .u64 .ptr .global .align 1 k_param_2,\n .param .u64 .ptr .global .align 1 k_param_3,\n"
+        " .param .u64 .ptr .global .align 1 k_param_4\n)"
+    )
     ctl.check_params_against_ptx(ptx, ctl.kernel_params([1], [2], [3])[1])
     with pytest.raises(ValueError, match="differ from the launch"):
         ctl.check_params_against_ptx(ptx, ctl.kernel_params([1], [2, 3], [4])[1])
@@ -73,16 +75,27 @@ def test_real_plugin_kernels_take_the_launch_layout():
     """The rule-3 and ranking kernels compiled for sm_90 (a subprocess: this session runs Triton's interpreter): their
     PTX entries take exactly the launch's parameters, and the 64 KiB mass kernel is opted in."""
     q, k, nb = [2, 32, 1000, 128], [2, 8, 1000, 128], 8
-    cut_attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "pa_gamma": 0.95, "pa_min_budget_tokens": 2048,
-                 "pa_keep_sink": 1, "pa_keep_diagonal": 1}
+    cut_attrs = {
+        "pa_block_size": 128,
+        "pa_recall_rows": 4,
+        "pa_gamma": 0.95,
+        "pa_min_budget_tokens": 2048,
+        "pa_keep_sink": 1,
+        "pa_keep_diagonal": 1,
+    }
     jobs = [
         ("ProxyRank", [[2, 1, nb, nb]], ["float32"], {"pa_block_size": 128, "pa_keep_sink": 1, "pa_keep_diagonal": 1, "max_seq_len": 1024}),
         ("ProxyNeedsMass", [q, k, [2, 8]], ["bfloat16", "bfloat16", "int32"], {"pa_block_size": 128, "pa_recall_rows": 4, "scale": 0.088}),
-        ("ProxyNeedsCut", [q, [16, nb, nb, 16], [16, nb, 16], [2, 1, nb, nb], [2, 1, nb], [2, 1, nb], [2, 8]],
-         ["bfloat16", "float32", "float32", "int32", "int32", "int32", "int32"], cut_attrs),
+        (
+            "ProxyNeedsCut",
+            [q, [16, nb, nb, 16], [16, nb, 16], [2, 1, nb, nb], [2, 1, nb], [2, 1, nb], [2, 8]],
+            ["bfloat16", "float32", "float32", "int32", "int32", "int32", "int32"],
+            cut_attrs,
+        ),
     ]
-    res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(jobs)], cwd=ROOT, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE, json.dumps(jobs)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["ProxyNeedsMass"]["shared"] > 48 * 1024 and got["ProxyNeedsMass"]["opt_in"]
@@ -103,10 +116,13 @@ def test_tie_order_of_the_reference_and_onnx_topk():
     want = ctl.stable_desc_order(x)
     assert np.array_equal(want, torch.sort(torch.from_numpy(x), dim=-1, descending=True, stable=True).indices.numpy())
     node = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, largest=1, sorted=1)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info("i", TensorProto.INT64, None)],
-                              [helper.make_tensor("k", TensorProto.INT64, [1], [x.shape[1]])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, None), helper.make_tensor_value_info("i", TensorProto.INT64, None)],
+        [helper.make_tensor("k", TensorProto.INT64, [1], [x.shape[1]])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     _, idx = sess.run(None, {"x": x})

@@ -20,7 +20,11 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("ptx") / "kernels"
     res = subprocess.run(
         [sys.executable, "-m", "engines.plugin_kernels", "--model", "tiny-llama", "--out", str(out), "--profiles", "up-to-128"],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return out, json.loads(res.stdout.strip().splitlines()[-1])
@@ -60,13 +64,16 @@ def test_ptx_targets_and_entries(compiled):
 def test_entry_check_refuses_a_wrong_convention():
     from plugins.tensorrt.aot import check_entry
 
-    ptx = (".visible .entry k(\n .param .u64 .ptr .global .align 1 k_param_0,\n .param .u32 k_param_1,\n"
-           " .param .u64 .ptr .global .align 1 k_param_2\n)")
+    ptx = (
+        ".visible .entry k(\n .param .u64 .ptr .global .align 1 k_param_0,\n .param .u32 k_param_1,\n"
+        " .param .u64 .ptr .global .align 1 k_param_2\n)"
+    )
     sig = {"x_ptr": "*fp16", "n": "i32", "y_ptr": "*fp16"}
     with pytest.raises(ValueError, match="calling convention"):
         check_entry(ptx, sig)  # no hidden scratch pointers: not what Triton >= 3.5 emits
-    ptx_ok = ptx.replace("k_param_2\n)", "k_param_2,\n .param .u64 .ptr .global .align 1 k_param_3,\n"
-                                         " .param .u64 .ptr .global .align 1 k_param_4\n)")
+    ptx_ok = ptx.replace(
+        "k_param_2\n)", "k_param_2,\n .param .u64 .ptr .global .align 1 k_param_3,\n .param .u64 .ptr .global .align 1 k_param_4\n)"
+    )
     check_entry(ptx_ok, sig)
     with pytest.raises(ValueError, match="calling convention"):
         check_entry(ptx_ok, {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32"})  # scalar after the outputs

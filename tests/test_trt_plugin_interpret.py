@@ -38,8 +38,10 @@ def run_plugin(name, inputs, attrs, tactic=1):
     shapes = [list(t.shape) for t in inputs]
     dtypes = [_NP[t.dtype] for t in inputs]
     consts, _ = S.constants(name, shapes, dtypes, attrs, tactic)
-    outs = [torch.full(sh, float("nan"), dtype=_TORCH[dt]) if _TORCH[dt].is_floating_point else torch.zeros(sh, dtype=_TORCH[dt])
-            for sh, dt in zip(S.output_shapes(name, shapes, attrs), S.output_dtypes(name, dtypes))]
+    outs = [
+        torch.full(sh, float("nan"), dtype=_TORCH[dt]) if _TORCH[dt].is_floating_point else torch.zeros(sh, dtype=_TORCH[dt])
+        for sh, dt in zip(S.output_shapes(name, shapes, attrs), S.output_dtypes(name, dtypes))
+    ]
     grid = S.launch(name, shapes, attrs, consts)
     args = [t.contiguous() for t in inputs] + S.extra_args(name, shapes, attrs) + outs
     WRAPPERS[S.PLUGINS[name].kernel][grid](*args, **consts)
@@ -143,6 +145,7 @@ def _plugin_ops():
 
     ops = []
     for name, pdef in S.PLUGINS.items():
+
         def _run(self, *inputs, _name=name, _pdef=pdef, **_):
             attrs = {a: getattr(self, a) for a in _pdef.attrs}
             outs = run_plugin(_name, [torch.from_numpy(np_array.copy()) for np_array in inputs], attrs)
@@ -159,24 +162,30 @@ def _attention_model(b, s, hq, hkv, d, cfg, scale):
 
     attrs = contract.encode_attrs(cfg, scale=scale)
     node = helper.make_node(contract.OP_TYPE, ["q", "k", "v"], ["out"], domain=contract.DOMAIN, name="layer0", **attrs)
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, shape) for n, shape in
-          (("q", ["B", hq, "S", d]), ("k", ["B", hkv, "S", d]), ("v", ["B", hkv, "S", d]))]
+    io = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT16, shape)
+        for n, shape in (("q", ["B", hq, "S", d]), ("k", ["B", hkv, "S", d]), ("v", ["B", hkv, "S", d]))
+    ]
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["B", hq, "S", d])
     graph = helper.make_graph([node], "g", io, [out])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(contract.DOMAIN, 1)])
 
 
-@pytest.mark.parametrize("case", [
-    # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, dense_below, budget_rule)
-    (2, 300, 4, 2, 64, 64, 4, 1, 0.9, 64, 0),
-    (1, 330, 4, 4, 64, 64, 4, 2, 0.6, 64, 0),
-    (1, 200, 4, 2, 64, 64, 4, 1, 0.9, 256, 0),  # S <= dense_below_tokens: full rows (the dense path)
-    (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 1),  # budget rule "recall"
-    (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 1),
-    (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 2),  # budget rule "row_recall"
-    (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 2),
-    (1, 40, 4, 2, 64, 64, 4, 1, 0.5, 16, 2),  # S below one block: rows past the sequence hold no mass
-], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, dense_below, budget_rule)
+        (2, 300, 4, 2, 64, 64, 4, 1, 0.9, 64, 0),
+        (1, 330, 4, 4, 64, 64, 4, 2, 0.6, 64, 0),
+        (1, 200, 4, 2, 64, 64, 4, 1, 0.9, 256, 0),  # S <= dense_below_tokens: full rows (the dense path)
+        (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 1),  # budget rule "recall"
+        (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 1),
+        (2, 300, 4, 2, 64, 64, 4, 1, 0.5, 64, 2),  # budget rule "row_recall"
+        (1, 330, 4, 4, 64, 64, 4, 2, 0.4, 64, 2),
+        (1, 40, 4, 2, 64, 64, 4, 1, 0.5, 16, 2),  # S below one block: rows past the sequence hold no mass
+    ],
+    ids=lambda c: "-".join(map(str, c)),
+)
 def test_tensorrt_graph_computes_the_plan_and_attention(case):
     """The rewritten engine graph (plugins + native ops) in ONNX's reference evaluator: the native selection equals
     compact_plan on the graph's own scores and budgets, the budgets match the reference, and the output equals
@@ -187,8 +196,16 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     from proxyattn.plan import BlockPlan
 
     b, s, hq, hkv, d, bs, st, g, gamma, dense_below, rule = case
-    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=bs, dense_below_tokens=dense_below,
-                          budget_rule=rule, dense_density=None)
+    cfg = ProxyAttnConfig(
+        block_size=bs,
+        stride=st,
+        proxy_heads=g,
+        gamma=gamma,
+        min_budget_tokens=bs,
+        dense_below_tokens=dense_below,
+        budget_rule=rule,
+        dense_density=None,
+    )
     scale = 1.0 / math.sqrt(d)
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
@@ -203,9 +220,11 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     ev = ReferenceEvaluator(model, new_ops=_plugin_ops())
     results = ev.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}, intermediate=True)
+
     def pick(tag):
-        return torch.from_numpy(next(val for key, val in results.items()
-                                     if key.startswith("layer0/") and key.rsplit("/", 1)[-1].rsplit("_", 1)[0] == tag))
+        return torch.from_numpy(
+            next(val for key, val in results.items() if key.startswith("layer0/") and key.rsplit("/", 1)[-1].rsplit("_", 1)[0] == tag)
+        )
 
     order, counts = pick("ProxyRank"), pick("counts")  # ProxyRank's first output is the order
     scores = torch.from_numpy(next(val for key, val in results.items() if key.startswith("layer0/ProxyScores")))
@@ -217,8 +236,7 @@ def test_tensorrt_graph_computes_the_plan_and_attention(case):
         assert counts.tolist() == [[list(range(1, nb + 1))] * hq] * b
     else:
         last_order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True) if rule else None
-        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale, last_order=last_order,
-                                             per_row=rule == 2)
+        ref_budgets = reference.head_budgets(qt, kt, block_size=bs, gamma=gamma, scale=scale, last_order=last_order, per_row=rule == 2)
         budgets = pick("budgets").to(torch.int32)
         assert (budgets - ref_budgets).abs().max() <= 1
         if rule == 2:
@@ -242,8 +260,9 @@ def _run_graph(model, q, k, v):
     """The engine graph in ONNX's reference evaluator: (output, tag -> first intermediate of layer0 with that hint)."""
     from onnx.reference import ReferenceEvaluator
 
-    results = ReferenceEvaluator(model, new_ops=_plugin_ops()).run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()},
-                                                                  intermediate=True)
+    results = ReferenceEvaluator(model, new_ops=_plugin_ops()).run(
+        None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}, intermediate=True
+    )
     tagged = {}
     for key, val in results.items():
         if key.startswith("layer0/"):
@@ -259,14 +278,18 @@ def _structured(b, s, hq, hkv, d, seed):
     return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
 
 
-@pytest.mark.parametrize("case", [
-    # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, min_budget_tokens, recall_rows, dense_density)
-    (2, 330, 4, 2, 64, 64, 4, 1, 0.9, 64, 4, None),   # rule 3, no fallback
-    (1, 300, 4, 4, 64, 64, 4, 2, 0.8, 0, 2, None),    # GQA 1, two rankings, no minimum budget
-    (2, 700, 4, 2, 64, 64, 4, 1, 0.8, 64, 4, 0.45),   # the dense fallback on one group's plan (mixed execution)
-    (2, 330, 4, 2, 64, 64, 4, 1, 0.9, 64, 4, 0.4),    # early dense groups: not measured, every block
-    (1, 260, 8, 1, 64, 64, 4, 1, 1.0, 64, 4, 0.9),    # gamma 1: every block (and every group dense)
-], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (B, S, Hq, Hkv, D, block, stride, proxy heads, gamma, min_budget_tokens, recall_rows, dense_density)
+        (2, 330, 4, 2, 64, 64, 4, 1, 0.9, 64, 4, None),  # rule 3, no fallback
+        (1, 300, 4, 4, 64, 64, 4, 2, 0.8, 0, 2, None),  # GQA 1, two rankings, no minimum budget
+        (2, 700, 4, 2, 64, 64, 4, 1, 0.8, 64, 4, 0.45),  # the dense fallback on one group's plan (mixed execution)
+        (2, 330, 4, 2, 64, 64, 4, 1, 0.9, 64, 4, 0.4),  # early dense groups: not measured, every block
+        (1, 260, 8, 1, 64, 64, 4, 1, 1.0, 64, 4, 0.9),  # gamma 1: every block (and every group dense)
+    ],
+    ids=lambda c: "-".join(map(str, c)),
+)
 def test_tensorrt_graph_block_recall_and_dense_fallback(case):
     """Budget rule 3 in the engine graph: ProxyRank + ProxyNeedsMass + ProxyNeedsCut give exactly the plan of the
     project's GPU path (`estimate_needs.needs_plan`, same kernels, in the interpreter) on the graph's own scores and
@@ -278,8 +301,17 @@ def test_tensorrt_graph_block_recall_and_dense_fallback(case):
     from proxyattn.testing import need_mismatches
 
     b, s, hq, hkv, d, bs, st, g, gamma, min_tokens, rows, density = case
-    cfg = ProxyAttnConfig(block_size=bs, stride=st, proxy_heads=g, gamma=gamma, min_budget_tokens=min_tokens,
-                          dense_below_tokens=bs, budget_rule=3, recall_rows=rows, dense_density=density)
+    cfg = ProxyAttnConfig(
+        block_size=bs,
+        stride=st,
+        proxy_heads=g,
+        gamma=gamma,
+        min_budget_tokens=min_tokens,
+        dense_below_tokens=bs,
+        budget_rule=3,
+        recall_rows=rows,
+        dense_density=density,
+    )
     scale = 1.0 / math.sqrt(d)
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     kinds = [n.op_type for n in model.graph.node if n.domain == S.NAMESPACE]
@@ -321,8 +353,12 @@ def test_tensorrt_graph_block_recall_and_dense_fallback(case):
                     assert torch.equal(need[bi, heads], torch.arange(1, nb + 1, dtype=torch.int32).expand(grp, nb))
                     continue
                 rank_rows = scores[bi : bi + 1, (j * g) // hkv : (j * g) // hkv + 1]
-                assert need_mismatches(need[bi : bi + 1, heads], qt[bi : bi + 1, :, heads], kt[bi : bi + 1, :, j : j + 1],
-                                       rank_rows, cfg, scale, tol=2e-3) == 0
+                assert (
+                    need_mismatches(
+                        need[bi : bi + 1, heads], qt[bi : bi + 1, :, heads], kt[bi : bi + 1, :, j : j + 1], rank_rows, cfg, scale, tol=2e-3
+                    )
+                    == 0
+                )
         assert (counts[..., -1] < nb).any() or density is not None, "the case must drop blocks"
     else:
         assert counts.tolist() == [[list(range(1, nb + 1))] * hq] * b
@@ -339,8 +375,7 @@ def test_tensorrt_graph_dense_fallback_rules_0_to_2(rule, density):
     from proxyattn.plan import BlockPlan, dense_fallback
 
     b, s, hq, hkv, d, bs = 2, 700, 4, 2, 64, 64
-    cfg = ProxyAttnConfig(block_size=bs, gamma=0.8, min_budget_tokens=64, dense_below_tokens=bs, budget_rule=rule,
-                          dense_density=density)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=0.8, min_budget_tokens=64, dense_below_tokens=bs, budget_rule=rule, dense_density=density)
     scale = 1.0 / math.sqrt(d)
     model = to_tensorrt_graph(_attention_model(b, s, hq, hkv, d, cfg, scale), max_seq_len=1024)
     q, k, v = _structured(b, s, hq, hkv, d, seed=1)

@@ -81,11 +81,14 @@ def test_attribute_parsing_accepts_tensorrt_forms():
     assert isinstance(a["pa_block_size"], int) and isinstance(a["scale"], float)
 
 
-@pytest.mark.parametrize("attrs, match", [
-    ({}, "attribute 'groups' is missing"),
-    ({"groups": 0, "step": 4}, "groups=0 must be a positive integer"),
-    ({"groups": 1, "step": 2.5}, "step=2.5"),
-])
+@pytest.mark.parametrize(
+    "attrs, match",
+    [
+        ({}, "attribute 'groups' is missing"),
+        ({"groups": 0, "step": 4}, "groups=0 must be a positive integer"),
+        ({"groups": 1, "step": 2.5}, "step=2.5"),
+    ],
+)
 def test_bad_attributes(attrs, match):
     with pytest.raises(ValueError, match=match):
         S.parse_attrs("ProxyPool", attrs)
@@ -120,8 +123,13 @@ def test_launch_grids_extra_args_and_tactics():
     with pytest.raises(ValueError, match="tactic 9 unknown"):
         S.constants("ProxyPool", [q], ["bfloat16"], {"groups": 1, "step": 4}, 9)
     with pytest.raises(ValueError, match="head dim 96"):
-        S.constants("ProxySparseAttention", [(1, 4, 10, 96), (1, 4, 10, 96), (1, 4, 10, 96), (1, 1, 1, 1), (1, 4, 1)],
-                    ["float16"] * 3 + ["int32"] * 2, ATTRS, 1)
+        S.constants(
+            "ProxySparseAttention",
+            [(1, 4, 10, 96), (1, 4, 10, 96), (1, 4, 10, 96), (1, 1, 1, 1), (1, 4, 1)],
+            ["float16"] * 3 + ["int32"] * 2,
+            ATTRS,
+            1,
+        )
 
 
 def test_tensorrt_absent_gives_one_clear_message():
@@ -167,12 +175,23 @@ def test_rule3_and_ranking_plugins():
     consts, _ = S.constants("ProxyNeedsMass", [q, k, (b, hkv)], ["bfloat16", "bfloat16", "int32"], mass_attrs, 1)
     assert (consts["GROUP"], consts["RB"], consts["QB"], consts["ROWS"]) == (7, 32, 8, 4)
     assert S.launch("ProxyNeedsMass", [q], mass_attrs, consts) == (b * hkv, 1, 1)
-    cut_attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "pa_gamma": 0.95, "pa_min_budget_tokens": 2048,
-                 "pa_keep_sink": 1, "pa_keep_diagonal": 1}
+    cut_attrs = {
+        "pa_block_size": 128,
+        "pa_recall_rows": 4,
+        "pa_gamma": 0.95,
+        "pa_min_budget_tokens": 2048,
+        "pa_keep_sink": 1,
+        "pa_keep_diagonal": 1,
+    }
     cut_in = [q, (b * hkv, nb, nb, 32), (b * hkv, nb, 32), (b, 1, nb, nb), (b, 1, nb), (b, 1, nb), (b, hkv)]
     assert S.output_shapes("ProxyNeedsCut", cut_in, cut_attrs) == [(b, hq, nb)] * 2
-    consts, _ = S.constants("ProxyNeedsCut", cut_in, ["bfloat16", "float32", "float32"] + ["int32"] * 4, {k2: v for k2, v in
-                            cut_attrs.items() if k2 not in S.RUNTIME_ATTRS["ProxyNeedsCut"]}, 1)
+    consts, _ = S.constants(
+        "ProxyNeedsCut",
+        cut_in,
+        ["bfloat16", "float32", "float32"] + ["int32"] * 4,
+        {k2: v for k2, v in cut_attrs.items() if k2 not in S.RUNTIME_ATTRS["ProxyNeedsCut"]},
+        1,
+    )
     assert (consts["HKV"], consts["R"], consts["RB"], consts["CH"]) == (hkv, 1, 32, 128)
     assert S.launch("ProxyNeedsCut", [q], cut_attrs, consts) == (b * hkv, nb, 1)
     s_, bits, min_blocks = S.extra_args("ProxyNeedsCut", cut_in, cut_attrs)

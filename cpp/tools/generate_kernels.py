@@ -73,12 +73,12 @@ def attention_config(d: int, bs: int) -> dict:
 
 @dataclass
 class Variant:
-    key: str          # lookup key used by cpp/src/proxyattn.cpp
-    module: str       # python module holding the kernel
-    fn: str           # kernel name in the module
-    types: dict       # parameter name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
+    key: str  # lookup key used by cpp/src/proxyattn.cpp
+    module: str  # python module holding the kernel
+    fn: str  # kernel name in the module
+    types: dict  # parameter name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
     constexprs: dict  # constexpr name -> value
-    div16: tuple      # parameter names with the divisibility-16 hint
+    div16: tuple  # parameter names with the divisibility-16 hint
     num_warps: int
     num_stages: int
     expected_args: tuple  # the kernel's parameter list, as this script knows it
@@ -87,22 +87,94 @@ class Variant:
 
 
 ATTN_ARGS = (
-    "q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr", "q_desc", "k_desc", "v_desc", "order_ptr", "counts_ptr", "cu_ptr",
-    "stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
-    "stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh", "stride_rb", "stride_rr", "stride_rm",
-    "stride_cb", "stride_ch", "seq_len", "num_blocks", "num_q_heads", "qk_scale", "len_bucket",
-    "GROUP", "RGROUP", "PLAN_BS", "BLOCK_N", "HEAD_DIM", "USE_TMA", "VARLEN", "WRITE_LSE",
+    "q_ptr",
+    "k_ptr",
+    "v_ptr",
+    "o_ptr",
+    "lse_ptr",
+    "q_desc",
+    "k_desc",
+    "v_desc",
+    "order_ptr",
+    "counts_ptr",
+    "cu_ptr",
+    "stride_qb",
+    "stride_qs",
+    "stride_qh",
+    "stride_kb",
+    "stride_ks",
+    "stride_kh",
+    "stride_vb",
+    "stride_vs",
+    "stride_vh",
+    "stride_ob",
+    "stride_os",
+    "stride_oh",
+    "stride_lb",
+    "stride_lh",
+    "stride_rb",
+    "stride_rr",
+    "stride_rm",
+    "stride_cb",
+    "stride_ch",
+    "seq_len",
+    "num_blocks",
+    "num_q_heads",
+    "qk_scale",
+    "len_bucket",
+    "GROUP",
+    "RGROUP",
+    "PLAN_BS",
+    "BLOCK_N",
+    "HEAD_DIM",
+    "USE_TMA",
+    "VARLEN",
+    "WRITE_LSE",
 )
 
 POOL_ARGS = (
-    "x_ptr", "out_ptr", "cu_ptr", "seq_len", "stride_xb", "stride_xt", "stride_xh", "stride_xd", "stride_og",
-    "stride_or", "HPG", "STEP", "HEAD_DIM", "BLOCK_D", "BLOCK_T", "VARLEN",
+    "x_ptr",
+    "out_ptr",
+    "cu_ptr",
+    "seq_len",
+    "stride_xb",
+    "stride_xt",
+    "stride_xh",
+    "stride_xd",
+    "stride_og",
+    "stride_or",
+    "HPG",
+    "STEP",
+    "HEAD_DIM",
+    "BLOCK_D",
+    "BLOCK_T",
+    "VARLEN",
 )
 
 SCORES_ARGS = (
-    "pq_ptr", "pk_ptr", "cu_ptr", "out_ptr", "seq_len", "nb_max", "num_groups", "qk_scale", "stride_pqg",
-    "stride_pqr", "stride_pkg", "stride_pkr", "stride_ob", "stride_og", "stride_om", "STRIDE", "BS", "RPB", "QB",
-    "HEAD_DIM", "BLOCK_D", "BLOCK_C", "VARLEN",
+    "pq_ptr",
+    "pk_ptr",
+    "cu_ptr",
+    "out_ptr",
+    "seq_len",
+    "nb_max",
+    "num_groups",
+    "qk_scale",
+    "stride_pqg",
+    "stride_pqr",
+    "stride_pkg",
+    "stride_pkr",
+    "stride_ob",
+    "stride_og",
+    "stride_om",
+    "STRIDE",
+    "BS",
+    "RPB",
+    "QB",
+    "HEAD_DIM",
+    "BLOCK_D",
+    "BLOCK_C",
+    "VARLEN",
 )
 
 
@@ -116,18 +188,59 @@ def attention_variants(dtypes, dims, blocks, override=None):
         cfg = dict(override) if override else attention_config(d, bs)
         p = f"*{dt}"
         types = {n: "i32" for n in ATTN_ARGS}
-        types.update(q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr="*fp32", order_ptr="*i32", counts_ptr="*i32",
-                     cu_ptr="*i32", qk_scale="fp32")
-        consts = dict(q_desc=None, k_desc=None, v_desc=None, PLAN_BS=bs, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d,
-                      USE_TMA=False, VARLEN=bool(varlen), WRITE_LSE=True)
+        types.update(
+            q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr="*fp32", order_ptr="*i32", counts_ptr="*i32", cu_ptr="*i32", qk_scale="fp32"
+        )
+        consts = dict(
+            q_desc=None,
+            k_desc=None,
+            v_desc=None,
+            PLAN_BS=bs,
+            BLOCK_N=cfg["BLOCK_N"],
+            HEAD_DIM=d,
+            USE_TMA=False,
+            VARLEN=bool(varlen),
+            WRITE_LSE=True,
+        )
         for c in consts:
             types[c] = "constexpr"
-        div16 = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr", "order_ptr", "counts_ptr", "cu_ptr",
-                 "stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
-                 "stride_vb", "stride_vs", "stride_vh", "stride_ob", "stride_os", "stride_oh")
-        out.append(Variant(f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}", "proxyattn.kernels.attention",
-                           "_sparse_attn_fwd_kernel", types, consts, div16, cfg["num_warps"], cfg["num_stages"],
-                           ATTN_ARGS, {"BLOCK_N": cfg["BLOCK_N"]}, cfg.get("maxnreg")))
+        div16 = (
+            "q_ptr",
+            "k_ptr",
+            "v_ptr",
+            "o_ptr",
+            "lse_ptr",
+            "order_ptr",
+            "counts_ptr",
+            "cu_ptr",
+            "stride_qb",
+            "stride_qs",
+            "stride_qh",
+            "stride_kb",
+            "stride_ks",
+            "stride_kh",
+            "stride_vb",
+            "stride_vs",
+            "stride_vh",
+            "stride_ob",
+            "stride_os",
+            "stride_oh",
+        )
+        out.append(
+            Variant(
+                f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}",
+                "proxyattn.kernels.attention",
+                "_sparse_attn_fwd_kernel",
+                types,
+                consts,
+                div16,
+                cfg["num_warps"],
+                cfg["num_stages"],
+                ATTN_ARGS,
+                {"BLOCK_N": cfg["BLOCK_N"]},
+                cfg.get("maxnreg"),
+            )
+        )
     return out
 
 
@@ -142,8 +255,20 @@ def pool_variants(dtypes, dims, strides):
         for c in consts:
             types[c] = "constexpr"
         div16 = ("x_ptr", "out_ptr", "cu_ptr", "stride_xb", "stride_xt", "stride_xh", "stride_og", "stride_or")
-        out.append(Variant(f"pool/{dt}/d{d}/step{step}/varlen{varlen}", "proxyattn.kernels.estimate_scores",
-                           "_pool_heads_kernel", types, consts, div16, 4, 3, POOL_ARGS, {"BLOCK_T": block_t}))
+        out.append(
+            Variant(
+                f"pool/{dt}/d{d}/step{step}/varlen{varlen}",
+                "proxyattn.kernels.estimate_scores",
+                "_pool_heads_kernel",
+                types,
+                consts,
+                div16,
+                4,
+                3,
+                POOL_ARGS,
+                {"BLOCK_T": block_t},
+            )
+        )
     return out
 
 
@@ -160,15 +285,54 @@ def scores_variants(dims, blocks, strides):
         for c in consts:
             types[c] = "constexpr"
         div16 = ("pq_ptr", "pk_ptr", "cu_ptr", "out_ptr", "stride_pqg", "stride_pqr", "stride_pkg", "stride_pkr")
-        out.append(Variant(f"scores/d{d}/bs{bs}/stride{st}/varlen{varlen}", "proxyattn.kernels.estimate_scores",
-                           "_proxy_scores_kernel", types, consts, div16, num_warps, 2, SCORES_ARGS, {"QB": qb}))
+        out.append(
+            Variant(
+                f"scores/d{d}/bs{bs}/stride{st}/varlen{varlen}",
+                "proxyattn.kernels.estimate_scores",
+                "_proxy_scores_kernel",
+                types,
+                consts,
+                div16,
+                num_warps,
+                2,
+                SCORES_ARGS,
+                {"QB": qb},
+            )
+        )
     return out
 
 
 BUDGET_ARGS = (
-    "q_ptr", "k_ptr", "cu_ptr", "mstat_ptr", "lstat_ptr", "lse_ptr", "mass_ptr", "seq_len", "nb_max", "num_q_heads",
-    "qk_scale", "stride_qb", "stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kt", "stride_kh", "stride_kd",
-    "GROUP", "NCHUNK", "CB", "BS", "HEAD_DIM", "BLOCK_D", "VARLEN", "PASS", "DOT_PREC", "UPCAST", "ROWS",
+    "q_ptr",
+    "k_ptr",
+    "cu_ptr",
+    "mstat_ptr",
+    "lstat_ptr",
+    "lse_ptr",
+    "mass_ptr",
+    "seq_len",
+    "nb_max",
+    "num_q_heads",
+    "qk_scale",
+    "stride_qb",
+    "stride_qt",
+    "stride_qh",
+    "stride_qd",
+    "stride_kb",
+    "stride_kt",
+    "stride_kh",
+    "stride_kd",
+    "GROUP",
+    "NCHUNK",
+    "CB",
+    "BS",
+    "HEAD_DIM",
+    "BLOCK_D",
+    "VARLEN",
+    "PASS",
+    "DOT_PREC",
+    "UPCAST",
+    "ROWS",
 )
 
 
@@ -178,17 +342,58 @@ def budget_variants(dtypes, dims, blocks):
     for dt, d, bs, varlen, (pas, rows) in itertools.product(dtypes, dims, blocks, (0, 1), ((0, False), (1, False), (1, True))):
         block_d = _next_pow2(d)
         types = {n: "i32" for n in BUDGET_ARGS}
-        types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", cu_ptr="*i32", mstat_ptr="*fp32", lstat_ptr="*fp32",
-                     lse_ptr="*fp32", mass_ptr="*fp32", qk_scale="fp32")
-        consts = dict(stride_qd=1, stride_kd=1, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=bool(varlen), PASS=pas,
-                      DOT_PREC="tf32", UPCAST=False, ROWS=rows)
+        types.update(
+            q_ptr=f"*{dt}",
+            k_ptr=f"*{dt}",
+            cu_ptr="*i32",
+            mstat_ptr="*fp32",
+            lstat_ptr="*fp32",
+            lse_ptr="*fp32",
+            mass_ptr="*fp32",
+            qk_scale="fp32",
+        )
+        consts = dict(
+            stride_qd=1,
+            stride_kd=1,
+            BS=bs,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            VARLEN=bool(varlen),
+            PASS=pas,
+            DOT_PREC="tf32",
+            UPCAST=False,
+            ROWS=rows,
+        )
         for c in consts:
             types[c] = "constexpr"
-        div16 = ("q_ptr", "k_ptr", "cu_ptr", "mstat_ptr", "lstat_ptr", "lse_ptr", "mass_ptr", "stride_qb", "stride_qt",
-                 "stride_qh", "stride_kb", "stride_kt", "stride_kh")
-        out.append(Variant(f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}{'rows' if rows else ''}",
-                           "proxyattn.kernels.estimate_budgets",
-                           "_budget_kernel", types, consts, div16, 8 if block_d >= 128 else 4, 2, BUDGET_ARGS))
+        div16 = (
+            "q_ptr",
+            "k_ptr",
+            "cu_ptr",
+            "mstat_ptr",
+            "lstat_ptr",
+            "lse_ptr",
+            "mass_ptr",
+            "stride_qb",
+            "stride_qt",
+            "stride_qh",
+            "stride_kb",
+            "stride_kt",
+            "stride_kh",
+        )
+        out.append(
+            Variant(
+                f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}{'rows' if rows else ''}",
+                "proxyattn.kernels.estimate_budgets",
+                "_budget_kernel",
+                types,
+                consts,
+                div16,
+                8 if block_d >= 128 else 4,
+                2,
+                BUDGET_ARGS,
+            )
+        )
     return out
 
 
@@ -199,24 +404,98 @@ def rank_variants():
     """estimate_rank._rank_kernel per BLOCK (16 .. 4096); KEEP_SINK / KEEP_DIAG are runtime i1 (bool) values."""
     out = []
     for block in RANK_BLOCKS:
-        types = {"scores_ptr": "*fp32", "order_ptr": "*i32", "rank_ptr": "*i32", "sink_ptr": "*i32", "diag_ptr": "*i32",
-                 "nb": "i32", "KEEP_SINK": "i1", "KEEP_DIAG": "i1", "BLOCK": "constexpr"}
+        types = {
+            "scores_ptr": "*fp32",
+            "order_ptr": "*i32",
+            "rank_ptr": "*i32",
+            "sink_ptr": "*i32",
+            "diag_ptr": "*i32",
+            "nb": "i32",
+            "KEEP_SINK": "i1",
+            "KEEP_DIAG": "i1",
+            "BLOCK": "constexpr",
+        }
         div16 = ("scores_ptr", "order_ptr", "rank_ptr", "sink_ptr", "diag_ptr")
-        out.append(Variant(f"rank/block{block}", "proxyattn.kernels.estimate_rank", "_rank_kernel", types,
-                           {"BLOCK": block}, div16, 4 if block <= 1024 else 8, 3, RANK_ARGS))
+        out.append(
+            Variant(
+                f"rank/block{block}",
+                "proxyattn.kernels.estimate_rank",
+                "_rank_kernel",
+                types,
+                {"BLOCK": block},
+                div16,
+                4 if block <= 1024 else 8,
+                3,
+                RANK_ARGS,
+            )
+        )
     return out
 
 
 NEEDS_MASS_ARGS = (
-    "q_ptr", "k_ptr", "cu_ptr", "skip_ptr", "mass_ptr", "lse_ptr", "seq_len", "nb_max", "num_kv_heads", "m_lo",
-    "n_slots", "qk_scale", "stride_qb", "stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kt", "stride_kh",
-    "stride_kd", "GROUP", "ROWS", "RB", "QB", "BS", "HEAD_DIM", "BLOCK_D", "VARLEN", "LAST_ONLY", "SKIP", "DOT_PREC",
+    "q_ptr",
+    "k_ptr",
+    "cu_ptr",
+    "skip_ptr",
+    "mass_ptr",
+    "lse_ptr",
+    "seq_len",
+    "nb_max",
+    "num_kv_heads",
+    "m_lo",
+    "n_slots",
+    "qk_scale",
+    "stride_qb",
+    "stride_qt",
+    "stride_qh",
+    "stride_qd",
+    "stride_kb",
+    "stride_kt",
+    "stride_kh",
+    "stride_kd",
+    "GROUP",
+    "ROWS",
+    "RB",
+    "QB",
+    "BS",
+    "HEAD_DIM",
+    "BLOCK_D",
+    "VARLEN",
+    "LAST_ONLY",
+    "SKIP",
+    "DOT_PREC",
     "UPCAST",
 )
 NEEDS_CUT_ARGS = (
-    "mass_ptr", "lse_ptr", "order_ptr", "sink_ptr", "diag_ptr", "cu_ptr", "skip_ptr", "need_ptr", "counts_ptr",
-    "seq_len", "nb_max", "num_kv_heads", "kv_per_rank", "m_lo", "n_slots", "gamma", "min_blocks", "dense_below",
-    "GROUP", "ROWS", "RB", "BS", "CH", "VARLEN", "LAST_ONLY", "SKIP", "COUNTS", "KEEP_SINK", "KEEP_DIAG",
+    "mass_ptr",
+    "lse_ptr",
+    "order_ptr",
+    "sink_ptr",
+    "diag_ptr",
+    "cu_ptr",
+    "skip_ptr",
+    "need_ptr",
+    "counts_ptr",
+    "seq_len",
+    "nb_max",
+    "num_kv_heads",
+    "kv_per_rank",
+    "m_lo",
+    "n_slots",
+    "gamma",
+    "min_blocks",
+    "dense_below",
+    "GROUP",
+    "ROWS",
+    "RB",
+    "BS",
+    "CH",
+    "VARLEN",
+    "LAST_ONLY",
+    "SKIP",
+    "COUNTS",
+    "KEEP_SINK",
+    "KEEP_DIAG",
 )
 CUT_CHUNK = 128  # estimate_needs._CUT_CHUNK
 
@@ -235,28 +514,83 @@ def needs_variants(dtypes, dims, blocks):
         block_d = _next_pow2(d)
         qb = max(NEEDS_QB, -(-16 // rb))
         types = {n: "i32" for n in NEEDS_MASS_ARGS}
-        types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", cu_ptr="*i32", skip_ptr="*i32", mass_ptr="*fp32", lse_ptr="*fp32",
-                     qk_scale="fp32")
-        consts = dict(stride_qd=1, stride_kd=1, ROWS=rows, RB=rb, QB=qb, BS=bs, HEAD_DIM=d, BLOCK_D=block_d,
-                      VARLEN=bool(varlen), LAST_ONLY=False, SKIP=True, DOT_PREC="tf32", UPCAST=False)
+        types.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", cu_ptr="*i32", skip_ptr="*i32", mass_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
+        consts = dict(
+            stride_qd=1,
+            stride_kd=1,
+            ROWS=rows,
+            RB=rb,
+            QB=qb,
+            BS=bs,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            VARLEN=bool(varlen),
+            LAST_ONLY=False,
+            SKIP=True,
+            DOT_PREC="tf32",
+            UPCAST=False,
+        )
         for c in consts:
             types[c] = "constexpr"
-        div16 = ("q_ptr", "k_ptr", "cu_ptr", "skip_ptr", "mass_ptr", "lse_ptr", "stride_qb", "stride_qt", "stride_qh",
-                 "stride_kb", "stride_kt", "stride_kh")
-        out.append(Variant(f"needs_mass/{dt}/d{d}/bs{bs}/rows{rows}/rb{rb}/varlen{varlen}",
-                           "proxyattn.kernels.estimate_needs", "_mass_kernel", types, consts, div16, 4, 2,
-                           NEEDS_MASS_ARGS, {"QB": qb}))
+        div16 = (
+            "q_ptr",
+            "k_ptr",
+            "cu_ptr",
+            "skip_ptr",
+            "mass_ptr",
+            "lse_ptr",
+            "stride_qb",
+            "stride_qt",
+            "stride_qh",
+            "stride_kb",
+            "stride_kt",
+            "stride_kh",
+        )
+        out.append(
+            Variant(
+                f"needs_mass/{dt}/d{d}/bs{bs}/rows{rows}/rb{rb}/varlen{varlen}",
+                "proxyattn.kernels.estimate_needs",
+                "_mass_kernel",
+                types,
+                consts,
+                div16,
+                4,
+                2,
+                NEEDS_MASS_ARGS,
+                {"QB": qb},
+            )
+        )
     for bs, varlen, (rows, rb) in itertools.product(blocks, (0, 1), needs_rbs()):
         types = {n: "i32" for n in NEEDS_CUT_ARGS}
-        types.update(mass_ptr="*fp32", lse_ptr="*fp32", order_ptr="*i32", sink_ptr="*i32", diag_ptr="*i32",
-                     cu_ptr="*i32", skip_ptr="*i32", need_ptr="*i32", counts_ptr="*i32", gamma="fp32")
+        types.update(
+            mass_ptr="*fp32",
+            lse_ptr="*fp32",
+            order_ptr="*i32",
+            sink_ptr="*i32",
+            diag_ptr="*i32",
+            cu_ptr="*i32",
+            skip_ptr="*i32",
+            need_ptr="*i32",
+            counts_ptr="*i32",
+            gamma="fp32",
+        )
         consts = dict(ROWS=rows, RB=rb, BS=bs, CH=CUT_CHUNK, VARLEN=bool(varlen), LAST_ONLY=False, SKIP=True, COUNTS=True)
         for c in consts:
             types[c] = "constexpr"
-        div16 = ("mass_ptr", "lse_ptr", "order_ptr", "sink_ptr", "diag_ptr", "cu_ptr", "skip_ptr", "need_ptr",
-                 "counts_ptr")
-        out.append(Variant(f"needs_cut/bs{bs}/rows{rows}/rb{rb}/varlen{varlen}", "proxyattn.kernels.estimate_needs",
-                           "_cut_kernel", types, consts, div16, 4, 3, NEEDS_CUT_ARGS))
+        div16 = ("mass_ptr", "lse_ptr", "order_ptr", "sink_ptr", "diag_ptr", "cu_ptr", "skip_ptr", "need_ptr", "counts_ptr")
+        out.append(
+            Variant(
+                f"needs_cut/bs{bs}/rows{rows}/rb{rb}/varlen{varlen}",
+                "proxyattn.kernels.estimate_needs",
+                "_cut_kernel",
+                types,
+                consts,
+                div16,
+                4,
+                3,
+                NEEDS_CUT_ARGS,
+            )
+        )
     return out
 
 
@@ -283,7 +617,7 @@ def compile_variant(v: Variant, out_dir: str) -> dict:
     consts = dict(v.constexprs)
     # New trailing constexpr parameters with a default are accepted at their default; anything else is a change
     # of the calling convention that the launchers in cpp/src/proxyattn.cpp must follow first.
-    extra = names[len(v.expected_args):]
+    extra = names[len(v.expected_args) :]
     defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
     if names[: len(v.expected_args)] != v.expected_args or any(n not in defaults for n in extra):
         raise SystemExit(
@@ -305,8 +639,10 @@ def compile_variant(v: Variant, out_dir: str) -> dict:
     cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     md = cc.metadata
     if md.global_scratch_size or md.profile_scratch_size:
-        raise SystemExit(f"{v.key}: needs global/profile scratch ({md.global_scratch_size}/{md.profile_scratch_size} bytes), "
-                         "which the library's launcher does not provide")
+        raise SystemExit(
+            f"{v.key}: needs global/profile scratch ({md.global_scratch_size}/{md.profile_scratch_size} bytes), "
+            "which the library's launcher does not provide"
+        )
     if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False):
         raise SystemExit(f"{v.key}: cluster/cooperative/PDL launches are not supported by the library's launcher")
     ptx = cc.asm["ptx"]
@@ -319,16 +655,26 @@ def compile_variant(v: Variant, out_dir: str) -> dict:
     fname = v.key.replace("/", "_") + ".cubin"
     Path(out_dir, fname).write_bytes(cc.asm["cubin"])
     return {
-        "key": v.key, "entry": entry, "file": fname, "cubin_bytes": len(cc.asm["cubin"]), "shared": md.shared,
-        "num_warps": v.num_warps, "num_stages": v.num_stages, "maxnreg": v.maxnreg, "num_params": num_params, "triton": 1,
-        "params": visible, "param_types": [types[n] for n in visible], "constexprs": consts, "meta": v.meta,
+        "key": v.key,
+        "entry": entry,
+        "file": fname,
+        "cubin_bytes": len(cc.asm["cubin"]),
+        "shared": md.shared,
+        "num_warps": v.num_warps,
+        "num_stages": v.num_stages,
+        "maxnreg": v.maxnreg,
+        "num_params": num_params,
+        "triton": 1,
+        "params": visible,
+        "param_types": [types[n] for n in visible],
+        "constexprs": consts,
+        "meta": v.meta,
     }
 
 
 def compile_helpers(nvcc: str, out_dir: Path) -> dict:
     cubin = out_dir / "helpers.cubin"
-    cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-I", str(CPP / "src"), str(CPP / "src" / "helpers.cu"),
-           "-o", str(cubin)]
+    cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-I", str(CPP / "src"), str(CPP / "src" / "helpers.cu"), "-o", str(cubin)]
     subprocess.run(cmd, check=True)
     return {"file": "helpers.cubin", "cubin_bytes": cubin.stat().st_size, "command": " ".join(cmd)}
 
@@ -354,13 +700,16 @@ def write_table(out_dir: Path, entries: list, helpers: dict) -> None:
     blobs = [(e["key"], e["file"]) for e in entries] + [("helpers", helpers["file"])]
     for i, (_, f) in enumerate(blobs):
         path = str((out_dir / f).resolve()).replace("\\", "/")
-        lines.append(f'__asm__(".section .rodata\\n.balign 16\\n.type pa_blob_{i}, @object\\npa_blob_{i}:\\n'
-                     f'.incbin \\"{path}\\"\\n.previous\\n");')
+        lines.append(
+            f'__asm__(".section .rodata\\n.balign 16\\n.type pa_blob_{i}, @object\\npa_blob_{i}:\\n.incbin \\"{path}\\"\\n.previous\\n");'
+        )
         lines.append(f'extern "C" const unsigned char pa_blob_{i}[];')
     lines += ["", "namespace proxyattn {", "", "extern const KernelImage kKernelImages[] = {"]
     for i, e in enumerate(entries):
-        lines.append(f'    {{"{e["key"]}", "{e["entry"]}", pa_blob_{i}, {e["cubin_bytes"]}u, {e["shared"]}u, '
-                     f'{e["num_warps"]}u, {e["num_params"]}u, 1}},')
+        lines.append(
+            f'    {{"{e["key"]}", "{e["entry"]}", pa_blob_{i}, {e["cubin_bytes"]}u, {e["shared"]}u, '
+            f"{e['num_warps']}u, {e['num_params']}u, 1}},"
+        )
     hb = len(entries)
     for key, entry, shared, nparams in HELPERS:
         lines.append(f'    {{"{key}", "{entry}", pa_blob_{hb}, {helpers["cubin_bytes"]}u, {shared}u, 0u, {nparams}u, 0}},')
@@ -391,8 +740,9 @@ def main() -> None:
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--quick", action="store_true", help="one variant per kernel (bf16, D=128, block 128)")
-    ap.add_argument("--attn-config", default=None,
-                    help="BLOCK_N,num_warps,num_stages[,maxnreg] for every attention variant (default: attention_config)")
+    ap.add_argument(
+        "--attn-config", default=None, help="BLOCK_N,num_warps,num_stages[,maxnreg] for every attention variant (default: attention_config)"
+    )
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -423,9 +773,11 @@ def main() -> None:
 
     srcs = sorted({v.module for v in variants})
     manifest = {
-        "triton": triton.__version__, "target": "cuda:90 (sm_90a cubin)",
+        "triton": triton.__version__,
+        "target": "cuda:90 (sm_90a cubin)",
         "sources": {m: hashlib.sha256((REPO / (m.replace(".", "/") + ".py")).read_bytes()).hexdigest()[:16] for m in srcs},
-        "helpers": helpers, "kernels": entries,
+        "helpers": helpers,
+        "kernels": entries,
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

@@ -44,8 +44,9 @@ class CompiledKernel:
         return self.num_warps * 32
 
 
-def compile_kernel(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: dict, tactic: int,
-                   arch: int) -> CompiledKernel:
+def compile_kernel(
+    plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: dict, tactic: int, arch: int
+) -> CompiledKernel:
     """PTX of one plugin kernel for sm_<arch> (B and S in `shapes` may be -1: only static dims are read)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -58,8 +59,10 @@ def compile_kernel(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequenc
     sig = S.signature(plugin, dtypes, consts)
     fn = WRAPPERS[S.PLUGINS[plugin].kernel]
     if not isinstance(fn, triton.runtime.JITFunction):
-        raise RuntimeError("the plugin kernels were defined under TRITON_INTERPRET=1 (Triton's CPU interpreter); "
-                           "AOT compilation needs a process without it")
+        raise RuntimeError(
+            "the plugin kernels were defined under TRITON_INTERPRET=1 (Triton's CPU interpreter); "
+            "AOT compilation needs a process without it"
+        )
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     check_entry(k.asm["ptx"], sig, metadata=k.metadata)
@@ -127,18 +130,36 @@ def model_shapes(spec, config, precision: str, profiles: Sequence | None = None)
         {"plugin": "ProxyPool", "shapes": [q], "dtypes": [dtype], "attrs": {"groups": g, "step": config.stride}},
         {"plugin": "ProxyPool", "shapes": [k], "dtypes": [dtype], "attrs": {"groups": g, "step": 1}},
         {"plugin": "ProxyScores", "shapes": [q, (g, -1, d), (g, -1, d)], "dtypes": [dtype, "float16", "float16"], "attrs": attrs},
-        {"plugin": "ProxySparseAttention", "shapes": [q, k, k, (-1, g, nbx, nbx), (-1, hq, nbx)],
-         "dtypes": [dtype, dtype, dtype, "int32", "int32"], "attrs": attrs},
+        {
+            "plugin": "ProxySparseAttention",
+            "shapes": [q, k, k, (-1, g, nbx, nbx), (-1, hq, nbx)],
+            "dtypes": [dtype, dtype, dtype, "int32", "int32"],
+            "attrs": attrs,
+        },
         # Budget rule 3 (gamma and the minimum budget are extra scalars of ProxyNeedsCut: no recompilation).
-        {"plugin": "ProxyNeedsMass", "shapes": [q, k, (-1, hkv)], "dtypes": [dtype, dtype, "int32"],
-         "attrs": dict(needs_attrs, scale=attrs["scale"])},
-        {"plugin": "ProxyNeedsCut", "shapes": [q, (-1, -1, -1, -1), (-1, -1, -1), (-1, g, nbx, nbx), (-1, g, nbx), (-1, g, nbx), (-1, hkv)],
-         "dtypes": [dtype, "float32", "float32", "int32", "int32", "int32", "int32"], "attrs": dict(needs_attrs, **keep)},
+        {
+            "plugin": "ProxyNeedsMass",
+            "shapes": [q, k, (-1, hkv)],
+            "dtypes": [dtype, dtype, "int32"],
+            "attrs": dict(needs_attrs, scale=attrs["scale"]),
+        },
+        {
+            "plugin": "ProxyNeedsCut",
+            "shapes": [q, (-1, -1, -1, -1), (-1, -1, -1), (-1, g, nbx, nbx), (-1, g, nbx), (-1, g, nbx), (-1, hkv)],
+            "dtypes": [dtype, "float32", "float32", "int32", "int32", "int32", "int32"],
+            "attrs": dict(needs_attrs, **keep),
+        },
     ]
     for max_len in sorted({p.max for p in (profiles or spec.profiles)}):
         a = dict(attrs, max_seq_len=max_len)
-        entries.append({"plugin": "ProxyRank", "shapes": [(-1, g, nbx, nbx)], "dtypes": ["float32"],
-                        "attrs": {"pa_block_size": config.block_size, "max_seq_len": max_len, **keep}})
+        entries.append(
+            {
+                "plugin": "ProxyRank",
+                "shapes": [(-1, g, nbx, nbx)],
+                "dtypes": ["float32"],
+                "attrs": {"pa_block_size": config.block_size, "max_seq_len": max_len, **keep},
+            }
+        )
         entries.append({"plugin": "ProxyMassStats", "shapes": [q, k], "dtypes": [dtype, dtype], "attrs": a})
         for mass in ("ProxyMass", "ProxyRowMass"):  # budget rules 0/1 and 2: a rule change does not recompile
             entries.append({"plugin": mass, "shapes": [q, k, (-1, config.block_size)], "dtypes": [dtype, dtype, "float32"], "attrs": a})
@@ -150,14 +171,17 @@ def source_hash() -> str:
     import proxyattn.kernels as pk
 
     h = hashlib.sha256()
-    for path in sorted(Path(pk.__file__).parent.glob("*.py")) + [Path(__file__).with_name("kernels.py"),
-                                                                 Path(__file__).with_name("spec.py")]:
+    for path in sorted(Path(pk.__file__).parent.glob("*.py")) + [
+        Path(__file__).with_name("kernels.py"),
+        Path(__file__).with_name("spec.py"),
+    ]:
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence[int] = ARCHS,
-                progress: Callable | None = None) -> list[dict[str, Any]]:
+def compile_all(
+    entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence[int] = ARCHS, progress: Callable | None = None
+) -> list[dict[str, Any]]:
     """Compile every entry x tactic x arch into `out_dir` (new or empty; the caller makes it appear atomically):
     `<kernel>.ptx` files and `kernels.json` listing plugin, tactic, arch, kernel name, file, block size, shared memory
     and constants."""
@@ -170,13 +194,25 @@ def compile_all(entries: list[dict[str, Any]], out_dir: Path, *, archs: Sequence
     table = []
     for e, tactic, arch in jobs:
         k = compile_kernel(e["plugin"], e["shapes"], e["dtypes"], e["attrs"], tactic, arch)
-        key = hashlib.sha256(json.dumps([e["plugin"], e["shapes"], e["dtypes"], sorted(e["attrs"].items()), tactic,
-                                         arch]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(
+            json.dumps([e["plugin"], e["shapes"], e["dtypes"], sorted(e["attrs"].items()), tactic, arch]).encode()
+        ).hexdigest()[:12]
         fname = f"{e['plugin']}_t{tactic}_sm{arch}_{key}.ptx"
         (out_dir / fname).write_text(k.ptx)
-        table.append({"plugin": e["plugin"], "tactic": tactic, "arch": arch, "kernel": k.name, "file": fname,
-                      "block_x": k.block_x, "shared_mem": k.shared, "dtypes": e["dtypes"],
-                      "attrs": e["attrs"], "constants": {c: v for c, v in k.constants.items()}})
+        table.append(
+            {
+                "plugin": e["plugin"],
+                "tactic": tactic,
+                "arch": arch,
+                "kernel": k.name,
+                "file": fname,
+                "block_x": k.block_x,
+                "shared_mem": k.shared,
+                "dtypes": e["dtypes"],
+                "attrs": e["attrs"],
+                "constants": {c: v for c, v in k.constants.items()},
+            }
+        )
         if bar:
             bar.update(1)
     (out_dir / "kernels.json").write_text(json.dumps(table, indent=1, default=str) + "\n")

@@ -40,9 +40,17 @@ def profile_shapes(profile: ShapeProfile, max_batch: int) -> tuple[tuple[int, in
     return (1, profile.min), (max(1, max_batch // 2), profile.opt), (max_batch, profile.max)
 
 
-def build_engines(onnx_path: Path, out_dir: Path, profiles: Sequence[ShapeProfile], *, precision: str, max_batch: int,
-                  kernels_dir: Path | None = None, progress: Callable | None = None,
-                  timing_cache: Path | None = None) -> list[Path]:
+def build_engines(
+    onnx_path: Path,
+    out_dir: Path,
+    profiles: Sequence[ShapeProfile],
+    *,
+    precision: str,
+    max_batch: int,
+    kernels_dir: Path | None = None,
+    progress: Callable | None = None,
+    timing_cache: Path | None = None,
+) -> list[Path]:
     """`<out_dir>/<profile>/model.plan` per profile and `<out_dir>/timing.cache`; `timing_cache` (default the one in
     out_dir) seeds TensorRT's timing cache, e.g. the previous build's."""
     trt, _ = import_tensorrt()

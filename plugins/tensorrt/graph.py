@@ -148,8 +148,10 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         if rows:
             # Rule "row_recall": the longest prefix any row of the last block needs; rows without mass (past a
             # sequence shorter than one block) need nothing.
-            total = b.op("Squeeze", [b.op("Slice", [cum, b.const([-1], i64), b.const([np.iinfo(np.int64).max], i64),
-                                                    b.const([-1], i64)]), b.const([-1], i64)])  # [B, Hq, BS]
+            total = b.op(
+                "Squeeze",
+                [b.op("Slice", [cum, b.const([-1], i64), b.const([np.iinfo(np.int64).max], i64), b.const([-1], i64)]), b.const([-1], i64)],
+            )  # [B, Hq, BS]
             needed = b.op("Where", [b.op("Greater", [total, b.const(0.0, np.float32)]), needed, b.const(0, i64)])
             needed = b.op("ReduceMax", [needed, b.const([-1], i64)], keepdims=0)
         return b.op("Min", [needed, nb])
@@ -182,8 +184,11 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
     # ---- the dense fallback's early decision (api.early_dense_groups): before any score, from rule mass's budgets
     early = None
     if permille and not fraction:
-        budgets0 = b.op("Expand", [nb, bh], hint="early_budgets") if config.gamma >= 1.0 else \
-            b.op("Identity", [mass_budgets()], hint="early_budgets")
+        budgets0 = (
+            b.op("Expand", [nb, bh], hint="early_budgets")
+            if config.gamma >= 1.0
+            else b.op("Identity", [mass_budgets()], hint="early_budgets")
+        )
         total0 = b.op("ReduceSum", [b.op("Reshape", [budgets0, vec(batch, kv_heads, group)]), b.const([-1], i64)], keepdims=0)
         need0 = b.op("Mul", [b.op("Mul", [group, nb]), b.const(permille, i64)])
         early = b.op("GreaterOrEqual", [b.op("Mul", [total0, b.const(1000, i64)]), need0], hint="early_dense")  # [B, Hkv]
@@ -196,16 +201,31 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         if config.gamma >= 1.0:  # every causal block
             b.op("Expand", [nb, bh], hint="budgets")
             return causal_counts
-        skip = b.op("Cast", [early], to=TensorProto.INT32) if early is not None else \
-            b.op("ConstantOfShape", [vec(batch, kv_heads)], value=helper.make_tensor("zero", TensorProto.INT32, [1], [0]))
+        skip = (
+            b.op("Cast", [early], to=TensorProto.INT32)
+            if early is not None
+            else b.op("ConstantOfShape", [vec(batch, kv_heads)], value=helper.make_tensor("zero", TensorProto.INT32, [1], [0]))
+        )
         mass3, lse3 = b.plugin("ProxyNeedsMass", [q, k, skip], n_out=2, pa_recall_rows=config.recall_rows, **cfg_attrs)
-        need, counts = b.plugin("ProxyNeedsCut", [q, mass3, lse3, order, sink_rank, diag_rank, skip], n_out=2,
-                                pa_block_size=bs, pa_recall_rows=config.recall_rows, pa_gamma=float(config.gamma),
-                                pa_min_budget_tokens=config.min_budget_tokens, **keep)
+        need, counts = b.plugin(
+            "ProxyNeedsCut",
+            [q, mass3, lse3, order, sink_rank, diag_rank, skip],
+            n_out=2,
+            pa_block_size=bs,
+            pa_recall_rows=config.recall_rows,
+            pa_gamma=float(config.gamma),
+            pa_min_budget_tokens=config.min_budget_tokens,
+            **keep,
+        )
         counts = b.op("Cast", [counts], to=TensorProto.INT64)
         # The reported budget (reference.needs_budgets): the last block's need, at least min(min_blocks, Nb).
-        last_need = b.op("Squeeze", [b.op("Gather", [b.op("Cast", [need], to=TensorProto.INT64),
-                                                     b.op("Sub", [nb1, b.const([1], i64)])], axis=2), b.const([2], i64)])
+        last_need = b.op(
+            "Squeeze",
+            [
+                b.op("Gather", [b.op("Cast", [need], to=TensorProto.INT64), b.op("Sub", [nb1, b.const([1], i64)])], axis=2),
+                b.const([2], i64),
+            ],
+        )
         b.op("Max", [last_need, b.op("Min", [nb, b.const(config.min_budget_blocks, i64)])], hint="budgets")
         return counts
 
@@ -216,8 +236,7 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         """Rules "recall" / "row_recall" (rows): the head's mass along the last query block's shared ranking, which
         is row Nb - 1 of the plan's order (forced blocks first in score order, then descending score, lower index
         first: reference.last_row_order)."""
-        lmass = b.plugin("ProxyRowMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs) if rows \
-            else last_block_mass()
+        lmass = b.plugin("ProxyRowMass", [q, k, last_block_lse()], max_seq_len=max_seq_len, **cfg_attrs) if rows else last_block_mass()
         last = b.op("Sub", [nb1, b.const([1], i64)])
         lorder = b.op("Cast", [b.op("Squeeze", [b.op("Gather", [order, last], axis=2), b.const([2], i64)])], to=TensorProto.INT64)
         last_order = per_head(lorder)  # [B, Hq, Nb]
@@ -273,14 +292,27 @@ def _rewrite_node(node: onnx.NodeProto, graph: onnx.GraphProto, max_seq_len: int
         if early is not None:
             groups = b.op("Or", [groups, early])
         groups = b.op("Identity", [groups], hint="dense_groups")  # [B, Hkv]
-        dense_heads = b.op("Reshape", [b.op("Expand", [b.op("Unsqueeze", [groups, b.const([2], i64)]), vec(batch, kv_heads, group)]),
-                                       bh], hint="dense_heads")  # [B, Hq]
+        dense_heads = b.op(
+            "Reshape",
+            [b.op("Expand", [b.op("Unsqueeze", [groups, b.const([2], i64)]), vec(batch, kv_heads, group)]), bh],
+            hint="dense_heads",
+        )  # [B, Hq]
         counts = b.op("Where", [b.op("Unsqueeze", [dense_heads, b.const([2], i64)]), causal_counts, counts])
     counts = b.op("Cast", [counts], to=TensorProto.INT32, hint="counts")
 
-    b.nodes.append(helper.make_node("ProxySparseAttention", [q, k, v, order, counts], list(node.output),
-                                    name=b.name("ProxySparseAttention"),
-                                    domain=PLUGIN_DOMAIN, plugin_namespace=S.NAMESPACE, plugin_version=S.VERSION, aot=1, **cfg_attrs))
+    b.nodes.append(
+        helper.make_node(
+            "ProxySparseAttention",
+            [q, k, v, order, counts],
+            list(node.output),
+            name=b.name("ProxySparseAttention"),
+            domain=PLUGIN_DOMAIN,
+            plugin_namespace=S.NAMESPACE,
+            plugin_version=S.VERSION,
+            aot=1,
+            **cfg_attrs,
+        )
+    )
     return b.nodes
 
 

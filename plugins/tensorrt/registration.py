@@ -108,8 +108,8 @@ def register_plugins() -> None:
         in_params = [inspect.Parameter(i, pos, annotation=trtp.TensorDesc) for i in pdef.inputs]
 
         def desc(*args, _name=name, _pdef=pdef, **kwargs):
-            tensors = list(args[: len(_pdef.inputs)]) + [kwargs.pop(i) for i in _pdef.inputs[len(args):]]
-            attrs = dict(zip(_pdef.attrs, args[len(_pdef.inputs):])) | kwargs
+            tensors = list(args[: len(_pdef.inputs)]) + [kwargs.pop(i) for i in _pdef.inputs[len(args) :]]
+            attrs = dict(zip(_pdef.attrs, args[len(_pdef.inputs) :])) | kwargs
             shapes = [list(t.shape_expr) for t in tensors]
             out_types = S.output_dtypes(_name, [_np_name(trt, t.dtype) for t in tensors])
             out_shapes = S.output_shapes(_name, shapes, attrs, ops)
@@ -122,21 +122,26 @@ def register_plugins() -> None:
             tensors = list(args[: len(_pdef.inputs)])
             in_types = [_np_name(trt, t.dtype) for t in tensors]
             out_types = S.output_dtypes(_name, in_types)
-            combo = ", ".join(t.replace("float16", "FP16").replace("bfloat16", "BF16").replace("float32", "FP32").replace("int32", "INT32")
-                              for t in in_types + out_types)
+            combo = ", ".join(
+                t.replace("float16", "FP16").replace("bfloat16", "BF16").replace("float32", "FP32").replace("int32", "INT32")
+                for t in in_types + out_types
+            )
             c = trtp.AutoTuneCombination(combo)
             c.tactics(S.tactics(_name))
             return [c]
 
-        trtp.autotune(pid)(_with_signature(
-            autotune, in_params + [inspect.Parameter("outputs", pos, annotation=Tuple[trtp.TensorDesc])], List[trtp.AutoTuneCombination]))
+        trtp.autotune(pid)(
+            _with_signature(
+                autotune, in_params + [inspect.Parameter("outputs", pos, annotation=Tuple[trtp.TensorDesc])], List[trtp.AutoTuneCombination]
+            )
+        )
 
         def aot(*args, _name=name, _pdef=pdef, **kwargs):
             import triton
 
             n_in = len(_pdef.inputs)
             tensors = list(args[:n_in])
-            attrs = dict(zip(_pdef.attrs, args[n_in:n_in + len(_pdef.attrs)]))
+            attrs = dict(zip(_pdef.attrs, args[n_in : n_in + len(_pdef.attrs)]))
             tactic = kwargs.get("tactic", args[-1] if len(args) > n_in + len(_pdef.attrs) + 1 else 1)
             shapes = [list(t.shape_expr) for t in tensors]
             static = [[_static(d) for d in sh] for sh in shapes]
@@ -157,7 +162,12 @@ def register_plugins() -> None:
             extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in S.extra_args(_name, shapes, attrs)])
             return compiled.metadata.name, compiled.asm["ptx"], lp, extra
 
-        trtp.aot_impl(pid)(_with_signature(
-            aot, in_params + attr_params + [inspect.Parameter("outputs", pos, annotation=Tuple[trtp.TensorDesc]),
-                                            inspect.Parameter("tactic", pos, annotation=int)]))
+        trtp.aot_impl(pid)(
+            _with_signature(
+                aot,
+                in_params
+                + attr_params
+                + [inspect.Parameter("outputs", pos, annotation=Tuple[trtp.TensorDesc]), inspect.Parameter("tactic", pos, annotation=int)],
+            )
+        )
     _registered = True

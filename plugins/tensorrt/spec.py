@@ -97,23 +97,40 @@ PLUGINS: dict[str, PluginDef] = {
     p.name: p
     for p in (
         PluginDef("ProxyPool", ("x",), ("pooled",), "trt_pool", ("groups", "step")),
-        PluginDef("ProxyScores", ("query", "pooled_q", "pooled_k"), ("scores",), "trt_scores",
-                  ("pa_proxy_heads", "pa_block_size", "pa_stride", "scale")),
-        PluginDef("ProxyMassStats", ("query", "key"), ("row_max", "row_sum"), "trt_mass_stats",
-                  ("pa_block_size", "scale", "max_seq_len")),
-        PluginDef("ProxyMass", ("query", "key", "lse"), ("mass",), "trt_mass",
-                  ("pa_block_size", "scale", "max_seq_len")),
-        PluginDef("ProxyRowMass", ("query", "key", "lse"), ("mass",), "trt_mass",
-                  ("pa_block_size", "scale", "max_seq_len")),
-        PluginDef("ProxyRank", ("scores",), ("order", "rank", "sink_rank", "diag_rank"), "trt_rank",
-                  ("pa_block_size", "pa_keep_sink", "pa_keep_diagonal", "max_seq_len")),
-        PluginDef("ProxyNeedsMass", ("query", "key", "skip"), ("mass", "lse"), "trt_needs_mass",
-                  ("pa_block_size", "pa_recall_rows", "scale")),
-        PluginDef("ProxyNeedsCut", ("query", "mass", "lse", "order", "sink_rank", "diag_rank", "skip"), ("need", "counts"),
-                  "trt_needs_cut",
-                  ("pa_block_size", "pa_recall_rows", "pa_gamma", "pa_min_budget_tokens", "pa_keep_sink", "pa_keep_diagonal")),
-        PluginDef("ProxySparseAttention", ("query", "key", "value", "order", "counts"), ("output",), "trt_sparse_attention",
-                  ("pa_block_size", "scale")),
+        PluginDef(
+            "ProxyScores",
+            ("query", "pooled_q", "pooled_k"),
+            ("scores",),
+            "trt_scores",
+            ("pa_proxy_heads", "pa_block_size", "pa_stride", "scale"),
+        ),
+        PluginDef("ProxyMassStats", ("query", "key"), ("row_max", "row_sum"), "trt_mass_stats", ("pa_block_size", "scale", "max_seq_len")),
+        PluginDef("ProxyMass", ("query", "key", "lse"), ("mass",), "trt_mass", ("pa_block_size", "scale", "max_seq_len")),
+        PluginDef("ProxyRowMass", ("query", "key", "lse"), ("mass",), "trt_mass", ("pa_block_size", "scale", "max_seq_len")),
+        PluginDef(
+            "ProxyRank",
+            ("scores",),
+            ("order", "rank", "sink_rank", "diag_rank"),
+            "trt_rank",
+            ("pa_block_size", "pa_keep_sink", "pa_keep_diagonal", "max_seq_len"),
+        ),
+        PluginDef(
+            "ProxyNeedsMass", ("query", "key", "skip"), ("mass", "lse"), "trt_needs_mass", ("pa_block_size", "pa_recall_rows", "scale")
+        ),
+        PluginDef(
+            "ProxyNeedsCut",
+            ("query", "mass", "lse", "order", "sink_rank", "diag_rank", "skip"),
+            ("need", "counts"),
+            "trt_needs_cut",
+            ("pa_block_size", "pa_recall_rows", "pa_gamma", "pa_min_budget_tokens", "pa_keep_sink", "pa_keep_diagonal"),
+        ),
+        PluginDef(
+            "ProxySparseAttention",
+            ("query", "key", "value", "order", "counts"),
+            ("output",),
+            "trt_sparse_attention",
+            ("pa_block_size", "scale"),
+        ),
     )
 }
 
@@ -181,8 +198,10 @@ def parse_attrs(plugin: str, attrs: Mapping[str, Any]) -> dict[str, int | float]
     if plugin == "ProxyRank":
         nb_max = -(-out["max_seq_len"] // out["pa_block_size"])
         if nb_max > MAX_RANK_BLOCKS:
-            raise ValueError(f"plugin {plugin}: max_seq_len={out['max_seq_len']} gives {nb_max} key blocks; the ranking "
-                             f"kernel sorts at most {MAX_RANK_BLOCKS} (max_seq_len <= {MAX_RANK_BLOCKS * out['pa_block_size']})")
+            raise ValueError(
+                f"plugin {plugin}: max_seq_len={out['max_seq_len']} gives {nb_max} key blocks; the ranking "
+                f"kernel sorts at most {MAX_RANK_BLOCKS} (max_seq_len <= {MAX_RANK_BLOCKS * out['pa_block_size']})"
+            )
     return out
 
 
@@ -190,8 +209,22 @@ def _check_rank(plugin: str, shapes: Sequence[Sequence[Any]]) -> None:
     p = _plugin(plugin)
     if len(shapes) != len(p.inputs):
         raise ValueError(f"plugin {plugin} takes {len(p.inputs)} inputs {p.inputs}, got {len(shapes)}")
-    ranks = {"x": 4, "query": 4, "key": 4, "value": 4, "order": 4, "counts": 3, "pooled_q": 3, "pooled_k": 3, "lse": 2,
-             "scores": 4, "skip": 2, "mass": 4, "sink_rank": 3, "diag_rank": 3}
+    ranks = {
+        "x": 4,
+        "query": 4,
+        "key": 4,
+        "value": 4,
+        "order": 4,
+        "counts": 3,
+        "pooled_q": 3,
+        "pooled_k": 3,
+        "lse": 2,
+        "scores": 4,
+        "skip": 2,
+        "mass": 4,
+        "sink_rank": 3,
+        "diag_rank": 3,
+    }
     if plugin == "ProxyNeedsCut":
         ranks = dict(ranks, lse=3)
     for name, shape in zip(p.inputs, shapes):
@@ -239,8 +272,9 @@ def output_shapes(plugin: str, shapes: Sequence[Sequence[Any]], attrs: Mapping[s
         return [(b, hq, bs, nb)]
     if plugin == "ProxyNeedsMass":
         hkv = shapes[1][1]
-        rb = needs_rows(_static_int(plugin, "query heads", ops.static(hq)) // _static_int(plugin, "key heads", ops.static(hkv)),
-                        a["pa_recall_rows"])
+        rb = needs_rows(
+            _static_int(plugin, "query heads", ops.static(hq)) // _static_int(plugin, "key heads", ops.static(hkv)), a["pa_recall_rows"]
+        )
         return [(b * hkv, nb, nb, rb), (b * hkv, nb, rb)]
     if plugin == "ProxyNeedsCut":
         return [(b, hq, nb), (b, hq, nb)]
@@ -320,8 +354,9 @@ def _pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
-def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: Mapping[str, Any],
-              tactic: int) -> tuple[dict[str, Any], dict[str, int]]:
+def constants(
+    plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str], attrs: Mapping[str, Any], tactic: int
+) -> tuple[dict[str, Any], dict[str, int]]:
     """(constexpr values, compile options num_warps / num_stages) of the plugin's kernel.
 
     Needs only the static dims (heads, head dim); B and S may be anything (-1); attributes of `RUNTIME_ATTRS` may be
@@ -348,8 +383,18 @@ def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str
         if hkv < 1 or hq % hkv or r < 1 or hkv % r:
             raise ValueError(f"{plugin}: query heads {hq}, key heads {hkv} and rankings {r} must nest (R | Hkv | Hq)")
         group, rows = hq // hkv, a["pa_recall_rows"]
-        return {"HQ": hq, "HKV": hkv, "R": r, "GROUP": group, "ROWS": rows, "RB": needs_rows(group, rows), "BS": bs,
-                "CH": _CUT_CHUNK, "KEEP_SINK": bool(a["pa_keep_sink"]), "KEEP_DIAG": bool(a["pa_keep_diagonal"])}, opt
+        return {
+            "HQ": hq,
+            "HKV": hkv,
+            "R": r,
+            "GROUP": group,
+            "ROWS": rows,
+            "RB": needs_rows(group, rows),
+            "BS": bs,
+            "CH": _CUT_CHUNK,
+            "KEEP_SINK": bool(a["pa_keep_sink"]),
+            "KEEP_DIAG": bool(a["pa_keep_diagonal"]),
+        }, opt
     qk = a["scale"] * _LOG2E
     if plugin == "ProxyNeedsMass":
         hkv = shapes[1][1]
@@ -358,20 +403,37 @@ def constants(plugin: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[str
         group, rows = hq // hkv, a["pa_recall_rows"]
         rb = needs_rows(group, rows)
         prec = "ieee" if dtypes[0] == "float32" else "tf32"
-        return {"HQ": hq, "HKV": hkv, "GROUP": group, "ROWS": rows, "RB": rb, "QB": max(8, -(-16 // rb)), "BS": bs,
-                "D": d, "BLOCK_D": _pow2(d), "DOT_PREC": prec, "QK_SCALE": qk}, opt
+        return {
+            "HQ": hq,
+            "HKV": hkv,
+            "GROUP": group,
+            "ROWS": rows,
+            "RB": rb,
+            "QB": max(8, -(-16 // rb)),
+            "BS": bs,
+            "D": d,
+            "BLOCK_D": _pow2(d),
+            "DOT_PREC": prec,
+            "QK_SCALE": qk,
+        }, opt
     if plugin == "ProxyScores":
         rpb = bs // a["pa_stride"]
-        return {"G": a["pa_proxy_heads"], "STRIDE": a["pa_stride"], "BS": bs, "QB": max(1, 64 // rpb), "D": d,
-                "BLOCK_D": _pow2(d), "QK_SCALE": qk}, opt
+        return {
+            "G": a["pa_proxy_heads"],
+            "STRIDE": a["pa_stride"],
+            "BS": bs,
+            "QB": max(1, 64 // rpb),
+            "D": d,
+            "BLOCK_D": _pow2(d),
+            "QK_SCALE": qk,
+        }, opt
     hkv = shapes[1][1]
     if hkv < 1 or hq % hkv:
         raise ValueError(f"{plugin}: query heads {hq} must be a multiple of key heads {hkv}")
     if plugin in ("ProxyMassStats", "ProxyMass", "ProxyRowMass"):
         cb, nchunk = mass_chunks(bs, a["max_seq_len"])
         prec = "ieee" if dtypes[0] == "float32" else "tf32"
-        out = {"HQ": hq, "HKV": hkv, "D": d, "BS": bs, "CB": cb, "NCHUNK": nchunk, "BLOCK_D": _pow2(d),
-               "DOT_PREC": prec, "QK_SCALE": qk}
+        out = {"HQ": hq, "HKV": hkv, "D": d, "BS": bs, "CB": cb, "NCHUNK": nchunk, "BLOCK_D": _pow2(d), "DOT_PREC": prec, "QK_SCALE": qk}
         if plugin != "ProxyMassStats":
             out["ROWS"] = plugin == "ProxyRowMass"  # one wrapper, trt_mass, for both mass plugins
         return out, opt

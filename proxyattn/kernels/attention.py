@@ -50,17 +50,41 @@ def _env_interpret() -> bool:
 # ----------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _sparse_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    q_desc, k_desc, v_desc,
-    order_ptr, counts_ptr, cu_ptr,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh,
-    stride_rb, stride_rr, stride_rm,
-    stride_cb, stride_ch,
-    seq_len, num_blocks, num_q_heads, qk_scale, len_bucket,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    q_desc,
+    k_desc,
+    v_desc,
+    order_ptr,
+    counts_ptr,
+    cu_ptr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_rb,
+    stride_rr,
+    stride_rm,
+    stride_cb,
+    stride_ch,
+    seq_len,
+    num_blocks,
+    num_q_heads,
+    qk_scale,
+    len_bucket,
     GROUP: tl.constexpr,  # query heads per KV head
     RGROUP: tl.constexpr,  # query heads per ranking row of the plan
     PLAN_BS: tl.constexpr,  # plan block size (= BLOCK_M)
@@ -194,14 +218,13 @@ _CONFIGS = [(128, 8, 2, None), (64, 8, 3, None), (64, 8, 4, None), (32, 8, 3, No
 
 
 def _configs():
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes)
-        for bn, w, s, r in _CONFIGS
-    ]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes) for bn, w, s, r in _CONFIGS]
 
 
 _sparse_attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "PLAN_BS", "GROUP", "USE_TMA", "VARLEN", "len_bucket"], prune_configs_by={"early_config_prune": _prune}
+    configs=_configs(),
+    key=["HEAD_DIM", "PLAN_BS", "GROUP", "USE_TMA", "VARLEN", "len_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_sparse_attn_fwd_kernel)
 
 
@@ -225,8 +248,21 @@ def _descriptor(x: torch.Tensor, rows: int, batched: bool, block_rows: int):
 
 
 def _launch_sparse(
-    q, k, v, order, counts, cu_seqlens, seq_len: int, block_size: int, scale: float, *, with_lse: bool,
-    use_tma: bool | None = None, config: dict | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    q,
+    k,
+    v,
+    order,
+    counts,
+    cu_seqlens,
+    seq_len: int,
+    block_size: int,
+    scale: float,
+    *,
+    with_lse: bool,
+    use_tma: bool | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ):
     """Allocate outputs and launch the block-sparse kernel.
 
@@ -284,10 +320,32 @@ def _launch_sparse(
 
     grid = (bsz * hq * nb,)
     args = (
-        q, k, v, out, lse, q_desc, k_desc, v_desc, order, counts, cu_seqlens if varlen else counts,
-        *bsh(q), *bsh(k), *bsh(v), *bsh(out), *ls,
-        order.stride(0), order.stride(1), order.stride(2), counts.stride(0), counts.stride(1),
-        seq_len, nb, hq, scale * _LOG2E, max(4096, triton.next_power_of_2(seq_len)),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q_desc,
+        k_desc,
+        v_desc,
+        order,
+        counts,
+        cu_seqlens if varlen else counts,
+        *bsh(q),
+        *bsh(k),
+        *bsh(v),
+        *bsh(out),
+        *ls,
+        order.stride(0),
+        order.stride(1),
+        order.stride(2),
+        counts.stride(0),
+        counts.stride(1),
+        seq_len,
+        nb,
+        hq,
+        scale * _LOG2E,
+        max(4096, triton.next_power_of_2(seq_len)),
     )
     meta = dict(GROUP=hq // hkv, RGROUP=hq // r, PLAN_BS=block_size, HEAD_DIM=d, USE_TMA=use_tma, VARLEN=varlen, WRITE_LSE=with_lse)
     if config is None and not _env_interpret():
@@ -392,8 +450,9 @@ def _split(q, k, v, plan: BlockPlan, scale: float, heads: torch.Tensor, groups: 
             continue
         heads = (kv[:, None] * g + torch.arange(g)).flatten().to(q.device)
         kv = kv.to(q.device)
-        sub = dense_attention(q[bi : bi + 1].index_select(2, heads), k[bi : bi + 1].index_select(2, kv),
-                              v[bi : bi + 1].index_select(2, kv), scale)
+        sub = dense_attention(
+            q[bi : bi + 1].index_select(2, heads), k[bi : bi + 1].index_select(2, kv), v[bi : bi + 1].index_select(2, kv), scale
+        )
         out[bi : bi + 1].index_copy_(2, heads, sub)
     return out
 

@@ -35,8 +35,22 @@ __all__ = ["head_budgets", "head_budgets_varlen", "block_mass", "early_dense_gro
 
 
 @triton.jit
-def _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _budget_tile(
+    q,
+    k_ptrs,
+    stride_kt,
+    n,
+    length,
+    tpos,
+    row_ok,
+    offs_n,
+    dmask,
+    qk_scale,
+    BS: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Logits (log2 units) of a program's query rows (positions tpos, rows with row_ok) against key block n; MASKED
     applies causality and the sequence end (also `estimate_needs`)."""
     kpos = n * BS + offs_n
@@ -64,13 +78,36 @@ def _store_mass(mass_row, n, p, inv_rows, ROWS: tl.constexpr):
 
 @triton.jit
 def _budget_kernel(
-    q_ptr, k_ptr, cu_ptr, mstat_ptr, lstat_ptr, lse_ptr, mass_ptr,
-    seq_len, nb_max, num_q_heads, qk_scale,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    GROUP: tl.constexpr, NCHUNK: tl.constexpr, CB: tl.constexpr, BS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, PASS: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cu_ptr,
+    mstat_ptr,
+    lstat_ptr,
+    lse_ptr,
+    mass_ptr,
+    seq_len,
+    nb_max,
+    num_q_heads,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    GROUP: tl.constexpr,
+    NCHUNK: tl.constexpr,
+    CB: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PASS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -88,8 +125,11 @@ def _budget_kernel(
     tpos = length - n_rows + offs_r
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    q = tl.load(q_base + tpos.to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_base + tpos.to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & dmask[None, :],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     k_ptrs = k_base + hkv * stride_kh + offs_d[None, :] * stride_kd
@@ -136,8 +176,9 @@ def _chunk_blocks(nb: int, programs_per_chunk: int, device) -> int:
     return -(-nb // chunks)
 
 
-def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, scale: float, *, mass=None, cb: int | None = None,
-                 rows: bool = False):
+def _launch_mass(
+    q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, scale: float, *, mass=None, cb: int | None = None, rows: bool = False
+):
     """Attention mass per key block of each head's last query block: float32 `[B, Hq, Nb]` (rows sum to 1 over
     the sequence's blocks; blocks past a packed sequence's end hold 0), or with `rows` that of every row of the
     block, `[B, Hq, block_size, Nb]` (rows past a sequence shorter than one block hold 0)."""
@@ -159,14 +200,25 @@ def _launch_mass(q, k, cu_seqlens, batch: int, seq_len: int, block_size: int, sc
     upcast = interpreting() and q.dtype == torch.bfloat16
     grid = (batch * hq, nchunk)
     num_warps = 8 if block_d >= 128 else 4
-    common = dict(GROUP=hq // hkv, NCHUNK=nchunk, CB=cb, BS=bs, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=varlen,
-                  DOT_PREC=prec, UPCAST=upcast, ROWS=rows, num_warps=num_warps, num_stages=2)
+    common = dict(
+        GROUP=hq // hkv,
+        NCHUNK=nchunk,
+        CB=cb,
+        BS=bs,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        VARLEN=varlen,
+        DOT_PREC=prec,
+        UPCAST=upcast,
+        ROWS=rows,
+        num_warps=num_warps,
+        num_stages=2,
+    )
     cu = cu_seqlens if varlen else mstat
     args = (seq_len, nb, hq, scale * _LOG2E, *sq, *sk)
     _budget_kernel[grid](q, k, cu, mstat, lstat, mstat, mass, *args, PASS=0, **common)
     lse = torch.empty(batch * hq, bs, device=dev, dtype=torch.float32)
-    _combine_lse_kernel[(batch * hq,)](mstat, lstat, lse, NCHUNK=nchunk, CT=min(16, triton.next_power_of_2(nchunk)), BS=bs,
-                                       num_warps=4)
+    _combine_lse_kernel[(batch * hq,)](mstat, lstat, lse, NCHUNK=nchunk, CT=min(16, triton.next_power_of_2(nchunk)), BS=bs, num_warps=4)
     _budget_kernel[grid](q, k, cu, mstat, lstat, lse, mass, *args, PASS=1, **common)
     return mass
 
@@ -193,8 +245,7 @@ def _combine_lse_kernel(mstat_ptr, lstat_ptr, lse_ptr, NCHUNK: tl.constexpr, CT:
 
 
 @triton.jit
-def _early_dense_kernel(mass_ptr, nbseq_ptr, out_ptr, nb_max, num_kv_heads, gamma, permille,
-                        GROUP: tl.constexpr, BLOCK: tl.constexpr):
+def _early_dense_kernel(mass_ptr, nbseq_ptr, out_ptr, nb_max, num_kv_heads, gamma, permille, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     """One program per (sequence b, KV group g): the paper's budget of each of the group's heads from its last-block
     mass `[B, Hq, nb_max]` (sort descending, cumulative sum, the fewest blocks reaching gamma, at most Nb_b), their
     sum against permille / 1000 of GROUP x Nb_b (`reference.early_dense_groups`); writes int8 0/1 to out `[B*Hkv]`."""
@@ -222,8 +273,18 @@ def _early_dense(mass: torch.Tensor, nb_seq: torch.Tensor, num_kv_heads: int, cf
         return reference.early_dense_groups(budgets, num_kv_heads, cfg.dense_density_permille, nb_seq)
     out = torch.empty(b, num_kv_heads, device=mass.device, dtype=torch.int8)
     block = max(16, triton.next_power_of_2(nb))
-    _early_dense_kernel[(b * num_kv_heads,)](mass, nb_seq, out, nb, num_kv_heads, cfg.gamma, cfg.dense_density_permille,
-                                             GROUP=hq // num_kv_heads, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _early_dense_kernel[(b * num_kv_heads,)](
+        mass,
+        nb_seq,
+        out,
+        nb,
+        num_kv_heads,
+        cfg.gamma,
+        cfg.dense_density_permille,
+        GROUP=hq // num_kv_heads,
+        BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
     return out.view(torch.bool)
 
 
@@ -319,8 +380,9 @@ def head_budgets(q, k, cfg: ProxyAttnConfig, scale: float, *, scores=None) -> to
     return _rule_budgets(q, k, None, b, s, cfg, scale, scores, torch.full((b,), nb, device=q.device, dtype=torch.int64))
 
 
-def _rule_budgets(q, k, cu_seqlens, bsz: int, max_seqlen: int, cfg: ProxyAttnConfig, scale: float, scores,
-                  nb_seq: torch.Tensor) -> torch.Tensor:
+def _rule_budgets(
+    q, k, cu_seqlens, bsz: int, max_seqlen: int, cfg: ProxyAttnConfig, scale: float, scores, nb_seq: torch.Tensor
+) -> torch.Tensor:
     """Budgets of the last-block rules (mass, recall, row_recall), int32 `[B, Hq]`; nb_seq int64 `[B]`."""
     rule = cfg.budget_rule
     assert not rule.per_query_block, "block_recall counts per query block: estimate_needs"

@@ -46,14 +46,36 @@ def _fold_block_max(s, lse, row_ok, out_base, offs_qb, stride_om, n, ok_qb, QB: 
 
 @triton.jit
 def _head_max_kernel(
-    q_ptr, k_ptr, cu_ptr, out_ptr,
-    seq_len, nb_max, num_q_heads, qk_scale,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_ob, stride_og, stride_om,
-    QPK: tl.constexpr, HPG: tl.constexpr, STRIDE: tl.constexpr, BS: tl.constexpr, RPB: tl.constexpr,
-    QB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cu_ptr,
+    out_ptr,
+    seq_len,
+    nb_max,
+    num_q_heads,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_ob,
+    stride_og,
+    stride_om,
+    QPK: tl.constexpr,
+    HPG: tl.constexpr,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = QB * RPB
     n_tiles = tl.cdiv(nb_max, QB)
@@ -72,8 +94,11 @@ def _head_max_kernel(
     row_ok = tpos < length
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    q = tl.load(q_base + h * stride_qh + tpos.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_base + h * stride_qh + tpos.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & dmask[None, :],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     k_ptrs = k_base + (h // QPK) * stride_kh + offs_d[None, :] * stride_kd
@@ -118,13 +143,32 @@ def _launch_head_max(q, k, cu_seqlens, batch: int, seq_len: int, cfg: ProxyAttnC
     num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
     grid = (triton.cdiv(nb, qb), batch * hq)
     _head_max_kernel[grid](
-        q, k, cu_seqlens if varlen else q, out,
-        seq_len, nb, hq, scale * _LOG2E,
-        *sq, *sk,
-        out.stride(0), out.stride(1), out.stride(2),
-        QPK=hq // hkv, HPG=hq // g, STRIDE=st, BS=bs, RPB=rpb, QB=qb, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=varlen,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2,
+        q,
+        k,
+        cu_seqlens if varlen else q,
+        out,
+        seq_len,
+        nb,
+        hq,
+        scale * _LOG2E,
+        *sq,
+        *sk,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        QPK=hq // hkv,
+        HPG=hq // g,
+        STRIDE=st,
+        BS=bs,
+        RPB=rpb,
+        QB=qb,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        VARLEN=varlen,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=2,
     )
     return out
 

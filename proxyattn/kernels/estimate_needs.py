@@ -48,8 +48,22 @@ _CUT_CHUNK = 128  # ranking positions per step of the cut kernel
 
 
 @triton.jit
-def _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _row_tile(
+    q,
+    k_ptrs,
+    stride_kt,
+    n,
+    n_full,
+    length,
+    tpos,
+    valid,
+    offs_n,
+    dmask,
+    qk_scale,
+    BS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Logits (log2 units) of the program's rows against key block n (`_budget_tile`): without masks when every
     row sees the whole block (n < n_full), with them on the query blocks' own tiles."""
     if n < n_full:
@@ -61,13 +75,38 @@ def _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmas
 
 @triton.jit
 def _mass_kernel(
-    q_ptr, k_ptr, cu_ptr, skip_ptr, mass_ptr, lse_ptr,
-    seq_len, nb_max, num_kv_heads, m_lo, n_slots, qk_scale,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, QB: tl.constexpr, BS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr,
-    SKIP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cu_ptr,
+    skip_ptr,
+    mass_ptr,
+    lse_ptr,
+    seq_len,
+    nb_max,
+    num_kv_heads,
+    m_lo,
+    n_slots,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    RB: tl.constexpr,
+    QB: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
     pq = tl.program_id(1)  # group of QB query blocks of the chunk
@@ -97,8 +136,11 @@ def _mass_kernel(
     valid = (head < GROUP) & (tpos >= row_m * BS) & (row_m < m_end) & (row_m >= 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    q = tl.load(q_base + tpos.to(tl.int64)[:, None] * stride_qt + (hkv * GROUP + head)[:, None] * stride_qh
-                + offs_d[None, :] * stride_qd, mask=valid[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_base + tpos.to(tl.int64)[:, None] * stride_qt + (hkv * GROUP + head)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=valid[:, None] & dmask[None, :],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     k_ptrs = k_base + hkv * stride_kh + offs_d[None, :] * stride_kd
@@ -128,11 +170,35 @@ def _mass_kernel(
 
 @triton.jit
 def _cut_kernel(
-    mass_ptr, lse_ptr, order_ptr, sink_ptr, diag_ptr, cu_ptr, skip_ptr, need_ptr, counts_ptr,
-    seq_len, nb_max, num_kv_heads, kv_per_rank, m_lo, n_slots, gamma, min_blocks, dense_below,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, RB: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr,
-    VARLEN: tl.constexpr, LAST_ONLY: tl.constexpr, SKIP: tl.constexpr, COUNTS: tl.constexpr,
-    KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr,
+    mass_ptr,
+    lse_ptr,
+    order_ptr,
+    sink_ptr,
+    diag_ptr,
+    cu_ptr,
+    skip_ptr,
+    need_ptr,
+    counts_ptr,
+    seq_len,
+    nb_max,
+    num_kv_heads,
+    kv_per_rank,
+    m_lo,
+    n_slots,
+    gamma,
+    min_blocks,
+    dense_below,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    RB: tl.constexpr,
+    BS: tl.constexpr,
+    CH: tl.constexpr,
+    VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNTS: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
+    KEEP_DIAG: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
     slot = tl.program_id(1)  # query block m_lo + slot (LAST_ONLY: the sequence's last)
@@ -209,9 +275,24 @@ def _cut_kernel(
         tl.store(counts_ptr + need_at, counts, mask=head_ok)
 
 
-def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, *,
-                  last_only: bool, ranks=None, skip=None, counts: bool = False,
-                  qb: int = 8, num_warps: int = 4, num_stages: int = 2):
+def _launch_needs(
+    q,
+    k,
+    cu_seqlens,
+    order,
+    batch: int,
+    seq_len: int,
+    cfg: ProxyAttnConfig,
+    scale: float,
+    *,
+    last_only: bool,
+    ranks=None,
+    skip=None,
+    counts: bool = False,
+    qb: int = 8,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
     plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
     `[B * Hkv]`: groups not measured (they need every block)."""
@@ -246,14 +327,55 @@ def _launch_needs(q, k, cu_seqlens, order, batch: int, seq_len: int, cfg: ProxyA
     for m_lo in range(0, 1 if last_only else nb, slots_per_chunk):
         n_slots = 1 if last_only else min(slots_per_chunk, nb - m_lo)
         _mass_kernel[(batch * hkv, 1 if last_only else triton.cdiv(n_slots, qb))](
-            q, k, cu, skip_t, mass, lse, seq_len, nb, hkv, m_lo, slots_per_chunk, scale * _LOG2E, *sq, *sk,
-            QB=qb, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), DOT_PREC=prec, UPCAST=upcast, **common,
-            num_warps=num_warps, num_stages=num_stages)
+            q,
+            k,
+            cu,
+            skip_t,
+            mass,
+            lse,
+            seq_len,
+            nb,
+            hkv,
+            m_lo,
+            slots_per_chunk,
+            scale * _LOG2E,
+            *sq,
+            *sk,
+            QB=qb,
+            HEAD_DIM=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            DOT_PREC=prec,
+            UPCAST=upcast,
+            **common,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
         _cut_kernel[(batch * hkv, n_slots)](
-            mass, lse, order, sink_rank, diag_rank, cu, skip_t, need, cnt, seq_len, nb, hkv, hkv // r, m_lo,
-            slots_per_chunk, cfg.gamma, cfg.min_budget_blocks, dense_below,
-            CH=_CUT_CHUNK, COUNTS=counts, KEEP_SINK=cfg.keep_sink, KEEP_DIAG=cfg.keep_diagonal, **common,
-            num_warps=4)
+            mass,
+            lse,
+            order,
+            sink_rank,
+            diag_rank,
+            cu,
+            skip_t,
+            need,
+            cnt,
+            seq_len,
+            nb,
+            hkv,
+            hkv // r,
+            m_lo,
+            slots_per_chunk,
+            cfg.gamma,
+            cfg.min_budget_blocks,
+            dense_below,
+            CH=_CUT_CHUNK,
+            COUNTS=counts,
+            KEEP_SINK=cfg.keep_sink,
+            KEEP_DIAG=cfg.keep_diagonal,
+            **common,
+            num_warps=4,
+        )
     return (need, cnt) if counts else need
 
 
@@ -280,8 +402,9 @@ def block_needs(q, k, order, cfg: ProxyAttnConfig, scale: float, *, last_only: b
     return need[..., None] if last_only else need
 
 
-def block_needs_varlen(q, k, cu_seqlens, max_seqlen: int, order, cfg: ProxyAttnConfig, scale: float, *,
-                       last_only: bool = False) -> torch.Tensor:
+def block_needs_varlen(
+    q, k, cu_seqlens, max_seqlen: int, order, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False
+) -> torch.Tensor:
     """`block_needs` of a packed batch: q `[T, Hq, D]`, k `[T, Hkv, D]`, cu_seqlens int32 `[B+1]`, order
     `[B, R, Nb, Nb]` with Nb = ceil(max_seqlen / block_size); query blocks past a sequence's end need 0."""
     bsz = cu_seqlens.shape[0] - 1
@@ -301,8 +424,9 @@ def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConf
         counts = need.clone()
     else:
         skip = None if early is None else early.reshape(-1).to(torch.int32)
-        need, counts = _launch_needs(q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=False,
-                                     ranks=(sink_rank, diag_rank), skip=skip, counts=True)
+        need, counts = _launch_needs(
+            q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=False, ranks=(sink_rank, diag_rank), skip=skip, counts=True
+        )
     budgets = needs_budgets(need, cfg.min_budget_blocks, nb_seq)
     if cu_seqlens is not None:
         full_seq = ((cu_seqlens[1:] - cu_seqlens[:-1]) <= cfg.dense_below_tokens)[:, None]
@@ -323,5 +447,4 @@ def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, early=None) 
 def needs_plan_varlen(q, k, cu_seqlens, max_seqlen: int, scores, cfg: ProxyAttnConfig, scale: float, *, early=None) -> BlockPlan:
     """`needs_plan` of a packed batch (q `[T, Hq, D]`, k `[T, Hkv, D]`); sequences of at most dense_below_tokens
     keep every causal block."""
-    return _plan(q, k, cu_seqlens, scores, cu_seqlens.shape[0] - 1, max_seqlen, cfg, scale,
-                 seq_blocks(cu_seqlens, cfg.block_size), early)
+    return _plan(q, k, cu_seqlens, scores, cu_seqlens.shape[0] - 1, max_seqlen, cfg, scale, seq_blocks(cu_seqlens, cfg.block_size), early)

@@ -27,8 +27,9 @@ MAX_SORT_BLOCKS = 4096
 
 
 @triton.jit
-def _rank_kernel(scores_ptr, order_ptr, rank_ptr, sink_ptr, diag_ptr, nb, KEEP_SINK: tl.constexpr,
-                 KEEP_DIAG: tl.constexpr, BLOCK: tl.constexpr):
+def _rank_kernel(
+    scores_ptr, order_ptr, rank_ptr, sink_ptr, diag_ptr, nb, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)  # (b * R + r) * Nb + m
     m = row % nb
     base = row.to(tl.int64) * nb
@@ -70,8 +71,18 @@ def _launch_rank(scores: torch.Tensor, keep_sink: bool, keep_diagonal: bool):
     sink_rank = torch.empty(b, r, nb, device=scores.device, dtype=torch.int32)
     diag_rank = torch.empty_like(sink_rank)
     block = max(16, triton.next_power_of_2(nb))
-    _rank_kernel[(b * r * nb,)](scores, order, rank, sink_rank, diag_rank, nb, KEEP_SINK=keep_sink,
-                                KEEP_DIAG=keep_diagonal, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _rank_kernel[(b * r * nb,)](
+        scores,
+        order,
+        rank,
+        sink_rank,
+        diag_rank,
+        nb,
+        KEEP_SINK=keep_sink,
+        KEEP_DIAG=keep_diagonal,
+        BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
     return order, rank, sink_rank, diag_rank
 
 

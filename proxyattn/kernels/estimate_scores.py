@@ -63,11 +63,21 @@ def _online_max_sum(m_i, l_i, s):
 
 @triton.jit
 def _pool_heads_kernel(
-    x_ptr, out_ptr, cu_ptr,
+    x_ptr,
+    out_ptr,
+    cu_ptr,
     seq_len,
-    stride_xb, stride_xt, stride_xh, stride_xd,
-    stride_og, stride_or,
-    HPG: tl.constexpr, STEP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    stride_xb,
+    stride_xt,
+    stride_xh,
+    stride_xd,
+    stride_og,
+    stride_or,
+    HPG: tl.constexpr,
+    STEP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -117,12 +127,29 @@ def _store_block_max(s, lse, row_ok, out_base, offs_qb, stride_om, n, qb_ok, row
 
 @triton.jit
 def _proxy_scores_kernel(
-    pq_ptr, pk_ptr, cu_ptr, out_ptr,
-    seq_len, nb_max, num_groups, qk_scale,
-    stride_pqg, stride_pqr, stride_pkg, stride_pkr,
-    stride_ob, stride_og, stride_om,
-    STRIDE: tl.constexpr, BS: tl.constexpr, RPB: tl.constexpr, QB: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, VARLEN: tl.constexpr,
+    pq_ptr,
+    pk_ptr,
+    cu_ptr,
+    out_ptr,
+    seq_len,
+    nb_max,
+    num_groups,
+    qk_scale,
+    stride_pqg,
+    stride_pqr,
+    stride_pkg,
+    stride_pkr,
+    stride_ob,
+    stride_og,
+    stride_om,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = QB * RPB
     n_tiles = tl.cdiv(nb_max, QB)
@@ -140,8 +167,7 @@ def _proxy_scores_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     q_rows = (start // STRIDE + b + m0 * RPB + offs_r).to(tl.int64)
-    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :],
-                mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
     k_base = pk_ptr + g * stride_pkg + (start + b).to(tl.int64) * stride_pkr
     offs_n = tl.arange(0, BS)
     n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
@@ -202,10 +228,22 @@ def _launch_pool(x, cu_seqlens, batch: int, seq_len: int, groups: int, step: int
     block_t = max(1, min(64, 8192 // block_d))
     grid = (triton.cdiv(triton.cdiv(seq_len, step), block_t), batch, groups)
     _pool_heads_kernel[grid](
-        x, out, cu_seqlens if varlen else x,
+        x,
+        out,
+        cu_seqlens if varlen else x,
         seq_len,
-        sxb, sxt, sxh, sxd, out.stride(0), out.stride(1),
-        HPG=heads // groups, STEP=step, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, VARLEN=varlen,
+        sxb,
+        sxt,
+        sxh,
+        sxd,
+        out.stride(0),
+        out.stride(1),
+        HPG=heads // groups,
+        STEP=step,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_T=block_t,
+        VARLEN=varlen,
         num_warps=4,
     )
     return out
@@ -217,8 +255,20 @@ def _tile_blocks(block_size: int, stride: int) -> int:
     return max(1, 64 // rpb)
 
 
-def _launch_scores(q, k, cu_seqlens, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, *,
-                   out=None, num_warps: int | None = None, num_stages: int | None = None, qb: int | None = None):
+def _launch_scores(
+    q,
+    k,
+    cu_seqlens,
+    batch: int,
+    seq_len: int,
+    cfg: ProxyAttnConfig,
+    scale: float,
+    *,
+    out=None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    qb: int | None = None,
+):
     """Scores `[B, G, Nb, Nb]` float32 of q/k in batched (`[B, S, H, D]`) or packed (`[T, H, D]`) layout.
 
     seq_len is S (batched) or max_seqlen (packed); Nb = ceil(seq_len / block_size).
@@ -239,12 +289,31 @@ def _launch_scores(q, k, cu_seqlens, batch: int, seq_len: int, cfg: ProxyAttnCon
         num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
     grid = (triton.cdiv(nb, qb), batch * g)
     _proxy_scores_kernel[grid](
-        pq, pk, cu_seqlens if varlen else pq, out,
-        seq_len, nb, g, scale * _LOG2E,
-        pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        STRIDE=st, BS=bs, RPB=rpb, QB=qb, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_C=64, VARLEN=varlen,
-        num_warps=num_warps, num_stages=num_stages or 2,
+        pq,
+        pk,
+        cu_seqlens if varlen else pq,
+        out,
+        seq_len,
+        nb,
+        g,
+        scale * _LOG2E,
+        pq.stride(0),
+        pq.stride(1),
+        pk.stride(0),
+        pk.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        STRIDE=st,
+        BS=bs,
+        RPB=rpb,
+        QB=qb,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_C=64,
+        VARLEN=varlen,
+        num_warps=num_warps,
+        num_stages=num_stages or 2,
     )
     return out
 

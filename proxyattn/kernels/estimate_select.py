@@ -31,8 +31,7 @@ from .estimate_needs import block_needs as _needs, needs_plan, needs_plan_varlen
 from .estimate_rank import rank_order as _rank_order
 from .fallback import dense_fallback
 
-__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan", "torch_rank_order",
-           "VARLEN_SCORES"]
+__all__ = ["select_blocks", "select_blocks_varlen", "plan_blocks_varlen", "block_needs", "needs_plan", "torch_rank_order", "VARLEN_SCORES"]
 
 _CHUNK_ELEMS = 1 << 22
 
@@ -140,8 +139,9 @@ def block_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, last_only: 
     return out
 
 
-def select_blocks(scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig, *,
-                  needs: torch.Tensor | None = None) -> BlockPlan:
+def select_blocks(
+    scores: torch.Tensor, budget_blocks: torch.Tensor, seq_len: int, cfg: ProxyAttnConfig, *, needs: torch.Tensor | None = None
+) -> BlockPlan:
     """Selection into a `BlockPlan` (equals `proxyattn.plan.compact_plan` as a set of kept blocks, or
     `compact_plan_needs` with `needs`).
 

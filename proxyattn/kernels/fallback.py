@@ -23,8 +23,20 @@ __all__ = ["dense_fallback"]
 
 
 @triton.jit
-def _fallback_kernel(counts_ptr, early_ptr, nbseq_ptr, out_ptr, heads_ptr, nb_max, num_kv_heads, permille,
-                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HAS_EARLY: tl.constexpr, BLOCK: tl.constexpr):
+def _fallback_kernel(
+    counts_ptr,
+    early_ptr,
+    nbseq_ptr,
+    out_ptr,
+    heads_ptr,
+    nb_max,
+    num_kv_heads,
+    permille,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HAS_EARLY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)  # b * Hkv + g: heads pid * GROUP .. pid * GROUP + GROUP - 1, contiguous rows of counts
     nb = tl.load(nbseq_ptr + pid // num_kv_heads).to(tl.int64)
     n = GROUP * nb_max
@@ -56,14 +68,27 @@ def _launch_fallback(counts: torch.Tensor, early, nb_seq: torch.Tensor, num_kv_h
     heads = torch.empty(b, hq, device=counts.device, dtype=torch.int8)
     group = hq // num_kv_heads
     early_t = early.contiguous() if early is not None else heads  # not read without HAS_EARLY
-    _fallback_kernel[(b * num_kv_heads,)](counts, early_t, nb_seq, out, heads, nb, num_kv_heads, permille,
-                                          GROUP=group, GROUP_P2=max(2, triton.next_power_of_2(group)),
-                                          HAS_EARLY=early is not None, BLOCK=1024, num_warps=4)
+    _fallback_kernel[(b * num_kv_heads,)](
+        counts,
+        early_t,
+        nb_seq,
+        out,
+        heads,
+        nb,
+        num_kv_heads,
+        permille,
+        GROUP=group,
+        GROUP_P2=max(2, triton.next_power_of_2(group)),
+        HAS_EARLY=early is not None,
+        BLOCK=1024,
+        num_warps=4,
+    )
     return out, heads.view(torch.bool)
 
 
-def dense_fallback(plan: BlockPlan, num_kv_heads: int, cfg: ProxyAttnConfig, nb_seq: torch.Tensor | None = None,
-                   early: torch.Tensor | None = None) -> BlockPlan:
+def dense_fallback(
+    plan: BlockPlan, num_kv_heads: int, cfg: ProxyAttnConfig, nb_seq: torch.Tensor | None = None, early: torch.Tensor | None = None
+) -> BlockPlan:
     """`plan.dense_fallback` in one launch: the plan with counts `[B, Hq, Nb]` int32 covering every causal block for
     the KV groups that keep at least cfg.dense_density of their causal blocks or are marked in `early` (bool
     `[B, Hkv]`), and `dense_heads` bool `[B, Hq]`. nb_seq: int64 `[B]` blocks of each sequence (default Nb)."""

@@ -20,16 +20,35 @@ BF16, FP16 = 1, 0
 
 
 class Config(C.Structure):
-    _fields_ = [("block_size", C.c_int32), ("stride", C.c_int32), ("proxy_heads", C.c_int32), ("gamma", C.c_float),
-                ("min_budget_tokens", C.c_int32), ("keep_sink", C.c_int32), ("keep_diagonal", C.c_int32),
-                ("dense_below_tokens", C.c_int32), ("budget_fraction", C.c_float), ("budget_rule", C.c_int32),
-                ("recall_rows", C.c_int32), ("dense_density", C.c_float)]
+    _fields_ = [
+        ("block_size", C.c_int32),
+        ("stride", C.c_int32),
+        ("proxy_heads", C.c_int32),
+        ("gamma", C.c_float),
+        ("min_budget_tokens", C.c_int32),
+        ("keep_sink", C.c_int32),
+        ("keep_diagonal", C.c_int32),
+        ("dense_below_tokens", C.c_int32),
+        ("budget_fraction", C.c_float),
+        ("budget_rule", C.c_int32),
+        ("recall_rows", C.c_int32),
+        ("dense_density", C.c_float),
+    ]
 
 
 class Problem(C.Structure):
-    _fields_ = [("dtype", C.c_int), ("batch", C.c_int32), ("seq_len", C.c_int32), ("cu_seqlens", C.c_void_p),
-                ("total_tokens", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
-                ("head_dim", C.c_int32), ("scale", C.c_float), ("layout", C.c_int)]
+    _fields_ = [
+        ("dtype", C.c_int),
+        ("batch", C.c_int32),
+        ("seq_len", C.c_int32),
+        ("cu_seqlens", C.c_void_p),
+        ("total_tokens", C.c_int32),
+        ("num_q_heads", C.c_int32),
+        ("num_kv_heads", C.c_int32),
+        ("head_dim", C.c_int32),
+        ("scale", C.c_float),
+        ("layout", C.c_int),
+    ]
 
 
 def load_lib(build: Path, name: str = "libproxyattn.so"):
@@ -60,8 +79,11 @@ def load_host(build: Path):
 def is_quick_build(build: Path) -> bool:
     """Whether `build` was configured with -DPROXYATTN_QUICK=ON (one kernel variant: bf16, D=128, block 128)."""
     cache = build / "CMakeCache.txt"
-    return cache.exists() and any(line.split("=", 1)[-1].strip().upper() in ("ON", "1", "TRUE", "YES")
-                                  for line in cache.read_text().splitlines() if line.startswith("PROXYATTN_QUICK:"))
+    return cache.exists() and any(
+        line.split("=", 1)[-1].strip().upper() in ("ON", "1", "TRUE", "YES")
+        for line in cache.read_text().splitlines()
+        if line.startswith("PROXYATTN_QUICK:")
+    )
 
 
 def default_config(lib) -> Config:

@@ -71,10 +71,19 @@ def test_library_links_no_cuda_and_exports_only_the_api(build):
     assert "libcuda" not in needed and "libcudart" not in needed
     syms = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True, check=True).stdout
     exported = sorted(line.split()[-1] for line in syms.splitlines() if " T " in line)
-    assert exported == sorted([
-        "proxyattn_config_default", "proxyattn_config_validate", "proxyattn_workspace_size", "proxyattn_prefill",
-        "proxyattn_plan", "proxyattn_is_compiled", "proxyattn_status_name", "proxyattn_last_error", "proxyattn_version",
-    ])
+    assert exported == sorted(
+        [
+            "proxyattn_config_default",
+            "proxyattn_config_validate",
+            "proxyattn_workspace_size",
+            "proxyattn_prefill",
+            "proxyattn_plan",
+            "proxyattn_is_compiled",
+            "proxyattn_status_name",
+            "proxyattn_last_error",
+            "proxyattn_version",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -94,18 +103,31 @@ def test_config_defaults_match_python(lib):
     assert lib.proxyattn_last_error() == b""
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("block_size", 96, b"block_size=96"), ("stride", 3, b"stride=3"), ("stride", 0, b"stride=0"),
-    ("proxy_heads", 0, b"proxy_heads=0"), ("gamma", 0.0, b"gamma=0"), ("gamma", 1.5, b"gamma=1.5"),
-    ("min_budget_tokens", -1, b"min_budget_tokens=-1"), ("keep_sink", 2, b"keep_sink=2"),
-    ("keep_diagonal", -1, b"keep_diagonal=-1"), ("dense_below_tokens", -2, b"dense_below_tokens=-2"),
-    ("budget_fraction", 1.5, b"budget_fraction=1.5"), ("budget_fraction", -0.5, b"budget_fraction=-0.5"),
-    ("budget_rule", 4, b"budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)"),
-    ("budget_rule", -1, b"budget_rule=-1"), ("recall_rows", 3, b"recall_rows=3 must be a power of two dividing block_size=128"),
-    ("recall_rows", 0, b"recall_rows=0"), ("recall_rows", 256, b"recall_rows=256"),
-    ("dense_density", 1.5, b"dense_density=1.5 must be 0 (no dense fallback) or lie in (0, 1]"),
-    ("dense_density", -0.25, b"dense_density=-0.25"), ("dense_density", float("nan"), b"dense_density=nan"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("block_size", 96, b"block_size=96"),
+        ("stride", 3, b"stride=3"),
+        ("stride", 0, b"stride=0"),
+        ("proxy_heads", 0, b"proxy_heads=0"),
+        ("gamma", 0.0, b"gamma=0"),
+        ("gamma", 1.5, b"gamma=1.5"),
+        ("min_budget_tokens", -1, b"min_budget_tokens=-1"),
+        ("keep_sink", 2, b"keep_sink=2"),
+        ("keep_diagonal", -1, b"keep_diagonal=-1"),
+        ("dense_below_tokens", -2, b"dense_below_tokens=-2"),
+        ("budget_fraction", 1.5, b"budget_fraction=1.5"),
+        ("budget_fraction", -0.5, b"budget_fraction=-0.5"),
+        ("budget_rule", 4, b"budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)"),
+        ("budget_rule", -1, b"budget_rule=-1"),
+        ("recall_rows", 3, b"recall_rows=3 must be a power of two dividing block_size=128"),
+        ("recall_rows", 0, b"recall_rows=0"),
+        ("recall_rows", 256, b"recall_rows=256"),
+        ("dense_density", 1.5, b"dense_density=1.5 must be 0 (no dense fallback) or lie in (0, 1]"),
+        ("dense_density", -0.25, b"dense_density=-0.25"),
+        ("dense_density", float("nan"), b"dense_density=nan"),
+    ],
+)
 def test_config_errors_name_the_value(lib, field, value, needle):
     c = default_config(lib)
     setattr(c, field, value)
@@ -141,12 +163,21 @@ def test_block_recall_refuses_more_blocks_than_the_ranking_kernel_sorts(lib):
 
 
 # ----------------------------------------------------------------------------------------------- workspace
-@pytest.mark.parametrize("changes,needle", [
-    (dict(d=96), b"head_dim=96"), (dict(hq=6, hkv=4), b"Hq=6"), (dict(s=0), b"seq_len=0"),
-    (dict(b=0), b"batch=0"), (dict(dtype=7), b"dtype=7"), (dict(s=8192 * 128 + 1), b"blocks"),
-    (dict(cu=16, total=-1), b"total_tokens=-1"), (dict(cu=16, b=2, s=100, total=201), b"total_tokens=201"),
-    (dict(layout=2), b"layout=2"), (dict(layout=1, cu=16, total=10), b"BHSD needs the padded batch"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        (dict(d=96), b"head_dim=96"),
+        (dict(hq=6, hkv=4), b"Hq=6"),
+        (dict(s=0), b"seq_len=0"),
+        (dict(b=0), b"batch=0"),
+        (dict(dtype=7), b"dtype=7"),
+        (dict(s=8192 * 128 + 1), b"blocks"),
+        (dict(cu=16, total=-1), b"total_tokens=-1"),
+        (dict(cu=16, b=2, s=100, total=201), b"total_tokens=201"),
+        (dict(layout=2), b"layout=2"),
+        (dict(layout=1, cu=16, total=10), b"BHSD needs the padded batch"),
+    ],
+)
 def test_workspace_size_rejects_bad_problems(lib, changes, needle):
     n = C.c_size_t(0)
     cfg = default_config(lib)

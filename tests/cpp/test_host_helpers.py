@@ -26,9 +26,23 @@ def _host_select(host, scores, budgets, cfg: ProxyAttnConfig, seq_len, cu=None, 
     sc = np.ascontiguousarray(scores, dtype=np.float32)
     bu = np.ascontiguousarray(budgets, dtype=np.int32)
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
-    host.pa_host_select(C.c_void_p(ptr(sc)), C.c_void_p(ptr(bu)), C.c_void_p(ptr(order)), C.c_void_p(ptr(counts)),
-                        None if cu_arr is None else C.c_void_p(ptr(cu_arr)), b, r, seq_len, cfg.block_size, nb, hq,
-                        cfg.min_budget_blocks, int(cfg.keep_sink), int(cfg.keep_diagonal), dense_below)
+    host.pa_host_select(
+        C.c_void_p(ptr(sc)),
+        C.c_void_p(ptr(bu)),
+        C.c_void_p(ptr(order)),
+        C.c_void_p(ptr(counts)),
+        None if cu_arr is None else C.c_void_p(ptr(cu_arr)),
+        b,
+        r,
+        seq_len,
+        cfg.block_size,
+        nb,
+        hq,
+        cfg.min_budget_blocks,
+        int(cfg.keep_sink),
+        int(cfg.keep_diagonal),
+        dense_below,
+    )
     return order, counts
 
 
@@ -39,14 +53,20 @@ def _random_scores(b, r, nb, gen, ties: bool):
     return s.masked_fill(~torch.ones(nb, nb, dtype=torch.bool).tril(), float("-inf"))
 
 
-@pytest.mark.parametrize("nb,r,hq,sink,diag,min_tokens,ties", [
-    (1, 1, 4, True, True, 0, False), (7, 1, 4, True, True, 128, True), (13, 2, 8, True, False, 0, True),
-    (13, 2, 8, False, True, 256, False), (9, 4, 4, False, False, 0, True), (33, 1, 7, True, True, 512, True),
-])
+@pytest.mark.parametrize(
+    "nb,r,hq,sink,diag,min_tokens,ties",
+    [
+        (1, 1, 4, True, True, 0, False),
+        (7, 1, 4, True, True, 128, True),
+        (13, 2, 8, True, False, 0, True),
+        (13, 2, 8, False, True, 256, False),
+        (9, 4, 4, False, False, 0, True),
+        (33, 1, 7, True, True, 512, True),
+    ],
+)
 def test_select_equals_compact_plan(host, nb, r, hq, sink, diag, min_tokens, ties):
     gen = torch.Generator().manual_seed(nb * 31 + r)
-    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=min_tokens, keep_sink=sink, keep_diagonal=diag,
-                          dense_below_tokens=0)
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=min_tokens, keep_sink=sink, keep_diagonal=diag, dense_below_tokens=0)
     seq_len = nb * 64 - 5  # last block partial
     b = 2
     scores = _random_scores(b, r, nb, gen, ties)
@@ -81,8 +101,7 @@ def test_select_varlen_plans_each_sequence_alone(host):
         assert (counts[i, :, nb:] == -7).all() and (order[i, :, nb:] == -7).all()  # rows past the end untouched
 
 
-def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None, dense_below=-1, scores=None, rule=0,
-                  sink=True, diag=True):
+def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None, dense_below=-1, scores=None, rule=0, sink=True, diag=True):
     """pa_budgets on the CPU; rules 1 ("recall") and 2 ("row_recall") read `scores` [B, R, Nb, Nb]; rule 2 reads
     the mass of every row, `[B, Hq, block_size, Nb]`."""
     if rule == 2:
@@ -95,9 +114,25 @@ def _host_budgets(host, mass, seq_len, block_size, gamma, fraction=0.0, cu=None,
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
     sc = None if scores is None else np.ascontiguousarray(scores, dtype=np.float32)
     assert sc is None or sc.shape[0] == b and sc.shape[2:] == (nb, nb) and hq % sc.shape[1] == 0
-    host.pa_host_budgets(ptr(m), ptr(out), None if cu_arr is None else ptr(cu_arr), b, hq, seq_len, block_size, nb,
-                         1, gamma, fraction, dense_below, None if sc is None else ptr(sc),
-                         1 if sc is None else sc.shape[1], rule, int(sink), int(diag))
+    host.pa_host_budgets(
+        ptr(m),
+        ptr(out),
+        None if cu_arr is None else ptr(cu_arr),
+        b,
+        hq,
+        seq_len,
+        block_size,
+        nb,
+        1,
+        gamma,
+        fraction,
+        dense_below,
+        None if sc is None else ptr(sc),
+        1 if sc is None else sc.shape[1],
+        rule,
+        int(sink),
+        int(diag),
+    )
     return out
 
 
@@ -173,11 +208,19 @@ def _reference_recall(q, k, scores, cfg: ProxyAttnConfig, scale):
     return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, last_order=order)
 
 
-@pytest.mark.parametrize("nb,r,hq,hkv,sink,diag,ties,gamma", [
-    (1, 1, 4, 2, True, True, False, 0.9), (2, 1, 4, 2, True, True, True, 0.5), (9, 1, 4, 2, True, True, False, 0.95),
-    (13, 2, 8, 2, True, False, True, 0.9), (13, 2, 8, 4, False, True, False, 0.8), (11, 4, 4, 4, False, False, True, 0.7),
-    (24, 1, 7, 7, True, True, True, 0.999), (17, 2, 6, 2, True, True, False, 0.3),
-])
+@pytest.mark.parametrize(
+    "nb,r,hq,hkv,sink,diag,ties,gamma",
+    [
+        (1, 1, 4, 2, True, True, False, 0.9),
+        (2, 1, 4, 2, True, True, True, 0.5),
+        (9, 1, 4, 2, True, True, False, 0.95),
+        (13, 2, 8, 2, True, False, True, 0.9),
+        (13, 2, 8, 4, False, True, False, 0.8),
+        (11, 4, 4, 4, False, False, True, 0.7),
+        (24, 1, 7, 7, True, True, True, 0.999),
+        (17, 2, 6, 2, True, True, False, 0.3),
+    ],
+)
 def test_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag, ties, gamma):
     """budget_rule 1 of pa_budgets == reference.head_budgets(last_order=last_row_order(scores)) and the GPU path's
     torch ops (estimate_budgets._recall_budgets), on the reference's scores and on tie-heavy random scores."""
@@ -186,16 +229,16 @@ def test_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag, ti
     gen = torch.Generator().manual_seed(nb * 131 + r * 7 + hq)
     bs, b = 64, 2
     s = nb * bs - 5 if nb > 1 else 40  # last block partial
-    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
-                          budget_rule=1, dense_below_tokens=0)
+    cfg = ProxyAttnConfig(
+        block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r, budget_rule=1, dense_below_tokens=0
+    )
     q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
     score_sets = [scores]
     if ties:
         score_sets.append(_random_scores(b, r, nb, gen, ties=True))  # forced and free blocks tied with others
     for sc in score_sets:
         want = _reference_recall(q, k, sc, cfg, scale)
-        got = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=sc.numpy(), rule=1, sink=sink, diag=diag,
-                            dense_below=0)
+        got = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=sc.numpy(), rule=1, sink=sink, diag=diag, dense_below=0)
         np.testing.assert_array_equal(got, want.numpy())
         torch_ops = _recall_budgets(mass, sc, cfg, torch.full((b,), nb, dtype=torch.int64))
         np.testing.assert_array_equal(got, torch_ops.numpy())
@@ -220,8 +263,7 @@ def test_recall_budgets_differ_from_the_mass_rule(host):
     # ranking: 7 (diagonal, 0.3) and 0 (sink, 0.1) first, then 1, 2, 3, 4, 5, 6
     assert got.tolist() == [[3, 8]]
     assert _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, dense_below=0).tolist() == [[2, 2]]
-    got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, sink=False, diag=False,
-                        dense_below=0)
+    got = _host_budgets(host, mass.numpy(), nb * 64, 64, 0.9, scores=scores.numpy(), rule=1, sink=False, diag=False, dense_below=0)
     assert got.tolist() == [[2, 7]]  # ranking 1, 2, 3, 4, 5, 6, 7, 0
     # Sink and diagonal tied: the lower index (the sink) ranks first, so the diagonal's mass counts second.
     scores[0, 0, nb - 1, nb - 1] = scores[0, 0, nb - 1, 0]
@@ -237,14 +279,20 @@ def _reference_row_recall(q, k, scores, cfg: ProxyAttnConfig, scale):
     from proxyattn import reference
 
     order = reference.last_row_order(scores, keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal)
-    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, last_order=order,
-                                  per_row=True)
+    return reference.head_budgets(q, k, block_size=cfg.block_size, gamma=cfg.gamma, scale=scale, last_order=order, per_row=True)
 
 
-@pytest.mark.parametrize("nb,r,hq,hkv,sink,diag,ties,gamma", [
-    (1, 1, 4, 2, True, True, False, 0.9), (2, 1, 4, 2, True, True, True, 0.5), (9, 1, 4, 2, True, True, False, 0.95),
-    (13, 2, 8, 2, True, False, True, 0.9), (11, 4, 4, 4, False, False, True, 0.7), (24, 1, 7, 7, True, True, True, 0.999),
-])
+@pytest.mark.parametrize(
+    "nb,r,hq,hkv,sink,diag,ties,gamma",
+    [
+        (1, 1, 4, 2, True, True, False, 0.9),
+        (2, 1, 4, 2, True, True, True, 0.5),
+        (9, 1, 4, 2, True, True, False, 0.95),
+        (13, 2, 8, 2, True, False, True, 0.9),
+        (11, 4, 4, 4, False, False, True, 0.7),
+        (24, 1, 7, 7, True, True, True, 0.999),
+    ],
+)
 def test_row_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag, ties, gamma):
     """budget_rule 2 of pa_budgets (mass of every row of the last query block) == reference.head_budgets(per_row=True)
     and the GPU path's torch ops (estimate_budgets._recall_budgets on [B, Hq, rows, Nb]); never below rule 1."""
@@ -254,8 +302,9 @@ def test_row_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag
     gen = torch.Generator().manual_seed(nb * 17 + r * 3 + hq)
     bs, b = 64, 2
     s = nb * bs - 5 if nb > 1 else 40  # last block partial; nb = 1: fewer rows than the block, the rest hold no mass
-    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
-                          budget_rule=2, dense_below_tokens=0)
+    cfg = ProxyAttnConfig(
+        block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r, budget_rule=2, dense_below_tokens=0
+    )
     q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
     rows = torch.zeros(b, hq, bs, nb)
     ref_rows = reference.last_block_row_mass(q, k, block_size=bs, scale=scale)  # [B, Hq, min(S, bs), Nb]
@@ -263,12 +312,10 @@ def test_row_recall_budgets_equal_the_reference(host, nb, r, hq, hkv, sink, diag
     score_sets = [scores] + ([_random_scores(b, r, nb, gen, ties=True)] if ties else [])
     for sc in score_sets:
         want = _reference_row_recall(q, k, sc, cfg, scale)
-        got = _host_budgets(host, rows.numpy(), s, bs, gamma, scores=sc.numpy(), rule=2, sink=sink, diag=diag,
-                            dense_below=0)
+        got = _host_budgets(host, rows.numpy(), s, bs, gamma, scores=sc.numpy(), rule=2, sink=sink, diag=diag, dense_below=0)
         np.testing.assert_array_equal(got, want.numpy())
         np.testing.assert_array_equal(got, _recall_budgets(rows, sc, cfg, torch.full((b,), nb, dtype=torch.int64)).numpy())
-        rule1 = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=sc.numpy(), rule=1, sink=sink, diag=diag,
-                              dense_below=0)
+        rule1 = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=sc.numpy(), rule=1, sink=sink, diag=diag, dense_below=0)
         assert (got >= rule1).all()
 
 
@@ -315,16 +362,20 @@ def test_row_recall_budgets_of_packed_sequences(host):
         rows[i, :, :, :nb] = 0.0
         rows[i, :, : rm.shape[2], :nb] = rm[0]
         want.append([nb] * hq if n <= dense_below else _reference_row_recall(q, k, sc, cfg, scale)[0].tolist())
-    got = _host_budgets(host, rows.numpy(), max_len, bs, gamma, cu=cu, dense_below=dense_below, scores=scores.numpy(),
-                        rule=2)
+    got = _host_budgets(host, rows.numpy(), max_len, bs, gamma, cu=cu, dense_below=dense_below, scores=scores.numpy(), rule=2)
     assert got.tolist() == want
     assert want[2] != [math.ceil(290 / bs)] * hq  # the sparse short sequence drops blocks
 
 
-@pytest.mark.parametrize("r,hq,hkv,sink,diag,gamma,min_tokens", [
-    (1, 4, 2, True, True, 0.9, 128), (2, 8, 4, True, False, 0.95, 0), (2, 4, 2, False, True, 0.6, 256),
-    (1, 4, 4, False, False, 0.8, 0),
-])
+@pytest.mark.parametrize(
+    "r,hq,hkv,sink,diag,gamma,min_tokens",
+    [
+        (1, 4, 2, True, True, 0.9, 128),
+        (2, 8, 4, True, False, 0.95, 0),
+        (2, 4, 2, False, True, 0.6, 256),
+        (1, 4, 4, False, False, 0.8, 0),
+    ],
+)
 def test_recall_plan_equals_plan_blocks(host, r, hq, hkv, sink, diag, gamma, min_tokens):
     """The C helpers' plan with budget_rule 1 (pa_budgets then pa_select) == api.plan_blocks on the CPU."""
     from proxyattn import api
@@ -332,14 +383,21 @@ def test_recall_plan_equals_plan_blocks(host, r, hq, hkv, sink, diag, gamma, min
     gen = torch.Generator().manual_seed(hq * 10 + r)
     bs, b, nb = 64, 2, 15
     s = nb * bs - 17
-    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, keep_sink=sink, keep_diagonal=diag, proxy_heads=r,
-                          min_budget_tokens=min_tokens, budget_rule=1, dense_below_tokens=0,
-                          dense_density=None)  # the C library implements no dense fallback
+    cfg = ProxyAttnConfig(
+        block_size=bs,
+        gamma=gamma,
+        keep_sink=sink,
+        keep_diagonal=diag,
+        proxy_heads=r,
+        min_budget_tokens=min_tokens,
+        budget_rule=1,
+        dense_below_tokens=0,
+        dense_density=None,
+    )  # the C library implements no dense fallback
     q, k, scale, scores, mass = _recall_inputs(b, s, hq, hkv, r, bs, gen)
     want = api.plan_blocks(q, k, cfg, scale=scale)
     assert want.dense_heads is None or not want.dense_heads.any()
-    budgets = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=scores.numpy(), rule=1, sink=sink, diag=diag,
-                            dense_below=0)
+    budgets = _host_budgets(host, mass.numpy(), s, bs, gamma, scores=scores.numpy(), rule=1, sink=sink, diag=diag, dense_below=0)
     np.testing.assert_array_equal(budgets, api.head_budgets(q, k, cfg, scale=scale, scores=scores).numpy())
     order, counts = _host_select(host, scores.numpy(), budgets, cfg, s, dense_below=0)
     np.testing.assert_array_equal(counts, want.counts.numpy())
@@ -364,8 +422,9 @@ def test_recall_budgets_and_plans_of_packed_sequences(host, dense_below):
     max_len = max(lengths)
     nb_max = math.ceil(max_len / bs)
     b = len(lengths)
-    cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, proxy_heads=r, min_budget_tokens=128, budget_rule=1,
-                          dense_below_tokens=dense_below, dense_density=None)  # the C library: no dense fallback
+    cfg = ProxyAttnConfig(
+        block_size=bs, gamma=gamma, proxy_heads=r, min_budget_tokens=128, budget_rule=1, dense_below_tokens=dense_below, dense_density=None
+    )  # the C library: no dense fallback
     scores = torch.rand(b, r, nb_max, nb_max, generator=gen) + 5.0  # garbage beyond each sequence: never read
     mass = torch.full((b, hq, nb_max), 0.75)
     per_seq = []
@@ -375,8 +434,7 @@ def test_recall_budgets_and_plans_of_packed_sequences(host, dense_below):
         scores[i, :, :nb, :nb] = sc[0]
         mass[i, :, :nb] = m[0]
         per_seq.append((q, k, scale, sc, nb))
-    got = _host_budgets(host, mass.numpy(), max_len, bs, gamma, cu=cu, dense_below=dense_below,
-                        scores=scores.numpy(), rule=1)
+    got = _host_budgets(host, mass.numpy(), max_len, bs, gamma, cu=cu, dense_below=dense_below, scores=scores.numpy(), rule=1)
     budgets_packed = np.full((b, hq), -7, dtype=np.int32)
     for i, (q, k, scale, sc, nb) in enumerate(per_seq):
         if lengths[i] <= dense_below:
@@ -425,8 +483,9 @@ def _host_early(host, budgets0, num_kv_heads, seq_len, block_size, permille, cu=
     flags = np.full(b * num_kv_heads, -7, np.int32)
     bu = np.ascontiguousarray(budgets0, dtype=np.int32)
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
-    host.pa_host_early_dense(ptr(bu), ptr(flags), None if cu_arr is None else ptr(cu_arr), b, seq_len, block_size, hq,
-                             num_kv_heads, permille)
+    host.pa_host_early_dense(
+        ptr(bu), ptr(flags), None if cu_arr is None else ptr(cu_arr), b, seq_len, block_size, hq, num_kv_heads, permille
+    )
     return flags.reshape(b, num_kv_heads)
 
 
@@ -435,8 +494,9 @@ def _host_needs_budgets(host, need, seq_len, block_size, min_blocks, dense_below
     out = np.full((b, hq), -7, np.int32)
     nd = np.ascontiguousarray(need, dtype=np.int32)
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
-    host.pa_host_needs_budgets(ptr(nd), ptr(out), None if cu_arr is None else ptr(cu_arr), b, seq_len, block_size, nb,
-                               hq, min_blocks, dense_below, full)
+    host.pa_host_needs_budgets(
+        ptr(nd), ptr(out), None if cu_arr is None else ptr(cu_arr), b, seq_len, block_size, nb, hq, min_blocks, dense_below, full
+    )
     return out
 
 
@@ -446,8 +506,18 @@ def _host_dense_fallback(host, counts, early, num_kv_heads, seq_len, block_size,
     out = np.ascontiguousarray(counts, dtype=np.int32).copy()
     ea = None if early is None else np.ascontiguousarray(early, dtype=np.int32)
     cu_arr = None if cu is None else np.ascontiguousarray(cu, dtype=np.int32)
-    host.pa_host_dense_fallback(ptr(out), None if ea is None else ptr(ea), None if cu_arr is None else ptr(cu_arr), b,
-                                num_kv_heads, seq_len, block_size, nb, hq, permille)
+    host.pa_host_dense_fallback(
+        ptr(out),
+        None if ea is None else ptr(ea),
+        None if cu_arr is None else ptr(cu_arr),
+        b,
+        num_kv_heads,
+        seq_len,
+        block_size,
+        nb,
+        hq,
+        permille,
+    )
     return out
 
 
@@ -516,8 +586,7 @@ def test_dense_fallback_equals_the_reference(host, permille, with_early):
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     nb_seq = torch.tensor([math.ceil(n / 64) for n in lengths])
     packed = torch.where(m1 <= nb_seq[:, None, None], counts, torch.full_like(counts, -7))
-    got = _host_dense_fallback(host, packed.numpy(), None if early is None else early.numpy(), hkv, 640, 64, permille,
-                               cu=cu)
+    got = _host_dense_fallback(host, packed.numpy(), None if early is None else early.numpy(), hkv, 640, 64, permille, cu=cu)
     zeroed = torch.where(m1 <= nb_seq[:, None, None], counts, 0)  # the Python path's padding: 0
     if permille:
         want = dense_fallback(dataclasses.replace(plan, counts=zeroed), hkv, cfg, nb_seq, early=early).counts

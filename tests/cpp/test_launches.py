@@ -20,9 +20,14 @@ from proxyattn import ProxyAttnConfig
 from tests.helpers import ROOT
 
 Q, K, V, O, WS, CU = 0x10000000, 0x20000000, 0x30000000, 0x40000000, 0x50000000, 0x60000000
-HELPER_SIZES = {"pa_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 8, 4, 8, 4, 4, 4, 4], "pa_select": [8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
-                "pa_combine_lse": [8, 8, 8, 4, 4, 4], "pa_early_dense": [8, 8, 8, 4, 4, 4, 4, 4, 4],
-                "pa_needs_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4], "pa_dense_fallback": [8, 8, 8, 4, 4, 4, 4, 4]}
+HELPER_SIZES = {
+    "pa_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 8, 4, 8, 4, 4, 4, 4],
+    "pa_select": [8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
+    "pa_combine_lse": [8, 8, 8, 4, 4, 4],
+    "pa_early_dense": [8, 8, 8, 4, 4, 4, 4, 4, 4],
+    "pa_needs_budgets": [8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
+    "pa_dense_fallback": [8, 8, 8, 4, 4, 4, 4, 4],
+}
 
 _C_SIDE = r"""
 import ctypes as C, json
@@ -63,8 +68,7 @@ print(json.dumps(dict(ws=n.value, launches=out)))
 def _c_run(build, case) -> dict:
     """libproxyattn's prefill of `case` on the recording libcuda stand-in, in a subprocess (the stand-in is loaded
     in place of libcuda.so.1): {"ws": workspace bytes, "launches": [{entry, grid, block, shared, params}, ...]}."""
-    code = _C_SIDE.format(build=str(build), case=json.dumps(case), helper_sizes=json.dumps(HELPER_SIZES), Q=Q, K=K, V=V,
-                          O=O, WS=WS)
+    code = _C_SIDE.format(build=str(build), case=json.dumps(case), helper_sizes=json.dumps(HELPER_SIZES), Q=Q, K=K, V=V, O=O, WS=WS)
     env = dict(os.environ, PROXYATTN_LIBCUDA=str(build / "libproxyattn_fakecuda.so"))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -129,8 +133,20 @@ def _python_launches(case, monkeypatch):
         ES.proxy_scores_varlen(q, k, cu, s, cfg, scale)
     order = torch.zeros(b, cfg.proxy_heads, nb, nb, dtype=torch.int32)
     counts = torch.zeros(b, hq, nb, dtype=torch.int32)
-    out, _ = A._launch_sparse(q, k, v, order, counts, cu, s, cfg.block_size, scale, with_lse=True, use_tma=False,
-                              config={"BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
+    out, _ = A._launch_sparse(
+        q,
+        k,
+        v,
+        order,
+        counts,
+        cu,
+        s,
+        cfg.block_size,
+        scale,
+        with_lse=True,
+        use_tma=False,
+        config={"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    )
     tensors[id(out)] = O
     return [c for c in calls if c[0] != "_combine_lse_kernel"], tensors
 
@@ -143,8 +159,7 @@ _RULE2_C = {"dense_below_tokens": SPARSE_BELOW, "budget_rule": 2, "dense_density
 LAUNCH_CASES = {
     "padded": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128), "config": _RULE2_C},
     "bhsd": {"problem": dict(b=2, s=9000, hq=8, hkv=2, d=128, layout=1), "config": _RULE2_C},
-    "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300],
-               "config": _RULE2_C},
+    "varlen": {"problem": dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300), "lengths": [1000, 9000, 300], "config": _RULE2_C},
 }
 
 
@@ -223,28 +238,45 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     # budget_fraction: scores but no attention-mass kernels; the fraction reaches the budgets kernel as a double.
     # The dense fallback (default 0.9) has no early decision with a fixed fraction (api.early_dense_groups gives
     # None), only the late one on the plan: pa_dense_fallback with no early flags (NULL) and permille 900.
-    frac = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128),
-                               "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW}})
-    assert [l["entry"] for l in frac] == ["_pool_heads_kernel", "_pool_heads_kernel", "_proxy_scores_kernel",
-                                          "pa_budgets", "pa_select", "pa_dense_fallback", "_sparse_attn_fwd_kernel"]
+    frac = _c_launches(
+        build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128), "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW}}
+    )
+    assert [l["entry"] for l in frac] == [
+        "_pool_heads_kernel",
+        "_pool_heads_kernel",
+        "_proxy_scores_kernel",
+        "pa_budgets",
+        "pa_select",
+        "pa_dense_fallback",
+        "_sparse_attn_fwd_kernel",
+    ]
     assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
     fb = frac[5]
     assert fb["grid"] == [2, 1, 1] and fb["params"][0] == frac[4]["params"][3] == frac[6]["params"][6]  # counts
     assert fb["params"][1:] == [0, 0, 9000, 128, math.ceil(9000 / 128), 8, 900]
-    off = _c_launches(build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128),
-                              "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}})
+    off = _c_launches(
+        build,
+        {
+            "problem": dict(b=1, s=9000, hq=8, hkv=2, d=128),
+            "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0},
+        },
+    )
     assert "pa_dense_fallback" not in [l["entry"] for l in off]
 
 
-@pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128),
-                                     dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
+@pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128), dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
 def test_launches_of_the_recall_budget_rule(build, problem):
     # budget_rule 1: the same kernels and buffers as rule 0; pa_budgets reads the proxy scores the scores kernel
     # wrote, with G rankings.
     cfg = {"budget_rule": 1, "proxy_heads": 2, "keep_sink": 0, "dense_density": 0.0}
     got = _c_launches(build, {"problem": problem, "config": {**cfg, "dense_below_tokens": SPARSE_BELOW}})
-    base = _c_launches(build, {"problem": problem, "config": {"proxy_heads": 2, "keep_sink": 0, "budget_rule": 0,
-                                                                 "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}})
+    base = _c_launches(
+        build,
+        {
+            "problem": problem,
+            "config": {"proxy_heads": 2, "keep_sink": 0, "budget_rule": 0, "dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0},
+        },
+    )
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
     scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
@@ -256,8 +288,7 @@ def test_launches_of_the_recall_budget_rule(build, problem):
     assert dense[0]["entry"] == "pa_budgets" and dense[0]["params"][10:] == [0, 2, 1, 0, 1]
 
 
-@pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128),
-                                     dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
+@pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128), dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
 def test_launches_of_the_row_recall_budget_rule(build, problem):
     # budget_rule 2: the same kernels (pass 1 compiled with ROWS), a per-row mass buffer block_size times larger,
     # pa_budgets with room for the rows' needs in shared memory and the scores of G rankings.
@@ -285,8 +316,9 @@ def test_launches_of_the_row_recall_budget_rule(build, problem):
 def test_unset_dense_below_tokens_resolves_as_in_python(build, min_budget_tokens):
     want = ProxyAttnConfig(min_budget_tokens=min_budget_tokens).dense_below_tokens
     s = want + 1  # just above the crossover: the sparse path
-    got = _c_launches(build, {"problem": dict(b=1, s=s, hq=8, hkv=2, d=128),
-                              "config": {"min_budget_tokens": min_budget_tokens, "dense_below_tokens": -1}})
+    got = _c_launches(
+        build, {"problem": dict(b=1, s=s, hq=8, hkv=2, d=128), "config": {"min_budget_tokens": min_budget_tokens, "dense_below_tokens": -1}}
+    )
     nbud = [l for l in got if l["entry"] == "pa_needs_budgets"][0]  # the default budget rule 3
     assert nbud["params"][9] == want
     assert "_pool_heads_kernel" in [l["entry"] for l in got]  # not the dense path
@@ -301,8 +333,17 @@ RULE3_CASES = {
     # holds 216 query blocks under 128 MiB, so the needs kernels run in two chunks (216 + 84 query blocks).
     "chunked": {"problem": dict(b=2, s=38400, hq=64, hkv=8, d=128)},
 }
-_PY_RULE3_KERNELS = ("_pool_heads_kernel", "_proxy_scores_kernel", "_budget_kernel", "_combine_lse_kernel",
-                     "_early_dense_kernel", "_rank_kernel", "_mass_kernel", "_cut_kernel", "_sparse_attn_fwd_kernel")
+_PY_RULE3_KERNELS = (
+    "_pool_heads_kernel",
+    "_proxy_scores_kernel",
+    "_budget_kernel",
+    "_combine_lse_kernel",
+    "_early_dense_kernel",
+    "_rank_kernel",
+    "_mass_kernel",
+    "_cut_kernel",
+    "_sparse_attn_fwd_kernel",
+)
 
 
 def _rule3_config(case) -> ProxyAttnConfig:
@@ -320,9 +361,17 @@ def _python_rule3_launches(case, monkeypatch):
     from proxyattn.kernels import estimate_rank as ER
     from proxyattn.kernels import estimate_scores as ES
 
-    mods = {"_pool_heads_kernel": ES, "_proxy_scores_kernel": ES, "_budget_kernel": EB, "_combine_lse_kernel": EB,
-            "_early_dense_kernel": EB, "_rank_kernel": ER, "_mass_kernel": EN, "_cut_kernel": EN,
-            "_sparse_attn_fwd_kernel": A}
+    mods = {
+        "_pool_heads_kernel": ES,
+        "_proxy_scores_kernel": ES,
+        "_budget_kernel": EB,
+        "_combine_lse_kernel": EB,
+        "_early_dense_kernel": EB,
+        "_rank_kernel": ER,
+        "_mass_kernel": EN,
+        "_cut_kernel": EN,
+        "_sparse_attn_fwd_kernel": A,
+    }
     calls = []
     for name in _PY_RULE3_KERNELS:
         monkeypatch.setattr(mods[name], name, _Recorder(getattr(mods[name], name), calls, name))
@@ -352,9 +401,20 @@ def _python_rule3_launches(case, monkeypatch):
         scores = ES.proxy_scores(q, k, cfg, scale)
         plan = EN.needs_plan(q, k, scores, cfg, scale, early=early)
     tensors.update({id(q): Q, id(k): K, id(v): V})
-    out, _ = A._launch_sparse(q, k, v, plan.order, plan.counts, cu, s, cfg.block_size, scale, with_lse=True,
-                              use_tma=False, config={"BLOCK_N": 64, "num_warps": 8 if cfg.block_size == 128 else 4,
-                                                     "num_stages": 2 if d == 256 else 3})
+    out, _ = A._launch_sparse(
+        q,
+        k,
+        v,
+        plan.order,
+        plan.counts,
+        cu,
+        s,
+        cfg.block_size,
+        scale,
+        with_lse=True,
+        use_tma=False,
+        config={"BLOCK_N": 64, "num_warps": 8 if cfg.block_size == 128 else 4, "num_stages": 2 if d == 256 else 3},
+    )
     tensors[id(out)] = O
     return calls, tensors
 
@@ -428,8 +488,7 @@ def test_block_recall_and_dense_fallback_launches_equal_the_python_launchers(bui
     assert not any(lo < v < hi for v in others)
     # The CUDA C helpers, in order, on the right buffers.
     helpers = [l for l in c_all if l["entry"].startswith(("pa_", "cuMemset"))]
-    assert [l["entry"] for l in helpers] == ["pa_combine_lse", "pa_budgets", "pa_early_dense", "pa_needs_budgets",
-                                             "pa_dense_fallback"]
+    assert [l["entry"] for l in helpers] == ["pa_combine_lse", "pa_budgets", "pa_early_dense", "pa_needs_budgets", "pa_dense_fallback"]
     comb, bud0, early, nbud, fb = helpers
     pass0, pass1 = [c for c in c_triton if c["entry"] == "_budget_kernel"]
     rank = [c for c in c_triton if c["entry"] == "_rank_kernel"][0]
@@ -459,16 +518,31 @@ def test_block_recall_without_the_fallback_and_with_gamma_one(build):
     # SKIP on), no pa_dense_fallback.
     prob = dict(b=2, s=9000, hq=8, hkv=2, d=128)
     off = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "dense_density": 0.0}})
-    assert [l["entry"] for l in off] == ["cuMemsetD32Async", "_pool_heads_kernel", "_pool_heads_kernel",
-                                         "_proxy_scores_kernel", "_rank_kernel", "_mass_kernel", "_cut_kernel",
-                                         "pa_needs_budgets", "_sparse_attn_fwd_kernel"]
+    assert [l["entry"] for l in off] == [
+        "cuMemsetD32Async",
+        "_pool_heads_kernel",
+        "_pool_heads_kernel",
+        "_proxy_scores_kernel",
+        "_rank_kernel",
+        "_mass_kernel",
+        "_cut_kernel",
+        "pa_needs_budgets",
+        "_sparse_attn_fwd_kernel",
+    ]
     assert off[0]["params"][1:] == [0, 2 * 2] and off[0]["params"][0] == off[5]["params"][3] == off[6]["params"][6]
     # gamma 1: every block, as the Python path's full needs: no needs kernels, the flags set to 1 make every group
     # keep every causal block (pa_dense_fallback), the reported budgets are Nb_b (full=1).
     one = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "gamma": 1.0}})
-    assert [l["entry"] for l in one] == ["cuMemsetD32Async", "_pool_heads_kernel", "_pool_heads_kernel",
-                                         "_proxy_scores_kernel", "_rank_kernel", "pa_needs_budgets", "pa_dense_fallback",
-                                         "_sparse_attn_fwd_kernel"]
+    assert [l["entry"] for l in one] == [
+        "cuMemsetD32Async",
+        "_pool_heads_kernel",
+        "_pool_heads_kernel",
+        "_proxy_scores_kernel",
+        "_rank_kernel",
+        "pa_needs_budgets",
+        "pa_dense_fallback",
+        "_sparse_attn_fwd_kernel",
+    ]
     assert one[0]["params"][1:] == [1, 4] and one[6]["params"][1] == one[0]["params"][0]
     assert one[5]["params"][-1] == 1
     # KEEP_SINK / KEEP_DIAG reach the ranking kernel as one-byte values, and the cut kernel as int32.
@@ -486,9 +560,17 @@ def test_dense_fallback_launches_with_rules_0_to_2(build, rule):
     got = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "budget_rule": rule}})
     entries = [l["entry"] for l in got]
     passes = ["_budget_kernel", "pa_combine_lse", "_budget_kernel"] + (["_budget_kernel"] if rule == 2 else [])
-    assert entries == passes + ["pa_budgets", "pa_early_dense", "_pool_heads_kernel", "_pool_heads_kernel",
-                                "_proxy_scores_kernel", "pa_budgets", "pa_select", "pa_dense_fallback",
-                                "_sparse_attn_fwd_kernel"]
+    assert entries == passes + [
+        "pa_budgets",
+        "pa_early_dense",
+        "_pool_heads_kernel",
+        "_pool_heads_kernel",
+        "_proxy_scores_kernel",
+        "pa_budgets",
+        "pa_select",
+        "pa_dense_fallback",
+        "_sparse_attn_fwd_kernel",
+    ]
     kern = [l for l in got if l["entry"] == "_budget_kernel"]
     bud0, bud = [l for l in got if l["entry"] == "pa_budgets"]
     early = [l for l in got if l["entry"] == "pa_early_dense"][0]

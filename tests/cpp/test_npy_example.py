@@ -29,8 +29,9 @@ def test_npy_reads_numpy_files(host, tmp_path):
         np.testing.assert_array_equal(buf, a.astype(np.float32).ravel())
     np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((3, 4), np.float32)))
     err = C.create_string_buffer(256)
-    n = host.pa_host_npy_load_f32(str(tmp_path / "f.npy").encode(), C.c_void_p(ptr(np.zeros(12, np.float32))), 12,
-                                  (C.c_longlong * 8)(), C.byref(C.c_int()), err, 256)
+    n = host.pa_host_npy_load_f32(
+        str(tmp_path / "f.npy").encode(), C.c_void_p(ptr(np.zeros(12, np.float32))), 12, (C.c_longlong * 8)(), C.byref(C.c_int()), err, 256
+    )
     assert n == -1 and b"fortran_order" in err.value
 
 
@@ -57,12 +58,26 @@ def test_example_program_reports_errors(build, tmp_path):
     exe = build / "proxyattn_example"
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage" in r.stdout
-    r = subprocess.run([str(exe), "--q", str(tmp_path / "missing.npy"), "--k", "a", "--v", "b", "--out", "o"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(exe), "--q", str(tmp_path / "missing.npy"), "--k", "a", "--v", "b", "--out", "o"], capture_output=True, text=True
+    )
     assert r.returncode == 1 and "missing.npy" in r.stderr
     np.save(tmp_path / "q.npy", np.ones((1, 8, 2, 64), np.float32))
     np.save(tmp_path / "k.npy", np.ones((1, 9, 1, 64), np.float32))
-    r = subprocess.run([str(exe), "--q", str(tmp_path / "q.npy"), "--k", str(tmp_path / "k.npy"), "--v",
-                        str(tmp_path / "k.npy"), "--out", str(tmp_path / "o.npy")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(exe),
+            "--q",
+            str(tmp_path / "q.npy"),
+            "--k",
+            str(tmp_path / "k.npy"),
+            "--v",
+            str(tmp_path / "k.npy"),
+            "--out",
+            str(tmp_path / "o.npy"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "disagree" in r.stderr
     assert not (tmp_path / "o.npy").exists()

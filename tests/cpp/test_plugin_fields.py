@@ -36,8 +36,17 @@ def _parse_fields(host, fields: dict, *, as_float=(), as_int=()):
 def test_trt_plugin_reads_the_onnx_node_attributes(host):
     from export.contract import STRING_ATTRS, encode_attrs
 
-    pc = ProxyAttnConfig(dense_density=None, block_size=64, stride=8, gamma=0.9, min_budget_tokens=1024, proxy_heads=2, keep_sink=False,
-                       budget_fraction=0.25, budget_rule=1)
+    pc = ProxyAttnConfig(
+        dense_density=None,
+        block_size=64,
+        stride=8,
+        gamma=0.9,
+        min_budget_tokens=1024,
+        proxy_heads=2,
+        keep_sink=False,
+        budget_fraction=0.25,
+        budget_rule=1,
+    )
     attrs = {k: v for k, v in encode_attrs(pc, scale=0.0625).items() if k not in STRING_ATTRS}
     assert len(attrs) == PLUGIN_FIELD_COUNT and attrs["pa_dense_density"] == 0.0  # dense_density None travels as 0.0
     st, cfg, scale, err = _parse_fields(host, attrs)
@@ -75,17 +84,20 @@ def test_trt_plugin_requires_every_field(host):
     assert st == -1 and err.startswith("missing field(s) pa_block_size, pa_stride, pa_proxy_heads")
 
 
-@pytest.mark.parametrize("change,retyped,needle", [
-    ({"pa_keep_sink": 0.5}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
-    ({"pa_keep_sink": 1.0}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
-    ({"pa_keep_sink": 2}, (), "pa_keep_sink=2 must be 0 or 1"),
-    ({"pa_keep_diagonal": -1}, (), "pa_keep_diagonal=-1 must be 0 or 1"),
-    ({"pa_block_size": 128.0}, ("pa_block_size",), "field pa_block_size must be INT32, not FLOAT32"),
-    ({"pa_bogus": 1}, (), "unknown field pa_bogus; declared: pa_block_size, pa_stride"),
-    ({"pa_dense_first_layers": -1}, (), "pa_dense_first_layers=-1 must be >= 0"),
-    ({"pa_dense_density": 0}, ("pa_dense_density",), "field pa_dense_density must be FLOAT32, not INT32"),
-    ({"pa_gamma": 1}, ("pa_gamma",), "field pa_gamma must be FLOAT32, not INT32"),
-])
+@pytest.mark.parametrize(
+    "change,retyped,needle",
+    [
+        ({"pa_keep_sink": 0.5}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
+        ({"pa_keep_sink": 1.0}, ("pa_keep_sink",), "field pa_keep_sink must be INT32, not FLOAT32"),
+        ({"pa_keep_sink": 2}, (), "pa_keep_sink=2 must be 0 or 1"),
+        ({"pa_keep_diagonal": -1}, (), "pa_keep_diagonal=-1 must be 0 or 1"),
+        ({"pa_block_size": 128.0}, ("pa_block_size",), "field pa_block_size must be INT32, not FLOAT32"),
+        ({"pa_bogus": 1}, (), "unknown field pa_bogus; declared: pa_block_size, pa_stride"),
+        ({"pa_dense_first_layers": -1}, (), "pa_dense_first_layers=-1 must be >= 0"),
+        ({"pa_dense_density": 0}, ("pa_dense_density",), "field pa_dense_density must be FLOAT32, not INT32"),
+        ({"pa_gamma": 1}, ("pa_gamma",), "field pa_gamma must be FLOAT32, not INT32"),
+    ],
+)
 def test_trt_plugin_refuses_mistyped_fields(host, change, retyped, needle):
     """Booleans are INT32 0/1 only; an attribute of the wrong type is an error, never converted (0.5 is not
     truncated to 0, an INT 0 is not a FLOAT 0.0); an unknown pa_ field is an error naming the declared ones.
@@ -130,16 +142,22 @@ def test_trt_plugin_declares_every_node_attribute(host):
     assert sorted(declared) == sorted(attrs) and len(set(declared)) == n == PLUGIN_FIELD_COUNT
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"sliding_window": 512}, "sliding_window=512"), ({"is_causal": 0}, "is_causal=0"),
-    ({"pa_estimator": 1}, "pa_estimator=1"), ({"pa_gamma": 1.5}, "gamma=1.5"), ({"bogus": 1}, "unknown field bogus"),
-    ({"pa_budget_rule": 4}, "pa_budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)"),
-    ({"pa_budget_rule": -1}, "pa_budget_rule=-1"),
-    ({"pa_recall_rows": 3}, "pa_recall_rows=3 must be a power of two"),
-    ({"pa_recall_rows": 128, "pa_block_size": 64}, "pa_recall_rows=128 must divide pa_block_size=64"),
-    ({"pa_dense_density": 1.5}, "pa_dense_density=1.500000 must be 0 (no dense fallback) or lie in (0, 1]"),
-    ({"pa_dense_density": -0.5}, "pa_dense_density=-0.5"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"sliding_window": 512}, "sliding_window=512"),
+        ({"is_causal": 0}, "is_causal=0"),
+        ({"pa_estimator": 1}, "pa_estimator=1"),
+        ({"pa_gamma": 1.5}, "gamma=1.5"),
+        ({"bogus": 1}, "unknown field bogus"),
+        ({"pa_budget_rule": 4}, "pa_budget_rule=4 is not supported; allowed: 0 (mass), 1 (recall), 2 (row_recall), 3 (block_recall)"),
+        ({"pa_budget_rule": -1}, "pa_budget_rule=-1"),
+        ({"pa_recall_rows": 3}, "pa_recall_rows=3 must be a power of two"),
+        ({"pa_recall_rows": 128, "pa_block_size": 64}, "pa_recall_rows=128 must divide pa_block_size=64"),
+        ({"pa_dense_density": 1.5}, "pa_dense_density=1.500000 must be 0 (no dense fallback) or lie in (0, 1]"),
+        ({"pa_dense_density": -0.5}, "pa_dense_density=-0.5"),
+    ],
+)
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
     from export.contract import STRING_ATTRS, encode_attrs
 

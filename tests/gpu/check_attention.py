@@ -86,8 +86,10 @@ def tuning_inputs():
 def tuning_configs(q) -> list[dict]:
     """Every config the autotuner may pick for the main shape."""
     named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q}
-    return [dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
-            for c in attn._prune(attn._configs(), named)]
+    return [
+        dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+        for c in attn._prune(attn._configs(), named)
+    ]
 
 
 EVERY_TILE = dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)  # the variant that masks every tile
@@ -190,12 +192,15 @@ def main() -> int:
 
     # Dense path (cuDNN through SDPA) and whole proxy_attention (attention given the GPU plan).
     for s in (4096, 16384):
+
         def run_dense(s=s):
             print(f"   dense mode: {check_dense(s)}")
+
         record(f"dense_attention S={s}", run_dense)
 
     def run_proxy():
         print(f"   density {check_proxy():.3f}")
+
     record(f"proxy_attention S={PROXY_S} gamma=0.9 (vs reference attention on the GPU plan)", run_proxy)
 
     failed = [r for r in RESULTS if not r[1]]

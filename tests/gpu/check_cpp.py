@@ -89,9 +89,20 @@ class Lib:
 
     @staticmethod
     def config(cfg: ProxyAttnConfig) -> Config:
-        return Config(cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.gamma, cfg.min_budget_tokens, int(cfg.keep_sink),
-                      int(cfg.keep_diagonal), cfg.dense_below_tokens, cfg.budget_fraction or 0.0, int(cfg.budget_rule),
-                      cfg.recall_rows, cfg.dense_density or 0.0)
+        return Config(
+            cfg.block_size,
+            cfg.stride,
+            cfg.proxy_heads,
+            cfg.gamma,
+            cfg.min_budget_tokens,
+            int(cfg.keep_sink),
+            int(cfg.keep_diagonal),
+            cfg.dense_below_tokens,
+            cfg.budget_fraction or 0.0,
+            int(cfg.budget_rule),
+            cfg.recall_rows,
+            cfg.dense_density or 0.0,
+        )
 
     @staticmethod
     def problem(q, k, cu=None, max_seqlen=None, scale=None, bhsd=False) -> Problem:
@@ -119,9 +130,18 @@ class Lib:
         if lse:
             shape = (q.shape[0], q.shape[2], q.shape[1]) if cu is None else (q.shape[1], q.shape[0])
             lse_t = torch.full(shape, float("nan"), device=DEV, dtype=torch.float32)
-        st = self.lib.proxyattn_prefill(C.byref(prob), C.byref(c), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                        out.data_ptr(), lse_t.data_ptr() if lse else None, ws.data_ptr(), n,
-                                        torch.cuda.current_stream().cuda_stream)
+        st = self.lib.proxyattn_prefill(
+            C.byref(prob),
+            C.byref(c),
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            lse_t.data_ptr() if lse else None,
+            ws.data_ptr(),
+            n,
+            torch.cuda.current_stream().cuda_stream,
+        )
         self._check(st, "proxyattn_prefill")
         return (out, lse_t) if lse else out
 
@@ -133,9 +153,18 @@ class Lib:
         order = torch.full((b, cfg.proxy_heads, nb, nb), -1, dtype=torch.int32, device=DEV)
         counts = torch.full((b, prob.num_q_heads, nb), -1, dtype=torch.int32, device=DEV)
         budgets = torch.full((b, prob.num_q_heads), -1, dtype=torch.int32, device=DEV)
-        st = self.lib.proxyattn_plan(C.byref(prob), C.byref(c), q.data_ptr(), k.data_ptr(), order.data_ptr(),
-                                     counts.data_ptr(), budgets.data_ptr(), ws.data_ptr(), n,
-                                     torch.cuda.current_stream().cuda_stream)
+        st = self.lib.proxyattn_plan(
+            C.byref(prob),
+            C.byref(c),
+            q.data_ptr(),
+            k.data_ptr(),
+            order.data_ptr(),
+            counts.data_ptr(),
+            budgets.data_ptr(),
+            ws.data_ptr(),
+            n,
+            torch.cuda.current_stream().cuda_stream,
+        )
         self._check(st, "proxyattn_plan")
         return BlockPlan(order, counts, budgets, cfg.block_size, prob.seq_len)
 
@@ -198,8 +227,7 @@ def check_plan_vs_reference(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, scale: 
         full = torch.arange(1, nb + 1, device=DEV, dtype=torch.int32).expand_as(plan.counts)
         assert torch.equal(plan.counts, full), "dense sequence without the keep-everything plan"
         return {"dense": True}
-    scores = reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride,
-                                    scale=scale)
+    scores = reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride, scale=scale)
     if cfg.budget_fraction is None and cfg.gamma < 1.0 and cfg.budget_rule == 0:
         bad_budgets = budget_mismatches(plan.budget_blocks, ref_mass(q, k, cfg.block_size, scale), cfg.gamma)
     elif cfg.budget_fraction is None and cfg.gamma < 1.0:
@@ -214,8 +242,11 @@ def check_plan_vs_reference(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, scale: 
             rows = reference.last_block_row_mass(q, k, block_size=cfg.block_size, scale=scale)
             bad_budgets = row_budget_mismatches(plan.budget_blocks, rows, cfg.gamma, order)
     else:
-        want = reference.fraction_budgets(q.shape[0], q.shape[2], nb, cfg.budget_fraction, DEV) if cfg.budget_fraction \
+        want = (
+            reference.fraction_budgets(q.shape[0], q.shape[2], nb, cfg.budget_fraction, DEV)
+            if cfg.budget_fraction
             else torch.full_like(plan.budget_blocks, nb)
+        )
         bad_budgets = int((want != plan.budget_blocks).sum())
     ref_plan = compact_plan(scores, plan.budget_blocks, s, cfg)  # same budgets: isolates the selection
     if cfg.dense_density_permille:  # the dense fallback: the GPU path's early decision, the late one on the plan
@@ -247,8 +278,13 @@ def check_plan_vs_python(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, cu=None, m
         diff_rows += int((~same).sum())
     same_budgets = bool(torch.equal(plan.budget_blocks, py.budget_blocks))
     dense = None if py.dense_heads is None else int(py.dense_heads.sum())
-    info = {"plan_rows": rows, "rows_differing_from_plan_blocks": diff_rows, "budgets_equal": same_budgets,
-            "dense_heads_py": dense, "density_c": round(float(plan.density().mean()), 4)}
+    info = {
+        "plan_rows": rows,
+        "rows_differing_from_plan_blocks": diff_rows,
+        "budgets_equal": same_budgets,
+        "dense_heads_py": dense,
+        "density_c": round(float(plan.density().mean()), 4),
+    }
     assert diff_rows == 0 and same_budgets, f"the library's plan differs from plan_blocks: {info}"
     return info
 
@@ -257,8 +293,7 @@ def fresh(b, s, hq, hkv, d, dtype, kind: str, seed: int):
     if kind == "structured":
         return structured_qkv(b, s, hq, hkv, d, dtype=dtype, device=DEV, seed=seed)
     g = torch.Generator(device=DEV).manual_seed(seed)
-    return tuple(torch.randn(b, s, h, d, generator=g, device=DEV, dtype=torch.float32).to(dtype)
-                 for h in (hq, hkv, hkv))
+    return tuple(torch.randn(b, s, h, d, generator=g, device=DEV, dtype=torch.float32).to(dtype) for h in (hq, hkv, hkv))
 
 
 def prec(dtype) -> str:
@@ -274,8 +309,7 @@ def check_variant(lib: Lib, dtype, d: int, bs: int, varlen: bool, seed: int, rul
     """Small ragged problem through every kernel of one compiled variant, against the fp32 reference (budget rule
     `rule`, default: the config's)."""
     hq, hkv = (8, 2) if d < 256 else (4, 1)
-    cfg = ProxyAttnConfig(block_size=bs, gamma=0.9, min_budget_tokens=bs, dense_below_tokens=0,
-                          proxy_heads=2 if hkv == 2 else 1)
+    cfg = ProxyAttnConfig(block_size=bs, gamma=0.9, min_budget_tokens=bs, dense_below_tokens=0, proxy_heads=2 if hkv == 2 else 1)
     if rule is not None:
         cfg = cfg.replace(budget_rule=rule)
     scale = 1.0 / math.sqrt(d)
@@ -291,8 +325,13 @@ def check_variant(lib: Lib, dtype, d: int, bs: int, varlen: bool, seed: int, rul
             lo = int(cu[i])
             qi, ki, vi = (x[None, lo : lo + n] for x in (q, k, v))
             nbi = -(-n // bs)
-            sub = BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
-                            plan.budget_blocks[i : i + 1].contiguous(), bs, n)
+            sub = BlockPlan(
+                plan.order[i : i + 1, :, :nbi, :nbi].contiguous(),
+                plan.counts[i : i + 1, :, :nbi].contiguous(),
+                plan.budget_blocks[i : i + 1].contiguous(),
+                bs,
+                n,
+            )
             if cfg.budget_rule != 3:
                 info[f"seq{i}"] = check_plan_vs_reference(sub, qi, ki, cfg, scale)
             ro, rl = reference.block_sparse_attention(qi, ki, vi, sub.to_mask(), block_size=bs, scale=scale)
@@ -332,9 +371,14 @@ def check_large(lib: Lib, s: int, kind: str, seed: int, cfg: ProxyAttnConfig | N
     same_rows = float((mask_c == mask_py).all(-1).float().mean())
     same_budgets = float((plan_c.budget_blocks == plan_py.budget_blocks).float().mean())
     on_c_plan = proxyattn.block_sparse_attention(q, k, v, plan_c)
-    info = {"rel_vs_proxy_attention": f"{rel(out, ref):.2e}", "rel_vs_python_kernel_on_c_plan": f"{rel(out, on_c_plan):.2e}",
-            "plan_rows_identical": round(same_rows, 5), "budgets_identical": round(same_budgets, 4),
-            "density_c": round(float(plan_c.density().mean()), 4), "density_py": round(float(plan_py.density().mean()), 4)}
+    info = {
+        "rel_vs_proxy_attention": f"{rel(out, ref):.2e}",
+        "rel_vs_python_kernel_on_c_plan": f"{rel(out, on_c_plan):.2e}",
+        "plan_rows_identical": round(same_rows, 5),
+        "budgets_identical": round(same_budgets, 4),
+        "density_c": round(float(plan_c.density().mean()), 4),
+        "density_py": round(float(plan_py.density().mean()), 4),
+    }
     assert_close(out, on_c_plan, "bf16", what="library vs Python kernel on the library's plan")
     assert_close(out, ref, "bf16", what="library vs proxy_attention")
     if s > cfg.dense_below_tokens:
@@ -358,8 +402,11 @@ def check_varlen_large(lib: Lib, cfg: ProxyAttnConfig | None = None) -> dict:
         alone = proxyattn.proxy_attention(*(x[None, lo : lo + n] for x in (q, k, v)), cfg)[0]
         assert_close(out[lo : lo + n], alone, "bf16", what=f"varlen sequence {i} vs proxy_attention alone")
     plan = lib.plan(q, k, cfg, cu=cu, max_seqlen=max(lengths))
-    return {"rel": f"{rel(out, ref):.2e}", "lengths": lengths,
-            "plan_vs_plan_blocks_varlen": check_plan_vs_python(plan, q, k, cfg, cu=cu, max_seqlen=max(lengths))}
+    return {
+        "rel": f"{rel(out, ref):.2e}",
+        "lengths": lengths,
+        "plan_vs_plan_blocks_varlen": check_plan_vs_python(plan, q, k, cfg, cu=cu, max_seqlen=max(lengths)),
+    }
 
 
 def check_bhsd(lib: Lib) -> dict:
@@ -411,9 +458,25 @@ def check_example(lib: Lib, tmp: Path) -> dict:
     for name, t in (("q", q), ("k", k), ("v", v)):
         np.save(tmp / f"{name}.npy", t.cpu().view(torch.int16).numpy().view(np.uint16))  # bf16 bits, exact
     env = dict(os.environ, LD_LIBRARY_PATH=str(lib.dir))
-    r = subprocess.run([str(lib.dir / "proxyattn_example"), "--q", str(tmp / "q.npy"), "--k", str(tmp / "k.npy"),
-                        "--v", str(tmp / "v.npy"), "--out", str(tmp / "out.npy"), "--repeat", "5"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            str(lib.dir / "proxyattn_example"),
+            "--q",
+            str(tmp / "q.npy"),
+            "--k",
+            str(tmp / "k.npy"),
+            "--v",
+            str(tmp / "v.npy"),
+            "--out",
+            str(tmp / "out.npy"),
+            "--repeat",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, f"example exited {r.returncode}: {r.stderr[-400:]}"
     out = torch.from_numpy(np.load(tmp / "out.npy")).cuda()
     lib_out = lib.prefill(q, k, v, cfg).float()
@@ -438,6 +501,7 @@ def time_case(lib: Lib, alts: list[Lib], s: int) -> None:
         def f():
             i = rot()
             L.prefill(*sets[i], cfg, out=outs[i])
+
         return f
 
     def py_call():
@@ -477,17 +541,21 @@ def sources_match(lib_dir: Path) -> dict:
     import hashlib
 
     m = json.loads((lib_dir / "manifest.json").read_text())
-    return {mod: hashlib.sha256((REPO / (mod.replace(".", "/") + ".py")).read_bytes()).hexdigest()[:16] == h
-            for mod, h in m["sources"].items()}
+    return {
+        mod: hashlib.sha256((REPO / (mod.replace(".", "/") + ".py")).read_bytes()).hexdigest()[:16] == h for mod, h in m["sources"].items()
+    }
 
 
 def build(out_dir: Path) -> float:
     t0 = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run(["cmake", "-S", str(REPO / "cpp"), "-B", str(out_dir), f"-DPROXYATTN_GEN_JOBS={os.cpu_count()}"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(out_dir), "-j", str(os.cpu_count())], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", "-S", str(REPO / "cpp"), "-B", str(out_dir), f"-DPROXYATTN_GEN_JOBS={os.cpu_count()}"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(["cmake", "--build", str(out_dir), "-j", str(os.cpu_count())], check=True, env=env, stdout=subprocess.DEVNULL)
     (out_dir / "manifest.json").write_bytes((out_dir / "generated" / "manifest.json").read_bytes())
     return time.perf_counter() - t0
 
@@ -522,13 +590,17 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit,
         "command": "python3 -m tests.gpu.check_cpp --lib cpp/build-carry/main --alt cpp/build-carry/alt-... --out $OUT "
-                   "--commit <sha> (builds of cpp/ made on the CPU machine and carried)",
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                     "library": lib.lib.proxyattn_version().decode()},
+        "--commit <sha> (builds of cpp/ made on the CPU machine and carried)",
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "library": lib.lib.proxyattn_version().decode(),
+        },
         "build_seconds_on_device": build_s,
         "kernel_sources_match_build": sources_match(args.lib),
         "timing_method": "triton.testing.do_bench median (warmup 25 ms, rep 200 ms), 2 input sets rotated; "
-                         "libproxyattn timed through ctypes (host call overhead included)",
+        "libproxyattn timed through ctypes (host call overhead included)",
         "checks": RESULTS,
         "timings": TIMINGS,
     }
@@ -547,13 +619,19 @@ def main() -> int:
             record(f"large structured S={s}", lambda: check_large(lib, s, "structured", seed=s))
         for s in sizes:
             if s > SPARSE_DEFAULT.dense_below_tokens:
-                record(f"large structured S={s} rule 3 + dense fallback (dense_below 8192)",
-                       lambda: check_large(lib, s, "structured", seed=s + 1, cfg=SPARSE_DEFAULT))
-        record("large random S=16384 rule 3 + dense fallback (every group dense early)",
-               lambda: check_large(lib, 16384, "random", seed=4, cfg=SPARSE_DEFAULT))
+                record(
+                    f"large structured S={s} rule 3 + dense fallback (dense_below 8192)",
+                    lambda: check_large(lib, s, "structured", seed=s + 1, cfg=SPARSE_DEFAULT),
+                )
+        record(
+            "large random S=16384 rule 3 + dense fallback (every group dense early)",
+            lambda: check_large(lib, 16384, "random", seed=4, cfg=SPARSE_DEFAULT),
+        )
         for rule in (0, 1, 2):
-            record(f"large structured S=16384 budget_rule {rule} + dense fallback",
-                   lambda: check_large(lib, 16384, "structured", seed=20 + rule, cfg=SPARSE_DEFAULT.replace(budget_rule=rule)))
+            record(
+                f"large structured S=16384 budget_rule {rule} + dense fallback",
+                lambda: check_large(lib, 16384, "structured", seed=20 + rule, cfg=SPARSE_DEFAULT.replace(budget_rule=rule)),
+            )
         dump()
     if stage in ("all", "example"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -578,13 +656,17 @@ def main() -> int:
             for d in (64, 128, 256):
                 for bs in (64, 128):
                     for varlen in (False, True):
-                        record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
-                               lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
+                        record(
+                            f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
+                            lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen),
+                        )
             dump()
         for rule in (0, 1, 2):  # the default is rule 3; the other budget rules on one variant each layout
             for varlen in (False, True):
-                record(f"variant bf16 D128 block128 {'varlen' if varlen else 'padded'} budget_rule {rule}",
-                       lambda: check_variant(lib, torch.bfloat16, 128, 128, varlen, seed=7 + rule, rule=rule))
+                record(
+                    f"variant bf16 D128 block128 {'varlen' if varlen else 'padded'} budget_rule {rule}",
+                    lambda: check_variant(lib, torch.bfloat16, 128, 128, varlen, seed=7 + rule, rule=rule),
+                )
         dump()
     print(f"\n{'check':<44} ok")
     for r in RESULTS:
@@ -608,10 +690,12 @@ def merge(out: Path) -> int:
     if doc is None:
         print("no parts to merge")
         return 1
-    doc["stages"] = [p.stem[len("part_"):] for p in parts]
-    doc["command"] = ("for s in large example timing misc variants; do python3 -m tests.gpu.check_cpp --lib "
-                      "cpp/build-carry/main --alt ... --stage $s --out $OUT --commit <sha>; done; "
-                      "python3 -m tests.gpu.check_cpp --merge --out $OUT --lib x")
+    doc["stages"] = [p.stem[len("part_") :] for p in parts]
+    doc["command"] = (
+        "for s in large example timing misc variants; do python3 -m tests.gpu.check_cpp --lib "
+        "cpp/build-carry/main --alt ... --stage $s --out $OUT --commit <sha>; done; "
+        "python3 -m tests.gpu.check_cpp --merge --out $OUT --lib x"
+    )
     path = out / f"cpp_{doc['date'][:10]}.json"
     path.write_text(json.dumps(doc, indent=1))
     for c in doc["checks"]:
@@ -624,14 +708,20 @@ def merge(out: Path) -> int:
 def dry_run(args) -> int:
     lib = PythonLib()
     for dtype, d, bs, varlen in ((torch.bfloat16, 64, 64, False), (torch.float16, 128, 128, True)):
-        record(f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
-               lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen))
+        record(
+            f"variant {prec(dtype)} D{d} block{bs} {'varlen' if varlen else 'padded'}",
+            lambda: check_variant(lib, dtype, d, bs, varlen, seed=d + bs + varlen),
+        )
     for rule in (0, 1, 2):
-        record(f"variant bf16 D64 block64 varlen budget_rule {rule}",
-               lambda: check_variant(lib, torch.bfloat16, 64, 64, True, seed=7 + rule, rule=rule))
+        record(
+            f"variant bf16 D64 block64 varlen budget_rule {rule}",
+            lambda: check_variant(lib, torch.bfloat16, 64, 64, True, seed=7 + rule, rule=rule),
+        )
     record("large structured (dry, S=2304)", lambda: check_large(lib, 2304, "structured", seed=1))
-    record("large structured (dry, S=2304) rule 3 + dense fallback",
-           lambda: check_large(lib, 2304, "structured", seed=1, cfg=ProxyAttnConfig(dense_below_tokens=1024)))
+    record(
+        "large structured (dry, S=2304) rule 3 + dense fallback",
+        lambda: check_large(lib, 2304, "structured", seed=1, cfg=ProxyAttnConfig(dense_below_tokens=1024)),
+    )
     print(json.dumps(RESULTS, indent=1))
     return 0 if all(r["ok"] for r in RESULTS) else 1
 

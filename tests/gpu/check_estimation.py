@@ -72,7 +72,7 @@ def rel_err(a: torch.Tensor, e: torch.Tensor) -> tuple[float, float]:
     fin = torch.isfinite(e)
     assert torch.equal(torch.isinf(a), torch.isinf(e)), "inf (above-diagonal) positions differ"
     assert not torch.isnan(a).any(), "NaN in output (unwritten element?)"
-    d = (a[fin] - e[fin])
+    d = a[fin] - e[fin]
     return float(d.norm() / e[fin].norm().clamp_min(1e-30)), float(d.abs().max()) if d.numel() else 0.0
 
 
@@ -150,8 +150,13 @@ def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloa
         order = reference.last_row_order(scores, keep_sink=True, keep_diagonal=True).repeat_interleave(hq // g, dim=1)
         rows = eb._launch_mass(q, k, None, b, s, bs, scale, rows=True)
         rep = hq // hkv  # one KV head (and its query heads) at a time bounds the reference's memory
-        rrows = torch.cat([reference.last_block_row_mass(q[:, :, j * rep : (j + 1) * rep], k[:, :, j : j + 1], block_size=bs, scale=scale)
-                           for j in range(hkv)], dim=1)
+        rrows = torch.cat(
+            [
+                reference.last_block_row_mass(q[:, :, j * rep : (j + 1) * rep], k[:, :, j : j + 1], block_size=bs, scale=scale)
+                for j in range(hkv)
+            ],
+            dim=1,
+        )
         rrel, rmx = rel_err(rows[:, :, : rrows.shape[2]], rrows)
         assert rrel <= 1e-4 and rmx <= 1e-4, f"row mass rel {rrel:.2e} max abs {rmx:.2e}"
         bad_b = row_budget_mismatches(budgets, rrows, gamma, order)
@@ -170,9 +175,14 @@ def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloa
     assert bad_p == 0, f"{bad_p} plan rows differ beyond ties"
     same = int((plan.to_mask() == ref_plan.to_mask()).all(dim=-1).sum())
     rows_total = plan.counts.numel()
-    return {"scores_rel": f"{rel:.1e}", "scores_maxabs": f"{mx:.1e}", "mass_rel": f"{mrel:.1e}",
-            "budgets_ref": reference_budgets_summary(budgets), "rows_identical": f"{same}/{rows_total}",
-            "density": round(float(plan.density().mean()), 4)}
+    return {
+        "scores_rel": f"{rel:.1e}",
+        "scores_maxabs": f"{mx:.1e}",
+        "mass_rel": f"{mrel:.1e}",
+        "budgets_ref": reference_budgets_summary(budgets),
+        "rows_identical": f"{same}/{rows_total}",
+        "density": round(float(plan.density().mean()), 4),
+    }
 
 
 def reference_budgets_summary(budgets):
@@ -228,8 +238,13 @@ def check_varlen(small=False, rule=0):
             order = order.repeat_interleave(hq, dim=1)
         rb = budget_mismatches(plan.budget_blocks[i : i + 1], ref_mass(qi, ki, bs, scale), cfg.gamma, order=order)
         assert rb == 0, f"seq {i}: {rb} budgets differ beyond ties"
-        sub = proxyattn.plan.BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
-                                       plan.budget_blocks[i : i + 1].contiguous(), bs, n)
+        sub = proxyattn.plan.BlockPlan(
+            plan.order[i : i + 1, :, :nbi, :nbi].contiguous(),
+            plan.counts[i : i + 1, :, :nbi].contiguous(),
+            plan.budget_blocks[i : i + 1].contiguous(),
+            bs,
+            n,
+        )
         ref_plan = compact_plan(rs, plan.budget_blocks[i : i + 1], n, cfg)
         bad += plan_mismatches(sub, ref_plan, rs, cfg.min_budget_blocks)
         assert plan.counts[i, :, nbi:].eq(0).all()
@@ -285,12 +300,15 @@ def recall_timings():
     hq, hkv, d = 32, 8, 128
     for s in (16384, 32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
-        for label, cfg in [("budget_rule=0", ProxyAttnConfig(budget_rule=0)), ("budget_rule=1", ProxyAttnConfig(budget_rule=1)),
-                           ("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
-                           ("head_max stride 4", ProxyAttnConfig(estimator=1)),
-                           ("head_max+row_recall stride 4", ProxyAttnConfig(estimator=1, budget_rule=2)),
-                           ("head_max stride 16", ProxyAttnConfig(estimator=1, stride=16)),
-                           ("head_max stride 32", ProxyAttnConfig(estimator=1, stride=32))]:
+        for label, cfg in [
+            ("budget_rule=0", ProxyAttnConfig(budget_rule=0)),
+            ("budget_rule=1", ProxyAttnConfig(budget_rule=1)),
+            ("budget_rule=2", ProxyAttnConfig(budget_rule=2)),
+            ("head_max stride 4", ProxyAttnConfig(estimator=1)),
+            ("head_max+row_recall stride 4", ProxyAttnConfig(estimator=1, budget_rule=2)),
+            ("head_max stride 16", ProxyAttnConfig(estimator=1, stride=16)),
+            ("head_max stride 32", ProxyAttnConfig(estimator=1, stride=32)),
+        ]:
             ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
             dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
             TIMINGS.append({"stage": f"plan_blocks (total) {label}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
@@ -328,17 +346,23 @@ def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
     assert early.equal(proxyattn.early_dense_groups(q, k, fb, scale=scale)), "early decision differs from the API's"
     heads = early.repeat_interleave(hq // hkv, dim=1)[..., None]
     skipped_needs = torch.where(heads, m1.to(torch.int32), needs)
-    want = dense_fallback(compact_plan_needs(scores, skipped_needs, reference.needs_budgets(skipped_needs, fb.min_budget_blocks), s, fb),
-                          hkv, fb, early=early)
+    want = dense_fallback(
+        compact_plan_needs(scores, skipped_needs, reference.needs_budgets(skipped_needs, fb.min_budget_blocks), s, fb), hkv, fb, early=early
+    )
     got = proxyattn.plan_blocks(q, k, fb, scale=scale)
     assert got.dense_heads.equal(want.dense_heads), "dense groups differ from the reference decisions"
     live = ~want.dense_heads[..., None].expand_as(want.counts)
     assert got.counts[~live].equal(want.counts[~live]), "dense heads must keep every causal block"
     assert got.counts[live].equal(want.counts[live]), "the fallback plan's sparse heads differ"
-    return {"blocks_checked": nb if blocks is None else len(blocks), "needs_mean": round(float(needs.float().mean()), 2),
-            "density": round(float(plan.density().mean()), 4), "density_row_recall": round(dens2, 4),
-            "dense_groups_early": int(early.sum()), "dense_groups": int(want.dense_heads.sum()) // (hq // hkv),
-            "density_with_fallback": round(float(got.density().mean()), 4)}
+    return {
+        "blocks_checked": nb if blocks is None else len(blocks),
+        "needs_mean": round(float(needs.float().mean()), 2),
+        "density": round(float(plan.density().mean()), 4),
+        "density_row_recall": round(dens2, 4),
+        "dense_groups_early": int(early.sum()),
+        "dense_groups": int(want.dense_heads.sum()) // (hq // hkv),
+        "density_with_fallback": round(float(got.density().mean()), 4),
+    }
 
 
 def check_rank_kernel():
@@ -347,8 +371,14 @@ def check_rank_kernel():
     from proxyattn.kernels import estimate_rank as er
 
     out = {}
-    sizes = [(1, 1, True, True), (7, 2, True, False), (33, 1, False, True), (256, 4, True, True), (1024, 1, True, True),
-             (4096, 1, True, True)]
+    sizes = [
+        (1, 1, True, True),
+        (7, 2, True, False),
+        (33, 1, False, True),
+        (256, 4, True, True),
+        (1024, 1, True, True),
+        (4096, 1, True, True),
+    ]
     for nb, r, sink, diag in sizes[:4] if DEV == "cpu" else sizes:
         gen = torch.Generator().manual_seed(nb)
         sc = torch.randint(0, 5, (2, r, nb, nb), generator=gen).float().to(DEV) / 4  # many ties
@@ -400,8 +430,13 @@ def check_needs_varlen():
         alone = proxyattn.plan_blocks(q[None, lo : lo + n], k[None, lo : lo + n], cfg, scale=scale)
         assert plan.counts[i, :, :nbi].equal(alone.counts[0]), f"seq {i}: counts differ from the sequence alone"
         assert plan.budget_blocks[i].equal(alone.budget_blocks[0]), f"seq {i}: budgets differ"
-        got = proxyattn.plan.BlockPlan(plan.order[i : i + 1, :, :nbi, :nbi].contiguous(), plan.counts[i : i + 1, :, :nbi].contiguous(),
-                                       plan.budget_blocks[i : i + 1].contiguous(), bs, n)
+        got = proxyattn.plan.BlockPlan(
+            plan.order[i : i + 1, :, :nbi, :nbi].contiguous(),
+            plan.counts[i : i + 1, :, :nbi].contiguous(),
+            plan.budget_blocks[i : i + 1].contiguous(),
+            bs,
+            n,
+        )
         assert got.to_mask().equal(alone.to_mask()), f"seq {i}: kept blocks differ from the sequence alone"
     return {"lengths": lengths}
 
@@ -412,10 +447,12 @@ def needs_timings():
     scale = 1.0 / math.sqrt(d)
     for s in (16384, 32768, 131072):
         sets = [inputs("structured", 1, s, hq, hkv, d, seed=300 + i) for i in range(2)]
-        for label, cfg in [("budget_rule=2", ProxyAttnConfig(budget_rule=2, dense_density=None)),
-                           ("budget_rule=3 rows 4, no fallback", ProxyAttnConfig(budget_rule=3, dense_density=None)),
-                           ("budget_rule=3 rows 2, no fallback", ProxyAttnConfig(budget_rule=3, recall_rows=2, dense_density=None)),
-                           ("default (rule 3, fallback)", ProxyAttnConfig())]:
+        for label, cfg in [
+            ("budget_rule=2", ProxyAttnConfig(budget_rule=2, dense_density=None)),
+            ("budget_rule=3 rows 4, no fallback", ProxyAttnConfig(budget_rule=3, dense_density=None)),
+            ("budget_rule=3 rows 2, no fallback", ProxyAttnConfig(budget_rule=3, recall_rows=2, dense_density=None)),
+            ("default (rule 3, fallback)", ProxyAttnConfig()),
+        ]:
             ms = bench(lambda q, k: proxyattn.plan_blocks(q, k, cfg), sets)
             dens = float(proxyattn.plan_blocks(*sets[0], cfg).density().mean())
             TIMINGS.append({"stage": f"plan_blocks (total) {label}", "seq_len": s, "ms": round(ms, 4), "density": round(dens, 4)})
@@ -427,20 +464,25 @@ def needs_timings():
 
         scs = [(es.proxy_scores(q, k, cfg, scale),) for q, k in sets]
         default = ProxyAttnConfig()
-        for stage, fn, args_ in [("early dense decision (kernels)", lambda q, k: eb.early_dense_groups(q, k, default, scale), sets),
-                                 ("early dense decision + host read", lambda q, k: bool(proxyattn.early_dense_groups(q, k).cpu().all()),
-                                  sets),
-                                 ("scores", lambda q, k: es.proxy_scores(q, k, cfg, scale), sets),
-                                 ("rank kernel", lambda sc: er._launch_rank(sc, True, True), scs),
-                                 ("rank torch", lambda sc: esel.torch_rank_order(sc, True, True), scs)]:
+        for stage, fn, args_ in [
+            ("early dense decision (kernels)", lambda q, k: eb.early_dense_groups(q, k, default, scale), sets),
+            ("early dense decision + host read", lambda q, k: bool(proxyattn.early_dense_groups(q, k).cpu().all()), sets),
+            ("scores", lambda q, k: es.proxy_scores(q, k, cfg, scale), sets),
+            ("rank kernel", lambda sc: er._launch_rank(sc, True, True), scs),
+            ("rank torch", lambda sc: esel.torch_rank_order(sc, True, True), scs),
+        ]:
             ms = bench(fn, args_)
             TIMINGS.append({"stage": stage, "seq_len": s, "ms": round(ms, 4)})
             print(f"  {stage} S={s}: {ms:.3f} ms", flush=True)
         sweep = [(8, 4, 2)] if s < 131072 else [(4, 4, 2), (8, 4, 2), (8, 4, 3), (8, 8, 2), (4, 8, 3), (16, 4, 2), (16, 8, 3)]
         for qbv, nw, ns in sweep:
             try:
-                ms = bench(lambda q, k, r: en._launch_needs(q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[1:],
-                                                            counts=True, qb=qbv, num_warps=nw, num_stages=ns), ranked)
+                ms = bench(
+                    lambda q, k, r: en._launch_needs(
+                        q, k, None, r[0], 1, s, cfg, scale, last_only=False, ranks=r[1:], counts=True, qb=qbv, num_warps=nw, num_stages=ns
+                    ),
+                    ranked,
+                )
                 TIMINGS.append({"stage": f"needs+counts kernels rows 4 qb={qbv} warps={nw} stages={ns}", "seq_len": s, "ms": round(ms, 4)})
                 print(f"  needs+counts qb={qbv} warps={nw} stages={ns} S={s}: {ms:.3f} ms", flush=True)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
@@ -508,10 +550,21 @@ def timings():
             peak = torch.cuda.max_memory_allocated() - base
             qkv_bytes = q.numel() * q.element_size() + 2 * k.numel() * k.element_size()
             plan_bytes = sum(t.numel() * t.element_size() for t in (plan.order, plan.counts, plan.budget_blocks))
-            TIMINGS.append({"stage": "memory plan_blocks", "seq_len": s, "peak_extra_bytes": peak, "plan_bytes": plan_bytes,
-                            "qkv_bytes": qkv_bytes, "peak_over_qkv": round(peak / qkv_bytes, 4)})
-            print(f"  memory: peak extra {peak / 2**20:.1f} MiB, plan {plan_bytes / 2**20:.1f} MiB, "
-                  f"{100 * peak / qkv_bytes:.2f}% of q,k,v ({qkv_bytes / 2**30:.2f} GiB)", flush=True)
+            TIMINGS.append(
+                {
+                    "stage": "memory plan_blocks",
+                    "seq_len": s,
+                    "peak_extra_bytes": peak,
+                    "plan_bytes": plan_bytes,
+                    "qkv_bytes": qkv_bytes,
+                    "peak_over_qkv": round(peak / qkv_bytes, 4),
+                }
+            )
+            print(
+                f"  memory: peak extra {peak / 2**20:.1f} MiB, plan {plan_bytes / 2**20:.1f} MiB, "
+                f"{100 * peak / qkv_bytes:.2f}% of q,k,v ({qkv_bytes / 2**30:.2f} GiB)",
+                flush=True,
+            )
         del sets, sc_sets, bu_sets
         torch.cuda.empty_cache()
 
@@ -534,8 +587,12 @@ FP16_CASE = ("structured", 1, 8192, 32, 8, 128, 128, 4, 1, 0.95, 9)
 # proxy heads, seed).
 RECALL_CASES = [c for c in CASES if c[2] in (4096, 8192 + 77, 32768, 131072)]
 ROW_RECALL_CASES = list(dict.fromkeys(RECALL_CASES[:2] + RECALL_CASES[-1:]))
-HEAD_MAX_CASES = [(8192, 32, 8, 128, 4, 1, 11), (8192 + 77, 16, 2, 64, 16, 2, 12), (32768, 32, 8, 128, 16, 1, 13),
-                  (16384, 4, 1, 256, 4, 1, 14)]
+HEAD_MAX_CASES = [
+    (8192, 32, 8, 128, 4, 1, 11),
+    (8192 + 77, 16, 2, 64, 16, 2, 12),
+    (32768, 32, 8, 128, 16, 1, 13),
+    (16384, 4, 1, 256, 4, 1, 14),
+]
 # --needs: budget rule 3 on these, and with 8 rows on one more.
 NEEDS_CASES = [c for c in CASES if c[2] in (4096, 8192 + 77, 8192, 32768 - 5, 131072)]
 NEEDS_ROWS8_CASE = ("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.95, 5)
@@ -600,13 +657,17 @@ def main():
     props = torch.cuda.get_device_properties(0)
     report = {
         "what": "ProxyAttn estimation kernels: correctness vs fp32 reference and stage timings",
-        "gpu": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
+        "gpu": torch.cuda.get_device_name(0),
+        "sms": props.multi_processor_count,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit, "command": "python3 -m tests.gpu.check_estimation --out $OUT --commit <sha>",
+        "commit": args.commit,
+        "command": "python3 -m tests.gpu.check_estimation --out $OUT --commit <sha>",
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
         "shapes_timing": "B=1, Hq=32, Hkv=8, D=128, bf16, block 128, stride 4, proxy_heads 1, gamma 0.95, structured inputs",
         "timing_method": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms), inputs rotated over 2-3 sets",
-        "checks": RESULTS, "timings": TIMINGS, "wall_s": round(time.time() - t_start, 1),
+        "checks": RESULTS,
+        "timings": TIMINGS,
+        "wall_s": round(time.time() - t_start, 1),
     }
     date = datetime.date.today().isoformat()
     path = os.path.join(args.out, f"estimation{'_recall' if args.recall else '_needs' if args.needs else ''}_{date}.json")

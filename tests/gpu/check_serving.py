@@ -58,8 +58,32 @@ DEFAULT_LENGTHS = {
     "tiny-llama": [100, 300],
 }
 PACKAGED = {"smollm2": "smollm2-135m", "gemma3-270m": "gemma3-270m"}  # package name -> build.py model (config, spec)
-WORDS = ("river", "stone", "market", "winter", "lantern", "garden", "signal", "copper", "harbor", "meadow", "engine", "paper",
-         "orbit", "violet", "canyon", "thread", "mirror", "falcon", "silver", "window", "desert", "anchor", "forest", "piano")
+WORDS = (
+    "river",
+    "stone",
+    "market",
+    "winter",
+    "lantern",
+    "garden",
+    "signal",
+    "copper",
+    "harbor",
+    "meadow",
+    "engine",
+    "paper",
+    "orbit",
+    "violet",
+    "canyon",
+    "thread",
+    "mirror",
+    "falcon",
+    "silver",
+    "window",
+    "desert",
+    "anchor",
+    "forest",
+    "piano",
+)
 
 
 def _log(msg: str) -> None:
@@ -116,13 +140,25 @@ def write_repository(repo: Path, models: list[str], weights: dict[str, str], dev
         entries = {}
         for attention in ("dense", "proxyattn"):
             name = f"{model}_{attention}"
-            cfg = python_torch_config(name, weights=source, attention=attention, vocab_size=spec.vocab_size,
-                                      proxyattn=serving.serving_config(spec.proxyattn) if attention == "proxyattn" else None,
-                                      kind="GPU" if device == "cuda" else "CPU", tokenizer=True, default_max_tokens=16)
+            cfg = python_torch_config(
+                name,
+                weights=source,
+                attention=attention,
+                vocab_size=spec.vocab_size,
+                proxyattn=serving.serving_config(spec.proxyattn) if attention == "proxyattn" else None,
+                kind="GPU" if device == "cuda" else "CPU",
+                tokenizer=True,
+                default_max_tokens=16,
+            )
             write_python_model(repo, name, [], cfg, tokenizer)
             entries[attention] = name
-        info[model] = {"weights": source, "entries": entries, "tokenizer": str(repo / entries["dense"] / "1" / "tokenizer"),
-                       "layers": int(spec.hf_config["num_hidden_layers"]), "proxyattn": serving.serving_config(spec.proxyattn).to_attrs()}
+        info[model] = {
+            "weights": source,
+            "entries": entries,
+            "tokenizer": str(repo / entries["dense"] / "1" / "tokenizer"),
+            "layers": int(spec.hf_config["num_hidden_layers"]),
+            "proxyattn": serving.serving_config(spec.proxyattn).to_attrs(),
+        }
     return info
 
 
@@ -155,8 +191,7 @@ def _connect(http_url: str, timeout: float) -> http.client.HTTPConnection:
 
 def stream_request(http_url: str, model: str, text: str, max_tokens: int, timeout: float = 600) -> dict:
     """One generate_stream request (greedy, ignore_eos): client timings and the final response's fields."""
-    body = json.dumps({"text_input": text, "parameters": {"max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-                                                          "temperature": 0}})
+    body = json.dumps({"text_input": text, "parameters": {"max_tokens": max_tokens, "ignore_eos": True, "stream": True, "temperature": 0}})
     conn = _connect(http_url, timeout)
     t0 = time.perf_counter()
     ttft, events = None, []
@@ -171,18 +206,25 @@ def stream_request(http_url: str, model: str, text: str, max_tokens: int, timeou
                 continue
             if ttft is None:
                 ttft = (time.perf_counter() - t0) * 1e3
-            events.append(json.loads(line[len(b"data: "):]))
+            events.append(json.loads(line[len(b"data: ") :]))
     finally:
         conn.close()
     total = (time.perf_counter() - t0) * 1e3
     if response.status != 200 or not events or "error" in events[-1]:
         raise RuntimeError(f"{model}: HTTP {response.status}: {events[-1] if events else response.read()[:300]!r}")
     last = events[-1]
-    return {"ttft_ms": ttft, "total_ms": total, "events": len(events), "text": "".join(e.get("text_output", "") for e in events),
-            "output_ids": [e["output_ids"] for e in events if e.get("output_ids") is not None],
-            "prompt_tokens": last["prompt_tokens"], "completion_tokens": last["completion_tokens"],
-            "server_first_token_ms": last["first_token_ms"], "sparse_layers": last.get("sparse_layers"),
-            "finish_reason": last["finish_reason"]}
+    return {
+        "ttft_ms": ttft,
+        "total_ms": total,
+        "events": len(events),
+        "text": "".join(e.get("text_output", "") for e in events),
+        "output_ids": [e["output_ids"] for e in events if e.get("output_ids") is not None],
+        "prompt_tokens": last["prompt_tokens"],
+        "completion_tokens": last["completion_tokens"],
+        "server_first_token_ms": last["first_token_ms"],
+        "sparse_layers": last.get("sparse_layers"),
+        "finish_reason": last["finish_reason"],
+    }
 
 
 def post_json(http_url: str, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
@@ -211,8 +253,11 @@ def functional_checks(http_url: str, server_log, entries: dict[str, str]) -> Non
     for attention, name in entries.items():
         status, out = post_json(http_url, f"/v2/models/{name}/generate", {"text_input": "Hello, my name is", "max_tokens": 8})
         outs[attention] = out
-        check(f"{name}: generate answers text", status == 200 and out.get("completion_tokens", 0) >= 1 and "text_output" in out,
-              {"status": status, "text": out.get("text_output"), "finish_reason": out.get("finish_reason")})
+        check(
+            f"{name}: generate answers text",
+            status == 200 and out.get("completion_tokens", 0) >= 1 and "text_output" in out,
+            {"status": status, "text": out.get("text_output"), "finish_reason": out.get("finish_reason")},
+        )
     same = outs["dense"].get("output_ids") == outs["proxyattn"].get("output_ids")
     check("short prompt: ProxyAttn (dense below the threshold) = dense", same, {a: o.get("output_ids") for a, o in outs.items()})
     name = entries["proxyattn"]
@@ -220,18 +265,23 @@ def functional_checks(http_url: str, server_log, entries: dict[str, str]) -> Non
     check(f"{name}: wrong parameter type answered 400", status == 400 and "temperature" in out.get("error", ""), {"status": status, **out})
     conn = _connect(http_url, 120)
     try:
-        conn.request("POST", f"/v2/models/{name}/generate_stream",
-                     body=json.dumps({"text_input": "Once upon a time", "parameters": {"max_tokens": 2000, "ignore_eos": True,
-                                                                                        "stream": True}}),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            f"/v2/models/{name}/generate_stream",
+            body=json.dumps({"text_input": "Once upon a time", "parameters": {"max_tokens": 2000, "ignore_eos": True, "stream": True}}),
+            headers={"Content-Type": "application/json"},
+        )
         first = conn.getresponse().readline()
     finally:
         conn.sock.shutdown(2)
         conn.close()
     t0 = time.perf_counter()
     status, out = post_json(http_url, f"/v2/models/{name}/generate", {"text_input": "The sky is", "max_tokens": 2}, timeout=120)
-    check(f"{name}: next request answered after a client left mid-stream", first.startswith(b"data: ") and status == 200,
-          {"seconds": round(time.perf_counter() - t0, 2), "cancel_logged": "request cancelled by the client" in server_log()})
+    check(
+        f"{name}: next request answered after a client left mid-stream",
+        first.startswith(b"data: ") and status == 200,
+        {"seconds": round(time.perf_counter() - t0, 2), "cancel_logged": "request cancelled by the client" in server_log()},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
@@ -245,8 +295,14 @@ def run_workload(http_url: str, model: str, name: str, prompts: list[dict], max_
         r.update(length=p["length"], passkey_found=p["key"] in r["text"], prompt_index=p["index"])
     completion = sum(r["completion_tokens"] for r in results)
     prompt_tokens = sum(r["prompt_tokens"] for r in results)
-    return {"wall_s": wall, "completion_tokens": completion, "prompt_tokens": prompt_tokens,
-            "output_tokens_per_s": completion / wall, "prompt_tokens_per_s": prompt_tokens / wall, "requests": results}
+    return {
+        "wall_s": wall,
+        "completion_tokens": completion,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens_per_s": completion / wall,
+        "prompt_tokens_per_s": prompt_tokens / wall,
+        "requests": results,
+    }
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -254,13 +310,20 @@ def summarise(runs: list[dict]) -> list[dict]:
     keys = sorted({(r["model"], r["attention"], q["length"]) for r in runs for q in r["requests"]})
     for model, attention, length in keys:
         reqs = [q for r in runs if (r["model"], r["attention"]) == (model, attention) for q in r["requests"] if q["length"] == length]
-        rows.append({"model": model, "attention": attention, "length": length, "n": len(reqs),
-                     "prompt_tokens": statistics.median(q["prompt_tokens"] for q in reqs),
-                     "ttft_ms_median": statistics.median(q["ttft_ms"] for q in reqs),
-                     "server_first_token_ms_median": statistics.median(q["server_first_token_ms"] for q in reqs),
-                     "total_ms_median": statistics.median(q["total_ms"] for q in reqs),
-                     "sparse_layers": sorted({q["sparse_layers"] for q in reqs}),
-                     "passkey_found": sum(q["passkey_found"] for q in reqs)})
+        rows.append(
+            {
+                "model": model,
+                "attention": attention,
+                "length": length,
+                "n": len(reqs),
+                "prompt_tokens": statistics.median(q["prompt_tokens"] for q in reqs),
+                "ttft_ms_median": statistics.median(q["ttft_ms"] for q in reqs),
+                "server_first_token_ms_median": statistics.median(q["server_first_token_ms"] for q in reqs),
+                "total_ms_median": statistics.median(q["total_ms"] for q in reqs),
+                "sparse_layers": sorted({q["sparse_layers"] for q in reqs}),
+                "passkey_found": sum(q["passkey_found"] for q in reqs),
+            }
+        )
     for row in rows:
         if row["attention"] != "proxyattn":
             continue
@@ -370,14 +433,22 @@ def main(argv: list[str] | None = None) -> int:
                 sparse_runs = [q for r in runs if (r["model"], r["attention"]) == (model, "proxyattn") for q in r["requests"]]
                 threshold = info[model]["proxyattn"]["pa_dense_below_tokens"]
                 long_reqs = [q for q in sparse_runs if q["prompt_tokens"] > threshold]
-                check(f"{model}: ProxyAttn prefill ran sparse past {threshold} tokens",
-                      all((q["sparse_layers"] or 0) > 0 for q in long_reqs) and bool(long_reqs),
-                      {"long_requests": len(long_reqs), "sparse_layers": sorted({q["sparse_layers"] for q in long_reqs})})
+                check(
+                    f"{model}: ProxyAttn prefill ran sparse past {threshold} tokens",
+                    all((q["sparse_layers"] or 0) > 0 for q in long_reqs) and bool(long_reqs),
+                    {"long_requests": len(long_reqs), "sparse_layers": sorted({q["sparse_layers"] for q in long_reqs})},
+                )
                 dense_runs = [q for r in runs if (r["model"], r["attention"]) == (model, "dense") for q in r["requests"]]
-                check(f"{model}: dense model never ran sparse", all(q["sparse_layers"] == 0 for q in dense_runs),
-                      sorted({q["sparse_layers"] for q in dense_runs}))
-                check(f"{model}: every request generated max_tokens", all(q["completion_tokens"] == args.max_tokens
-                                                                         for r in runs for q in r["requests"] if r["model"] == model), "")
+                check(
+                    f"{model}: dense model never ran sparse",
+                    all(q["sparse_layers"] == 0 for q in dense_runs),
+                    sorted({q["sparse_layers"] for q in dense_runs}),
+                )
+                check(
+                    f"{model}: every request generated max_tokens",
+                    all(q["completion_tokens"] == args.max_tokens for r in runs for q in r["requests"] if r["model"] == model),
+                    "",
+                )
             server_log_tail = server.log()[-4000:]
     failed = not all(c["passed"] for c in CHECKS)
     summary = summarise(runs)
@@ -386,33 +457,57 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     report = {
-        "gpu": gpu, "device": args.device,
+        "gpu": gpu,
+        "device": args.device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit, "command": "python3 -m tests.gpu.check_serving " + " ".join(argv),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
-                     "python": platform.python_version(), "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"},
-        "settings": {"max_tokens": args.max_tokens, "concurrency": args.concurrency, "rounds": args.rounds,
-                     "prompts_per_length": args.prompts_per_length, "lengths": lengths, "instances_per_model": 1,
-                     "note": "one instance per model: concurrent requests queue; ttft_ms includes the queueing, "
-                             "server_first_token_ms is the prefill and first sampling alone"},
-        "startup_s": startup_s, "models": info, "checks": CHECKS, "summary": summary, "agreement": agreement(runs) if runs else [],
-        "runs": [{k: v for k, v in r.items()} for r in runs], "server_log_tail": server_log_tail,
+        "commit": args.commit,
+        "command": "python3 -m tests.gpu.check_serving " + " ".join(argv),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)",
+        },
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "prompts_per_length": args.prompts_per_length,
+            "lengths": lengths,
+            "instances_per_model": 1,
+            "note": "one instance per model: concurrent requests queue; ttft_ms includes the queueing, "
+            "server_first_token_ms is the prefill and first sampling alone",
+        },
+        "startup_s": startup_s,
+        "models": info,
+        "checks": CHECKS,
+        "summary": summary,
+        "agreement": agreement(runs) if runs else [],
+        "runs": [{k: v for k, v in r.items()} for r in runs],
+        "server_log_tail": server_log_tail,
     }
     tag = "".join(ch for ch in gpu.lower().replace("nvidia", "").split("(")[0] if ch.isalnum()) or "device"
     path = out_dir / f"serving_{tag}_{datetime.date.today().isoformat()}.json"
     tmp_path = path.with_name(f".{path.name}.tmp")
     tmp_path.write_text(json.dumps(report, indent=1))
     os.replace(tmp_path, path)
-    print(f"{'model':<14} {'attention':<10} {'length':>7} {'n':>3} {'TTFT ms':>9} {'server ms':>9} {'x dense':>8} {'sparse':>7} "
-          f"{'passkey':>7}")
+    print(
+        f"{'model':<14} {'attention':<10} {'length':>7} {'n':>3} {'TTFT ms':>9} {'server ms':>9} {'x dense':>8} {'sparse':>7} "
+        f"{'passkey':>7}"
+    )
     for r in summary:
         x = r.get("server_first_token_x_dense")
-        print(f"{r['model']:<14} {r['attention']:<10} {r['length']:>7} {r['n']:>3} {r['ttft_ms_median']:>9.1f} "
-              f"{r['server_first_token_ms_median']:>9.1f} {'' if x is None else f'{x:.2f}':>8} {str(r['sparse_layers']):>7} "
-              f"{r['passkey_found']:>4}/{r['n']}")
+        print(
+            f"{r['model']:<14} {r['attention']:<10} {r['length']:>7} {r['n']:>3} {r['ttft_ms_median']:>9.1f} "
+            f"{r['server_first_token_ms_median']:>9.1f} {'' if x is None else f'{x:.2f}':>8} {str(r['sparse_layers']):>7} "
+            f"{r['passkey_found']:>4}/{r['n']}"
+        )
     for r in runs:
-        print(f"{r['model']} {r['attention']} round {r['round']}: {r['wall_s']:.1f} s, {r['output_tokens_per_s']:.1f} output tok/s, "
-              f"{r['prompt_tokens_per_s']:.0f} prompt tok/s")
+        print(
+            f"{r['model']} {r['attention']} round {r['round']}: {r['wall_s']:.1f} s, {r['output_tokens_per_s']:.1f} output tok/s, "
+            f"{r['prompt_tokens_per_s']:.0f} prompt tok/s"
+        )
     print(f"wrote {path}; checks {sum(c['passed'] for c in CHECKS)}/{len(CHECKS)} passed")
     return 1 if failed else 0
 

@@ -144,8 +144,9 @@ class Driver:
         dev = C.c_int()
         self._check(self.cu.cuCtxGetDevice(C.byref(dev)), "cuCtxGetDevice")
         val = C.c_int()
-        self._check(self.cu.cuDeviceGetAttribute(C.byref(val), CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev),
-                    "cuDeviceGetAttribute")
+        self._check(
+            self.cu.cuDeviceGetAttribute(C.byref(val), CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev), "cuDeviceGetAttribute"
+        )
         self.max_optin = val.value
         self.modules = []
 
@@ -157,8 +158,9 @@ class Driver:
 
     def load(self, ptx: str, name: str):
         mod = C.c_void_p()
-        self._check(self.cu.cuModuleLoadDataEx(C.byref(mod), C.c_char_p(ptx.encode() + b"\0"), 0, None, None),
-                    f"cuModuleLoadDataEx({name})")
+        self._check(
+            self.cu.cuModuleLoadDataEx(C.byref(mod), C.c_char_p(ptx.encode() + b"\0"), 0, None, None), f"cuModuleLoadDataEx({name})"
+        )
         self.modules.append(mod)
         fn = C.c_void_p()
         self._check(self.cu.cuModuleGetFunction(C.byref(fn), mod, name.encode()), f"cuModuleGetFunction({name})")
@@ -169,12 +171,15 @@ class Driver:
         import torch
 
         if cfg.opt_in if opt_in is None else opt_in:
-            self._check(self.cu.cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, C.c_int(cfg.shared)),
-                        "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+            self._check(
+                self.cu.cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, C.c_int(cfg.shared)),
+                "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+            )
         params = param_pointer_array(values)
         stream = C.c_void_p(torch.cuda.current_stream().cuda_stream)
-        return self.cu.cuLaunchKernel(fn, *[C.c_uint(x) for x in cfg.grid], *[C.c_uint(x) for x in cfg.block],
-                                      C.c_uint(cfg.shared), stream, params, None)
+        return self.cu.cuLaunchKernel(
+            fn, *[C.c_uint(x) for x in cfg.grid], *[C.c_uint(x) for x in cfg.block], C.c_uint(cfg.shared), stream, params, None
+        )
 
 
 # ------------------------------------------------------------------------------------------ plugin launches
@@ -203,8 +208,10 @@ def run_plugin(drv: Driver, name: str, inputs, attrs: dict, tactic: int = 1):
         k = aot.compile_kernel(name, shapes, dtypes, compile_attrs, tactic, _arch())
         _COMPILED[key] = (k, drv.load(k.ptx, k.name))
     k, fn = _COMPILED[key]
-    outs = [torch.empty(sh, dtype=getattr(torch, _NP_TO_TORCH[dt]), device="cuda")
-            for sh, dt in zip(S.output_shapes(name, shapes, attrs), S.output_dtypes(name, dtypes))]
+    outs = [
+        torch.empty(sh, dtype=getattr(torch, _NP_TO_TORCH[dt]), device="cuda")
+        for sh, dt in zip(S.output_shapes(name, shapes, attrs), S.output_dtypes(name, dtypes))
+    ]
     for o in outs:
         (o.fill_(float("nan")) if o.is_floating_point() else o.fill_(-7))  # unwritten elements show
     ins = [t.contiguous() for t in inputs]
@@ -213,8 +220,17 @@ def run_plugin(drv: Driver, name: str, inputs, attrs: dict, tactic: int = 1):
     cfg = launch_config(S.launch(name, shapes, attrs, consts), k.num_warps, k.shared, drv.max_optin)
     rc = drv.launch(fn, cfg, values)
     drv._check(rc, f"cuLaunchKernel({name})")
-    LAUNCHES.append({"plugin": name, "kernel": k.name, "grid": cfg.grid, "block": cfg.block, "shared": cfg.shared,
-                     "opt_in": cfg.opt_in, "params": len(values)})
+    LAUNCHES.append(
+        {
+            "plugin": name,
+            "kernel": k.name,
+            "grid": cfg.grid,
+            "block": cfg.block,
+            "shared": cfg.shared,
+            "opt_in": cfg.opt_in,
+            "params": len(values),
+        }
+    )
     if cfg.opt_in:  # kept (with its buffers) for check_opt_in's launch without the attribute
         _BIG[k.name] = (k, cfg, values, ins + outs)
     return outs
@@ -227,6 +243,7 @@ def _plugin_ops(drv: Driver):
 
     ops = []
     for name, pdef in S.PLUGINS.items():
+
         def _run(self, *arrays, _name=name, _pdef=pdef, **_):
             attrs = {a: getattr(self, a) for a in _pdef.attrs}
             ins = [torch.from_numpy(np.ascontiguousarray(a)).cuda() for a in arrays]
@@ -250,13 +267,17 @@ def _node_model(b, s, hq, hkv, d, cfg, scale):
 
     from export import contract
 
-    node = helper.make_node(contract.OP_TYPE, ["q", "k", "v"], ["out"], domain=contract.DOMAIN, name="layer0",
-                            **contract.encode_attrs(cfg, scale=scale))
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, shape) for n, shape in
-          (("q", ["B", hq, "S", d]), ("k", ["B", hkv, "S", d]), ("v", ["B", hkv, "S", d]))]
+    node = helper.make_node(
+        contract.OP_TYPE, ["q", "k", "v"], ["out"], domain=contract.DOMAIN, name="layer0", **contract.encode_attrs(cfg, scale=scale)
+    )
+    io = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT16, shape)
+        for n, shape in (("q", ["B", hq, "S", d]), ("k", ["B", hkv, "S", d]), ("v", ["B", hkv, "S", d]))
+    ]
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["B", hq, "S", d])
-    return helper.make_model(helper.make_graph([node], "g", io, [out]),
-                             opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(contract.DOMAIN, 1)])
+    return helper.make_model(
+        helper.make_graph([node], "g", io, [out]), opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(contract.DOMAIN, 1)]
+    )
 
 
 def check_graph(drv: Driver, rule: int, s: int, seed: int = 0) -> dict:
@@ -299,8 +320,9 @@ def check_graph(drv: Driver, rule: int, s: int, seed: int = 0) -> dict:
             # other way: at most 1 entry in 10,000, by one block, is accepted and recorded.
             diff = (counts.long() - want.counts.long()).abs()
             info["counts_differing"] = int((diff > 0).sum())
-            assert int(diff.max()) <= 1 and info["counts_differing"] <= max(1, counts.numel() // 10_000), \
+            assert int(diff.max()) <= 1 and info["counts_differing"] <= max(1, counts.numel() // 10_000), (
                 f"rule 3: counts differ in {info['counts_differing']} entries, by up to {int(diff.max())} blocks"
+            )
         else:
             budgets = tagged["budgets"].to(torch.int32)
             want = dense_fallback(compact_plan(scores, budgets, s, cfg), hkv, cfg, early=early)
@@ -309,8 +331,9 @@ def check_graph(drv: Driver, rule: int, s: int, seed: int = 0) -> dict:
             info["budgets_differing"] = int((gpu_budgets != budgets).sum())
             assert int((gpu_budgets - budgets).abs().max()) <= 1, "budgets differ from the GPU path's by more than a tie"
             ref_plan = dense_fallback(esel.select_blocks(scores, gpu_budgets, s, cfg), hkv, cfg, early=early)
-            info["plan_mismatches_vs_gpu_path"] = plan_mismatches(BlockPlan(order, counts, budgets, cfg.block_size, s), ref_plan,
-                                                                  scores, cfg.min_budget_blocks)
+            info["plan_mismatches_vs_gpu_path"] = plan_mismatches(
+                BlockPlan(order, counts, budgets, cfg.block_size, s), ref_plan, scores, cfg.min_budget_blocks
+            )
         gpu_plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
         info["density_graph"] = round(float(counts.sum()) / (b * hq * nb * (nb + 1) / 2), 4)
         info["density_plan_blocks"] = round(float(gpu_plan.density().mean()), 4)
@@ -400,13 +423,19 @@ def main(argv=None) -> int:
             record(f"graph_rule{rule}_{s}", lambda rule=rule, s=s: check_graph(drv, rule, s, seed=s + rule))
     record("opt_in", lambda: check_opt_in(drv))
     record("topk_ties", check_topk_ties)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
+    commit = (
+        args.commit
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        or "unknown"
+    )
     doc = {
-        "gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "command": "python3 -m tests.gpu.check_trt_launch " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": "python3 -m tests.gpu.check_trt_launch " + " ".join(argv if argv is not None else sys.argv[1:]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__},
-        "checks": RESULTS, "launches": LAUNCHES,
+        "checks": RESULTS,
+        "launches": LAUNCHES,
     }
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -51,4 +51,3 @@ def test_dense_attention(s):
 
 def test_proxy_attention_on_the_gpu_plan():
     assert 0.0 < ca.check_proxy() <= 1.0
-

@@ -13,8 +13,13 @@ from tests.gpu import check_cpp as cc
 
 pytestmark = pytest.mark.gpu
 
-VARIANTS = [(dtype, d, bs, varlen) for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256) for bs in (64, 128)
-            for varlen in (False, True)]
+VARIANTS = [
+    (dtype, d, bs, varlen)
+    for dtype in (torch.bfloat16, torch.float16)
+    for d in (64, 128, 256)
+    for bs in (64, 128)
+    for varlen in (False, True)
+]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,23 @@ pytestmark = pytest.mark.gpu
 def test_serving_on_the_gpu(tmp_path):
     import os
 
-    cmd = [sys.executable, "-m", "tests.gpu.check_serving", "--device", "cuda", "--models", "tiny-llama", "--lengths",
-           "tiny-llama=100,1000", "--max-tokens", "8", "--concurrency", "2", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.gpu.check_serving",
+        "--device",
+        "cuda",
+        "--models",
+        "tiny-llama",
+        "--lengths",
+        "tiny-llama=100,1000",
+        "--max-tokens",
+        "8",
+        "--concurrency",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     if os.environ.get("PROXYATTN_NUMPY_WHEEL"):
         cmd += ["--numpy-wheel", os.environ["PROXYATTN_NUMPY_WHEEL"]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
