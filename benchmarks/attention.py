@@ -61,6 +61,16 @@ def bench_ms(fn, budget_ms: float = 400.0, min_reps: int = 3, max_reps: int = 50
     return t[len(t) // 2]
 
 
+def interleaved_ms(fns: dict, rounds: int, budget_ms: float) -> dict[str, float]:
+    """Median over `rounds` interleaved rounds (A, B, C, A, B, C, ...) of each fn's `bench_ms`: clock drift during
+    the run hits every fn alike, so ratios of the medians are measured in the same rounds."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            times[n].append(bench_ms(fn, budget_ms=budget_ms))
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+
+
 def dense_flops(s: int) -> float:
     return 4.0 * s * s * D * HQ / 2  # causal: half of the S x S products
 
@@ -271,17 +281,12 @@ def main() -> int:
                 if kind == "random" and name not in ("default", "default, no dense fallback", "budget_fraction=0.1"):
                     continue
                 try:
-                    # Interleaved with cuDNN (A, B, A, B, ...), median of each: the ratio is measured in the same
-                    # rounds, so clock drift between the sections of this run does not enter it.
+                    # Interleaved with cuDNN: the ratio does not mix sections of this run.
                     fns = {
                         "cudnn": lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION, True),
                         "ours": lambda: proxyattn.proxy_attention(q, k, v, cfg),
                     }
-                    times: dict[str, list[float]] = {n: [] for n in fns}
-                    for _ in range(args.rounds):
-                        for n, fn in fns.items():
-                            times[n].append(bench_ms(fn, budget_ms=150))
-                    med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+                    med = interleaved_ms(fns, args.rounds, budget_ms=150)
                     ms = med["ours"]
                     out = proxyattn.proxy_attention(q, k, v, cfg).float()
                     sparse = s > cfg.dense_below_tokens
@@ -316,7 +321,7 @@ def main() -> int:
         write_json(args.out, res)
 
     # ---------------------------------------------------------------- short sequences: dense path vs cuDNN
-    # Interleaved rounds (A, B, C, A, B, C, ...) so that clock drift hits all alike; median over rounds of each.
+    # Interleaved rounds (`interleaved_ms`): clock drift hits all alike.
     res["short"] = []
     for s in [x for x in (4096, 8192) if x in sizes]:
         q, k, v = qkv(s, s + 11)
@@ -325,11 +330,7 @@ def main() -> int:
             "proxy_attention_dense_below_8192": lambda: proxyattn.proxy_attention(q, k, v, ProxyAttnConfig(dense_below_tokens=8192)),
             "proxy_attention_default": lambda: proxyattn.proxy_attention(q, k, v, ProxyAttnConfig()),
         }
-        times: dict[str, list[float]] = {n: [] for n in fns}
-        for _ in range(7):
-            for n, fn in fns.items():
-                times[n].append(bench_ms(fn, budget_ms=60))
-        med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+        med = interleaved_ms(fns, 7, budget_ms=60)
         r = {
             "S": s,
             **{n + "_ms": m for n, m in med.items()},

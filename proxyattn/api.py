@@ -178,18 +178,7 @@ def block_needs(
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "block_needs") and k.shape[2] % scores.shape[1] == 0:
         return backend.block_needs(q, k, scores, cfg, sc, last_only=last_only)
-    return reference.block_needs(
-        q,
-        k,
-        scores,
-        block_size=cfg.block_size,
-        gamma=cfg.gamma,
-        scale=sc,
-        rows=cfg.recall_rows,
-        keep_sink=cfg.keep_sink,
-        keep_diagonal=cfg.keep_diagonal,
-        last_only=last_only,
-    )
+    return _reference_needs(q, k, scores, cfg, sc, last_only=last_only)
 
 
 def select_blocks(
@@ -251,12 +240,11 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
     if cfg.dense_density_permille == 0 or cfg.budget_fraction is not None:
         return None
     _check_inputs(q, k)
+    sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "early_dense_groups"):
-        return backend.early_dense_groups(q, k, cfg, resolve_scale(scale, q.shape[-1]))
-    budgets = head_budgets(q, k, cfg.replace(budget_rule=BudgetRule.MASS), scale=scale)
-    nb_seq = torch.full((q.shape[0],), -(-q.shape[1] // cfg.block_size), device=q.device, dtype=torch.int64)
-    return reference.early_dense_groups(budgets, k.shape[2], cfg.dense_density_permille, nb_seq)
+        return backend.early_dense_groups(q, k, cfg, sc)
+    return _reference_early_groups(q, k, cfg, sc)
 
 
 def _plan(q, k, cfg: ProxyAttnConfig, scale, early) -> BlockPlan:
@@ -285,22 +273,9 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
     the dense fallback): what the transformers reference path (`attn_implementation="proxyattn_ref"`) runs."""
     from . import variants
 
-    nb = -(-q.shape[1] // config.block_size)
     early = None
     if config.dense_density_permille > 0 and config.budget_fraction is None:
-        budgets = reference.rule_budgets(
-            q,
-            k,
-            None,
-            block_size=config.block_size,
-            gamma=config.gamma,
-            scale=scale,
-            budget_rule=BudgetRule.MASS,
-            keep_sink=config.keep_sink,
-            keep_diagonal=config.keep_diagonal,
-        )
-        nb_seq = torch.full((q.shape[0],), nb, device=q.device, dtype=torch.int64)
-        early = reference.early_dense_groups(budgets, k.shape[2], config.dense_density_permille, nb_seq)
+        early = _reference_early_groups(q, k, config, scale)
     scores = variants.proxy_scores(q, k, config, scale)
     plan = _rule_path(config).reference_plan(q, k, config, scale, early, scores)
     return dense_fallback(plan, k.shape[2], config, early=early)
@@ -356,9 +331,9 @@ def _rule_path(cfg: ProxyAttnConfig) -> _RulePath:
     return _LAST_BLOCK if cfg.budget_fraction is not None else _RULES[cfg.budget_rule]
 
 
-def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early) -> torch.Tensor:
-    """block_recall's needs as the plan uses them: the groups of `early` (`early_dense_groups`) are not measured and
-    need every block."""
+def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early=None, *, last_only: bool = False) -> torch.Tensor:
+    """block_recall's needs by the reference, as the plan uses them: the groups of `early` (`early_dense_groups`)
+    are not measured and need every block."""
     return reference.block_needs(
         q,
         k,
@@ -370,7 +345,25 @@ def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early) ->
         keep_sink=cfg.keep_sink,
         keep_diagonal=cfg.keep_diagonal,
         skip_groups=early,
+        last_only=last_only,
     )
+
+
+def _reference_early_groups(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
+    """`early_dense_groups` by the reference on q's device: the paper's budgets of the last query block, per group."""
+    budgets = reference.rule_budgets(
+        q,
+        k,
+        None,
+        block_size=cfg.block_size,
+        gamma=cfg.gamma,
+        scale=scale,
+        budget_rule=BudgetRule.MASS,
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+    )
+    nb_seq = torch.full((q.shape[0],), -(-q.shape[1] // cfg.block_size), device=q.device, dtype=torch.int64)
+    return reference.early_dense_groups(budgets, k.shape[2], cfg.dense_density_permille, nb_seq)
 
 
 def _check_plan(q, plan: BlockPlan) -> None:
