@@ -22,6 +22,8 @@ from pathlib import Path
 
 import onnx
 
+from export.staging import move_into_place
+
 from .models import Profile
 
 __all__ = ["profile_is_dense", "optimize_for_profile", "load_session", "uses_custom_op"]
@@ -57,9 +59,7 @@ def optimize_for_profile(model_path: str | os.PathLike, out_path: str | os.PathL
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         session = make_session(src, sparse=not dense, session_options=so)
         del session
-        # Data first, the .onnx last: a reader that sees the model file sees its data too.
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == out.name):
-            os.replace(f, out.parent / f.name)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

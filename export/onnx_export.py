@@ -20,7 +20,6 @@ data file one tensor at a time, so an 8B model never sits in memory twice.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from proxyattn.config import ProxyAttnConfig
 
 from . import contract, local_function
+from .staging import move_into_place
 
 __all__ = ["export_model", "random_weights", "count_proxy_nodes", "num_attention_layers", "estimate_export_memory", "available_memory"]
 
@@ -235,10 +235,7 @@ def export_model(
         local_function.attach(proto)
         onnx.save(proto, str(tmp_file))
         onnx.checker.check_model(str(tmp_file))  # by path: external data resolved beside the file
-        for extra in sorted(tmp_dir.iterdir()):
-            if extra.name != out_path.name:
-                os.replace(extra, out_path.parent / extra.name)
-        os.replace(tmp_file, out_path)
+        move_into_place(tmp_dir, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         hf.register(previous_config)

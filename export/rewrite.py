@@ -24,7 +24,6 @@ that did not match and why. Then cleanup, toposort, the local function, the chec
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +35,7 @@ import onnx
 from proxyattn.config import ProxyAttnConfig
 
 from . import contract, local_function
+from .staging import move_into_place
 
 __all__ = ["replace_attention_op", "replace_matmul_softmax", "rewrite_model", "layer_windows_from_config"]
 
@@ -317,10 +317,7 @@ def rewrite_model(in_path, out_path, *, config: ProxyAttnConfig, num_layers: int
     try:
         tmp_file = tmp_dir / out_path.name
         onnx.save(result, str(tmp_file), save_as_external_data=big, location=out_path.name + ".data")
-        for extra in sorted(tmp_dir.iterdir()):
-            if extra.name != out_path.name:
-                os.replace(extra, out_path.parent / extra.name)
-        os.replace(tmp_file, out_path)
+        move_into_place(tmp_dir, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_path
