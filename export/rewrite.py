@@ -129,8 +129,13 @@ def _window(layer_windows: Sequence[int | None] | None, index: int) -> int:
     return 0 if w is None else int(w)
 
 
-def _make_node(gs, graph, q, k, v, out, *, config, scale, window, index):
-    attrs = contract.encode_attrs(config, scale=float(np.float32(scale)), sliding_window=window)
+def _replace_with_proxy(gs, graph, old, q, k, v, *, config, scale, layer_windows, index):
+    """Append ProxyAttention #index over q and K/V before repeat_kv; it takes over `old`'s first output, which `old`
+    (the matched Attention node or the chain's last MatMul) gives up, so that cleanup() drops what only fed it."""
+    out = old.outputs[0]
+    old.outputs = []
+    k, v = _unexpand(k), _unexpand(v)
+    attrs = contract.encode_attrs(config, scale=float(np.float32(scale)), sliding_window=_window(layer_windows, index))
     node = gs.Node(
         op=contract.OP_TYPE, name=f"proxy_attention_{index}", attrs=attrs, inputs=[q, k, v], outputs=[out], domain=contract.DOMAIN
     )
@@ -166,12 +171,7 @@ def replace_attention_op(graph, *, config: ProxyAttnConfig, layer_windows=None, 
             if unmatched is not None:
                 unmatched.append((node.name or "<unnamed Attention>", reason))
             continue
-        index = start_index + count
-        out = node.outputs[0]
-        node.outputs = []
-        _make_node(
-            gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index), index=index
-        )
+        _replace_with_proxy(gs, graph, node, q, k, v, config=config, scale=scale, layer_windows=layer_windows, index=start_index + count)
         count += 1
     return count
 
@@ -236,12 +236,7 @@ def replace_matmul_softmax(
             miss(f"softmax scale {scale} is not a positive constant")
             continue
         v = pv.inputs[1]
-        index = start_index + count
-        out = pv.outputs[0]
-        pv.outputs = []
-        _make_node(
-            gs, graph, q, _unexpand(k), _unexpand(v), out, config=config, scale=scale, window=_window(layer_windows, index), index=index
-        )
+        _replace_with_proxy(gs, graph, pv, q, k, v, config=config, scale=scale, layer_windows=layer_windows, index=start_index + count)
         count += 1
     return count
 
