@@ -145,7 +145,10 @@ def last_row_order(scores: torch.Tensor, *, keep_sink: bool, keep_diagonal: bool
     forced = {n for n, keep in ((0, keep_sink), (nb - 1, keep_diagonal)) if keep}
     for bi in range(b):
         for g in range(r):
-            rank = lambda n: (-row[bi, g, n].item(), n)  # noqa: E731
+
+            def rank(n: int) -> tuple[float, int]:
+                return (-row[bi, g, n].item(), n)
+
             ranked = sorted(forced, key=rank) + sorted(set(range(nb)) - forced, key=rank)
             out[bi, g] = torch.tensor(ranked)
     return out.to(scores.device)
