@@ -117,14 +117,25 @@ proxyattn_status_t driver_open() {
   return PROXYATTN_SUCCESS;
 }
 
-proxyattn_status_t get_function(const KernelImage &image, CUfunction *fn) {
+namespace {
+
+// The calling thread's current CUDA context (the driver opened first); NO_CONTEXT when there is none.
+proxyattn_status_t current_context(CUcontext *ctx) {
   proxyattn_status_t st = driver_open();
   if (st != PROXYATTN_SUCCESS) return st;
-  CUcontext ctx = nullptr;
-  if ((st = check_cu(g_drv.CtxGetCurrent(&ctx), "cuCtxGetCurrent")) != PROXYATTN_SUCCESS) return st;
-  if (ctx == nullptr)
+  if ((st = check_cu(g_drv.CtxGetCurrent(ctx), "cuCtxGetCurrent")) != PROXYATTN_SUCCESS) return st;
+  if (*ctx == nullptr)
     return fail(PROXYATTN_ERROR_NO_CONTEXT,
                 "no current CUDA context on this thread (call cudaSetDevice/cudaFree(0) or cuCtxSetCurrent first)");
+  return PROXYATTN_SUCCESS;
+}
+
+}  // namespace
+
+proxyattn_status_t get_function(const KernelImage &image, CUfunction *fn) {
+  CUcontext ctx = nullptr;
+  proxyattn_status_t st = current_context(&ctx);
+  if (st != PROXYATTN_SUCCESS) return st;
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   ContextSlot *slot = nullptr;
   for (auto &s : g_slots)
@@ -195,13 +206,9 @@ proxyattn_status_t launch(const KernelImage &image, unsigned gx, unsigned gy, un
 }
 
 proxyattn_status_t current_sm_count(int *count) {
-  proxyattn_status_t st = driver_open();
-  if (st != PROXYATTN_SUCCESS) return st;
   CUcontext ctx = nullptr;
-  if ((st = check_cu(g_drv.CtxGetCurrent(&ctx), "cuCtxGetCurrent")) != PROXYATTN_SUCCESS) return st;
-  if (ctx == nullptr)
-    return fail(PROXYATTN_ERROR_NO_CONTEXT,
-                "no current CUDA context on this thread (call cudaSetDevice/cudaFree(0) or cuCtxSetCurrent first)");
+  proxyattn_status_t st = current_context(&ctx);
+  if (st != PROXYATTN_SUCCESS) return st;
   CUdevice dev = 0;
   if ((st = check_cu(g_drv.CtxGetDevice(&dev), "cuCtxGetDevice")) != PROXYATTN_SUCCESS) return st;
   return check_cu(g_drv.DeviceGetAttribute(count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
