@@ -76,7 +76,46 @@ METHODS = {
     "block_recall r8 g0.9": dict(gamma=0.9, budget_rule="block_recall", recall_rows=8),
     "block_mean g0.9": dict(gamma=0.9, estimator="block_mean", budget_rule="mass"),
     "static 0.25": dict(budget_fraction=0.25),
+    # the accuracy-against-density frontier (FRONTIER): every rule over gamma, fewer recall rows, budget_fraction
+    "proxy g0.8": dict(gamma=0.8, budget_rule="mass"),
+    "recall g0.8": dict(gamma=0.8, budget_rule="recall"),
+    "block_recall g0.85": dict(gamma=0.85, budget_rule="block_recall"),
+    "block_recall g0.7": dict(gamma=0.7, budget_rule="block_recall"),
+    "block_recall r2 g0.95": dict(gamma=0.95, budget_rule="block_recall", recall_rows=2),
+    "block_recall r2 g0.9": dict(gamma=0.9, budget_rule="block_recall", recall_rows=2),
+    "block_recall r2 g0.8": dict(gamma=0.8, budget_rule="block_recall", recall_rows=2),
+    "static 0.1": dict(budget_fraction=0.1),
+    "static 0.2": dict(budget_fraction=0.2),
+    "static 0.35": dict(budget_fraction=0.35),
+    "static 0.5": dict(budget_fraction=0.5),
 }
+# `--methods frontier`: the methods of the accuracy-against-density frontier (one plot and table per model)
+FRONTIER = [
+    "dense",
+    "block_recall g0.95",
+    "block_recall g0.9",
+    "block_recall g0.85",
+    "block_recall g0.8",
+    "block_recall g0.7",
+    "block_recall r2 g0.95",
+    "block_recall r2 g0.9",
+    "block_recall r2 g0.8",
+    "row_recall g0.95",
+    "recall g0.95",
+    "recall g0.8",
+    "proxy g0.95",
+    "proxy g0.8",
+    "static 0.1",
+    "static 0.2",
+    "static 0.35",
+    "static 0.5",
+]
+
+
+def family(method: str) -> str:
+    """The line a method belongs to in the frontier plot: its name without the gamma / fraction."""
+    return method.split(" g0")[0] if " g0" in method else method.split(" ")[0]
+
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 BINS = 8  # position bins of the natural-text loss
@@ -180,16 +219,57 @@ def run_method(model, impl: str, batch: torch.Tensor, device, micro: int) -> tup
 _sparse = {"config": None, "densities": []}
 
 
+def banded_attention(query, key, value, window: int, scale: float) -> torch.Tensor:
+    """Causal sliding-window attention of full, unpadded sequences (key j visible to query i iff
+    i - window < j <= i, transformers' `sliding_window_overlay`), `[B, S, Hq, D]` from query `[B, Hq, S, D]` and
+    key / value `[B, Hkv, S, D]`: queries in chunks of `window` against the previous and their own chunk, so
+    O(S * window) work instead of the O(S^2) masked SDPA transformers runs (Gemma 3's local layers at 32K)."""
+    b, hq, s, d = query.shape
+    w = window
+    n = -(-s // w)
+
+    def chunks(t):  # [B, H, S, D] -> [B * n, H, w, D]
+        t = torch.nn.functional.pad(t, (0, 0, 0, n * w - s))
+        return t.reshape(b, t.shape[1], n, w, d).transpose(1, 2).reshape(b * n, t.shape[1], w, d)
+
+    def with_previous(t):  # [B * n, H, w, D] -> [B * n, H, 2w, D]: the previous chunk (zeros before the first)
+        t5 = t.reshape(b, n, *t.shape[1:])
+        prev = torch.cat([torch.zeros_like(t5[:, :1]), t5[:, :-1]], dim=1)
+        return torch.cat([prev, t5], dim=3).reshape(b * n, t.shape[1], 2 * w, d)
+
+    qc = chunks(query)
+    kc, vc = with_previous(chunks(key)), with_previous(chunks(value))
+    i = torch.arange(w, device=query.device)[:, None] + w
+    j = torch.arange(2 * w, device=query.device)[None, :]
+    band = (j <= i) & (j > i - w)
+    mask = band.expand(b, n, w, 2 * w).clone()
+    mask[:, 0, :, :w] = False  # the first chunk has no previous one
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qc, kc, vc, attn_mask=mask.reshape(b * n, 1, w, 2 * w), scale=scale, enable_gqa=hq != key.shape[1]
+    )
+    return out.reshape(b, n, hq, w, d).permute(0, 1, 3, 2, 4).reshape(b, n * w, hq, d)[:, :s]
+
+
+def dense_attention(module, query, key, value, attention_mask, path: str, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """The dense path of both harness attentions: sliding-window layers banded (`banded_attention`: the harness
+    never pads nor caches, so their mask is the plain causal window), everything else transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if sliding_window is not None and dropout == 0.0 and query.shape[2] == key.shape[2]:
+        return banded_attention(query, key, value, sliding_window, scaling), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+    )
+
+
 def recording_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     """`proxyattn`'s attention with the plan's density recorded: the same `hf.choose_path` decision, and on the
     sparse path `proxy_attention`'s two stages (`plan_blocks`, then `block_sparse_attention`) called separately."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     cfg = _sparse["config"]
     path = hf.choose_path(module, query, key, attention_mask, cfg, dropout=dropout, sliding_window=sliding_window)
     if path != "sparse":
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+        return dense_attention(
+            module, query, key, value, attention_mask, path, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
         )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     plan = plan_blocks(q, k, cfg, scale=scaling)
@@ -203,16 +283,14 @@ _capture_on = [False]  # capture only during the dense run on the natural text
 
 
 def capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
-    """Stock SDPA, keeping q, k of the calls the sparse path would take (for plan statistics)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """Dense attention (`dense_attention`), keeping q, k of the calls the sparse path would take (plan statistics)."""
     path = hf.choose_path(
         module, query, key, attention_mask, ProxyAttnConfig(dense_below_tokens=0), dropout=dropout, sliding_window=sliding_window
     )
     if path == "sparse" and _capture_on[0]:
         _captured.append((module.layer_idx, query.transpose(1, 2).detach(), key.transpose(1, 2).detach(), scaling))
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+    return dense_attention(
+        module, query, key, value, attention_mask, path, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
     )
 
 
@@ -322,17 +400,73 @@ def plot(result: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def frontier_points(cell: dict) -> dict[str, list[tuple[float, float, str, bool | None]]]:
+    """Per method family, (density on the copy task, copy loss / dense, method, passkey hits equal to dense's)
+    of one cell, sorted by density."""
+    fams: dict[str, list] = {}
+    dense = cell["copy_loss"].get("dense")
+    hits_dense = cell["passkey_hits"].get("dense")
+    for m, loss in cell["copy_loss"].items():
+        if m == "dense" or dense is None or m not in cell.get("density_copy", {}):
+            continue
+        hits = cell["passkey_hits"].get(m)
+        same = None if hits is None or hits_dense is None else sum(hits) >= sum(hits_dense)
+        fams.setdefault(family(m), []).append((cell["density_copy"][m], loss / dense, m, same))
+    return {f: sorted(p) for f, p in fams.items()}
+
+
+def plot_frontier(result: dict, path: str) -> None:
+    """Copy loss relative to dense against density, one panel per length, one line per rule (over gamma) and
+    one for budget_fraction; open markers where passkey retrieval fell below dense; dotted: the +3% line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in result["cells"] if "dense" in c["copy_loss"]]
+    if not cells:
+        return
+    fig, axes = plt.subplots(1, len(cells), figsize=(6.5 * len(cells), 5), squeeze=False)
+    fams = sorted({family(m) for m in result["methods"] if m != "dense"})
+    for ax, cell in zip(axes[0], cells):
+        for fam, pts in sorted(frontier_points(cell).items()):
+            col = f"C{fams.index(fam) % 10}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=col, label=fam, lw=1)
+            for x, y, m, same in pts:
+                ax.plot([x], [y], "o", color=col, mfc=col if same is not False else "white")
+                ax.annotate(m[len(fam) :].strip(), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(1.03, color="k", lw=0.7, ls=":")
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.axvline(0.5, color="grey", lw=0.5, ls="--")
+        ax.set(
+            xlabel="mean kept-block density (copy task)",
+            ylabel="copy loss / dense",
+            title=f"L={cell['seq_len']} (dense copy loss {cell['copy_loss']['dense']:.3f})",
+            xlim=(0, 1.02),
+        )
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model']}: accuracy against density ({result['device']}; open marker: passkey below dense)")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+
+
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--replot":  # redraw the PNG beside a results JSON
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":  # redraw the PNGs beside a results JSON
         with open(sys.argv[2]) as f:
-            plot(json.load(f), sys.argv[2][: -len(".json")] + ".png")
+            result = json.load(f)
+        plot(result, sys.argv[2][: -len(".json")] + ".png")
+        if sum(m != "dense" for m in result["methods"]) >= 2:
+            plot_frontier(result, sys.argv[2][: -len(".json")] + "_frontier.png")
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["smollm2", "gemma3-270m"])
     ap.add_argument("--lengths", required=True)
     ap.add_argument("--trials", type=int, default=20, help="passkey trials per cell")
     ap.add_argument("--copies", type=int, default=2, help="copy sequences per cell")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of METHODS names, or 'frontier' (FRONTIER)")
+    ap.add_argument("--tag", default="", help="results go to accuracy_<model>[_<tag>].json / .png")
     ap.add_argument("--min-budget", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights and activations")
@@ -343,7 +477,7 @@ def main() -> None:
     ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     t0 = time.time()
-    methods = args.methods.split(",")
+    methods = FRONTIER if args.methods == "frontier" else args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {list(METHODS)}")
@@ -366,7 +500,8 @@ def main() -> None:
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
     os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"accuracy_{args.model}.json")
+    stem = os.path.join(args.out, f"accuracy_{args.model}" + (f"_{args.tag}" if args.tag else ""))
+    json_path = stem + ".json"
     result = {
         "what": "ProxyAttn accuracy on packaged real weights (see benchmarks/accuracy.py docstring)",
         "model": args.model,
@@ -452,7 +587,9 @@ def main() -> None:
         cell["total_seconds"] = round(time.time() - t_len, 1)
         result["cells"].append(cell)
         write_json(json_path, result)
-        plot(result, os.path.join(args.out, f"accuracy_{args.model}.png"))
+        plot(result, stem + ".png")
+        if sum(m != "dense" for m in methods) >= 2 and "copy" in tasks:
+            plot_frontier(result, stem + "_frontier.png")
     print(f"\n{args.model}: copy loss (vs dense) / passkey hits / density copy, natural")
     for c in result["cells"]:
         for m in methods:

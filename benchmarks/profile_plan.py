@@ -80,6 +80,76 @@ def top_ops(fn, k: int = 10) -> list[dict]:
     return [{"op": e.key[:60], "calls_per_call": e.count / 5, "self_cpu_us_per_call": round(e.self_cpu_time_total / 5, 1)} for e in rows]
 
 
+NEEDS_CANDIDATES = [(4, 4, 2), (8, 4, 2), (8, 4, 3), (8, 8, 2), (16, 4, 2), (16, 8, 2), (16, 8, 3), (32, 8, 2)]
+
+
+def sweep_needs(s: int, recall_rows: int) -> list[dict]:
+    """GPU time of rule 3's mass and cut kernels (`estimate_needs._launch_needs`, counts included) at length s
+    for every (query blocks per program, warps, stages) of NEEDS_CANDIDATES, CUDA-event timed, median of 10."""
+    from proxyattn.kernels import estimate_needs, estimate_rank
+    from proxyattn.kernels.estimate_scores import proxy_scores
+
+    cfg = ProxyAttnConfig(recall_rows=recall_rows)
+    q, k, _ = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
+    scale = D**-0.5
+    scores = proxy_scores(q, k, cfg, scale=scale)
+    order, _, sink_rank, diag_rank = estimate_rank.rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
+    rows, ref = [], None
+    for qb, warps, stages in NEEDS_CANDIDATES:
+
+        def fn():
+            return estimate_needs._launch_needs(
+                q,
+                k,
+                None,
+                order,
+                1,
+                s,
+                cfg,
+                scale,
+                last_only=False,
+                ranks=(sink_rank, diag_rank),
+                counts=True,
+                qb=qb,
+                num_warps=warps,
+                num_stages=stages,
+            )
+
+        try:
+            need, _ = fn()
+            same = None if ref is None else bool(torch.equal(need, ref))
+            ref = need if ref is None else ref
+            times = []
+            for _ in range(10):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            row = {
+                "S": s,
+                "recall_rows": recall_rows,
+                "qb": qb,
+                "num_warps": warps,
+                "num_stages": stages,
+                "ms": round(sorted(times)[5], 3),
+                "needs_equal_first": same,
+            }
+        except Exception as e:  # noqa: BLE001 -- a config that fails to compile (shared memory) is recorded, not fatal
+            row = {
+                "S": s,
+                "recall_rows": recall_rows,
+                "qb": qb,
+                "num_warps": warps,
+                "num_stages": stages,
+                "error": f"{type(e).__name__}: {str(e)[:160]}",
+            }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     default = ProxyAttnConfig()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,14 +167,28 @@ def parser() -> argparse.ArgumentParser:
         default=default.estimator,
         help=f"one of {Estimator.allowed()} (default {default.estimator.label})",
     )
+    ap.add_argument("--sweep-needs", default=None, metavar="SIZES", help="only time rule 3's kernels per launch config at these sizes")
     return ap
 
 
 def main() -> int:
     args = parser().parse_args()
+    if args.sweep_needs:
+        res = {"gpu": torch.cuda.get_device_name(), "what": "rule 3 needs kernels per launch config", "rows": []}
+        for s in [int(x) for x in args.sweep_needs.split(",")]:
+            for rows in (4, 2):
+                res["rows"] += sweep_needs(s, rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     base = ProxyAttnConfig(budget_rule=args.budget_rule, estimator=args.estimator)
     res = {"gpu": torch.cuda.get_device_name(), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label, "rows": []}
-    configs = [("default", base), ("no dense fallback", base.replace(dense_density=None))]
+    configs = [
+        ("default", base),
+        ("no dense fallback", base.replace(dense_density=None)),
+        ("recall_rows=2", base.replace(recall_rows=2)),
+    ]
     for s in [int(x) for x in args.sizes.split(",")]:
         q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
         for name, cfg in configs:

@@ -1,0 +1,52 @@
+"""benchmarks/accuracy.py's own attention: the banded path its sliding-window layers take (against the masked SDPA
+transformers would run) and the method table the frontier draws from."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_close
+
+_spec = importlib.util.spec_from_file_location("accuracy_bench", Path(__file__).parent.parent / "benchmarks" / "accuracy.py")
+acc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(acc)
+
+
+def masked_window_attention(q, k, v, window, scale):
+    """fp32 reference: key j visible to query i iff i - window < j <= i; `[B, S, Hq, D]`."""
+    s = q.shape[2]
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    mask = (j <= i) & (j > i - window)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    p = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    return (p @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,s,d,window",
+    [
+        (1, 4, 1, 37, 16, 8),  # length not a multiple of the window, GQA 4
+        (2, 7, 1, 64, 32, 16),  # batch 2, GQA 7, exact chunks
+        (1, 2, 2, 5, 8, 16),  # shorter than one window: plain causal
+        (1, 8, 1, 100, 64, 1),  # window 1: every query sees only itself
+    ],
+)
+def test_banded_attention_equals_masked(b, hq, hkv, s, d, window):
+    g = torch.Generator().manual_seed(s + window)
+    q = torch.randn(b, hq, s, d, generator=g)
+    k = torch.randn(b, hkv, s, d, generator=g)
+    v = torch.randn(b, hkv, s, d, generator=g)
+    scale = d**-0.5
+    out = acc.banded_attention(q, k, v, window, scale)
+    assert_close(out, masked_window_attention(q, k, v, window, scale), what=f"banded S={s} window={window}")
+
+
+def test_frontier_methods_are_defined():
+    missing = [m for m in acc.FRONTIER if m != "dense" and m not in acc.METHODS]
+    assert not missing, f"FRONTIER names methods METHODS lacks: {missing}"
+    assert acc.family("block_recall r2 g0.9") == "block_recall r2"
+    assert acc.family("static 0.35") == "static"
