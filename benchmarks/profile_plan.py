@@ -14,7 +14,10 @@ default with those choices, with and without the dense fallback.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -171,10 +174,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def provenance() -> dict:
+    """GPU, date, commit and command of a result file."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit or None,
+        "command": "python3 " + " ".join(sys.argv),
+    }
+
+
 def main() -> int:
     args = parser().parse_args()
     if args.sweep_needs:
-        res = {"gpu": torch.cuda.get_device_name(), "what": "rule 3 needs kernels per launch config", "rows": []}
+        res = {**provenance(), "what": "rule 3 needs kernels per launch config", "rows": []}
         for s in [int(x) for x in args.sweep_needs.split(",")]:
             for rows in (4, 2):
                 res["rows"] += sweep_needs(s, rows)
@@ -183,7 +197,7 @@ def main() -> int:
                 json.dump(res, f, indent=1)
         return 0
     base = ProxyAttnConfig(budget_rule=args.budget_rule, estimator=args.estimator)
-    res = {"gpu": torch.cuda.get_device_name(), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label, "rows": []}
+    res = {**provenance(), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label, "rows": []}
     configs = [
         ("default", base),
         ("no dense fallback", base.replace(dense_density=None)),
