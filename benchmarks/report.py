@@ -195,6 +195,51 @@ def budget_rule_table(model: str, files: list[str]) -> list[str]:
     return out
 
 
+FRONTIER_TOLERANCE = 0.03  # copy loss within 3 % of dense
+
+
+def frontier_table(files: list[str]) -> list[str]:
+    """The accuracy-against-density frontier (`accuracy_<model>_frontier.json`, benchmarks/accuracy.py
+    `--methods frontier`): per model and length, every method's copy-task density, copy loss x dense and passkey
+    hits against dense's, sorted by density; "ok" marks copy within 3 % of dense with passkey hits at least dense's."""
+    out = []
+    for name in sorted(f for f in files if f.startswith("accuracy_") and f.endswith("_frontier.json")):
+        d = load(name)
+        model = name[len("accuracy_") : -len("_frontier.json")]
+        out += [
+            f"**{model}** (`{name}`, plot `{name[:-5]}_frontier.png`: {d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}, "
+            f"{d['copies']} copy sequences and {d['trials']} passkey trials per length; `{d['command']}`)",
+            "",
+            "| L | method | density (copy) | copy loss x dense | passkey (dense) | within 3 % and passkey = dense |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in d["cells"]:
+            dense = c["copy_loss"].get("dense")
+            hits_dense = c["passkey_hits"].get("dense")
+            rows = []
+            for m, loss in c["copy_loss"].items():
+                if m == "dense" or not dense:
+                    continue
+                hits = c["passkey_hits"].get(m)
+                rel = loss / dense
+                same = hits is not None and hits_dense is not None and sum(hits) >= sum(hits_dense)
+                ok = rel <= 1 + FRONTIER_TOLERANCE and same
+                dens = c.get("density_copy", {}).get(m)
+                passkey = (
+                    "—"
+                    if hits is None
+                    else f"{sum(hits)}/{len(hits)} ({sum(hits_dense)}/{len(hits_dense)})"
+                    if hits_dense
+                    else f"{sum(hits)}/{len(hits)}"
+                )
+                rows.append((dens if dens is not None else 2.0, m, rel, passkey, ok))
+            for dens, m, rel, passkey, ok in sorted(rows):
+                verdict = "ok" if ok else "no"
+                out.append(f"| {k(c['seq_len'])} | {m} | {_fmt(dens if dens <= 1 else None, '.2f')} | {rel:.3f} | {passkey} | {verdict} |")
+        out.append("")
+    return out
+
+
 def _gpu_tag(d: dict) -> str:
     name = d["gpu"].upper()
     return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
@@ -290,6 +335,7 @@ def write_summary(files: list[str]) -> str:
 
 README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 BEGIN, END = "<!-- report.py performance: begin -->", "<!-- report.py performance: end -->"
+FRONTIER_BEGIN, FRONTIER_END = "<!-- report.py frontier: begin -->", "<!-- report.py frontier: end -->"
 _KEY_LENGTHS = (16384, 32768, 40960, 65536, 131072)
 _KEY_METHODS = ("default", "default, no dense fallback", "budget_rule=2", "budget_fraction=0.1")
 
@@ -339,15 +385,21 @@ def performance_section(files: list[str]) -> list[str]:
     return out
 
 
+def _replace_between(text: str, begin: str, end: str, lines: list[str]) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {begin!r} ... {end!r}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + "\n".join(lines) + "\n" + end + tail
+
+
 def update_readme(files: list[str]) -> None:
-    """Replace the README's text between the performance markers with `performance_section` (atomically)."""
+    """Replace the README's text between the performance markers with `performance_section` and between the
+    frontier markers with `frontier_table` (atomically)."""
     with open(README) as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {BEGIN!r} ... {END!r}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = head + BEGIN + "\n" + "\n".join(performance_section(files)) + "\n" + END + tail
+    new = _replace_between(text, BEGIN, END, performance_section(files))
+    new = _replace_between(new, FRONTIER_BEGIN, FRONTIER_END, frontier_table(files))
     tmp = README + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)
@@ -373,6 +425,7 @@ def main() -> int:
         title = name[len("accuracy_") : -len(".json")]
         lines += [f"### Accuracy: {title}", ""] + accuracy_table(load(name), name) + [""]
     acc = [f for f in files if f.startswith("accuracy_") and f.endswith(".json")]
+    lines += ["### Accuracy against density", ""] + frontier_table(files)
     for model in ("gemma3-270m", "smollm2"):
         table = budget_rule_table(model, acc)
         if table:
