@@ -32,5 +32,7 @@ case $model in
 esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PROXYATTN_GGUF_DIR=/tmp/gguf PYTHONUNBUFFERED=1
-python3 benchmarks/accuracy.py --model "$model" --lengths "$lengths" --methods "$methods" --device cuda --dtype bfloat16 \
-  --commit "$commit" --out "$out" "$@" 2>&1 | grep -v -i "warn\|de-quantizing\|Loading weights" | tee "$out/accuracy_$model.log"
+# exec: a `timeout` around this script stops the benchmark itself, not only the shell (a leftover run would hold
+# the GPU in the next call); the log is written unfiltered and unbuffered, so a cut run still shows how far it got.
+exec python3 benchmarks/accuracy.py --model "$model" --lengths "$lengths" --methods "$methods" --device cuda --dtype bfloat16 \
+  --commit "$commit" --out "$out" "$@" > "$out/accuracy_$model.log" 2>&1
