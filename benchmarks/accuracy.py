@@ -477,7 +477,12 @@ def main() -> None:
     methods = FRONTIER if args.methods == "frontier" else args.methods.split(",")
     for m in methods:
         if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; known: {list(METHODS)}")
+            allowed = f"'frontier' alone, or a comma list of {list(METHODS)}"
+            print(f"accuracy.py: --methods: unknown method {m!r}; allowed: {allowed}", file=sys.stderr)
+            raise SystemExit(2)
+    if not all(c.isalnum() or c in "_.-" for c in args.tag):
+        print(f"accuracy.py: --tag={args.tag!r}: allowed are letters, digits, '_', '.' and '-' (it names files)", file=sys.stderr)
+        raise SystemExit(2)
     cfgs = {m: _cfg(args.min_budget, **METHODS[m]) for m in methods if METHODS[m] is not None}
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

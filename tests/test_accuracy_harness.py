@@ -2,6 +2,8 @@
 transformers would run) and the method table the frontier draws from."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,23 @@ def test_frontier_methods_are_defined():
     assert not missing, f"FRONTIER names methods METHODS lacks: {missing}"
     assert acc.family("block_recall r2 g0.9") == "block_recall r2"
     assert acc.family("static 0.35") == "static"
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--methods", "dense,bogus"], "'bogus'"),
+        (["--methods", "dense", "--tag", "a/b"], "'a/b'"),
+    ],
+)
+def test_bad_cli_input_is_one_named_error(args, named, tmp_path):
+    script = Path(__file__).parent.parent / "benchmarks" / "accuracy.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--model", "smollm2", "--lengths", "1024", "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert named in r.stderr and "allowed" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
