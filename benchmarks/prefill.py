@@ -40,6 +40,7 @@ import torch
 import proxyattn
 import proxyattn.hf as hf
 from proxyattn import ProxyAttnConfig
+from proxyattn.testing import random_weights_
 
 from engines.models import transformers_config, transformers_config_kwargs
 
@@ -96,13 +97,7 @@ def build_model(device="cuda", **override):
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    random_weights_(model, torch.Generator(device=device).manual_seed(0))
     # Non-persistent buffers (RoPE inverse frequencies) are garbage after to_empty: rebuild them on the GPU.
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
+from proxyattn.testing import random_weights_
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MODEL = "llama3.1-8b"  # engines/models.py: 32 layers, hidden 4096, 32 query / 8 KV heads, head dim 128, 128K context
 MODEL_CHOICES = (MODEL, "tiny-llama")  # tiny-llama (4 / 2 heads): only a CPU smoke run of the code path
@@ -166,13 +166,7 @@ def ensure_checkpoint(path: Path, model_name: str) -> None:
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    random_weights_(model, torch.Generator().manual_seed(0))
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     if path.exists():
@@ -293,9 +287,10 @@ def worker(args) -> None:
                     times = ttft(ids, args.reps)
                 row["peak_gib_per_gpu"][label] = gather(gib(torch.cuda.max_memory_allocated() if cuda else 0))
                 if cfg is not None:
-                    paths = sorted({r.path for r in rec})
-                    if paths != ["sparse"]:
-                        raise RuntimeError(f"{label} at S={s}, TP={n}: attention paths {paths}, expected ['sparse']")
+                    # Below the config's crossover every layer runs dense by design (hf.choose_path "dense:short").
+                    paths, expected = sorted({r.path for r in rec}), ["sparse" if s >= cfg.dense_below_tokens else "dense:short"]
+                    if paths != expected:
+                        raise RuntimeError(f"{label} at S={s}, TP={n}: attention paths {paths}, expected {expected}")
                     row["path"][label] = paths[0]
                 row["ttft_ms"][label], row["runs_ms"][label] = median(times), times
         result["rows"].append(row)
@@ -339,7 +334,9 @@ def driver(args) -> None:
             args.commit or git_commit(),
         ]
         print("[tp_prefill] " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        # The workers import the project as this driver did: from the checkout when it is not pip-installed.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": path})
     partials = [json.loads(p.read_text()) for p in sorted(out.glob("tp_prefill_tp*.json"))]
     merged = merge(partials)
     merged["command"] = "python3 benchmarks/tp_prefill.py " + " ".join(sys.argv[1:])

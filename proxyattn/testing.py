@@ -20,7 +20,7 @@ import math
 
 import torch
 
-__all__ = ["structured_qkv", "rope"]
+__all__ = ["structured_qkv", "rope", "random_weights_"]
 
 ROPE_THETA = 500000.0
 
@@ -257,3 +257,16 @@ def plan_mismatches(
         if not (bool((added >= t - tol).all()) and bool((dropped <= t + tol).all())):
             bad += 1
     return bad
+
+
+# ----------------------------------------------------------------------------------------- random weights
+@torch.no_grad()
+def random_weights_(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Fill every parameter of `model` in place for speed benchmarks without a checkpoint: norm weights 1, the rest
+    normal(0, 0.02) drawn from `generator` (on the parameters' device). Returns the model."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=generator)
+    return model
