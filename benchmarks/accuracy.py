@@ -247,7 +247,7 @@ def banded_attention(query, key, value, window: int, scale: float) -> torch.Tens
     return out.reshape(b, n, hq, w, d).permute(0, 1, 3, 2, 4).reshape(b, n * w, hq, d)[:, :s]
 
 
-def dense_attention(module, query, key, value, attention_mask, path: str, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+def dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     """The dense path of both harness attentions: sliding-window layers banded (`banded_attention`: the harness
     never pads nor caches, so their mask is the plain causal window), everything else transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -266,7 +266,7 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
     path = hf.choose_path(module, query, key, attention_mask, cfg, dropout=dropout, sliding_window=sliding_window)
     if path != "sparse":
         return dense_attention(
-            module, query, key, value, attention_mask, path, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
         )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     plan = plan_blocks(q, k, cfg, scale=scaling)
@@ -287,7 +287,7 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if path == "sparse" and _capture_on[0]:
         _captured.append((module.layer_idx, query.transpose(1, 2).detach(), key.transpose(1, 2).detach(), scaling))
     return dense_attention(
-        module, query, key, value, attention_mask, path, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs
     )
 
 
