@@ -23,7 +23,8 @@ at once. Nothing can forward a SIGKILL sent to this process: the server then kee
 
 The backend's Python needs numpy 1.x: the Python backend stub of nvidia-pytriton 0.7.0 is built against numpy 1.x
 and misreads numpy 2.x arrays (a BYTES tensor, the text interface, crashes the stub). `backend_env(path)` makes (once)
-a virtual environment of this interpreter holding numpy 1.26.4 in front of this interpreter's own site-packages;
+a virtual environment of this interpreter holding numpy 1.26.4 in front of a view of this interpreter's own
+site-packages that leaves out the packages needing numpy 2 (`numpy2_only`);
 the server is started with that environment's `bin` first on PATH, which is where the stub's embedded interpreter
 (isolated: it ignores PYTHONPATH and PYTHONHOME) finds its prefix. numpy comes from the package index, or from a
 wheel file (`numpy_wheel`, for machines without one).
@@ -190,9 +191,87 @@ def _host_site_dirs() -> list[str]:
     return [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# What the backend imports (the project, the ONNX Runtime and transformers models, GGUF weights): these and
+# everything they require stay visible in the backend environment whatever numpy they declare.
+BACKEND_ROOTS = ("proxyattn", "torch", "transformers", "tokenizers", "safetensors", "onnxruntime", "onnx", "gguf")
+
+
+def numpy2_only(site_dir: str | os.PathLike) -> dict[str, str]:
+    """The distributions installed in `site_dir` to hide from the backend (numpy BACKEND_NUMPY), with the reason:
+    those whose numpy requirement excludes BACKEND_NUMPY (scipy >= 1.16 requires numpy >= 2, and its import fails
+    under numpy 1.x, while transformers imports scipy whenever it is installed), then, repeatedly, those that
+    require a hidden one (scikit-learn requires scipy); never BACKEND_ROOTS nor anything they require. Markers are
+    evaluated for this interpreter with no extras. {canonical name: reason}."""
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    env = {**default_environment(), "extra": ""}
+    needs: dict[str, list[Requirement]] = {}
+    for dist in metadata.distributions(path=[str(site_dir)]):
+        name = dist.metadata["Name"]
+        if not name:
+            continue
+        reqs = []
+        for line in dist.requires or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or req.marker.evaluate(env):
+                reqs.append(req)
+        needs[_canonical(name)] = reqs
+    kept, todo = set(), [_canonical(r) for r in BACKEND_ROOTS]
+    while todo:  # BACKEND_ROOTS and what they require, transitively
+        name = todo.pop()
+        if name in needs and name not in kept:
+            kept.add(name)
+            todo += [_canonical(r.name) for r in needs[name]]
+    hidden = {
+        name: f"requires {req}"
+        for name, reqs in needs.items()
+        for req in reqs
+        if name not in kept and _canonical(req.name) == "numpy" and not req.specifier.contains(BACKEND_NUMPY, prereleases=True)
+    }
+    grew = True
+    while grew:
+        grew = False
+        for name, reqs in needs.items():
+            dep = next((r for r in reqs if _canonical(r.name) in hidden), None)
+            if name not in hidden and name not in kept and dep is not None:
+                hidden[name] = f"requires {_canonical(dep.name)}"
+                grew = True
+    return hidden
+
+
+def _site_view_entries(site_dir: str) -> tuple[list[str], dict[str, str]]:
+    """The entries of `site_dir` the backend environment shows (every one but those of numpy itself, shadowed by
+    the environment's own, and of `numpy2_only`'s distributions), and the hidden distributions with reasons."""
+    from importlib import metadata
+
+    hidden = numpy2_only(site_dir)
+    hide_dists = set(hidden) | {"numpy"}
+    owned: set[str] = set()
+    for dist in metadata.distributions(path=[site_dir]):
+        if _canonical(dist.metadata["Name"] or "") in hide_dists:
+            owned.add(Path(dist._path).name)  # the .dist-info directory
+            for f in dist.files or []:
+                top = f.parts[0] if f.parts else ""
+                if top and top != ".." and not Path(top).is_absolute():
+                    owned.add(top)
+    shown = sorted(e for e in os.listdir(site_dir) if e not in owned and not e.startswith("__pycache__"))
+    return shown, hidden
+
+
 def _env_signature() -> str:
+    site = {d: _site_view_entries(d)[0] for d in _host_site_dirs()}
     return json.dumps(
-        {"numpy": BACKEND_NUMPY, "python": sys.executable, "version": list(sys.version_info[:3]), "site": _host_site_dirs()}, sort_keys=True
+        {"numpy": BACKEND_NUMPY, "python": sys.executable, "version": list(sys.version_info[:3]), "site": site}, sort_keys=True
     )
 
 
@@ -201,11 +280,16 @@ def backend_env(
 ) -> Path:
     """The backend's Python environment at `path` (default `default_backend_env()`), made when missing or stale.
 
-    A venv of this interpreter (no pip) whose site-packages holds numpy BACKEND_NUMPY and a `.pth` that adds this
-    interpreter's site-packages after it (torch, transformers, onnxruntime and the project come from there). numpy
+    A venv of this interpreter (no pip) whose site-packages holds numpy BACKEND_NUMPY and a `.pth` that adds, after
+    it, a view of each of this interpreter's site-packages (`host/<i>`: symlinks to its entries; torch,
+    transformers, onnxruntime and the project come from there). The view leaves out numpy itself and the
+    distributions that need numpy 2 (`numpy2_only`: scipy's builds for numpy 2 fail to import under numpy 1.x, and
+    transformers imports scipy whenever it is installed), so that those look not installed to the backend. numpy
     is installed with this interpreter's pip from `numpy_wheel` (no index) or from the package index. Built in a
-    temporary sibling, checked (`import numpy, torch` in it) and renamed into place; a directory at `path` that is
-    not such an environment (no marker file) is refused, never removed. ValueError naming the problem.
+    temporary sibling, checked (`import numpy, torch` and `transformers.modeling_utils` when transformers is
+    installed) and renamed into place; remade when the Python, numpy or the entries of the views would change. A
+    directory at `path` that is not such an environment (no marker file) is refused, never removed. ValueError
+    naming the problem.
     """
     path = Path(path) if path is not None else default_backend_env()
     marker = path / _ENV_MARKER
@@ -250,11 +334,23 @@ def backend_env(
         )
         if pip.returncode != 0:
             raise ValueError(f"installing numpy {BACKEND_NUMPY} into the backend environment failed: {pip.stderr.strip()[-800:]}")
-        lines = [f"import site; site.addsitedir({d!r})" for d in _host_site_dirs()]
+        lines = []
+        for i, d in enumerate(_host_site_dirs()):  # a view of each: symlinks to every entry the backend may import
+            view = tmp / "host" / str(i)
+            view.mkdir(parents=True)
+            shown, hidden = _site_view_entries(d)
+            for entry in shown:
+                (view / entry).symlink_to(Path(d) / entry)
+            if hidden and log is not None:
+                log(f"backend environment: hiding {', '.join(f'{n} ({why})' for n, why in sorted(hidden.items()))} of {d}")
+            lines.append(f"import os, site, sys; site.addsitedir(os.path.join(sys.prefix, 'host', {str(i)!r}))")
         (site / "zz_proxyattn_host.pth").write_text("\n".join(lines) + "\n")
-        check = subprocess.run(
-            [str(tmp / "bin" / "python3"), "-c", "import numpy, torch; print(numpy.__version__)"], capture_output=True, text=True
+        probe = (
+            "import numpy, torch, importlib.util as u\n"
+            "if u.find_spec('transformers'): import transformers.modeling_utils\n"
+            "print(numpy.__version__)"
         )
+        check = subprocess.run([str(tmp / "bin" / "python3"), "-c", probe], capture_output=True, text=True)
         if check.returncode != 0 or check.stdout.strip() != BACKEND_NUMPY:
             raise ValueError(f"the backend environment does not work: numpy {check.stdout.strip()!r}, {check.stderr.strip()[-800:]}")
         (tmp / _ENV_MARKER).write_text(signature)
