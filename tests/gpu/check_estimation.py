@@ -166,10 +166,10 @@ def check_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, dtype=torch.bfloa
     assert bad_b == 0, f"{bad_b} budgets differ beyond ties"
     plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
     assert plan.budget_blocks.equal(budgets)
-    # Selection is exact: the GPU plan equals the compact_plan of the GPU's own scores.
-    own = compact_plan(scores, budgets, s, cfg)
+    # Selection is exact: the GPU plan equals the compact_plan of the GPU's own scores, with the dense fallback.
+    own = dense_fallback(compact_plan(scores, budgets, s, cfg), hkv, cfg)
     assert plan.order.equal(own.order) and plan.counts.equal(own.counts), "GPU selection differs from compact_plan on its own scores"
-    ref_plan = compact_plan(ref_scores, budgets, s, cfg)
+    ref_plan = dense_fallback(compact_plan(ref_scores, budgets, s, cfg), hkv, cfg)
     # Against the fp32 reference plan: rows may differ only where the measured score error explains the swap.
     bad_p = plan_mismatches(plan, ref_plan, ref_scores, cfg.min_budget_blocks, scores=scores)
     assert bad_p == 0, f"{bad_p} plan rows differ beyond ties"
