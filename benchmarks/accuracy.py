@@ -81,6 +81,10 @@ METHODS = {
     "recall g0.8": dict(gamma=0.8, budget_rule="recall"),
     "block_recall g0.85": dict(gamma=0.85, budget_rule="block_recall"),
     "block_recall g0.7": dict(gamma=0.7, budget_rule="block_recall"),
+    "block_recall g0.82": dict(gamma=0.82, budget_rule="block_recall"),
+    "block_recall g0.84": dict(gamma=0.84, budget_rule="block_recall"),
+    "block_recall g0.83": dict(gamma=0.83, budget_rule="block_recall"),
+    "block_recall r2 g0.85": dict(gamma=0.85, budget_rule="block_recall", recall_rows=2),
     "block_recall r2 g0.95": dict(gamma=0.95, budget_rule="block_recall", recall_rows=2),
     "block_recall r2 g0.9": dict(gamma=0.9, budget_rule="block_recall", recall_rows=2),
     "block_recall r2 g0.8": dict(gamma=0.8, budget_rule="block_recall", recall_rows=2),
@@ -413,9 +417,14 @@ def frontier_points(cell: dict) -> dict[str, list[tuple[float, float, str, bool 
     return {f: sorted(p) for f, p in fams.items()}
 
 
+YMAX_FRONTIER = 1.5  # the frontier plot's y axis ends here (copy loss / dense)
+
+
 def plot_frontier(result: dict, path: str) -> None:
     """Copy loss relative to dense against density, one panel per length, one line per rule (over gamma) and
-    one for budget_fraction; open markers where passkey retrieval fell below dense; dotted: the +3% line."""
+    one for budget_fraction; open markers where passkey retrieval fell below dense; dotted: the +3% line. The y axis
+    stops at YMAX_FRONTIER so that the region near dense stays readable: a point above it is drawn on the top edge
+    as a triangle labelled with its value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,10 +438,14 @@ def plot_frontier(result: dict, path: str) -> None:
     for ax, cell in zip(axes[0], cells):
         for fam, pts in sorted(frontier_points(cell).items()):
             col = f"C{fams.index(fam) % 10}"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=col, label=fam, lw=1)
+            ax.plot([p[0] for p in pts], [min(p[1], YMAX_FRONTIER) for p in pts], "-", color=col, label=fam, lw=1)
             for x, y, m, same in pts:
-                ax.plot([x], [y], "o", color=col, mfc=col if same is not False else "white")
-                ax.annotate(m[len(fam) :].strip(), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                label = m[len(fam) :].strip()
+                if y > YMAX_FRONTIER:
+                    y, label = YMAX_FRONTIER, f"{label} ({y:.1f}x)"
+                marker = "^" if y == YMAX_FRONTIER else "o"
+                ax.plot([x], [y], marker, color=col, mfc=col if same is not False else "white", clip_on=False)
+                ax.annotate(label, (x, y), fontsize=6, xytext=(3, -8 if marker == "^" else 3), textcoords="offset points")
         ax.axhline(1.03, color="k", lw=0.7, ls=":")
         ax.axhline(1.0, color="k", lw=0.5)
         ax.axvline(0.5, color="grey", lw=0.5, ls="--")
@@ -441,6 +454,7 @@ def plot_frontier(result: dict, path: str) -> None:
             ylabel="copy loss / dense",
             title=f"L={cell['seq_len']} (dense copy loss {cell['copy_loss']['dense']:.3f})",
             xlim=(0, 1.02),
+            ylim=(min(0.8, *(p[1] for pts in frontier_points(cell).values() for p in pts)) - 0.02, YMAX_FRONTIER),
         )
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']}: accuracy against density ({result['device']}; open marker: passkey below dense)")

@@ -4,7 +4,8 @@
     python3 benchmarks/report.py --readme   # rewrites the README's performance tables (between its markers)
 
 Every figure printed here is read from a results file (GPU, date, commit and command are printed with it). It also
-writes `benchmarks/results/summary.json`: one row per measured figure of the current attention and prefill files,
+writes `benchmarks/results/summary.json`: one row per measured figure, attention and kernel rows from the newest
+attention file that measured them (per GPU, method, inputs and length), prefill rows from the newest prefill file,
 with the keys gpu, commit, date, benchmark ("attention", "prefill" or "kernel"), method (the config's name,
 "default" for the default), inputs, seq_len, density, rel_err (output against dense; null for prefill),
 speedup_vs_dense (dense time / this time, same run) and, for kernel rows, tflops_eff.
@@ -263,11 +264,28 @@ def current_files(files: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def attention_files(files: list[str]) -> list[str]:
+    """Every attention results file (`attention_*.json` with a GPU and a date), oldest first by recorded date."""
+    named = [(load(n), n) for n in files if n.startswith("attention_") and n.endswith(".json")]
+    return [n for d, n in sorted(((d, n) for d, n in named if "gpu" in d and "date" in d), key=lambda x: x[0]["date"])]
+
+
+def _newest_rows(rows: list[dict], key) -> list[dict]:
+    """Per key, the row of the newest file: rows come oldest file first, so a later one replaces an earlier one. A
+    partial rerun (one length, say) thus updates its own rows and leaves the others to the older, complete run;
+    every row keeps its source, and its ratios are measured within that source's run."""
+    out: dict = {}
+    for r in rows:
+        out[key(r)] = r
+    return list(out.values())
+
+
 def summary_rows(files: list[str]) -> list[dict]:
-    """The rows of summary.json (see the module docstring)."""
+    """The rows of summary.json (see the module docstring): attention and kernel rows per (GPU, benchmark, method,
+    inputs, length) from the newest attention file that measured them, prefill rows from the newest prefill file."""
     rows = []
     cur = current_files(files)
-    for name in cur["attention"]:
+    for name in attention_files(files):
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
         for r in d.get("sparse", []):
@@ -300,6 +318,7 @@ def summary_rows(files: list[str]) -> list[dict]:
                     "speedup_vs_dense": r["speedup_vs_cudnn"],
                 }
             )
+    rows = _newest_rows(rows, lambda r: (_gpu_tag(r), r["benchmark"], r["method"], r["inputs"], r["seq_len"]))
     for name in cur["prefill"]:
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
@@ -371,14 +390,16 @@ def performance_section(files: list[str]) -> list[str]:
                 f"| {r['benchmark']} | {k(r['seq_len'])} | {r['method']} | {r['inputs']} | {_fmt(r['density'], '.2f')} | "
                 f"{_fmt(r['rel_err'], '.3f')} | {r['speedup_vs_dense']:.2f} | {_fmt(r.get('tflops_eff'), '.0f')} |"
             )
-        plans = []
-        for name in current_files(files)["attention"]:
+        est = []
+        for name in attention_files(files):
             d = load(name)
-            if d["gpu"] != gpu:
-                continue
-            for e in d.get("estimation", []):
-                if "ms" in e and e["S"] in _KEY_LENGTHS and e.get("inputs", "random") == "structured":
-                    plans.append(f"{k(e['S'])} {e['config']}: {e['ms']:.2f} ms ({e['pct_of_cudnn_dense']:.1f}% of dense)")
+            if d["gpu"] == gpu:
+                est += [{**e, "source": name} for e in d.get("estimation", []) if "ms" in e]
+        plans = [
+            f"{k(e['S'])} {e['config']}: {e['ms']:.2f} ms ({e['pct_of_cudnn_dense']:.1f}% of dense; `{e['source']}`)"
+            for e in sorted(_newest_rows(est, lambda e: (e["S"], e["config"], e.get("inputs", "random"))), key=lambda e: e["S"])
+            if e["S"] in _KEY_LENGTHS and e.get("inputs", "random") == "structured"
+        ]
         if plans:
             out += ["", "Planning (`plan_blocks`, eager, structured inputs): " + "; ".join(plans) + "."]
         out.append("")
