@@ -45,6 +45,8 @@ import proxyattn.hf as hf
 from proxyattn import ProxyAttnConfig, block_sparse_attention, metrics, plan_blocks
 from proxyattn.weights import load_model, load_tokenizer
 
+from engines.artifacts import atomic_write_json
+
 
 def _cfg(min_budget: int, **kw) -> ProxyAttnConfig:
     return ProxyAttnConfig(min_budget_tokens=min_budget, dense_below_tokens=0, **kw)
@@ -331,11 +333,6 @@ def plan_stats(cfgs: dict, captured) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def plot(result: dict, path: str) -> None:
@@ -603,7 +600,7 @@ def main() -> None:
         _captured.clear()
         cell["total_seconds"] = round(time.time() - t_len, 1)
         result["cells"].append(cell)
-        write_json(json_path, result)
+        atomic_write_json(json_path, result)
         plot(result, stem + ".png")
         if sum(m != "dense" for m in methods) >= 2 and "copy" in tasks:
             plot_frontier(result, stem + "_frontier.png")

@@ -37,6 +37,8 @@ from proxyattn import ProxyAttnConfig, kernels, metrics, reference
 from proxyattn.kernels import attention as attn
 from proxyattn.plan import compact_plan
 
+from engines.artifacts import atomic_write_json
+
 HQ, HKV, D, DT, BS = 32, 8, 128, torch.bfloat16, 128
 
 
@@ -106,13 +108,6 @@ def sdpa(q, k, v, backend, gqa_native: bool):
         vt = vt.repeat_interleave(rep, dim=1)
     with sdpa_kernel([backend]):
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa_native)
-
-
-def write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -198,7 +193,7 @@ def main() -> int:
             }
             res["sparse"].append(r)
             log(f"sparse {r}")
-        write_json(args.out, res)
+        atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- variant study
     for s in [int(x) for x in args.variant_sizes.split(",") if int(x) in sizes]:
@@ -225,7 +220,7 @@ def main() -> int:
             res["variants"].append(r)
             log(f"variant {r}")
         res["autotune_choice"] = {str(kk): str(vv) for kk, vv in attn._sparse_attn_fwd_tuned.cache.items()}
-        write_json(args.out, res)
+        atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- (b) estimation alone
     try:
@@ -251,7 +246,7 @@ def main() -> int:
                 res["estimation"].append(r)
                 log(f"estimation {r}")
             del q, k, v
-    write_json(args.out, res)
+    atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- (c) whole proxy_attention
     # Structured inputs (sink, local window, stripes, retrieval heads) and random ones (diffuse attention, where the
@@ -322,7 +317,7 @@ def main() -> int:
                 log(f"proxy {r}")
             del q, k, v, ref
             torch.cuda.empty_cache()
-        write_json(args.out, res)
+        atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- short sequences: dense path vs cuDNN
     # Interleaved rounds (`interleaved_ms`): clock drift hits all alike.
@@ -361,7 +356,7 @@ def main() -> int:
             r["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         res["short"].append(r)
         log(f"short {r}")
-    write_json(args.out, res)
+    atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- memory, CUDA graph
     s = max(sizes)
@@ -406,7 +401,7 @@ def main() -> int:
         res["checks"]["cuda_graph"] = {"S": sg, "captured": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     log(f"cuda graph {res['checks']['cuda_graph']}")
     res["wall_s"] = time.time() - t_start
-    write_json(args.out, res)
+    atomic_write_json(args.out, res)
     print_table(res)
     if args.plot:
         plot(res, args.plot)

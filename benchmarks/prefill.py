@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ from proxyattn import ProxyAttnConfig
 from proxyattn.testing import random_weights_
 
 from engines.models import transformers_config, transformers_config_kwargs
+from engines.artifacts import atomic_write_json
 
 # The engines/models.py entry the benchmark runs: the one source of the model's configuration.
 MODEL = "llama3.1-8b"
@@ -140,13 +140,6 @@ def cudnn_takes_gqa(s: int) -> bool | None:
         return None
 
 
-def write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for the JSON")
@@ -229,7 +222,7 @@ def main() -> None:
         row["baseline"] = base_label
         row["speedup"] = {l: row["ttft_ms"][base_label] / row["ttft_ms"][l] for l, _ in SPARSE_ROWS}
         result["rows"].append(row)
-        write_json(out_path, result)
+        atomic_write_json(out_path, result)
         last_len_seconds = time.time() - t_len
         times = ", ".join(f"{k} {v:.0f} ms" for k, v in row["ttft_ms"].items())
         print(f"[prefill] S={s} done in {last_len_seconds:.1f} s: {times}", flush=True)

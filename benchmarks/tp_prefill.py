@@ -42,6 +42,8 @@ import torch
 
 from proxyattn.testing import random_weights_
 
+from engines.artifacts import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = "llama3.1-8b"  # engines/models.py: 32 layers, hidden 4096, 32 query / 8 KV heads, head dim 128, 128K context
@@ -126,12 +128,6 @@ def merge(partials: list[dict]) -> dict:
         summary.append(line)
     merged["summary"] = summary
     return merged
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def gpu_tag(name: str) -> str:
@@ -295,7 +291,7 @@ def worker(args) -> None:
                 row["ttft_ms"][label], row["runs_ms"][label] = median(times), times
         result["rows"].append(row)
         if rank == 0:
-            write_json(Path(args.out) / f"tp_prefill_tp{n}.json", result)
+            atomic_write_json(Path(args.out) / f"tp_prefill_tp{n}.json", result)
             cells = ", ".join(f"{k} {v:.0f} ms (peak {row['peak_gib_per_gpu'][k]} GiB)" for k, v in row["ttft_ms"].items())
             print(f"[tp_prefill] TP={n} S={s}: {cells}", flush=True)
     dist.barrier()
@@ -341,7 +337,7 @@ def driver(args) -> None:
     merged = merge(partials)
     merged["command"] = "python3 benchmarks/tp_prefill.py " + " ".join(sys.argv[1:])
     path = out / f"tp_prefill_{gpu_tag(merged['gpu'])}.json"
-    write_json(path, merged)
+    atomic_write_json(path, merged)
     for line in merged["summary"]:
         print(f"[tp_prefill] S={line['seq_len']}: TP speedup {line['tp_speedup']}; method speedup over dense {line['method_speedup']}")
     print(f"[tp_prefill] wrote {path}")

@@ -78,6 +78,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """`data` as indented JSON at `path`, written to a temporary sibling and renamed (the benchmarks' result files)."""
+    return atomic_write_text(path, json.dumps(data, indent=1))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, before_swap: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `path`; on success it replaces `path` whole, on error it is removed.
