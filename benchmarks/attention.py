@@ -73,6 +73,21 @@ def interleaved_ms(fns: dict, rounds: int, budget_ms: float) -> dict[str, float]
     return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
+def capture_graph(fn, warmup: bool = True):
+    """(CUDA graph of fn(), fn's output inside the graph): with `warmup`, one call on a side stream first, as
+    capture requires of code that allocates or compiles on its first call."""
+    if warmup:
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            fn()
+        torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def dense_flops(s: int) -> float:
     return 4.0 * s * s * D * HQ / 2  # causal: half of the S x S products
 
@@ -339,18 +354,9 @@ def main() -> int:
         # The default (sparse) path at this length replayed as a CUDA graph: its cost without host launch overhead.
         try:
             cfg = ProxyAttnConfig()
-            st = torch.cuda.Stream()
-            st.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(st):
-                proxyattn.proxy_attention(q, k, v, cfg)
-            torch.cuda.current_stream().wait_stream(st)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                proxyattn.proxy_attention(q, k, v, cfg)
+            g, _ = capture_graph(lambda: proxyattn.proxy_attention(q, k, v, cfg))
             r["proxy_attention_default_graph_ms"] = bench_ms(g.replay, budget_ms=100)
-            gp = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gp):
-                proxyattn.plan_blocks(q, k, cfg)
+            gp, _ = capture_graph(lambda: proxyattn.plan_blocks(q, k, cfg), warmup=False)
             r["plan_blocks_default_graph_ms"] = bench_ms(gp.replay, budget_ms=100)
         except Exception as e:  # noqa: BLE001 - a capture that fails is recorded in the results, not fatal
             r["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -378,14 +384,7 @@ def main() -> int:
     try:
         cfg = ProxyAttnConfig(gamma=0.95)
         eager = proxyattn.proxy_attention(q, k, v, cfg)
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            proxyattn.proxy_attention(q, k, v, cfg)
-        torch.cuda.current_stream().wait_stream(st)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            gout = proxyattn.proxy_attention(q, k, v, cfg)
+        g, gout = capture_graph(lambda: proxyattn.proxy_attention(q, k, v, cfg))
         g.replay()
         torch.cuda.synchronize()
         # Eager runs dense groups through cuDNN, a replay through the block-sparse kernel: equal up to rounding.
