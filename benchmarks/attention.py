@@ -154,6 +154,7 @@ def main() -> int:
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
+        "default_config": ProxyAttnConfig().to_attrs(),  # what "default" means in this file (report.method_name)
         "command": "python3 " + " ".join(sys.argv),
         "torch": torch.__version__,
         "triton": triton.__version__,

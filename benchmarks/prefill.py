@@ -171,6 +171,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(),
         "date": date.isoformat(timespec="seconds"),
         "commit": args.commit,
+        "default_config": ProxyAttnConfig().to_attrs(),  # what "default" means in this file (report.method_name)
         "command": "python3 benchmarks/prefill.py " + " ".join(sys.argv[1:]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
         "method": f"one forward (use_cache=True, logits_to_keep=1) + argmax, CUDA events, median of {args.reps} runs "

@@ -7,7 +7,8 @@ Every figure printed here is read from a results file (GPU, date, commit and com
 writes `benchmarks/results/summary.json`: one row per measured figure, attention and kernel rows from the newest
 attention file that measured them (per GPU, method, inputs and length), prefill rows from the newest prefill file,
 with the keys gpu, commit, date, benchmark ("attention", "prefill" or "kernel"), method (the config's name,
-"default" for the default), inputs, seq_len, density, rel_err (output against dense; null for prefill),
+"default" for today's default, "default@<commit>" for the default of an older commit: `method_name`), config (the
+name the benchmark gave it), inputs, seq_len, density, rel_err (output against dense; null for prefill),
 speedup_vs_dense (dense time / this time, same run) and, for kernel rows, tflops_eff.
 """
 
@@ -241,6 +242,30 @@ def frontier_table(files: list[str]) -> list[str]:
     return out
 
 
+def current_default() -> dict:
+    """Today's default config as ONNX attributes (`ProxyAttnConfig().to_attrs()`), read from proxyattn/config.py
+    alone so that this script stays free of torch."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(RESULTS), os.pardir, "proxyattn", "config.py")
+    spec = importlib.util.spec_from_file_location("_proxyattn_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(mod)
+    return mod.ProxyAttnConfig().to_attrs()
+
+
+def method_name(d: dict, label: str) -> str:
+    """A results row's method: its config label, where "default" means today's default only when the file records
+    the default it ran (`default_config`) and that equals today's; otherwise "default@<commit>", the default of the
+    commit that made the file."""
+    if not label.startswith("default"):
+        return label
+    if d.get("default_config") == current_default():
+        return label
+    return f"default@{d['commit'][:7]}" + label[len("default") :]
+
+
 def _gpu_tag(d: dict) -> str:
     name = d["gpu"].upper()
     return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
@@ -294,6 +319,7 @@ def summary_rows(files: list[str]) -> list[dict]:
                     **base,
                     "benchmark": "kernel",
                     "method": f"block-sparse kernel, {r['target_density']:.0%} budget",
+                    "config": f"block-sparse kernel, {r['target_density']:.0%} budget",
                     "inputs": "random, per-head plans",
                     "seq_len": r["S"],
                     "density": r["density"],
@@ -310,7 +336,8 @@ def summary_rows(files: list[str]) -> list[dict]:
                 {
                     **base,
                     "benchmark": "attention",
-                    "method": r["config"],
+                    "method": method_name(d, r["config"]),
+                    "config": r["config"],
                     "inputs": "structured" if inputs in ("structured_qkv", ["structured_qkv"]) else "random",
                     "seq_len": r["S"],
                     "density": r.get("density"),
@@ -318,7 +345,7 @@ def summary_rows(files: list[str]) -> list[dict]:
                     "speedup_vs_dense": r["speedup_vs_cudnn"],
                 }
             )
-    rows = _newest_rows(rows, lambda r: (_gpu_tag(r), r["benchmark"], r["method"], r["inputs"], r["seq_len"]))
+    rows = _newest_rows(rows, lambda r: (_gpu_tag(r), r["benchmark"], r["config"], r["inputs"], r["seq_len"]))
     for name in cur["prefill"]:
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
@@ -331,7 +358,8 @@ def summary_rows(files: list[str]) -> list[dict]:
                     {
                         **base,
                         "benchmark": "prefill",
-                        "method": "default" if label in ("default", "") else label,
+                        "method": method_name(d, "default" if label in ("default", "") else label),
+                        "config": "default" if label in ("default", "") else label,
                         "inputs": "random-weight Llama-3-8B",
                         "seq_len": r["seq_len"],
                         "density": r.get("density", {}).get(method),
@@ -384,7 +412,7 @@ def performance_section(files: list[str]) -> list[str]:
         ):
             if r["benchmark"] == "kernel" and r["seq_len"] not in (32768, 131072):
                 continue
-            if r["benchmark"] != "kernel" and (r["method"] not in _KEY_METHODS or r["seq_len"] not in (8192,) + _KEY_LENGTHS):
+            if r["benchmark"] != "kernel" and (r["config"] not in _KEY_METHODS or r["seq_len"] not in (8192,) + _KEY_LENGTHS):
                 continue
             out.append(
                 f"| {r['benchmark']} | {k(r['seq_len'])} | {r['method']} | {r['inputs']} | {_fmt(r['density'], '.2f')} | "
