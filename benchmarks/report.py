@@ -212,6 +212,8 @@ def frontier_table(files: list[str]) -> list[str]:
             f"**{model}** (`{name}`, plot `{name[:-5]}_frontier.png`: {d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}, "
             f"{d['copies']} copy sequences and {d['trials']} passkey trials per length; `{d['command']}`)",
             "",
+            f"![{model}: copy loss against density](benchmarks/results/{name[:-5]}_frontier.png)",
+            "",
             "| L | method | density (copy) | copy loss x dense | passkey (dense) | within 3 % and passkey = dense |",
             "|---|---|---|---|---|---|",
         ]
