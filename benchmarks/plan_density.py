@@ -15,6 +15,7 @@ that ran dense, per layer) and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import subprocess
@@ -39,6 +40,9 @@ def parse_config(text: str) -> ProxyAttnConfig:
         key, _, value = item.partition("=")
         if not value:
             raise ValueError(f"config item {item!r}: expected key=value")
+        allowed = [f.name for f in dataclasses.fields(ProxyAttnConfig)]
+        if key.strip() not in allowed:
+            raise ValueError(f"config field {key.strip()!r} unknown; allowed: {allowed}")
         for cast in (int, float):
             try:
                 kw[key.strip()] = cast(value)

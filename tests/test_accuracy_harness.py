@@ -72,3 +72,19 @@ def test_bad_cli_input_is_one_named_error(args, named, tmp_path):
     assert r.returncode == 2, r.stderr
     assert named in r.stderr and "allowed" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "configs,named", [("gamma", "'gamma'"), ("gamma=0.8,no_such_field=1", "'no_such_field' unknown; allowed"), ("gamma=1.5", "gamma=1.5")]
+)
+def test_plan_density_bad_config_is_one_named_error(configs, named, tmp_path):
+    script = Path(__file__).parent.parent / "benchmarks" / "plan_density.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--model", "smollm2", "--length", "1024", "--configs", configs, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert named in r.stderr and r.stderr.startswith("plan_density.py: --configs="), r.stderr
+    assert list(tmp_path.iterdir()) == []
