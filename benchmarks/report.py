@@ -386,7 +386,7 @@ README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 BEGIN, END = "<!-- report.py performance: begin -->", "<!-- report.py performance: end -->"
 FRONTIER_BEGIN, FRONTIER_END = "<!-- report.py frontier: begin -->", "<!-- report.py frontier: end -->"
 _KEY_LENGTHS = (16384, 32768, 40960, 65536, 131072)
-_KEY_METHODS = ("default", "default, no dense fallback", "budget_rule=2", "budget_fraction=0.1")
+_KEY_METHODS = ("default", "default, no dense fallback", "gamma=0.83, dense_density=0.8", "budget_rule=2", "budget_fraction=0.1")
 
 
 def _fmt(x, spec: str, none: str = "—") -> str:
