@@ -83,9 +83,9 @@ METHODS = {
     "recall g0.8": dict(gamma=0.8, budget_rule="recall"),
     "block_recall g0.85": dict(gamma=0.85, budget_rule="block_recall"),
     "block_recall g0.7": dict(gamma=0.7, budget_rule="block_recall"),
-    "block_recall g0.82": dict(gamma=0.82, budget_rule="block_recall"),
     "block_recall g0.84": dict(gamma=0.84, budget_rule="block_recall"),
     "block_recall g0.83": dict(gamma=0.83, budget_rule="block_recall"),
+    "block_recall g0.82": dict(gamma=0.82, budget_rule="block_recall"),
     "block_recall r2 g0.85": dict(gamma=0.85, budget_rule="block_recall", recall_rows=2),
     "block_recall r2 g0.95": dict(gamma=0.95, budget_rule="block_recall", recall_rows=2),
     "block_recall r2 g0.9": dict(gamma=0.9, budget_rule="block_recall", recall_rows=2),
@@ -332,9 +332,7 @@ def plan_stats(cfgs: dict, captured) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- main
-
-
+# ----------------------------------------------------------------------------------------------- plots
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -461,6 +459,7 @@ def plot_frontier(result: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--replot":  # redraw the PNGs beside a results JSON
         with open(sys.argv[2]) as f:

@@ -14,6 +14,7 @@ speedup_vs_dense (dense time / this time, same run) and, for kernel rows, tflops
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -244,6 +245,7 @@ def frontier_table(files: list[str]) -> list[str]:
     return out
 
 
+@functools.cache
 def current_default() -> dict:
     """Today's default config as ONNX attributes (`ProxyAttnConfig().to_attrs()`), read from proxyattn/config.py
     alone so that this script stays free of torch."""
@@ -273,22 +275,19 @@ def _gpu_tag(d: dict) -> str:
     return "h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower()
 
 
-def current_files(files: list[str]) -> dict[str, list[str]]:
-    """The files the summary reads: per benchmark, the newest (by its recorded date) of each GPU."""
-    out: dict[str, list[str]] = {}
-    for bench in ("attention", "prefill"):
-        newest: dict[str, tuple[str, str]] = {}
-        for name in files:
-            if not (name.startswith(bench + "_") and name.endswith(".json")):
-                continue
-            d = load(name)
-            if "gpu" not in d or "date" not in d:
-                continue
-            tag = _gpu_tag(d)
-            if tag not in newest or d["date"] > newest[tag][0]:
-                newest[tag] = (d["date"], name)
-        out[bench] = sorted(name for _, name in newest.values())
-    return out
+def prefill_files(files: list[str]) -> list[str]:
+    """The prefill files the summary reads: the newest (by its recorded date) of each GPU."""
+    newest: dict[str, tuple[str, str]] = {}
+    for name in files:
+        if not (name.startswith("prefill_") and name.endswith(".json")):
+            continue
+        d = load(name)
+        if "gpu" not in d or "date" not in d:
+            continue
+        tag = _gpu_tag(d)
+        if tag not in newest or d["date"] > newest[tag][0]:
+            newest[tag] = (d["date"], name)
+    return sorted(name for _, name in newest.values())
 
 
 def attention_files(files: list[str]) -> list[str]:
@@ -311,7 +310,6 @@ def summary_rows(files: list[str]) -> list[dict]:
     """The rows of summary.json (see the module docstring): attention and kernel rows per (GPU, benchmark, method,
     inputs, length) from the newest attention file that measured them, prefill rows from the newest prefill file."""
     rows = []
-    cur = current_files(files)
     for name in attention_files(files):
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
@@ -348,7 +346,7 @@ def summary_rows(files: list[str]) -> list[dict]:
                 }
             )
     rows = _newest_rows(rows, lambda r: (_gpu_tag(r), r["benchmark"], r["config"], r["inputs"], r["seq_len"]))
-    for name in cur["prefill"]:
+    for name in prefill_files(files):
         d = load(name)
         base = {"gpu": d["gpu"], "commit": d["commit"][:7], "date": d["date"], "source": name}
         for r in d["rows"]:

@@ -268,8 +268,8 @@ def _site_view_entries(site_dir: str) -> tuple[list[str], dict[str, str]]:
     return shown, hidden
 
 
-def _env_signature() -> str:
-    site = {d: _site_view_entries(d)[0] for d in _host_site_dirs()}
+def _env_signature(views: dict[str, tuple[list[str], dict[str, str]]]) -> str:
+    site = {d: shown for d, (shown, _) in views.items()}
     return json.dumps(
         {"numpy": BACKEND_NUMPY, "python": sys.executable, "version": list(sys.version_info[:3]), "site": site}, sort_keys=True
     )
@@ -293,7 +293,8 @@ def backend_env(
     """
     path = Path(path) if path is not None else default_backend_env()
     marker = path / _ENV_MARKER
-    signature = _env_signature()
+    views = {d: _site_view_entries(d) for d in _host_site_dirs()}  # {site dir: (entries shown, hidden dists)}
+    signature = _env_signature(views)
     if marker.is_file() and marker.read_text() == signature:
         return path
     if path.exists() and not marker.is_file():
@@ -335,10 +336,9 @@ def backend_env(
         if pip.returncode != 0:
             raise ValueError(f"installing numpy {BACKEND_NUMPY} into the backend environment failed: {pip.stderr.strip()[-800:]}")
         lines = []
-        for i, d in enumerate(_host_site_dirs()):  # a view of each: symlinks to every entry the backend may import
+        for i, (d, (shown, hidden)) in enumerate(views.items()):  # a view of each: symlinks to what the backend sees
             view = tmp / "host" / str(i)
             view.mkdir(parents=True)
-            shown, hidden = _site_view_entries(d)
             for entry in shown:
                 (view / entry).symlink_to(Path(d) / entry)
             if hidden and log is not None:
