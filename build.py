@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: fp32 for ONNX Runtime, bf16 for TensorRT")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto: TensorRT when installed, else ONNX Runtime")
-    p.add_argument("--gamma", type=float, default=None, help="ProxyAttn gamma (default: the model's config, 0.95)")
+    p.add_argument("--gamma", type=float, default=None, help="ProxyAttn gamma (default: the model's config, 0.83)")
     p.add_argument(
         "--budget-rule",
         type=BudgetRule.cli_type(),

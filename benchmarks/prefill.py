@@ -6,7 +6,8 @@ architecture, 32 layers, hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 1
 128K context and llama3 RoPE) on the meta device, materialised on the GPU in bf16 and filled with random weights
 (no checkpoint exists here). Batch 1, random prompt tokens; one forward with `use_cache=True` and
 `logits_to_keep=1` (what a server runs before the first token), timed with CUDA events, median of `--reps` runs
-after one warm-up run per (implementation, length) (the warm-up also compiles and autotunes the kernels).
+in interleaved rounds (every row once per round, the order rotating) after one warm-up run per (implementation,
+length) (the warm-up also compiles and autotunes the kernels).
 
 Rows, per prompt length:
 * `sdpa`: transformers' stock attention (`attn_implementation="sdpa"`) with SDPA backends in the priority order
@@ -178,7 +179,7 @@ def main() -> None:
         "command": "python3 benchmarks/prefill.py " + " ".join(sys.argv[1:]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
         "method": f"one forward (use_cache=True, logits_to_keep=1) + argmax, CUDA events, median of {args.reps} runs "
-        "after one warm-up run per (row, length)",
+        "in interleaved rounds (every row once per round, the order rotating) after one warm-up run per (row, length)",
         "model": model_kwargs(),
         "rows": [],
         "skipped": [],
@@ -201,12 +202,10 @@ def main() -> None:
         row = {"seq_len": s, "cudnn_gqa": cudnn_takes_gqa(s), "ttft_ms": {}, "runs_ms": {}, "density": {}}
         with sdpa_kernel(backends, set_priority=True):
             dense_rows = [("sdpa", "sdpa")] + ([] if row["cudnn_gqa"] else [("dense_cudnn", "dense_cudnn")])
-            for label, impl in dense_rows:
-                model.set_attn_implementation(impl)
-                if first:
+            if first:
+                for _, impl in dense_rows:
+                    model.set_attn_implementation(impl)
                     ttft_ms(model, ids, 1)
-                times = ttft_ms(model, ids, args.reps)
-                row["ttft_ms"][label], row["runs_ms"][label] = median(times), times
             first = False
             for label, cfg in SPARSE_ROWS:
                 hf.register(cfg)
@@ -214,14 +213,27 @@ def main() -> None:
                 _densities.clear()
                 ttft_ms(model, ids, 1)  # warm-up: compile, autotune, densities
                 row["density"][label] = float(torch.stack(_densities).mean()) if _densities else None
-                model.set_attn_implementation("proxyattn")
-                with hf.record_paths() as rec:
-                    times = ttft_ms(model, ids, args.reps)
-                paths = sorted({r.path for r in rec})
+            # Timed runs in interleaved rounds (each round runs every row once, the order rotating), so that clock
+            # and allocator drift hit every row alike.
+            rows = [(label, impl, None) for label, impl in dense_rows] + [(label, "proxyattn", cfg) for label, cfg in SPARSE_ROWS]
+            runs: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+            paths: dict[str, set[str]] = {label: set() for label, _, cfg in rows if cfg is not None}
+            for rnd in range(args.reps):
+                for label, impl, cfg in rows[rnd % len(rows) :] + rows[: rnd % len(rows)]:
+                    if cfg is not None:
+                        hf.register(cfg)
+                    model.set_attn_implementation(impl)
+                    with hf.record_paths() as rec:
+                        runs[label] += ttft_ms(model, ids, 1)
+                    if cfg is not None:
+                        paths[label] |= {r.path for r in rec}
+            for label, _, cfg in rows:
+                row["ttft_ms"][label], row["runs_ms"][label] = median(runs[label]), runs[label]
+                if cfg is None:
+                    continue
                 expected = ["sparse"] if s > cfg.dense_below_tokens else ["dense:short"]
-                assert paths == expected, f"{label} at S={s}: paths {paths}, expected {expected}"
-                row.setdefault("path", {})[label] = paths[0]
-                row["ttft_ms"][label], row["runs_ms"][label] = median(times), times
+                assert sorted(paths[label]) == expected, f"{label} at S={s}: paths {sorted(paths[label])}, expected {expected}"
+                row.setdefault("path", {})[label] = expected[0]
         base_label = min((l for l, _ in dense_rows), key=lambda l: row["ttft_ms"][l])
         row["baseline"] = base_label
         row["speedup"] = {l: row["ttft_ms"][base_label] / row["ttft_ms"][l] for l, _ in SPARSE_ROWS}

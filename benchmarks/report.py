@@ -259,12 +259,32 @@ def current_default() -> dict:
     return mod.ProxyAttnConfig().to_attrs()
 
 
+def label_config(d: dict, label: str) -> dict | None:
+    """The config (ONNX attributes) a row's label names: the file's default (`default_config`) with the label's
+    numeric `field=value` overrides ("gamma=0.83, dense_density=0.8"); None when the file records no default or the
+    label is not of that form."""
+    base = d.get("default_config")
+    if base is None:
+        return None
+    attrs = dict(base)
+    for part in label.split(", "):
+        key, sep, value = part.partition("=")
+        if not sep or "pa_" + key not in attrs:
+            return None
+        try:
+            attrs["pa_" + key] = type(attrs["pa_" + key])(float(value))
+        except ValueError:
+            return None
+    return attrs
+
+
 def method_name(d: dict, label: str) -> str:
     """A results row's method: its config label, where "default" means today's default only when the file records
     the default it ran (`default_config`) and that equals today's; otherwise "default@<commit>", the default of the
-    commit that made the file."""
+    commit that made the file. A label of overrides that amount to today's default ("gamma=0.83, dense_density=0.8"
+    measured before it became the default) is called "default"."""
     if not label.startswith("default"):
-        return label
+        return "default" if label_config(d, label) == current_default() else label
     if d.get("default_config") == current_default():
         return label
     return f"default@{d['commit'][:7]}" + label[len("default") :]

@@ -148,11 +148,13 @@ _OPTIONAL_FLOATS = ("budget_fraction", "dense_density")
 # `dense_density` is applied at this resolution (integer arithmetic, so every backend decides alike).
 DENSE_DENSITY_SCALE = 1000
 
-# Default dense fallback: a KV group whose plan keeps this share of its causal blocks runs the dense kernel. On the
-# H100 (benchmarks/results/attention_h100.json) the block-sparse kernel reaches about 0.8 of cuDNN's throughput per
-# kept block, and a group sent to cuDNN costs copies of its heads: at 0.7, structured inputs ran slower with the
-# fallback than without it (0.85-1.01x against 1.08-1.10x at 16K-128K), so groups fall back only when nearly dense.
-DEFAULT_DENSE_DENSITY = 0.9
+# Default dense fallback: a KV group whose plan keeps this share of its causal blocks runs the dense kernel. The
+# block-sparse path costs as much as cuDNN at a density of about 0.72-0.81 (H100, 40K-128K), so a plan denser than
+# 0.8 gains nothing from running sparse; random q/k plan about 0.84 at the default gamma and run dense. A group sent
+# to cuDNN costs copies of its heads: at 0.7, structured inputs ran slower with the fallback than without it
+# (0.85-1.01x against 1.08-1.10x at 16K-128K). At 0.8 the structured inputs of benchmarks/attention.py and the
+# packaged models at 16K-32K plan no group that dense (docs/results.md).
+DEFAULT_DENSE_DENSITY = 0.8
 
 
 @dataclass(frozen=True)
@@ -200,15 +202,14 @@ class ProxyAttnConfig:
             least this share of its causal blocks runs dense instead (exact attention; `BlockPlan.dense_heads`
             says which heads, and their counts cover every causal block); with block_recall a group whose last
             query block already needs this share is not measured further. Applied at 1/1000 resolution
-            (`dense_density_permille`). None: never fall back. The default, 0.9, is above the density where the
-            block-sparse kernel's time equals the dense kernel's (about 0.8 on the H100), with room for the copies a
-            group sent to the dense kernel costs.
+            (`dense_density_permille`). None: never fall back. The default, 0.8, is about the density where the
+            block-sparse path's time equals the dense kernel's (0.72-0.81 on the H100).
     """
 
     block_size: int = 128
     stride: int = 4
     proxy_heads: int = 1
-    gamma: float = 0.95
+    gamma: float = 0.83  # block_recall at 0.83: within 3 % of dense copy loss at density <= 0.5 (docs/accuracy.md)
     min_budget_tokens: int = 2048
     keep_sink: bool = True
     keep_diagonal: bool = True

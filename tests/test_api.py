@@ -138,7 +138,7 @@ def test_plan_from_mask_round_trip():
 # ---------------------------------------------------------------------------------------------- config
 def test_config_defaults_and_round_trip():
     cfg = pa.ProxyAttnConfig()
-    assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.gamma, cfg.min_budget_tokens) == (128, 4, 1, 0.95, 2048)
+    assert (cfg.block_size, cfg.stride, cfg.proxy_heads, cfg.gamma, cfg.min_budget_tokens) == (128, 4, 1, 0.83, 2048)
     assert cfg.keep_sink and cfg.keep_diagonal and cfg.dense_below_tokens == 32768 and cfg.budget_fraction is None
     for c in (cfg, pa.ProxyAttnConfig(block_size=64, stride=2, gamma=0.9, budget_fraction=0.1, keep_sink=False, dense_below_tokens=0)):
         attrs = c.to_attrs()

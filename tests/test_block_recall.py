@@ -145,7 +145,7 @@ def test_engines_are_built_with_the_default_config():
     default = ProxyAttnConfig()
     for spec in MODELS.values():
         assert spec.proxyattn.budget_rule == default.budget_rule == 3, spec.name
-        assert spec.proxyattn.dense_density == default.dense_density == 0.9, spec.name
+        assert spec.proxyattn.dense_density == default.dense_density == 0.8, spec.name
         assert spec.proxyattn.recall_rows == default.recall_rows, spec.name
     assert MODELS["llama3-8b"].proxyattn == default
 

@@ -26,7 +26,7 @@ def test_bad_dense_density_is_named(value):
 
 def test_config_default_round_trip_and_permille():
     cfg = ProxyAttnConfig()
-    assert cfg.dense_density == 0.9 and cfg.dense_density_permille == 900
+    assert cfg.dense_density == 0.8 and cfg.dense_density_permille == 800
     assert ProxyAttnConfig(dense_density=None).dense_density_permille == 0
     assert ProxyAttnConfig(dense_density=1.0).dense_density_permille == 1000
     assert ProxyAttnConfig(dense_density=0.0004).dense_density_permille == 1  # never rounds to "off"

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.usefixtures("restore_hf_config"), pytest.mark.slow]  # real weights: minutes on 2 cores
 
 FULL = ProxyAttnConfig(block_size=64, gamma=1.0, min_budget_tokens=0, dense_below_tokens=0)
-# Default gamma (0.95) and block size; the minimum budget lowered so that ~1.3K-token prompts are sparse.
+# Default gamma (0.83) and block size; the minimum budget lowered so that ~1.3K-token prompts are sparse.
 DEFAULT_GAMMA = ProxyAttnConfig(min_budget_tokens=256, dense_below_tokens=0)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -88,7 +88,7 @@ def test_full_budget_logits_equal_stock(real):
 
 
 def test_default_gamma_greedy_generations_match_stock(real):
-    """Default gamma (0.95): greedy generations equal stock, and the sparse prefill really dropped blocks (its
+    """Default gamma (0.83): greedy generations equal stock, and the sparse prefill really dropped blocks (its
     first-token logits differ from stock's, while the full budget above equals stock to fp32 rounding)."""
     name, tok, model = real
     hf.register(DEFAULT_GAMMA)

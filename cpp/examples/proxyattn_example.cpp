@@ -2,7 +2,7 @@
 // output (float32 .npy). Shows the whole C API: config, workspace query, prefill on a stream, error messages.
 //
 //   proxyattn_example --q q.npy --k k.npy --v v.npy --out out.npy [--dtype bf16|fp16] [--block-size 128]
-//                     [--stride 4] [--proxy-heads 1] [--gamma 0.95] [--min-budget-tokens 2048]
+//                     [--stride 4] [--proxy-heads 1] [--gamma 0.83] [--min-budget-tokens 2048]
 //                     [--dense-below-tokens N] [--budget-fraction F] [--budget-rule 0|1|2|3] [--recall-rows N]
 //                     [--dense-density F] [--scale S] [--lse lse.npy]
 //                     [--warmup 1] [--repeat 0]

@@ -75,7 +75,7 @@ typedef struct proxyattn_config {
   int32_t block_size;         /* 64 or 128 (default 128) */
   int32_t stride;             /* positive divisor of block_size (default 4) */
   int32_t proxy_heads;        /* divides Hkv (default 1) */
-  float gamma;                /* (0, 1] (default 0.95) */
+  float gamma;                /* (0, 1] (default 0.83) */
   int32_t min_budget_tokens;  /* >= 0 (default 2048) */
   int32_t keep_sink;          /* 0/1 (default 1) */
   int32_t keep_diagonal;      /* 0/1 (default 1) */
@@ -84,7 +84,7 @@ typedef struct proxyattn_config {
   int32_t budget_rule;        /* how the gamma budget is counted (default 3, BLOCK_RECALL): PROXYATTN_BUDGET_RULE_* */
   int32_t recall_rows;        /* query rows per block that budget_rule 3 measures: a power of two dividing block_size
                                  (default 4; the compiled values are listed in ROWS of cpp/tools/generate_kernels.py) */
-  float dense_density;        /* the dense fallback: 0 = off, else (0, 1] (default 0.9), applied in thousandths
+  float dense_density;        /* the dense fallback: 0 = off, else (0, 1] (default 0.8), applied in thousandths
                                  (round(dense_density * 1000), at least 1: ProxyAttnConfig.dense_density_permille) */
 } proxyattn_config_t;
 

@@ -592,7 +592,7 @@ void proxyattn_config_default(proxyattn_config_t *c) {
   c->block_size = 128;
   c->stride = 4;
   c->proxy_heads = 1;
-  c->gamma = 0.95f;
+  c->gamma = 0.83f;
   c->min_budget_tokens = 2048;
   c->keep_sink = 1;
   c->keep_diagonal = 1;
@@ -600,7 +600,7 @@ void proxyattn_config_default(proxyattn_config_t *c) {
   c->budget_fraction = 0.0f;
   c->budget_rule = PROXYATTN_BUDGET_RULE_BLOCK_RECALL;
   c->recall_rows = 4;
-  c->dense_density = 0.9f;
+  c->dense_density = 0.8f;
 }
 
 proxyattn_status_t proxyattn_config_validate(const proxyattn_config_t *config) {

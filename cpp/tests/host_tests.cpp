@@ -44,13 +44,13 @@ void test_config_defaults() {
   proxyattn_config_t c;
   std::memset(&c, 0x7f, sizeof c);
   proxyattn_config_default(&c);
-  // proxyattn.ProxyAttnConfig(): budget_rule 3 (block_recall), recall_rows 4, dense_density 0.9.
+  // proxyattn.ProxyAttnConfig(): budget_rule 3 (block_recall), recall_rows 4, dense_density 0.8.
   check(c.block_size == 128 && c.stride == 4 && c.proxy_heads == 1, "default block_size 128, stride 4, proxy_heads 1");
-  check(c.gamma == 0.95f && c.min_budget_tokens == 2048, "default gamma 0.95, min_budget_tokens 2048");
+  check(c.gamma == 0.83f && c.min_budget_tokens == 2048, "default gamma 0.83, min_budget_tokens 2048");
   check(c.keep_sink == 1 && c.keep_diagonal == 1, "default keep_sink 1, keep_diagonal 1");
   check(c.dense_below_tokens == -1 && c.budget_fraction == 0.0f, "default dense_below_tokens -1, budget_fraction 0");
   check(c.budget_rule == PROXYATTN_BUDGET_RULE_BLOCK_RECALL && c.budget_rule == 3, "default budget_rule 3 (block_recall)");
-  check(c.recall_rows == 4 && c.dense_density == 0.9f, "default recall_rows 4, dense_density 0.9");
+  check(c.recall_rows == 4 && c.dense_density == 0.8f, "default recall_rows 4, dense_density 0.8");
   check(proxyattn_config_validate(&c) == PROXYATTN_SUCCESS, "defaults validate", proxyattn_last_error());
   check(std::string(proxyattn_last_error()).empty(), "no error message after a success");
 }

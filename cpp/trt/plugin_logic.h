@@ -37,7 +37,7 @@ struct NodeAttrs {
   int32_t is_causal = 1;
   int32_t sliding_window = 0;
   int32_t recall_rows = 4;     // ProxyAttnConfig.recall_rows (also in config.recall_rows)
-  float dense_density = 0.9f;  // ProxyAttnConfig.dense_density, 0 = None (also in config.dense_density)
+  float dense_density = 0.8f;  // ProxyAttnConfig.dense_density, 0 = None (also in config.dense_density)
 };
 
 // Every field name the plugin declares, in the order it serialises them.

@@ -97,7 +97,7 @@ def test_config_defaults_match_python(lib):
     assert c.dense_below_tokens == -1  # None: resolved by the library as ProxyAttnConfig resolves it (test below)
     assert c.budget_rule == attrs["pa_budget_rule"] == 3  # "block_recall"
     assert c.recall_rows == attrs["pa_recall_rows"] == 4
-    assert c.dense_density == pytest.approx(attrs["pa_dense_density"]) and attrs["pa_dense_density"] == 0.9
+    assert c.dense_density == pytest.approx(attrs["pa_dense_density"]) and attrs["pa_dense_density"] == 0.8
     assert LIB_DEFAULT == ProxyAttnConfig()  # the library's default is Python's default config
     assert lib.proxyattn_config_validate(C.byref(c)) == SUCCESS
     assert lib.proxyattn_last_error() == b""

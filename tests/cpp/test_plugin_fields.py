@@ -109,14 +109,14 @@ def test_trt_plugin_refuses_mistyped_fields(host, change, retyped, needle):
 
 
 def test_trt_plugin_reads_the_default_config_node(host):
-    """The exporter's node for ProxyAttnConfig() (budget rule 3, recall_rows 4, the dense fallback at 0.9: what every
+    """The exporter's node for ProxyAttnConfig() (budget rule 3, recall_rows 4, the dense fallback at 0.8: what every
     engine is built with) parses into the library's default config; pa_dense_density 0.0 (None) turns the fallback
     off, any value in (0, 1] is carried."""
     attrs = _node_fields(ProxyAttnConfig())
-    assert attrs["pa_dense_density"] == pytest.approx(0.9) and attrs["pa_budget_rule"] == 3
+    assert attrs["pa_dense_density"] == pytest.approx(0.8) and attrs["pa_budget_rule"] == 3
     st, cfg, _, err = _parse_fields(host, attrs)
     assert st == 0, err
-    assert (cfg.budget_rule, cfg.recall_rows) == (3, 4) and cfg.dense_density == pytest.approx(0.9)
+    assert (cfg.budget_rule, cfg.recall_rows) == (3, 4) and cfg.dense_density == pytest.approx(0.8)
     for value in (0.0, 0.001, 0.7, 1.0):
         st, cfg, _, err = _parse_fields(host, {**attrs, "pa_dense_density": value, "pa_recall_rows": 8})
         assert st == 0 and cfg.dense_density == pytest.approx(value) and cfg.recall_rows == 8, err
