@@ -442,9 +442,9 @@ def performance_section(files: list[str]) -> list[str]:
         for name in attention_files(files):
             d = load(name)
             if d["gpu"] == gpu:
-                est += [{**e, "source": name} for e in d.get("estimation", []) if "ms" in e]
+                est += [{**e, "source": name, "method": method_name(d, e["config"])} for e in d.get("estimation", []) if "ms" in e]
         plans = [
-            f"{k(e['S'])} {e['config']}: {e['ms']:.2f} ms ({e['pct_of_cudnn_dense']:.1f}% of dense; `{e['source']}`)"
+            f"{k(e['S'])} {e['method']}: {e['ms']:.2f} ms ({e['pct_of_cudnn_dense']:.1f}% of dense; `{e['source']}`)"
             for e in sorted(_newest_rows(est, lambda e: (e["S"], e["config"], e.get("inputs", "random"))), key=lambda e: e["S"])
             if e["S"] in _KEY_LENGTHS and e.get("inputs", "random") == "structured"
         ]
