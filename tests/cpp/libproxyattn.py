@@ -11,7 +11,7 @@ import numpy as np
 from proxyattn.config import ProxyAttnConfig
 
 # What proxyattn_config_default() fills in: Python's defaults (budget rule 3 "block_recall", recall_rows 4, the dense
-# fallback at dense_density 0.9), the config engines are built with (engines.models).
+# fallback at dense_density 0.8, gamma 0.83), the config engines are built with (engines.models).
 LIB_DEFAULT = ProxyAttnConfig()
 
 # Status codes of cpp/include/proxyattn.h.

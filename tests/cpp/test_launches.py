@@ -215,7 +215,7 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], pass1["params"][5]]
     assert comb["params"][3:] == [p["b"] * p["hq"], pass0["params"][-4], 128]
     assert bud["grid"] == [p["hq"], p["b"], 1] and bud["params"][0] == pass1["params"][6]
-    assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(0.95).view(np.uint32)]
+    assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(ProxyAttnConfig().gamma).view(np.uint32)]
     dense_below = SPARSE_BELOW
     assert bud["params"][8:10] == [0, dense_below]
     # Scores (read by budget_rules 1 and 2), rankings G, budget_rule 2, keep_sink, keep_diagonal.
@@ -236,8 +236,8 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     assert dense[1]["params"][-1] == ProxyAttnConfig().dense_below_tokens and dense[1]["grid"] == [16, 1, 2]
     assert dense[2]["grid"] == [2 * 8 * 16, 1, 1]
     # budget_fraction: scores but no attention-mass kernels; the fraction reaches the budgets kernel as a double.
-    # The dense fallback (default 0.9) has no early decision with a fixed fraction (api.early_dense_groups gives
-    # None), only the late one on the plan: pa_dense_fallback with no early flags (NULL) and permille 900.
+    # The dense fallback (default 0.8) has no early decision with a fixed fraction (api.early_dense_groups gives
+    # None), only the late one on the plan: pa_dense_fallback with no early flags (NULL) and the default permille.
     frac = _c_launches(
         build, {"problem": dict(b=1, s=9000, hq=8, hkv=2, d=128), "config": {"budget_fraction": 0.25, "dense_below_tokens": SPARSE_BELOW}}
     )
@@ -253,7 +253,7 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
     fb = frac[5]
     assert fb["grid"] == [2, 1, 1] and fb["params"][0] == frac[4]["params"][3] == frac[6]["params"][6]  # counts
-    assert fb["params"][1:] == [0, 0, 9000, 128, math.ceil(9000 / 128), 8, 900]
+    assert fb["params"][1:] == [0, 0, 9000, 128, math.ceil(9000 / 128), 8, ProxyAttnConfig().dense_density_permille]
     off = _c_launches(
         build,
         {
@@ -498,17 +498,17 @@ def test_block_recall_and_dense_fallback_launches_equal_the_python_launchers(bui
     assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], pass1["params"][5]]
     # The early decision: the paper's budgets (rule 0, no dense sequences: -1) from pass 1's mean mass, no scores.
     assert bud0["grid"] == [hq, b, 1] and bud0["params"][0] == pass1["params"][6]
-    assert bud0["params"][2:8] == [cu_h, s, 128, nb, 1, np.float32(0.95).view(np.uint32)]
+    assert bud0["params"][2:8] == [cu_h, s, 128, nb, 1, np.float32(ProxyAttnConfig().gamma).view(np.uint32)]
     assert bud0["params"][8] == 0 and np.uint32(bud0["params"][9]).view(np.int32) == -1
     assert bud0["params"][10:] == [0, g, 0, int(cfg.keep_sink), 1]
-    assert early["params"] == [bud0["params"][1], mass[0]["params"][3], cu_h, s, 128, hq, hkv, b, 900]
+    assert early["params"] == [bud0["params"][1], mass[0]["params"][3], cu_h, s, 128, hq, hkv, b, cfg.dense_density_permille]
     assert early["grid"] == [math.ceil(b * hkv / 256), 1, 1]
     flags = early["params"][1]
     assert all(c["params"][3] == flags for c in mass) and all(c["params"][6] == flags for c in cut)  # skip flags
     # Rule 3's budgets from the needs; the late decision on the cut kernel's counts, in place, read by the sparse kernel.
     need, counts = cut[0]["params"][7], cut[0]["params"][8]
     assert nbud["params"] == [need, nbud["params"][1], cu_h, s, 128, nb, hq, b, 16, SPARSE_BELOW, 0]
-    assert fb["grid"] == [hkv, b, 1] and fb["params"] == [counts, flags, cu_h, s, 128, nb, hq, 900]
+    assert fb["grid"] == [hkv, b, 1] and fb["params"] == [counts, flags, cu_h, s, 128, nb, hq, cfg.dense_density_permille]
     assert attn["params"][5:7] == [rank["params"][1], counts]  # order, counts
     assert rank["params"][0] == [c for c in c_triton if c["entry"] == "_proxy_scores_kernel"][0]["params"][3]
 
@@ -578,5 +578,5 @@ def test_dense_fallback_launches_with_rules_0_to_2(build, rule):
     assert bud0["params"][0] == kern[1]["params"][6] and bud0["params"][12] == 0  # mean mass, rule 0
     assert bud["params"][0] == kern[-1]["params"][6] and bud["params"][12] == rule  # rule 2: the row masses
     assert bud["params"][9] == SPARSE_BELOW and np.uint32(bud0["params"][9]).view(np.int32) == -1
-    assert early["params"][0] == bud0["params"][1] and early["params"][-1] == 900
+    assert early["params"][0] == bud0["params"][1] and early["params"][-1] == ProxyAttnConfig().dense_density_permille
     assert fb["params"][:2] == [sel["params"][3], early["params"][1]] and fb["params"][2] == CU
