@@ -29,6 +29,22 @@ def test_default_keeps_its_name_only_when_the_file_ran_todays_default():
     assert report.method_name(older, "budget_fraction=0.1") == "budget_fraction=0.1"
 
 
+def test_a_label_of_overrides_that_amount_to_todays_default_is_called_default():
+    """A file made before a default switch: its `default` is the old default, and the row measured as the overrides
+    that are today's default is reported as "default"."""
+    old_default = {**TODAY, "pa_gamma": 0.5, "pa_dense_density": 0.7}
+    d = {"commit": "abcdef123", "default_config": old_default}
+    today = f"gamma={TODAY['pa_gamma']}, dense_density={TODAY['pa_dense_density']}"
+    assert report.label_config(d, today) == TODAY
+    assert report.method_name(d, today) == "default"
+    assert report.method_name(d, "default") == "default@abcdef1"
+    assert report.method_name(d, f"gamma={TODAY['pa_gamma']}") == f"gamma={TODAY['pa_gamma']}"  # threshold differs
+    assert report.label_config(d, "budget_rule=row_recall") is None  # not numeric: left as the label
+    assert report.label_config(d, "no_such_field=1") is None
+    assert report.label_config({"commit": "abcdef123"}, today) is None  # no recorded default
+    assert report.method_name({"commit": "abcdef123"}, today) == today
+
+
 def test_newest_file_wins_per_key_and_other_rows_stay():
     old = [{"k": 1, "v": "old"}, {"k": 2, "v": "old"}]
     new = [{"k": 2, "v": "new"}]
