@@ -14,11 +14,10 @@ Rows, per prompt length:
   cuDNN, FlashAttention, efficient, math. Whether cuDNN accepts the GQA call is recorded (`cudnn_gqa`); if it does
   not, a second dense row `dense_cudnn` runs `proxyattn.dense_attention` (cuDNN on expanded K/V) and the faster
   dense row is the baseline.
-* `proxyattn default`, `proxyattn default, no dense fallback`, `proxyattn gamma=0.83, dense_density=0.8` (the
-  candidate default) and `proxyattn budget_fraction=0.1`: `attn_implementation="proxyattn"` (`proxyattn.hf`), i.e.
-  the Triton estimation and block-sparse kernels. Random weights make attention diffuse, so the gamma rule keeps
-  most blocks and the dense fallback should send those layers to the dense kernel; the fixed fraction shows the
-  speed at a chosen density.
+* `proxyattn default`, `proxyattn default, no dense fallback` and `proxyattn budget_fraction=0.1`:
+  `attn_implementation="proxyattn"` (`proxyattn.hf`), i.e. the Triton estimation and block-sparse kernels. Random
+  weights make attention diffuse, so the gamma rule keeps most blocks and the dense fallback should send those
+  layers to the dense kernel; the fixed fraction shows the speed at a chosen density.
   The warm-up run of each sparse row records the mean plan density over layers and heads.
 
     python3 benchmarks/prefill.py --out DIR [--sizes 8192,16384,32768,65536,131072] [--reps 2] [--commit SHA]
@@ -64,8 +63,6 @@ def model_config(**override):
 SPARSE_ROWS = [
     ("proxyattn default", ProxyAttnConfig()),
     ("proxyattn default, no dense fallback", ProxyAttnConfig(dense_density=None)),
-    # the candidate default for density <= 0.5 on the real models (docs/results.md)
-    ("proxyattn gamma=0.83, dense_density=0.8", ProxyAttnConfig(gamma=0.83, dense_density=0.8)),
     ("proxyattn budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
 ]
 
