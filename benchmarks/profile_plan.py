@@ -83,14 +83,41 @@ def top_ops(fn, k: int = 10) -> list[dict]:
     return [{"op": e.key[:60], "calls_per_call": e.count / 5, "self_cpu_us_per_call": round(e.self_cpu_time_total / 5, 1)} for e in rows]
 
 
-# today's launch (8 query blocks per program, 4 warps, 2 stages) first: every other config's needs are compared to it
-NEEDS_CANDIDATES = [(8, 4, 2), (4, 4, 2), (8, 4, 3), (8, 8, 2), (16, 4, 2), (16, 8, 2), (16, 8, 3), (32, 8, 2)]
+def top_kernels(fn, k: int = 12) -> list[dict]:
+    """The k GPU kernels of one fn() call with the most device time (profiler, mean of 5 calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows = sorted(rows, key=lambda e: e.self_device_time_total, reverse=True)[:k]
+    return [{"kernel": e.key[:80], "calls_per_call": e.count / 5, "gpu_us_per_call": round(e.self_device_time_total / 5, 1)} for e in rows]
+
+
+# (query blocks per program, warps, stages, scratch MiB, heaviest programs first). The launch before the sweep
+# (8 / 4 / 2, 128 MiB, in order) first: every other config's needs are compared to it.
+NEEDS_CANDIDATES = [
+    (8, 4, 2, 128, False),
+    (8, 4, 2, 128, True),
+    (8, 4, 3, 128, True),
+    (8, 4, 2, 512, False),
+    (8, 4, 2, 512, True),
+    (8, 4, 3, 512, True),
+    (8, 8, 2, 512, True),
+    (4, 4, 2, 512, True),
+    (16, 8, 2, 512, True),
+    (16, 8, 3, 512, True),
+]
 
 
 def sweep_needs(s: int, recall_rows: int) -> list[dict]:
     """GPU time of rule 3's mass and cut kernels (`estimate_needs._launch_needs`, counts included) at length s
-    for every (query blocks per program, warps, stages) of NEEDS_CANDIDATES, CUDA-event timed, median of 10, with
-    how many (head, query block) needs differ from the first config's."""
+    for every launch of NEEDS_CANDIDATES, CUDA-event timed, median of 10, with how many (head, query block) needs
+    differ from the first config's."""
     from proxyattn.kernels import estimate_needs, estimate_rank
     from proxyattn.kernels.estimate_scores import proxy_scores
 
@@ -100,8 +127,16 @@ def sweep_needs(s: int, recall_rows: int) -> list[dict]:
     scores = proxy_scores(q, k, cfg, scale=scale)
     order, _, sink_rank, diag_rank = estimate_rank.rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
     rows, ref = [], None
-    for qb, warps, stages in NEEDS_CANDIDATES:
-        launch = {"S": s, "recall_rows": recall_rows, "qb": qb, "num_warps": warps, "num_stages": stages}
+    for qb, warps, stages, scratch_mb, heavy_first in NEEDS_CANDIDATES:
+        launch = {
+            "S": s,
+            "recall_rows": recall_rows,
+            "qb": qb,
+            "num_warps": warps,
+            "num_stages": stages,
+            "scratch_mib": scratch_mb,
+            "heavy_first": heavy_first,
+        }
 
         def fn():
             return estimate_needs._launch_needs(
@@ -119,6 +154,8 @@ def sweep_needs(s: int, recall_rows: int) -> list[dict]:
                 qb=qb,
                 num_warps=warps,
                 num_stages=stages,
+                scratch_bytes=scratch_mb * 2**20,
+                heavy_first=heavy_first,
             )
 
         try:
@@ -184,8 +221,7 @@ def main() -> int:
     if args.sweep_needs:
         res = {**provenance(args.commit), "what": "rule 3 needs kernels per launch config", "rows": []}
         for s in [int(x) for x in args.sweep_needs.split(",")]:
-            for rows in (4, 2):
-                res["rows"] += sweep_needs(s, rows)
+            res["rows"] += sweep_needs(s, ProxyAttnConfig().recall_rows)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
@@ -195,7 +231,6 @@ def main() -> int:
     configs = [
         ("default", base),
         ("no dense fallback", base.replace(dense_density=None)),
-        ("recall_rows=2", base.replace(recall_rows=2)),
     ]
     for s in [int(x) for x in args.sizes.split(",")]:
         q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
@@ -213,6 +248,7 @@ def main() -> int:
                     "cpu_issue_ms": round(issue, 3),
                     "syncs": syncs(fn),
                     "top_cpu_ops": top_ops(fn),
+                    "top_gpu_kernels": top_kernels(fn),
                 }
                 res["rows"].append(row)
                 print(json.dumps(row, indent=1), flush=True)

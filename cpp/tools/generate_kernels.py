@@ -465,6 +465,7 @@ NEEDS_MASS_ARGS = (
     "SKIP",
     "DOT_PREC",
     "UPCAST",
+    "HEAVY_FIRST",
 )
 NEEDS_CUT_ARGS = (
     "mass_ptr",
@@ -529,6 +530,7 @@ def needs_variants(dtypes, dims, blocks):
             SKIP=True,
             DOT_PREC="tf32",
             UPCAST=False,
+            HEAVY_FIRST=True,
         )
         for c in consts:
             types[c] = "constexpr"

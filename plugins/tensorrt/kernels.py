@@ -291,6 +291,7 @@ def trt_needs_mass(
         SKIP=True,
         DOT_PREC=DOT_PREC,
         UPCAST=False,
+        HEAVY_FIRST=True,
     )
 
 

@@ -107,9 +107,12 @@ def _mass_kernel(
     SKIP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
     pq = tl.program_id(1)  # group of QB query blocks of the chunk
+    if HEAVY_FIRST:  # the latest query blocks (the most key blocks) start first: a shorter tail
+        pq = tl.num_programs(1) - 1 - pq
     if SKIP:
         if tl.load(skip_ptr + pid) != 0:
             return
@@ -292,10 +295,13 @@ def _launch_needs(
     qb: int = 8,
     num_warps: int = 4,
     num_stages: int = 2,
+    scratch_bytes: int = _SCRATCH_BYTES,
+    heavy_first: bool = True,
 ):
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
     plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
-    `[B * Hkv]`: groups not measured (they need every block)."""
+    `[B * Hkv]`: groups not measured (they need every block). The launch parameters (qb .. heavy_first) are
+    benchmarks/profile_plan.py's sweep; scratch_bytes bounds the block masses of one chunk of query blocks."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs, rows = cfg.block_size, cfg.recall_rows
@@ -313,7 +319,7 @@ def _launch_needs(
         slots_per_chunk = 1
     else:
         per_slot = batch * hkv * nb * rb * 4
-        slots_per_chunk = max(qb, (_SCRATCH_BYTES // per_slot) // qb * qb)
+        slots_per_chunk = max(qb, (scratch_bytes // per_slot) // qb * qb)
         slots_per_chunk = min(slots_per_chunk, triton.cdiv(nb, qb) * qb)
     mass = torch.empty(batch * hkv, slots_per_chunk, nb, rb, device=dev, dtype=torch.float32)
     lse = torch.empty(batch * hkv, slots_per_chunk, rb, device=dev, dtype=torch.float32)
@@ -346,6 +352,7 @@ def _launch_needs(
             BLOCK_D=triton.next_power_of_2(d),
             DOT_PREC=prec,
             UPCAST=upcast,
+            HEAVY_FIRST=heavy_first,
             **common,
             num_warps=num_warps,
             num_stages=num_stages,
