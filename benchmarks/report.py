@@ -89,11 +89,15 @@ def attention_tables(d: dict, name: str) -> list[str]:
         if replay_ok
         else "FAILED"
     )
-    out += [
-        "",
-        f"Extra memory at {k(mem['S'])} (plan + scratch): {mem['extra_bytes_beyond_output'] / 2**20:.1f} MiB = "
-        f"{mem['ratio']:.2%} of q, k, v. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: {what}.",
-    ]
+
+    def mib(m: dict) -> str:
+        return f"{m['extra_bytes_beyond_output'] / 2**20:.1f} MiB = {m['ratio']:.2%} of q, k, v"
+
+    memory = f"Extra memory at {k(mem['S'])} (plan + scratch): {mib(mem)}"
+    mem_default = d["checks"].get("memory_default")
+    if mem_default:
+        memory += f" with budget_fraction 0.1, {mib(mem_default)} with the default (structured inputs; planning's buffers included)"
+    out += ["", f"{memory}. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: {what}."]
     return out
 
 

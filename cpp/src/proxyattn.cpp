@@ -51,7 +51,7 @@ namespace {
 constexpr double kLog2e = 1.4426950408889634;
 constexpr int kMaxBlocks = 8192;  // helpers keep 2 * Nb (+ block_size) words in shared memory (64.5 KB)
 constexpr int kMaxRankBlocks = PROXYATTN_MAX_BLOCKS_BLOCK_RECALL;  // the ranking kernel sorts a row in registers
-constexpr size_t kNeedsScratchBytes = size_t(128) << 20;         // estimate_needs._SCRATCH_BYTES
+constexpr size_t kNeedsScratchBytes = size_t(512) << 20;         // estimate_needs._SCRATCH_BYTES
 constexpr int kNeedsQB = 8;                                       // generate_kernels.NEEDS_QB
 constexpr int kHelperThreads = 256;
 constexpr size_t kAlign = 256;

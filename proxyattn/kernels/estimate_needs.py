@@ -16,7 +16,7 @@ gamma of its attention mass; a head's need is the largest over its rows. Two ker
   stops once every row reached gamma). It writes the needs and, for a plan, the counts (min_budget_tokens' top
   blocks, the forced blocks outside them, at least the need; `estimate_select`'s rule for needs).
 
-Long sequences are processed in chunks of query blocks so that the scratch stays within `_SCRATCH_BYTES`.
+Long sequences are processed in chunks of query blocks so that the scratch stays within `_SCRATCH_BYTES` (512 MiB).
 
 Dense fallback (`ProxyAttnConfig.dense_density`): the KV groups of the early decision (`api.early_dense_groups`,
 made before the proxy scores) are skipped by both kernels and keep every causal block; `fallback.dense_fallback` then
@@ -43,7 +43,10 @@ from .estimate_scores import _seq_base, _seq_bounds
 
 __all__ = ["block_needs", "block_needs_varlen", "needs_plan", "needs_plan_varlen"]
 
-_SCRATCH_BYTES = 128 * 1024**2  # block masses of one chunk of query blocks
+# Block masses of one chunk of query blocks. 512 MiB holds every query block of a 128K-token Llama-3-8B sequence
+# (B * Hkv * Nb^2 * RB * 4 bytes): one launch of 1024 programs and one tail instead of four launches of 256
+# (benchmarks/profile_plan.py --sweep-needs, H100: 6.7 ms against 7.6 ms, the same needs). Longer sequences chunk.
+_SCRATCH_BYTES = 512 * 1024**2
 _CUT_CHUNK = 128  # ranking positions per step of the cut kernel
 
 
