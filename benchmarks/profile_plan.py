@@ -112,6 +112,40 @@ NEEDS_CANDIDATES = [
     (16, 8, 2, 512, True),
     (16, 8, 3, 512, True),
 ]
+# The proxy-score kernel's (query blocks per program, warps, stages); today's launch first (`_launch_scores`' qb for
+# block 128 / stride 4 is 2: 64 strided rows per program).
+SCORES_CANDIDATES = [(2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 8, 2), (4, 8, 3), (1, 4, 2), (8, 8, 2)]
+
+
+def event_ms(fn, n: int = 10) -> float:
+    """Median GPU time of fn() (CUDA events around each call)."""
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return round(sorted(times)[n // 2], 3)
+
+
+def sweep(launches: list[dict], make_fn, compare) -> list[dict]:
+    """Time make_fn(**launch) for every launch (a config that fails, e.g. on shared memory, is recorded, not fatal);
+    compare(first result, this result) -> dict of differences from the first launch's result."""
+    rows, ref = [], None
+    for launch in launches:
+        fn = make_fn(**launch)
+        try:
+            got = fn()
+            diff = {} if ref is None else compare(ref, got)
+            ref = got if ref is None else ref
+            row = {**launch, "ms": event_ms(fn), **diff}
+        except Exception as e:  # noqa: BLE001 -- a config that fails to compile is recorded, not fatal
+            row = {**launch, "error": f"{type(e).__name__}: {str(e)[:160]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def sweep_needs(s: int, recall_rows: int) -> list[dict]:
@@ -126,60 +160,56 @@ def sweep_needs(s: int, recall_rows: int) -> list[dict]:
     scale = D**-0.5
     scores = proxy_scores(q, k, cfg, scale=scale)
     order, _, sink_rank, diag_rank = estimate_rank.rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
-    rows, ref = [], None
-    for qb, warps, stages, scratch_mb, heavy_first in NEEDS_CANDIDATES:
-        launch = {
-            "S": s,
-            "recall_rows": recall_rows,
-            "qb": qb,
-            "num_warps": warps,
-            "num_stages": stages,
-            "scratch_mib": scratch_mb,
-            "heavy_first": heavy_first,
-        }
 
-        def fn():
-            return estimate_needs._launch_needs(
-                q,
-                k,
-                None,
-                order,
-                1,
-                s,
-                cfg,
-                scale,
-                last_only=False,
-                ranks=(sink_rank, diag_rank),
-                counts=True,
-                qb=qb,
-                num_warps=warps,
-                num_stages=stages,
-                scratch_bytes=scratch_mb * 2**20,
-                heavy_first=heavy_first,
-            )
+    def make_fn(S, recall_rows, qb, num_warps, num_stages, scratch_mib, heavy_first):
+        return lambda: estimate_needs._launch_needs(
+            q,
+            k,
+            None,
+            order,
+            1,
+            s,
+            cfg,
+            scale,
+            last_only=False,
+            ranks=(sink_rank, diag_rank),
+            counts=True,
+            qb=qb,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            scratch_bytes=scratch_mib * 2**20,
+            heavy_first=heavy_first,
+        )[0]
 
-        try:
-            need, _ = fn()
-            differ = None if ref is None else int((need != ref).sum())
-            ref = need if ref is None else ref
-            times = []
-            for _ in range(10):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            row = {
-                **launch,
-                "ms": round(sorted(times)[5], 3),
-                "needs_entries_differing_from_first": differ,
-            }
-        except Exception as e:  # noqa: BLE001 -- a config that fails to compile (shared memory) is recorded, not fatal
-            row = {**launch, "error": f"{type(e).__name__}: {str(e)[:160]}"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+    keys = ("qb", "num_warps", "num_stages", "scratch_mib", "heavy_first")
+    launches = [{"S": s, "recall_rows": recall_rows, **dict(zip(keys, c))} for c in NEEDS_CANDIDATES]
+    return sweep(launches, make_fn, lambda ref, need: {"needs_entries_differing_from_first": int((need != ref).sum())})
+
+
+def sweep_scores(s: int) -> list[dict]:
+    """GPU time of the proxy scores (`estimate_scores._launch_scores`, pooling included) at length s for every launch
+    of SCORES_CANDIDATES, with the largest score difference from the first launch's and how many entries of the
+    rankings (`estimate_rank.rank_order`, what the plan uses) differ."""
+    from proxyattn.kernels import estimate_rank
+    from proxyattn.kernels.estimate_scores import _launch_scores
+
+    cfg = ProxyAttnConfig()
+    q, k, _ = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
+    scale = D**-0.5
+
+    def make_fn(S, qb, num_warps, num_stages):
+        return lambda: _launch_scores(q, k, None, 1, s, cfg, scale, qb=qb, num_warps=num_warps, num_stages=num_stages)
+
+    def compare(ref, got):
+        finite = torch.isfinite(ref)
+        same_inf = bool((finite == torch.isfinite(got)).all())
+        diff = (got[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+        order_ref = estimate_rank.rank_order(ref, cfg.keep_sink, cfg.keep_diagonal)[0]
+        order_got = estimate_rank.rank_order(got, cfg.keep_sink, cfg.keep_diagonal)[0]
+        return {"max_abs_diff": diff, "same_inf": same_inf, "order_entries_differing": int((order_got != order_ref).sum())}
+
+    launches = [{"S": s, **dict(zip(("qb", "num_warps", "num_stages"), c))} for c in SCORES_CANDIDATES]
+    return sweep(launches, make_fn, compare)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -201,6 +231,7 @@ def parser() -> argparse.ArgumentParser:
         help=f"one of {Estimator.allowed()} (default {default.estimator.label})",
     )
     ap.add_argument("--sweep-needs", default=None, metavar="SIZES", help="only time rule 3's kernels per launch config at these sizes")
+    ap.add_argument("--sweep-scores", default=None, metavar="SIZES", help="only time the proxy scores per launch config at these sizes")
     return ap
 
 
@@ -218,10 +249,11 @@ def provenance(commit: str | None) -> dict:
 
 def main() -> int:
     args = parser().parse_args()
-    if args.sweep_needs:
-        res = {**provenance(args.commit), "what": "rule 3 needs kernels per launch config", "rows": []}
-        for s in [int(x) for x in args.sweep_needs.split(",")]:
-            res["rows"] += sweep_needs(s, ProxyAttnConfig().recall_rows)
+    if args.sweep_needs or args.sweep_scores:
+        what = "rule 3 needs kernels" if args.sweep_needs else "proxy-score kernel"
+        res = {**provenance(args.commit), "what": f"{what} per launch config", "rows": []}
+        for s in [int(x) for x in (args.sweep_needs or args.sweep_scores).split(",")]:
+            res["rows"] += sweep_needs(s, ProxyAttnConfig().recall_rows) if args.sweep_needs else sweep_scores(s)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
