@@ -8,7 +8,8 @@
 #   3. with `serve`, once /tmp/gguf/gemma-3-270m-q4_k_m.gguf exists (joined by benchmarks/join_pieces.sh from carried
 #      pieces; waited for up to 60 s): tests/gpu/check_serving.py with Gemma-3-270M (wheels in /tmp/site, numpy's
 #      wheel in /tmp/c; docs/serving.md says how they travel);
-#   4. benchmarks/profile_plan.py --sweep-needs 131072 (rule 3's needs kernels per launch);
+#   4. benchmarks/profile_plan.py --sweep-needs / --sweep-scores 131072 (rule 3's needs kernels, the proxy scores, per
+#      launch);
 #   5. benchmarks/profile_plan.py --sizes 131072 (planning's host time and GPU kernels).
 # <results dir>/progress.txt records each step's start and exit status; collect with
 #   bash benchmarks/run_device_bench.sh --collect <results dir>   (JSON files and one logs.tgz into $OUT)
@@ -47,5 +48,6 @@ if [ "$serve" = serve ]; then
   fi
 fi
 step sweep python3 benchmarks/profile_plan.py --sweep-needs 131072 --out "$res/needs_sweep_${tag}.json" --commit "$sha"
+step sweep_scores python3 benchmarks/profile_plan.py --sweep-scores 131072 --out "$res/scores_sweep_${tag}.json" --commit "$sha"
 step profile python3 benchmarks/profile_plan.py --sizes 131072 --out "$res/profile_plan_${tag}.json" --commit "$sha"
 echo "$(date +%T) DONE" >> "$res/progress.txt"
