@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Where the host time of eager planning goes (GPU): per-call CPU issue time, device synchronisations, top ops.
 
-For each length and config: the wall time of back-to-back calls (what a caller sees), the CPU time to issue one
-call while the GPU is idle (Python + launches), every device synchronisation the call makes (torch's sync debug
-mode, with the Python line that caused it) and the profiler's ten most expensive ops by CPU time.
+For each length: `dense_attention` (cuDNN), then per config `plan_blocks` and `proxy_attention`: the wall time of
+back-to-back calls (what a caller sees), the CPU time to issue one call while the GPU is idle (Python + launches),
+every device synchronisation the call makes (torch's sync debug mode, with the Python line that caused it), the
+profiler's ten most expensive ops by CPU time and the GPU kernels of a call. `--inputs random` profiles diffuse
+attention (what the dense fallback's early decision costs); `--sweep-needs` / `--sweep-scores` time one kernel's
+launch configurations instead.
 
-    python3 benchmarks/profile_plan.py [--sizes 16384,32768] [--out FILE.json] [--budget-rule NAME] [--estimator NAME]
+    python3 benchmarks/profile_plan.py [--sizes 16384,32768] [--inputs structured|random] [--out FILE.json]
+        [--budget-rule NAME] [--estimator NAME]
 
 `--budget-rule` and `--estimator` take a name (or, for compatibility, the number): the profiled configs are the
 default with those choices, with and without the dense fallback.
@@ -230,6 +234,12 @@ def parser() -> argparse.ArgumentParser:
         default=default.estimator,
         help=f"one of {Estimator.allowed()} (default {default.estimator.label})",
     )
+    ap.add_argument(
+        "--inputs",
+        choices=("structured", "random"),
+        default="structured",
+        help="structured (proxyattn.testing.structured_qkv) or random (diffuse attention: the default's dense fallback)",
+    )
     ap.add_argument("--sweep-needs", default=None, metavar="SIZES", help="only time rule 3's kernels per launch config at these sizes")
     ap.add_argument("--sweep-scores", default=None, metavar="SIZES", help="only time the proxy scores per launch config at these sizes")
     return ap
@@ -259,31 +269,43 @@ def main() -> int:
                 json.dump(res, f, indent=1)
         return 0
     base = ProxyAttnConfig(budget_rule=args.budget_rule, estimator=args.estimator)
-    res = {**provenance(args.commit), "budget_rule": base.budget_rule.label, "estimator": base.estimator.label, "rows": []}
+    res = {
+        **provenance(args.commit),
+        "budget_rule": base.budget_rule.label,
+        "estimator": base.estimator.label,
+        "inputs": args.inputs,
+        "rows": [],
+    }
     configs = [
         ("default", base),
         ("no dense fallback", base.replace(dense_density=None)),
     ]
     for s in [int(x) for x in args.sizes.split(",")]:
-        q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
+        if args.inputs == "structured":
+            q, k, v = structured_qkv(1, s, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=s)
+        else:
+            g = torch.Generator(device="cuda").manual_seed(s)
+            q, k, v = (torch.randn(1, s, h, D, device="cuda", dtype=torch.bfloat16, generator=g) for h in (HQ, HKV, HKV))
+        calls = [(None, "dense_attention", lambda: proxyattn.dense_attention(q, k, v))]
         for name, cfg in configs:
-            for what, fn in [
-                ("plan_blocks", lambda: proxyattn.plan_blocks(q, k, cfg)),
-                ("proxy_attention", lambda: proxyattn.proxy_attention(q, k, v, cfg)),
-            ]:
-                loop, issue = host_ms(fn)
-                row = {
-                    "S": s,
-                    "config": name,
-                    "call": what,
-                    "ms_per_call_back_to_back": round(loop, 3),
-                    "cpu_issue_ms": round(issue, 3),
-                    "syncs": syncs(fn),
-                    "top_cpu_ops": top_ops(fn),
-                    "top_gpu_kernels": top_kernels(fn),
-                }
-                res["rows"].append(row)
-                print(json.dumps(row, indent=1), flush=True)
+            calls += [
+                (name, "plan_blocks", lambda cfg=cfg: proxyattn.plan_blocks(q, k, cfg)),
+                (name, "proxy_attention", lambda cfg=cfg: proxyattn.proxy_attention(q, k, v, cfg)),
+            ]
+        for name, what, fn in calls:
+            loop, issue = host_ms(fn)
+            row = {
+                "S": s,
+                "config": name,
+                "call": what,
+                "ms_per_call_back_to_back": round(loop, 3),
+                "cpu_issue_ms": round(issue, 3),
+                "syncs": syncs(fn),
+                "top_cpu_ops": top_ops(fn),
+                "top_gpu_kernels": top_kernels(fn),
+            }
+            res["rows"].append(row)
+            print(json.dumps(row, indent=1), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
