@@ -96,7 +96,10 @@ def attention_tables(d: dict, name: str) -> list[str]:
     memory = f"Extra memory at {k(mem['S'])} (plan + scratch): {mib(mem)}"
     mem_default = d["checks"].get("memory_default")
     if mem_default:
-        memory += f" with budget_fraction 0.1, {mib(mem_default)} with the default (structured inputs; planning's buffers included)"
+        memory += (
+            f" with budget_fraction 0.1, {mib(mem_default)} with the default (structured inputs; rule 3's needs scratch is"
+            " freed before the output is allocated)"
+        )
     out += ["", f"{memory}. CUDA graph capture of `proxy_attention` at {k(graph['S'])}: {what}."]
     return out
 
