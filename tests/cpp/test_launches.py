@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from proxyattn import ProxyAttnConfig
+from proxyattn.kernels import estimate_needs as EN
 from tests.helpers import ROOT
 
 Q, K, V, O, WS, CU = 0x10000000, 0x20000000, 0x30000000, 0x40000000, 0x50000000, 0x60000000
@@ -358,7 +359,6 @@ def _python_rule3_launches(case, monkeypatch):
     kernel. Returns [(kernel, grid, named args)] and {id(tensor): C pointer} for q, k, v (and cu_seqlens)."""
     from proxyattn.kernels import attention as A
     from proxyattn.kernels import estimate_budgets as EB
-    from proxyattn.kernels import estimate_needs as EN
     from proxyattn.kernels import estimate_rank as ER
     from proxyattn.kernels import estimate_scores as ES
 
@@ -484,7 +484,7 @@ def test_block_recall_and_dense_fallback_launches_equal_the_python_launchers(bui
     # The needs scratch [B*Hkv, slots, Nb, RB] float32 lies inside the workspace, disjoint from every other buffer.
     rb = 1 << (hq // hkv * cfg.recall_rows - 1).bit_length()  # next power of two of group x rows
     lo, hi = mass[0]["params"][4], mass[0]["params"][4] + b * hkv * slots * nb * rb * 4
-    assert hi <= ws_hi and b * hkv * slots * nb * rb * 4 <= 512 * 2**20
+    assert hi <= ws_hi and b * hkv * slots * nb * rb * 4 <= EN._SCRATCH_BYTES  # the Python path's bound (512 MiB)
     others = {v for l in c_all for v in l["params"] if ws_lo <= v < ws_hi and v != lo}
     assert not any(lo < v < hi for v in others)
     # The CUDA C helpers, in order, on the right buffers.
