@@ -102,19 +102,19 @@ def top_kernels(fn, k: int = 12) -> list[dict]:
     return [{"kernel": e.key[:80], "calls_per_call": e.count / 5, "gpu_us_per_call": round(e.self_device_time_total / 5, 1)} for e in rows]
 
 
-# (query blocks per program, warps, stages, scratch MiB, heaviest programs first). The launch before the sweep
-# (8 / 4 / 2, 128 MiB, in order) first: every other config's needs are compared to it.
+# (query blocks per program, warps, stages, scratch MiB, heaviest programs first). Today's launch (`_launch_needs`'
+# defaults) first: every other config's needs are compared to it.
 NEEDS_CANDIDATES = [
-    (8, 4, 2, 128, False),
-    (8, 4, 2, 128, True),
-    (8, 4, 3, 128, True),
-    (8, 4, 2, 512, False),
     (8, 4, 2, 512, True),
     (8, 4, 3, 512, True),
+    (8, 4, 4, 512, True),
     (8, 8, 2, 512, True),
+    (8, 8, 3, 512, True),
     (4, 4, 2, 512, True),
+    (4, 4, 3, 512, True),
     (16, 8, 2, 512, True),
     (16, 8, 3, 512, True),
+    (8, 4, 2, 128, False),
 ]
 # The proxy-score kernel's (query blocks per program, warps, stages); today's launch first (`_launch_scores`' qb for
 # block 128 / stride 4 is 2: 64 strided rows per program).

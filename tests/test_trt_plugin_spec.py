@@ -1,5 +1,6 @@
 """The TensorRT plugin logic as plain functions (plugins.tensorrt.spec) and TensorRT's lazy import."""
 
+import itertools
 import math
 
 import pytest
@@ -172,8 +173,11 @@ def test_rule3_and_ranking_plugins():
 
     mass_attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "scale": 0.1}
     assert S.output_shapes("ProxyNeedsMass", [q, k, (b, hkv)], mass_attrs) == [(b * hkv, nb, nb, 32), (b * hkv, nb, 32)]
-    consts, _ = S.constants("ProxyNeedsMass", [q, k, (b, hkv)], ["bfloat16", "bfloat16", "int32"], mass_attrs, 1)
+    consts, opt = S.constants("ProxyNeedsMass", [q, k, (b, hkv)], ["bfloat16", "bfloat16", "int32"], mass_attrs, 1)
     assert (consts["GROUP"], consts["RB"], consts["QB"], consts["ROWS"]) == (7, 32, 8, 4)
+    assert opt == {"num_warps": 4, "num_stages": 2}  # 256 query rows x 128 and two K tiles fit shared memory
+    _, opt = S.constants("ProxyNeedsMass", [(b, hq, s, 256), (b, hkv, s, 256), (b, hkv)], ["bfloat16"] * 2 + ["int32"], mass_attrs, 1)
+    assert opt["num_stages"] == 1  # head dim 256: they do not
     assert S.launch("ProxyNeedsMass", [q], mass_attrs, consts) == (b * hkv, 1, 1)
     cut_attrs = {
         "pa_block_size": 128,
@@ -217,3 +221,12 @@ def test_needs_mass_needs_static_head_counts():
     attrs = {"pa_block_size": 128, "pa_recall_rows": 4, "scale": 0.1}
     with pytest.raises(ValueError, match="query heads=-1 must be a static positive int"):
         S.output_shapes("ProxyNeedsMass", [(1, Sym(), 256, 64), (1, 2, 256, 64), (1, 2)], attrs, SymOps())
+
+
+def test_needs_mass_stages_follow_the_kernel_module():
+    """The spec restates estimate_needs.mass_stages (it imports nothing of proxyattn): both agree on every shape the
+    plugins compile."""
+    from proxyattn.kernels import estimate_needs as EN
+
+    for qb, rb, bd, bs, elt in itertools.product((8, 16), (4, 8, 16, 32), (64, 128, 256), (64, 128), (2, 4)):
+        assert S.mass_stages(qb, rb, bd, bs, elt) == EN.mass_stages(qb, rb, bd, bs, elt), (qb, rb, bd, bs, elt)

@@ -1,10 +1,11 @@
 // libproxyattn: the C entry points. Validation, workspace layout and the launch sequence of
 // proxyattn.proxy_attention / proxy_attention_varlen on the GPU path:
 //
-//   budget pass 0       proxyattn/kernels/estimate_budgets.py::_budget_kernel PASS=0  (Triton, AOT)
+//   budget pass 0       proxyattn/kernels/estimate_budgets.py::_budget_kernel PASS=0 LOG_MASS (Triton, AOT): the
+//                       one sweep over the keys, row statistics and every row's log2 block masses
 //   combine lse         pa_combine_lse (CUDA C; estimate_budgets._combine_lse_kernel)
-//   budget pass 1       _budget_kernel PASS=1 (mean mass: rules 0/1, the dense fallback's early decision) and/or
-//                       PASS=1 ROWS (the mass of every row: rule 2)                   (Triton, AOT)
+//   masses              estimate_budgets.py::_finish_mass_kernel (mean mass: rules 0/1, the dense fallback's early
+//                       decision) and/or ROWS (the mass of every row: rule 2)          (Triton, AOT)
 //   early decision      pa_budgets (budget_rule 0, no dense sequences) + pa_early_dense (CUDA C;
 //                       api.early_dense_groups / estimate_budgets._early_dense_kernel): KV groups dense from the
 //                       start; with budget_rule 3 and no early decision the flags are zeroed (cuMemsetD32Async)
@@ -53,6 +54,7 @@ constexpr int kMaxBlocks = 8192;  // helpers keep 2 * Nb (+ block_size) words in
 constexpr int kMaxRankBlocks = PROXYATTN_MAX_BLOCKS_BLOCK_RECALL;  // the ranking kernel sorts a row in registers
 constexpr size_t kNeedsScratchBytes = size_t(512) << 20;         // estimate_needs._SCRATCH_BYTES
 constexpr int kNeedsQB = 8;                                       // generate_kernels.NEEDS_QB
+constexpr int kFinishBlocks = 16;                                 // estimate_budgets._FINISH_BLOCKS
 constexpr int kHelperThreads = 256;
 constexpr size_t kAlign = 256;
 
@@ -72,8 +74,8 @@ struct Resolved {
   bool early;      // the dense fallback's early decision runs (permille > 0, gamma rule with gamma < 1)
   bool rule_mass;  // budget rules 0-2 need the last block's mass (gamma < 1)
   bool need_mass;  // the budget kernel's passes run (rule_mass or early)
-  bool mean_mass;  // pass 1 without ROWS: rules 0/1 or the early decision
-  bool row_mass;   // pass 1 with ROWS: rule 2
+  bool mean_mass;  // the mass of each key block (finish kernel without ROWS): rules 0/1 or the early decision
+  bool row_mass;   // the mass of every row and key block (finish kernel with ROWS): rule 2
   bool fallback;   // pa_dense_fallback runs (permille > 0, or rule 3 with gamma >= 1: flags mark every group)
   // budget rule 3's needs kernels (estimate_needs._launch_needs): rows per query block RB, query blocks per mass
   // program QB, query blocks per chunk (slots) of the scratch.
@@ -83,7 +85,7 @@ struct Resolved {
 
 // Workspace layout (byte offsets, each 256-aligned).
 struct Layout {
-  size_t pq = 0, pk = 0, scores = 0, mstat = 0, lstat = 0, blse = 0, mass = 0, mass_rows = 0, budgets0 = 0,
+  size_t pq = 0, pk = 0, scores = 0, mstat = 0, lstat = 0, blse = 0, lmass = 0, mass = 0, mass_rows = 0, budgets0 = 0,
          flags = 0, rank = 0, sink = 0, diag = 0, need = 0, nmass = 0, nlse = 0, budgets = 0, order = 0, counts = 0,
          lse = 0, total = 0;
   size_t rows_q = 0, rows_k = 0;
@@ -274,6 +276,7 @@ Layout layout_of(const Resolved &r) {
       L.mstat = take(B * Hq * nb * bs * 4);  // chunks <= nb
       L.lstat = take(B * Hq * nb * bs * 4);
       L.blse = take(B * Hq * bs * 4);
+      L.lmass = take(B * Hq * nb * bs * 4);  // pass 0's log2 block masses of every row [B * Hq, nb, bs]
       if (r.mean_mass) L.mass = take(B * Hq * nb * 4);
       if (r.row_mass) L.mass_rows = take(B * Hq * bs * nb * 4);  // rule 2: the mass of every row
     }
@@ -317,8 +320,8 @@ bool misaligned(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) !
   } while (0)
 
 struct Kernels {
-  const KernelImage *pool_q = nullptr, *pool_k = nullptr, *scores = nullptr, *budget0 = nullptr, *budget1 = nullptr;
-  const KernelImage *budget1_rows = nullptr, *combine = nullptr, *budgets = nullptr, *select = nullptr, *attn = nullptr;
+  const KernelImage *pool_q = nullptr, *pool_k = nullptr, *scores = nullptr, *budget0 = nullptr, *finish = nullptr;
+  const KernelImage *finish_rows = nullptr, *combine = nullptr, *budgets = nullptr, *select = nullptr, *attn = nullptr;
   const KernelImage *early_dense = nullptr, *rank = nullptr, *needs_mass = nullptr, *needs_cut = nullptr;
   const KernelImage *needs_budgets = nullptr, *dense_fallback = nullptr;
 };
@@ -349,12 +352,12 @@ proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels 
       std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass0", dt, r.D, r.bs, v);
       PA_TRY(need(buf, &k->budget0));
       if (r.mean_mass) {
-        std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1", dt, r.D, r.bs, v);
-        PA_TRY(need(buf, &k->budget1));
+        std::snprintf(buf, sizeof buf, "finish/bs%d/varlen%d/rows0", r.bs, v);
+        PA_TRY(need(buf, &k->finish));
       }
       if (r.row_mass) {
-        std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass1rows", dt, r.D, r.bs, v);
-        PA_TRY(need(buf, &k->budget1_rows));
+        std::snprintf(buf, sizeof buf, "finish/bs%d/varlen%d/rows1", r.bs, v);
+        PA_TRY(need(buf, &k->finish_rows));
       }
       PA_TRY(need("helper/combine_lse", &k->combine));
     }
@@ -428,7 +431,9 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
   CUdeviceptr sc = r.all_dense ? (CUdeviceptr)0 : (CUdeviceptr)(ws + L.scores);
   if (r.need_mass) {
     // 1. attention mass per key block of each head's last query block [B, Hq, nb] (rules 0/1, the early decision);
-    //    rule 2: of every row of that block, [B, Hq, bs, nb]. Pass 0 and the combine serve both passes 1.
+    //    rule 2: of every row of that block, [B, Hq, bs, nb]. One sweep over the keys (pass 0: row statistics and
+    //    every row's log2 block masses), the rows' log-sum-exp, then the finish kernel(s): pass 0 and the combine
+    //    serve both masses.
     int sms = 0;
     PA_TRY(current_sm_count(&sms));
     const int bh = r.B * r.Hq;
@@ -438,21 +443,21 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
     CUdeviceptr ms = (CUdeviceptr)(ws + L.mstat), ls = (CUdeviceptr)(ws + L.lstat), bl = (CUdeviceptr)(ws + L.blse);
     Strides sq = strides_of(r, r.Hq), sk = strides_of(r, r.Hkv);
     int group = r.Hq / r.Hkv;
-    CUdeviceptr out = r.mean_mass ? mass : mass_rows;  // pass 0 does not write it
-    void *args[] = {&qp, &kp, &cu, &ms, &ls, &bl, &out, &seq_len, &nb, &Hq, &qk_scale,
+    CUdeviceptr lm = (CUdeviceptr)(ws + L.lmass);
+    void *args[] = {&qp, &kp, &cu, &ms, &ls, &bl, &lm, &seq_len, &nb, &Hq, &qk_scale,
                     &sq.b, &sq.t, &sq.h, &sk.b, &sk.t, &sk.h, &group, &nchunk, &cb};
     PA_TRY(launch(*K.budget0, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget0), K.budget0->shared_bytes,
                   args, 20, stream));
     int rows = bh, bsz = r.bs;
     void *cargs[] = {&ms, &ls, &bl, &rows, &nchunk, &bsz};
     PA_TRY(launch(*K.combine, helper_grid((size_t)bh * r.bs), 1, 1, kHelperThreads, 0, cargs, 6, stream));
-    if (r.mean_mass)
-      PA_TRY(launch(*K.budget1, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget1), K.budget1->shared_bytes,
-                    args, 20, stream));
-    if (r.row_mass) {
-      out = mass_rows;
-      PA_TRY(launch(*K.budget1_rows, (unsigned)bh, (unsigned)nchunk, 1, threads_of(*K.budget1_rows),
-                    K.budget1_rows->shared_bytes, args, 20, stream));
+    const unsigned fgrid = (unsigned)((nb + kFinishBlocks - 1) / kFinishBlocks);
+    for (int rows_mode = 0; rows_mode < 2; ++rows_mode) {
+      if (!(rows_mode ? r.row_mass : r.mean_mass)) continue;
+      const KernelImage &fin = rows_mode ? *K.finish_rows : *K.finish;
+      CUdeviceptr out = rows_mode ? mass_rows : mass;
+      void *fargs[] = {&lm, &bl, &out, &cu, &seq_len, &nb, &Hq};
+      PA_TRY(launch(fin, (unsigned)bh, fgrid, 1, threads_of(fin), fin.shared_bytes, fargs, 7, stream));
     }
   }
   if (r.early) {

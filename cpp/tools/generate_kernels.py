@@ -333,13 +333,16 @@ BUDGET_ARGS = (
     "DOT_PREC",
     "UPCAST",
     "ROWS",
+    "LOG_MASS",
 )
 
 
 def budget_variants(dtypes, dims, blocks):
     out = []
-    # pass 0 (row statistics), pass 1 (mass per key block, rules 0/1) and pass 1 with ROWS (per row, rule 2)
-    for dt, d, bs, varlen, (pas, rows) in itertools.product(dtypes, dims, blocks, (0, 1), ((0, False), (1, False), (1, True))):
+    # pass 0 with LOG_MASS: row statistics and every row's log2 block masses (the one sweep over the keys; the
+    # masses come from `_finish_mass_kernel`, `finish_variants`)
+    pas, rows = 0, False
+    for dt, d, bs, varlen in itertools.product(dtypes, dims, blocks, (0, 1)):
         block_d = _next_pow2(d)
         types = {n: "i32" for n in BUDGET_ARGS}
         types.update(
@@ -363,6 +366,7 @@ def budget_variants(dtypes, dims, blocks):
             DOT_PREC="tf32",
             UPCAST=False,
             ROWS=rows,
+            LOG_MASS=True,
         )
         for c in consts:
             types[c] = "constexpr"
@@ -383,7 +387,7 @@ def budget_variants(dtypes, dims, blocks):
         )
         out.append(
             Variant(
-                f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}{'rows' if rows else ''}",
+                f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{pas}",
                 "proxyattn.kernels.estimate_budgets",
                 "_budget_kernel",
                 types,
@@ -392,6 +396,38 @@ def budget_variants(dtypes, dims, blocks):
                 8 if block_d >= 128 else 4,
                 2,
                 BUDGET_ARGS,
+            )
+        )
+    return out
+
+
+FINISH_ARGS = ("lm_ptr", "lse_ptr", "mass_ptr", "cu_ptr", "seq_len", "nb_max", "num_q_heads", "BS", "BLOCK_N", "ROWS", "VARLEN")
+
+
+def finish_variants(blocks):
+    """estimate_budgets._finish_mass_kernel per {block, padded/varlen} x {mean mass (rules 0/1, the early decision),
+    per-row mass (rule 2)}; BLOCK_N = estimate_budgets._FINISH_BLOCKS key blocks per program."""
+    from proxyattn.kernels.estimate_budgets import _FINISH_BLOCKS
+
+    out = []
+    for bs, varlen, rows in itertools.product(blocks, (0, 1), (0, 1)):
+        types = {n: "i32" for n in FINISH_ARGS}
+        types.update(lm_ptr="*fp32", lse_ptr="*fp32", mass_ptr="*fp32", cu_ptr="*i32")
+        consts = dict(BS=bs, BLOCK_N=_FINISH_BLOCKS, ROWS=bool(rows), VARLEN=bool(varlen))
+        for c in consts:
+            types[c] = "constexpr"
+        div16 = ("lm_ptr", "lse_ptr", "mass_ptr", "cu_ptr")
+        out.append(
+            Variant(
+                f"finish/bs{bs}/varlen{varlen}/rows{rows}",
+                "proxyattn.kernels.estimate_budgets",
+                "_finish_mass_kernel",
+                types,
+                consts,
+                div16,
+                4,
+                1,
+                FINISH_ARGS,
             )
         )
     return out
@@ -509,7 +545,10 @@ def needs_rbs() -> list:
 def needs_variants(dtypes, dims, blocks):
     """estimate_needs._mass_kernel and _cut_kernel as `_launch_needs` runs them for a plan: every query block
     (LAST_ONLY off), skip flags on (SKIP: the library passes zeros when there is no early decision), counts on;
-    GROUP runtime; the cut kernel's KEEP_SINK / KEEP_DIAG runtime i32."""
+    GROUP runtime; the cut kernel's KEEP_SINK / KEEP_DIAG runtime i32; the mass kernel's stages
+    (`estimate_needs.mass_stages`)."""
+    from proxyattn.kernels.estimate_needs import mass_stages
+
     out = []
     for dt, d, bs, varlen, (rows, rb) in itertools.product(dtypes, dims, blocks, (0, 1), needs_rbs()):
         block_d = _next_pow2(d)
@@ -557,7 +596,7 @@ def needs_variants(dtypes, dims, blocks):
                 consts,
                 div16,
                 4,
-                2,
+                mass_stages(qb, rb, block_d, bs),
                 NEEDS_MASS_ARGS,
                 {"QB": qb},
             )
@@ -757,7 +796,7 @@ def main() -> None:
         override = {"BLOCK_N": f[0], "num_warps": f[1], "num_stages": f[2], "maxnreg": f[3] if len(f) > 3 else None}
     variants = attention_variants(dtypes, dims, blocks, override) + pool_variants(dtypes, dims, STRIDES)
     variants += scores_variants(dims, blocks, STRIDES)
-    variants += budget_variants(dtypes, dims, blocks)
+    variants += budget_variants(dtypes, dims, blocks) + finish_variants(blocks)
     variants += rank_variants() + needs_variants(dtypes, dims, blocks)
     print(f"[generate_kernels] {len(variants)} Triton variants + CUDA C helpers -> {out}", flush=True)
     with tempfile.TemporaryDirectory(dir=out) as stage:

@@ -62,6 +62,13 @@ _LOG2E = 1.4426950408889634
 MAX_RANK_BLOCKS = 4096
 # Ranking positions per step of ProxyNeedsCut (estimate_needs._CUT_CHUNK).
 _CUT_CHUNK = 128
+# Shared memory ProxyNeedsMass' pipelined K tiles may use (estimate_needs._SMEM_BUDGET).
+_NEEDS_SMEM_BUDGET = 220 * 1024
+
+
+def mass_stages(qb: int, rb: int, block_d: int, block_size: int, elt: int = 2) -> int:
+    """`estimate_needs.mass_stages`: 2 pipeline stages when the query rows and two K tiles fit, else 1."""
+    return 2 if (qb * rb + 2 * block_size) * block_d * elt <= _NEEDS_SMEM_BUDGET else 1
 
 
 class IntOps:
@@ -331,7 +338,7 @@ _TACTICS: dict[str, dict[int, dict[str, int]]] = {
     "ProxyMass": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxyRowMass": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxyRank": {1: {}},  # num_warps from the row length, as estimate_rank._launch_rank
-    "ProxyNeedsMass": {1: {"num_warps": 4, "num_stages": 2}},  # estimate_needs._launch_needs' defaults
+    "ProxyNeedsMass": {1: {"num_warps": 4}},  # estimate_needs._launch_needs' defaults (stages: mass_stages)
     "ProxyNeedsCut": {1: {"num_warps": 4, "num_stages": 2}},
     "ProxySparseAttention": {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, 2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
 }
@@ -403,13 +410,15 @@ def constants(
         group, rows = hq // hkv, a["pa_recall_rows"]
         rb = needs_rows(group, rows)
         prec = "ieee" if dtypes[0] == "float32" else "tf32"
+        qb = max(8, -(-16 // rb))
+        opt["num_stages"] = mass_stages(qb, rb, _pow2(d), bs, 4 if dtypes[0] == "float32" else 2)
         return {
             "HQ": hq,
             "HKV": hkv,
             "GROUP": group,
             "ROWS": rows,
             "RB": rb,
-            "QB": max(8, -(-16 // rb)),
+            "QB": qb,
             "BS": bs,
             "D": d,
             "BLOCK_D": _pow2(d),

@@ -6,17 +6,21 @@ descending mass order (budget_rule "mass", the paper) or in the order of the las
 ("recall"); "row_recall" keeps the mass of every row and takes the largest prefix any row needs
 (`proxyattn.reference.head_budgets`). "block_recall" counts per query block: `estimate_needs`.
 
-Layers: `_budget_kernel` (jit, two passes selected by PASS), `_combine_lse_kernel`, `_early_dense_kernel` ->
-`_launch_mass` (allocate, grid) -> `head_budgets` / `head_budgets_varlen` / `early_dense_groups` (checks, shapes).
+Layers: `_budget_kernel` (jit; PASS 0, or PASS 1 for the TensorRT plugins), `_combine_lse_kernel`,
+`_finish_mass_kernel`, `_early_dense_kernel` -> `_launch_mass` (allocate, grid) -> `head_budgets` /
+`head_budgets_varlen` / `early_dense_groups` (checks, shapes).
 
 The keys are split into chunks of key blocks so that B * Hq * chunks programs fill the GPU (a head alone has
 only its 128 rows). Programs are ordered with the query heads of one KV head adjacent, so their shared K tiles
-come from L2. PASS 0 writes each chunk's online row max and sum; `_combine_lse_kernel` combines them into each
-row's log-sum-exp (`[B, Hq, block_size]`); PASS 1 recomputes the logits and writes the attention mass of
-every key block, `[B, Hq, Nb]` (or, with ROWS, of every row and key block, `[B, Hq, block_size, Nb]`). Sort,
-cumulative sum and count are torch ops on the device, except for the dense fallback's first decision
-(`early_dense_groups`), which `_early_dense_kernel` makes in one launch per call. The dots take the inputs in
-their own dtype (fp16/bf16 operands, fp32 accumulation): the reference's products exactly, summed in another order.
+come from L2. One sweep over the keys: PASS 0 (with LOG_MASS) writes each chunk's online row max and sum and every
+row's unnormalised log2 mass of every key block (`[B*Hq, Nb, block_size]`); `_combine_lse_kernel` combines the
+chunks into each row's log-sum-exp (`[B*Hq, block_size]`); `_finish_mass_kernel` turns the log2 masses into the
+attention mass of every key block, `[B, Hq, Nb]` (or, with ROWS, of every row and key block, `[B, Hq, block_size,
+Nb]`). The TensorRT plugins still run the older two sweeps (PASS 0 without LOG_MASS, then PASS 1 recomputing the
+logits against the log-sum-exp): the same masses, one more pass over the keys. Sort, cumulative sum and count are
+torch ops on the device, except for the dense fallback's first decision (`early_dense_groups`), which
+`_early_dense_kernel` makes in one launch per call. The dots take the inputs in their own dtype (fp16/bf16
+operands, fp32 accumulation): the reference's products exactly, summed in another order.
 """
 
 from __future__ import annotations
@@ -77,6 +81,19 @@ def _store_mass(mass_row, n, p, inv_rows, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _mass_step(s, m_i, l_i, mass_at, store_ok):
+    """One key block of a program's rows (logits s, log2 units): store each row's unnormalised log2 block mass, max +
+    log2(sum exp2(logit - max)), at mass_at (-inf for a row that sees none of the block) and return the rows'
+    running (max, sum) after the block (also `estimate_needs._mass_kernel`)."""
+    bm = tl.max(s, axis=1)
+    bm_safe = tl.where(bm > -1.0e30, bm, 0.0)  # a row that sees none of this block
+    ps = tl.sum(tl.exp2(s - bm_safe[:, None]), axis=1)
+    tl.store(mass_at, bm_safe + tl.log2(ps), mask=store_ok)
+    m_new = tl.maximum(m_i, bm)
+    return m_new, l_i * tl.exp2(m_i - m_new) + ps * tl.exp2(bm - m_new)
+
+
+@triton.jit
 def _budget_kernel(
     q_ptr,
     k_ptr,
@@ -108,6 +125,7 @@ def _budget_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     ROWS: tl.constexpr,
+    LOG_MASS: tl.constexpr = False,  # PASS 0 also writes every row's log2 block masses to mass_ptr (`_finish_mass_kernel`)
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -143,12 +161,21 @@ def _budget_kernel(
     if PASS == 0:
         m_i = tl.full([BS], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BS], dtype=tl.float32)
-        for n in range(n_lo, n_full):
-            s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-            m_i, l_i = _online_max_sum(m_i, l_i, s)
-        for n in range(n_full, n_hi):
-            s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-            m_i, l_i = _online_max_sum(m_i, l_i, s)
+        if LOG_MASS:  # [B*Hq, nb_max, BS]: row r's log2 mass of key block n at n * BS + r
+            lm_row = mass_ptr + bh.to(tl.int64) * nb_max * BS + offs_r
+            for n in range(n_lo, n_full):
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+                m_i, l_i = _mass_step(s, m_i, l_i, lm_row + n * BS, row_ok)
+            for n in range(n_full, n_hi):
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+                m_i, l_i = _mass_step(s, m_i, l_i, lm_row + n * BS, row_ok)
+        else:
+            for n in range(n_lo, n_full):
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+                m_i, l_i = _online_max_sum(m_i, l_i, s)
+            for n in range(n_full, n_hi):
+                s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, row_ok, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+                m_i, l_i = _online_max_sum(m_i, l_i, s)
         tl.store(mstat_ptr + stat_off, m_i)
         tl.store(lstat_ptr + stat_off, l_i)
     else:
@@ -168,6 +195,9 @@ def _budget_kernel(
         # Key blocks of this chunk past the sequence's end (packed batches) hold no mass.
         for n in range(tl.maximum(n_hi, n_lo), tl.minimum(n_lo + CB, nb_max)):
             _store_mass(mass_row, n, tl.zeros([BS, BS], dtype=tl.float32), inv_rows, ROWS)
+
+
+_FINISH_BLOCKS = 16  # key blocks per `_finish_mass_kernel` program (16 x block_size log2 masses)
 
 
 def _chunk_blocks(nb: int, programs_per_chunk: int, device) -> int:
@@ -215,11 +245,15 @@ def _launch_mass(
         num_stages=2,
     )
     cu = cu_seqlens if varlen else mstat
+    lm = torch.empty(batch * hq, nb, bs, device=dev, dtype=torch.float32)
     args = (seq_len, nb, hq, scale * _LOG2E, *sq, *sk)
-    _budget_kernel[grid](q, k, cu, mstat, lstat, mstat, mass, *args, PASS=0, **common)
+    _budget_kernel[grid](q, k, cu, mstat, lstat, mstat, lm, *args, PASS=0, LOG_MASS=True, **common)
     lse = torch.empty(batch * hq, bs, device=dev, dtype=torch.float32)
     _combine_lse_kernel[(batch * hq,)](mstat, lstat, lse, NCHUNK=nchunk, CT=min(16, triton.next_power_of_2(nchunk)), BS=bs, num_warps=4)
-    _budget_kernel[grid](q, k, cu, mstat, lstat, lse, mass, *args, PASS=1, **common)
+    block_n = _FINISH_BLOCKS
+    _finish_mass_kernel[(batch * hq, triton.cdiv(nb, block_n))](
+        lm, lse, mass, cu, seq_len, nb, hq, BS=bs, BLOCK_N=block_n, ROWS=rows, VARLEN=varlen, num_warps=4
+    )
     return mass
 
 
@@ -242,6 +276,46 @@ def _combine_lse_kernel(mstat_ptr, lstat_ptr, lse_ptr, NCHUNK: tl.constexpr, CT:
         m_run = m_new
     lse = tl.where(l_run > 0, m_run + tl.log2(tl.maximum(l_run, 1e-30)), float("-inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * BS + offs_r, lse)
+
+
+@triton.jit
+def _finish_mass_kernel(
+    lm_ptr,
+    lse_ptr,
+    mass_ptr,
+    cu_ptr,
+    seq_len,
+    nb_max,
+    num_q_heads,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """The attention mass of the last query block from PASS 0's log2 block masses (`LOG_MASS`) and the rows'
+    log-sum-exp: lm `[B*Hq, nb_max, BS]`, lse `[B*Hq, BS]` (log2 units) -> mass `[B*Hq, nb_max]` (mean over the
+    rows of exp2(lm - lse)) or with ROWS every row's, `[B*Hq, BS, nb_max]`; 0 for key blocks past the sequence's
+    end and for rows past a sequence shorter than one block. One program per (sequence and head, BLOCK_N key blocks)."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // num_q_heads
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    nb = tl.cdiv(length, BS)
+    n_rows = tl.minimum(length, BS)
+    offs_r = tl.arange(0, BS)
+    row_ok = offs_r < n_rows
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * BS + offs_r)
+    lse = tl.where(row_ok, lse, float("inf"))
+    offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    at = (bh.to(tl.int64) * nb_max + offs_n)[:, None] * BS + offs_r[None, :]
+    lm = tl.load(lm_ptr + at, mask=(offs_n < nb)[:, None] & row_ok[None, :], other=float("-inf"))
+    p = tl.exp2(lm - lse[None, :])  # [BLOCK_N, BS]
+    if ROWS:
+        out = mass_ptr + bh.to(tl.int64) * BS * nb_max + offs_r[None, :].to(tl.int64) * nb_max + offs_n[:, None]
+        tl.store(out, p, mask=(offs_n < nb_max)[:, None])
+    else:
+        inv_rows = 1.0 / tl.maximum(n_rows, 1).to(tl.float32)
+        tl.store(mass_ptr + bh.to(tl.int64) * nb_max + offs_n, tl.sum(p, axis=1) * inv_rows, mask=offs_n < nb_max)
 
 
 @triton.jit
@@ -291,7 +365,7 @@ def _early_dense(mass: torch.Tensor, nb_seq: torch.Tensor, num_kv_heads: int, cf
 def early_dense_groups(q, k, cfg: ProxyAttnConfig, scale: float) -> torch.Tensor:
     """The dense fallback's first decision (`api.early_dense_groups`), bool `[B, Hkv]`: KV groups whose heads'
     paper budgets (budget_rule "mass" on the last query block) reach cfg.dense_density of the blocks. Four launches
-    (mass pass 0, log-sum-exp, mass pass 1, decision), no host synchronisation.
+    (mass pass 0, log-sum-exp, masses, decision), one sweep over the keys, no host synchronisation.
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.

@@ -35,7 +35,7 @@ import triton.language as tl
 from ..config import ProxyAttnConfig
 from ..plan import BlockPlan
 from ..reference import needs_budgets
-from .estimate_budgets import _budget_tile, seq_blocks
+from .estimate_budgets import _budget_tile, _mass_step, seq_blocks
 from .estimate_common import _LOG2E, interpreting, qk_layout
 from .estimate_rank import rank_order
 from .fallback import dense_fallback
@@ -48,32 +48,13 @@ __all__ = ["block_needs", "block_needs_varlen", "needs_plan", "needs_plan_varlen
 # (benchmarks/profile_plan.py --sweep-needs, H100: 6.7 ms against 7.6 ms, the same needs). Longer sequences chunk.
 _SCRATCH_BYTES = 512 * 1024**2
 _CUT_CHUNK = 128  # ranking positions per step of the cut kernel
+_SMEM_BUDGET = 220 * 1024  # Hopper allows 227 KB per block; leave room for the compiler's own buffers
 
 
-@triton.jit
-def _row_tile(
-    q,
-    k_ptrs,
-    stride_kt,
-    n,
-    n_full,
-    length,
-    tpos,
-    valid,
-    offs_n,
-    dmask,
-    qk_scale,
-    BS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """Logits (log2 units) of the program's rows against key block n (`_budget_tile`): without masks when every
-    row sees the whole block (n < n_full), with them on the query blocks' own tiles."""
-    if n < n_full:
-        s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-    else:
-        s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-    return s
+def mass_stages(qb: int, rb: int, block_d: int, block_size: int, elt: int = 2) -> int:
+    """Pipeline stages of `_mass_kernel`: 2 (the next K tile loads while this one is used) when the query rows and two
+    K tiles fit in shared memory, else 1 (e.g. head dim 256 with 8 query heads per KV head: 256 rows x 256)."""
+    return 2 if (qb * rb + 2 * block_size) * block_d * elt <= _SMEM_BUDGET else 1
 
 
 @triton.jit
@@ -161,15 +142,13 @@ def _mass_kernel(
 
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
-    for n in range(0, m_last + 1):
-        s = _row_tile(q, k_ptrs, stride_kt, n, n_full, length, tpos, valid, offs_n, dmask, qk_scale, BS, UPCAST, DOT_PREC)
-        bm = tl.max(s, axis=1)
-        bm_safe = tl.where(bm > -1.0e30, bm, 0.0)  # a row that sees none of this block
-        ps = tl.sum(tl.exp2(s - bm_safe[:, None]), axis=1)
-        tl.store(mass_ptr + row_base + n * RB, bm_safe + tl.log2(ps), mask=valid & (n <= row_m))
-        m_new = tl.maximum(m_i, bm)
-        l_i = l_i * tl.exp2(m_i - m_new) + ps * tl.exp2(bm - m_new)
-        m_i = m_new
+    # Two loops, no branch inside either: the compiler pipelines their K loads (cp.async) only at a loop's top level.
+    for n in range(0, n_full):
+        s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
+        m_i, l_i = _mass_step(s, m_i, l_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
+    for n in range(n_full, m_last + 1):
+        s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
+        m_i, l_i = _mass_step(s, m_i, l_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
     lse = tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
     tl.store(lse_ptr + (pid.to(tl.int64) * n_slots + slot) * RB + offs_r, lse, mask=(row_m < m_end) & (row_m >= 0))
 
@@ -297,14 +276,15 @@ def _launch_needs(
     counts: bool = False,
     qb: int = 8,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     scratch_bytes: int = _SCRATCH_BYTES,
     heavy_first: bool = True,
 ):
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
     plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
     `[B * Hkv]`: groups not measured (they need every block). The launch parameters (qb .. heavy_first) are
-    benchmarks/profile_plan.py's sweep; scratch_bytes bounds the block masses of one chunk of query blocks."""
+    benchmarks/profile_plan.py's sweep (num_stages None: `mass_stages`); scratch_bytes bounds the block masses of one
+    chunk of query blocks."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs, rows = cfg.block_size, cfg.recall_rows
@@ -315,6 +295,8 @@ def _launch_needs(
     rb = triton.next_power_of_2(group * rows)
     qb = 1 if last_only else min(qb, triton.next_power_of_2(nb))
     qb = max(qb, triton.cdiv(16, rb))  # tl.dot needs at least 16 rows
+    if num_stages is None:
+        num_stages = mass_stages(qb, rb, triton.next_power_of_2(d), bs, q.element_size())
     dev = q.device
     need = torch.empty((batch, hq) if last_only else (batch, hq, nb), device=dev, dtype=torch.int32)
     cnt = torch.empty_like(need) if counts else need

@@ -45,10 +45,10 @@ def test_build_compiles_every_variant(build, lib):
             for bs in (128,) if quick else (64, 128):
                 for varlen in (0, 1):
                     assert f"attn/{dt}/d{d}/bs{bs}/varlen{varlen}" in keys
-                    for p in ("0", "1", "1rows"):  # pass 1 with ROWS: budget_rule 2
-                        assert f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}" in keys
-                        rows = by_key[f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass{p}"]["constexprs"]["ROWS"]
-                        assert rows == (p == "1rows")
+                    c = by_key[f"budget/{dt}/d{d}/bs{bs}/varlen{varlen}/pass0"]["constexprs"]
+                    assert (c["PASS"], c["LOG_MASS"], c["ROWS"]) == (0, True, False)  # the one sweep over the keys
+                    for rows in (0, 1):  # the masses; ROWS: budget_rule 2
+                        assert by_key[f"finish/bs{bs}/varlen{varlen}/rows{rows}"]["constexprs"]["ROWS"] == bool(rows)
                     for rb in (4, 8, 16, 32):  # budget rule 3, recall_rows 4, groups 1..8
                         assert f"needs_mass/{dt}/d{d}/bs{bs}/rows4/rb{rb}/varlen{varlen}" in keys
                         assert f"needs_cut/bs{bs}/rows4/rb{rb}/varlen{varlen}" in keys

@@ -469,7 +469,7 @@ def test_combine_lse_equals_the_torch_ops_of_the_gpu_path(host):
     lstat[0, :, :3] = 0.0
     lse = np.zeros((rows, bs), np.float32)
     host.pa_host_combine_lse(ptr(mstat.numpy()), ptr(lstat.numpy()), ptr(lse), rows, nchunk, bs)
-    # proxyattn/kernels/estimate_budgets.py::_launch_mass, between PASS 0 and PASS 1:
+    # proxyattn/kernels/estimate_budgets.py::_launch_mass, between PASS 0 and the finish kernel:
     top = mstat.amax(dim=1, keepdim=True)
     total = (lstat * torch.exp2(mstat - top)).sum(dim=1)
     want = torch.where(total > 0, top.squeeze(1) + torch.log2(total.clamp_min(1e-30)), float("-inf"))

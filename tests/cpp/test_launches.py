@@ -102,7 +102,8 @@ def _python_launches(case, monkeypatch):
     monkeypatch.setattr(ES, "_pool_heads_kernel", _Recorder(ES._pool_heads_kernel, calls, "_pool_heads_kernel"))
     monkeypatch.setattr(ES, "_proxy_scores_kernel", _Recorder(ES._proxy_scores_kernel, calls, "_proxy_scores_kernel"))
     monkeypatch.setattr(EB, "_budget_kernel", _Recorder(EB._budget_kernel, calls, "_budget_kernel"))
-    # The log-sum-exp combine between the mass passes: the library's CUDA C helper pa_combine_lse (checked below).
+    monkeypatch.setattr(EB, "_finish_mass_kernel", _Recorder(EB._finish_mass_kernel, calls, "_finish_mass_kernel"))
+    # The log-sum-exp combine between the mass kernels: the library's CUDA C helper pa_combine_lse (checked below).
     monkeypatch.setattr(EB, "_combine_lse_kernel", _Recorder(EB._combine_lse_kernel, calls, "_combine_lse_kernel"))
     monkeypatch.setattr(A, "_sparse_attn_fwd_kernel", _Recorder(A._sparse_attn_fwd_kernel, calls, "_sparse_attn_fwd_kernel"))
     monkeypatch.setattr(A, "_env_interpret", lambda: True)  # fixed config: no autotuner
@@ -208,14 +209,16 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     p = case["problem"]
     nb = math.ceil(p["s"] / 128)
     by_entry = {l["entry"]: l for l in c_launches}
-    pass0, pass1 = [c for c in c_triton if c["entry"] == "_budget_kernel"]
+    (pass0,) = [c for c in c_triton if c["entry"] == "_budget_kernel"]
+    (fin,) = [c for c in c_triton if c["entry"] == "_finish_mass_kernel"]
     scores = [c for c in c_triton if c["entry"] == "_proxy_scores_kernel"][0]
     attn = c_triton[-1]
     comb, bud, sel = by_entry["pa_combine_lse"], by_entry["pa_budgets"], by_entry["pa_select"]
     cu_expect = CU if varlen else 0
-    assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], pass1["params"][5]]
+    assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], fin["params"][1]]
     assert comb["params"][3:] == [p["b"] * p["hq"], pass0["params"][-4], 128]
-    assert bud["grid"] == [p["hq"], p["b"], 1] and bud["params"][0] == pass1["params"][6]
+    assert fin["params"][0] == pass0["params"][6]  # pass 0's log2 block masses
+    assert bud["grid"] == [p["hq"], p["b"], 1] and bud["params"][0] == fin["params"][2]
     assert bud["params"][2] == cu_expect and bud["params"][3:8] == [p["s"], 128, nb, 1, np.float32(ProxyAttnConfig().gamma).view(np.uint32)]
     dense_below = SPARSE_BELOW
     assert bud["params"][8:10] == [0, dense_below]
@@ -291,7 +294,7 @@ def test_launches_of_the_recall_budget_rule(build, problem):
 
 @pytest.mark.parametrize("problem", [dict(b=2, s=9000, hq=8, hkv=4, d=128), dict(b=3, s=9000, hq=8, hkv=4, d=128, cu=CU, total=10300)])
 def test_launches_of_the_row_recall_budget_rule(build, problem):
-    # budget_rule 2: the same kernels (pass 1 compiled with ROWS), a per-row mass buffer block_size times larger,
+    # budget_rule 2: the same kernels (the finish kernel compiled with ROWS), a per-row mass buffer block_size times larger,
     # pa_budgets with room for the rows' needs in shared memory and the scores of G rankings.
     code = {}
     for rule in (1, 2):
@@ -302,12 +305,12 @@ def test_launches_of_the_row_recall_budget_rule(build, problem):
     nb, bh = math.ceil(9000 / 128), problem["b"] * problem["hq"]
     assert code[2]["ws"] - code[1]["ws"] >= bh * 127 * nb * 4 - 256  # the mass of every row
     scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
-    pass1 = [l for l in got if l["entry"] == "_budget_kernel"][1]
+    fin = [l for l in got if l["entry"] == "_finish_mass_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
-    assert bud["params"][0] == pass1["params"][6]  # pass 1's mass buffer
+    assert bud["params"][0] == fin["params"][2]  # the finish kernel's mass buffer
     assert bud["params"][10:] == [scores["params"][3], 2, 2, 1, 1]
     assert bud["shared"] == (2 * nb + 128) * 4
-    lo, hi = pass1["params"][6], pass1["params"][6] + bh * 128 * nb * 4
+    lo, hi = fin["params"][2], fin["params"][2] + bh * 128 * nb * 4
     assert hi <= WS + code[2]["ws"]
     others = {v for l in got for v in l["params"] if WS <= v < WS + code[2]["ws"] and v != lo}
     assert others and not any(lo < v < hi for v in others)  # no other workspace buffer inside the row masses
@@ -340,6 +343,7 @@ _PY_RULE3_KERNELS = (
     "_proxy_scores_kernel",
     "_budget_kernel",
     "_combine_lse_kernel",
+    "_finish_mass_kernel",
     "_early_dense_kernel",
     "_rank_kernel",
     "_mass_kernel",
@@ -367,6 +371,7 @@ def _python_rule3_launches(case, monkeypatch):
         "_proxy_scores_kernel": ES,
         "_budget_kernel": EB,
         "_combine_lse_kernel": EB,
+        "_finish_mass_kernel": EB,
         "_early_dense_kernel": EB,
         "_rank_kernel": ER,
         "_mass_kernel": EN,
@@ -491,14 +496,16 @@ def test_block_recall_and_dense_fallback_launches_equal_the_python_launchers(bui
     helpers = [l for l in c_all if l["entry"].startswith(("pa_", "cuMemset"))]
     assert [l["entry"] for l in helpers] == ["pa_combine_lse", "pa_budgets", "pa_early_dense", "pa_needs_budgets", "pa_dense_fallback"]
     comb, bud0, early, nbud, fb = helpers
-    pass0, pass1 = [c for c in c_triton if c["entry"] == "_budget_kernel"]
+    (pass0,) = [c for c in c_triton if c["entry"] == "_budget_kernel"]
+    (fin,) = [c for c in c_triton if c["entry"] == "_finish_mass_kernel"]
     rank = [c for c in c_triton if c["entry"] == "_rank_kernel"][0]
     attn = c_triton[-1]
     cu_h = CU if varlen else 0
     g = cfg.proxy_heads
-    assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], pass1["params"][5]]
-    # The early decision: the paper's budgets (rule 0, no dense sequences: -1) from pass 1's mean mass, no scores.
-    assert bud0["grid"] == [hq, b, 1] and bud0["params"][0] == pass1["params"][6]
+    assert comb["params"][:3] == [pass0["params"][3], pass0["params"][4], fin["params"][1]]
+    assert fin["params"][0] == pass0["params"][6]  # pass 0's log2 block masses
+    # The early decision: the paper's budgets (rule 0, no dense sequences: -1) from the mean mass, no scores.
+    assert bud0["grid"] == [hq, b, 1] and bud0["params"][0] == fin["params"][2]
     assert bud0["params"][2:8] == [cu_h, s, 128, nb, 1, np.float32(ProxyAttnConfig().gamma).view(np.uint32)]
     assert bud0["params"][8] == 0 and np.uint32(bud0["params"][9]).view(np.int32) == -1
     assert bud0["params"][10:] == [0, g, 0, int(cfg.keep_sink), 1]
@@ -556,11 +563,11 @@ def test_block_recall_without_the_fallback_and_with_gamma_one(build):
 @pytest.mark.parametrize("rule", [0, 1, 2])
 def test_dense_fallback_launches_with_rules_0_to_2(build, rule):
     # One mass computation serves the early decision (rule 0 budgets, no dense sequences) and the rule's budgets
-    # (rule 2 adds pass 1 with ROWS); the late decision runs on pa_select's counts with the early flags.
+    # (rule 2 adds the finish kernel with ROWS); the late decision runs on pa_select's counts with the early flags.
     prob = dict(b=3, s=9000, hq=8, hkv=2, d=128, cu=CU, total=10300)
     got = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "budget_rule": rule}})
     entries = [l["entry"] for l in got]
-    passes = ["_budget_kernel", "pa_combine_lse", "_budget_kernel"] + (["_budget_kernel"] if rule == 2 else [])
+    passes = ["_budget_kernel", "pa_combine_lse", "_finish_mass_kernel"] + (["_finish_mass_kernel"] if rule == 2 else [])
     assert entries == passes + [
         "pa_budgets",
         "pa_early_dense",
@@ -572,12 +579,13 @@ def test_dense_fallback_launches_with_rules_0_to_2(build, rule):
         "pa_dense_fallback",
         "_sparse_attn_fwd_kernel",
     ]
-    kern = [l for l in got if l["entry"] == "_budget_kernel"]
+    kern = [l for l in got if l["entry"] == "_finish_mass_kernel"]
     bud0, bud = [l for l in got if l["entry"] == "pa_budgets"]
     early = [l for l in got if l["entry"] == "pa_early_dense"][0]
     sel, fb = [l for l in got if l["entry"] == "pa_select"][0], [l for l in got if l["entry"] == "pa_dense_fallback"][0]
-    assert bud0["params"][0] == kern[1]["params"][6] and bud0["params"][12] == 0  # mean mass, rule 0
-    assert bud["params"][0] == kern[-1]["params"][6] and bud["params"][12] == rule  # rule 2: the row masses
+    assert bud0["params"][0] == kern[0]["params"][2] and bud0["params"][12] == 0  # mean mass, rule 0
+    assert bud["params"][0] == kern[-1]["params"][2] and bud["params"][12] == rule  # rule 2: the row masses
+    assert [k["params"][0] for k in kern] == [[l for l in got if l["entry"] == "_budget_kernel"][0]["params"][6]] * len(kern)
     assert bud["params"][9] == SPARSE_BELOW and np.uint32(bud0["params"][9]).view(np.int32) == -1
     assert early["params"][0] == bud0["params"][1] and early["params"][-1] == ProxyAttnConfig().dense_density_permille
     assert fb["params"][:2] == [sel["params"][3], early["params"][1]] and fb["params"][2] == CU
