@@ -64,6 +64,28 @@ def test_proxy_scores_match_reference(case):
     assert torch.isinf(got).logical_and(got < 0).equal(torch.ones(nb, nb, dtype=torch.bool).triu(1).expand(b, g, nb, nb))
 
 
+def test_one_sweep_scores_equal_the_two_sweeps():
+    """The scores' one sweep (row maxima + `_scores_from_rows_kernel`) gives exactly the two-sweep kernel's scores:
+    one chunk, chunks of one query tile (the scratch bound forcing them), and a packed batch."""
+    q, k = _inputs("structured", 2, 517, 8, 2, 64, torch.bfloat16, seed=7)
+    cfg = ProxyAttnConfig(block_size=64, stride=4, proxy_heads=2)
+    scale = 1.0 / math.sqrt(64)
+    two = es._launch_scores(q, k, None, 2, 517, cfg, scale, one_pass=False)
+    one = es._launch_scores(q, k, None, 2, 517, cfg, scale)
+    assert torch.equal(one, two)
+    tile_bytes = 2 * 2 * 9 * 64 * 4  # B*G x Nb x (QB x RPB rows) x 4: one query tile per chunk
+    assert es.rows_chunk_tiles(4, 9, 64, 5, tile_bytes) == 1 and es.rows_chunk_tiles(4, 9, 64, 5, 10**9) == 5
+    chunked = es._launch_scores(q, k, None, 2, 517, cfg, scale, scratch_bytes=tile_bytes)
+    assert torch.equal(chunked, two)
+    lens = [300, 0, 517]
+    cu = torch.tensor([0, 300, 300, 817], dtype=torch.int32)
+    qp, kp = _inputs("random", 1, 817, 8, 2, 64, torch.bfloat16, seed=8)
+    qp, kp = qp[0], kp[0]
+    two = es._launch_scores(qp, kp, cu, len(lens), 517, cfg, scale, one_pass=False)
+    for sb in (tile_bytes * 3 // 2, 10**9):
+        assert torch.equal(es._launch_scores(qp, kp, cu, len(lens), 517, cfg, scale, scratch_bytes=sb), two)
+
+
 # (kind, B, S, Hq, Hkv, D, block, stride, proxy_heads, dtype): GQA 1/4/7/8, D 64/128/256, ragged S, B > 1.
 HEAD_MAX_CASES = [
     ("random", 2, 300, 4, 1, 64, 64, 4, 1, "bf16"),

@@ -10,7 +10,11 @@
 //                       api.early_dense_groups / estimate_budgets._early_dense_kernel): KV groups dense from the
 //                       start; with budget_rule 3 and no early decision the flags are zeroed (cuMemsetD32Async)
 //   pool q, pool k      proxyattn/kernels/estimate_scores.py::_pool_heads_kernel      (Triton, AOT)
-//   proxy scores        proxyattn/kernels/estimate_scores.py::_proxy_scores_kernel    (Triton, AOT)
+//   per chunk of query tiles (the row maxima stay below kRowsScratchBytes, estimate_scores._ROWS_SCRATCH_BYTES),
+//   the heaviest chunk first:
+//     score rows        proxyattn/kernels/estimate_scores.py::_proxy_rows_kernel      (Triton, AOT): the one sweep
+//                       over the keys, each strided row's max logit per key block and its log-sum-exp
+//     proxy scores      estimate_scores.py::_scores_from_rows_kernel                  (Triton, AOT)
 // budget rules 0-2 and budget_fraction:
 //   budgets             pa_budgets (CUDA C; torch sort or last-row ranking / cumsum / count, fraction and dense
 //                       budgets; budget_rule 2 counts per row)
@@ -55,6 +59,8 @@ constexpr int kMaxRankBlocks = PROXYATTN_MAX_BLOCKS_BLOCK_RECALL;  // the rankin
 constexpr size_t kNeedsScratchBytes = size_t(512) << 20;         // estimate_needs._SCRATCH_BYTES
 constexpr int kNeedsQB = 8;                                       // generate_kernels.NEEDS_QB
 constexpr int kFinishBlocks = 16;                                 // estimate_budgets._FINISH_BLOCKS
+constexpr size_t kRowsScratchBytes = size_t(256) << 20;          // estimate_scores._ROWS_SCRATCH_BYTES
+constexpr int kRowsBlockC = 64;                                   // estimate_scores._ROWS_BLOCK_C
 constexpr int kHelperThreads = 256;
 constexpr size_t kAlign = 256;
 
@@ -80,12 +86,15 @@ struct Resolved {
   // budget rule 3's needs kernels (estimate_needs._launch_needs): rows per query block RB, query blocks per mass
   // program QB, query blocks per chunk (slots) of the scratch.
   int needs_rb, needs_qb, needs_slots;
+  // the one-sweep proxy scores (estimate_scores._launch_scores): query blocks per tile, query tiles per chunk of the
+  // row-maxima scratch (estimate_scores.rows_chunk_tiles).
+  int scores_qb, scores_tiles;
   bool needs_measure;  // rule3 with gamma < 1: the needs kernels run
 };
 
 // Workspace layout (byte offsets, each 256-aligned).
 struct Layout {
-  size_t pq = 0, pk = 0, scores = 0, mstat = 0, lstat = 0, blse = 0, lmass = 0, mass = 0, mass_rows = 0, budgets0 = 0,
+  size_t pq = 0, pk = 0, scores = 0, rmax = 0, rlse = 0, mstat = 0, lstat = 0, blse = 0, lmass = 0, mass = 0, mass_rows = 0, budgets0 = 0,
          flags = 0, rank = 0, sink = 0, diag = 0, need = 0, nmass = 0, nlse = 0, budgets = 0, order = 0, counts = 0,
          lse = 0, total = 0;
   size_t rows_q = 0, rows_k = 0;
@@ -253,6 +262,15 @@ proxyattn_status_t resolve(const proxyattn_problem_t *p, const proxyattn_config_
     slots = std::min(slots, (size_t)((r->nb + qb - 1) / qb) * qb);
     r->needs_slots = (int)slots;
   }
+  // estimate_scores._launch_scores / rows_chunk_tiles: 64 strided rows per tile; as many tiles per chunk as keep the
+  // row maxima [B * G, Nb, tiles x 64] float32 within kRowsScratchBytes (at least one, at most all).
+  {
+    const int rpb = r->bs / r->stride;
+    r->scores_qb = std::max(1, 64 / rpb);
+    const size_t n_tiles = (size_t)(r->nb + r->scores_qb - 1) / r->scores_qb;
+    const size_t per_tile = (size_t)r->B * r->G * r->nb * r->scores_qb * rpb * 4;
+    r->scores_tiles = (int)std::max((size_t)1, std::min(n_tiles, kRowsScratchBytes / per_tile));
+  }
   return PROXYATTN_SUCCESS;
 }
 
@@ -272,6 +290,9 @@ Layout layout_of(const Resolved &r) {
     L.pq = take(G * L.rows_q * D * 2);  // float16
     L.pk = take(G * L.rows_k * D * 2);
     L.scores = take(B * G * nb * nb * 4);
+    const size_t chunk_rows = (size_t)r.scores_tiles * r.scores_qb * (r.bs / r.stride);
+    L.rmax = take(B * G * nb * chunk_rows * 4);  // [B * G, nb, chunk_rows]: each strided row's max logit per key block
+    L.rlse = take(B * G * chunk_rows * 4);
     if (r.need_mass) {
       L.mstat = take(B * Hq * nb * bs * 4);  // chunks <= nb
       L.lstat = take(B * Hq * nb * bs * 4);
@@ -320,7 +341,7 @@ bool misaligned(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) !
   } while (0)
 
 struct Kernels {
-  const KernelImage *pool_q = nullptr, *pool_k = nullptr, *scores = nullptr, *budget0 = nullptr, *finish = nullptr;
+  const KernelImage *pool_q = nullptr, *pool_k = nullptr, *scores_rows = nullptr, *scores = nullptr, *budget0 = nullptr, *finish = nullptr;
   const KernelImage *finish_rows = nullptr, *combine = nullptr, *budgets = nullptr, *select = nullptr, *attn = nullptr;
   const KernelImage *early_dense = nullptr, *rank = nullptr, *needs_mass = nullptr, *needs_cut = nullptr;
   const KernelImage *needs_budgets = nullptr, *dense_fallback = nullptr;
@@ -346,7 +367,9 @@ proxyattn_status_t find_kernels(const Resolved &r, bool with_attention, Kernels 
                                                     "cpp/tools/generate_kernels.py");
     std::snprintf(buf, sizeof buf, "pool/%s/d%d/step1/varlen%d", dt, r.D, v);
     PA_TRY(need(buf, &k->pool_k));
-    std::snprintf(buf, sizeof buf, "scores/d%d/bs%d/stride%d/varlen%d", r.D, r.bs, r.stride, v);
+    std::snprintf(buf, sizeof buf, "scores_rows/d%d/bs%d/stride%d/varlen%d", r.D, r.bs, r.stride, v);
+    PA_TRY(need(buf, &k->scores_rows));
+    std::snprintf(buf, sizeof buf, "scores_finish/bs%d/stride%d/varlen%d", r.bs, r.stride, v);
     PA_TRY(need(buf, &k->scores));
     if (r.need_mass) {
       std::snprintf(buf, sizeof buf, "budget/%s/d%d/bs%d/varlen%d/pass0", dt, r.D, r.bs, v);
@@ -496,15 +519,27 @@ proxyattn_status_t run_plan(const Resolved &r, const Layout &L, const Kernels &K
       void *args[] = {&x, &out, &cu, &seq_len, &s.b, &s.t, &s.h, &sog, &sor, &hpg};
       PA_TRY(launch(img, gx, (unsigned)r.B, (unsigned)G, threads_of(img), img.shared_bytes, args, 10, stream));
     }
-    // 4. proxy block scores [B, G, nb, nb].
+    // 4. proxy block scores [B, G, nb, nb]: per chunk of query tiles, the heaviest first, the one sweep over the
+    //    keys (row maxima and log-sum-exps) then the scores of the chunk's query blocks.
     {
-      const int rpb = r.bs / r.stride;
-      const int qb = std::max(1, 64 / rpb);
+      const int rpb = r.bs / r.stride, qb = r.scores_qb, tiles = r.scores_tiles;
+      const int n_tiles = (nb + qb - 1) / qb;
+      int chunk_rows = tiles * qb * rpb;
       int spqg = (int)(L.rows_q * r.D), spqr = r.D, spkg = (int)(L.rows_k * r.D), spkr = r.D;
       int sob = G * nb * nb, sog = nb * nb, som = nb;
-      void *args[] = {&pq, &pk, &cu, &sc, &seq_len, &nb, &G, &qk_scale, &spqg, &spqr, &spkg, &spkr, &sob, &sog, &som};
-      PA_TRY(launch(*K.scores, (unsigned)((nb + qb - 1) / qb), (unsigned)(r.B * G), 1, threads_of(*K.scores),
-                    K.scores->shared_bytes, args, 15, stream));
+      CUdeviceptr rm = (CUdeviceptr)(ws + L.rmax), rl = (CUdeviceptr)(ws + L.rlse);
+      for (int tile_lo = (n_tiles - 1) / tiles * tiles; tile_lo >= 0; tile_lo -= tiles) {
+        const int n_chunk = std::min(tiles, n_tiles - tile_lo);
+        int lo = tile_lo, m_lo = tile_lo * qb;
+        void *args[] = {&pq,   &pk,   &cu,   &rm,   &rl,   &seq_len, &nb,        &G,
+                        &qk_scale, &spqg, &spqr, &spkg, &spkr, &lo,      &chunk_rows};
+        PA_TRY(launch(*K.scores_rows, (unsigned)n_chunk, (unsigned)(r.B * G), 1, threads_of(*K.scores_rows),
+                      K.scores_rows->shared_bytes, args, 15, stream));
+        void *fargs[] = {&rm, &rl, &cu, &sc, &seq_len, &nb, &G, &sob, &sog, &som, &m_lo, &chunk_rows};
+        PA_TRY(launch(*K.scores, (unsigned)std::min(n_chunk * qb, nb - m_lo), (unsigned)(r.B * G),
+                      (unsigned)((nb + kRowsBlockC - 1) / kRowsBlockC), threads_of(*K.scores), K.scores->shared_bytes,
+                      fargs, 12, stream));
+      }
     }
   }
   if (r.rule3) {

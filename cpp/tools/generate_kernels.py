@@ -151,32 +151,6 @@ POOL_ARGS = (
     "VARLEN",
 )
 
-SCORES_ARGS = (
-    "pq_ptr",
-    "pk_ptr",
-    "cu_ptr",
-    "out_ptr",
-    "seq_len",
-    "nb_max",
-    "num_groups",
-    "qk_scale",
-    "stride_pqg",
-    "stride_pqr",
-    "stride_pkg",
-    "stride_pkr",
-    "stride_ob",
-    "stride_og",
-    "stride_om",
-    "STRIDE",
-    "BS",
-    "RPB",
-    "QB",
-    "HEAD_DIM",
-    "BLOCK_D",
-    "BLOCK_C",
-    "VARLEN",
-)
-
 
 def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
@@ -272,31 +246,99 @@ def pool_variants(dtypes, dims, strides):
     return out
 
 
+ROWS_ARGS = (
+    "pq_ptr",
+    "pk_ptr",
+    "cu_ptr",
+    "rmax_ptr",
+    "lse_ptr",
+    "seq_len",
+    "nb_max",
+    "num_groups",
+    "qk_scale",
+    "stride_pqg",
+    "stride_pqr",
+    "stride_pkg",
+    "stride_pkr",
+    "tile_lo",
+    "chunk_rows",
+    "STRIDE",
+    "BS",
+    "RPB",
+    "QB",
+    "HEAD_DIM",
+    "BLOCK_D",
+    "VARLEN",
+)
+SCORES_FINISH_ARGS = (
+    "rmax_ptr",
+    "lse_ptr",
+    "cu_ptr",
+    "out_ptr",
+    "seq_len",
+    "nb_max",
+    "num_groups",
+    "stride_ob",
+    "stride_og",
+    "stride_om",
+    "m_lo",
+    "chunk_rows",
+    "STRIDE",
+    "BS",
+    "RPB",
+    "BLOCK_C",
+    "VARLEN",
+)
+
+
 def scores_variants(dims, blocks, strides):
+    """The one-sweep proxy scores (`estimate_scores._launch_scores`): _proxy_rows_kernel per {head dim, block, stride,
+    padded/varlen} and _scores_from_rows_kernel per {block, stride, padded/varlen}."""
+    from proxyattn.kernels.estimate_scores import _ROWS_BLOCK_C
+
     out = []
     for d, bs, st, varlen in itertools.product(dims, blocks, strides, (0, 1)):
         rpb = bs // st
         qb = max(1, 64 // rpb)
         block_d = _next_pow2(d)
         num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
-        types = {n: "i32" for n in SCORES_ARGS}
-        types.update(pq_ptr="*fp16", pk_ptr="*fp16", cu_ptr="*i32", out_ptr="*fp32", qk_scale="fp32")
-        consts = dict(STRIDE=st, BS=bs, RPB=rpb, QB=qb, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_C=64, VARLEN=bool(varlen))
+        types = {n: "i32" for n in ROWS_ARGS}
+        types.update(pq_ptr="*fp16", pk_ptr="*fp16", cu_ptr="*i32", rmax_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
+        consts = dict(STRIDE=st, BS=bs, RPB=rpb, QB=qb, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=bool(varlen))
         for c in consts:
             types[c] = "constexpr"
-        div16 = ("pq_ptr", "pk_ptr", "cu_ptr", "out_ptr", "stride_pqg", "stride_pqr", "stride_pkg", "stride_pkr")
+        div16 = ("pq_ptr", "pk_ptr", "cu_ptr", "rmax_ptr", "lse_ptr", "stride_pqg", "stride_pqr", "stride_pkg", "stride_pkr")
         out.append(
             Variant(
-                f"scores/d{d}/bs{bs}/stride{st}/varlen{varlen}",
+                f"scores_rows/d{d}/bs{bs}/stride{st}/varlen{varlen}",
                 "proxyattn.kernels.estimate_scores",
-                "_proxy_scores_kernel",
+                "_proxy_rows_kernel",
                 types,
                 consts,
                 div16,
                 num_warps,
                 2,
-                SCORES_ARGS,
+                ROWS_ARGS,
                 {"QB": qb},
+            )
+        )
+    for bs, st, varlen in itertools.product(blocks, strides, (0, 1)):
+        types = {n: "i32" for n in SCORES_FINISH_ARGS}
+        types.update(rmax_ptr="*fp32", lse_ptr="*fp32", cu_ptr="*i32", out_ptr="*fp32")
+        consts = dict(STRIDE=st, BS=bs, RPB=bs // st, BLOCK_C=_ROWS_BLOCK_C, VARLEN=bool(varlen))
+        for c in consts:
+            types[c] = "constexpr"
+        out.append(
+            Variant(
+                f"scores_finish/bs{bs}/stride{st}/varlen{varlen}",
+                "proxyattn.kernels.estimate_scores",
+                "_scores_from_rows_kernel",
+                types,
+                consts,
+                ("rmax_ptr", "lse_ptr", "cu_ptr", "out_ptr"),
+                4,
+                1,
+                SCORES_FINISH_ARGS,
             )
         )
     return out

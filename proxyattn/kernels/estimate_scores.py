@@ -29,6 +29,11 @@ from .estimate_common import _LOG2E
 
 __all__ = ["proxy_scores", "proxy_scores_varlen", "pool_proxies"]
 
+# Row maxima of one chunk of query tiles in the one-sweep scores (`_proxy_rows_kernel`): 256 MiB holds a whole
+# 128K-token sequence at stride 4 with one proxy group ([1, 1024, 32768] float32 = 128 MiB); longer ones chunk.
+_ROWS_SCRATCH_BYTES = 256 * 1024**2
+_ROWS_BLOCK_C = 64  # key blocks per program of `_scores_from_rows_kernel` (and of the -inf fill of the two sweeps)
+
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
@@ -205,6 +210,122 @@ def _proxy_scores_kernel(
         tl.store(ptrs, neg, mask=row_store[:, None] & (cols < nb_max)[None, :])
 
 
+@triton.jit
+def _proxy_rows_kernel(
+    pq_ptr,
+    pk_ptr,
+    cu_ptr,
+    rmax_ptr,
+    lse_ptr,
+    seq_len,
+    nb_max,
+    num_groups,
+    qk_scale,
+    stride_pqg,
+    stride_pqr,
+    stride_pkg,
+    stride_pkr,
+    tile_lo,
+    chunk_rows,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """The scores' one sweep over the keys (`_scores_from_rows_kernel` finishes them): the program's strided proxy
+    rows (tile tile_lo + pid, QB query blocks) against the causal key blocks, writing each row's max logit per key
+    block, rmax `[B*G, nb_max, chunk_rows]` (log2 units, -inf where the row sees none of the block), and each row's
+    log-sum-exp, lse `[B*G, chunk_rows]`; row i of the chunk is strided row tile_lo * QB * RPB + i."""
+    BLOCK_M: tl.constexpr = QB * RPB
+    slot = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles (most key blocks) first
+    tile = tile_lo + slot
+    bg = tl.program_id(1)
+    b = bg // num_groups
+    g = bg % num_groups
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    nb = tl.cdiv(length, BS)
+    m0 = tile * QB
+
+    offs_r = tl.arange(0, BLOCK_M)
+    tpos = (m0 * RPB + offs_r) * STRIDE  # token position of each strided row
+    row_ok = tpos < length
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    q_rows = (start // STRIDE + b + m0 * RPB + offs_r).to(tl.int64)
+    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    k_base = pk_ptr + g * stride_pkg + (start + b).to(tl.int64) * stride_pkr
+    offs_n = tl.arange(0, BS)
+    n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
+    n_full = tl.minimum(m0, n_end)  # key blocks left of the tile need no causal mask
+    row_at = rmax_ptr + bg.to(tl.int64) * nb_max * chunk_rows + slot * BLOCK_M + offs_r  # + n * chunk_rows
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n in range(0, n_full):
+        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
+        m_i, l_i = _rows_step(s, m_i, l_i, row_at + n * chunk_rows)
+    for n in range(n_full, n_end):
+        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
+        m_i, l_i = _rows_step(s, m_i, l_i, row_at + n * chunk_rows)
+    lse = m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
+    tl.store(lse_ptr + bg.to(tl.int64) * chunk_rows + slot * BLOCK_M + offs_r, lse)
+
+
+@triton.jit
+def _rows_step(s, m_i, l_i, rmax_at):
+    """Store each row's max logit of key block s and return the rows' online (max, sum) after it."""
+    bm = tl.max(s, axis=1)
+    tl.store(rmax_at, bm)
+    m_new = tl.maximum(m_i, bm)
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def _scores_from_rows_kernel(
+    rmax_ptr,
+    lse_ptr,
+    cu_ptr,
+    out_ptr,
+    seq_len,
+    nb_max,
+    num_groups,
+    stride_ob,
+    stride_og,
+    stride_om,
+    m_lo,
+    chunk_rows,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """Scores of query block m_lo + pid (`_proxy_rows_kernel`'s chunk starting at query block m_lo), BLOCK_C key
+    blocks per program: max over the block's strided rows of exp2(row max logit - row lse); -inf above the diagonal,
+    past the sequence's end and on query blocks past it. The same values as `_proxy_scores_kernel`'s second sweep."""
+    m = m_lo + tl.program_id(0)
+    bg = tl.program_id(1)
+    c = tl.program_id(2)
+    b = bg // num_groups
+    g = bg % num_groups
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    nb = tl.cdiv(length, BS)
+    offs_r = tl.arange(0, RPB)
+    row_ok = (m * RPB + offs_r) * STRIDE < length
+    slot_rows = (m - m_lo) * RPB + offs_r
+    lse = tl.load(lse_ptr + bg.to(tl.int64) * chunk_rows + slot_rows)
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+    see = (cols <= m) & (m < nb)
+    at = rmax_ptr + bg.to(tl.int64) * nb_max * chunk_rows + cols.to(tl.int64)[:, None] * chunk_rows + slot_rows[None, :]
+    rm = tl.load(at, mask=see[:, None] & row_ok[None, :], other=float("-inf"))  # [BLOCK_C, RPB]
+    p = tl.where(row_ok[None, :] & (rm > float("-inf")), tl.exp2(rm - lse[None, :]), 0.0)
+    val = tl.where(see, tl.max(p, axis=1), float("-inf"))
+    out_row = out_ptr + b.to(tl.int64) * stride_ob + g * stride_og + m.to(tl.int64) * stride_om
+    tl.store(out_row + cols, val, mask=cols < nb_max)
+
+
 # ----------------------------------------------------------------------------------------------- launch
 def _pool_rows(total_tokens: int, batch: int, step: int) -> int:
     return total_tokens // step + batch
@@ -268,10 +389,15 @@ def _launch_scores(
     num_warps: int | None = None,
     num_stages: int | None = None,
     qb: int | None = None,
+    one_pass: bool = True,
+    scratch_bytes: int = _ROWS_SCRATCH_BYTES,
 ):
     """Scores `[B, G, Nb, Nb]` float32 of q/k in batched (`[B, S, H, D]`) or packed (`[T, H, D]`) layout.
 
-    seq_len is S (batched) or max_seqlen (packed); Nb = ceil(seq_len / block_size).
+    seq_len is S (batched) or max_seqlen (packed); Nb = ceil(seq_len / block_size). One sweep over the keys
+    (`_proxy_rows_kernel` + `_scores_from_rows_kernel`, per chunk of query tiles whose row maxima fit scratch_bytes);
+    `one_pass=False` runs `_proxy_scores_kernel`'s two sweeps instead (the TensorRT plugin's kernel; the same
+    scores), which benchmarks/profile_plan.py --sweep-scores times beside it.
     """
     g, bs, st = cfg.proxy_heads, cfg.block_size, cfg.stride
     varlen = cu_seqlens is not None
@@ -287,35 +413,90 @@ def _launch_scores(
     block_d = triton.next_power_of_2(d)
     if num_warps is None:
         num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
-    grid = (triton.cdiv(nb, qb), batch * g)
-    _proxy_scores_kernel[grid](
-        pq,
-        pk,
-        cu_seqlens if varlen else pq,
-        out,
-        seq_len,
-        nb,
-        g,
-        scale * _LOG2E,
-        pq.stride(0),
-        pq.stride(1),
-        pk.stride(0),
-        pk.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        STRIDE=st,
-        BS=bs,
-        RPB=rpb,
-        QB=qb,
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        BLOCK_C=64,
-        VARLEN=varlen,
-        num_warps=num_warps,
-        num_stages=num_stages or 2,
-    )
+    cu = cu_seqlens if varlen else pq
+    n_tiles = triton.cdiv(nb, qb)
+    common = dict(STRIDE=st, BS=bs, RPB=rpb, num_warps=num_warps, num_stages=num_stages or 2)
+    if not one_pass:
+        _proxy_scores_kernel[(n_tiles, batch * g)](
+            pq,
+            pk,
+            cu,
+            out,
+            seq_len,
+            nb,
+            g,
+            scale * _LOG2E,
+            pq.stride(0),
+            pq.stride(1),
+            pk.stride(0),
+            pk.stride(1),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            QB=qb,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            BLOCK_C=_ROWS_BLOCK_C,
+            VARLEN=varlen,
+            **common,
+        )
+        return out
+    tiles = rows_chunk_tiles(batch * g, nb, qb * rpb, n_tiles, scratch_bytes)
+    chunk_rows = tiles * qb * rpb
+    rmax = torch.empty(batch * g, nb, chunk_rows, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch * g, chunk_rows, device=q.device, dtype=torch.float32)
+    for tile_lo in reversed(range(0, n_tiles, tiles)):  # the heaviest chunk first
+        n_chunk = min(tiles, n_tiles - tile_lo)
+        _proxy_rows_kernel[(n_chunk, batch * g)](
+            pq,
+            pk,
+            cu,
+            rmax,
+            lse,
+            seq_len,
+            nb,
+            g,
+            scale * _LOG2E,
+            pq.stride(0),
+            pq.stride(1),
+            pk.stride(0),
+            pk.stride(1),
+            tile_lo,
+            chunk_rows,
+            QB=qb,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            VARLEN=varlen,
+            **common,
+        )
+        m_lo = tile_lo * qb
+        _scores_from_rows_kernel[(min(n_chunk * qb, nb - m_lo), batch * g, triton.cdiv(nb, _ROWS_BLOCK_C))](
+            rmax,
+            lse,
+            cu,
+            out,
+            seq_len,
+            nb,
+            g,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            m_lo,
+            chunk_rows,
+            STRIDE=st,
+            BS=bs,
+            RPB=rpb,
+            BLOCK_C=_ROWS_BLOCK_C,
+            VARLEN=varlen,
+            num_warps=4,
+        )
     return out
+
+
+def rows_chunk_tiles(groups: int, nb: int, tile_rows: int, n_tiles: int, scratch_bytes: int = _ROWS_SCRATCH_BYTES) -> int:
+    """Query tiles per chunk of the one-sweep scores: as many as keep the row maxima `[groups, nb, tiles x
+    tile_rows]` float32 within scratch_bytes, at least one, at most all n_tiles."""
+    return max(1, min(n_tiles, scratch_bytes // (groups * nb * tile_rows * 4)))
 
 
 def pool_proxies(q, k, cfg: ProxyAttnConfig):

@@ -100,7 +100,8 @@ def _python_launches(case, monkeypatch):
 
     calls = []
     monkeypatch.setattr(ES, "_pool_heads_kernel", _Recorder(ES._pool_heads_kernel, calls, "_pool_heads_kernel"))
-    monkeypatch.setattr(ES, "_proxy_scores_kernel", _Recorder(ES._proxy_scores_kernel, calls, "_proxy_scores_kernel"))
+    for name in ("_proxy_rows_kernel", "_scores_from_rows_kernel"):
+        monkeypatch.setattr(ES, name, _Recorder(getattr(ES, name), calls, name))
     monkeypatch.setattr(EB, "_budget_kernel", _Recorder(EB._budget_kernel, calls, "_budget_kernel"))
     monkeypatch.setattr(EB, "_finish_mass_kernel", _Recorder(EB._finish_mass_kernel, calls, "_finish_mass_kernel"))
     # The log-sum-exp combine between the mass kernels: the library's CUDA C helper pa_combine_lse (checked below).
@@ -211,7 +212,7 @@ def test_launch_parameters_equal_the_python_launchers(build, monkeypatch, name):
     by_entry = {l["entry"]: l for l in c_launches}
     (pass0,) = [c for c in c_triton if c["entry"] == "_budget_kernel"]
     (fin,) = [c for c in c_triton if c["entry"] == "_finish_mass_kernel"]
-    scores = [c for c in c_triton if c["entry"] == "_proxy_scores_kernel"][0]
+    scores = [c for c in c_triton if c["entry"] == "_scores_from_rows_kernel"][0]
     attn = c_triton[-1]
     comb, bud, sel = by_entry["pa_combine_lse"], by_entry["pa_budgets"], by_entry["pa_select"]
     cu_expect = CU if varlen else 0
@@ -248,7 +249,8 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
     assert [l["entry"] for l in frac] == [
         "_pool_heads_kernel",
         "_pool_heads_kernel",
-        "_proxy_scores_kernel",
+        "_proxy_rows_kernel",
+        "_scores_from_rows_kernel",
         "pa_budgets",
         "pa_select",
         "pa_dense_fallback",
@@ -282,7 +284,7 @@ def test_launches_of_the_recall_budget_rule(build, problem):
         },
     )
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
-    scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
+    scores = [l for l in got if l["entry"] == "_scores_from_rows_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
     bud0 = [l for l in base if l["entry"] == "pa_budgets"][0]
     assert bud["params"][10:] == [scores["params"][3], 2, 1, 0, 1]
@@ -304,7 +306,7 @@ def test_launches_of_the_row_recall_budget_rule(build, problem):
     assert [l["entry"] for l in got] == [l["entry"] for l in base]
     nb, bh = math.ceil(9000 / 128), problem["b"] * problem["hq"]
     assert code[2]["ws"] - code[1]["ws"] >= bh * 127 * nb * 4 - 256  # the mass of every row
-    scores = [l for l in got if l["entry"] == "_proxy_scores_kernel"][0]
+    scores = [l for l in got if l["entry"] == "_scores_from_rows_kernel"][0]
     fin = [l for l in got if l["entry"] == "_finish_mass_kernel"][0]
     bud = [l for l in got if l["entry"] == "pa_budgets"][0]
     assert bud["params"][0] == fin["params"][2]  # the finish kernel's mass buffer
@@ -340,7 +342,8 @@ RULE3_CASES = {
 }
 _PY_RULE3_KERNELS = (
     "_pool_heads_kernel",
-    "_proxy_scores_kernel",
+    "_proxy_rows_kernel",
+    "_scores_from_rows_kernel",
     "_budget_kernel",
     "_combine_lse_kernel",
     "_finish_mass_kernel",
@@ -368,7 +371,8 @@ def _python_rule3_launches(case, monkeypatch):
 
     mods = {
         "_pool_heads_kernel": ES,
-        "_proxy_scores_kernel": ES,
+        "_proxy_rows_kernel": ES,
+        "_scores_from_rows_kernel": ES,
         "_budget_kernel": EB,
         "_combine_lse_kernel": EB,
         "_finish_mass_kernel": EB,
@@ -518,7 +522,7 @@ def test_block_recall_and_dense_fallback_launches_equal_the_python_launchers(bui
     assert nbud["params"] == [need, nbud["params"][1], cu_h, s, 128, nb, hq, b, 16, SPARSE_BELOW, 0]
     assert fb["grid"] == [hkv, b, 1] and fb["params"] == [counts, flags, cu_h, s, 128, nb, hq, cfg.dense_density_permille]
     assert attn["params"][5:7] == [rank["params"][1], counts]  # order, counts
-    assert rank["params"][0] == [c for c in c_triton if c["entry"] == "_proxy_scores_kernel"][0]["params"][3]
+    assert rank["params"][0] == [c for c in c_triton if c["entry"] == "_scores_from_rows_kernel"][0]["params"][3]
 
 
 def test_block_recall_without_the_fallback_and_with_gamma_one(build):
@@ -530,7 +534,8 @@ def test_block_recall_without_the_fallback_and_with_gamma_one(build):
         "cuMemsetD32Async",
         "_pool_heads_kernel",
         "_pool_heads_kernel",
-        "_proxy_scores_kernel",
+        "_proxy_rows_kernel",
+        "_scores_from_rows_kernel",
         "_rank_kernel",
         "_mass_kernel",
         "_cut_kernel",
@@ -545,7 +550,8 @@ def test_block_recall_without_the_fallback_and_with_gamma_one(build):
         "cuMemsetD32Async",
         "_pool_heads_kernel",
         "_pool_heads_kernel",
-        "_proxy_scores_kernel",
+        "_proxy_rows_kernel",
+        "_scores_from_rows_kernel",
         "_rank_kernel",
         "pa_needs_budgets",
         "pa_dense_fallback",
@@ -573,7 +579,8 @@ def test_dense_fallback_launches_with_rules_0_to_2(build, rule):
         "pa_early_dense",
         "_pool_heads_kernel",
         "_pool_heads_kernel",
-        "_proxy_scores_kernel",
+        "_proxy_rows_kernel",
+        "_scores_from_rows_kernel",
         "pa_budgets",
         "pa_select",
         "pa_dense_fallback",
