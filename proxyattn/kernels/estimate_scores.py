@@ -1,7 +1,7 @@
 """Proxy block scores on the GPU (Triton): pooled proxy heads, then causal softmax statistics and max-pool.
 
-Layers: `_pool_heads_kernel` and `_proxy_scores_kernel` (jit) -> `_launch_pool` / `_launch_scores` (allocate,
-grid) -> `proxy_scores` / `proxy_scores_varlen` (checks, shapes).
+Layers: `_pool_heads_kernel`, `_proxy_rows_kernel` + `_scores_from_rows_kernel` and `_proxy_scores_kernel` (jit) ->
+`_launch_pool` / `_launch_scores` (allocate, grid) -> `proxy_scores` / `proxy_scores_varlen` (checks, shapes).
 
 1. Pooling. The proxy query of group g on token t is the mean of the group's query heads, its proxy key the mean
    of the group's KV heads (fp32 sums). Only the strided query rows are pooled. Proxies are stored in float16:
@@ -9,11 +9,15 @@ grid) -> `proxy_scores` / `proxy_scores_varlen` (checks, shapes).
    65504, true of attention activations). Layout: `[G, rows, D]` with sequence b's rows starting at
    `tok0_b // step + b` (tok0_b its first packed token; step = stride for queries, 1 for keys), which fits
    every sequence of a packed batch in `T // step + B` rows without a host-side prefix sum.
-2. Scores. One program per (batch, group, tile of QB query blocks): its strided proxy rows (BLOCK_M =
-   QB * block_size / stride rows) stream over the causal key blocks twice; pass 1 keeps the online row max and
-   sum (log-sum-exp), pass 2 recomputes the logits and writes, per key block n and query block m of the tile,
-   max over rows and keys of exp(logit - lse). Nothing of size S x S exists; scratch is the pooled proxies.
+2. Scores, one sweep over the keys. `_proxy_rows_kernel`: one program per (batch, group, tile of QB query blocks)
+   streams its strided proxy rows (BLOCK_M = QB * block_size / stride rows) over the causal key blocks once,
+   keeping each row's online max and sum (log-sum-exp) and writing each row's max logit per key block to a scratch
+   `[B*G, Nb, rows of the chunk]` (tiles are processed in chunks whose scratch stays within 256 MiB: one chunk
+   holds a 128K-token sequence at stride 4). `_scores_from_rows_kernel` then writes, per (query block m, key block
+   n), the max over m's rows of exp(row max logit - row lse): the exponential is taken once per row and key block.
    Every element of the output is written (-inf above the diagonal and on rows past a sequence's end).
+   `_proxy_scores_kernel` is the older form with two sweeps (the second recomputes the logits instead of reading
+   the row maxima): the same scores, kept for the TensorRT plugin (one kernel per plugin) and the speed comparison.
 
 Every function runs on the tensors' device: CUDA, or CPU tensors under `TRITON_INTERPRET=1` (the tests).
 """

@@ -256,9 +256,9 @@ def test_launches_of_the_dense_and_static_budget_paths(build):
         "pa_dense_fallback",
         "_sparse_attn_fwd_kernel",
     ]
-    assert np.uint64(frac[3]["params"][8]).view(np.float64) == 0.25
-    fb = frac[5]
-    assert fb["grid"] == [2, 1, 1] and fb["params"][0] == frac[4]["params"][3] == frac[6]["params"][6]  # counts
+    assert np.uint64(frac[4]["params"][8]).view(np.float64) == 0.25
+    fb = frac[6]
+    assert fb["grid"] == [2, 1, 1] and fb["params"][0] == frac[5]["params"][3] == frac[7]["params"][6]  # counts
     assert fb["params"][1:] == [0, 0, 9000, 128, math.ceil(9000 / 128), 8, ProxyAttnConfig().dense_density_permille]
     off = _c_launches(
         build,
@@ -542,7 +542,7 @@ def test_block_recall_without_the_fallback_and_with_gamma_one(build):
         "pa_needs_budgets",
         "_sparse_attn_fwd_kernel",
     ]
-    assert off[0]["params"][1:] == [0, 2 * 2] and off[0]["params"][0] == off[5]["params"][3] == off[6]["params"][6]
+    assert off[0]["params"][1:] == [0, 2 * 2] and off[0]["params"][0] == off[6]["params"][3] == off[7]["params"][6]
     # gamma 1: every block, as the Python path's full needs: no needs kernels, the flags set to 1 make every group
     # keep every causal block (pa_dense_fallback), the reported budgets are Nb_b (full=1).
     one = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "gamma": 1.0}})
@@ -557,8 +557,8 @@ def test_block_recall_without_the_fallback_and_with_gamma_one(build):
         "pa_dense_fallback",
         "_sparse_attn_fwd_kernel",
     ]
-    assert one[0]["params"][1:] == [1, 4] and one[6]["params"][1] == one[0]["params"][0]
-    assert one[5]["params"][-1] == 1
+    assert one[0]["params"][1:] == [1, 4] and one[7]["params"][1] == one[0]["params"][0]
+    assert one[6]["params"][-1] == 1
     # KEEP_SINK / KEEP_DIAG reach the ranking kernel as one-byte values, and the cut kernel as int32.
     nosink = _c_launches(build, {"problem": prob, "config": {"dense_below_tokens": SPARSE_BELOW, "keep_sink": 0}})
     rank = [l for l in nosink if l["entry"] == "_rank_kernel"][0]
