@@ -65,7 +65,13 @@ def _seq_base(ptr, b, start, stride_b, stride_t, VARLEN: tl.constexpr):
 @triton.jit
 def _online_max_sum(m_i, l_i, s):
     """One key tile of an online softmax (log2 units): the rows' running max and rescaled sum after the logits s."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    return _online_update(m_i, l_i, s, tl.max(s, axis=1))
+
+
+@triton.jit
+def _online_update(m_i, l_i, s, s_max):
+    """`_online_max_sum` with the tile's row maxima s_max already taken."""
+    m_new = tl.maximum(m_i, s_max)
     l_new = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
     return m_new, l_new
 
@@ -183,15 +189,7 @@ def _proxy_scores_kernel(
 
     # Pass 1: online row max and sum, in log2 units. Key blocks left of the tile need no causal mask.
     n_full = tl.minimum(m0, n_end)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(0, n_full):
-        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
-        m_i, l_i = _online_max_sum(m_i, l_i, s)
-    for n in range(n_full, n_end):
-        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
-        m_i, l_i = _online_max_sum(m_i, l_i, s)
-    lse = m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
+    lse = _rows_sweep(q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, pq_ptr, 0, BS, BLOCK_M, False)
 
     # Pass 2: per key block, max over the tile's rows of each query block of exp(max logit - lse):
     # the exponential is taken once per row, after the max over the block's keys.
@@ -265,25 +263,48 @@ def _proxy_rows_kernel(
     n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
     n_full = tl.minimum(m0, n_end)  # key blocks left of the tile need no causal mask
     row_at = rmax_ptr + bg.to(tl.int64) * nb_max * chunk_rows + slot * BLOCK_M + offs_r  # + n * chunk_rows
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(0, n_full):
-        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
-        m_i, l_i = _rows_step(s, m_i, l_i, row_at + n * chunk_rows)
-    for n in range(n_full, n_end):
-        s = _score_tile(q, k_base, stride_pkr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
-        m_i, l_i = _rows_step(s, m_i, l_i, row_at + n * chunk_rows)
-    lse = m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
+    lse = _rows_sweep(
+        q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, row_at, chunk_rows, BS, BLOCK_M, True
+    )
     tl.store(lse_ptr + bg.to(tl.int64) * chunk_rows + slot * BLOCK_M + offs_r, lse)
 
 
 @triton.jit
-def _rows_step(s, m_i, l_i, rmax_at):
-    """Store each row's max logit of key block s and return the rows' online (max, sum) after it."""
-    bm = tl.max(s, axis=1)
-    tl.store(rmax_at, bm)
-    m_new = tl.maximum(m_i, bm)
-    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+def _rows_sweep(
+    q,
+    k_base,
+    stride_kr,
+    length,
+    tpos,
+    offs_n,
+    offs_d,
+    dmask,
+    qk_scale,
+    n_full,
+    n_end,
+    rmax_at,
+    row_stride,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    STORE: tl.constexpr,
+):
+    """The tile's rows against key blocks 0 .. n_end - 1 (masked from n_full on): their log-sum-exp (log2 units); with
+    STORE each row's max logit of key block n is written at rmax_at + n * row_stride."""
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n in range(0, n_full):
+        s = _score_tile(q, k_base, stride_kr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
+        s_max = tl.max(s, axis=1)
+        if STORE:
+            tl.store(rmax_at + n * row_stride, s_max)
+        m_i, l_i = _online_update(m_i, l_i, s, s_max)
+    for n in range(n_full, n_end):
+        s = _score_tile(q, k_base, stride_kr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
+        s_max = tl.max(s, axis=1)
+        if STORE:
+            tl.store(rmax_at + n * row_stride, s_max)
+        m_i, l_i = _online_update(m_i, l_i, s, s_max)
+    return m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
 
 
 @triton.jit
