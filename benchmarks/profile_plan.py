@@ -105,20 +105,22 @@ def top_kernels(fn, k: int = 12) -> list[dict]:
 # (query blocks per program, warps, stages, scratch MiB, heaviest programs first). Today's launch (`_launch_needs`'
 # defaults) first: every other config's needs are compared to it.
 NEEDS_CANDIDATES = [
+    (8, 8, 2, 512, True),
     (8, 4, 2, 512, True),
     (8, 4, 3, 512, True),
     (8, 4, 4, 512, True),
-    (8, 8, 2, 512, True),
     (8, 8, 3, 512, True),
     (4, 4, 2, 512, True),
     (4, 4, 3, 512, True),
+    (4, 8, 2, 512, True),
+    (16, 4, 2, 512, True),
     (16, 8, 2, 512, True),
     (16, 8, 3, 512, True),
     (8, 4, 2, 128, False),
 ]
 # The proxy-score kernel's (query blocks per program, warps, stages); today's launch first (`_launch_scores`' qb for
-# block 128 / stride 4 is 2: 64 strided rows per program).
-SCORES_CANDIDATES = [(2, 4, 2), (2, 4, 3), (2, 8, 2), (4, 4, 2), (4, 8, 2), (4, 8, 3), (1, 4, 2), (8, 8, 2)]
+# block 128 / stride 4 is 2: 64 strided rows per program; stages `rows_stages`).
+SCORES_CANDIDATES = [(2, 4, 3), (2, 4, 2), (2, 8, 2), (4, 4, 2), (4, 8, 2), (4, 8, 3), (1, 4, 2), (8, 8, 2)]
 
 
 def event_ms(fn, n: int = 10) -> float:

@@ -175,7 +175,7 @@ def test_rule3_and_ranking_plugins():
     assert S.output_shapes("ProxyNeedsMass", [q, k, (b, hkv)], mass_attrs) == [(b * hkv, nb, nb, 32), (b * hkv, nb, 32)]
     consts, opt = S.constants("ProxyNeedsMass", [q, k, (b, hkv)], ["bfloat16", "bfloat16", "int32"], mass_attrs, 1)
     assert (consts["GROUP"], consts["RB"], consts["QB"], consts["ROWS"]) == (7, 32, 8, 4)
-    assert opt == {"num_warps": 4, "num_stages": 2}  # 256 query rows x 128 and two K tiles fit shared memory
+    assert opt == {"num_warps": 8, "num_stages": 2}  # 256 query rows x 128: 8 warps; they and two K tiles fit shared memory
     _, opt = S.constants("ProxyNeedsMass", [(b, hq, s, 256), (b, hkv, s, 256), (b, hkv)], ["bfloat16"] * 2 + ["int32"], mass_attrs, 1)
     assert opt["num_stages"] == 1  # head dim 256: they do not
     assert S.launch("ProxyNeedsMass", [q], mass_attrs, consts) == (b * hkv, 1, 1)
@@ -224,9 +224,10 @@ def test_needs_mass_needs_static_head_counts():
 
 
 def test_needs_mass_stages_follow_the_kernel_module():
-    """The spec restates estimate_needs.mass_stages (it imports nothing of proxyattn): both agree on every shape the
+    """The spec restates estimate_needs.mass_stages and mass_warps (it imports nothing of proxyattn): both agree on every shape the
     plugins compile."""
     from proxyattn.kernels import estimate_needs as EN
 
     for qb, rb, bd, bs, elt in itertools.product((8, 16), (4, 8, 16, 32), (64, 128, 256), (64, 128), (2, 4)):
         assert S.mass_stages(qb, rb, bd, bs, elt) == EN.mass_stages(qb, rb, bd, bs, elt), (qb, rb, bd, bs, elt)
+        assert S.mass_warps(qb, rb, bd) == EN.mass_warps(qb, rb, bd), (qb, rb, bd)

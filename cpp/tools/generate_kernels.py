@@ -294,7 +294,7 @@ SCORES_FINISH_ARGS = (
 def scores_variants(dims, blocks, strides):
     """The one-sweep proxy scores (`estimate_scores._launch_scores`): _proxy_rows_kernel per {head dim, block, stride,
     padded/varlen} and _scores_from_rows_kernel per {block, stride, padded/varlen}."""
-    from proxyattn.kernels.estimate_scores import _ROWS_BLOCK_C
+    from proxyattn.kernels.estimate_scores import _ROWS_BLOCK_C, rows_stages
 
     out = []
     for d, bs, st, varlen in itertools.product(dims, blocks, strides, (0, 1)):
@@ -317,7 +317,7 @@ def scores_variants(dims, blocks, strides):
                 consts,
                 div16,
                 num_warps,
-                2,
+                rows_stages(qb * rpb, block_d, bs),
                 ROWS_ARGS,
                 {"QB": qb},
             )
@@ -588,8 +588,8 @@ def needs_variants(dtypes, dims, blocks):
     """estimate_needs._mass_kernel and _cut_kernel as `_launch_needs` runs them for a plan: every query block
     (LAST_ONLY off), skip flags on (SKIP: the library passes zeros when there is no early decision), counts on;
     GROUP runtime; the cut kernel's KEEP_SINK / KEEP_DIAG runtime i32; the mass kernel's stages
-    (`estimate_needs.mass_stages`)."""
-    from proxyattn.kernels.estimate_needs import mass_stages
+    and warps (`estimate_needs.mass_stages`, `mass_warps`)."""
+    from proxyattn.kernels.estimate_needs import mass_stages, mass_warps
 
     out = []
     for dt, d, bs, varlen, (rows, rb) in itertools.product(dtypes, dims, blocks, (0, 1), needs_rbs()):
@@ -637,7 +637,7 @@ def needs_variants(dtypes, dims, blocks):
                 types,
                 consts,
                 div16,
-                4,
+                mass_warps(qb, rb, block_d),
                 mass_stages(qb, rb, block_d, bs),
                 NEEDS_MASS_ARGS,
                 {"QB": qb},

@@ -62,13 +62,18 @@ _LOG2E = 1.4426950408889634
 MAX_RANK_BLOCKS = 4096
 # Ranking positions per step of ProxyNeedsCut (estimate_needs._CUT_CHUNK).
 _CUT_CHUNK = 128
-# Shared memory ProxyNeedsMass' pipelined K tiles may use (estimate_needs._SMEM_BUDGET).
+# Shared memory ProxyNeedsMass' pipelined K tiles may use (estimate_common._SMEM_BUDGET).
 _NEEDS_SMEM_BUDGET = 220 * 1024
 
 
 def mass_stages(qb: int, rb: int, block_d: int, block_size: int, elt: int = 2) -> int:
     """`estimate_needs.mass_stages`: 2 pipeline stages when the query rows and two K tiles fit, else 1."""
     return 2 if (qb * rb + 2 * block_size) * block_d * elt <= _NEEDS_SMEM_BUDGET else 1
+
+
+def mass_warps(qb: int, rb: int, block_d: int) -> int:
+    """`estimate_needs.mass_warps`: 8 warps from QB x RB x BLOCK_D >= 128 x 128, else 4."""
+    return 8 if qb * rb * block_d >= 128 * 128 else 4
 
 
 class IntOps:
@@ -338,7 +343,7 @@ _TACTICS: dict[str, dict[int, dict[str, int]]] = {
     "ProxyMass": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxyRowMass": {1: {"num_warps": 4, "num_stages": 2}, 2: {"num_warps": 8, "num_stages": 2}},
     "ProxyRank": {1: {}},  # num_warps from the row length, as estimate_rank._launch_rank
-    "ProxyNeedsMass": {1: {"num_warps": 4}},  # estimate_needs._launch_needs' defaults (stages: mass_stages)
+    "ProxyNeedsMass": {1: {}},  # estimate_needs._launch_needs' defaults (mass_warps, mass_stages)
     "ProxyNeedsCut": {1: {"num_warps": 4, "num_stages": 2}},
     "ProxySparseAttention": {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, 2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
 }
@@ -411,6 +416,7 @@ def constants(
         rb = needs_rows(group, rows)
         prec = "ieee" if dtypes[0] == "float32" else "tf32"
         qb = max(8, -(-16 // rb))
+        opt["num_warps"] = mass_warps(qb, rb, _pow2(d))
         opt["num_stages"] = mass_stages(qb, rb, _pow2(d), bs, 4 if dtypes[0] == "float32" else 2)
         return {
             "HQ": hq,

@@ -7,6 +7,8 @@ import os
 import torch
 
 _LOG2E = 1.4426950408889634
+# Shared memory a Triton program may plan for: Hopper allows 227 KB per block; leave room for the compiler's own buffers.
+_SMEM_BUDGET = 220 * 1024
 
 
 def interpreting() -> bool:

@@ -36,7 +36,7 @@ from ..config import ProxyAttnConfig
 from ..plan import BlockPlan
 from ..reference import needs_budgets
 from .estimate_budgets import _budget_tile, _mass_step, seq_blocks
-from .estimate_common import _LOG2E, interpreting, qk_layout
+from .estimate_common import _LOG2E, _SMEM_BUDGET, interpreting, qk_layout
 from .estimate_rank import rank_order
 from .fallback import dense_fallback
 from .estimate_scores import _seq_base, _seq_bounds
@@ -48,13 +48,19 @@ __all__ = ["block_needs", "block_needs_varlen", "needs_plan", "needs_plan_varlen
 # (benchmarks/profile_plan.py --sweep-needs, H100: 6.7 ms against 7.6 ms, the same needs). Longer sequences chunk.
 _SCRATCH_BYTES = 512 * 1024**2
 _CUT_CHUNK = 128  # ranking positions per step of the cut kernel
-_SMEM_BUDGET = 220 * 1024  # Hopper allows 227 KB per block; leave room for the compiler's own buffers
 
 
 def mass_stages(qb: int, rb: int, block_d: int, block_size: int, elt: int = 2) -> int:
     """Pipeline stages of `_mass_kernel`: 2 (the next K tile loads while this one is used) when the query rows and two
     K tiles fit in shared memory, else 1 (e.g. head dim 256 with 8 query heads per KV head: 256 rows x 256)."""
     return 2 if (qb * rb + 2 * block_size) * block_d * elt <= _SMEM_BUDGET else 1
+
+
+def mass_warps(qb: int, rb: int, block_d: int) -> int:
+    """Warps of `_mass_kernel`: 8 from 128 rows of head dim 128 per program (QB x RB x BLOCK_D >= 128 x 128), else 4.
+    H100, 128K tokens, Llama-3-8B shape (QB 8, RB 16, D 128): 5.54 ms with 8 warps against 5.86 ms with 4, the same
+    needs (benchmarks/profile_plan.py --sweep-needs)."""
+    return 8 if qb * rb * block_d >= 128 * 128 else 4
 
 
 @triton.jit
@@ -275,7 +281,7 @@ def _launch_needs(
     skip=None,
     counts: bool = False,
     qb: int = 8,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
     scratch_bytes: int = _SCRATCH_BYTES,
     heavy_first: bool = True,
@@ -283,7 +289,7 @@ def _launch_needs(
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
     plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
     `[B * Hkv]`: groups not measured (they need every block). The launch parameters (qb .. heavy_first) are
-    benchmarks/profile_plan.py's sweep (num_stages None: `mass_stages`); scratch_bytes bounds the block masses of one
+    benchmarks/profile_plan.py's sweep (None: `mass_warps`, `mass_stages`); scratch_bytes bounds the block masses of one
     chunk of query blocks."""
     varlen = cu_seqlens is not None
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
@@ -295,6 +301,8 @@ def _launch_needs(
     rb = triton.next_power_of_2(group * rows)
     qb = 1 if last_only else min(qb, triton.next_power_of_2(nb))
     qb = max(qb, triton.cdiv(16, rb))  # tl.dot needs at least 16 rows
+    if num_warps is None:
+        num_warps = mass_warps(qb, rb, triton.next_power_of_2(d))
     if num_stages is None:
         num_stages = mass_stages(qb, rb, triton.next_power_of_2(d), bs, q.element_size())
     dev = q.device

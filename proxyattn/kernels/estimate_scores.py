@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
-from .estimate_common import _LOG2E
+from .estimate_common import _LOG2E, _SMEM_BUDGET
 
 __all__ = ["proxy_scores", "proxy_scores_varlen", "pool_proxies"]
 
@@ -440,7 +440,9 @@ def _launch_scores(
         num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
     cu = cu_seqlens if varlen else pq
     n_tiles = triton.cdiv(nb, qb)
-    common = dict(STRIDE=st, BS=bs, RPB=rpb, num_warps=num_warps, num_stages=num_stages or 2)
+    if num_stages is None:
+        num_stages = rows_stages(qb * rpb, block_d, bs, pk.element_size()) if one_pass else 2
+    common = dict(STRIDE=st, BS=bs, RPB=rpb, num_warps=num_warps, num_stages=num_stages)
     if not one_pass:
         _proxy_scores_kernel[(n_tiles, batch * g)](
             pq,
@@ -516,6 +518,13 @@ def _launch_scores(
             num_warps=4,
         )
     return out
+
+
+def rows_stages(rows: int, block_d: int, block_size: int, elt: int = 2) -> int:
+    """Pipeline stages of `_proxy_rows_kernel`: 3 (two K tiles load ahead) when a program's strided query rows and
+    three K tiles fit in shared memory, else 2. H100, 128K tokens, Llama-3-8B shape (64 rows, D 128): 1.60 ms against
+    2.18 ms with 2 stages, the same scores (benchmarks/profile_plan.py --sweep-scores)."""
+    return 3 if (rows + 3 * block_size) * block_d * elt <= _SMEM_BUDGET else 2
 
 
 def rows_chunk_tiles(groups: int, nb: int, tile_rows: int, n_tiles: int, scratch_bytes: int = _ROWS_SCRATCH_BYTES) -> int:
