@@ -213,6 +213,9 @@ def main() -> int:
             }
             res["sparse"].append(r)
             log(f"sparse {r}")
+        # The autotuner's pick per key (head dim, plan block, group, TMA, varlen, length bucket): the kernel alone
+        # runs with it, so a run-to-run difference in the rows above can be traced to the config.
+        res["autotune_choice"] = {str(kk): str(vv) for kk, vv in attn._sparse_attn_fwd_tuned.cache.items()}
         atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- variant study

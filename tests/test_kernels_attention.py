@@ -250,3 +250,27 @@ def test_kernel_rejects_unsupported_inputs(dtype, d, match):
         attn.block_sparse_attention(q, k, k, plan, 0.125)
     with pytest.raises(ValueError, match=match):
         attn.block_sparse_attention_varlen(q[0], k[0], k[0], torch.tensor([0, 64], dtype=torch.int32), 64, plan, 0.125)
+
+
+def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
+    """Every fixed config of a measured shape (`attention._TUNED`) is one of the autotuner's candidates that survives
+    its pruning for that shape (so tests/gpu/check_attention.py's run of every candidate covers it); unmeasured
+    shapes have none (autotuned); libproxyattn's fixed config for that shape is the same."""
+    import importlib.util
+    import sys
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("generate_kernels", ROOT / "cpp" / "tools" / "generate_kernels.py")
+    gk = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "generate_kernels", gk)  # its dataclasses look their module up
+    spec.loader.exec_module(gk)
+    assert attn._TUNED
+    for (d, bs, tma), c in attn._TUNED.items():
+        q = torch.empty(1, 1, 1, d, dtype=torch.bfloat16)
+        pruned = attn._prune(attn._configs(), {"PLAN_BS": bs, "HEAD_DIM": d, "q_ptr": q})
+        assert c in {(x.kwargs["BLOCK_N"], x.num_warps, x.num_stages, x.maxnreg) for x in pruned}, c
+        want = dict(BLOCK_N=c[0], num_warps=c[1], num_stages=c[2], maxnreg=c[3])
+        assert attn.tuned_config(d, bs, tma) == want
+        assert gk.attention_config(d, bs) == want
+    assert attn.tuned_config(128, 128, False) is None and attn.tuned_config(64, 128, True) is None

@@ -221,6 +221,20 @@ def _configs():
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes) for bn, w, s, r in _CONFIGS]
 
 
+# Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. (64, 8, 2, 128) was the fastest
+# of _CONFIGS at 32K and 128K in both variant studies (benchmarks/attention.py --variant-sizes, 10 % density, D 128,
+# GQA 4: H100 429 / 467 TFLOP/s against 376-409 / 383-446 for the others; H200 433 / 451 against 365-401 / 387-433)
+# and the autotuner's pick at every length from 4K to 128K in both. A fixed pick keeps the autotuner's run-to-run
+# choice out of the timings; other shapes are autotuned over _CONFIGS.
+_TUNED = {(128, 128, True): (64, 8, 2, 128)}
+
+
+def tuned_config(head_dim: int, block_size: int, use_tma: bool) -> dict | None:
+    """The fixed launch config of a measured shape (`_TUNED`), or None: autotune."""
+    c = _TUNED.get((head_dim, block_size, use_tma))
+    return None if c is None else dict(zip(("BLOCK_N", "num_warps", "num_stages", "maxnreg"), c))
+
+
 _sparse_attn_fwd_tuned = triton.autotune(
     configs=_configs(),
     key=["HEAD_DIM", "PLAN_BS", "GROUP", "USE_TMA", "VARLEN", "len_bucket"],
@@ -270,8 +284,9 @@ def _launch_sparse(
     Varlen: q `[T, Hq, D]`, k/v `[T, Hkv, D]`, cu_seqlens int32 `[B+1]`, seq_len = max_seqlen; out like q,
     lse `[Hq, T]`.
     order int32 `[B, R, Nb, Nb]`, counts int32 `[B, Hq, Nb]` with Nb = ceil(seq_len / block_size).
-    `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages, DIAG_BRANCH) skips
-    autotuning (always the case under the interpreter). `out` / `lse` are optional preallocated contiguous outputs.
+    `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages, maxnreg,
+    DIAG_BRANCH) skips autotuning (always the case under the interpreter); without it a measured shape runs its
+    `tuned_config`, any other is autotuned. `out` / `lse` are optional preallocated contiguous outputs.
     """
     varlen = cu_seqlens is not None
     batched = not varlen
@@ -307,6 +322,8 @@ def _launch_sparse(
 
     if use_tma is None:
         use_tma = all(_tma_ok(x, rows, batched) for x in (q, k, v))
+    if config is None and not _env_interpret():
+        config = tuned_config(d, block_size, use_tma)
     if use_tma:
         bn0 = (config or {}).get("BLOCK_N", min(64, block_size))
         q_desc = _descriptor(q, rows, batched, block_size)
