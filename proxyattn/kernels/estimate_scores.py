@@ -141,6 +141,46 @@ def _store_block_max(s, lse, row_ok, out_base, offs_qb, stride_om, n, qb_ok, row
 
 
 @triton.jit
+def _tile_rows(
+    pq_ptr,
+    pk_ptr,
+    cu_ptr,
+    seq_len,
+    b,
+    g,
+    m0,
+    stride_pqg,
+    stride_pqr,
+    stride_pkg,
+    stride_pkr,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """A program's tile of the scores kernels: the strided proxy rows of query blocks m0 .. m0 + QB - 1 of sequence b,
+    group g (loaded, `[QB * RPB, BLOCK_D]`), its keys' base pointer, the sequence's length and block count, and the
+    key blocks it sweeps: [0, n_full) left of the tile (no causal mask), [n_full, n_end) on its diagonal."""
+    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
+    nb = tl.cdiv(length, BS)
+    offs_r = tl.arange(0, QB * RPB)
+    tpos = (m0 * RPB + offs_r) * STRIDE  # token position of each strided row
+    row_ok = tpos < length
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    q_rows = (start // STRIDE + b + m0 * RPB + offs_r).to(tl.int64)
+    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    k_base = pk_ptr + g * stride_pkg + (start + b).to(tl.int64) * stride_pkr
+    offs_n = tl.arange(0, BS)
+    n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
+    n_full = tl.minimum(m0, n_end)
+    return q, k_base, length, nb, tpos, row_ok, offs_r, offs_n, offs_d, dmask, n_full, n_end
+
+
+@triton.jit
 def _proxy_scores_kernel(
     pq_ptr,
     pk_ptr,
@@ -172,23 +212,29 @@ def _proxy_scores_kernel(
     bg = tl.program_id(1)
     b = bg // num_groups
     g = bg % num_groups
-    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
-    nb = tl.cdiv(length, BS)
     m0 = tile * QB
-
-    offs_r = tl.arange(0, BLOCK_M)
-    tpos = (m0 * RPB + offs_r) * STRIDE  # token position of each strided row
-    row_ok = tpos < length
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    q_rows = (start // STRIDE + b + m0 * RPB + offs_r).to(tl.int64)
-    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-    k_base = pk_ptr + g * stride_pkg + (start + b).to(tl.int64) * stride_pkr
-    offs_n = tl.arange(0, BS)
-    n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
+    q, k_base, length, nb, tpos, row_ok, offs_r, offs_n, offs_d, dmask, n_full, n_end = _tile_rows(
+        pq_ptr,
+        pk_ptr,
+        cu_ptr,
+        seq_len,
+        b,
+        g,
+        m0,
+        stride_pqg,
+        stride_pqr,
+        stride_pkg,
+        stride_pkr,
+        STRIDE,
+        BS,
+        RPB,
+        QB,
+        HEAD_DIM,
+        BLOCK_D,
+        VARLEN,
+    )
 
     # Pass 1: online row max and sum, in log2 units. Key blocks left of the tile need no causal mask.
-    n_full = tl.minimum(m0, n_end)
     lse = _rows_sweep(q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, pq_ptr, 0, BS, BLOCK_M, False)
 
     # Pass 2: per key block, max over the tile's rows of each query block of exp(max logit - lse):
@@ -247,21 +293,27 @@ def _proxy_rows_kernel(
     bg = tl.program_id(1)
     b = bg // num_groups
     g = bg % num_groups
-    start, length = _seq_bounds(cu_ptr, b, seq_len, VARLEN)
-    nb = tl.cdiv(length, BS)
     m0 = tile * QB
-
-    offs_r = tl.arange(0, BLOCK_M)
-    tpos = (m0 * RPB + offs_r) * STRIDE  # token position of each strided row
-    row_ok = tpos < length
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    q_rows = (start // STRIDE + b + m0 * RPB + offs_r).to(tl.int64)
-    q = tl.load(pq_ptr + g * stride_pqg + q_rows[:, None] * stride_pqr + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-    k_base = pk_ptr + g * stride_pkg + (start + b).to(tl.int64) * stride_pkr
-    offs_n = tl.arange(0, BS)
-    n_end = tl.minimum(m0 + QB, nb)  # key blocks any row of the tile can see
-    n_full = tl.minimum(m0, n_end)  # key blocks left of the tile need no causal mask
+    q, k_base, length, nb, tpos, row_ok, offs_r, offs_n, offs_d, dmask, n_full, n_end = _tile_rows(
+        pq_ptr,
+        pk_ptr,
+        cu_ptr,
+        seq_len,
+        b,
+        g,
+        m0,
+        stride_pqg,
+        stride_pqr,
+        stride_pkg,
+        stride_pkr,
+        STRIDE,
+        BS,
+        RPB,
+        QB,
+        HEAD_DIM,
+        BLOCK_D,
+        VARLEN,
+    )
     row_at = rmax_ptr + bg.to(tl.int64) * nb_max * chunk_rows + slot * BLOCK_M + offs_r  # + n * chunk_rows
     lse = _rows_sweep(
         q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, row_at, chunk_rows, BS, BLOCK_M, True
