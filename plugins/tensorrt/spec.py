@@ -345,7 +345,13 @@ _TACTICS: dict[str, dict[int, dict[str, int]]] = {
     "ProxyRank": {1: {}},  # num_warps from the row length, as estimate_rank._launch_rank
     "ProxyNeedsMass": {1: {}},  # estimate_needs._launch_needs' defaults (mass_warps, mass_stages)
     "ProxyNeedsCut": {1: {"num_warps": 4, "num_stages": 2}},
-    "ProxySparseAttention": {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, 2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
+    # Tactic 3 is the Python path's fixed config for head dim 128 / block 128 (attention.tuned_config); its register
+    # cap applies only up to head dim 128, as in attention._prune.
+    "ProxySparseAttention": {
+        1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+        3: {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
+    },
 }
 
 
@@ -459,6 +465,8 @@ def constants(
         block_n = bs
     if d not in (64, 128, 256):
         raise ValueError(f"ProxySparseAttention: head dim {d} is not supported; allowed: (64, 128, 256)")
+    if d > 128:
+        opt.pop("maxnreg", None)
     return {"HQ": hq, "HKV": hkv, "R": r, "D": d, "BS": bs, "BLOCK_N": block_n, "QK_SCALE": qk}, opt
 
 
