@@ -299,6 +299,7 @@ SCORES_FINISH_ARGS = (
 def scores_variants(dims, blocks, strides):
     """The one-sweep proxy scores (`estimate_scores._launch_scores`): _proxy_rows_kernel per {head dim, block, stride,
     padded/varlen} and _scores_from_rows_kernel per {block, stride, padded/varlen}."""
+    from proxyattn.kernels.estimate_common import tile_warps
     from proxyattn.kernels.estimate_scores import _ROWS_BLOCK_C, rows_stages
 
     out = []
@@ -306,7 +307,7 @@ def scores_variants(dims, blocks, strides):
         rpb = bs // st
         qb = max(1, 64 // rpb)
         block_d = _next_pow2(d)
-        num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
+        num_warps = tile_warps(qb * rpb, block_d)
         types = {n: "i32" for n in ROWS_ARGS}
         types.update(pq_ptr="*fp16", pk_ptr="*fp16", cu_ptr="*i32", rmax_ptr="*fp32", lse_ptr="*fp32", qk_scale="fp32")
         consts = dict(STRIDE=st, BS=bs, RPB=rpb, QB=qb, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=bool(varlen))

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..plan import BlockPlan
+from .estimate_common import _SMEM_BUDGET
 
 try:  # Triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -190,9 +191,6 @@ def _set_block_shapes(nargs) -> None:
     nargs["q_desc"].block_shape = [nargs["PLAN_BS"], d]
     nargs["k_desc"].block_shape = [nargs["BLOCK_N"], d]
     nargs["v_desc"].block_shape = [nargs["BLOCK_N"], d]
-
-
-_SMEM_BUDGET = 220 * 1024  # Hopper allows 227 KB per block; leave room for the compiler's own buffers
 
 
 def _prune(configs, named_args, **kwargs):

@@ -11,6 +11,12 @@ _LOG2E = 1.4426950408889634
 _SMEM_BUDGET = 220 * 1024
 
 
+def tile_warps(rows: int, block_d: int) -> int:
+    """Warps of an estimation kernel whose program holds `rows` query rows of padded head dim block_d: 8 from
+    128 x 128 elements, else 4."""
+    return 8 if rows * block_d >= 128 * 128 else 4
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`, the test suite)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..config import ProxyAttnConfig
 from .estimate_budgets import _budget_tile
-from .estimate_common import _LOG2E, interpreting, qk_layout
+from .estimate_common import _LOG2E, interpreting, qk_layout, tile_warps
 from .estimate_scores import _online_max_sum, _seq_base, _seq_bounds, _tile_blocks
 
 __all__ = ["head_max_scores", "head_max_scores_varlen"]
@@ -140,7 +140,7 @@ def _launch_head_max(q, k, cu_seqlens, batch: int, seq_len: int, cfg: ProxyAttnC
     rpb = bs // st
     qb = _tile_blocks(bs, st)
     block_d = triton.next_power_of_2(d)
-    num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
+    num_warps = tile_warps(qb * rpb, block_d)
     grid = (triton.cdiv(nb, qb), batch * hq)
     _head_max_kernel[grid](
         q,

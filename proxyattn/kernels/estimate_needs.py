@@ -36,7 +36,7 @@ from ..config import ProxyAttnConfig
 from ..plan import BlockPlan
 from ..reference import needs_budgets
 from .estimate_budgets import _budget_tile, _mass_step, seq_blocks
-from .estimate_common import _LOG2E, _SMEM_BUDGET, interpreting, qk_layout
+from .estimate_common import _LOG2E, _SMEM_BUDGET, interpreting, qk_layout, tile_warps
 from .estimate_rank import rank_order
 from .fallback import dense_fallback
 from .estimate_scores import _seq_base, _seq_bounds
@@ -60,7 +60,7 @@ def mass_warps(qb: int, rb: int, block_d: int) -> int:
     """Warps of `_mass_kernel`: 8 from 128 rows of head dim 128 per program (QB x RB x BLOCK_D >= 128 x 128), else 4.
     H100, 128K tokens, Llama-3-8B shape (QB 8, RB 16, D 128): 5.54 ms with 8 warps against 5.86 ms with 4, the same
     needs (benchmarks/profile_plan.py --sweep-needs)."""
-    return 8 if qb * rb * block_d >= 128 * 128 else 4
+    return tile_warps(qb * rb, block_d)
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..config import ProxyAttnConfig
-from .estimate_common import _LOG2E, _SMEM_BUDGET
+from .estimate_common import _LOG2E, _SMEM_BUDGET, tile_warps
 
 __all__ = ["proxy_scores", "proxy_scores_varlen", "pool_proxies"]
 
@@ -489,7 +489,7 @@ def _launch_scores(
     qb = qb or _tile_blocks(bs, st)
     block_d = triton.next_power_of_2(d)
     if num_warps is None:
-        num_warps = 8 if qb * rpb * block_d >= 128 * 128 else 4
+        num_warps = tile_warps(qb * rpb, block_d)
     cu = cu_seqlens if varlen else pq
     n_tiles = triton.cdiv(nb, qb)
     if num_stages is None:
