@@ -223,10 +223,10 @@ def main() -> int:
         q, k, v = qkv(s, s + 7)
         plan = fixed_density_plan(s, 0.1, s + 8)
         fl = plan_flops(plan)
-        named = {"PLAN_BS": BS, "HEAD_DIM": D, "q_ptr": q}
+        named = {"PLAN_BS": BS, "HEAD_DIM": D, "q_ptr": q, "USE_TMA": True, "VARLEN": False}
         variants = []
         for c in attn._prune(attn._configs(), named):
-            variants.append((dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg), True))
+            variants.append((dict(zip(attn._CONFIG_KEYS, attn.config_tuple(c))), True))
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3), False))  # pointer loads (non-TMA layouts)
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False), True))
         variants.append((dict(BLOCK_N=128, num_warps=8, num_stages=2, DIAG_BRANCH=False), True))

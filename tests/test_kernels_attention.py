@@ -252,10 +252,24 @@ def test_kernel_rejects_unsupported_inputs(dtype, d, match):
         attn.block_sparse_attention_varlen(q[0], k[0], k[0], torch.tensor([0, 64], dtype=torch.int32), 64, plan, 0.125)
 
 
+def test_warp_specialised_config_launches():
+    """The warp-specialised candidate goes through the launcher (its WARP_SPEC switch reaches the kernel) and gives the
+    reference's output. The interpreter runs the loop as a plain loop: the specialised code itself is checked on the GPU
+    (tests/gpu/check_attention.py runs every TMA candidate against the fp32 reference)."""
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = _qkv(1, 200, 4, 1, 128, torch.float16, gen)
+    plan = _random_plan(1, 4, 200, 128, 0.7, gen)
+    ws = dict(zip(attn._CONFIG_KEYS, next(c for c in attn._CONFIGS if c[-1])))
+    out, _ = attn._launch_sparse(q, k, v, plan.order, plan.counts, None, 200, 128, 0.09, with_lse=False, use_tma=True, config=ws)
+    ref_out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=0.09)
+    assert_close(out, ref_out, "fp16", what="warp-specialised out")
+
+
 def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     """Every fixed config of a measured shape (`attention._TUNED`) is one of the autotuner's candidates that survives
-    its pruning for that shape (so tests/gpu/check_attention.py's run of every candidate covers it); unmeasured
-    shapes have none (autotuned); libproxyattn's fixed config for that shape is the same."""
+    its pruning for that shape and layout (so tests/gpu/check_attention.py's run of every candidate covers it);
+    unmeasured shapes have none (autotuned). libproxyattn (pointer loads, no TMA) compiles a pointer-path candidate:
+    the register-capped one for D 128 / block 128; the warp-specialised loop only ever runs on TMA loads."""
     import importlib.util
     import sys
 
@@ -265,12 +279,19 @@ def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     gk = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "generate_kernels", gk)  # its dataclasses look their module up
     spec.loader.exec_module(gk)
+
+    def candidates(d, bs, tma):
+        q = torch.empty(1, 1, 1, d, dtype=torch.bfloat16)
+        named = {"PLAN_BS": bs, "HEAD_DIM": d, "q_ptr": q, "USE_TMA": tma, "VARLEN": False}
+        return {attn.config_tuple(x) for x in attn._prune(attn._configs(), named)}
+
     assert attn._TUNED
     for (d, bs, tma), c in attn._TUNED.items():
-        q = torch.empty(1, 1, 1, d, dtype=torch.bfloat16)
-        pruned = attn._prune(attn._configs(), {"PLAN_BS": bs, "HEAD_DIM": d, "q_ptr": q})
-        assert c in {(x.kwargs["BLOCK_N"], x.num_warps, x.num_stages, x.maxnreg) for x in pruned}, c
-        want = dict(BLOCK_N=c[0], num_warps=c[1], num_stages=c[2], maxnreg=c[3])
-        assert attn.tuned_config(d, bs, tma) == want
-        assert gk.attention_config(d, bs) == want
+        assert c in candidates(d, bs, tma), c
+        assert attn.tuned_config(d, bs, tma) == dict(zip(attn._CONFIG_KEYS, c))
+    assert all(not ws for *_, ws in candidates(128, 128, False))  # no warp specialisation on pointer loads
+    assert all(not ws for *_, ws in candidates(64, 128, True))  # nor on unmeasured head dims
+    lib = gk.attention_config(128, 128)
+    assert lib == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) in candidates(128, 128, False)
     assert attn.tuned_config(128, 128, False) is None and attn.tuned_config(64, 128, True) is None

@@ -95,6 +95,7 @@ def _sparse_attn_fwd_kernel(
     VARLEN: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     DIAG_BRANCH: tl.constexpr = True,  # mask only the diagonal tile (True) or every tile (False: no branch)
+    WARP_SPEC: tl.constexpr = False,  # warp-specialised key loop (TMA loads in their own warps; Hopper and later)
 ):
     BLOCK_M: tl.constexpr = PLAN_BS
     SUB: tl.constexpr = PLAN_BS // BLOCK_N
@@ -147,7 +148,7 @@ def _sparse_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for t in range(0, n_kept * SUB):
+    for t in tl.range(0, n_kept * SUB, warp_specialize=WARP_SPEC):
         kb = tl.load(order_row + t // SUB)
         k_start = kb * PLAN_BS + (t % SUB) * BLOCK_N
         if USE_TMA:
@@ -195,42 +196,64 @@ def _set_block_shapes(nargs) -> None:
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose key tile divides the plan block and whose pipelined tiles fit in shared memory; register
-    caps (two programs per multiprocessor) only where the fp32 accumulator leaves room (D <= 128)."""
+    caps (two programs per multiprocessor) only where the fp32 accumulator leaves room (D <= 128); the
+    warp-specialised loop only on the layout it was measured on (TMA loads, padded batch, D 128)."""
     args = {**named_args, **kwargs}
     bs, d = args["PLAN_BS"], args["HEAD_DIM"]
     elt = args["q_ptr"].element_size()
+    ws_ok = bool(args.get("USE_TMA")) and not args.get("VARLEN") and d == 128
     kept = []
     for c in configs:
         bn = c.kwargs["BLOCK_N"]
         smem = bs * d * elt + c.num_stages * 2 * bn * d * elt
-        if bs % bn or smem > _SMEM_BUDGET or (c.maxnreg is not None and d > 128):
+        if bs % bn or smem > _SMEM_BUDGET or (c.maxnreg is not None and d > 128) or (c.kwargs["WARP_SPEC"] and not ws_ok):
             continue
         kept.append(c)
-    return kept or [triton.Config({"BLOCK_N": min(64, bs)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
+    return kept or [triton.Config({"BLOCK_N": min(64, bs), "WARP_SPEC": False}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
 
 
-# (BLOCK_N, num_warps, num_stages, maxnreg). The register-capped ones (128 registers, no spills for D=128 in the
-# compiler's report) use under 100 KB of shared memory, so two programs share a multiprocessor and one's Q load
-# and output store overlap the other's key loop.
-_CONFIGS = [(128, 8, 2, None), (64, 8, 3, None), (64, 8, 4, None), (32, 8, 3, None), (64, 8, 2, 128), (32, 8, 3, 128), (32, 8, 4, 128)]
+# (BLOCK_N, num_warps, num_stages, maxnreg, warp_spec). The register-capped ones (128 registers, no spills for D=128
+# in the compiler's report) use under 100 KB of shared memory, so two programs share a multiprocessor and one's Q
+# load and output store overlap the other's key loop. The warp-specialised one (`tl.range(..., warp_specialize=True)`)
+# lets the compiler give the TMA loads their own warps, as the Triton fused-attention tutorial does on Hopper.
+_CONFIGS = [
+    (128, 8, 2, None, False),
+    (64, 8, 3, None, False),
+    (64, 8, 4, None, False),
+    (32, 8, 3, None, False),
+    (64, 8, 2, 128, False),
+    (32, 8, 3, 128, False),
+    (32, 8, 4, 128, False),
+    (64, 4, 2, None, True),
+]
+_CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "maxnreg", "WARP_SPEC")
 
 
 def _configs():
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes) for bn, w, s, r in _CONFIGS]
+    return [
+        triton.Config({"BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes)
+        for bn, w, s, r, ws in _CONFIGS
+    ]
 
 
-# Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. (64, 8, 2, 128) was the fastest
-# of _CONFIGS at 32K and 128K in both variant studies (benchmarks/attention.py --variant-sizes, 10 % density, D 128,
-# GQA 4: H100 429 / 467 TFLOP/s against 376-409 / 383-446 for the others; H200 433 / 451 against 365-401 / 387-433)
-# and the autotuner's pick at every length from 4K to 128K in both. A fixed pick keeps the autotuner's run-to-run
-# choice out of the timings; other shapes are autotuned over _CONFIGS.
-_TUNED = {(128, 128, True): (64, 8, 2, 128)}
+def config_tuple(c: triton.Config) -> tuple:
+    """A candidate as its `_CONFIGS` entry."""
+    return (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg, c.kwargs["WARP_SPEC"])
+
+
+# Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. For D 128 / block 128 with
+# TMA: the warp-specialised loop, 64-key tiles, 4 warps (H100, one process, the same plans at 128K: 466 / 480 /
+# 489 TFLOP/s at 5 / 10 / 20 % density against 463 / 460 / 475 for the register-capped (64, 8, 2, 128), which had
+# been the fastest of the others at 32K and 128K in both variant studies and the autotuner's pick from 4K to 128K;
+# docs/results.md). A fixed pick keeps the autotuner's run-to-run choice out of the timings; other shapes are
+# autotuned over _CONFIGS.
+_TUNED = {(128, 128, True): (64, 4, 2, None, True)}
 
 
 def tuned_config(head_dim: int, block_size: int, use_tma: bool) -> dict | None:
     """The fixed launch config of a measured shape (`_TUNED`), or None: autotune."""
     c = _TUNED.get((head_dim, block_size, use_tma))
-    return None if c is None else dict(zip(("BLOCK_N", "num_warps", "num_stages", "maxnreg"), c))
+    return None if c is None else dict(zip(_CONFIG_KEYS, c))
 
 
 _sparse_attn_fwd_tuned = triton.autotune(
@@ -283,7 +306,7 @@ def _launch_sparse(
     lse `[Hq, T]`.
     order int32 `[B, R, Nb, Nb]`, counts int32 `[B, Hq, Nb]` with Nb = ceil(seq_len / block_size).
     `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages, maxnreg,
-    DIAG_BRANCH) skips autotuning (always the case under the interpreter); without it a measured shape runs its
+    DIAG_BRANCH, WARP_SPEC) skips autotuning (always the case under the interpreter); without it a measured shape runs its
     `tuned_config`, any other is autotuned. `out` / `lse` are optional preallocated contiguous outputs.
     """
     varlen = cu_seqlens is not None

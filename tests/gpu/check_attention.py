@@ -83,13 +83,10 @@ def tuning_inputs():
     return q, k, v, random_plan(1, 32, q.shape[1], 128, 0.3, 2, proxy_like=False)
 
 
-def tuning_configs(q) -> list[dict]:
-    """Every config the autotuner may pick for the main shape."""
-    named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q}
-    return [
-        dict(BLOCK_N=c.kwargs["BLOCK_N"], num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
-        for c in attn._prune(attn._configs(), named)
-    ]
+def tuning_configs(q, tma: bool) -> list[dict]:
+    """Every config the autotuner may pick for the main shape with TMA loads (`tma`) or pointer loads."""
+    named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q, "USE_TMA": tma, "VARLEN": False}
+    return [dict(zip(attn._CONFIG_KEYS, attn.config_tuple(c))) for c in attn._prune(attn._configs(), named)]
 
 
 EVERY_TILE = dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)  # the variant that masks every tile
@@ -177,8 +174,8 @@ def main() -> int:
 
     # Every config the autotuner may pick, TMA and pointer loads, both masking variants: 4K, main shape, ragged.
     q, k, v, plan = tuning_inputs()
-    for cfg in tuning_configs(q):
-        for tma in (True, False):
+    for tma in (True, False):
+        for cfg in tuning_configs(q, tma):
             record(f"config {cfg} tma={tma}", lambda cfg=cfg, tma=tma: check_sparse(q, k, v, plan, 0.088, use_tma=tma, config=cfg))
     record("mask every tile (DIAG_BRANCH=False)", lambda: check_sparse(q, k, v, plan, 0.088, use_tma=True, config=EVERY_TILE))
 

@@ -16,7 +16,7 @@ def tuning():
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 def test_every_tuning_config(tuning, tma):
     q, k, v, plan = tuning
-    for cfg in ca.tuning_configs(q):
+    for cfg in ca.tuning_configs(q, tma):
         ca.check_sparse(q, k, v, plan, 0.088, use_tma=tma, config=cfg)
 
 
