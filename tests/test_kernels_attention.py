@@ -295,3 +295,24 @@ def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     assert lib == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
     assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) in candidates(128, 128, False)
     assert attn.tuned_config(128, 128, False) is None and attn.tuned_config(64, 128, True) is None
+
+
+def test_kernel_configs_benchmark_names_the_compared_configs(monkeypatch):
+    """benchmarks/kernel_configs.py compares today's fixed config with the one it replaced (or every candidate of the
+    shape, the warp-specialised one included); an unknown choice is a ValueError naming the allowed ones."""
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("kernel_configs_benchmark", ROOT / "benchmarks" / "kernel_configs.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    pair = bench.named_configs("tuned,previous", q)
+    assert list(pair.values()) == [attn.tuned_config(128, 128, True), dict(zip(attn._CONFIG_KEYS, bench.PREVIOUS))]
+    every = bench.named_configs("all", q)
+    assert str(attn._TUNED[(128, 128, True)]) in every and str(bench.PREVIOUS) in every
+    assert any(c["WARP_SPEC"] for c in every.values())
+    with pytest.raises(ValueError, match=r"--configs 'fast': allowed 'tuned,previous' or 'all'"):
+        bench.named_configs("fast", q)
