@@ -227,6 +227,7 @@ def main() -> int:
         variants = []
         for c in attn._prune(attn._configs(), named):
             variants.append((dict(zip(attn._CONFIG_KEYS, attn.config_tuple(c))), True))
+        variants.append((dict(zip(attn._CONFIG_KEYS, attn.WS_CANDIDATE)), True))  # the warp-specialised loop
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3), False))  # pointer loads (non-TMA layouts)
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False), True))
         variants.append((dict(BLOCK_N=128, num_warps=8, num_stages=2, DIAG_BRANCH=False), True))

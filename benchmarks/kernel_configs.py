@@ -5,8 +5,9 @@ Llama-3-8B attention shapes and the plans of benchmarks/attention.py's kernel ro
 ranking, sink and diagonal kept, fixed densities), TMA loads. For every length and density: each config's median time
 over `--rounds` interleaved rounds, effective TFLOP/s on kept blocks (diagonal blocks at half), and whether every
 config's output is bitwise equal to the first config's. Configs are named by `attention._CONFIG_KEYS`:
-`--configs tuned,previous` (default) compares today's fixed config of this shape with the register-capped one it
-replaced; `--configs all` runs every candidate the autotuner keeps for this shape.
+`--configs tuned,warp-specialised` (default) compares today's fixed config of this shape with the warp-specialised
+candidate (`attention.WS_CANDIDATE`); `--configs all` runs every candidate the autotuner keeps for this shape and that
+one.
 
     python3 benchmarks/kernel_configs.py --out kernel_configs.json [--sizes 32768,131072] [--densities 0.05,0.1,0.2]
 """
@@ -25,18 +26,15 @@ from attention import BS, D, fixed_density_plan, interleaved_ms, plan_flops, qkv
 from engines.artifacts import atomic_write_json
 from proxyattn.kernels import attention as attn
 
-PREVIOUS = (64, 8, 2, 128, False)  # the fixed config of D 128 / block 128 before the warp-specialised loop
-
 
 def named_configs(which: str, q) -> dict[str, dict]:
-    if which == "tuned,previous":
-        tuned = attn._TUNED[(D, BS, True)]
-        chosen = [tuned] + ([PREVIOUS] if PREVIOUS != tuned else [])
+    if which == "tuned,warp-specialised":
+        chosen = [attn._TUNED[(D, BS, True)], attn.WS_CANDIDATE]
     elif which == "all":
         named = {"PLAN_BS": BS, "HEAD_DIM": D, "q_ptr": q, "USE_TMA": True, "VARLEN": False}
-        chosen = [attn.config_tuple(c) for c in attn._prune(attn._configs(), named)]
+        chosen = [attn.config_tuple(c) for c in attn._prune(attn._configs(), named)] + [attn.WS_CANDIDATE]
     else:
-        raise ValueError(f"--configs {which!r}: allowed 'tuned,previous' or 'all'")
+        raise ValueError(f"--configs {which!r}: allowed 'tuned,warp-specialised' or 'all'")
     return {str(c): dict(zip(attn._CONFIG_KEYS, c)) for c in chosen}
 
 
@@ -72,7 +70,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--densities", default="0.05,0.1,0.2")
-    ap.add_argument("--configs", default="tuned,previous", choices=("tuned,previous", "all"))
+    ap.add_argument("--configs", default="tuned,warp-specialised", choices=("tuned,warp-specialised", "all"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()

@@ -4,6 +4,7 @@ interpreter on CPU tensors (small shapes). The GPU run of the same checks is tes
 import numpy as np
 import pytest
 import torch
+import triton
 import triton.language as tl
 import triton.runtime.interpreter as _interp
 
@@ -259,7 +260,7 @@ def test_warp_specialised_config_launches():
     gen = torch.Generator().manual_seed(17)
     q, k, v = _qkv(1, 200, 4, 1, 128, torch.float16, gen)
     plan = _random_plan(1, 4, 200, 128, 0.7, gen)
-    ws = dict(zip(attn._CONFIG_KEYS, next(c for c in attn._CONFIGS if c[-1])))
+    ws = dict(zip(attn._CONFIG_KEYS, attn.WS_CANDIDATE))
     out, _ = attn._launch_sparse(q, k, v, plan.order, plan.counts, None, 200, 128, 0.09, with_lse=False, use_tma=True, config=ws)
     ref_out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=0.09)
     assert_close(out, ref_out, "fp16", what="warp-specialised out")
@@ -268,8 +269,8 @@ def test_warp_specialised_config_launches():
 def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     """Every fixed config of a measured shape (`attention._TUNED`) is one of the autotuner's candidates that survives
     its pruning for that shape and layout (so tests/gpu/check_attention.py's run of every candidate covers it);
-    unmeasured shapes have none (autotuned). libproxyattn (pointer loads, no TMA) compiles a pointer-path candidate:
-    the register-capped one for D 128 / block 128; the warp-specialised loop only ever runs on TMA loads."""
+    unmeasured shapes have none (autotuned); libproxyattn (pointer loads, no TMA) compiles the same config for D 128 /
+    block 128. The warp-specialised loop is no candidate yet, and the pruning keeps it to TMA loads at D 128."""
     import importlib.util
     import sys
 
@@ -289,17 +290,20 @@ def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     for (d, bs, tma), c in attn._TUNED.items():
         assert c in candidates(d, bs, tma), c
         assert attn.tuned_config(d, bs, tma) == dict(zip(attn._CONFIG_KEYS, c))
-    assert all(not ws for *_, ws in candidates(128, 128, False))  # no warp specialisation on pointer loads
-    assert all(not ws for *_, ws in candidates(64, 128, True))  # nor on unmeasured head dims
+    assert attn.WS_CANDIDATE not in candidates(128, 128, True)  # not run in this kernel on a GPU yet
     lib = gk.attention_config(128, 128)
-    assert lib == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) == attn._TUNED[(128, 128, True)]
     assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) in candidates(128, 128, False)
+    ws = triton.Config({"BLOCK_N": 64, "WARP_SPEC": True}, num_warps=4, num_stages=2)
+    for d, tma, varlen, kept in ((128, True, False, True), (128, False, False, False), (64, True, False, False), (128, True, True, False)):
+        named = {"PLAN_BS": 128, "HEAD_DIM": d, "q_ptr": torch.empty(1, 1, 1, d, dtype=torch.bfloat16), "USE_TMA": tma, "VARLEN": varlen}
+        assert (ws in attn._prune([ws], named)) == kept, (d, tma, varlen)
     assert attn.tuned_config(128, 128, False) is None and attn.tuned_config(64, 128, True) is None
 
 
 def test_kernel_configs_benchmark_names_the_compared_configs(monkeypatch):
-    """benchmarks/kernel_configs.py compares today's fixed config with the one it replaced (or every candidate of the
-    shape, the warp-specialised one included); an unknown choice is a ValueError naming the allowed ones."""
+    """benchmarks/kernel_configs.py compares today's fixed config with the warp-specialised candidate (or every
+    candidate of the shape and that one); an unknown choice is a ValueError naming the allowed ones."""
     import importlib.util
 
     from tests.helpers import ROOT
@@ -309,10 +313,9 @@ def test_kernel_configs_benchmark_names_the_compared_configs(monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
-    pair = bench.named_configs("tuned,previous", q)
-    assert list(pair.values()) == [attn.tuned_config(128, 128, True), dict(zip(attn._CONFIG_KEYS, bench.PREVIOUS))]
+    pair = bench.named_configs("tuned,warp-specialised", q)
+    assert list(pair.values()) == [attn.tuned_config(128, 128, True), dict(zip(attn._CONFIG_KEYS, attn.WS_CANDIDATE))]
     every = bench.named_configs("all", q)
-    assert str(attn._TUNED[(128, 128, True)]) in every and str(bench.PREVIOUS) in every
-    assert any(c["WARP_SPEC"] for c in every.values())
-    with pytest.raises(ValueError, match=r"--configs 'fast': allowed 'tuned,previous' or 'all'"):
+    assert str(attn._TUNED[(128, 128, True)]) in every and str(attn.WS_CANDIDATE) in every and len(every) > 2
+    with pytest.raises(ValueError, match=r"--configs 'fast': allowed 'tuned,warp-specialised' or 'all'"):
         bench.named_configs("fast", q)

@@ -345,9 +345,8 @@ _TACTICS: dict[str, dict[int, dict[str, int]]] = {
     "ProxyRank": {1: {}},  # num_warps from the row length, as estimate_rank._launch_rank
     "ProxyNeedsMass": {1: {}},  # estimate_needs._launch_needs' defaults (mass_warps, mass_stages)
     "ProxyNeedsCut": {1: {"num_warps": 4, "num_stages": 2}},
-    # Tactic 3 is libproxyattn's config for head dim 128 / block 128 (generate_kernels.attention_config: pointer loads,
-    # as here, which the library ran faster than its earlier config, docs/cpp.md); its register cap applies only up to
-    # head dim 128, as in attention._prune.
+    # Tactic 3 is the fixed config of head dim 128 / block 128 (attention.tuned_config, libproxyattn's too); its register
+    # cap applies only up to head dim 128, as in attention._prune.
     "ProxySparseAttention": {
         1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
         2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},

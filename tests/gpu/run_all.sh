@@ -17,6 +17,7 @@ python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -rfEs --junitxml="$out/py
 python3 -m tests.gpu.check_estimation --out "$out" --commit "$commit" 2>&1 | tee "$out/check_estimation.log" || status=1
 python3 -m tests.gpu.check_estimation --recall --out "$out" --commit "$commit" 2>&1 | tee "$out/check_estimation_recall.log" || status=1
 python3 -m tests.gpu.check_trt_launch --out "$out" --commit "$commit" 2>&1 | tee "$out/check_trt_launch.log" || status=1
+python3 benchmarks/kernel_configs.py --out "$out/kernel_configs.json" --commit "$commit" 2>&1 | tee "$out/kernel_configs.log" || status=1
 python3 benchmarks/attention.py --out "$out/attention_h200.json" --commit "$commit" --plot "$out/attention_h200.png" 2>&1 \
   | tee "$out/attention.log" || status=1
 exit $status
