@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -rfEs --junitxml="$out/pytest_gpu.xml" 2>&1 | tee "$out/pytest_gpu.log" || status=1
+python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -rfEs --durations=25 --junitxml="$out/pytest_gpu.xml" 2>&1 | tee "$out/pytest_gpu.log" || status=1
 python3 -m tests.gpu.check_estimation --out "$out" --commit "$commit" 2>&1 | tee "$out/check_estimation.log" || status=1
 python3 -m tests.gpu.check_estimation --recall --out "$out" --commit "$commit" 2>&1 | tee "$out/check_estimation_recall.log" || status=1
 python3 -m tests.gpu.check_trt_launch --out "$out" --commit "$commit" 2>&1 | tee "$out/check_trt_launch.log" || status=1
