@@ -223,11 +223,8 @@ def main() -> int:
         q, k, v = qkv(s, s + 7)
         plan = fixed_density_plan(s, 0.1, s + 8)
         fl = plan_flops(plan)
-        named = {"PLAN_BS": BS, "HEAD_DIM": D, "q_ptr": q, "USE_TMA": True, "VARLEN": False}
-        variants = []
-        for c in attn._prune(attn._configs(), named):
-            variants.append((dict(zip(attn._CONFIG_KEYS, attn.config_tuple(c))), True))
-        variants.append((dict(zip(attn._CONFIG_KEYS, attn.WS_CANDIDATE)), True))  # the warp-specialised loop
+        variants = [(attn.config_dict(c), True) for c in attn.candidate_configs(q, BS, use_tma=True)]
+        variants.append((attn.config_dict(attn.WS_CANDIDATE), True))  # the warp-specialised loop
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3), False))  # pointer loads (non-TMA layouts)
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False), True))
         variants.append((dict(BLOCK_N=128, num_warps=8, num_stages=2, DIAG_BRANCH=False), True))

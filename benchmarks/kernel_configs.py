@@ -31,11 +31,10 @@ def named_configs(which: str, q) -> dict[str, dict]:
     if which == "tuned,warp-specialised":
         chosen = [attn._TUNED[(D, BS, True)], attn.WS_CANDIDATE]
     elif which == "all":
-        named = {"PLAN_BS": BS, "HEAD_DIM": D, "q_ptr": q, "USE_TMA": True, "VARLEN": False}
-        chosen = [attn.config_tuple(c) for c in attn._prune(attn._configs(), named)] + [attn.WS_CANDIDATE]
+        chosen = attn.candidate_configs(q, BS, use_tma=True) + [attn.WS_CANDIDATE]
     else:
         raise ValueError(f"--configs {which!r}: allowed 'tuned,warp-specialised' or 'all'")
-    return {str(c): dict(zip(attn._CONFIG_KEYS, c)) for c in chosen}
+    return {str(c): attn.config_dict(c) for c in chosen}
 
 
 def measure_length(s: int, densities: list[float], which: str, rounds: int):

@@ -247,6 +247,17 @@ def config_tuple(c: triton.Config) -> tuple:
     return (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg, c.kwargs["WARP_SPEC"])
 
 
+def config_dict(c: tuple) -> dict:
+    """A `_CONFIGS` entry as `_launch_sparse`'s `config`."""
+    return dict(zip(_CONFIG_KEYS, c))
+
+
+def candidate_configs(q: torch.Tensor, block_size: int, use_tma: bool, varlen: bool = False) -> list[tuple]:
+    """The `_CONFIGS` entries the autotuner keeps for q's head dim and dtype, the plan block and the layout."""
+    named = {"PLAN_BS": block_size, "HEAD_DIM": q.shape[-1], "q_ptr": q, "USE_TMA": use_tma, "VARLEN": varlen}
+    return [config_tuple(c) for c in _prune(_configs(), named)]
+
+
 # Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. (64, 8, 2, 128) was the fastest
 # of _CONFIGS at 32K and 128K in both variant studies (benchmarks/attention.py --variant-sizes, 10 % density, D 128,
 # GQA 4: H100 429 / 467 TFLOP/s against 376-409 / 383-446 for the others; H200 433 / 451 against 365-401 / 387-433)
@@ -258,7 +269,7 @@ _TUNED = {(128, 128, True): (64, 8, 2, 128, False)}
 def tuned_config(head_dim: int, block_size: int, use_tma: bool) -> dict | None:
     """The fixed launch config of a measured shape (`_TUNED`), or None: autotune."""
     c = _TUNED.get((head_dim, block_size, use_tma))
-    return None if c is None else dict(zip(_CONFIG_KEYS, c))
+    return None if c is None else config_dict(c)
 
 
 _sparse_attn_fwd_tuned = triton.autotune(

@@ -86,9 +86,8 @@ def tuning_inputs():
 def tuning_configs(q, tma: bool) -> list[dict]:
     """Every config the autotuner may pick for the main shape with TMA loads (`tma`) or pointer loads, and with TMA
     the warp-specialised candidate (`attention.WS_CANDIDATE`, checked here before it may be picked)."""
-    named = {"PLAN_BS": 128, "HEAD_DIM": 128, "q_ptr": q, "USE_TMA": tma, "VARLEN": False}
-    tuples = [attn.config_tuple(c) for c in attn._prune(attn._configs(), named)] + ([attn.WS_CANDIDATE] if tma else [])
-    return [dict(zip(attn._CONFIG_KEYS, c)) for c in tuples]
+    tuples = attn.candidate_configs(q, 128, tma) + ([attn.WS_CANDIDATE] if tma else [])
+    return [attn.config_dict(c) for c in tuples]
 
 
 EVERY_TILE = dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)  # the variant that masks every tile
