@@ -224,7 +224,6 @@ def main() -> int:
         plan = fixed_density_plan(s, 0.1, s + 8)
         fl = plan_flops(plan)
         variants = [(attn.config_dict(c), True) for c in attn.candidate_configs(q, BS, use_tma=True)]
-        variants.append((attn.config_dict(attn.WS_CANDIDATE), True))  # the warp-specialised loop
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3), False))  # pointer loads (non-TMA layouts)
         variants.append((dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False), True))
         variants.append((dict(BLOCK_N=128, num_warps=8, num_stages=2, DIAG_BRANCH=False), True))

@@ -5,9 +5,9 @@ Llama-3-8B attention shapes and the plans of benchmarks/attention.py's kernel ro
 ranking, sink and diagonal kept, fixed densities), TMA loads. For every length and density: each config's median time
 over `--rounds` interleaved rounds, effective TFLOP/s on kept blocks (diagonal blocks at half), and whether every
 config's output is bitwise equal to the first config's. Configs are named by `attention._CONFIG_KEYS`:
-`--configs tuned,warp-specialised` (default) compares today's fixed config of this shape with the warp-specialised
-candidate (`attention.WS_CANDIDATE`); `--configs all` runs every candidate the autotuner keeps for this shape and that
-one.
+`--configs tuned,register-capped` (default) compares the fixed config of this shape (`attention._TUNED`, the
+warp-specialised loop) with the register-capped one that libproxyattn compiles (`attention.REGISTER_CAPPED`);
+`--configs all` runs every candidate the autotuner keeps for this shape.
 
     python3 benchmarks/kernel_configs.py --out kernel_configs.json [--sizes 32768,131072] [--densities 0.05,0.1,0.2]
 """
@@ -28,12 +28,12 @@ from proxyattn.kernels import attention as attn
 
 
 def named_configs(which: str, q) -> dict[str, dict]:
-    if which == "tuned,warp-specialised":
-        chosen = [attn._TUNED[(D, BS, True)], attn.WS_CANDIDATE]
+    if which == "tuned,register-capped":
+        chosen = [attn._TUNED[(D, BS, True)], attn.REGISTER_CAPPED]
     elif which == "all":
-        chosen = attn.candidate_configs(q, BS, use_tma=True) + [attn.WS_CANDIDATE]
+        chosen = attn.candidate_configs(q, BS, use_tma=True)
     else:
-        raise ValueError(f"--configs {which!r}: allowed 'tuned,warp-specialised' or 'all'")
+        raise ValueError(f"--configs {which!r}: allowed 'tuned,register-capped' or 'all'")
     return {str(c): attn.config_dict(c) for c in chosen}
 
 
@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--densities", default="0.05,0.1,0.2")
-    ap.add_argument("--configs", default="tuned,warp-specialised", choices=("tuned,warp-specialised", "all"))
+    ap.add_argument("--configs", default="tuned,register-capped", choices=("tuned,register-capped", "all"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()

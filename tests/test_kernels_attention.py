@@ -260,7 +260,7 @@ def test_warp_specialised_config_launches():
     gen = torch.Generator().manual_seed(17)
     q, k, v = _qkv(1, 200, 4, 1, 128, torch.float16, gen)
     plan = _random_plan(1, 4, 200, 128, 0.7, gen)
-    ws = dict(zip(attn._CONFIG_KEYS, attn.WS_CANDIDATE))
+    ws = attn.config_dict(attn.WARP_SPECIALISED)
     out, _ = attn._launch_sparse(q, k, v, plan.order, plan.counts, None, 200, 128, 0.09, with_lse=False, use_tma=True, config=ws)
     ref_out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=0.09)
     assert_close(out, ref_out, "fp16", what="warp-specialised out")
@@ -269,8 +269,9 @@ def test_warp_specialised_config_launches():
 def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     """Every fixed config of a measured shape (`attention._TUNED`) is one of the autotuner's candidates that survives
     its pruning for that shape and layout (so tests/gpu/check_attention.py's run of every candidate covers it);
-    unmeasured shapes have none (autotuned); libproxyattn (pointer loads, no TMA) compiles the same config for D 128 /
-    block 128. The warp-specialised loop is no candidate yet, and the pruning keeps it to TMA loads at D 128."""
+    unmeasured shapes have none (autotuned); libproxyattn (pointer loads, no TMA) compiles the register-capped config
+    for D 128 / block 128, a pointer-load candidate. The pruning keeps the warp-specialised loop to TMA loads, padded
+    batches, D 128 and block 128."""
     import importlib.util
     import sys
 
@@ -290,20 +291,22 @@ def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     for (d, bs, tma), c in attn._TUNED.items():
         assert c in candidates(d, bs, tma), c
         assert attn.tuned_config(d, bs, tma) == dict(zip(attn._CONFIG_KEYS, c))
-    assert attn.WS_CANDIDATE not in candidates(128, 128, True)  # not run in this kernel on a GPU yet
+    assert attn._TUNED[(128, 128, True)] == attn.WARP_SPECIALISED
     lib = gk.attention_config(128, 128)
-    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) == attn._TUNED[(128, 128, True)]
+    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) == attn.REGISTER_CAPPED
     assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) in candidates(128, 128, False)
     ws = triton.Config({"BLOCK_N": 64, "WARP_SPEC": True}, num_warps=4, num_stages=2)
-    for d, tma, varlen, kept in ((128, True, False, True), (128, False, False, False), (64, True, False, False), (128, True, True, False)):
-        named = {"PLAN_BS": 128, "HEAD_DIM": d, "q_ptr": torch.empty(1, 1, 1, d, dtype=torch.bfloat16), "USE_TMA": tma, "VARLEN": varlen}
-        assert (ws in attn._prune([ws], named)) == kept, (d, tma, varlen)
+    cases = ((128, 128, True, False, True), (128, 128, False, False, False), (64, 128, True, False, False))
+    cases += ((128, 128, True, True, False), (128, 64, True, False, False))
+    for d, bs, tma, varlen, kept in cases:
+        named = {"PLAN_BS": bs, "HEAD_DIM": d, "q_ptr": torch.empty(1, 1, 1, d, dtype=torch.bfloat16), "USE_TMA": tma, "VARLEN": varlen}
+        assert (ws in attn._prune([ws], named)) == kept, (d, bs, tma, varlen)
     assert attn.tuned_config(128, 128, False) is None and attn.tuned_config(64, 128, True) is None
 
 
 def test_kernel_configs_benchmark_names_the_compared_configs(monkeypatch):
-    """benchmarks/kernel_configs.py compares today's fixed config with the warp-specialised candidate (or every
-    candidate of the shape and that one); an unknown choice is a ValueError naming the allowed ones."""
+    """benchmarks/kernel_configs.py compares the fixed config with the register-capped one libproxyattn compiles (or
+    every candidate of the shape); an unknown choice is a ValueError naming the allowed ones."""
     import importlib.util
 
     from tests.helpers import ROOT
@@ -313,9 +316,9 @@ def test_kernel_configs_benchmark_names_the_compared_configs(monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
-    pair = bench.named_configs("tuned,warp-specialised", q)
-    assert list(pair.values()) == [attn.tuned_config(128, 128, True), dict(zip(attn._CONFIG_KEYS, attn.WS_CANDIDATE))]
+    pair = bench.named_configs("tuned,register-capped", q)
+    assert list(pair.values()) == [attn.tuned_config(128, 128, True), attn.config_dict(attn.REGISTER_CAPPED)]
     every = bench.named_configs("all", q)
-    assert str(attn._TUNED[(128, 128, True)]) in every and str(attn.WS_CANDIDATE) in every and len(every) > 2
-    with pytest.raises(ValueError, match=r"--configs 'fast': allowed 'tuned,warp-specialised' or 'all'"):
+    assert str(attn.WARP_SPECIALISED) in every and str(attn.REGISTER_CAPPED) in every and len(every) > 2
+    with pytest.raises(ValueError, match=r"--configs 'fast': allowed 'tuned,register-capped' or 'all'"):
         bench.named_configs("fast", q)

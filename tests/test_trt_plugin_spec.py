@@ -112,7 +112,7 @@ def test_launch_grids_extra_args_and_tactics():
     assert consts["BLOCK_N"] == 128 and opts == {"num_warps": 8, "num_stages": 2}
     assert S.tactics("ProxySparseAttention") == [1, 2, 3]
     consts, opts = S.constants("ProxySparseAttention", [q, k, k, (3, 1, 8, 8), (3, 32, 8)], ["bfloat16"] * 3 + ["int32"] * 2, ATTRS, 3)
-    assert consts["BLOCK_N"] == 64 and opts == {"num_warps": 8, "num_stages": 2, "maxnreg": 128}  # attention.tuned_config
+    assert consts["BLOCK_N"] == 64 and opts == {"num_warps": 8, "num_stages": 2, "maxnreg": 128}  # attention.REGISTER_CAPPED
     q256, k256 = (3, 32, 1000, 256), (3, 8, 1000, 256)
     _, opts = S.constants("ProxySparseAttention", [q256, k256, k256, (3, 1, 8, 8), (3, 32, 8)], ["bfloat16"] * 3 + ["int32"] * 2, ATTRS, 3)
     assert opts == {"num_warps": 8, "num_stages": 2}  # no register cap for head dim 256

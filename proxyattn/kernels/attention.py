@@ -197,11 +197,11 @@ def _set_block_shapes(nargs) -> None:
 def _prune(configs, named_args, **kwargs):
     """Keep configs whose key tile divides the plan block and whose pipelined tiles fit in shared memory; register
     caps (two programs per multiprocessor) only where the fp32 accumulator leaves room (D <= 128); the
-    warp-specialised loop only on the layout it was measured on (TMA loads, padded batch, D 128)."""
+    warp-specialised loop only on the layout it was measured on (TMA loads, padded batch, D 128, block 128)."""
     args = {**named_args, **kwargs}
     bs, d = args["PLAN_BS"], args["HEAD_DIM"]
     elt = args["q_ptr"].element_size()
-    ws_ok = bool(args.get("USE_TMA")) and not args.get("VARLEN") and d == 128
+    ws_ok = bool(args.get("USE_TMA")) and not args.get("VARLEN") and d == 128 and bs == 128
     kept = []
     for c in configs:
         bn = c.kwargs["BLOCK_N"]
@@ -214,25 +214,22 @@ def _prune(configs, named_args, **kwargs):
 
 # (BLOCK_N, num_warps, num_stages, maxnreg, warp_spec). The register-capped ones (128 registers, no spills for D=128
 # in the compiler's report) use under 100 KB of shared memory, so two programs share a multiprocessor and one's Q
-# load and output store overlap the other's key loop.
+# load and output store overlap the other's key loop. The warp-specialised one (`tl.range(..., warp_specialize=True)`:
+# the compiler gives the TMA loads their own warps, as the Triton fused-attention tutorial does on Hopper) is kept by
+# `_prune` only for TMA loads, padded batches, D 128 and block 128, the layout it was measured on.
+REGISTER_CAPPED = (64, 8, 2, 128, False)
+WARP_SPECIALISED = (64, 4, 2, None, True)
 _CONFIGS = [
     (128, 8, 2, None, False),
     (64, 8, 3, None, False),
     (64, 8, 4, None, False),
     (32, 8, 3, None, False),
-    (64, 8, 2, 128, False),
+    REGISTER_CAPPED,
     (32, 8, 3, 128, False),
     (32, 8, 4, 128, False),
+    WARP_SPECIALISED,
 ]
 _CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "maxnreg", "WARP_SPEC")
-
-# The warp-specialised key loop (`tl.range(..., warp_specialize=True)`: the compiler gives the TMA loads their own
-# warps, as the Triton fused-attention tutorial does on Hopper). A copy of this loop without the LSE and varlen code
-# ran on an H100 beside this kernel (docs/results.md, 33b9fb9): bitwise-equal outputs and 466 / 480 / 489 TFLOP/s at
-# 5 / 10 / 20 % density at 128K against 463 / 460 / 475 for the fixed config below. This kernel's own WARP_SPEC path
-# has not run on a GPU yet, so it is neither autotuned nor fixed: tests/gpu/check_attention.py checks it against the
-# reference and benchmarks/kernel_configs.py times it against the fixed config; both results decide its promotion.
-WS_CANDIDATE = (64, 4, 2, None, True)
 
 
 def _configs():
@@ -258,12 +255,14 @@ def candidate_configs(q: torch.Tensor, block_size: int, use_tma: bool, varlen: b
     return [config_tuple(c) for c in _prune(_configs(), named)]
 
 
-# Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. (64, 8, 2, 128) was the fastest
-# of _CONFIGS at 32K and 128K in both variant studies (benchmarks/attention.py --variant-sizes, 10 % density, D 128,
-# GQA 4: H100 429 / 467 TFLOP/s against 376-409 / 383-446 for the others; H200 433 / 451 against 365-401 / 387-433)
-# and the autotuner's pick at every length from 4K to 128K in both. A fixed pick keeps the autotuner's run-to-run
-# choice out of the timings; other shapes are autotuned over _CONFIGS.
-_TUNED = {(128, 128, True): (64, 8, 2, 128, False)}
+# Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. A fixed pick keeps the
+# autotuner's run-to-run choice out of the timings; other shapes are autotuned over _CONFIGS. D 128 / block 128 with
+# TMA loads (the Llama-3-8B shape): the warp-specialised loop. On the H100 at 3b48b1a (benchmarks/kernel_configs.py,
+# same process and plans, outputs bitwise equal) it ran 423 / 448 / 465 TFLOP/s at 5 / 10 / 20 % density at 32K and
+# 453 / 465 / 474 at 128K against 423 / 445 / 463 and 447 / 463 / 462 for REGISTER_CAPPED, which had been the fastest
+# of the other candidates at 32K and 128K in both variant studies (H100 and H200) and is what libproxyattn compiles for
+# pointer loads (cpp/tools/generate_kernels.py).
+_TUNED = {(128, 128, True): WARP_SPECIALISED}
 
 
 def tuned_config(head_dim: int, block_size: int, use_tma: bool) -> dict | None:

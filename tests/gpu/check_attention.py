@@ -84,10 +84,9 @@ def tuning_inputs():
 
 
 def tuning_configs(q, tma: bool) -> list[dict]:
-    """Every config the autotuner may pick for the main shape with TMA loads (`tma`) or pointer loads, and with TMA
-    the warp-specialised candidate (`attention.WS_CANDIDATE`, checked here before it may be picked)."""
-    tuples = attn.candidate_configs(q, 128, tma) + ([attn.WS_CANDIDATE] if tma else [])
-    return [attn.config_dict(c) for c in tuples]
+    """Every config the autotuner may pick for the main shape with TMA loads (`tma`) or pointer loads (the
+    warp-specialised loop among the TMA ones)."""
+    return [attn.config_dict(c) for c in attn.candidate_configs(q, 128, tma)]
 
 
 EVERY_TILE = dict(BLOCK_N=64, num_warps=8, num_stages=3, DIAG_BRANCH=False)  # the variant that masks every tile
