@@ -261,7 +261,8 @@ def candidate_configs(q: torch.Tensor, block_size: int, use_tma: bool, varlen: b
 # same process and plans, outputs bitwise equal) it ran 423 / 448 / 465 TFLOP/s at 5 / 10 / 20 % density at 32K and
 # 453 / 465 / 474 at 128K against 423 / 445 / 463 and 447 / 463 / 462 for REGISTER_CAPPED, which had been the fastest
 # of the other candidates at 32K and 128K in both variant studies (H100 and H200) and is what libproxyattn compiles for
-# pointer loads (cpp/tools/generate_kernels.py).
+# pointer loads (cpp/tools/generate_kernels.py). With every candidate at 2a9fb82 (kernel_configs_all_h100.json): again
+# 1-2 % faster at 128K, within +-4 % of REGISTER_CAPPED at 32K, the other six 5-20 % slower.
 _TUNED = {(128, 128, True): WARP_SPECIALISED}
 
 
