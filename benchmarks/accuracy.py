@@ -46,6 +46,7 @@ from proxyattn import ProxyAttnConfig, block_sparse_attention, metrics, plan_blo
 from proxyattn.weights import load_model, load_tokenizer
 
 from engines.artifacts import atomic_write_json
+from frontier import plot_frontier
 
 
 def _cfg(min_budget: int, **kw) -> ProxyAttnConfig:
@@ -95,7 +96,8 @@ METHODS = {
     "static 0.35": dict(budget_fraction=0.35),
     "static 0.5": dict(budget_fraction=0.5),
 }
-# `--methods frontier`: the methods of the accuracy-against-density frontier (one plot and table per model)
+# `--methods frontier`: the methods of the accuracy-against-density frontier (benchmarks/frontier.py draws it; the
+# README's table and plot put every model's run together)
 FRONTIER = [
     "dense",
     "block_recall g0.95",
@@ -113,11 +115,6 @@ FRONTIER = [
     "static 0.35",
     "static 0.5",
 ]
-
-
-def family(method: str) -> str:
-    """The line a method belongs to in the frontier plot: its name without the gamma / fraction."""
-    return method.split(" g0")[0] if " g0" in method else method.split(" ")[0]
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -397,68 +394,6 @@ def plot(result: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def frontier_points(cell: dict) -> dict[str, list[tuple[float, float, str, bool | None]]]:
-    """Per method family, (density on the copy task, copy loss / dense, method, passkey hits equal to dense's)
-    of one cell, sorted by density."""
-    fams: dict[str, list] = {}
-    dense = cell["copy_loss"].get("dense")
-    hits_dense = cell["passkey_hits"].get("dense")
-    for m, loss in cell["copy_loss"].items():
-        if m == "dense" or dense is None or m not in cell.get("density_copy", {}):
-            continue
-        hits = cell["passkey_hits"].get(m)
-        same = None if hits is None or hits_dense is None else sum(hits) >= sum(hits_dense)
-        fams.setdefault(family(m), []).append((cell["density_copy"][m], loss / dense, m, same))
-    return {f: sorted(p) for f, p in fams.items()}
-
-
-YMAX_FRONTIER = 1.5  # the frontier plot's y axis ends here (copy loss / dense)
-
-
-def plot_frontier(result: dict, path: str) -> None:
-    """Copy loss relative to dense against density, one panel per length, one line per rule (over gamma) and
-    one for budget_fraction; open markers where passkey retrieval fell below dense; dotted: the +3% line. The y axis
-    stops at YMAX_FRONTIER so that the region near dense stays readable: a point above it is drawn on the top edge
-    as a triangle labelled with its value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = [c for c in result["cells"] if "dense" in c["copy_loss"]]
-    if not cells:
-        return
-    fig, axes = plt.subplots(1, len(cells), figsize=(6.5 * len(cells), 5), squeeze=False)
-    fams = sorted({family(m) for m in result["methods"] if m != "dense"})
-    for ax, cell in zip(axes[0], cells):
-        for fam, pts in sorted(frontier_points(cell).items()):
-            col = f"C{fams.index(fam) % 10}"
-            ax.plot([p[0] for p in pts], [min(p[1], YMAX_FRONTIER) for p in pts], "-", color=col, label=fam, lw=1)
-            for x, y, m, same in pts:
-                label = m[len(fam) :].strip()
-                if y > YMAX_FRONTIER:
-                    y, label = YMAX_FRONTIER, f"{label} ({y:.1f}x)"
-                marker = "^" if y == YMAX_FRONTIER else "o"
-                ax.plot([x], [y], marker, color=col, mfc=col if same is not False else "white", clip_on=False)
-                ax.annotate(label, (x, y), fontsize=6, xytext=(3, -8 if marker == "^" else 3), textcoords="offset points")
-        ax.axhline(1.03, color="k", lw=0.7, ls=":")
-        ax.axhline(1.0, color="k", lw=0.5)
-        ax.axvline(0.5, color="grey", lw=0.5, ls="--")
-        ax.set(
-            xlabel="mean kept-block density (copy task)",
-            ylabel="copy loss / dense",
-            title=f"L={cell['seq_len']} (dense copy loss {cell['copy_loss']['dense']:.3f})",
-            xlim=(0, 1.02),
-            ylim=(min(0.8, *(p[1] for pts in frontier_points(cell).values() for p in pts)) - 0.02, YMAX_FRONTIER),
-        )
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{result['model']}: accuracy against density ({result['device']}; open marker: passkey below dense)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--replot":  # redraw the PNGs beside a results JSON
@@ -466,7 +401,7 @@ def main() -> None:
             result = json.load(f)
         plot(result, sys.argv[2][: -len(".json")] + ".png")
         if sum(m != "dense" for m in result["methods"]) >= 2:
-            plot_frontier(result, sys.argv[2][: -len(".json")] + "_frontier.png")
+            plot_frontier([result], sys.argv[2][: -len(".json")] + "_frontier.png")
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["smollm2", "gemma3-270m"])
@@ -602,7 +537,7 @@ def main() -> None:
         atomic_write_json(json_path, result)
         plot(result, stem + ".png")
         if sum(m != "dense" for m in methods) >= 2 and "copy" in tasks:
-            plot_frontier(result, stem + "_frontier.png")
+            plot_frontier([result], stem + "_frontier.png")
     print(f"\n{args.model}: copy loss (vs dense) / passkey hits / density copy, natural")
     for c in result["cells"]:
         for m in methods:

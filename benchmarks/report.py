@@ -208,23 +208,37 @@ def budget_rule_table(model: str, files: list[str]) -> list[str]:
 FRONTIER_TOLERANCE = 0.03  # copy loss within 3 % of dense
 
 
+FRONTIER_PLOT = "accuracy_frontier.png"  # every model's frontier in one figure (`write_frontier_plot`)
+
+
+def frontier_files(files: list[str]) -> list[str]:
+    """The frontier results (`accuracy_<model>_frontier.json`, benchmarks/accuracy.py `--methods frontier`)."""
+    return sorted(f for f in files if f.startswith("accuracy_") and f.endswith("_frontier.json"))
+
+
 def frontier_table(files: list[str]) -> list[str]:
-    """The accuracy-against-density frontier (`accuracy_<model>_frontier.json`, benchmarks/accuracy.py
-    `--methods frontier`): per model and length, every method's copy-task density, copy loss x dense and passkey
-    hits against dense's, sorted by density; "ok" marks copy within 3 % of dense with passkey hits at least dense's."""
+    """The accuracy-against-density frontier of every model as one table (and `FRONTIER_PLOT`): per model and
+    length, every method's copy-task density, copy loss x dense and passkey hits against dense's, sorted by density;
+    "ok" marks copy within 3 % of dense with passkey hits at least dense's. Each model's source is named above it."""
+    names = frontier_files(files)
+    if not names:
+        return []
     out = []
-    for name in sorted(f for f in files if f.startswith("accuracy_") and f.endswith("_frontier.json")):
+    for name in names:
         d = load(name)
-        model = name[len("accuracy_") : -len("_frontier.json")]
-        out += [
-            f"**{model}** (`{name}`, plot `{name[:-5]}_frontier.png`: {d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}, "
-            f"{d['copies']} copy sequences and {d['trials']} passkey trials per length; `{d['command']}`)",
-            "",
-            f"![{model}: copy loss against density](benchmarks/results/{name[:-5]}_frontier.png)",
-            "",
-            "| L | method | density (copy) | copy loss x dense | passkey (dense) | within 3 % and passkey = dense |",
-            "|---|---|---|---|---|---|",
-        ]
+        out.append(
+            f"- **{d['model']}**: `{name}` ({d['device']}, {d['date'][:10]}, commit {d['commit'][:7]}, {d['copies']} copy "
+            f"sequences and {d['trials']} passkey trials per length; `{d['command']}`)"
+        )
+    out += [
+        "",
+        f"![copy loss against density, every model](benchmarks/results/{FRONTIER_PLOT})",
+        "",
+        "| model | L | method | density (copy) | copy loss x dense | passkey (dense) | within 3 % and passkey = dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        d = load(name)
         for c in d["cells"]:
             dense = c["copy_loss"].get("dense")
             hits_dense = c["passkey_hits"].get("dense")
@@ -247,9 +261,27 @@ def frontier_table(files: list[str]) -> list[str]:
                 rows.append((dens if dens is not None else 2.0, m, rel, passkey, ok))
             for dens, m, rel, passkey, ok in sorted(rows):
                 verdict = "ok" if ok else "no"
-                out.append(f"| {k(c['seq_len'])} | {m} | {_fmt(dens if dens <= 1 else None, '.2f')} | {rel:.3f} | {passkey} | {verdict} |")
-        out.append("")
+                out.append(
+                    f"| {d['model']} | {k(c['seq_len'])} | {m} | {_fmt(dens if dens <= 1 else None, '.2f')} | {rel:.3f} | "
+                    f"{passkey} | {verdict} |"
+                )
+    out.append("")
     return out
+
+
+def write_frontier_plot(files: list[str]) -> str | None:
+    """Draw `FRONTIER_PLOT` from every frontier file (benchmarks/frontier.py); its path, or None when there is no
+    frontier file. Needs matplotlib."""
+    names = frontier_files(files)
+    if not names:
+        return None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from frontier import plot_frontier
+    finally:
+        sys.path.pop(0)
+    path = os.path.join(RESULTS, FRONTIER_PLOT)
+    return path if plot_frontier([load(n) for n in names], path) else None
 
 
 @functools.cache
@@ -471,11 +503,12 @@ def _replace_between(text: str, begin: str, end: str, lines: list[str]) -> str:
 
 def update_readme(files: list[str]) -> None:
     """Replace the README's text between the performance markers with `performance_section` and between the
-    frontier markers with `frontier_table` (atomically)."""
+    frontier markers with `frontier_table` (atomically), and draw the frontier plot it shows."""
     with open(README) as f:
         text = f.read()
     new = _replace_between(text, BEGIN, END, performance_section(files))
     new = _replace_between(new, FRONTIER_BEGIN, FRONTIER_END, frontier_table(files))
+    write_frontier_plot(files)
     tmp = README + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)

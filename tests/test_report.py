@@ -2,7 +2,12 @@
 measured it (hand-made results dicts; the committed result files are only read by the smoke test at the end)."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from proxyattn import ProxyAttnConfig
 
@@ -63,3 +68,63 @@ def test_summary_rows_of_the_committed_results():
     # one row per (GPU, benchmark, config, inputs, length) among attention and kernel rows
     seen = [(report._gpu_tag(r), r["benchmark"], r["config"], r["inputs"], r["seq_len"]) for r in rows if r["benchmark"] != "prefill"]
     assert len(seen) == len(set(seen))
+
+
+def _frontier_result(model, loss, hits):
+    """A hand-made `accuracy.py --methods frontier` result of one length: copy losses and passkey hits per method."""
+    return {
+        "model": model,
+        "device": "test GPU",
+        "date": "2026-12-07T00:00:00",
+        "commit": "abcdef123",
+        "command": "python3 benchmarks/accuracy.py --methods frontier",
+        "copies": 2,
+        "trials": 4,
+        "methods": list(loss),
+        "cells": [
+            {
+                "seq_len": 4096,
+                "copy_loss": loss,
+                "passkey_hits": hits,
+                "density_copy": {m: 0.1 * (i + 1) for i, m in enumerate(loss) if m != "dense"},
+            }
+        ],
+    }
+
+
+def test_frontier_is_one_table_and_one_plot_of_every_model(tmp_path, monkeypatch):
+    """Every model's frontier file goes into one table (a model column, each source named above it) and one figure;
+    "ok" only within 3 % of dense's copy loss with passkey hits at least dense's."""
+    pytest.importorskip("matplotlib")
+    a = _frontier_result(
+        "model-a",
+        {"dense": 1.0, "block_recall g0.8": 1.02, "static 0.2": 1.5, "block_recall g0.95": 1.01},
+        {"dense": [1, 1, 1, 0], "block_recall g0.8": [1, 1, 1, 0], "static 0.2": [1, 1, 1, 1], "block_recall g0.95": [1, 1, 0, 0]},
+    )
+    b = _frontier_result("model-b", {"dense": 2.0, "recall g0.8": 2.1}, {"dense": [1, 1], "recall g0.8": [1, 1]})
+    for name, d in (("accuracy_model-a_frontier.json", a), ("accuracy_model-b_frontier.json", b)):
+        (tmp_path / name).write_text(json.dumps(d))
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    files = sorted(p.name for p in tmp_path.iterdir()) + ["accuracy_model-a.json"]  # not a frontier file
+    lines = report.frontier_table(files)
+    assert sum(line.startswith("- **model-") for line in lines) == 2
+    assert sum(f"benchmarks/results/{report.FRONTIER_PLOT}" in line for line in lines) == 1
+    rows = [line for line in lines if line.startswith("| model-")]
+    assert rows == [
+        "| model-a | 4K | block_recall g0.8 | 0.20 | 1.020 | 3/4 (3/4) | ok |",
+        "| model-a | 4K | static 0.2 | 0.30 | 1.500 | 4/4 (3/4) | no |",
+        "| model-a | 4K | block_recall g0.95 | 0.40 | 1.010 | 2/4 (3/4) | no |",
+        "| model-b | 4K | recall g0.8 | 0.20 | 1.050 | 2/2 (2/2) | no |",
+    ]
+    path = report.write_frontier_plot(files)
+    assert path == str(tmp_path / report.FRONTIER_PLOT)
+    assert (tmp_path / report.FRONTIER_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.frontier_table(["attention_h100.json"]) == [] and report.write_frontier_plot([]) is None
+
+
+def test_frontier_script_usage_is_one_named_error(tmp_path):
+    script = Path(report.__file__).parent / "frontier.py"
+    for args in ([], ["out.json", "a.json"], [str(tmp_path / "out.png"), "a.txt"]):
+        r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "usage: frontier.py OUT.png RESULT.json" in r.stderr, (args, r.stderr)
+    assert list(tmp_path.iterdir()) == []
