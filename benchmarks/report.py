@@ -454,6 +454,8 @@ def performance_section(files: list[str]) -> list[str]:
     """The README's performance tables: per GPU, the newest attention and prefill files' key rows (summary.json)."""
     rows = summary_rows(files)
     out = []
+    if any(r["benchmark"] != "prefill" for r in rows):
+        out += [f"![speed against accuracy, every GPU](benchmarks/results/{PERFORMANCE_PLOT})", ""]
     for gpu in sorted({r["gpu"] for r in rows}):
         mine = [r for r in rows if r["gpu"] == gpu]
         sources = sorted({(r["source"], r["commit"], r["date"][:10]) for r in mine})
@@ -493,6 +495,75 @@ def performance_section(files: list[str]) -> list[str]:
     return out
 
 
+PERFORMANCE_PLOT = "performance.png"  # the README's performance figure (`write_performance_plot`)
+
+
+def write_performance_plot(files: list[str]) -> str | None:
+    """Draw `PERFORMANCE_PLOT` from the summary rows: per GPU, the whole method's speed against dense (same run)
+    over its output error against dense (attention rows of the README table's methods: a point per method, inputs
+    and length), and the block-sparse kernel's TFLOP/s on kept blocks over density (kernel rows from 16K). Its path,
+    or None without rows. Needs matplotlib; written atomically."""
+    rows = [r for r in summary_rows(files) if r["benchmark"] in ("attention", "kernel")]
+    if not rows:
+        return None
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpus = sorted({r["gpu"] for r in rows})
+    fig, axes = plt.subplots(len(gpus), 2, figsize=(13, 4.8 * len(gpus)), squeeze=False)
+    for gpu, (ax_m, ax_k) in zip(gpus, axes):
+        mine = [r for r in rows if r["gpu"] == gpu]
+        att = [r for r in mine if r["benchmark"] == "attention" and r["rel_err"] is not None and r["config"] in _KEY_METHODS]
+        methods = sorted({r["method"] for r in att})
+        lengths = sorted({r["seq_len"] for r in att})
+        markers = "os^Dv<>p"
+        for r in att:
+            col = f"C{methods.index(r['method']) % 10}"
+            filled = r["inputs"] == "structured"
+            ax_m.plot(
+                [r["rel_err"]], [r["speedup_vs_dense"]], markers[lengths.index(r["seq_len"]) % len(markers)],
+                color=col, mfc=col if filled else "white",
+            )  # fmt: skip
+        for i, m in enumerate(methods):
+            ax_m.plot([], [], "s", color=f"C{i % 10}", label=m)
+        for j, s in enumerate(lengths):
+            ax_m.plot([], [], markers[j % len(markers)], color="grey", label=k(s))
+        ax_m.axhline(1.0, color="k", lw=0.6)
+        ax_m.axvline(0.1, color="grey", lw=0.6, ls="--")
+        ax_m.set(
+            xlabel="output rel. error vs dense (dashed: 0.1)",
+            ylabel="x dense, same run (log)",
+            yscale="log",
+            title=f"{gpu}: whole method, planning included (filled: structured inputs, open: random)",
+        )
+        ax_m.set_xlim(left=0)
+        ticks = [0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 12, 20]
+        ax_m.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax_m.yaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}x" for t in ticks]))
+        ax_m.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax_m.title.set_fontsize(9)
+        ax_m.legend(fontsize=7, ncol=2)
+        ker = [r for r in mine if r["benchmark"] == "kernel" and r["seq_len"] >= 16384]
+        ker.sort(key=lambda r: (r["seq_len"], r["density"]))
+        for j, s in enumerate(sorted({r["seq_len"] for r in ker})):
+            pts = [r for r in ker if r["seq_len"] == s]
+            ax_k.plot([r["density"] for r in pts], [r["tflops_eff"] for r in pts], "o-", label=k(s), color=f"C{j % 10}")
+        ax_k.set(xlabel="kept-block density", ylabel="TFLOP/s on kept blocks", title=f"{gpu}: block-sparse kernel alone")
+        ax_k.title.set_fontsize(9)
+        if ker:
+            ax_k.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, PERFORMANCE_PLOT)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def _replace_between(text: str, begin: str, end: str, lines: list[str]) -> str:
     if begin not in text or end not in text:
         raise SystemExit(f"README.md lacks the markers {begin!r} ... {end!r}")
@@ -503,12 +574,13 @@ def _replace_between(text: str, begin: str, end: str, lines: list[str]) -> str:
 
 def update_readme(files: list[str]) -> None:
     """Replace the README's text between the performance markers with `performance_section` and between the
-    frontier markers with `frontier_table` (atomically), and draw the frontier plot it shows."""
+    frontier markers with `frontier_table` (atomically), and draw the plots they show."""
     with open(README) as f:
         text = f.read()
     new = _replace_between(text, BEGIN, END, performance_section(files))
     new = _replace_between(new, FRONTIER_BEGIN, FRONTIER_END, frontier_table(files))
     write_frontier_plot(files)
+    write_performance_plot(files)
     tmp = README + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)

@@ -128,3 +128,41 @@ def test_frontier_script_usage_is_one_named_error(tmp_path):
         r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "usage: frontier.py OUT.png RESULT.json" in r.stderr, (args, r.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_performance_plot_and_its_readme_line(tmp_path, monkeypatch):
+    """The performance figure is drawn from the summary rows of the attention files (the README section shows it
+    above its tables); no attention or kernel row, no figure and no image line."""
+    pytest.importorskip("matplotlib")
+    att = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "date": "2026-12-07T00:00:00",
+        "commit": "abcdef123",
+        "command": "python3 benchmarks/attention.py",
+        "default_config": dict(TODAY),
+        "sparse": [
+            {"S": 32768, "target_density": d, "density": d + 0.01, "ms": 1.0, "eff_tflops": 400 + 100 * d, "speedup_vs_cudnn": 1 / d}
+            for d in (0.05, 0.1)
+        ],
+        "proxy": [
+            {
+                "S": 32768,
+                "inputs": "structured_qkv",
+                "config": "default",
+                "ms": 10.0,
+                "speedup_vs_cudnn": 1.4,
+                "density": 0.5,
+                "rel_err": 0.1,
+            },
+            {"S": 32768, "inputs": "random", "config": "default", "ms": 10.0, "speedup_vs_cudnn": 1.0, "density": 1.0, "rel_err": 0.0},
+        ],
+    }
+    (tmp_path / "attention_h100.json").write_text(json.dumps(att))
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    files = ["attention_h100.json"]
+    assert report.write_performance_plot(files) == str(tmp_path / report.PERFORMANCE_PLOT)
+    assert (tmp_path / report.PERFORMANCE_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    section = report.performance_section(files)
+    assert section[0] == f"![speed against accuracy, every GPU](benchmarks/results/{report.PERFORMANCE_PLOT})"
+    assert "| attention | 32K | default | structured | 0.50 | 0.100 | 1.40 | — |" in section
+    assert report.write_performance_plot([]) is None and report.performance_section([]) == []
