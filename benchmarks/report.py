@@ -19,7 +19,12 @@ import json
 import os
 import sys
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # its sibling benchmarks/frontier.py, as when run as a script
+from frontier import TOLERANCE as FRONTIER_TOLERANCE, plot_frontier  # noqa: E402  (copy loss within 3 % of dense)
+
+RESULTS = os.path.join(HERE, "results")
 
 
 def load(name: str) -> dict:
@@ -205,9 +210,6 @@ def budget_rule_table(model: str, files: list[str]) -> list[str]:
     return out
 
 
-FRONTIER_TOLERANCE = 0.03  # copy loss within 3 % of dense
-
-
 FRONTIER_PLOT = "accuracy_frontier.png"  # every model's frontier in one figure (`write_frontier_plot`)
 
 
@@ -275,11 +277,6 @@ def write_frontier_plot(files: list[str]) -> str | None:
     names = frontier_files(files)
     if not names:
         return None
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    try:
-        from frontier import plot_frontier
-    finally:
-        sys.path.pop(0)
     path = os.path.join(RESULTS, FRONTIER_PLOT)
     return path if plot_frontier([load(n) for n in names], path) else None
 

@@ -71,7 +71,10 @@ def attention_config(d: int, bs: int) -> dict:
     one (docs/cpp.md: 0.85 / 3.18 / 13.64 ms against 0.96 / 3.43 / 14.43 ms at 8K / 16K / 32K on the H200).
     """
     if (d, bs) == (128, 128):
-        return {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
+        from proxyattn.kernels.attention import REGISTER_CAPPED
+
+        block_n, warps, stages, maxnreg, _ = REGISTER_CAPPED
+        return {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
     if bs == 128:
         return {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2 if d == 256 else 3}
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2 if d == 256 else 3}
