@@ -5,8 +5,8 @@ Llama-3-8B attention shapes and the plans of benchmarks/attention.py's kernel ro
 ranking, sink and diagonal kept, fixed densities), TMA loads. For every length and density: each config's median time
 over `--rounds` interleaved rounds, effective TFLOP/s on kept blocks (diagonal blocks at half), and whether every
 config's output is bitwise equal to the first config's. Configs are named by `attention._CONFIG_KEYS`:
-`--configs tuned,register-capped` (default) compares the fixed config of this shape (`attention._TUNED`, the
-warp-specialised loop) with the register-capped one that libproxyattn compiles (`attention.REGISTER_CAPPED`);
+`--configs tuned,register-capped` (default) compares the fixed config of this shape (`attention._TUNED`:
+`attention.FOUR_WARPS`) with the register-capped one that libproxyattn compiles (`attention.REGISTER_CAPPED`);
 `--configs all` runs every candidate the autotuner keeps for this shape.
 
     python3 benchmarks/kernel_configs.py --out kernel_configs.json [--sizes 32768,131072] [--densities 0.05,0.1,0.2]

@@ -4,7 +4,6 @@ interpreter on CPU tensors (small shapes). The GPU run of the same checks is tes
 import numpy as np
 import pytest
 import torch
-import triton
 import triton.language as tl
 import triton.runtime.interpreter as _interp
 
@@ -253,34 +252,23 @@ def test_kernel_rejects_unsupported_inputs(dtype, d, match):
         attn.block_sparse_attention_varlen(q[0], k[0], k[0], torch.tensor([0, 64], dtype=torch.int32), 64, plan, 0.125)
 
 
-def test_warp_specialised_config_launches():
-    """The warp-specialised candidate goes through the launcher (its WARP_SPEC switch reaches the kernel) and gives the
-    reference's output. The interpreter runs the loop as a plain loop: the specialised code itself is checked on the GPU
-    (tests/gpu/check_attention.py runs every TMA candidate against the fp32 reference)."""
-    gen = torch.Generator().manual_seed(17)
-    q, k, v = _qkv(1, 200, 4, 1, 128, torch.float16, gen)
-    plan = _random_plan(1, 4, 200, 128, 0.7, gen)
-    ws = attn.config_dict(attn.WARP_SPECIALISED)
-    out, _ = attn._launch_sparse(q, k, v, plan.order, plan.counts, None, 200, 128, 0.09, with_lse=False, use_tma=True, config=ws)
-    ref_out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=128, scale=0.09)
-    assert_close(out, ref_out, "fp16", what="warp-specialised out")
-
-
 def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     """Every fixed config of a measured shape (`attention._TUNED`) is one of the autotuner's candidates that survives
     its pruning for that shape and layout (so tests/gpu/check_attention.py's run of every candidate covers it);
     unmeasured shapes have none (autotuned); libproxyattn (pointer loads, no TMA) compiles the register-capped config
-    for D 128 / block 128, a pointer-load candidate. The pruning keeps the warp-specialised loop to TMA loads, padded
-    batches, D 128 and block 128."""
+    for D 128 / block 128, a pointer-load candidate, and the TensorRT plugin's tactics 1 and 3 are FOUR_WARPS and the
+    register-capped config. The pruning drops configs whose fp32 accumulator would take more than 128 registers a
+    thread (four warps over block 128 at D 256)."""
     import importlib.util
     import sys
 
+    from plugins.tensorrt import spec
     from tests.helpers import ROOT
 
-    spec = importlib.util.spec_from_file_location("generate_kernels", ROOT / "cpp" / "tools" / "generate_kernels.py")
-    gk = importlib.util.module_from_spec(spec)
+    gen_spec = importlib.util.spec_from_file_location("generate_kernels", ROOT / "cpp" / "tools" / "generate_kernels.py")
+    gk = importlib.util.module_from_spec(gen_spec)
     monkeypatch.setitem(sys.modules, "generate_kernels", gk)  # its dataclasses look their module up
-    spec.loader.exec_module(gk)
+    gen_spec.loader.exec_module(gk)
 
     def candidates(d, bs, tma):
         q = torch.empty(1, 1, 1, d, dtype=torch.bfloat16)
@@ -291,16 +279,17 @@ def test_fixed_configs_are_pruned_autotune_candidates(monkeypatch):
     for (d, bs, tma), c in attn._TUNED.items():
         assert c in candidates(d, bs, tma), c
         assert attn.tuned_config(d, bs, tma) == dict(zip(attn._CONFIG_KEYS, c))
-    assert attn._TUNED[(128, 128, True)] == attn.WARP_SPECIALISED
+    assert attn._TUNED[(128, 128, True)] == attn.FOUR_WARPS
     lib = gk.attention_config(128, 128)
-    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) == attn.REGISTER_CAPPED
-    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"], False) in candidates(128, 128, False)
-    ws = triton.Config({"BLOCK_N": 64, "WARP_SPEC": True}, num_warps=4, num_stages=2)
-    cases = ((128, 128, True, False, True), (128, 128, False, False, False), (64, 128, True, False, False))
-    cases += ((128, 128, True, True, False), (128, 64, True, False, False))
-    for d, bs, tma, varlen, kept in cases:
-        named = {"PLAN_BS": bs, "HEAD_DIM": d, "q_ptr": torch.empty(1, 1, 1, d, dtype=torch.bfloat16), "USE_TMA": tma, "VARLEN": varlen}
-        assert (ws in attn._prune([ws], named)) == kept, (d, bs, tma, varlen)
+    assert (lib["BLOCK_N"], lib["num_warps"], lib["num_stages"], lib["maxnreg"]) == attn.REGISTER_CAPPED
+    assert attn.REGISTER_CAPPED in candidates(128, 128, False)
+    trt = {t: spec._TACTICS["ProxySparseAttention"][t] for t in (1, 3)}
+    assert (trt[1]["BLOCK_N"], trt[1]["num_warps"], trt[1]["num_stages"], trt[1].get("maxnreg")) == attn.FOUR_WARPS
+    assert (trt[3]["BLOCK_N"], trt[3]["num_warps"], trt[3]["num_stages"], trt[3]["maxnreg"]) == attn.REGISTER_CAPPED
+    for d, bs, tma in ((128, 128, True), (128, 128, False), (64, 128, True), (128, 64, False), (256, 64, True)):
+        assert attn.FOUR_WARPS in candidates(d, bs, tma), (d, bs, tma)
+    assert attn.FOUR_WARPS not in candidates(256, 128, True) and attn.FOUR_WARPS not in candidates(256, 128, False)
+    assert candidates(256, 128, True) == {(32, 8, 3, None)}  # shared memory and eight warps (128 accumulator registers)
     assert attn.tuned_config(128, 128, False) is None and attn.tuned_config(64, 128, True) is None
 
 
@@ -319,6 +308,6 @@ def test_kernel_configs_benchmark_names_the_compared_configs(monkeypatch):
     pair = bench.named_configs("tuned,register-capped", q)
     assert list(pair.values()) == [attn.tuned_config(128, 128, True), attn.config_dict(attn.REGISTER_CAPPED)]
     every = bench.named_configs("all", q)
-    assert str(attn.WARP_SPECIALISED) in every and str(attn.REGISTER_CAPPED) in every and len(every) > 2
+    assert str(attn.FOUR_WARPS) in every and str(attn.REGISTER_CAPPED) in every and len(every) > 2
     with pytest.raises(ValueError, match=r"--configs 'fast': allowed 'tuned,register-capped' or 'all'"):
         bench.named_configs("fast", q)

@@ -66,14 +66,14 @@ def attention_config(d: int, bs: int) -> dict:
     Chosen among the Python path's autotuning candidates (proxyattn/kernels/attention.py::_configs) so that the
     pipelined tiles fit in shared memory; fixed here because the library does no autotuning at run time. The library
     loads through pointers (USE_TMA False). Head dim 128 with block 128 takes the register-capped config
-    (`attention.REGISTER_CAPPED`, the Python path's fixed config of that shape before its TMA loads moved to the
-    warp-specialised loop, which the autotuner keeps to TMA loads), which the library also ran faster than its earlier
+    (`attention.REGISTER_CAPPED`, the Python path's fixed config of that shape before its TMA loads moved to
+    `attention.FOUR_WARPS`, not measured with pointer loads), which the library also ran faster than its earlier
     one (docs/cpp.md: 0.85 / 3.18 / 13.64 ms against 0.96 / 3.43 / 14.43 ms at 8K / 16K / 32K on the H200).
     """
     if (d, bs) == (128, 128):
         from proxyattn.kernels.attention import REGISTER_CAPPED
 
-        block_n, warps, stages, maxnreg, _ = REGISTER_CAPPED
+        block_n, warps, stages, maxnreg = REGISTER_CAPPED
         return {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
     if bs == 128:
         return {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2 if d == 256 else 3}

@@ -345,9 +345,9 @@ _TACTICS: dict[str, dict[int, dict[str, int]]] = {
     "ProxyRank": {1: {}},  # num_warps from the row length, as estimate_rank._launch_rank
     "ProxyNeedsMass": {1: {}},  # estimate_needs._launch_needs' defaults (mass_warps, mass_stages)
     "ProxyNeedsCut": {1: {"num_warps": 4, "num_stages": 2}},
-    # Tactic 3 is the register-capped config of head dim 128 / block 128 (attention.REGISTER_CAPPED, libproxyattn's; the
-    # plugin loads through pointers, and the warp-specialised loop is kept to TMA loads); its register cap applies only
-    # up to head dim 128, as in attention._prune.
+    # Tactic 1 is attention.FOUR_WARPS (the Python path's fixed config of head dim 128 / block 128 with TMA loads; the
+    # plugin loads through pointers), tactic 3 the register-capped config (attention.REGISTER_CAPPED, libproxyattn's),
+    # whose register cap applies only up to head dim 128, as in attention._prune.
     "ProxySparseAttention": {
         1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
         2: {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},

@@ -95,7 +95,6 @@ def _sparse_attn_fwd_kernel(
     VARLEN: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     DIAG_BRANCH: tl.constexpr = True,  # mask only the diagonal tile (True) or every tile (False: no branch)
-    WARP_SPEC: tl.constexpr = False,  # warp-specialised key loop (TMA loads in their own warps; Hopper and later)
 ):
     BLOCK_M: tl.constexpr = PLAN_BS
     SUB: tl.constexpr = PLAN_BS // BLOCK_N
@@ -148,7 +147,7 @@ def _sparse_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for t in tl.range(0, n_kept * SUB, warp_specialize=WARP_SPEC):
+    for t in tl.range(0, n_kept * SUB):
         kb = tl.load(order_row + t // SUB)
         k_start = kb * PLAN_BS + (t % SUB) * BLOCK_N
         if USE_TMA:
@@ -195,53 +194,52 @@ def _set_block_shapes(nargs) -> None:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep configs whose key tile divides the plan block and whose pipelined tiles fit in shared memory; register
-    caps (two programs per multiprocessor) only where the fp32 accumulator leaves room (D <= 128); the
-    warp-specialised loop only on the layout it was measured on (TMA loads, padded batch, D 128, block 128)."""
+    """Keep configs whose key tile divides the plan block, whose pipelined tiles fit in shared memory and whose fp32
+    accumulator (PLAN_BS x D over the program's threads) takes at most 128 registers a thread; register caps (two
+    programs per multiprocessor) only where the accumulator leaves room (D <= 128)."""
     args = {**named_args, **kwargs}
     bs, d = args["PLAN_BS"], args["HEAD_DIM"]
     elt = args["q_ptr"].element_size()
-    ws_ok = bool(args.get("USE_TMA")) and not args.get("VARLEN") and d == 128 and bs == 128
     kept = []
     for c in configs:
         bn = c.kwargs["BLOCK_N"]
         smem = bs * d * elt + c.num_stages * 2 * bn * d * elt
-        if bs % bn or smem > _SMEM_BUDGET or (c.maxnreg is not None and d > 128) or (c.kwargs["WARP_SPEC"] and not ws_ok):
+        acc_regs = bs * d // (32 * c.num_warps)
+        if bs % bn or smem > _SMEM_BUDGET or acc_regs > 128 or (c.maxnreg is not None and d > 128):
             continue
         kept.append(c)
-    return kept or [triton.Config({"BLOCK_N": min(64, bs), "WARP_SPEC": False}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
+    return kept or [triton.Config({"BLOCK_N": min(64, bs)}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)]
 
 
-# (BLOCK_N, num_warps, num_stages, maxnreg, warp_spec). The register-capped ones (128 registers, no spills for D=128
-# in the compiler's report) use under 100 KB of shared memory, so two programs share a multiprocessor and one's Q
-# load and output store overlap the other's key loop. The warp-specialised one (`tl.range(..., warp_specialize=True)`:
-# the compiler gives the TMA loads their own warps, as the Triton fused-attention tutorial does on Hopper) is kept by
-# `_prune` only for TMA loads, padded batches, D 128 and block 128, the layout it was measured on.
-REGISTER_CAPPED = (64, 8, 2, 128, False)
-WARP_SPECIALISED = (64, 4, 2, None, True)
+# (BLOCK_N, num_warps, num_stages, maxnreg). The register-capped ones (128 registers, no spills for D=128 in the
+# compiler's report) use under 100 KB of shared memory, so two programs share a multiprocessor and one's Q load and
+# output store overlap the other's key loop. FOUR_WARPS (one warpgroup over the 128 query rows, no register cap: 255
+# registers and 98 KB of shared memory for D 128 / block 128, so two programs a multiprocessor too) was first measured
+# as a "warp-specialised" loop (`tl.range(..., warp_specialize=True)`), but Triton 3.6 compiles that loop for sm_90a
+# to PTX and a cubin bitwise equal to the plain loop's (no producer warps: ncu showed 128 threads a program), so the
+# switch is gone and its measurements are this config's.
+REGISTER_CAPPED = (64, 8, 2, 128)
+FOUR_WARPS = (64, 4, 2, None)
 _CONFIGS = [
-    (128, 8, 2, None, False),
-    (64, 8, 3, None, False),
-    (64, 8, 4, None, False),
-    (32, 8, 3, None, False),
+    (128, 8, 2, None),
+    (64, 8, 3, None),
+    (64, 8, 4, None),
+    (32, 8, 3, None),
     REGISTER_CAPPED,
-    (32, 8, 3, 128, False),
-    (32, 8, 4, 128, False),
-    WARP_SPECIALISED,
+    (32, 8, 3, 128),
+    (32, 8, 4, 128),
+    FOUR_WARPS,
 ]
-_CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "maxnreg", "WARP_SPEC")
+_CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages", "maxnreg")
 
 
 def _configs():
-    return [
-        triton.Config({"BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes)
-        for bn, w, s, r, ws in _CONFIGS
-    ]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r, pre_hook=_set_block_shapes) for bn, w, s, r in _CONFIGS]
 
 
 def config_tuple(c: triton.Config) -> tuple:
     """A candidate as its `_CONFIGS` entry."""
-    return (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg, c.kwargs["WARP_SPEC"])
+    return (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)
 
 
 def config_dict(c: tuple) -> dict:
@@ -257,13 +255,14 @@ def candidate_configs(q: torch.Tensor, block_size: int, use_tma: bool, varlen: b
 
 # Measured shapes run a fixed config: (HEAD_DIM, PLAN_BS, USE_TMA) -> one of _CONFIGS. A fixed pick keeps the
 # autotuner's run-to-run choice out of the timings; other shapes are autotuned over _CONFIGS. D 128 / block 128 with
-# TMA loads (the Llama-3-8B shape): the warp-specialised loop. On the H100 at 3b48b1a (benchmarks/kernel_configs.py,
-# same process and plans, outputs bitwise equal) it ran 423 / 448 / 465 TFLOP/s at 5 / 10 / 20 % density at 32K and
-# 453 / 465 / 474 at 128K against 423 / 445 / 463 and 447 / 463 / 462 for REGISTER_CAPPED, which had been the fastest
-# of the other candidates at 32K and 128K in both variant studies (H100 and H200) and is what libproxyattn compiles for
-# pointer loads (cpp/tools/generate_kernels.py). With every candidate at 2a9fb82 (kernel_configs_all_h100.json): again
-# 1-2 % faster at 128K, within +-4 % of REGISTER_CAPPED at 32K, the other six 5-20 % slower.
-_TUNED = {(128, 128, True): WARP_SPECIALISED}
+# TMA loads (the Llama-3-8B shape): FOUR_WARPS. On the H100 (benchmarks/kernel_configs.py, same process and plans,
+# outputs bitwise equal; measured under its earlier name, the warp-specialised loop, whose code was the same) it ran
+# 423 / 448 / 465 TFLOP/s at 5 / 10 / 20 % density at 32K and 453 / 465 / 474 at 128K (commit 3b48b1a) against
+# 423 / 445 / 463 and 447 / 463 / 462 for REGISTER_CAPPED, which had been the fastest of the other candidates at 32K
+# and 128K in both variant studies (H100 and H200) and is what libproxyattn compiles for pointer loads. With every
+# candidate (commit 2a9fb82, kernel_configs_all_h100.json): again 1-2 % faster at 128K, within +-4 % of
+# REGISTER_CAPPED at 32K, the other six 5-20 % slower.
+_TUNED = {(128, 128, True): FOUR_WARPS}
 
 
 def tuned_config(head_dim: int, block_size: int, use_tma: bool) -> dict | None:
@@ -322,7 +321,7 @@ def _launch_sparse(
     lse `[Hq, T]`.
     order int32 `[B, R, Nb, Nb]`, counts int32 `[B, Hq, Nb]` with Nb = ceil(seq_len / block_size).
     `use_tma` None picks TMA when the layout allows it; `config` (BLOCK_N, num_warps, num_stages, maxnreg,
-    DIAG_BRANCH, WARP_SPEC) skips autotuning (always the case under the interpreter); without it a measured shape runs its
+    DIAG_BRANCH) skips autotuning (always the case under the interpreter); without it a measured shape runs its
     `tuned_config`, any other is autotuned. `out` / `lse` are optional preallocated contiguous outputs.
     """
     varlen = cu_seqlens is not None

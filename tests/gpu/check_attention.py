@@ -84,8 +84,7 @@ def tuning_inputs():
 
 
 def tuning_configs(q, tma: bool) -> list[dict]:
-    """Every config the autotuner may pick for the main shape with TMA loads (`tma`) or pointer loads (the
-    warp-specialised loop among the TMA ones)."""
+    """Every config the autotuner may pick for the main shape with TMA loads (`tma`) or pointer loads."""
     return [attn.config_dict(c) for c in attn.candidate_configs(q, 128, tma)]
 
 
