@@ -16,7 +16,17 @@ relative error is benchmarks/attention.py's: ||out - dense|| / ||dense|| over ev
 fixed fraction of tokens (1%), so the fraction of 128-token blocks holding one (about 1 - exp(-1.28) = 0.72) does
 not depend on the length: a short length answers for 128K.
 
+With `--device cuda` the exact masses are computed a chunk of query blocks at a time (no S x S tensor: 128K
+tokens fit), the outputs come from the block-sparse kernel on plans built from the masks (bf16 inputs, as the
+attention benchmark's), and two more selections split a plan's loss between its ranking and its counts:
+
+* `plan ranking, exact counts g`: each (head, query block) walks the plan's ranking and keeps blocks until their
+  exact mass reaches g of the block's mass;
+* `exact ranking, plan counts`: each (head, query block) keeps as many blocks as the plan does, the ones of
+  largest exact mass.
+
     python3 benchmarks/oracle_structured.py --seq-len 8192 --out benchmarks/results/oracle_structured.json
+    python3 benchmarks/oracle_structured.py --device cuda --seq-len 131072 --out oracle_structured_131072_h100.json
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import time
 
 import torch
 
-from proxyattn import ProxyAttnConfig, block_sparse_attention, plan_blocks
+from proxyattn import BlockPlan, ProxyAttnConfig, block_sparse_attention, plan_blocks
 from proxyattn.testing import structured_qkv
 
 BS = 128
@@ -41,6 +51,7 @@ CONFIGS = {
     "gamma=0.8": ProxyAttnConfig(gamma=0.8, dense_density=None),
     "budget_fraction=0.2": ProxyAttnConfig(budget_fraction=0.2),
 }
+SPLIT_CONFIGS = ("default", "gamma=0.8")  # GPU mode: their loss split between ranking and counts
 
 
 def head_attention(q, k, scale):
@@ -59,6 +70,71 @@ def block_mass(p, nb):
     return p.reshape(nb, BS, nb, BS).sum(dim=(1, 3))
 
 
+def block_masses_chunked(q, k, scale: float, chunk_blocks: int = 8):
+    """`[Hq, Nb, Nb]` exact attention mass of every (query block, key block) of every query head, -1 above the
+    diagonal: q `[S, Hq, D]`, k `[S, Hkv, D]` (any float type; fp32 arithmetic), chunk_blocks query blocks at a time
+    (no S x S tensor). Equals `block_mass(head_attention(...))` per head."""
+    s, hq, _ = q.shape
+    g = hq // k.shape[1]
+    nb = -(-s // BS)
+    out = torch.full((hq, nb, nb), -1.0, device=q.device)
+    for h in range(hq):
+        kh = k[:, h // g].float()
+        for m0 in range(0, nb, chunk_blocks):
+            r0, r1 = m0 * BS, min(s, (m0 + chunk_blocks) * BS)
+            nq, nk = -(-(r1 - r0) // BS), -(-r1 // BS)
+            logits = (q[r0:r1, h].float() @ kh[:r1].T) * scale
+            future = torch.arange(r1, device=q.device)[None, :] > torch.arange(r0, r1, device=q.device)[:, None]
+            p = logits.masked_fill_(future, float("-inf")).softmax(-1)
+            p = torch.nn.functional.pad(p, (0, nk * BS - r1, 0, nq * BS - (r1 - r0)))
+            mass = p.reshape(nq, BS, nk, BS).sum(dim=(1, 3))
+            out[h, m0 : m0 + nq, :nk] = mass.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(m0), -1.0)
+    return out
+
+
+def oracle_masks(masses, densities=DENSITIES) -> dict[str, torch.Tensor]:
+    """The exact-mass oracles (docstring) at each density: name -> bool `[Hq, Nb, Nb]`. masses: `[Hq, Nb, Nb]`, -1
+    above the diagonal."""
+    hq, nb, _ = masses.shape
+    n_causal = nb * (nb + 1) // 2
+    keep = {}
+    for f in densities:
+        n = max(1, round(f * n_causal))
+        per_head = torch.zeros_like(masses, dtype=torch.bool)
+        per_head.view(hq, -1).scatter_(1, masses.view(hq, -1).topk(n, dim=1).indices, True)
+        glob = torch.zeros_like(masses, dtype=torch.bool)
+        glob.view(-1)[masses.flatten().topk(n * hq).indices] = True
+        keep[f"oracle per head {f}"] = per_head
+        keep[f"oracle global {f}"] = glob
+    return keep
+
+
+def ranking_count_masks(masses, order, counts, gammas=(0.8, 0.9, 0.95)) -> dict[str, torch.Tensor]:
+    """A plan's loss split between its ranking and its counts (docstring): name -> bool `[Hq, Nb, Nb]`.
+
+    masses `[Hq, Nb, Nb]` (-1 above the diagonal); order int `[R, Nb, Nb]` (the plan's rankings, R dividing Hq,
+    causal blocks first) and counts int `[Hq, Nb]` of one sequence."""
+    hq, nb, _ = masses.shape
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=masses.device).tril()
+    n_row = causal.sum(-1)  # causal blocks of each query block
+    rank = torch.arange(nb, device=masses.device)
+    plan_order = order.long().repeat_interleave(hq // order.shape[0], dim=0)  # [Hq, Nb, Nb]
+    ranked = masses.clamp_min(0).gather(-1, plan_order)
+    cum = ranked.cumsum(-1)
+    total = cum[..., -1:]
+    keep = {}
+    for g in gammas:
+        need = ((cum < g * total).sum(-1) + 1).clamp(max=n_row)  # blocks until the mass reaches g
+        mask = torch.zeros_like(masses, dtype=torch.bool)
+        mask.scatter_(-1, plan_order, rank < need[..., None])
+        keep[f"plan ranking, exact counts {g}"] = mask & causal
+    exact_order = masses.argsort(dim=-1, descending=True)
+    mask = torch.zeros_like(masses, dtype=torch.bool)
+    mask.scatter_(-1, exact_order, rank < counts.long()[..., None])
+    keep["exact ranking, plan counts"] = mask & causal
+    return keep
+
+
 def masked_output(p, v, keep_blocks):
     """Output `[S, D]` of P restricted to the kept blocks (bool `[Nb, Nb]`), renormalised per row."""
     s = p.shape[0]
@@ -72,10 +148,15 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=32, help="query heads (KV heads: heads / 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.heads % 4:
         raise SystemExit(f"--heads={args.heads}: must be a multiple of 4 (GQA 4, as Llama-3-8B)")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU here")
+        return run_chunked(args, "cuda")
     torch.manual_seed(args.seed)
     s, hq, hkv, d = args.seq_len, args.heads, args.heads // 4, 128
     scale = d**-0.5
@@ -93,17 +174,7 @@ def main() -> int:
     masses_t = torch.stack(masses)  # [H, Nb, Nb]
     dense_t = torch.stack(dense)  # [H, S, D]
     n_causal = int(causal.sum())
-    keep = {}
-    for f in DENSITIES:
-        n = max(1, round(f * n_causal))
-        per_head = torch.zeros_like(masses_t, dtype=torch.bool)
-        for h in range(hq):
-            idx = masses_t[h].flatten().topk(n).indices
-            per_head[h].view(-1)[idx] = True
-        glob = torch.zeros_like(masses_t, dtype=torch.bool)
-        glob.view(-1)[masses_t.flatten().topk(n * hq).indices] = True
-        keep[f"oracle per head {f}"] = per_head
-        keep[f"oracle global {f}"] = glob
+    keep = oracle_masks(masses_t)
     err2 = {name: 0.0 for name in keep}
     for h in range(hq):
         p = head_attention(q[0, :, h], k[0, :, h // 4], scale)
@@ -135,13 +206,18 @@ def main() -> int:
             }
         )
         print(f"[oracle] {rows[-1]}", flush=True)
+    write(args, rows, "CPU, float32", t0)
+    return 0
+
+
+def write(args, rows: list[dict], device: str, t0: float) -> None:
     res = {
         "what": "best block selection on structured_qkv inputs: exact-mass oracles against plan_blocks (see the docstring)",
-        "device": "CPU, float32",
+        "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "command": "python3 benchmarks/oracle_structured.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "shape": {"seq_len": s, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "block_size": BS},
+        "shape": {"seq_len": args.seq_len, "q_heads": args.heads, "kv_heads": args.heads // 4, "head_dim": 128, "block_size": BS},
         "rows": rows,
         "wall_s": time.time() - t0,
     }
@@ -150,7 +226,50 @@ def main() -> int:
         json.dump(res, f, indent=1)
     os.replace(tmp, args.out)
     for r in rows:
-        print(f"{r['method']:>22} density {r['density']:.3f} rel_err {r['rel_err']:.3f}")
+        print(f"{r['method']:>34} {r.get('target_density') or '':>5} density {r['density']:.3f} rel_err {r['rel_err']:.3f}")
+
+
+def run_chunked(args, device: str) -> int:
+    """The oracles, the plans and the ranking/count split at `--seq-len`, masses by chunks, outputs through the
+    block-sparse attention (`--device cuda`: bf16 inputs, as the attention benchmark's whole-method rows with
+    `--seed` = S; on the CPU the tests run it small through the reference path)."""
+    from proxyattn.kernels.attention import dense_attention
+
+    s, hq, hkv, d = args.seq_len, args.heads, args.heads // 4, 128
+    scale = d**-0.5
+    t0 = time.time()
+    q, k, v = structured_qkv(1, s, hq, hkv, d, dtype=torch.bfloat16, device=device, seed=args.seed)
+    dense = dense_attention(q, k, v, scale).float()
+    norm = dense.norm().item()
+    masses = block_masses_chunked(q[0], k[0], scale)
+    print(f"[oracle] exact block masses ({time.time() - t0:.0f} s)", flush=True)
+
+    def row(method, plan, target=None):
+        out = block_sparse_attention(q, k, v, plan, scale=scale).float()
+        r = {
+            "method": method,
+            "target_density": target,
+            "density": plan.density().mean().item(),
+            "rel_err": (out - dense).norm().item() / norm,
+        }
+        print(f"[oracle] {r} ({time.time() - t0:.0f} s)", flush=True)
+        return r
+
+    def from_mask(mask):
+        return BlockPlan.from_mask(mask[None], block_size=BS, seq_len=s)
+
+    rows = []
+    for name, m in oracle_masks(masses).items():
+        kind, f = name.rsplit(" ", 1)
+        rows.append(row(kind, from_mask(m), float(f)))
+    for name, cfg in CONFIGS.items():
+        plan = plan_blocks(q, k, cfg, scale=scale)
+        rows.append(row(name, plan))
+        if name in SPLIT_CONFIGS:
+            for split, m in ranking_count_masks(masses, plan.order[0], plan.counts[0]).items():
+                rows.append(row(f"{name}: {split}", from_mask(m)))
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    write(args, rows, f"{gpu}, bfloat16 inputs, fp32 masses", t0)
     return 0
 
 
