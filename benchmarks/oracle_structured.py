@@ -14,7 +14,8 @@ given density is applied (P restricted to the kept blocks, renormalised, times V
 Beside them, the plans of `plan_blocks` (fp32 reference path on the CPU) for the default and a few settings. The
 relative error is benchmarks/attention.py's: ||out - dense|| / ||dense|| over every head. Heavy hitters are a
 fixed fraction of tokens (1%), so the fraction of 128-token blocks holding one (about 1 - exp(-1.28) = 0.72) does
-not depend on the length: a short length answers for 128K.
+not depend on the length; their number, and so the mass they draw away from the local window, does (whether 8K
+answers for 128K is what the GPU mode measures).
 
 With `--device cuda` the exact masses are computed a chunk of query blocks at a time (no S x S tensor: 128K
 tokens fit), the outputs come from the block-sparse kernel on plans built from the masks (bf16 inputs, as the
