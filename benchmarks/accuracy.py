@@ -46,7 +46,7 @@ from proxyattn import ProxyAttnConfig, block_sparse_attention, metrics, plan_blo
 from proxyattn.weights import load_model, load_tokenizer
 
 from engines.artifacts import atomic_write_json
-from frontier import plot_frontier
+from frontier import plot_frontier, save_figure
 
 
 def _cfg(min_budget: int, **kw) -> ProxyAttnConfig:
@@ -389,9 +389,7 @@ def plot(result: dict, path: str) -> None:
     ax[0].legend(fontsize=7)
     fig.suptitle(f"{result['model']}: ProxyAttn accuracy ({result['device']})")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -38,6 +38,7 @@ from proxyattn.kernels import attention as attn
 from proxyattn.plan import compact_plan
 
 from engines.artifacts import atomic_write_json
+from frontier import save_figure
 
 HQ, HKV, D, DT, BS = 32, 8, 128, torch.bfloat16, 128
 
@@ -459,9 +460,7 @@ def plot(res: dict, path: str) -> None:
     b.legend(fontsize=8)
     fig.suptitle(f"{res['gpu']}, 32/8 heads, D 128, bf16, batch 1 (commit {res['commit'][:7]})", fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def print_table(res: dict) -> None:

@@ -1,16 +1,18 @@
 """The accuracy-against-density frontier of `benchmarks/accuracy.py --methods frontier` results, as a plot: one row of
 panels per model, one panel per prompt length, one line per budget rule (over gamma) and one for budget_fraction.
 Plain Python and matplotlib (no torch), so that `benchmarks/report.py` draws the combined plot of every model's file
-and `accuracy.py` the plot of its own run.
+and `accuracy.py` the plot of its own run. `save_figure` writes every benchmark figure (atomically).
 
     python3 benchmarks/frontier.py OUT.png accuracy_gemma3-270m_frontier.json accuracy_smollm2_frontier.json
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
+
+from plugins.atomic import atomic_write_bytes
 
 YMAX_FRONTIER = 1.5  # the y axis ends here (copy loss / dense)
 TOLERANCE = 0.03  # the target: copy loss within 3 % of dense (the dotted line)
@@ -34,6 +36,16 @@ def frontier_points(cell: dict) -> dict[str, list[tuple[float, float, str, bool 
         same = None if hits is None or hits_dense is None else sum(hits) >= sum(hits_dense)
         fams.setdefault(family(m), []).append((cell["density_copy"][m], loss / dense, m, same))
     return {f: sorted(p) for f, p in fams.items()}
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    """Write a matplotlib figure as PNG through the project's atomic write (`plugins.atomic`), then close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_frontier(results: list[dict], path: str) -> bool:
@@ -83,9 +95,7 @@ def plot_frontier(results: list[dict], path: str) -> bool:
             ax.legend(fontsize=7)
     fig.suptitle("Accuracy against density (open marker: passkey below dense; dotted: +3 % of dense)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
     return True
 
 

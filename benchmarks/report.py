@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # its sibling benchmarks/frontier.py, as when run as a script
-from frontier import TOLERANCE as FRONTIER_TOLERANCE, plot_frontier  # noqa: E402  (copy loss within 3 % of dense)
+from frontier import TOLERANCE as FRONTIER_TOLERANCE, plot_frontier, save_figure  # noqa: E402  (copy loss within 3 % of dense)
 
 RESULTS = os.path.join(HERE, "results")
 
@@ -554,10 +554,7 @@ def write_performance_plot(files: list[str]) -> str | None:
             ax_k.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(RESULTS, PERFORMANCE_PLOT)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
     return path
 
 

@@ -3,7 +3,8 @@
 #   bash tests/gpu/run_all.sh <commit> [tests|checks|bench|all]
 #   tests   pytest -m gpu tests/gpu without the serving test (attention, estimation, TensorRT-layout launches, and
 #           libproxyattn when PROXYATTN_CPP_LIB names a build carried from the CPU machine, or PROXYATTN_CPP_BUILD a
-#           build directory, or cmake + nvcc are there). H100, commit 3b48b1a, library carried: 265 s.
+#           build directory, or cmake + nvcc are there). H100, library carried: 265 s at commit 3b48b1a; over 420 s at
+#           38b8322 on a fresh machine (cold Triton caches), so give it a whole call.
 #   checks  the estimation and TensorRT-launch check scripts (their JSON result files).
 #   bench   the block-sparse kernel's launch configs against each other, then the attention benchmark.
 #   all     the three in a row (default; longer than one device call: for a machine kept warm between calls).
