@@ -28,6 +28,11 @@ attention benchmark's), and two more selections split a plan's loss between its 
 
     python3 benchmarks/oracle_structured.py --seq-len 8192 --out benchmarks/results/oracle_structured.json
     python3 benchmarks/oracle_structured.py --device cuda --seq-len 131072 --out oracle_structured_131072_h100.json
+    python3 benchmarks/oracle_structured.py --mode chunked --seq-len 16384 --heads 8 --out oracle_split_16384_cpu.json
+
+`--mode chunked` runs the GPU mode's selections on the CPU (the split rows included; the outputs through the fp32
+reference of the block-sparse attention): minutes at 8K-16K with 8 heads, about an hour at 32K.
+`--densities` and `--configs` take a subset of the oracle densities and of the plan settings (`CONFIGS`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import datetime
 import json
 import os
 import subprocess
+import sys
 import time
 
 import torch
@@ -144,20 +150,52 @@ def masked_output(p, v, keep_blocks):
     return (pm @ v) / pm.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def _fail(message: str) -> int:
+    print(f"oracle_structured.py: {message}", file=sys.stderr)
+    return 2
+
+
+def _densities(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if not vals or not all(0.0 < f <= 1.0 for f in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed comma-separated densities in (0, 1]")
+    return vals
+
+
+def _configs(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(","))
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r}: allowed {', '.join(CONFIGS)}")
+    return names
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=32, help="query heads (KV heads: heads / 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--mode", choices=("whole", "chunked"), default=None, help="default: whole on the CPU, chunked on CUDA")
+    ap.add_argument("--densities", type=_densities, default=DENSITIES, help="comma-separated oracle densities in (0, 1]")
+    ap.add_argument("--configs", type=_configs, default=tuple(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--commit", default=None, help="recorded in the result (default: git rev-parse --short HEAD)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.heads % 4:
-        raise SystemExit(f"--heads={args.heads}: must be a multiple of 4 (GQA 4, as Llama-3-8B)")
+        return _fail(f"--heads={args.heads}: must be a multiple of 4 (GQA 4, as Llama-3-8B)")
+    if args.mode is None:
+        args.mode = "chunked" if args.device == "cuda" else "whole"
     if args.device == "cuda":
+        if args.mode != "chunked":
+            return _fail(f"--mode={args.mode} with --device cuda: allowed only chunked")
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA GPU here")
-        return run_chunked(args, "cuda")
+            return _fail("--device cuda: no CUDA GPU here")
+    if args.mode == "chunked":
+        return run_chunked(args, args.device)
     torch.manual_seed(args.seed)
     s, hq, hkv, d = args.seq_len, args.heads, args.heads // 4, 128
     scale = d**-0.5
@@ -175,7 +213,7 @@ def main() -> int:
     masses_t = torch.stack(masses)  # [H, Nb, Nb]
     dense_t = torch.stack(dense)  # [H, S, D]
     n_causal = int(causal.sum())
-    keep = oracle_masks(masses_t)
+    keep = oracle_masks(masses_t, args.densities)
     err2 = {name: 0.0 for name in keep}
     for h in range(hq):
         p = head_attention(q[0, :, h], k[0, :, h // 4], scale)
@@ -195,8 +233,8 @@ def main() -> int:
             }
         )
     dense_out = dense_t.permute(1, 0, 2)  # [S, H, D]
-    for name, cfg in CONFIGS.items():
-        plan = plan_blocks(q, k, cfg, scale=scale)
+    for name in args.configs:
+        plan = plan_blocks(q, k, CONFIGS[name], scale=scale)
         out = block_sparse_attention(q, k, v, plan, scale=scale)[0]
         rows.append(
             {
@@ -211,13 +249,18 @@ def main() -> int:
     return 0
 
 
+def _arg(v) -> str:
+    return ",".join(str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
+
+
 def write(args, rows: list[dict], device: str, t0: float) -> None:
     res = {
         "what": "best block selection on structured_qkv inputs: exact-mass oracles against plan_blocks (see the docstring)",
         "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "command": "python3 benchmarks/oracle_structured.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "command": "python3 benchmarks/oracle_structured.py "
+        + " ".join(f"--{k.replace('_', '-')} {_arg(v)}" for k, v in vars(args).items()),
         "shape": {"seq_len": args.seq_len, "q_heads": args.heads, "kv_heads": args.heads // 4, "head_dim": 128, "block_size": BS},
         "rows": rows,
         "wall_s": time.time() - t0,
@@ -260,17 +303,21 @@ def run_chunked(args, device: str) -> int:
         return BlockPlan.from_mask(mask[None], block_size=BS, seq_len=s)
 
     rows = []
-    for name, m in oracle_masks(masses).items():
+    for name, m in oracle_masks(masses, args.densities).items():
         kind, f = name.rsplit(" ", 1)
         rows.append(row(kind, from_mask(m), float(f)))
-    for name, cfg in CONFIGS.items():
-        plan = plan_blocks(q, k, cfg, scale=scale)
+    for name in args.configs:
+        plan = plan_blocks(q, k, CONFIGS[name], scale=scale)
         rows.append(row(name, plan))
         if name in SPLIT_CONFIGS:
             for split, m in ranking_count_masks(masses, plan.order[0], plan.counts[0]).items():
                 rows.append(row(f"{name}: {split}", from_mask(m)))
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    write(args, rows, f"{gpu}, bfloat16 inputs, fp32 masses", t0)
+    where = (
+        f"{torch.cuda.get_device_name()}, bfloat16 inputs, fp32 masses"
+        if device == "cuda"
+        else "CPU, bfloat16 inputs, fp32 masses and reference outputs"
+    )
+    write(args, rows, where, t0)
     return 0
 
 

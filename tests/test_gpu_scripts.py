@@ -35,6 +35,7 @@ def _run(tmp_path, *args):
         ("tests", ["-m pytest -m gpu tests/gpu --ignore=tests/gpu/test_gpu_serving.py"]),
         ("checks", ["-m tests.gpu.check_estimation --out", "-m tests.gpu.check_estimation --recall", "-m tests.gpu.check_trt_launch"]),
         ("bench", ["benchmarks/kernel_configs.py --out", "benchmarks/attention.py --out"]),
+        ("oracle", ["benchmarks/oracle_structured.py --device cuda --seq-len 131072"]),
     ],
 )
 def test_each_part_runs_its_commands(tmp_path, part, expected):
@@ -44,7 +45,7 @@ def test_each_part_runs_its_commands(tmp_path, part, expected):
     for call, start in zip(calls, expected):
         assert call.startswith(start), (call, start)
         assert "--commit abc1234" in call or part == "tests"
-    assert part != "bench" or all("_h100." in c for c in calls)  # result files are named by the card
+    assert part not in ("bench", "oracle") or all("_h100." in c for c in calls)  # result files are named by the card
 
 
 def test_all_runs_every_part_in_order(tmp_path):
@@ -64,7 +65,7 @@ def test_all_runs_every_part_in_order(tmp_path):
 def test_unknown_part_is_refused(tmp_path):
     r, calls = _run(tmp_path, "abc1234", "benchmarks")
     assert r.returncode == 2 and calls == []
-    assert "part 'benchmarks': allowed tests, checks, bench or all" in r.stderr
+    assert "part 'benchmarks': allowed tests, checks, bench, oracle or all" in r.stderr
 
 
 def test_named_scripts_exist():

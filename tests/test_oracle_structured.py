@@ -1,9 +1,9 @@
 """benchmarks/oracle_structured.py's selections on small shapes (CPU): the chunked exact block masses against the
 whole-matrix ones, the oracles' densities, and the ranking/count split."""
 
-import argparse
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -87,13 +87,17 @@ def test_ranking_count_split(oracle):
             assert dropped.numel() == 0 or kept.min() >= dropped.max()
 
 
-def test_chunked_run_writes_every_row(oracle, tmp_path):
-    """The GPU mode's pipeline end to end on the CPU (reference path): every oracle, plan and split row, the oracles'
-    error falling with density (no NaN), and an oracle at density 1 keeping every causal block."""
+def test_chunked_run_writes_every_row(oracle, tmp_path, monkeypatch):
+    """The GPU mode's pipeline end to end on the CPU (`--mode chunked`, reference path): every oracle, plan and split
+    row, the oracles' error falling with density (no NaN), and an oracle at density 1 keeping every causal block."""
     out = tmp_path / "o.json"
-    args = argparse.Namespace(seq_len=640, heads=4, seed=3, device="cpu", out=str(out))
-    assert oracle.run_chunked(args, "cpu") == 0
-    rows = json.loads(out.read_text())["rows"]
+    argv = ["oracle_structured.py", "--mode", "chunked", "--seq-len", "640", "--heads", "4", "--seed", "3", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert oracle.main() == 0
+    res = json.loads(out.read_text())
+    assert "--mode chunked" in res["command"] and "--densities 0.2,0.3," in res["command"]
+    assert res["device"].startswith("CPU")
+    rows = res["rows"]
     names = [r["method"] for r in rows]
     assert names.count("oracle global") == names.count("oracle per head") == len(oracle.DENSITIES)
     for cfg in oracle.CONFIGS:
@@ -104,3 +108,23 @@ def test_chunked_run_writes_every_row(oracle, tmp_path):
     assert all(e == e for e in errs) and errs[0] >= errs[-1]
     full = oracle.oracle_masks(torch.zeros(2, 3, 3).masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), -1.0), densities=(1.0,))
     assert all(m.sum() == 2 * 6 for m in full.values())
+
+
+def test_subset_and_bad_arguments(oracle, tmp_path, monkeypatch, capsys):
+    """`--densities` / `--configs` select rows; a bad value exits 2 naming it and the allowed ones."""
+    out = tmp_path / "o.json"
+    base = ["oracle_structured.py", "--mode", "chunked", "--seq-len", "384", "--heads", "4", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", base + ["--densities", "0.5", "--configs", "gamma=0.8"])
+    assert oracle.main() == 0
+    names = [r["method"] for r in json.loads(out.read_text())["rows"]]
+    assert names[:2] == ["oracle per head", "oracle global"] and "gamma=0.8" in names and "default" not in names
+    for bad, words in ((["--densities", "0,0.5"], ["'0,0.5'", "(0, 1]"]), (["--configs", "gamma=0.7"], ["'gamma=0.7'", "default"])):
+        monkeypatch.setattr(sys, "argv", base + bad)
+        with pytest.raises(SystemExit) as e:
+            oracle.main()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+    monkeypatch.setattr(sys, "argv", base + ["--mode", "whole", "--device", "cuda"])
+    assert oracle.main() == 2
+    assert "--mode=whole" in capsys.readouterr().err

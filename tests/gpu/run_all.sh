@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks and the result files, from the repository root, in parts that each fit one device call (600 s):
-#   bash tests/gpu/run_all.sh <commit> [tests|checks|bench|all]
+#   bash tests/gpu/run_all.sh <commit> [tests|checks|bench|oracle|all]
 #   tests   pytest -m gpu tests/gpu without the serving test (attention, estimation, TensorRT-layout launches, and
 #           libproxyattn when PROXYATTN_CPP_LIB names a build carried from the CPU machine, or PROXYATTN_CPP_BUILD a
 #           build directory, or cmake + nvcc are there). H100, library carried: 265 s at commit 3b48b1a; over 420 s at
 #           38b8322 on a fresh machine (cold Triton caches), so give it a whole call.
 #   checks  the estimation and TensorRT-launch check scripts (their JSON result files).
 #   bench   the block-sparse kernel's launch configs against each other, then the attention benchmark.
-#   all     the three in a row (default; longer than one device call: for a machine kept warm between calls).
+#   oracle  the exact-mass oracle and the default's ranking/count split at 128K (benchmarks/oracle_structured.py).
+#   all     tests, checks and bench in a row (default; longer than one device call: for a machine kept warm between calls).
 # Writes logs and JSON under $OUT (default ./gpu_out); exit status non-zero when any step failed.
 set -uo pipefail
-usage="usage: run_all.sh <commit> [tests|checks|bench|all]"
+usage="usage: run_all.sh <commit> [tests|checks|bench|oracle|all]"
 commit=${1:?$usage}
 part=${2:-all}
 case "$part" in
-  tests | checks | bench | all) ;;
+  tests | checks | bench | oracle | all) ;;
   *)
-    echo "run_all.sh: part '$part': allowed tests, checks, bench or all" >&2
+    echo "run_all.sh: part '$part': allowed tests, checks, bench, oracle or all" >&2
     exit 2
     ;;
 esac
@@ -42,5 +43,9 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
   python3 benchmarks/kernel_configs.py --out "$out/kernel_configs_$tag.json" --commit "$commit" 2>&1 | tee "$out/kernel_configs.log" || status=1
   python3 benchmarks/attention.py --out "$out/attention_$tag.json" --commit "$commit" --sizes 32768,131072 --rounds 3 \
     --plot "$out/attention_$tag.png" 2>&1 | tee "$out/attention.log" || status=1
+fi
+if [ "$part" = oracle ]; then
+  python3 benchmarks/oracle_structured.py --device cuda --seq-len 131072 --seed 131072 --commit "$commit" \
+    --out "$out/oracle_structured_131072_$tag.json" 2>&1 | tee "$out/oracle_structured.log" || status=1
 fi
 exit $status
