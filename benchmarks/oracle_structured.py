@@ -33,6 +33,9 @@ attention benchmark's), and two more selections split a plan's loss between its 
 `--mode chunked` runs the GPU mode's selections on the CPU (the split rows included; the outputs through the fp32
 reference of the block-sparse attention): minutes at 8K-16K with 8 heads, about an hour at 32K.
 `--densities` and `--configs` take a subset of the oracle densities and of the plan settings (`CONFIGS`).
+`--plot` draws output error against density (a panel per result file, e.g. one per length):
+
+    python3 benchmarks/oracle_structured.py --plot-only a.json,b.json --plot oracle.png
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ import torch
 
 from proxyattn import BlockPlan, ProxyAttnConfig, block_sparse_attention, plan_blocks
 from proxyattn.testing import structured_qkv
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # its sibling benchmarks/frontier.py, as when run as a script
+from frontier import save_figure  # noqa: E402
 
 BS = 128
 DENSITIES = (0.2, 0.3, 0.36, 0.45, 0.5, 0.6, 0.72, 0.8)
@@ -183,8 +191,19 @@ def main() -> int:
     ap.add_argument("--densities", type=_densities, default=DENSITIES, help="comma-separated oracle densities in (0, 1]")
     ap.add_argument("--configs", type=_configs, default=tuple(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--commit", default=None, help="recorded in the result (default: git rev-parse --short HEAD)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="result JSON (required unless --plot-only)")
+    ap.add_argument("--plot", default=None, help="also write a PNG plot of the result here")
+    ap.add_argument("--plot-only", default=None, metavar="JSON[,JSON...]", help="only plot existing result files to --plot")
     args = ap.parse_args()
+    if args.plot_only:
+        results = []
+        for path in args.plot_only.split(","):
+            with open(path) as f:
+                results.append(json.load(f))
+        plot(results, args.plot or os.path.splitext(args.plot_only.split(",")[0])[0] + ".png")
+        return 0
+    if args.out is None:
+        return _fail("--out: required (the result JSON), unless --plot-only")
     if args.heads % 4:
         return _fail(f"--heads={args.heads}: must be a multiple of 4 (GQA 4, as Llama-3-8B)")
     if args.mode is None:
@@ -260,7 +279,7 @@ def write(args, rows: list[dict], device: str, t0: float) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "command": "python3 benchmarks/oracle_structured.py "
-        + " ".join(f"--{k.replace('_', '-')} {_arg(v)}" for k, v in vars(args).items()),
+        + " ".join(f"--{k.replace('_', '-')} {_arg(v)}" for k, v in vars(args).items() if v is not None),
         "shape": {"seq_len": args.seq_len, "q_heads": args.heads, "kv_heads": args.heads // 4, "head_dim": 128, "block_size": BS},
         "rows": rows,
         "wall_s": time.time() - t0,
@@ -269,8 +288,54 @@ def write(args, rows: list[dict], device: str, t0: float) -> None:
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     os.replace(tmp, args.out)
+    if args.plot:
+        plot([res], args.plot)
     for r in rows:
         print(f"{r['method']:>34} {r.get('target_density') or '':>5} density {r['density']:.3f} rel_err {r['rel_err']:.3f}")
+
+
+ERROR_TARGET = 0.1  # the attention benchmark's accuracy bar (output error against dense), drawn in the plot
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Output error against density, a panel per result: the oracles as lines, each plan setting as a point, its
+    ranking/count split as small markers. Needs matplotlib (imported here only); written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["method"] for res in results for r in res["rows"] if not r["method"].startswith("oracle")))
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # one colour a setting in every panel
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results) + 2.8, 4.2), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rows = res["rows"]
+        for kind, style in (("oracle global", "k-"), ("oracle per head", "k--")):
+            pts = sorted((r["density"], r["rel_err"]) for r in rows if r["method"] == kind)
+            if pts:
+                ax.plot(*zip(*pts), style, marker=".", label=kind)
+        for r in rows:
+            if r["method"] in colours:
+                split = ": " in r["method"]
+                ax.plot(
+                    r["density"], r["rel_err"], "x" if split else "o", ms=6 if split else 7, color=colours[r["method"]], label=r["method"]
+                )
+        ax.axhline(ERROR_TARGET, color="grey", lw=0.8, ls=":")
+        shape = res["shape"]
+        ax.set_title(f"S={shape['seq_len']}, {shape['q_heads']} q heads ({res['device'].split(',')[0]})", fontsize=9)
+        ax.set_xlabel("kept-block density")
+        ax.set_ylabel("output rel. error vs dense")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 0.3)
+        ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center right")
+    fig.suptitle("Best block selection (exact-mass oracles) against the planner, structured inputs", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.8 / (4.6 * len(results) + 2.8), 1))
+    save_figure(fig, path, dpi=110)
 
 
 def run_chunked(args, device: str) -> int:

@@ -95,7 +95,7 @@ def test_chunked_run_writes_every_row(oracle, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     assert oracle.main() == 0
     res = json.loads(out.read_text())
-    assert "--mode chunked" in res["command"] and "--densities 0.2,0.3," in res["command"]
+    assert "--mode chunked" in res["command"] and "--densities 0.2,0.3," in res["command"] and "None" not in res["command"]
     assert res["device"].startswith("CPU")
     rows = res["rows"]
     names = [r["method"] for r in rows]
@@ -110,14 +110,20 @@ def test_chunked_run_writes_every_row(oracle, tmp_path, monkeypatch):
     assert all(m.sum() == 2 * 6 for m in full.values())
 
 
-def test_subset_and_bad_arguments(oracle, tmp_path, monkeypatch, capsys):
-    """`--densities` / `--configs` select rows; a bad value exits 2 naming it and the allowed ones."""
-    out = tmp_path / "o.json"
+def test_subset_plot_and_bad_arguments(oracle, tmp_path, monkeypatch, capsys):
+    """`--densities` / `--configs` select rows and `--plot` draws them (also from files, `--plot-only`); a bad value
+    exits 2 naming it and the allowed ones."""
+    out, png, png2 = tmp_path / "o.json", tmp_path / "o.png", tmp_path / "two.png"
     base = ["oracle_structured.py", "--mode", "chunked", "--seq-len", "384", "--heads", "4", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", base + ["--densities", "0.5", "--configs", "gamma=0.8"])
+    monkeypatch.setattr(sys, "argv", base + ["--densities", "0.5", "--configs", "gamma=0.8", "--plot", str(png)])
     assert oracle.main() == 0
     names = [r["method"] for r in json.loads(out.read_text())["rows"]]
     assert names[:2] == ["oracle per head", "oracle global"] and "gamma=0.8" in names and "default" not in names
+    monkeypatch.setattr(sys, "argv", ["oracle_structured.py", "--plot-only", f"{out},{out}", "--plot", str(png2)])
+    assert oracle.main() == 0
+    for p in (png, png2):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png2.stat().st_size > png.stat().st_size  # two panels
     for bad, words in ((["--densities", "0,0.5"], ["'0,0.5'", "(0, 1]"]), (["--configs", "gamma=0.7"], ["'gamma=0.7'", "default"])):
         monkeypatch.setattr(sys, "argv", base + bad)
         with pytest.raises(SystemExit) as e:
@@ -128,3 +134,6 @@ def test_subset_and_bad_arguments(oracle, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", base + ["--mode", "whole", "--device", "cuda"])
     assert oracle.main() == 2
     assert "--mode=whole" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["oracle_structured.py", "--seq-len", "384"])
+    assert oracle.main() == 2
+    assert "--out: required" in capsys.readouterr().err
