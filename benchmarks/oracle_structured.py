@@ -198,8 +198,13 @@ def main() -> int:
     if args.plot_only:
         results = []
         for path in args.plot_only.split(","):
-            with open(path) as f:
-                results.append(json.load(f))
+            try:
+                with open(path) as f:
+                    results.append(json.load(f))
+            except (OSError, json.JSONDecodeError) as e:
+                return _fail(f"--plot-only: {path!r} is not a readable result JSON ({type(e).__name__})")
+            if "rows" not in results[-1] or "shape" not in results[-1]:
+                return _fail(f"--plot-only: {path!r} has no rows/shape (allowed: files this script wrote)")
         plot(results, args.plot or os.path.splitext(args.plot_only.split(",")[0])[0] + ".png")
         return 0
     if args.out is None:
@@ -326,7 +331,7 @@ def plot(results: list[dict], path: str) -> None:
         ax.set_xlabel("kept-block density")
         ax.set_ylabel("output rel. error vs dense")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 0.3)
+        ax.set_ylim(0, max(0.3, 1.05 * max(r["rel_err"] for r in rows)))
         ax.grid(alpha=0.3)
     handles = {}
     for ax in axes[0]:

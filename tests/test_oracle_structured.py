@@ -134,6 +134,13 @@ def test_subset_plot_and_bad_arguments(oracle, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", base + ["--mode", "whole", "--device", "cuda"])
     assert oracle.main() == 2
     assert "--mode=whole" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["oracle_structured.py", "--plot-only", str(tmp_path / "missing.json")])
+    assert oracle.main() == 2
+    assert "missing.json" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["oracle_structured.py", "--plot-only", str(tmp_path / "other.json")])
+    assert oracle.main() == 2
+    assert "other.json" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", ["oracle_structured.py", "--seq-len", "384"])
     assert oracle.main() == 2
     assert "--out: required" in capsys.readouterr().err
