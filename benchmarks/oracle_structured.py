@@ -53,6 +53,8 @@ import torch
 from proxyattn import BlockPlan, ProxyAttnConfig, block_sparse_attention, plan_blocks
 from proxyattn.testing import structured_qkv
 
+from engines.artifacts import atomic_write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # its sibling benchmarks/frontier.py, as when run as a script
@@ -196,8 +198,9 @@ def main() -> int:
     ap.add_argument("--plot-only", default=None, metavar="JSON[,JSON...]", help="only plot existing result files to --plot")
     args = ap.parse_args()
     if args.plot_only:
+        paths = args.plot_only.split(",")
         results = []
-        for path in args.plot_only.split(","):
+        for path in paths:
             try:
                 with open(path) as f:
                     results.append(json.load(f))
@@ -205,7 +208,7 @@ def main() -> int:
                 return _fail(f"--plot-only: {path!r} is not a readable result JSON ({type(e).__name__})")
             if "rows" not in results[-1] or "shape" not in results[-1]:
                 return _fail(f"--plot-only: {path!r} has no rows/shape (allowed: files this script wrote)")
-        plot(results, args.plot or os.path.splitext(args.plot_only.split(",")[0])[0] + ".png")
+        plot(results, args.plot or os.path.splitext(paths[0])[0] + ".png")
         return 0
     if args.out is None:
         return _fail("--out: required (the result JSON), unless --plot-only")
@@ -289,10 +292,7 @@ def write(args, rows: list[dict], device: str, t0: float) -> None:
         "rows": rows,
         "wall_s": time.time() - t0,
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, res)
     if args.plot:
         plot([res], args.plot)
     for r in rows:
