@@ -142,12 +142,17 @@ def main() -> int:
     ap.add_argument("--variant-sizes", default="32768,131072")
     ap.add_argument("--plot", default=None, help="also write a PNG plot here (needs matplotlib)")
     ap.add_argument("--plot-only", default=None, metavar="JSON", help="only plot an existing result file to --plot")
+    ap.add_argument(
+        "--section", choices=("all", "proxy"), default="all", help="proxy: only the whole-method rows (c), each timed beside cuDNN"
+    )
+    ap.add_argument("--config", action="append", default=None, metavar="NAME", help="only this whole-method row (repeatable)")
     args = ap.parse_args()
     if args.plot_only:
         with open(args.plot_only) as f:
             plot(json.load(f), args.plot or os.path.splitext(args.plot_only)[0] + ".png")
         return 0
     sizes = [int(x) for x in args.sizes.split(",")]
+    full = args.section == "all"
     commit = args.commit
     if commit is None:
         try:
@@ -179,7 +184,7 @@ def main() -> int:
 
     # ---------------------------------------------------------------- baselines and (a) the kernel alone
     dense_ms: dict[int, float] = {}
-    for s in sizes:
+    for s in sizes if full else []:
         q, k, v = qkv(s, s)
         row = {"S": s}
         for name, backend, native in [
@@ -220,7 +225,7 @@ def main() -> int:
         atomic_write_json(args.out, res)
 
     # ---------------------------------------------------------------- variant study
-    for s in [int(x) for x in args.variant_sizes.split(",") if int(x) in sizes]:
+    for s in [int(x) for x in args.variant_sizes.split(",") if full and int(x) in sizes]:
         q, k, v = qkv(s, s + 7)
         plan = fixed_density_plan(s, 0.1, s + 8)
         fl = plan_flops(plan)
@@ -253,7 +258,7 @@ def main() -> int:
         ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
         ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
     ]
-    for s in sizes:
+    for s in sizes if full else []:
         for kind in ("random", "structured"):
             if kind == "structured" and structured_qkv is None:
                 continue
@@ -290,7 +295,17 @@ def main() -> int:
         ("budget_fraction=0.05", ProxyAttnConfig(budget_fraction=0.05)),
         ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
         ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
+        # vertical columns (ProxyAttnConfig.column_fraction) beside the default's blocks and beside small fixed budgets
+        ("column_fraction=0.02", ProxyAttnConfig(column_fraction=0.02)),
+        ("column_fraction=0.02, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02)),
+        ("column_fraction=0.01, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.01, budget_fraction=0.02)),
     ]
+    if args.config:
+        unknown = sorted(set(args.config) - {name for name, _ in configs})
+        if unknown:
+            print(f"attention.py: --config {unknown[0]!r}: allowed {', '.join(name for name, _ in configs)}", file=sys.stderr)
+            return 2
+        configs = [(name, cfg) for name, cfg in configs if name in args.config]
     for s in sizes:
         for kind in res["proxy_inputs"]:
             if kind == "structured_qkv":
@@ -325,9 +340,10 @@ def main() -> int:
                     del out
                     if sparse:
                         plan = proxyattn.plan_blocks(q, k, cfg)
-                        r["density"] = plan.density().mean().item()
+                        r["density"] = (plan.density() + plan.column_density()).mean().item()  # columns' work included
+                        r["column_density"] = plan.column_density().mean().item()
                         r["dense_groups"] = 0 if plan.dense_heads is None else int(plan.dense_heads.sum().item()) // (HQ // HKV)
-                        if s <= args.recall_max:
+                        if s <= args.recall_max and plan.columns is None:  # block recall: not defined with columns
                             rec = metrics.attention_recall(q, k, plan)
                             r["recall"] = rec.mean().item()
                             r["recall_min_head"] = rec.min().item()
@@ -344,6 +360,10 @@ def main() -> int:
 
     # ---------------------------------------------------------------- short sequences: dense path vs cuDNN
     # Interleaved rounds (`interleaved_ms`): clock drift hits all alike.
+    if not full:
+        res["wall_s"] = time.time() - t_start
+        atomic_write_json(args.out, res)
+        return 0
     res["short"] = []
     for s in [x for x in (4096, 8192) if x in sizes]:
         q, k, v = qkv(s, s + 11)

@@ -11,7 +11,9 @@ given density is applied (P restricted to the kept blocks, renormalised, times V
 * `oracle global`: one mass threshold over all heads (heads that need more blocks get them), the best any
   per-block selection can do for the mean density.
 
-Beside them, the plans of `plan_blocks` (fp32 reference path on the CPU) for the default and a few settings. The
+Beside them, the plans of `plan_blocks` (fp32 reference path on the CPU) for the default and a few settings, two
+of them with vertical columns (`column_fraction`: token columns beside the blocks, which no block selection is; a
+plan's density counts its columns' work, `BlockPlan.column_density`). The
 relative error is benchmarks/attention.py's: ||out - dense|| / ||dense|| over every head. Heavy hitters are a
 fixed fraction of tokens (1%), so the fraction of 128-token blocks holding one (about 1 - exp(-1.28) = 0.72) does
 not depend on the length; their number, and so the mass they draw away from the local window, does (whether 8K
@@ -67,6 +69,9 @@ CONFIGS = {
     "gamma=0.9": ProxyAttnConfig(gamma=0.9, dense_density=None),
     "gamma=0.8": ProxyAttnConfig(gamma=0.8, dense_density=None),
     "budget_fraction=0.2": ProxyAttnConfig(budget_fraction=0.2),
+    # vertical columns (2 % of the tokens) beside the default's blocks, and beside a small fixed budget
+    "column_fraction=0.02": ProxyAttnConfig(column_fraction=0.02, dense_density=None),
+    "column_fraction=0.02 budget_fraction=0.02": ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02),
 }
 SPLIT_CONFIGS = ("default", "gamma=0.8")  # GPU mode: their loss split between ranking and counts
 
@@ -267,7 +272,7 @@ def main() -> int:
             {
                 "method": name,
                 "target_density": None,
-                "density": plan.density().mean().item(),
+                "density": (plan.density() + plan.column_density()).mean().item(),
                 "rel_err": ((out - dense_out).norm() / dense_out.norm()).item(),
             }
         )
@@ -363,7 +368,7 @@ def run_chunked(args, device: str) -> int:
         r = {
             "method": method,
             "target_density": target,
-            "density": plan.density().mean().item(),
+            "density": (plan.density() + plan.column_density()).mean().item(),
             "rel_err": (out - dense).norm().item() / norm,
         }
         print(f"[oracle] {r} ({time.time() - t0:.0f} s)", flush=True)

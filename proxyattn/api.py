@@ -7,6 +7,7 @@ Each function validates its inputs, then dispatches: CUDA tensors go to the Trit
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "head_budgets",
     "block_needs",
     "select_blocks",
+    "proxy_columns",
     "plan_blocks",
     "early_dense_groups",
     "dense_attention",
@@ -248,7 +250,35 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
 
 
 def _plan(q, k, cfg: ProxyAttnConfig, scale, early) -> BlockPlan:
-    return _rule_path(cfg).plan(q, k, cfg, scale, early, proxy_scores(q, k, cfg, scale=scale))
+    plan = _rule_path(cfg).plan(q, k, cfg, scale, early, proxy_scores(q, k, cfg, scale=scale))
+    return _with_columns(plan, q, k, cfg, scale)
+
+
+def proxy_columns(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor | None:
+    """The vertical columns of `ProxyAttnConfig.column_fraction` (`reference.proxy_columns`): int32 `[B, G, C]`,
+    each row ascending, C = config.num_columns(S); None when column_fraction is 0. The same fp32 computation on
+    every device (one [B, G, block_size, S] product); no host synchronisation."""
+    cfg = _config(config)
+    _check_inputs(q, k)
+    check_proxy_heads(cfg.proxy_heads, k.shape[2])
+    n = cfg.num_columns(q.shape[1])
+    if n == 0:
+        return None
+    return reference.proxy_columns(
+        q,
+        k,
+        proxy_heads=cfg.proxy_heads,
+        block_size=cfg.block_size,
+        num_columns=n,
+        scale=resolve_scale(scale, q.shape[-1]),
+        keep_sink=cfg.keep_sink,
+        keep_diagonal=cfg.keep_diagonal,
+    )
+
+
+def _with_columns(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, scale) -> BlockPlan:
+    columns = proxy_columns(q, k, cfg, scale=scale)
+    return plan if columns is None else dataclasses.replace(plan, columns=columns)
 
 
 def _budget_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores) -> BlockPlan:
@@ -278,7 +308,7 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
         early = _reference_early_groups(q, k, config, scale)
     scores = variants.proxy_scores(q, k, config, scale)
     plan = _rule_path(config).reference_plan(q, k, config, scale, early, scores)
-    return dense_fallback(plan, k.shape[2], config, early=early)
+    return _with_columns(dense_fallback(plan, k.shape[2], config, early=early), q, k, config, scale)
 
 
 def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores) -> BlockPlan:
@@ -376,10 +406,20 @@ def _check_plan(q, plan: BlockPlan) -> None:
         )
     if plan.counts.device != q.device:
         raise ValueError(f"plan is on {plan.counts.device} but q is on {q.device}")
+    if plan.columns is not None and plan.columns.device != q.device:
+        raise ValueError(f"plan.columns is on {plan.columns.device} but q is on {q.device}")
+
+
+def _refuse_columns(what: str, column_fraction: float) -> None:
+    if column_fraction:
+        raise ValueError(
+            f"column_fraction={column_fraction}: {what} does not take vertical columns; allowed: 0 "
+            "(packed batches run blocks only; pad to one sequence per call to use columns)"
+        )
 
 
 def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, *, scale: float | None = None):
-    """Causal attention restricted to the plan's kept blocks.
+    """Causal attention restricted to the plan's kept blocks (and its columns, `BlockPlan.columns`).
 
     Returns (out `[B, S, Hq, D]` in q.dtype, lse `[B, Hq, S]` float32, natural log of each row's softmax sum).
     """
@@ -389,19 +429,19 @@ def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, *, scale: float | 
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "block_sparse_attention_with_lse"):
         return backend.block_sparse_attention_with_lse(q, k, v, plan, sc)
-    out, lse = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=plan.block_size, scale=sc)
+    out, lse = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=plan.block_size, scale=sc, columns=plan.columns)
     return out.to(q.dtype), lse
 
 
 def block_sparse_attention(q, k, v, plan: BlockPlan, *, scale: float | None = None) -> torch.Tensor:
-    """Causal attention restricted to the plan's kept blocks: `[B, S, Hq, D]` in q.dtype."""
+    """Causal attention restricted to the plan's kept blocks (and its columns): `[B, S, Hq, D]` in q.dtype."""
     _check_inputs(q, k, v)
     _check_plan(q, plan)
     sc = resolve_scale(scale, q.shape[-1])
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "block_sparse_attention"):
         return backend.block_sparse_attention(q, k, v, plan, sc)
-    out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=plan.block_size, scale=sc)
+    out, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=plan.block_size, scale=sc, columns=plan.columns)
     return out.to(q.dtype)
 
 
@@ -438,7 +478,7 @@ def proxy_attention(q, k, v, config: ProxyAttnConfig | None = None, *, scale: fl
         return dense_attention(q, k, v, scale=scale)
     plan = _plan(q, k, cfg, scale, early)
     backend = _kernels(q)
-    if backend is not None and hasattr(backend, "block_sparse_attention_split"):
+    if plan.columns is None and backend is not None and hasattr(backend, "block_sparse_attention_split"):
         # The early groups through the dense kernel; groups the plan made dense later run as full rows (no second read).
         return backend.block_sparse_attention_split(q, k, v, plan, resolve_scale(scale, q.shape[-1]), early, early_host)
     return block_sparse_attention(q, k, v, plan, scale=scale)
@@ -483,6 +523,8 @@ def _check_varlen_plan(plan, batch: int, num_q_heads: int, max_seqlen: int, devi
         )
     if plan.counts.device != device:
         raise ValueError(f"plan is on {plan.counts.device} but q is on {device}")
+    if plan.columns is not None:
+        raise ValueError("plan.columns is set: packed batches take plans without vertical columns (columns=None)")
 
 
 def _sequence_plan(plan: BlockPlan, i: int, length: int) -> BlockPlan:
@@ -550,6 +592,7 @@ def plan_blocks_varlen(
     which reads cu_seqlens on the host (a device synchronisation on CUDA).
     """
     cfg = _config(config)
+    _refuse_columns("plan_blocks_varlen", cfg.column_fraction)
     _check_varlen(q, k, k, cu_seqlens, max_seqlen)
     check_proxy_heads(cfg.proxy_heads, k.shape[1])
     sc = resolve_scale(scale, q.shape[-1])
@@ -586,6 +629,7 @@ def proxy_attention_varlen(
     else plan + block-sparse attention). On the CPU this loops over the sequences calling `proxy_attention`.
     """
     cfg = _config(config)
+    _refuse_columns("proxy_attention_varlen", cfg.column_fraction)
     _check_varlen(q, k, v, cu_seqlens, max_seqlen)
     check_proxy_heads(cfg.proxy_heads, k.shape[1])
     if not q.is_cuda:

@@ -28,6 +28,11 @@ ATTR_PREFIX = "pa_"
 # dense_layer_mask stays below 2**53 so that it is exact as a float (from_attrs compares float and int values).
 MAX_LAYER_MASK = 2**53
 
+# Largest column_fraction: past half the tokens as columns, dense attention is cheaper.
+MAX_COLUMN_FRACTION = 0.5
+# Columns are taken in tiles of this many key tokens (the column kernel's tile).
+COLUMN_TILE = 64
+
 # Default dense crossover: with dense_below_tokens unset, sequences of at most max(min_budget_tokens, this) tokens take
 # the dense path. Measured on the H100 (benchmarks/results/attention_h100.json, whole-method rows timed in interleaved
 # rounds with cuDNN): with the default config the method is no faster than cuDNN up to 32K tokens on structured
@@ -204,6 +209,14 @@ class ProxyAttnConfig:
             query block already needs this share is not measured further. Applied at 1/1000 resolution
             (`dense_density_permille`). None: never fall back. The default, 0.8, is about the density where the
             block-sparse path's time equals the dense kernel's (0.72-0.81 on the H100).
+        column_fraction: vertical columns, in [0, 0.5]; 0 (the default) turns them off. Besides its kept blocks,
+            every query head attends to the columns of its proxy head: the ceil(column_fraction * S / 64) * 64 key
+            tokens (at most S) of largest proxy probability over the rows of the last query block (the same pooled
+            query and key as the block scores), each seen by the queries at or after it; a column inside a kept
+            block counts once. Attention that falls on scattered tokens (heavy hitters far from the query) then
+            needs no whole key block per token. `BlockPlan.columns` holds them; their cost is column_fraction of the
+            causal area. The Triton kernels and the reference implement columns; the TensorRT graph, the TensorRT
+            plugin and libproxyattn refuse a non-zero value (docs/deploy.md).
     """
 
     block_size: int = 128
@@ -221,6 +234,7 @@ class ProxyAttnConfig:
     budget_rule: BudgetRule = BudgetRule.BLOCK_RECALL
     recall_rows: int = 4
     dense_density: float | None = DEFAULT_DENSE_DENSITY
+    column_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size)
@@ -265,6 +279,10 @@ class ProxyAttnConfig:
             _check_float("dense_density", self.dense_density)
             if not (0.0 < self.dense_density <= 1.0):
                 raise ValueError(f"dense_density={self.dense_density!r} must be None (no dense fallback) or lie in (0, 1]")
+        _check_float("column_fraction", self.column_fraction)
+        if not (0.0 <= self.column_fraction <= MAX_COLUMN_FRACTION):
+            raise ValueError(f"column_fraction={self.column_fraction!r} must lie in [0, {MAX_COLUMN_FRACTION}] (0: no columns)")
+        object.__setattr__(self, "column_fraction", float(self.column_fraction))
         _check_int("recall_rows", self.recall_rows)
         allowed_rows = [1 << i for i in range(self.block_size.bit_length()) if (1 << i) <= self.block_size]
         if self.recall_rows not in allowed_rows:
@@ -277,6 +295,13 @@ class ProxyAttnConfig:
     def dense_density_permille(self) -> int:
         """`dense_density` in thousandths (0: no fallback), what the kernels and the reference compare against."""
         return 0 if self.dense_density is None else max(1, round(self.dense_density * DENSE_DENSITY_SCALE))
+
+    def num_columns(self, seq_len: int) -> int:
+        """Column tokens per proxy head for a sequence of seq_len tokens: 0 when off, else
+        ceil(column_fraction * seq_len / COLUMN_TILE) * COLUMN_TILE, at most seq_len."""
+        if self.column_fraction == 0.0:
+            return 0
+        return min(seq_len, -(-math.ceil(self.column_fraction * seq_len) // COLUMN_TILE) * COLUMN_TILE)
 
     @property
     def min_budget_blocks(self) -> int:

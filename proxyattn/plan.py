@@ -36,6 +36,9 @@ class BlockPlan:
         dense_heads: bool `[B, Hq]` or None: heads that run dense (the dense fallback,
             `ProxyAttnConfig.dense_density`); their counts cover every causal block, so the plan's mask and
             density are what runs. None: no head does.
+        columns: int32 `[B, G, C]` or None: vertical columns (`ProxyAttnConfig.column_fraction`), key tokens that
+            query head h attends besides its kept blocks (row h // (Hq / G), ascending); a column inside a kept
+            block counts once. None: blocks only.
     """
 
     order: torch.Tensor
@@ -44,6 +47,7 @@ class BlockPlan:
     block_size: int
     seq_len: int
     dense_heads: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         nb = self.num_blocks
@@ -53,6 +57,10 @@ class BlockPlan:
         assert self.budget_blocks.shape == self.counts.shape[:2], (self.budget_blocks.shape, self.counts.shape)
         assert self.order.dtype == torch.int32 and self.counts.dtype == torch.int32
         assert self.dense_heads is None or (self.dense_heads.dtype == torch.bool and self.dense_heads.shape == self.counts.shape[:2])
+        if self.columns is not None:
+            c = self.columns
+            assert c.dtype == torch.int32 and c.dim() == 3 and c.shape[0] == self.counts.shape[0], c.shape
+            assert self.counts.shape[1] % c.shape[1] == 0 and 0 < c.shape[2] <= self.seq_len, (c.shape, self.counts.shape)
 
     @property
     def num_blocks(self) -> int:
@@ -71,6 +79,26 @@ class BlockPlan:
         """Kept blocks over causal blocks, per head: `[B, Hq]` float32."""
         nb = self.num_blocks
         return self.counts.sum(dim=-1).float() / (nb * (nb + 1) / 2)
+
+    def column_density(self) -> torch.Tensor:
+        """The columns' share of the work, per head: `[B, Hq]` float32, 0 without columns. Query block m of a head
+        reads the columns at or before its last row (`column_counts`) as a block_size-row strip each, unless it
+        keeps every causal block (a full row, e.g. a dense head: nothing to add); their area over the causal
+        block area. `density() + column_density()` is the plan's total work."""
+        b, hq, nb = self.counts.shape
+        if self.columns is None:
+            return torch.zeros(b, hq, device=self.counts.device)
+        per_head = self.column_counts().repeat_interleave(hq // self.columns.shape[1], dim=1)  # [B, Hq, Nb]
+        full = self.counts >= torch.arange(1, nb + 1, device=self.counts.device, dtype=self.counts.dtype)
+        strips = per_head.masked_fill(full, 0).sum(dim=-1).float() / self.block_size  # in blocks
+        return strips / (nb * (nb + 1) / 2)
+
+    def column_counts(self) -> torch.Tensor:
+        """int32 `[B, G, Nb]`: columns at or before the last row of each query block (what it reads; ascending columns)."""
+        assert self.columns is not None
+        b, g, _ = self.columns.shape
+        ends = (torch.arange(1, self.num_blocks + 1, device=self.columns.device) * self.block_size - 1).clamp(max=self.seq_len - 1)
+        return torch.searchsorted(self.columns, ends.to(torch.int32).expand(b, g, -1).contiguous(), right=True).to(torch.int32)
 
     def head_orders(self) -> torch.Tensor:
         """The ranking each head reads: `[B, Hq, Nb, Nb]` (a view when R = Hq, else an expanded copy)."""

@@ -28,6 +28,8 @@ __all__ = [
     "block_counts",
     "select_blocks",
     "block_sparse_attention",
+    "proxy_columns",
+    "column_rows",
 ]
 
 
@@ -391,16 +393,60 @@ def select_blocks(
     return mask.to(scores.device)
 
 
-def block_sparse_attention(q, k, v, block_mask, *, block_size: int, scale: float):
-    """Exact causal attention restricted to kept blocks.
+def block_sparse_attention(q, k, v, block_mask, *, block_size: int, scale: float, columns: torch.Tensor | None = None):
+    """Exact causal attention restricted to kept blocks and, when given, to vertical columns.
 
-    block_mask `[B, Hq, Nb, Nb]` bool. Returns (out `[B, S, Hq, D]` fp32, lse `[B, Hq, S]` fp32, natural log).
+    block_mask `[B, Hq, Nb, Nb]` bool; columns int `[B, G, C]` or None: key token indices that query head h attends
+    besides its kept blocks (row h // (Hq / G); each seen by the queries at or after it; a column inside a kept
+    block counts once). Returns (out `[B, S, Hq, D]` fp32, lse `[B, Hq, S]` fp32, natural log).
     """
-    s = q.shape[1]
+    b, s, hq, _ = q.shape
     token_block = torch.arange(s, device=q.device) // block_size
+    extra = None
+    if columns is not None:
+        extra = column_rows(columns, hq, s)[:, :, None, :]  # [B, Hq, 1, S]
 
     def allowed_rows(lo, hi):
         kept = block_mask[:, :, token_block[lo:hi]][:, :, :, token_block]
+        if extra is not None:
+            kept = kept | extra
         return kept & _causal_rows(lo, hi, s, q.device)[None, None]
 
     return _masked_attention(q, k, v, allowed_rows, scale)
+
+
+def column_rows(columns: torch.Tensor, num_q_heads: int, seq_len: int) -> torch.Tensor:
+    """bool `[B, Hq, S]`: key token j is a column of query head h (columns int `[B, G, C]`, head h reads row
+    h // (Hq / G))."""
+    b, g, _ = columns.shape
+    rows = torch.zeros(b, g, seq_len, dtype=torch.bool, device=columns.device)
+    rows.scatter_(-1, columns.long(), True)
+    return rows.repeat_interleave(num_q_heads // g, dim=1)
+
+
+def proxy_columns(q, k, *, proxy_heads: int, block_size: int, num_columns: int, scale: float, keep_sink: bool, keep_diagonal: bool):
+    """Vertical columns: int32 `[B, G, C]` (C = num_columns, at most S), each row ascending.
+
+    For each proxy head (`proxy_queries_keys`): the causal softmax of its query on every row of the last query block
+    against all keys, max over those rows; the C keys of largest value, ties to the lower index. Keys that every
+    query seeing them keeps anyway score lowest (taken only when nothing else is left): block 0 with keep_sink,
+    the last query block's keys with keep_diagonal (only that block's queries see them).
+    """
+    b, s, _, _ = q.shape
+    if not 0 < num_columns <= s:
+        raise ValueError(f"num_columns={num_columns} must lie in 1..S={s}")
+    pq, pk = proxy_queries_keys(q, k, proxy_heads)
+    last = s - ((s - 1) // block_size) * block_size  # rows of the last query block
+    rows = torch.arange(s - last, s, device=q.device)
+    logits = torch.einsum("brgd,bkgd->bgrk", pq[:, rows], pk) * scale  # [B, G, rows, S]
+    logits = logits.masked_fill(torch.arange(s, device=q.device)[None, :] > rows[:, None], float("-inf"))
+    score = torch.softmax(logits, dim=-1).amax(dim=2)  # [B, G, S]
+    covered = torch.zeros(s, dtype=torch.bool, device=q.device)
+    if keep_sink:
+        covered[: min(block_size, s)] = True
+    if keep_diagonal:
+        covered[s - last :] = True
+    # Covered keys last (-1 is below every probability); a stable descending sort puts the lower index first on ties.
+    key = torch.where(covered, -1.0, score)
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    return order[..., :num_columns].sort(dim=-1).values.to(torch.int32).contiguous()

@@ -30,13 +30,14 @@ def test_attr_kinds_cover_every_field_with_its_kind():
     kinds = attr_kinds()
     assert list(kinds) == list(FULL)
     assert kinds["pa_keep_sink"] == kinds["pa_keep_diagonal"] == "bool"
-    assert kinds["pa_gamma"] == kinds["pa_budget_fraction"] == kinds["pa_dense_density"] == "float"
+    assert kinds["pa_gamma"] == kinds["pa_budget_fraction"] == kinds["pa_dense_density"] == kinds["pa_column_fraction"] == "float"
     assert {k for k, v in kinds.items() if v == "int"} == set(FULL) - {
         "pa_keep_sink",
         "pa_keep_diagonal",
         "pa_gamma",
         "pa_budget_fraction",
         "pa_dense_density",
+        "pa_column_fraction",
     }
 
 

@@ -1,6 +1,8 @@
 """Block-sparse attention kernel (proxyattn.kernels.attention) against the fp32 reference, under the Triton
 interpreter on CPU tensors (small shapes). The GPU run of the same checks is tests/gpu/check_attention.py."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,68 @@ def test_full_plan_equals_dense(bs, bn):
     plan = BlockPlan.from_mask(torch.ones(1, 4, nb, nb, dtype=torch.bool), block_size=bs, seq_len=q.shape[1])
     out = attn.block_sparse_attention(q, k, v, plan, 0.125)
     assert_close(out, reference.dense_attention(q, k, v, 0.125), "fp16", what="full plan vs dense")
+
+
+def _random_columns(b, g, s, n, gen):
+    return torch.stack([torch.randperm(s, generator=gen)[:n].sort().values for _ in range(b * g)]).view(b, g, n).to(torch.int32)
+
+
+# (B, S, Hq, Hkv, G column rows, D, block, dtype, columns): ragged S, GQA 1/4/7/8, D 64/128/256, B > 1, a partial
+# last column tile, columns in kept blocks and in every row's future.
+COLUMN_CASES = [
+    (1, 200, 4, 1, 1, 64, 64, torch.float16, 70),
+    (2, 130, 8, 1, 1, 128, 128, torch.bfloat16, 64),
+    (1, 256, 2, 2, 2, 256, 64, torch.float16, 30),
+    (2, 300, 4, 4, 2, 64, 128, torch.bfloat16, 128),
+    (1, 100, 7, 1, 1, 64, 64, torch.bfloat16, 100),
+]
+
+
+@pytest.mark.parametrize("b,s,hq,hkv,g,d,bs,dtype,n", COLUMN_CASES)
+def test_column_plans_match_reference(b, s, hq, hkv, g, d, bs, dtype, n):
+    gen = torch.Generator().manual_seed(s * 13 + n)
+    q, k, v = _qkv(b, s, hq, hkv, d, dtype, gen)
+    plan = _random_plan(b, hq, s, bs, 0.3, gen)
+    plan = dataclasses.replace(plan, columns=_random_columns(b, g, s, n, gen))
+    scale = 0.7 / d**0.5
+    out, lse = attn.block_sparse_attention_with_lse(q, k, v, plan, scale)
+    ref_out, ref_lse = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=bs, scale=scale, columns=plan.columns)
+    what = f"columns {(b, s, hq, hkv, g, d, bs, n)}"
+    assert_close(out, ref_out, PREC[dtype], what=f"{what} out")
+    assert_close(lse, ref_lse, "fp32" if dtype == torch.float16 else "fp16", allow_inf=True, what=f"{what} lse")
+    assert_close(attn.block_sparse_attention(q, k, v, plan, scale), ref_out, PREC[dtype], what=f"{what} no lse")
+
+
+def test_columns_on_a_full_plan_change_nothing_and_every_column_gives_dense():
+    """Oracles: a full plan with columns is dense attention (a column inside a kept block counts once); the diagonal
+    alone with every token as a column is dense attention too."""
+    gen = torch.Generator().manual_seed(9)
+    s, nb = 150, 3
+    q, k, v = _qkv(1, s, 4, 1, 64, torch.float16, gen)
+    dense = reference.dense_attention(q, k, v, 0.125)
+    full = BlockPlan.from_mask(torch.ones(1, 4, nb, nb, dtype=torch.bool), block_size=64, seq_len=s)
+    full = dataclasses.replace(full, columns=_random_columns(1, 1, s, 50, gen))
+    assert_close(attn.block_sparse_attention(q, k, v, full, 0.125), dense, "fp16", what="full plan + columns")
+    diag = BlockPlan.from_mask(torch.eye(nb, dtype=torch.bool).expand(1, 4, nb, nb), block_size=64, seq_len=s)
+    diag = dataclasses.replace(diag, columns=torch.arange(s, dtype=torch.int32).view(1, 1, s))
+    assert_close(attn.block_sparse_attention(q, k, v, diag, 0.125), dense, "fp16", what="diagonal + every column")
+
+
+def test_dense_heads_with_columns_run_in_the_sparse_kernel():
+    """A plan with columns and dense heads: every head through the block-sparse kernel, then the columns (the split
+    path, which sends dense groups to the dense kernel, is not taken)."""
+    gen = torch.Generator().manual_seed(10)
+    s, nb = 200, 4
+    q, k, v = _qkv(1, s, 4, 2, 64, torch.bfloat16, gen)
+    plan = _random_plan(1, 4, s, 64, 0.3, gen)
+    counts = plan.counts.clone()
+    counts[0, :2] = torch.arange(1, nb + 1, dtype=torch.int32)  # KV group 0 dense
+    heads = torch.tensor([[True, True, False, False]])
+    plan = dataclasses.replace(plan, counts=counts, dense_heads=heads, columns=_random_columns(1, 1, s, 40, gen))
+    ref, _ = reference.block_sparse_attention(q, k, v, plan.to_mask(), block_size=64, scale=0.125, columns=plan.columns)
+    assert_close(attn.block_sparse_attention(q, k, v, plan, 0.125), ref, "bf16", what="dense heads + columns")
+    split = attn.block_sparse_attention_split(q, k, v, plan, 0.125, torch.tensor([[True, False]]), torch.tensor([[True, False]]))
+    assert_close(split, ref, "bf16", what="split entry + columns")
 
 
 def test_strided_inputs():

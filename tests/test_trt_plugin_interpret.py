@@ -410,6 +410,14 @@ def test_estimators_without_a_plugin_are_refused():
         to_tensorrt_graph(model, max_seq_len=1024)
 
 
+def test_vertical_columns_are_refused():
+    from plugins.tensorrt.graph import to_tensorrt_graph
+
+    model = _attention_model(1, 10, 4, 1, 64, ProxyAttnConfig(block_size=64, column_fraction=0.02), 0.125)
+    with pytest.raises(ValueError, match=r"pa_column_fraction=0.02 \(vertical columns\) has no TensorRT plugin; allowed: 0"):
+        to_tensorrt_graph(model, max_seq_len=1024)
+
+
 def test_sliding_window_nodes_are_left_to_their_local_function():
     from plugins.tensorrt.graph import to_tensorrt_graph
     from export import contract

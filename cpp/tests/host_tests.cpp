@@ -162,7 +162,7 @@ std::map<std::string, Value> node_fields() {
           {"pa_keep_diagonal", I(1)},      {"pa_dense_below_tokens", I(8192)}, {"pa_budget_fraction", F(0.25f)},
           {"pa_dense_first_layers", I(0)}, {"pa_dense_layer_mask", I(0)}, {"pa_estimator", I(0)},
           {"pa_budget_rule", I(1)},        {"pa_recall_rows", I(4)},      {"pa_dense_density", F(0.0f)},
-          {"scale", F(0.0625f)},           {"is_causal", I(1)},           {"sliding_window", I(0)}};
+          {"pa_column_fraction", F(0.0f)}, {"scale", F(0.0625f)},           {"is_causal", I(1)},           {"sliding_window", I(0)}};
 }
 
 // parse_fields over `fields` (plus `extra` appended, to give a field twice); returns its message.
@@ -193,8 +193,8 @@ void test_fields_read_every_value() {
   pa_trt::field_names(&n);
   int pa = 0;
   for (const auto &kv : node_fields()) pa += kv.first.rfind("pa_", 0) == 0;
-  check(n == 18 && node_fields().size() == 18u && pa == 15,
-        "the plugin declares 18 fields (15 pa_* + scale, is_causal, sliding_window)",
+  check(n == 19 && node_fields().size() == 19u && pa == 16,
+        "the plugin declares 19 fields (16 pa_* + scale, is_causal, sliding_window)",
         std::to_string(n) + " declared, " + std::to_string(node_fields().size()) + " given, " + std::to_string(pa) +
             " pa_*");
   check(pa_trt::field_index("pa_dense_density") >= 0, "pa_dense_density is a declared field");
@@ -232,6 +232,11 @@ void test_fields_read_the_dense_fallback_and_rule_3() {
                      "field pa_dense_density must be FLOAT32, not INT32");
   expect_field_error("missing pa_dense_density", [](auto &f) { f.erase("pa_dense_density"); },
                      "missing field(s) pa_dense_density; every declared field is required");
+  // pa_column_fraction (ProxyAttnConfig.column_fraction): declared, FLOAT32, required, only 0 (no columns here).
+  expect_field_error("column_fraction 0.02", [](auto &f) { f["pa_column_fraction"] = F(0.02f); },
+                     "pa_column_fraction=0.020000 is not supported: libproxyattn implements block selection only; allowed: 0");
+  expect_field_error("missing pa_column_fraction", [](auto &f) { f.erase("pa_column_fraction"); },
+                     "missing field(s) pa_column_fraction");
 }
 
 void test_fields_are_strict() {

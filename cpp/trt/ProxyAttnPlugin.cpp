@@ -160,7 +160,8 @@ class ProxyAttnPlugin : public IPluginV3, public IPluginV3OneCore, public IPlugi
     ints_ = {c.block_size, c.stride, c.proxy_heads, c.min_budget_tokens, c.keep_sink, c.keep_diagonal,
              c.dense_below_tokens, 0, 0, 0, c.budget_rule, c.recall_rows, attrs_.is_causal,
              attrs_.sliding_window};
-    floats_ = {c.gamma, c.budget_fraction, c.dense_density, attrs_.scale};  // the FLOAT32 fields in field_names() order
+    // The FLOAT32 fields in field_names() order; pa_column_fraction is always 0 here (parse_fields refuses others).
+    floats_ = {c.gamma, c.budget_fraction, c.dense_density, 0.0f, attrs_.scale};
     fields_.clear();
     size_t ii = 0, fi = 0;
     for (int i = 0; i < n; ++i) {

@@ -8,7 +8,8 @@
 // pa_estimator (int, must be 0: the only estimator libproxyattn implements), pa_budget_rule (int, 0 "mass",
 // 1 "recall", 2 "row_recall" or 3 "block_recall", proxyattn.config.BUDGET_RULES; other values are refused),
 // pa_recall_rows (int, a power of two dividing pa_block_size; read by rule 3), pa_dense_density (float, 0 = no
-// dense fallback, else (0, 1]). Every field is required (parse_fields): the plugin never substitutes a default for
+// dense fallback, else (0, 1]), pa_column_fraction (float, must be 0: libproxyattn selects blocks only, no
+// vertical columns). Every field is required (parse_fields): the plugin never substitutes a default for
 // a field the node lacks.
 #pragma once
 
@@ -47,13 +48,14 @@ inline const char *const *field_names(int *count) {
                                       "pa_keep_diagonal",      "pa_dense_below_tokens", "pa_budget_fraction",
                                       "pa_dense_first_layers", "pa_dense_layer_mask", "pa_estimator",
                                       "pa_budget_rule",        "pa_recall_rows",     "pa_dense_density",
-                                      "scale",                 "is_causal",          "sliding_window"};
+                                      "pa_column_fraction",    "scale",                 "is_causal",          "sliding_window"};
   *count = int(sizeof(names) / sizeof(names[0]));
   return names;
 }
 
 inline bool is_float_field(const std::string &n) {
-  return n == "pa_gamma" || n == "pa_budget_fraction" || n == "pa_dense_density" || n == "scale";
+  return n == "pa_gamma" || n == "pa_budget_fraction" || n == "pa_dense_density" || n == "pa_column_fraction" ||
+         n == "scale";
 }
 
 // Index of `name` in field_names(), or -1.
@@ -112,6 +114,10 @@ inline std::string apply_field(const std::string &name, int32_t iv, float fv, No
       return "pa_dense_density=" + std::to_string(fv) + " must be 0 (no dense fallback) or lie in (0, 1]";
     a->dense_density = fv;
     a->config.dense_density = fv;
+  } else if (name == "pa_column_fraction") {
+    if (fv != 0.0f)
+      return "pa_column_fraction=" + std::to_string(fv) +
+             " is not supported: libproxyattn implements block selection only; allowed: 0 (no vertical columns)";
   } else if (name == "scale") a->scale = fv;
   else if (name == "is_causal") a->is_causal = iv;
   else if (name == "sliding_window") a->sliding_window = iv;
@@ -119,7 +125,7 @@ inline std::string apply_field(const std::string &name, int32_t iv, float fv, No
 }
 
 // Reads the node's fields, strictly (as ProxyAttnConfig.from_attrs does in Python): every declared field
-// (field_names) must be given exactly once, with its type (FLOAT32 for pa_gamma, pa_budget_fraction, pa_dense_density and scale,
+// (field_names) must be given exactly once, with its type (FLOAT32 for pa_gamma, pa_budget_fraction, pa_dense_density, pa_column_fraction and scale,
 // INT32 otherwise) and one value. A missing, unknown or repeated field, a boolean other than 0/1 and a value the
 // config does not allow are errors; nothing falls back to a default. TensorRT's ONNX parser passes every declared
 // field the node carries (ONNX INT -> INT32, FLOAT -> FLOAT32) and export/contract.py writes every one of them.

@@ -33,8 +33,8 @@ TensorRT's TopK tie order (TopK sorts mass values only). Nodes with `sliding_win
 TensorRT's parser imports their model-local function (exact windowed attention), which is their semantics.
 Plugin nodes carry `plugin_namespace="proxy"`, `plugin_version="1"` and `aot=1` (TensorRT's ONNX parser then
 uses the AOT implementation). Each budget rule's part of the graph is one builder in `rule_counts` (`_rewrite_node`).
-What the graph cannot run is refused by name when it is built: estimators other than proxy, and profiles longer than
-`spec.MAX_RANK_BLOCKS` key blocks.
+What the graph cannot run is refused by name when it is built: estimators other than proxy, vertical columns
+(`column_fraction` other than 0), and profiles longer than `spec.MAX_RANK_BLOCKS` key blocks.
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ def _check_config(node: onnx.NodeProto, config, max_seq_len: int) -> None:
         raise ValueError(
             f"node {node.name!r}: pa_estimator={int(config.estimator)} ({config.estimator.label}) has no TensorRT plugin; "
             f"allowed: {int(Estimator.PROXY)} ({Estimator.PROXY.label}, the proxy-head estimator of the ProxyScores plugin)"
+        )
+    if config.column_fraction != 0.0:
+        raise ValueError(
+            f"node {node.name!r}: pa_column_fraction={config.column_fraction} (vertical columns) has no TensorRT plugin; "
+            "allowed: 0 (blocks only; columns run in the Triton kernels and the ONNX Runtime op)"
         )
     nb_max = -(-max_seq_len // config.block_size)
     if nb_max > S.MAX_RANK_BLOCKS:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..plan import BlockPlan
+from .columns import merge_columns
 from .estimate_common import _SMEM_BUDGET
 
 try:  # Triton >= 3.3
@@ -444,7 +445,10 @@ def block_sparse_attention_with_lse(q, k, v, plan: BlockPlan, scale: float):
         (out `[B, S, Hq, D]` in q.dtype, lse `[B, Hq, S]` float32 natural log; -inf for rows with no kept key).
     """
     _check_kernel_inputs(q, k, v)
-    return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=True)
+    out, lse = _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=True)
+    if plan.columns is not None:
+        merge_columns(q, k, v, out, lse, plan, scale)
+    return out, lse
 
 
 def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tensor:
@@ -453,8 +457,12 @@ def block_sparse_attention(q, k, v, plan: BlockPlan, scale: float) -> torch.Tens
     Heads in `plan.dense_heads` (the dense fallback) run through the dense kernel (cuDNN), KV group by KV group, and
     the others through the block-sparse kernel. Which groups is read on the host (one small device-to-host copy): in
     eager mode only; while a CUDA graph is being captured every head runs in the block-sparse kernel, the dense
-    heads walking all their causal blocks (same result, at the block-sparse kernel's speed)."""
+    heads walking all their causal blocks (same result, at the block-sparse kernel's speed). A plan with columns
+    runs every head through the block-sparse kernel, then the column kernel (`columns.merge_columns`), which leaves
+    full rows as they are."""
     _check_kernel_inputs(q, k, v)
+    if plan.columns is not None:
+        return block_sparse_attention_with_lse(q, k, v, plan, scale)[0]
     if plan.dense_heads is None or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _launch_sparse(q, k, v, plan.order, plan.counts, None, q.shape[1], plan.block_size, scale, with_lse=False)[0]
     return _with_dense_groups(q, k, v, plan, scale)
@@ -472,7 +480,7 @@ def block_sparse_attention_split(q, k, v, plan: BlockPlan, scale: float, groups:
     """Eager mixed execution with the dense KV groups already known on the host (the dense fallback's early decision,
     `api.early_dense_groups`): those groups through `dense_attention`, every other head through the block-sparse
     kernel, including heads the plan marked dense later (their counts cover every causal block). No device
-    synchronisation.
+    synchronisation. A plan with columns runs as `block_sparse_attention` runs it.
 
     Args:
         q: `[B, S, Hq, D]`; k, v: `[B, S, Hkv, D]`; plan: `BlockPlan` as `block_sparse_attention_with_lse`.
@@ -481,6 +489,8 @@ def block_sparse_attention_split(q, k, v, plan: BlockPlan, scale: float, groups:
         out `[B, S, Hq, D]` in q.dtype.
     """
     _check_kernel_inputs(q, k, v)
+    if plan.columns is not None:
+        return block_sparse_attention_with_lse(q, k, v, plan, scale)[0]
     heads = groups[:, :, None].expand(-1, -1, q.shape[2] // k.shape[2]).reshape(q.shape[0], q.shape[2])
     return _split(q, k, v, plan, scale, heads, groups_host)
 

@@ -15,9 +15,9 @@ from tests.cpp.libproxyattn import BF16, LIB_DEFAULT, Config, Problem
 
 
 # The plugin's FLOAT32 fields (cpp/trt/plugin_logic.h is_float_field); every other field is INT32.
-PLUGIN_FLOAT_FIELDS = {"pa_gamma", "pa_budget_fraction", "pa_dense_density", "scale"}
-# The plugin's declared fields: 15 pa_* (ProxyAttnConfig.to_attrs) + scale, is_causal, sliding_window.
-PLUGIN_FIELD_COUNT = 18
+PLUGIN_FLOAT_FIELDS = {"pa_gamma", "pa_budget_fraction", "pa_dense_density", "pa_column_fraction", "scale"}
+# The plugin's declared fields: 16 pa_* (ProxyAttnConfig.to_attrs) + scale, is_causal, sliding_window.
+PLUGIN_FIELD_COUNT = 19
 
 
 def _parse_fields(host, fields: dict, *, as_float=(), as_int=()):
@@ -73,7 +73,7 @@ def test_trt_plugin_requires_every_field(host):
     """Each field the exporter writes is required: without it the plugin refuses the node and names the field and
     the whole declared set (before this change a missing field silently took ProxyAttnConfig's default)."""
     attrs = _node_fields()
-    assert len(attrs) == PLUGIN_FIELD_COUNT and sum(k.startswith("pa_") for k in attrs) == 15
+    assert len(attrs) == PLUGIN_FIELD_COUNT and sum(k.startswith("pa_") for k in attrs) == 16
     assert "pa_dense_density" in attrs
     assert _parse_fields(host, attrs)[0] == 0
     for name in attrs:
@@ -156,6 +156,10 @@ def test_trt_plugin_declares_every_node_attribute(host):
         ({"pa_recall_rows": 128, "pa_block_size": 64}, "pa_recall_rows=128 must divide pa_block_size=64"),
         ({"pa_dense_density": 1.5}, "pa_dense_density=1.500000 must be 0 (no dense fallback) or lie in (0, 1]"),
         ({"pa_dense_density": -0.5}, "pa_dense_density=-0.5"),
+        (
+            {"pa_column_fraction": 0.02},
+            "pa_column_fraction=0.020000 is not supported: libproxyattn implements block selection only; allowed: 0",
+        ),
     ],
 )
 def test_trt_plugin_refuses_what_it_cannot_run(host, change, needle):
