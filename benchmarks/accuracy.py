@@ -95,6 +95,11 @@ METHODS = {
     "static 0.2": dict(budget_fraction=0.2),
     "static 0.35": dict(budget_fraction=0.35),
     "static 0.5": dict(budget_fraction=0.5),
+    # vertical columns (column_fraction) beside the default rule's blocks and beside small fixed budgets
+    "block_recall g0.83 col0.02": dict(gamma=0.83, budget_rule="block_recall", column_fraction=0.02),
+    "block_recall g0.7 col0.02": dict(gamma=0.7, budget_rule="block_recall", column_fraction=0.02),
+    "static 0.1 col0.02": dict(budget_fraction=0.1, column_fraction=0.02),
+    "static 0.05 col0.05": dict(budget_fraction=0.05, column_fraction=0.05),
 }
 # `--methods frontier`: the methods of the accuracy-against-density frontier (benchmarks/frontier.py draws it; the
 # README's table and plot put every model's run together)
@@ -274,7 +279,7 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
         )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     plan = plan_blocks(q, k, cfg, scale=scaling)
-    _sparse["densities"].append(plan.density())  # [B, Hq]
+    _sparse["densities"].append(plan.density() + plan.column_density())  # [B, Hq], the columns' work included
     return block_sparse_attention(q, k, v, plan, scale=scaling), None
 
 
@@ -321,7 +326,7 @@ def plan_stats(cfgs: dict, captured) -> dict:
             plan = plan_blocks(q, k, cfg, scale=scale)
             rec = metrics.attention_recall(q, k, plan, scale=scale)
             entry["methods"][name] = {
-                "density": [round(x, 4) for x in plan.density()[0].tolist()],
+                "density": [round(x, 4) for x in (plan.density() + plan.column_density())[0].tolist()],
                 "budget": [round(x, 4) for x in plan.budgets[0].tolist()],
                 "recall": [round(x, 4) for x in rec[0].tolist()],
             }

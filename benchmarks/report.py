@@ -295,11 +295,22 @@ def current_default() -> dict:
     return mod.ProxyAttnConfig().to_attrs()
 
 
+# Config fields added after result files were written, with the value every earlier run had (the feature off): a file
+# whose recorded default lacks one ran with that value.
+ADDED_FIELDS = {"pa_column_fraction": 0.0}
+
+
+def recorded_default(d: dict) -> dict | None:
+    """The file's default config (`default_config`) with the fields added since filled in at their earlier value."""
+    base = d.get("default_config")
+    return None if base is None else {**base, **{k: v for k, v in ADDED_FIELDS.items() if k not in base}}
+
+
 def label_config(d: dict, label: str) -> dict | None:
     """The config (ONNX attributes) a row's label names: the file's default (`default_config`) with the label's
     numeric `field=value` overrides ("gamma=0.83, dense_density=0.8"); None when the file records no default or the
     label is not of that form."""
-    base = d.get("default_config")
+    base = recorded_default(d)
     if base is None:
         return None
     attrs = dict(base)
@@ -321,7 +332,7 @@ def method_name(d: dict, label: str) -> str:
     measured before it became the default) is called "default"."""
     if not label.startswith("default"):
         return "default" if label_config(d, label) == current_default() else label
-    if d.get("default_config") == current_default():
+    if recorded_default(d) == current_default():
         return label
     return f"default@{d['commit'][:7]}" + label[len("default") :]
 

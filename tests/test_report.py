@@ -34,6 +34,18 @@ def test_default_keeps_its_name_only_when_the_file_ran_todays_default():
     assert report.method_name(older, "budget_fraction=0.1") == "budget_fraction=0.1"
 
 
+def test_a_file_written_before_a_field_was_added_ran_that_fields_earlier_value():
+    """column_fraction came later: a file whose default lacks it ran without columns, which is today's default; a
+    column row keeps its label (its override is not the default)."""
+    before = {k: v for k, v in TODAY.items() if k != "pa_column_fraction"}
+    d = {"commit": "abcdef123", "default_config": before}
+    assert report.method_name(d, "default") == "default"
+    assert report.label_config(d, "column_fraction=0.02, budget_fraction=0.02")["pa_column_fraction"] == 0.02
+    assert report.method_name(d, "column_fraction=0.02, budget_fraction=0.02") == "column_fraction=0.02, budget_fraction=0.02"
+    older = {"commit": "abcdef123", "default_config": {**before, "pa_gamma": 0.9}}
+    assert report.method_name(older, "default") == "default@abcdef1"
+
+
 def test_a_label_of_overrides_that_amount_to_todays_default_is_called_default():
     """A file made before a default switch: its `default` is the old default, and the row measured as the overrides
     that are today's default is reported as "default"."""
