@@ -74,7 +74,29 @@ def interleaved_ms(fns: dict, rounds: int, budget_ms: float) -> dict[str, float]
     return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
-# The whole-method rows also run on random inputs (diffuse attention: the dense fallback's case).
+# The whole-method rows (c), by name (`--config` picks some).
+PROXY_CONFIGS = [
+    ("default", ProxyAttnConfig()),
+    ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
+    ("gamma=0.9", ProxyAttnConfig(gamma=0.9)),
+    ("gamma=0.85", ProxyAttnConfig(gamma=0.85)),
+    ("gamma=0.8", ProxyAttnConfig(gamma=0.8)),
+    # the default's gamma with the fallback's earlier threshold: diffuse inputs plan ~0.84 and run sparse
+    ("dense_density=0.9", ProxyAttnConfig(dense_density=0.9)),
+    ("recall_rows=2", ProxyAttnConfig(recall_rows=2)),
+    ("recall_rows=2, gamma=0.9", ProxyAttnConfig(recall_rows=2, gamma=0.9)),
+    ("budget_rule=2", ProxyAttnConfig(budget_rule="row_recall")),
+    ("budget_rule=0", ProxyAttnConfig(budget_rule="mass")),
+    ("budget_fraction=0.05", ProxyAttnConfig(budget_fraction=0.05)),
+    ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
+    ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
+    # vertical columns (ProxyAttnConfig.column_fraction) beside the default's blocks and beside small fixed budgets
+    ("column_fraction=0.02", ProxyAttnConfig(column_fraction=0.02)),
+    ("column_fraction=0.02, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02)),
+    ("column_fraction=0.01, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.01, budget_fraction=0.02)),
+]
+
+# The whole-method rows that also run on random inputs (diffuse attention: the dense fallback's case).
 RANDOM_ROWS = ("default", "default, no dense fallback", "dense_density=0.9", "budget_fraction=0.1")
 
 
@@ -147,6 +169,10 @@ def main() -> int:
     )
     ap.add_argument("--config", action="append", default=None, metavar="NAME", help="only this whole-method row (repeatable)")
     args = ap.parse_args()
+    unknown = sorted(set(args.config or ()) - {name for name, _ in PROXY_CONFIGS})
+    if unknown:
+        print(f"attention.py: --config {unknown[0]!r}: allowed {', '.join(repr(name) for name, _ in PROXY_CONFIGS)}", file=sys.stderr)
+        return 2
     if args.plot_only:
         with open(args.plot_only) as f:
             plot(json.load(f), args.plot or os.path.splitext(args.plot_only)[0] + ".png")
@@ -280,32 +306,7 @@ def main() -> int:
     # against cuDNN in the same run, density of what ran (dense groups count as 1), groups that ran dense, and the
     # output's relative error against cuDNN's ||out - dense|| / ||dense|| (fp32 of the bf16 outputs).
     res["proxy_inputs"] = ["structured_qkv", "random"] if structured_qkv is not None else ["random"]
-    configs = [
-        ("default", ProxyAttnConfig()),
-        ("default, no dense fallback", ProxyAttnConfig(dense_density=None)),
-        ("gamma=0.9", ProxyAttnConfig(gamma=0.9)),
-        ("gamma=0.85", ProxyAttnConfig(gamma=0.85)),
-        ("gamma=0.8", ProxyAttnConfig(gamma=0.8)),
-        # the default's gamma with the fallback's earlier threshold: diffuse inputs plan ~0.84 and run sparse
-        ("dense_density=0.9", ProxyAttnConfig(dense_density=0.9)),
-        ("recall_rows=2", ProxyAttnConfig(recall_rows=2)),
-        ("recall_rows=2, gamma=0.9", ProxyAttnConfig(recall_rows=2, gamma=0.9)),
-        ("budget_rule=2", ProxyAttnConfig(budget_rule="row_recall")),
-        ("budget_rule=0", ProxyAttnConfig(budget_rule="mass")),
-        ("budget_fraction=0.05", ProxyAttnConfig(budget_fraction=0.05)),
-        ("budget_fraction=0.1", ProxyAttnConfig(budget_fraction=0.1)),
-        ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
-        # vertical columns (ProxyAttnConfig.column_fraction) beside the default's blocks and beside small fixed budgets
-        ("column_fraction=0.02", ProxyAttnConfig(column_fraction=0.02)),
-        ("column_fraction=0.02, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02)),
-        ("column_fraction=0.01, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.01, budget_fraction=0.02)),
-    ]
-    if args.config:
-        unknown = sorted(set(args.config) - {name for name, _ in configs})
-        if unknown:
-            print(f"attention.py: --config {unknown[0]!r}: allowed {', '.join(name for name, _ in configs)}", file=sys.stderr)
-            return 2
-        configs = [(name, cfg) for name, cfg in configs if name in args.config]
+    configs = [(name, cfg) for name, cfg in PROXY_CONFIGS if not args.config or name in args.config]
     for s in sizes:
         for kind in res["proxy_inputs"]:
             if kind == "structured_qkv":

@@ -175,6 +175,4 @@ def test_packed_batches_refuse_columns_by_name():
         proxyattn.plan_blocks_varlen(q, k, cu, 68, cfg)
     plan = proxyattn.plan_blocks_varlen(q, k, cu, 68, cfg.replace(column_fraction=0.0))
     with pytest.raises(ValueError, match=r"plan.columns is set"):
-        proxyattn.block_sparse_attention_varlen(
-            q, k, v, cu, 68, dataclasses.replace(plan, columns=torch.zeros(2, 1, 8, dtype=torch.int32))
-        )
+        proxyattn.block_sparse_attention_varlen(q, k, v, cu, 68, dataclasses.replace(plan, columns=torch.zeros(2, 1, 8, dtype=torch.int32)))

@@ -36,6 +36,7 @@ def _run(tmp_path, *args):
         ("checks", ["-m tests.gpu.check_estimation --out", "-m tests.gpu.check_estimation --recall", "-m tests.gpu.check_trt_launch"]),
         ("bench", ["benchmarks/kernel_configs.py --out", "benchmarks/attention.py --out"]),
         ("oracle", ["benchmarks/oracle_structured.py --device cuda --seq-len 131072"]),
+        ("columns", ["-m pytest -m gpu tests/gpu/test_gpu_attention.py -k vertical_columns", "benchmarks/attention.py --section proxy"]),
     ],
 )
 def test_each_part_runs_its_commands(tmp_path, part, expected):
@@ -44,8 +45,9 @@ def test_each_part_runs_its_commands(tmp_path, part, expected):
     assert len(calls) == len(expected)
     for call, start in zip(calls, expected):
         assert call.startswith(start), (call, start)
-        assert "--commit abc1234" in call or part == "tests"
-    assert part not in ("bench", "oracle") or all("_h100." in c for c in calls)  # result files are named by the card
+        assert "--commit abc1234" in call or "-m pytest" in call
+    assert part not in ("bench", "oracle") or all("_h100." in c for c in calls)
+    assert part != "columns" or "attention_columns_h100.json" in calls[-1]  # result files are named by the card
 
 
 def test_all_runs_every_part_in_order(tmp_path):
@@ -65,7 +67,7 @@ def test_all_runs_every_part_in_order(tmp_path):
 def test_unknown_part_is_refused(tmp_path):
     r, calls = _run(tmp_path, "abc1234", "benchmarks")
     assert r.returncode == 2 and calls == []
-    assert "part 'benchmarks': allowed tests, checks, bench, oracle or all" in r.stderr
+    assert "part 'benchmarks': allowed tests, checks, bench, oracle, columns or all" in r.stderr
 
 
 def test_named_scripts_exist():
@@ -74,3 +76,19 @@ def test_named_scripts_exist():
         assert (ROOT / path).is_file(), path
     for module in re.findall(r"-m (tests\.gpu\.\w+)", text):
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+
+
+def test_attention_benchmark_refuses_an_unknown_row_by_name():
+    """benchmarks/attention.py --config: an unknown whole-method row exits 2 naming it and the allowed rows, before
+    any GPU work (so on the CPU too)."""
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "benchmarks/attention.py", "--out", "unused.json", "--section", "proxy", "--config", "bogus"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "--config 'bogus': allowed 'default'" in r.stderr and "'column_fraction=0.02, budget_fraction=0.02'" in r.stderr

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and the result files, from the repository root, in parts that each fit one device call (600 s):
-#   bash tests/gpu/run_all.sh <commit> [tests|checks|bench|oracle|all]
+#   bash tests/gpu/run_all.sh <commit> [tests|checks|bench|oracle|columns|all]
 #   tests   pytest -m gpu tests/gpu without the serving test (attention, estimation, TensorRT-layout launches, and
 #           libproxyattn when PROXYATTN_CPP_LIB names a build carried from the CPU machine, or PROXYATTN_CPP_BUILD a
 #           build directory, or cmake + nvcc are there). H100, library carried: 265 s at commit 3b48b1a; over 420 s at
@@ -8,16 +8,18 @@
 #   checks  the estimation and TensorRT-launch check scripts (their JSON result files).
 #   bench   the block-sparse kernel's launch configs against each other, then the attention benchmark.
 #   oracle  the exact-mass oracle and the default's ranking/count split at 128K (benchmarks/oracle_structured.py).
+#   columns vertical columns: their GPU checks, then the whole-method rows with and without columns at 32K and 128K
+#           (benchmarks/attention.py --section proxy).
 #   all     tests, checks and bench in a row (default; longer than one device call: for a machine kept warm between calls).
 # Writes logs and JSON under $OUT (default ./gpu_out); exit status non-zero when any step failed.
 set -uo pipefail
-usage="usage: run_all.sh <commit> [tests|checks|bench|oracle|all]"
+usage="usage: run_all.sh <commit> [tests|checks|bench|oracle|columns|all]"
 commit=${1:?$usage}
 part=${2:-all}
 case "$part" in
-  tests | checks | bench | oracle | all) ;;
+  tests | checks | bench | oracle | columns | all) ;;
   *)
-    echo "run_all.sh: part '$part': allowed tests, checks, bench, oracle or all" >&2
+    echo "run_all.sh: part '$part': allowed tests, checks, bench, oracle, columns or all" >&2
     exit 2
     ;;
 esac
@@ -47,5 +49,13 @@ fi
 if [ "$part" = oracle ]; then
   python3 benchmarks/oracle_structured.py --device cuda --seq-len 131072 --seed 131072 --commit "$commit" \
     --out "$out/oracle_structured_131072_$tag.json" 2>&1 | tee "$out/oracle_structured.log" || status=1
+fi
+if [ "$part" = columns ]; then
+  python3 -m pytest -m gpu tests/gpu/test_gpu_attention.py -k vertical_columns -p no:cacheprovider -rfEs \
+    2>&1 | tee "$out/pytest_gpu_columns_$tag.log" || status=1
+  python3 benchmarks/attention.py --section proxy --sizes 32768,131072 --rounds 3 --commit "$commit" \
+    --config default --config "column_fraction=0.02, budget_fraction=0.02" --config "column_fraction=0.01, budget_fraction=0.02" \
+    --config "column_fraction=0.02" --config budget_fraction=0.1 \
+    --out "$out/attention_columns_$tag.json" 2>&1 | tee "$out/attention_columns.log" || status=1
 fi
 exit $status

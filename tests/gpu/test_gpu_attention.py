@@ -51,3 +51,8 @@ def test_dense_attention(s):
 
 def test_proxy_attention_on_the_gpu_plan():
     assert 0.0 < ca.check_proxy() <= 1.0
+
+
+@pytest.mark.parametrize("i", range(len(ca.COLUMN_SHAPES)))
+def test_vertical_columns(i):
+    assert ca.check_columns(i) < 1.0
