@@ -435,10 +435,10 @@ def proxy_columns(q, k, *, proxy_heads: int, block_size: int, num_columns: int, 
     b, s, _, _ = q.shape
     if not 0 < num_columns <= s:
         raise ValueError(f"num_columns={num_columns} must lie in 1..S={s}")
-    pq, pk = proxy_queries_keys(q, k, proxy_heads)
     last = s - ((s - 1) // block_size) * block_size  # rows of the last query block
     rows = torch.arange(s - last, s, device=q.device)
-    logits = torch.einsum("brgd,bkgd->bgrk", pq[:, rows], pk) * scale  # [B, G, rows, S]
+    pq, pk = proxy_queries_keys(q[:, s - last :], k, proxy_heads)  # only the last block's queries are pooled
+    logits = torch.einsum("brgd,bkgd->bgrk", pq, pk) * scale  # [B, G, rows, S]
     logits = logits.masked_fill(torch.arange(s, device=q.device)[None, :] > rows[:, None], float("-inf"))
     score = torch.softmax(logits, dim=-1).amax(dim=2)  # [B, G, S]
     covered = torch.zeros(s, dtype=torch.bool, device=q.device)
