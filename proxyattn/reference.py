@@ -437,7 +437,10 @@ def proxy_columns(q, k, *, proxy_heads: int, block_size: int, num_columns: int, 
         raise ValueError(f"num_columns={num_columns} must lie in 1..S={s}")
     last = s - ((s - 1) // block_size) * block_size  # rows of the last query block
     rows = torch.arange(s - last, s, device=q.device)
-    pq, pk = proxy_queries_keys(q[:, s - last :], k, proxy_heads)  # only the last block's queries are pooled
+    # The proxy heads of proxy_queries_keys, pooling only the last block's queries (no fp32 copy of every query).
+    hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    pq = q[:, s - last :].float().reshape(b, last, proxy_heads, hq // proxy_heads, d).mean(dim=3)
+    pk = k.float().reshape(b, s, proxy_heads, hkv // proxy_heads, d).mean(dim=3)
     logits = torch.einsum("brgd,bkgd->bgrk", pq, pk) * scale  # [B, G, rows, S]
     logits = logits.masked_fill(torch.arange(s, device=q.device)[None, :] > rows[:, None], float("-inf"))
     score = torch.softmax(logits, dim=-1).amax(dim=2)  # [B, G, S]
