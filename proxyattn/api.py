@@ -75,13 +75,29 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     cfg = _config(config)
     _check_inputs(q, k)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
-    return _SCORES[cfg.estimator](q, k, cfg, resolve_scale(scale, q.shape[-1]), _kernels(q))
+    return _scores(q, k, cfg, scale, proxy_columns(q, k, cfg, scale=scale))
 
 
-def _proxy_estimator_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend) -> torch.Tensor:
+def _scores(q, k, cfg: ProxyAttnConfig, scale, columns) -> torch.Tensor:
+    """The estimator's block scores; with vertical columns (int32 `[B, G, C]`) their keys are left out of the
+    max-pool (`reference.proxy_scores`' exclude)."""
+    sc = resolve_scale(scale, q.shape[-1])
+    if columns is None:
+        return _SCORES[cfg.estimator](q, k, cfg, sc, _kernels(q))
+    return _proxy_estimator_scores(q, k, cfg, sc, _kernels(q), exclude=_column_mask(columns, q.shape[1]))
+
+
+def _column_mask(columns: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """bool `[B, G, S]`: the key tokens of each proxy head's columns."""
+    return reference.column_rows(columns, columns.shape[1], seq_len)
+
+
+def _proxy_estimator_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend, exclude=None) -> torch.Tensor:
     if backend is not None and hasattr(backend, "proxy_scores"):
-        return backend.proxy_scores(q, k, cfg, sc)
-    return reference.proxy_scores(q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride, scale=sc)
+        return backend.proxy_scores(q, k, cfg, sc, exclude=exclude)
+    return reference.proxy_scores(
+        q, k, proxy_heads=cfg.proxy_heads, block_size=cfg.block_size, stride=cfg.stride, scale=sc, exclude=exclude
+    )
 
 
 def _variant_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend) -> torch.Tensor:
@@ -250,8 +266,9 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
 
 
 def _plan(q, k, cfg: ProxyAttnConfig, scale, early) -> BlockPlan:
-    plan = _rule_path(cfg).plan(q, k, cfg, scale, early, proxy_scores(q, k, cfg, scale=scale))
-    return _with_columns(plan, q, k, cfg, scale)
+    columns = proxy_columns(q, k, cfg, scale=scale)
+    plan = _rule_path(cfg).plan(q, k, cfg, scale, early, _scores(q, k, cfg, scale, columns))
+    return plan if columns is None else dataclasses.replace(plan, columns=columns)
 
 
 def proxy_columns(q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None) -> torch.Tensor | None:
@@ -274,11 +291,6 @@ def proxy_columns(q, k, config: ProxyAttnConfig | None = None, *, scale: float |
         keep_sink=cfg.keep_sink,
         keep_diagonal=cfg.keep_diagonal,
     )
-
-
-def _with_columns(plan: BlockPlan, q, k, cfg: ProxyAttnConfig, scale) -> BlockPlan:
-    columns = proxy_columns(q, k, cfg, scale=scale)
-    return plan if columns is None else dataclasses.replace(plan, columns=columns)
 
 
 def _budget_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores) -> BlockPlan:
@@ -306,9 +318,11 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
     early = None
     if config.dense_density_permille > 0 and config.budget_fraction is None:
         early = _reference_early_groups(q, k, config, scale)
-    scores = variants.proxy_scores(q, k, config, scale)
-    plan = _rule_path(config).reference_plan(q, k, config, scale, early, scores)
-    return _with_columns(dense_fallback(plan, k.shape[2], config, early=early), q, k, config, scale)
+    columns = proxy_columns(q, k, config, scale=scale)
+    exclude = None if columns is None else _column_mask(columns, q.shape[1])
+    scores = variants.proxy_scores(q, k, config, scale, exclude)
+    plan = dense_fallback(_rule_path(config).reference_plan(q, k, config, scale, early, scores), k.shape[2], config, early=early)
+    return plan if columns is None else dataclasses.replace(plan, columns=columns)
 
 
 def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores) -> BlockPlan:

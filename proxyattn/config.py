@@ -215,7 +215,9 @@ class ProxyAttnConfig:
             query and key as the block scores), each seen by the queries at or after it; a column inside a kept
             block counts once. Attention that falls on scattered tokens (heavy hitters far from the query) then
             needs no whole key block per token. `BlockPlan.columns` holds them; their cost is column_fraction of the
-            causal area. The Triton kernels and the reference implement columns; the TensorRT graph, the TensorRT
+            causal area. With columns the block scores leave the column keys out of their max-pool (the blocks then
+            rank by what the columns do not cover; `proxyattn.reference.proxy_scores`), which needs the proxy
+            estimator. The Triton kernels and the reference implement columns; the TensorRT graph, the TensorRT
             plugin and libproxyattn refuse a non-zero value (docs/deploy.md).
     """
 
@@ -283,6 +285,11 @@ class ProxyAttnConfig:
         if not (0.0 <= self.column_fraction <= MAX_COLUMN_FRACTION):
             raise ValueError(f"column_fraction={self.column_fraction!r} must lie in [0, {MAX_COLUMN_FRACTION}] (0: no columns)")
         object.__setattr__(self, "column_fraction", float(self.column_fraction))
+        if self.column_fraction and self.estimator is not Estimator.PROXY:
+            raise ValueError(
+                f"column_fraction={self.column_fraction} with estimator={self.estimator.label}: columns come from the proxy "
+                f"heads; allowed: estimator {Estimator.PROXY.label} ({int(Estimator.PROXY)}), or column_fraction 0"
+            )
         _check_int("recall_rows", self.recall_rows)
         allowed_rows = [1 << i for i in range(self.block_size.bit_length()) if (1 << i) <= self.block_size]
         if self.recall_rows not in allowed_rows:

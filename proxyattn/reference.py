@@ -90,12 +90,16 @@ def proxy_queries_keys(q, k, proxy_heads: int):
     return pq, pk
 
 
-def proxy_scores(q, k, *, proxy_heads: int, block_size: int, stride: int, scale: float) -> torch.Tensor:
+def proxy_scores(
+    q, k, *, proxy_heads: int, block_size: int, stride: int, scale: float, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Proxy block scores `[B, G, Nb, Nb]` fp32.
 
     For query rows 0, stride, 2*stride, ... the causal softmax of the proxy query against all keys; then
     score[m, n] = max of those probabilities over strided rows in query block m and keys in key block n.
-    Blocks above the diagonal (n > m) hold -inf.
+    Blocks above the diagonal (n > m) hold -inf. exclude: bool `[B, G, S]` or None, keys left out of the max (the
+    proxy head's vertical columns, attended anyway; the softmax still runs over every key): a block whose keys are
+    all excluded scores 0.
     """
     b, s, _, _ = q.shape
     nb = _num_blocks(s, block_size)
@@ -107,6 +111,8 @@ def proxy_scores(q, k, *, proxy_heads: int, block_size: int, stride: int, scale:
         logits = torch.einsum("brgd,bkgd->bgrk", pq[:, rows], pk[:, :hi]) * scale
         logits = logits.masked_fill(~_causal_rows(0, hi, hi, q.device)[rows], float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # [B, G, rows, hi]
+        if exclude is not None:
+            probs = probs.masked_fill(exclude[:, :, None, :hi], 0.0)
         probs = torch.nn.functional.pad(probs, (0, (m + 1) * block_size - hi))
         scores[:, :, m, : m + 1] = probs.reshape(b, proxy_heads, len(rows), m + 1, block_size).amax(dim=(2, 4))
     return scores

@@ -67,8 +67,16 @@ def block_mean_scores(q, k, *, block_size: int, scale: float) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).masked_fill(~causal, float("-inf"))
 
 
-def proxy_scores(q, k, config: ProxyAttnConfig, scale: float) -> torch.Tensor:
-    """Block scores of `config.estimator` (the reference of every estimator), fp32 `[B, R, Nb, Nb]` with R = G or Hq."""
+def proxy_scores(q, k, config: ProxyAttnConfig, scale: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Block scores of `config.estimator` (the reference of every estimator), fp32 `[B, R, Nb, Nb]` with R = G or Hq.
+    exclude: bool `[B, G, S]` keys left out of the proxy estimator's max (vertical columns; config validation allows
+    columns with the proxy estimator only)."""
+    if exclude is not None:
+        assert config.estimator is Estimator.PROXY
+        c = config
+        return reference.proxy_scores(
+            q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale, exclude=exclude
+        )
     return _SCORES[config.estimator](q, k, config, scale)
 
 

@@ -29,6 +29,11 @@ def test_bad_column_fraction_is_refused_by_name(bad):
         ProxyAttnConfig(column_fraction=bad)
 
 
+def test_columns_need_the_proxy_estimator():
+    with pytest.raises(ValueError, match=r"column_fraction=0.02 with estimator=head_max: .* allowed: estimator proxy \(0\)"):
+        ProxyAttnConfig(column_fraction=0.02, estimator="head_max")
+
+
 def test_column_fraction_round_trips_through_attributes():
     for c in (ProxyAttnConfig(), ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02), ProxyAttnConfig(column_fraction=0)):
         attrs = c.to_attrs()
@@ -143,8 +148,12 @@ def test_plan_blocks_attaches_columns_only_when_asked():
     plan = proxyattn.plan_blocks(q, k, cfg)
     assert plan.columns.shape == (1, 2, 128)
     assert torch.equal(plan.columns, proxyattn.proxy_columns(q, k, cfg))
-    same = proxyattn.plan_blocks(q, k, base.replace(proxy_heads=2))
-    assert torch.equal(plan.counts, same.counts) and torch.equal(plan.order, same.order)  # columns add, blocks stay
+    # The blocks rank by scores without the column keys (the public proxy_scores stage computes the same).
+    exclude = reference.column_rows(plan.columns, 2, 320)
+    scores = reference.proxy_scores(q, k, proxy_heads=2, block_size=64, stride=4, scale=0.125, exclude=exclude)
+    assert torch.equal(proxyattn.proxy_scores(q, k, cfg), scores)
+    blocks_only = proxyattn.select_blocks(scores, plan.budget_blocks, 320, cfg)
+    assert torch.equal(plan.order, blocks_only.order) and torch.equal(plan.counts, blocks_only.counts)
     ref = proxyattn.api.reference_plan(q, k, cfg, scale=0.125)
     assert torch.equal(ref.columns, plan.columns)
     assert proxyattn.proxy_columns(q, k, base) is None

@@ -64,6 +64,24 @@ def test_proxy_scores_match_reference(case):
     assert torch.isinf(got).logical_and(got < 0).equal(torch.ones(nb, nb, dtype=torch.bool).triu(1).expand(b, g, nb, nb))
 
 
+@pytest.mark.parametrize("g,bs", [(1, 64), (2, 128)])
+def test_scores_without_column_keys_match_reference(g, bs):
+    """Vertical columns left out of the max-pool (`exclude`): the kernel against the reference, columns in every block
+    position, a block made only of columns (its score is 0), ragged S, B 2."""
+    b, s = 2, 2 * bs + 37
+    q, k = _inputs("structured", b, s, 8, 2, 64, torch.bfloat16, seed=s)
+    cfg = ProxyAttnConfig(block_size=bs, stride=4, proxy_heads=g)
+    gen = torch.Generator().manual_seed(g)
+    exclude = torch.rand(b, g, s, generator=gen) < 0.2
+    exclude[0, 0, bs : 2 * bs] = True  # every key of block 1
+    got = es.proxy_scores(q, k, cfg, 0.125, exclude=exclude)
+    ref = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=0.125, exclude=exclude)
+    assert_close(got, ref, "tf32", allow_inf=True, what="scores without column keys")
+    assert (got[0, 0, 1:, 1] == 0).all()
+    plain = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=0.125)
+    assert (ref <= plain).all() and not torch.equal(ref, plain)
+
+
 def test_one_sweep_scores_equal_the_two_sweeps():
     """The scores' one sweep (row maxima + `_scores_from_rows_kernel`) gives exactly the two-sweep kernel's scores:
     one chunk, chunks of one query tile (the scratch bound forcing them), and a packed batch."""

@@ -1,6 +1,7 @@
 """Proxy block scores on the GPU (Triton): pooled proxy heads, then causal softmax statistics and max-pool.
 
-Layers: `_pool_heads_kernel`, `_proxy_rows_kernel` + `_scores_from_rows_kernel` and `_proxy_scores_kernel` (jit) ->
+Layers: `_pool_heads_kernel`, `_proxy_rows_kernel` (or `_proxy_rows_excl_kernel`, vertical columns left out of the
+max-pool) + `_scores_from_rows_kernel` and `_proxy_scores_kernel` (jit) ->
 `_launch_pool` / `_launch_scores` (allocate, grid) -> `proxy_scores` / `proxy_scores_varlen` (checks, shapes).
 
 1. Pooling. The proxy query of group g on token t is the mean of the group's query heads, its proxy key the mean
@@ -235,7 +236,9 @@ def _proxy_scores_kernel(
     )
 
     # Pass 1: online row max and sum, in log2 units. Key blocks left of the tile need no causal mask.
-    lse = _rows_sweep(q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, pq_ptr, 0, BS, BLOCK_M, False)
+    lse = _rows_sweep(
+        q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, pq_ptr, 0, pq_ptr, BS, BLOCK_M, False, False
+    )
 
     # Pass 2: per key block, max over the tile's rows of each query block of exp(max logit - lse):
     # the exponential is taken once per row, after the max over the block's keys.
@@ -259,7 +262,7 @@ def _proxy_scores_kernel(
 
 
 @triton.jit
-def _proxy_rows_kernel(
+def _proxy_rows_program(
     pq_ptr,
     pk_ptr,
     cu_ptr,
@@ -275,6 +278,9 @@ def _proxy_rows_kernel(
     stride_pkr,
     tile_lo,
     chunk_rows,
+    excl_ptr,
+    stride_eb,
+    stride_eg,
     STRIDE: tl.constexpr,
     BS: tl.constexpr,
     RPB: tl.constexpr,
@@ -282,11 +288,14 @@ def _proxy_rows_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr,
+    EXCLUDE: tl.constexpr,
 ):
-    """The scores' one sweep over the keys (`_scores_from_rows_kernel` finishes them): the program's strided proxy
+    """`_proxy_rows_kernel`'s program, with the columns' exclusion of `_proxy_rows_excl_kernel`. The scores' one sweep
+    over the keys (`_scores_from_rows_kernel` finishes them): the program's strided proxy
     rows (tile tile_lo + pid, QB query blocks) against the causal key blocks, writing each row's max logit per key
     block, rmax `[B*G, nb_max, chunk_rows]` (log2 units, -inf where the row sees none of the block), and each row's
-    log-sum-exp, lse `[B*G, chunk_rows]`; row i of the chunk is strided row tile_lo * QB * RPB + i."""
+    log-sum-exp, lse `[B*G, chunk_rows]`; row i of the chunk is strided row tile_lo * QB * RPB + i. EXCLUDE: the
+    keys flagged in excl `[B, G, S]` int8 (batched layout only) are left out of the row maxima (vertical columns)."""
     BLOCK_M: tl.constexpr = QB * RPB
     slot = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles (most key blocks) first
     tile = tile_lo + slot
@@ -315,10 +324,145 @@ def _proxy_rows_kernel(
         VARLEN,
     )
     row_at = rmax_ptr + bg.to(tl.int64) * nb_max * chunk_rows + slot * BLOCK_M + offs_r  # + n * chunk_rows
+    excl_base = excl_ptr + b.to(tl.int64) * stride_eb + g * stride_eg
     lse = _rows_sweep(
-        q, k_base, stride_pkr, length, tpos, offs_n, offs_d, dmask, qk_scale, n_full, n_end, row_at, chunk_rows, BS, BLOCK_M, True
+        q,
+        k_base,
+        stride_pkr,
+        length,
+        tpos,
+        offs_n,
+        offs_d,
+        dmask,
+        qk_scale,
+        n_full,
+        n_end,
+        row_at,
+        chunk_rows,
+        excl_base,
+        BS,
+        BLOCK_M,
+        True,
+        EXCLUDE,
     )
     tl.store(lse_ptr + bg.to(tl.int64) * chunk_rows + slot * BLOCK_M + offs_r, lse)
+
+
+@triton.jit
+def _proxy_rows_kernel(
+    pq_ptr,
+    pk_ptr,
+    cu_ptr,
+    rmax_ptr,
+    lse_ptr,
+    seq_len,
+    nb_max,
+    num_groups,
+    qk_scale,
+    stride_pqg,
+    stride_pqr,
+    stride_pkg,
+    stride_pkr,
+    tile_lo,
+    chunk_rows,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """The scores' one sweep over the keys (`_proxy_rows_program`): each row's max logit per key block and its
+    log-sum-exp. The TensorRT-free C library compiles this kernel ahead of time (cpp/tools/generate_kernels.py)."""
+    _proxy_rows_program(
+        pq_ptr,
+        pk_ptr,
+        cu_ptr,
+        rmax_ptr,
+        lse_ptr,
+        seq_len,
+        nb_max,
+        num_groups,
+        qk_scale,
+        stride_pqg,
+        stride_pqr,
+        stride_pkg,
+        stride_pkr,
+        tile_lo,
+        chunk_rows,
+        pq_ptr,
+        0,
+        0,
+        STRIDE,
+        BS,
+        RPB,
+        QB,
+        HEAD_DIM,
+        BLOCK_D,
+        VARLEN,
+        False,
+    )
+
+
+@triton.jit
+def _proxy_rows_excl_kernel(
+    pq_ptr,
+    pk_ptr,
+    cu_ptr,
+    rmax_ptr,
+    lse_ptr,
+    seq_len,
+    nb_max,
+    num_groups,
+    qk_scale,
+    stride_pqg,
+    stride_pqr,
+    stride_pkg,
+    stride_pkr,
+    tile_lo,
+    chunk_rows,
+    excl_ptr,
+    stride_eb,
+    stride_eg,
+    STRIDE: tl.constexpr,
+    BS: tl.constexpr,
+    RPB: tl.constexpr,
+    QB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """`_proxy_rows_kernel` with the keys flagged in excl `[B, G, S]` int8 left out of the row maxima (vertical
+    columns; batched layout)."""
+    _proxy_rows_program(
+        pq_ptr,
+        pk_ptr,
+        cu_ptr,
+        rmax_ptr,
+        lse_ptr,
+        seq_len,
+        nb_max,
+        num_groups,
+        qk_scale,
+        stride_pqg,
+        stride_pqr,
+        stride_pkg,
+        stride_pkr,
+        tile_lo,
+        chunk_rows,
+        excl_ptr,
+        stride_eb,
+        stride_eg,
+        STRIDE,
+        BS,
+        RPB,
+        QB,
+        HEAD_DIM,
+        BLOCK_D,
+        VARLEN,
+        True,
+    )
 
 
 @triton.jit
@@ -336,27 +480,40 @@ def _rows_sweep(
     n_end,
     rmax_at,
     row_stride,
+    excl_base,
     BS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     STORE: tl.constexpr,
+    EXCLUDE: tl.constexpr,
 ):
     """The tile's rows against key blocks 0 .. n_end - 1 (masked from n_full on): their log-sum-exp (log2 units); with
-    STORE each row's max logit of key block n is written at rmax_at + n * row_stride."""
+    STORE each row's max logit of key block n is written at rmax_at + n * row_stride. With EXCLUDE the keys flagged
+    (int8, non-zero) at excl_base + key position are left out of that max (-inf when all are), not out of the lse."""
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n in range(0, n_full):
         s = _score_tile(q, k_base, stride_kr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, False)
         s_max = tl.max(s, axis=1)
         if STORE:
-            tl.store(rmax_at + n * row_stride, s_max)
+            tl.store(rmax_at + n * row_stride, _kept_max(s, s_max, excl_base, n, length, offs_n, BS, EXCLUDE))
         m_i, l_i = _online_update(m_i, l_i, s, s_max)
     for n in range(n_full, n_end):
         s = _score_tile(q, k_base, stride_kr, n, length, tpos, offs_n, offs_d, dmask, qk_scale, BS, True)
         s_max = tl.max(s, axis=1)
         if STORE:
-            tl.store(rmax_at + n * row_stride, s_max)
+            tl.store(rmax_at + n * row_stride, _kept_max(s, s_max, excl_base, n, length, offs_n, BS, EXCLUDE))
         m_i, l_i = _online_update(m_i, l_i, s, s_max)
     return m_i + tl.log2(tl.maximum(l_i, 1.0e-30))
+
+
+@triton.jit
+def _kept_max(s, s_max, excl_base, n, length, offs_n, BS: tl.constexpr, EXCLUDE: tl.constexpr):
+    """Each row's max logit of key block n over the keys not excluded (s_max itself without EXCLUDE)."""
+    if EXCLUDE:
+        kpos = n * BS + offs_n
+        ex = tl.load(excl_base + kpos, mask=kpos < length, other=0)
+        return tl.max(tl.where(ex[None, :] != 0, float("-inf"), s), axis=1)
+    return s_max
 
 
 @triton.jit
@@ -468,14 +625,18 @@ def _launch_scores(
     qb: int | None = None,
     one_pass: bool = True,
     scratch_bytes: int = _ROWS_SCRATCH_BYTES,
+    exclude: torch.Tensor | None = None,
 ):
     """Scores `[B, G, Nb, Nb]` float32 of q/k in batched (`[B, S, H, D]`) or packed (`[T, H, D]`) layout.
 
     seq_len is S (batched) or max_seqlen (packed); Nb = ceil(seq_len / block_size). One sweep over the keys
     (`_proxy_rows_kernel` + `_scores_from_rows_kernel`, per chunk of query tiles whose row maxima fit scratch_bytes);
     `one_pass=False` runs `_proxy_scores_kernel`'s two sweeps instead (the TensorRT plugin's kernel; the same
-    scores), which benchmarks/profile_plan.py --sweep-scores times beside it.
+    scores), which benchmarks/profile_plan.py --sweep-scores times beside it. exclude: bool `[B, G, S]` keys left
+    out of the max-pool (batched layout, one pass only).
     """
+    assert exclude is None or (cu_seqlens is None and one_pass and exclude.shape == (batch, cfg.proxy_heads, seq_len))
+    excl = exclude.view(torch.int8) if exclude is not None else None
     g, bs, st = cfg.proxy_heads, cfg.block_size, cfg.stride
     varlen = cu_seqlens is not None
     d = q.shape[-1]
@@ -526,28 +687,12 @@ def _launch_scores(
     lse = torch.empty(batch * g, chunk_rows, device=q.device, dtype=torch.float32)
     for tile_lo in reversed(range(0, n_tiles, tiles)):  # the heaviest chunk first
         n_chunk = min(tiles, n_tiles - tile_lo)
-        _proxy_rows_kernel[(n_chunk, batch * g)](
-            pq,
-            pk,
-            cu,
-            rmax,
-            lse,
-            seq_len,
-            nb,
-            g,
-            scale * _LOG2E,
-            pq.stride(0),
-            pq.stride(1),
-            pk.stride(0),
-            pk.stride(1),
-            tile_lo,
-            chunk_rows,
-            QB=qb,
-            HEAD_DIM=d,
-            BLOCK_D=block_d,
-            VARLEN=varlen,
-            **common,
-        )
+        args = (pq, pk, cu, rmax, lse, seq_len, nb, g, scale * _LOG2E, pq.stride(0), pq.stride(1), pk.stride(0), pk.stride(1))
+        meta = dict(QB=qb, HEAD_DIM=d, BLOCK_D=block_d, VARLEN=varlen, **common)
+        if excl is None:
+            _proxy_rows_kernel[(n_chunk, batch * g)](*args, tile_lo, chunk_rows, **meta)
+        else:
+            _proxy_rows_excl_kernel[(n_chunk, batch * g)](*args, tile_lo, chunk_rows, excl, excl.stride(0), excl.stride(1), **meta)
         m_lo = tile_lo * qb
         _scores_from_rows_kernel[(min(n_chunk * qb, nb - m_lo), batch * g, triton.cdiv(nb, _ROWS_BLOCK_C))](
             rmax,
@@ -593,17 +738,21 @@ def pool_proxies(q, k, cfg: ProxyAttnConfig):
 
 
 # ----------------------------------------------------------------------------------------------- public
-def proxy_scores(q, k, cfg: ProxyAttnConfig, scale: float, *, out=None) -> torch.Tensor:
+def proxy_scores(q, k, cfg: ProxyAttnConfig, scale: float, *, out=None, exclude=None) -> torch.Tensor:
     """Proxy block scores `[B, G, Nb, Nb]` float32 (-inf above the diagonal), G = cfg.proxy_heads.
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]` (fp16/bf16/fp32, any strides); Hkv divisible by G.
         scale: softmax scale. out: optional float32 `[B, G, Nb, Nb]` to write into (every element is written).
+        exclude: optional bool `[B, G, S]`, contiguous: keys left out of the max-pool (vertical columns; the softmax
+            still covers them), as `reference.proxy_scores`.
     """
     b, s, hq, d = q.shape
     if k.shape[2] % cfg.proxy_heads:
         raise ValueError(f"proxy_heads={cfg.proxy_heads} must divide Hkv={k.shape[2]}")
-    return _launch_scores(q, k, None, b, s, cfg, scale, out=out)
+    if exclude is not None:
+        exclude = exclude.contiguous()
+    return _launch_scores(q, k, None, b, s, cfg, scale, out=out, exclude=exclude)
 
 
 def proxy_scores_varlen(q, k, cu_seqlens, max_seqlen: int, cfg: ProxyAttnConfig, scale: float, *, out=None) -> torch.Tensor:
