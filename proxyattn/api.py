@@ -79,16 +79,22 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
 
 
 def _scores(q, k, cfg: ProxyAttnConfig, scale, columns) -> torch.Tensor:
-    """The estimator's block scores; with vertical columns (int32 `[B, G, C]`) their keys are left out of the
-    max-pool (`reference.proxy_scores`' exclude)."""
+    """The estimator's block scores; with vertical columns (int32 `[B, G, C]`) and a fixed budget their keys are left
+    out of the max-pool (`reference.proxy_scores`' exclude, `_column_exclusion`)."""
     sc = resolve_scale(scale, q.shape[-1])
-    if columns is None:
+    exclude = _column_exclusion(cfg, columns, q.shape[1])
+    if exclude is None:
         return _SCORES[cfg.estimator](q, k, cfg, sc, _kernels(q))
-    return _proxy_estimator_scores(q, k, cfg, sc, _kernels(q), exclude=_column_mask(columns, q.shape[1]))
+    return _proxy_estimator_scores(q, k, cfg, sc, _kernels(q), exclude=exclude)
 
 
-def _column_mask(columns: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """bool `[B, G, S]`: the key tokens of each proxy head's columns."""
+def _column_exclusion(cfg: ProxyAttnConfig, columns, seq_len: int) -> torch.Tensor | None:
+    """bool `[B, G, S]` of the column keys the block scores leave out, or None. Only with a fixed budget
+    (budget_fraction): there the ranking alone picks the blocks, and it should pick what the columns do not cover.
+    The gamma rules count every key's mass into their budgets (column keys included), so their ranking keeps the
+    blocks that mass sits in."""
+    if columns is None or cfg.budget_fraction is None:
+        return None
     return reference.column_rows(columns, columns.shape[1], seq_len)
 
 
@@ -319,8 +325,7 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
     if config.dense_density_permille > 0 and config.budget_fraction is None:
         early = _reference_early_groups(q, k, config, scale)
     columns = proxy_columns(q, k, config, scale=scale)
-    exclude = None if columns is None else _column_mask(columns, q.shape[1])
-    scores = variants.proxy_scores(q, k, config, scale, exclude)
+    scores = variants.proxy_scores(q, k, config, scale, _column_exclusion(config, columns, q.shape[1]))
     plan = dense_fallback(_rule_path(config).reference_plan(q, k, config, scale, early, scores), k.shape[2], config, early=early)
     return plan if columns is None else dataclasses.replace(plan, columns=columns)
 

@@ -215,9 +215,10 @@ class ProxyAttnConfig:
             query and key as the block scores), each seen by the queries at or after it; a column inside a kept
             block counts once. Attention that falls on scattered tokens (heavy hitters far from the query) then
             needs no whole key block per token. `BlockPlan.columns` holds them; their cost is column_fraction of the
-            causal area. With columns the block scores leave the column keys out of their max-pool (the blocks then
-            rank by what the columns do not cover; `proxyattn.reference.proxy_scores`), which needs the proxy
-            estimator. The Triton kernels and the reference implement columns; the TensorRT graph, the TensorRT
+            causal area. With columns and a fixed budget (budget_fraction) the block scores leave the column keys
+            out of their max-pool, so the blocks rank by what the columns do not cover (`proxyattn.reference.
+            proxy_scores`); the gamma rules keep their ranking (their budgets count the column keys' mass). Columns
+            need the proxy estimator. The Triton kernels and the reference implement columns; the TensorRT graph, the TensorRT
             plugin and libproxyattn refuse a non-zero value (docs/deploy.md).
     """
 
