@@ -126,8 +126,13 @@ def _column_attn_kernel(
     tl.store(l_rows, lse, mask=row_ok)
 
 
-def _launch_columns(q, k, v, out, lse, plan: BlockPlan, scale: float) -> None:
-    """Launch the column kernel over `out` / `lse` in place (shapes as `merge_columns`)."""
+# The column kernel's launch: columns per tile, warps, pipeline stages (`_launch_columns`' config overrides them).
+COLUMN_CONFIG = dict(BLOCK_C=COLUMN_TILE, num_warps=8, num_stages=2)
+
+
+def _launch_columns(q, k, v, out, lse, plan: BlockPlan, scale: float, config: dict | None = None) -> None:
+    """Launch the column kernel over `out` / `lse` in place (shapes as `merge_columns`); `config` overrides
+    `COLUMN_CONFIG` (benchmarks compare launches)."""
     bsz, s, hq, d = q.shape
     hkv = k.shape[2]
     nb = plan.num_blocks
@@ -179,10 +184,8 @@ def _launch_columns(q, k, v, out, lse, plan: BlockPlan, scale: float) -> None:
         GROUP=hq // hkv,
         CGROUP=hq // g,
         BLOCK_M=plan.block_size,
-        BLOCK_C=COLUMN_TILE,
         HEAD_DIM=d,
-        num_warps=8 if plan.block_size == 128 else 4,
-        num_stages=2,
+        **{**COLUMN_CONFIG, **(config or {})},
     )
 
 
