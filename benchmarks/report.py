@@ -451,7 +451,21 @@ README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 BEGIN, END = "<!-- report.py performance: begin -->", "<!-- report.py performance: end -->"
 FRONTIER_BEGIN, FRONTIER_END = "<!-- report.py frontier: begin -->", "<!-- report.py frontier: end -->"
 _KEY_LENGTHS = (16384, 32768, 40960, 65536, 131072)
-_KEY_METHODS = ("default", "default, no dense fallback", "gamma=0.83, dense_density=0.8", "budget_rule=2", "budget_fraction=0.1")
+_KEY_METHODS = (
+    "default",
+    "default, no dense fallback",
+    "gamma=0.83, dense_density=0.8",
+    "budget_rule=2",
+    "budget_fraction=0.1",
+    "gamma=0.8",
+    # vertical columns: beside the default's blocks, beside a lower gamma, beside fixed budgets
+    "column_fraction=0.02",
+    "gamma=0.7, column_fraction=0.02",
+    "gamma=0.6, column_fraction=0.02",
+    "budget_fraction=0.35, column_fraction=0.02",
+    "budget_fraction=0.2, column_fraction=0.02",
+    "column_fraction=0.02, budget_fraction=0.02",
+)
 
 
 def _fmt(x, spec: str, none: str = "—") -> str:
@@ -553,7 +567,7 @@ def write_performance_plot(files: list[str]) -> str | None:
         ax_m.yaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}x" for t in ticks]))
         ax_m.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax_m.title.set_fontsize(9)
-        ax_m.legend(fontsize=7, ncol=2)
+        ax_m.legend(fontsize=6, ncol=2, loc="upper right", framealpha=0.6)
         ker = [r for r in mine if r["benchmark"] == "kernel" and r["seq_len"] >= 16384]
         ker.sort(key=lambda r: (r["seq_len"], r["density"]))
         for j, s in enumerate(sorted({r["seq_len"] for r in ker})):
