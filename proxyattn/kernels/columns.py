@@ -5,7 +5,7 @@ Layers: `_column_attn_kernel` (jit) -> `_launch_columns` (kept-block bitmap, col
 
 The block-sparse kernel first writes each row's output and log-sum-exp over its kept blocks; program (b, h, m) here
 starts its online softmax from that state (running max = lse, sum = 1, accumulator = output), walks the columns of
-proxy row h // (Hq / G) at or before the query block's last row in tiles of `COLUMN_TILE` tokens, gathering their
+proxy row h // (Hq / G) at or before the query block's last row in tiles of `COLUMN_CONFIG['BLOCK_C']` tokens, gathering their
 K/V rows by index (GQA: KV head h // (Hq / Hkv)), and masks a column that lies in the future of a query row or in a
 key block the head keeps for that query block (so no key counts twice). It writes the merged output (and lse) in
 place. A (head, query block) that keeps every causal block (e.g. a dense head) has nothing to add and returns at
@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import COLUMN_TILE
 from ..plan import BlockPlan
 
 _LOG2E = 1.4426950408889634
@@ -127,7 +126,9 @@ def _column_attn_kernel(
 
 
 # The column kernel's launch: columns per tile, warps, pipeline stages (`_launch_columns`' config overrides them).
-COLUMN_CONFIG = dict(BLOCK_C=COLUMN_TILE, num_warps=8, num_stages=2)
+# benchmarks/column_configs.py's loop at 128K (Llama-3-8B shape, 2,624 columns), H100: 32 / 4 / 2 took 13.7 ms, the
+# earlier 64 / 8 / 2 16.7 ms, 128 / 4 / 2 26.4 ms (docs/kernels.md).
+COLUMN_CONFIG = dict(BLOCK_C=32, num_warps=4, num_stages=2)
 
 
 def _launch_columns(q, k, v, out, lse, plan: BlockPlan, scale: float, config: dict | None = None) -> None:
