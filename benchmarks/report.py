@@ -460,6 +460,8 @@ _KEY_METHODS = (
     "gamma=0.8",
     # vertical columns: beside the default's blocks, beside a lower gamma, beside fixed budgets
     "column_fraction=0.02",
+    "gamma=0.8, column_fraction=0.02",
+    "gamma=0.75, column_fraction=0.02",
     "gamma=0.7, column_fraction=0.02",
     "gamma=0.6, column_fraction=0.02",
     "budget_fraction=0.35, column_fraction=0.02",
