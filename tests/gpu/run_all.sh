@@ -56,6 +56,7 @@ if [ "$part" = columns ]; then
   python3 benchmarks/attention.py --section proxy --sizes 32768,131072 --rounds 3 --commit "$commit" \
     --config default --config "column_fraction=0.02, budget_fraction=0.02" --config "column_fraction=0.01, budget_fraction=0.02" \
     --config "column_fraction=0.02" --config budget_fraction=0.1 \
+    --config "gamma=0.8, column_fraction=0.02" --config "gamma=0.75, column_fraction=0.02" \
     --out "$out/attention_columns_$tag.json" 2>&1 | tee "$out/attention_columns.log" || status=1
 fi
 exit $status
