@@ -279,7 +279,7 @@ def recording_attention(module, query, key, value, attention_mask, dropout=0.0, 
         )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     plan = plan_blocks(q, k, cfg, scale=scaling)
-    _sparse["densities"].append(plan.density() + plan.column_density())  # [B, Hq], the columns' work included
+    _sparse["densities"].append(plan.work_density())  # [B, Hq], the columns' work included
     return block_sparse_attention(q, k, v, plan, scale=scaling), None
 
 
@@ -326,7 +326,7 @@ def plan_stats(cfgs: dict, captured) -> dict:
             plan = plan_blocks(q, k, cfg, scale=scale)
             rec = metrics.attention_recall(q, k, plan, scale=scale)
             entry["methods"][name] = {
-                "density": [round(x, 4) for x in (plan.density() + plan.column_density())[0].tolist()],
+                "density": [round(x, 4) for x in plan.work_density()[0].tolist()],
                 "budget": [round(x, 4) for x in plan.budgets[0].tolist()],
                 "recall": [round(x, 4) for x in rec[0].tolist()],
             }

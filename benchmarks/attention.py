@@ -347,7 +347,7 @@ def main() -> int:
                     del out
                     if sparse:
                         plan = proxyattn.plan_blocks(q, k, cfg)
-                        r["density"] = (plan.density() + plan.column_density()).mean().item()  # columns' work included
+                        r["density"] = plan.work_density().mean().item()  # columns' work included
                         r["column_density"] = plan.column_density().mean().item()
                         r["dense_groups"] = 0 if plan.dense_heads is None else int(plan.dense_heads.sum().item()) // (HQ // HKV)
                         if s <= args.recall_max and plan.columns is None:  # block recall: not defined with columns

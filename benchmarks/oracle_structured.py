@@ -273,7 +273,7 @@ def main() -> int:
             {
                 "method": name,
                 "target_density": None,
-                "density": (plan.density() + plan.column_density()).mean().item(),
+                "density": plan.work_density().mean().item(),
                 "rel_err": ((out - dense_out).norm() / dense_out.norm()).item(),
             }
         )
@@ -369,7 +369,7 @@ def run_chunked(args, device: str) -> int:
         r = {
             "method": method,
             "target_density": target,
-            "density": (plan.density() + plan.column_density()).mean().item(),
+            "density": plan.work_density().mean().item(),
             "rel_err": (out - dense).norm().item() / norm,
         }
         print(f"[oracle] {r} ({time.time() - t0:.0f} s)", flush=True)

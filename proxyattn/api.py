@@ -75,7 +75,7 @@ def proxy_scores(q, k, config: ProxyAttnConfig | None = None, *, scale: float | 
     cfg = _config(config)
     _check_inputs(q, k)
     check_proxy_heads(cfg.proxy_heads, k.shape[2])
-    return _scores(q, k, cfg, scale, proxy_columns(q, k, cfg, scale=scale))
+    return _scores(q, k, cfg, scale, proxy_columns(q, k, cfg, scale=scale) if _excludes_columns(cfg) else None)
 
 
 def _scores(q, k, cfg: ProxyAttnConfig, scale, columns) -> torch.Tensor:
@@ -93,9 +93,14 @@ def _column_exclusion(cfg: ProxyAttnConfig, columns, seq_len: int) -> torch.Tens
     (budget_fraction): there the ranking alone picks the blocks, and it should pick what the columns do not cover.
     The gamma rules count every key's mass into their budgets (column keys included), so their ranking keeps the
     blocks that mass sits in."""
-    if columns is None or cfg.budget_fraction is None:
+    if columns is None or not _excludes_columns(cfg):
         return None
     return reference.column_rows(columns, columns.shape[1], seq_len)
+
+
+def _excludes_columns(cfg: ProxyAttnConfig) -> bool:
+    """Whether the block scores leave the column keys out (`_column_exclusion`): columns with a fixed budget."""
+    return cfg.column_fraction > 0.0 and cfg.budget_fraction is not None
 
 
 def _proxy_estimator_scores(q, k, cfg: ProxyAttnConfig, sc: float, backend, exclude=None) -> torch.Tensor:

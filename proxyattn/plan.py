@@ -84,7 +84,7 @@ class BlockPlan:
         """The columns' share of the work, per head: `[B, Hq]` float32, 0 without columns. Query block m of a head
         reads the columns at or before its last row (`column_counts`) as a block_size-row strip each, unless it
         keeps every causal block (a full row, e.g. a dense head: nothing to add); their area over the causal
-        block area. `density() + column_density()` is the plan's total work."""
+        block area. `work_density()` adds it to `density()`."""
         b, hq, nb = self.counts.shape
         if self.columns is None:
             return torch.zeros(b, hq, device=self.counts.device)
@@ -92,6 +92,11 @@ class BlockPlan:
         full = self.counts >= torch.arange(1, nb + 1, device=self.counts.device, dtype=self.counts.dtype)
         strips = per_head.masked_fill(full, 0).sum(dim=-1).float() / self.block_size  # in blocks
         return strips / (nb * (nb + 1) / 2)
+
+    def work_density(self) -> torch.Tensor:
+        """The plan's total work over the causal area, per head: `[B, Hq]` float32, kept blocks (`density`) plus
+        columns (`column_density`); equal to `density()` without columns."""
+        return self.density() + self.column_density()
 
     def column_counts(self) -> torch.Tensor:
         """int32 `[B, G, Nb]`: columns at or before the last row of each query block (what it reads; ascending columns)."""

@@ -78,15 +78,16 @@ def dense_attention(q, k, v, scale: float) -> torch.Tensor:
 
 
 def proxy_queries_keys(q, k, proxy_heads: int):
-    """Pooled proxy heads: q `[B,S,Hq,D]`, k `[B,S,Hkv,D]` -> (pq `[B,S,G,D]`, pk `[B,S,G,D]`), fp32.
+    """Pooled proxy heads: q `[B,Sq,Hq,D]`, k `[B,S,Hkv,D]` -> (pq `[B,Sq,G,D]`, pk `[B,S,G,D]`), fp32.
 
     The KV heads are split into G = proxy_heads contiguous groups; a group's proxy query is the mean of all
-    query heads that read its KV heads, its proxy key the mean of its KV heads.
+    query heads that read its KV heads, its proxy key the mean of its KV heads. q may hold only some query rows
+    (Sq <= S).
     """
-    b, s, hq, d = q.shape
+    b, sq, hq, d = q.shape
     hkv = k.shape[2]
-    pq = q.float().reshape(b, s, proxy_heads, hq // proxy_heads, d).mean(dim=3)
-    pk = k.float().reshape(b, s, proxy_heads, hkv // proxy_heads, d).mean(dim=3)
+    pq = q.float().reshape(b, sq, proxy_heads, hq // proxy_heads, d).mean(dim=3)
+    pk = k.float().reshape(b, k.shape[1], proxy_heads, hkv // proxy_heads, d).mean(dim=3)
     return pq, pk
 
 
@@ -443,10 +444,7 @@ def proxy_columns(q, k, *, proxy_heads: int, block_size: int, num_columns: int, 
         raise ValueError(f"num_columns={num_columns} must lie in 1..S={s}")
     last = s - ((s - 1) // block_size) * block_size  # rows of the last query block
     rows = torch.arange(s - last, s, device=q.device)
-    # The proxy heads of proxy_queries_keys, pooling only the last block's queries (no fp32 copy of every query).
-    hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
-    pq = q[:, s - last :].float().reshape(b, last, proxy_heads, hq // proxy_heads, d).mean(dim=3)
-    pk = k.float().reshape(b, s, proxy_heads, hkv // proxy_heads, d).mean(dim=3)
+    pq, pk = proxy_queries_keys(q[:, s - last :], k, proxy_heads)  # only the last block's queries are pooled
     logits = torch.einsum("brgd,bkgd->bgrk", pq, pk) * scale  # [B, G, rows, S]
     logits = logits.masked_fill(torch.arange(s, device=q.device)[None, :] > rows[:, None], float("-inf"))
     score = torch.softmax(logits, dim=-1).amax(dim=2)  # [B, G, S]

@@ -73,17 +73,14 @@ def proxy_scores(q, k, config: ProxyAttnConfig, scale: float, exclude: torch.Ten
     columns with the proxy estimator only)."""
     if exclude is not None:
         assert config.estimator is Estimator.PROXY
-        c = config
-        return reference.proxy_scores(
-            q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale, exclude=exclude
-        )
+        return _SCORES[Estimator.PROXY](q, k, config, scale, exclude)
     return _SCORES[config.estimator](q, k, config, scale)
 
 
 # Estimator -> its fp32 PyTorch scores `(q, k, config, scale)`: the reference's one dispatch on the estimator.
 _SCORES = {
-    Estimator.PROXY: lambda q, k, c, scale: reference.proxy_scores(
-        q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale
+    Estimator.PROXY: lambda q, k, c, scale, exclude=None: reference.proxy_scores(
+        q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale, exclude=exclude
     ),
     Estimator.HEAD_MAX: lambda q, k, c, scale: head_max_scores(
         q, k, proxy_heads=c.proxy_heads, block_size=c.block_size, stride=c.stride, scale=scale

@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 
 from ..plan import BlockPlan
-
-_LOG2E = 1.4426950408889634
+from .estimate_common import _LOG2E
 
 
 @triton.jit
