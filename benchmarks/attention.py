@@ -94,6 +94,8 @@ PROXY_CONFIGS = [
     ("column_fraction=0.02", ProxyAttnConfig(column_fraction=0.02)),
     ("column_fraction=0.02, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02)),
     ("column_fraction=0.01, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.01, budget_fraction=0.02)),
+    ("gamma=0.9, column_fraction=0.02", ProxyAttnConfig(gamma=0.9, column_fraction=0.02)),
+    ("gamma=0.85, column_fraction=0.02", ProxyAttnConfig(gamma=0.85, column_fraction=0.02)),
     ("gamma=0.8, column_fraction=0.02", ProxyAttnConfig(gamma=0.8, column_fraction=0.02)),
     ("gamma=0.75, column_fraction=0.02", ProxyAttnConfig(gamma=0.75, column_fraction=0.02)),
     ("gamma=0.7, column_fraction=0.02", ProxyAttnConfig(gamma=0.7, column_fraction=0.02)),

@@ -8,8 +8,8 @@
 #   checks  the estimation and TensorRT-launch check scripts (their JSON result files).
 #   bench   the block-sparse kernel's launch configs against each other, then the attention benchmark.
 #   oracle  the exact-mass oracle and the default's ranking/count split at 128K (benchmarks/oracle_structured.py).
-#   columns vertical columns: their GPU checks, then the whole-method rows with and without columns at 32K and 128K
-#           (benchmarks/attention.py --section proxy).
+#   columns vertical columns: their GPU checks, the whole-method rows with and without columns at 32K and 128K
+#           (benchmarks/attention.py --section proxy), then the column kernel's launch configs (column_configs.py).
 #   all     tests, checks and bench in a row (default; longer than one device call: for a machine kept warm between calls).
 # Writes logs and JSON under $OUT (default ./gpu_out); exit status non-zero when any step failed.
 set -uo pipefail
@@ -56,7 +56,10 @@ if [ "$part" = columns ]; then
   python3 benchmarks/attention.py --section proxy --sizes 32768,131072 --rounds 3 --commit "$commit" \
     --config default --config "column_fraction=0.02, budget_fraction=0.02" --config "column_fraction=0.01, budget_fraction=0.02" \
     --config "column_fraction=0.02" --config budget_fraction=0.1 \
+    --config "gamma=0.9, column_fraction=0.02" --config "gamma=0.85, column_fraction=0.02" \
     --config "gamma=0.8, column_fraction=0.02" --config "gamma=0.75, column_fraction=0.02" \
     --out "$out/attention_columns_$tag.json" 2>&1 | tee "$out/attention_columns.log" || status=1
+  python3 benchmarks/column_configs.py --commit "$commit" --out "$out/column_configs_$tag.json" 2>&1 \
+    | tee "$out/column_configs.log" || status=1
 fi
 exit $status
