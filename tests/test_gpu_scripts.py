@@ -36,7 +36,7 @@ def _run(tmp_path, *args):
         ("checks", ["-m tests.gpu.check_estimation --out", "-m tests.gpu.check_estimation --recall", "-m tests.gpu.check_trt_launch"]),
         ("bench", ["benchmarks/kernel_configs.py --out", "benchmarks/attention.py --out"]),
         ("oracle", ["benchmarks/oracle_structured.py --device cuda --seq-len 131072"]),
-        ("columns", ["-m pytest -m gpu tests/gpu/test_gpu_attention.py -k vertical_columns", "benchmarks/attention.py --section proxy"]),
+        ("columns", ["-m pytest -m gpu tests/gpu/test_gpu_attention.py -k vertical_columns", "benchmarks/attention.py --section proxy", "benchmarks/column_configs.py --commit"]),
     ],
 )
 def test_each_part_runs_its_commands(tmp_path, part, expected):
@@ -47,7 +47,8 @@ def test_each_part_runs_its_commands(tmp_path, part, expected):
         assert call.startswith(start), (call, start)
         assert "--commit abc1234" in call or "-m pytest" in call
     assert part not in ("bench", "oracle") or all("_h100." in c for c in calls)
-    assert part != "columns" or "attention_columns_h100.json" in calls[-1]  # result files are named by the card
+    assert part != "columns" or "attention_columns_h100.json" in calls[1]  # result files are named by the card
+    assert part != "columns" or "column_configs_h100.json" in calls[2]
 
 
 def test_all_runs_every_part_in_order(tmp_path):
