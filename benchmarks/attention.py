@@ -92,6 +92,8 @@ PROXY_CONFIGS = [
     ("budget_fraction=0.2", ProxyAttnConfig(budget_fraction=0.2)),
     # vertical columns (ProxyAttnConfig.column_fraction) beside the default's blocks and beside small fixed budgets
     ("column_fraction=0.02", ProxyAttnConfig(column_fraction=0.02)),
+    ("column_fraction=0.01", ProxyAttnConfig(column_fraction=0.01)),
+    ("column_fraction=0.04", ProxyAttnConfig(column_fraction=0.04)),
     ("column_fraction=0.02, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02)),
     ("column_fraction=0.01, budget_fraction=0.02", ProxyAttnConfig(column_fraction=0.01, budget_fraction=0.02)),
     ("gamma=0.9, column_fraction=0.02", ProxyAttnConfig(gamma=0.9, column_fraction=0.02)),

@@ -194,7 +194,8 @@ def block_needs(
     q, k, config: ProxyAttnConfig | None = None, *, scale: float | None = None, scores: torch.Tensor | None = None, last_only: bool = False
 ) -> torch.Tensor:
     """Budget rule "block_recall": how many leading blocks of its ranking every (head, query block) needs,
-    int32 `[B, Hq, Nb]` (`proxyattn.reference.block_needs`; `config.recall_rows` rows measured per block).
+    int32 `[B, Hq, Nb]` (`proxyattn.reference.block_needs`; `config.recall_rows` rows measured per block). With
+    `config.column_fraction` the mass of the head's vertical columns (`proxy_columns`) counts as held before any block.
 
     Args:
         q: `[B, S, Hq, D]`; k: `[B, S, Hkv, D]`; scores: `[B, R, Nb, Nb]` (`proxy_scores`, computed when None).
@@ -204,10 +205,11 @@ def block_needs(
     _check_inputs(q, k)
     scores = _checked_scores(q, k, cfg, scale, scores)
     sc = resolve_scale(scale, q.shape[-1])
+    columns = proxy_columns(q, k, cfg, scale=scale)
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "block_needs") and k.shape[2] % scores.shape[1] == 0:
-        return backend.block_needs(q, k, scores, cfg, sc, last_only=last_only)
-    return _reference_needs(q, k, scores, cfg, sc, last_only=last_only)
+        return backend.block_needs(q, k, scores, cfg, sc, last_only=last_only, columns=columns)
+    return _reference_needs(q, k, scores, cfg, sc, last_only=last_only, columns=columns)
 
 
 def select_blocks(
@@ -278,7 +280,7 @@ def early_dense_groups(q, k, config: ProxyAttnConfig | None = None, *, scale: fl
 
 def _plan(q, k, cfg: ProxyAttnConfig, scale, early) -> BlockPlan:
     columns = proxy_columns(q, k, cfg, scale=scale)
-    plan = _rule_path(cfg).plan(q, k, cfg, scale, early, _scores(q, k, cfg, scale, columns))
+    plan = _rule_path(cfg).plan(q, k, cfg, scale, early, _scores(q, k, cfg, scale, columns), columns)
     return plan if columns is None else dataclasses.replace(plan, columns=columns)
 
 
@@ -304,19 +306,21 @@ def proxy_columns(q, k, config: ProxyAttnConfig | None = None, *, scale: float |
     )
 
 
-def _budget_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores) -> BlockPlan:
-    """Plan of mass / recall / row_recall and of budget_fraction: per-head budgets scaled by position."""
+def _budget_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores, columns) -> BlockPlan:
+    """Plan of mass / recall / row_recall and of budget_fraction: per-head budgets scaled by position (their
+    budgets count blocks only, columns or not)."""
     budgets = head_budgets(q, k, cfg, scale=scale, scores=scores)
     return dense_fallback(select_blocks(scores, budgets, q.shape[1], cfg), k.shape[2], cfg, early=early)
 
 
-def _needs_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores) -> BlockPlan:
-    """Plan of block_recall: every (head, query block) keeps its own need."""
+def _needs_plan(q, k, cfg: ProxyAttnConfig, scale, early, scores, columns) -> BlockPlan:
+    """Plan of block_recall: every (head, query block) keeps its own need (the mass of the vertical columns, when
+    there are any, counts as held)."""
     hkv = k.shape[2]
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "needs_plan") and hkv % scores.shape[1] == 0:
-        return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early=early)
-    needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early)
+        return backend.needs_plan(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early=early, columns=columns)
+    needs = _reference_needs(q, k, scores, cfg, resolve_scale(scale, q.shape[-1]), early, columns=columns)
     plan = select_blocks(scores, reference.needs_budgets(needs, cfg.min_budget_blocks), q.shape[1], cfg, needs=needs)
     return dense_fallback(plan, hkv, cfg, early=early)
 
@@ -331,11 +335,12 @@ def reference_plan(q, k, config: ProxyAttnConfig, *, scale: float) -> BlockPlan:
         early = _reference_early_groups(q, k, config, scale)
     columns = proxy_columns(q, k, config, scale=scale)
     scores = variants.proxy_scores(q, k, config, scale, _column_exclusion(config, columns, q.shape[1]))
-    plan = dense_fallback(_rule_path(config).reference_plan(q, k, config, scale, early, scores), k.shape[2], config, early=early)
+    plan = _rule_path(config).reference_plan(q, k, config, scale, early, scores, columns)
+    plan = dense_fallback(plan, k.shape[2], config, early=early)
     return plan if columns is None else dataclasses.replace(plan, columns=columns)
 
 
-def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores) -> BlockPlan:
+def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores, columns) -> BlockPlan:
     """`reference_plan` of mass / recall / row_recall and of budget_fraction (before the dense fallback)."""
     s, nb = q.shape[1], -(-q.shape[1] // config.block_size)
     if config.budget_fraction is not None:
@@ -355,9 +360,9 @@ def _reference_budget_plan(q, k, config: ProxyAttnConfig, scale: float, early, s
     return compact_plan(scores, budgets, s, config)
 
 
-def _reference_needs_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores) -> BlockPlan:
+def _reference_needs_plan(q, k, config: ProxyAttnConfig, scale: float, early, scores, columns) -> BlockPlan:
     """`reference_plan` of block_recall (before the dense fallback)."""
-    needs = _reference_needs(q, k, scores, config, scale, early)
+    needs = _reference_needs(q, k, scores, config, scale, early, columns=columns)
     return compact_plan_needs(scores, needs, reference.needs_budgets(needs, config.min_budget_blocks), q.shape[1], config)
 
 
@@ -385,9 +390,11 @@ def _rule_path(cfg: ProxyAttnConfig) -> _RulePath:
     return _LAST_BLOCK if cfg.budget_fraction is not None else _RULES[cfg.budget_rule]
 
 
-def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early=None, *, last_only: bool = False) -> torch.Tensor:
+def _reference_needs(
+    q, k, scores, cfg: ProxyAttnConfig, scale: float, early=None, *, last_only: bool = False, columns=None
+) -> torch.Tensor:
     """block_recall's needs by the reference, as the plan uses them: the groups of `early` (`early_dense_groups`)
-    are not measured and need every block."""
+    are not measured and need every block; `columns` (`proxy_columns`) hold their mass before any block."""
     return reference.block_needs(
         q,
         k,
@@ -400,6 +407,7 @@ def _reference_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, early=Non
         keep_diagonal=cfg.keep_diagonal,
         skip_groups=early,
         last_only=last_only,
+        columns=columns,
     )
 
 

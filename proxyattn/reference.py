@@ -218,6 +218,7 @@ def block_needs(
     keep_diagonal: bool,
     last_only: bool = False,
     skip_groups: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Budget rule "block_recall": per (head, query block) the shortest prefix of that block's ranking that
     holds gamma of the attention mass of each measured row, int32 `[B, Hq, Nb]`.
@@ -229,10 +230,14 @@ def block_needs(
     gamma = 1 needs every causal block. `last_only`: only the last query block (the other entries are 0).
     `skip_groups` bool `[B, Hkv]` (`early_dense_groups`): the heads of these KV groups are not measured and need
     every causal block (m + 1).
+    `columns` int `[B, G, C]` (vertical columns, `proxy_columns`; head h reads row h // (Hq / G)): the head attends
+    to these keys besides its blocks, so a row's mass on them counts as held before any block and a block holds only
+    the mass of its other keys (a column inside a kept block counts once).
     """
     b, s, hq, _ = q.shape
     nb = _num_blocks(s, block_size)
     out = torch.zeros(b, hq, nb, dtype=torch.int32, device=q.device)
+    column_keys = None if columns is None else column_rows(columns.to(q.device), hq, s)
     skip = None
     if skip_groups is not None:
         skip = skip_groups.to(q.device).repeat_interleave(hq // skip_groups.shape[1], dim=1)  # [B, Hq]
@@ -241,7 +246,16 @@ def block_needs(
             out[..., m] = m + 1
             continue
         cum = recall_row_cum_mass(
-            q, k, scores, m, block_size=block_size, scale=scale, rows=rows, keep_sink=keep_sink, keep_diagonal=keep_diagonal
+            q,
+            k,
+            scores,
+            m,
+            block_size=block_size,
+            scale=scale,
+            rows=rows,
+            keep_sink=keep_sink,
+            keep_diagonal=keep_diagonal,
+            column_keys=column_keys,
         )
         out[..., m] = ((cum < gamma).sum(-1) + 1).clamp(max=m + 1).amax(-1).to(torch.int32)
         if skip is not None:
@@ -310,12 +324,23 @@ def needs_budgets(needs: torch.Tensor, min_blocks: int, nb_seq: torch.Tensor | N
 
 
 def recall_row_cum_mass(
-    q, k, scores, m: int, *, block_size: int, scale: float, rows: int, keep_sink: bool, keep_diagonal: bool
+    q,
+    k,
+    scores,
+    m: int,
+    *,
+    block_size: int,
+    scale: float,
+    rows: int,
+    keep_sink: bool,
+    keep_diagonal: bool,
+    column_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cumulative attention mass of query block m's measured rows along the block's ranking: `[B, Hq, rows_m,
     m+1]` fp32 (`block_needs`). Each measured row's softmax (causal) is summed per key block; the blocks are
     taken in the order of row m of `scores` (`last_row_order` of the scores cut at m, head h reads row
-    h // (Hq / R))."""
+    h // (Hq / R)). column_keys bool `[B, Hq, S]` (`column_rows`): the row's mass on them starts the sum and the
+    blocks hold only their other keys."""
     b, s, hq, _ = q.shape
     pos = torch.tensor(recall_row_positions(m, s, block_size, rows), device=q.device)
     hi = (m + 1) * block_size
@@ -324,10 +349,16 @@ def recall_row_cum_mass(
     keys = torch.arange(min(s, hi), device=q.device)
     logits = logits.masked_fill(keys[None, :] > pos[:, None], float("-inf"))
     probs = torch.nn.functional.pad(torch.softmax(logits, dim=-1), (0, hi - min(s, hi)))
+    held = None
+    if column_keys is not None:
+        col = torch.nn.functional.pad(column_keys[..., : min(s, hi)], (0, hi - min(s, hi)))[:, :, None, :]
+        held = (probs * col).sum(-1, keepdim=True)  # [B, Hq, rows, 1]
+        probs = probs.masked_fill(col, 0.0)
     mass = probs.reshape(b, hq, len(pos), m + 1, block_size).sum(-1)  # [B, Hq, rows, m+1]
     order = last_row_order(scores[:, :, : m + 1, : m + 1], keep_sink=keep_sink, keep_diagonal=keep_diagonal)
     order = order.to(q.device).repeat_interleave(hq // scores.shape[1], dim=1)[:, :, None, :].expand_as(mass)
-    return mass.gather(-1, order).cumsum(-1)
+    cum = mass.gather(-1, order).cumsum(-1)
+    return cum if held is None else held + cum
 
 
 def rule_budgets(

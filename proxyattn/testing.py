@@ -163,16 +163,19 @@ def row_budget_mismatches(got: torch.Tensor, row_mass: torch.Tensor, gamma: floa
     return int(((got < budget(gamma - tol)) | (got > budget(gamma + tol))).sum())
 
 
-def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: float, tol: float = 1e-4, lengths=None, blocks=None) -> int:
+def need_mismatches(
+    got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: float, tol: float = 1e-4, lengths=None, blocks=None, columns=None
+) -> int:
     """(b, h, m) entries of budget rule block_recall's needs `[B, Hq, Nb]` that break the rule beyond rounding.
 
     Each measured row needs the shortest prefix of its block's ranking (from `scores` `[B, R, Nb, Nb]`) whose
     reference mass (`reference.recall_row_cum_mass`) reaches gamma; the head's need is the largest over its rows.
     A need is accepted when it lies between that need counted at gamma - tol and at gamma + tol. lengths:
     optional token count of each sequence (a padded batch `[B, S, H, D]`); entries past a sequence must be 0.
-    blocks: optional query blocks to check (default all).
+    blocks: optional query blocks to check (default all). columns: optional vertical columns int `[B, G, C]`
+    (their mass counts as held, `reference.block_needs`).
     """
-    from .reference import recall_row_cum_mass
+    from .reference import column_rows, recall_row_cum_mass
 
     b, s, hq, _ = q.shape
     got = got.cpu().to(torch.int64)
@@ -193,6 +196,7 @@ def need_mismatches(got: torch.Tensor, q, k, scores: torch.Tensor, cfg, scale: f
                     rows=cfg.recall_rows,
                     keep_sink=cfg.keep_sink,
                     keep_diagonal=cfg.keep_diagonal,
+                    column_keys=None if columns is None else column_rows(columns[bi : bi + 1].to(q.device), q.shape[2], s_b),
                 )
                 .double()
                 .cpu()[0]

@@ -17,9 +17,11 @@ def _qk(kind, b, s, hq, hkv, d, seed, dtype=torch.float32):
     return qkv_inputs(kind, b, s, hq, hkv, d, seed, dtype)[:2]
 
 
-def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diagonal=True):
+def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diagonal=True, columns=None):
     """Per (b, h, m) with Python loops: softmax of each measured row (token by token), block sums, the block's
-    ranking sorted by hand (forced blocks first, then score, ties to the lower index), the first prefix >= gamma."""
+    ranking sorted by hand (forced blocks first, then score, ties to the lower index), the first prefix >= gamma.
+    columns `[B, G, C]`: the row's mass on head h's columns (row h // (Hq / G)) starts the sum, and each block sums
+    only its other keys."""
     b, s, hq, _ = q.shape
     nb = -(-s // bs)
     rep = hq // scores.shape[1]
@@ -41,14 +43,17 @@ def _brute_needs(q, k, scores, bs, gamma, scale, rows, keep_sink=True, keep_diag
                     if t < m * bs:
                         continue
                     w = torch.softmax(kh[: t + 1] @ q[bi, t, h].double() * scale, dim=0)
-                    mass = [float(w[n * bs : (n + 1) * bs].sum()) for n in range(m + 1)]
                     total, j = 0.0, 0
-                    while j < m + 1:
+                    if columns is not None:
+                        cols = {int(c) for c in columns[bi, h // (hq // columns.shape[1])] if c <= t}
+                        total = float(sum(w[c] for c in cols))
+                        w = w.clone()
+                        w[sorted(cols)] = 0.0
+                    mass = [float(w[n * bs : (n + 1) * bs].sum()) for n in range(m + 1)]
+                    while j < m + 1 and total < gamma:
                         total += mass[ranked[j]]
                         j += 1
-                        if total >= gamma:
-                            break
-                    need = max(need, j)
+                    need = max(need, max(j, 1))
                 out[bi, h, m] = need
     return out
 
@@ -74,6 +79,62 @@ def test_reference_needs_equal_brute_force(case):
     rows_cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows)
     assert int((got != brute).sum()) == 0 or need_mismatches(got, q, k, scores, rows_cfg, scale) == 0
     assert (got >= 1).all() and (got <= torch.arange(1, got.shape[-1] + 1)).all()
+
+
+def _random_columns(b, g, s, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.stack([torch.randperm(s, generator=gen)[:n].sort().values for _ in range(g)]) for _ in range(b)]).int()
+
+
+# (kind, B, S, Hq, Hkv, G, D, block, rows, gamma, columns): GQA 1/4/7, two proxy heads, ragged S, B > 1.
+COLUMN_CASES = [
+    ("structured", 2, 333, 8, 2, 2, 64, 64, 4, 0.9, 24),
+    ("random", 1, 300, 4, 1, 1, 64, 64, 2, 0.8, 64),
+    ("structured", 1, 517, 7, 1, 1, 128, 128, 4, 0.95, 40),
+]
+
+
+@pytest.mark.parametrize("case", COLUMN_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_reference_needs_with_columns_equal_brute_force(case):
+    kind, b, s, hq, hkv, g, d, bs, rows, gamma, n = case
+    q, k = _qk(kind, b, s, hq, hkv, d, seed=2)
+    scale = 1.0 / math.sqrt(d)
+    scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
+    cols = _random_columns(b, g, s, n, seed=s)
+    kw = dict(block_size=bs, gamma=gamma, scale=scale, rows=rows, keep_sink=True, keep_diagonal=True)
+    got = reference.block_needs(q, k, scores, columns=cols, **kw)
+    brute = _brute_needs(q, k, scores, bs, gamma, scale, rows, columns=cols)
+    rows_cfg = ProxyAttnConfig(block_size=bs, gamma=gamma, recall_rows=rows, proxy_heads=g)
+    assert int((got != brute).sum()) == 0 or need_mismatches(got, q, k, scores, rows_cfg, scale, columns=cols) == 0
+    # Columns only ever add held mass: no entry needs more blocks than without them, and some need fewer here.
+    plain = reference.block_needs(q, k, scores, **kw)
+    assert (got <= plain).all() and (got < plain).any()
+
+
+def test_columns_holding_every_key_need_one_block():
+    q, k = _qk("structured", 1, 300, 4, 1, 64, seed=4)
+    scores = reference.proxy_scores(q, k, proxy_heads=1, block_size=64, stride=4, scale=0.125)
+    every = torch.arange(300, dtype=torch.int32)[None, None]
+    kw = dict(block_size=64, gamma=0.95, scale=0.125, rows=4, keep_sink=True, keep_diagonal=True)
+    got = reference.block_needs(q, k, scores, columns=every, **kw)
+    assert got.eq(1).all()
+
+
+def test_plan_with_columns_counts_their_mass():
+    """plan_blocks (CPU: the reference) with columns keeps, per (head, query block), the needs of the column-aware
+    rule; the same config without columns keeps at least as many blocks."""
+    q, k, v = qkv_inputs("structured", 1, 700, 8, 2, 64, 5, torch.float32)
+    cfg = ProxyAttnConfig(block_size=64, min_budget_tokens=0, dense_below_tokens=0, dense_density=None, column_fraction=0.1)
+    plan = pa.plan_blocks(q, k, cfg, scale=0.125)
+    cols = pa.proxy_columns(q, k, cfg, scale=0.125)
+    assert plan.columns.equal(cols)
+    needs = pa.block_needs(q, k, cfg, scale=0.125)
+    scores = pa.proxy_scores(q, k, cfg, scale=0.125)
+    assert need_mismatches(needs, q, k, scores, cfg, 0.125, columns=cols) == 0
+    want = compact_plan_needs(scores, needs, plan.budget_blocks, 700, cfg)
+    assert plan.counts.equal(want.counts)
+    without = pa.plan_blocks(q, k, cfg.replace(column_fraction=0.0), scale=0.125)
+    assert (plan.counts <= without.counts).all() and plan.counts.sum() < without.counts.sum()
 
 
 def test_row_positions():
@@ -216,6 +277,36 @@ def test_needs_kernel_against_reference(case):
     last = esel.block_needs(q, k, scores, cfg, scale, last_only=True)
     assert last[..., -1].equal(got[..., -1]) and not last[..., :-1].any()
     plan = esel.needs_plan(q, k, scores, cfg, scale)
+    own = compact_plan_needs(scores, got, plan.budget_blocks, s, cfg)
+    assert plan.order.equal(own.order) and plan.counts.equal(own.counts)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", KERNEL_CASES[:3] + KERNEL_CASES[4:5], ids=lambda c: "-".join(map(str, c[:-1])))
+def test_needs_kernel_with_columns_against_reference(case):
+    from proxyattn.kernels import estimate_select as esel
+
+    kind, b, s, hq, hkv, d, bs, rows, g, gamma, dtype = case
+    q, k = _qk(kind, b, s, hq, hkv, d, seed=3, dtype=dtype)
+    cfg = ProxyAttnConfig(
+        block_size=bs,
+        gamma=gamma,
+        recall_rows=rows,
+        proxy_heads=g,
+        min_budget_tokens=0,
+        dense_below_tokens=0,
+        dense_density=None,
+        column_fraction=0.05,
+    )
+    scale = 1.0 / math.sqrt(d)
+    scores = reference.proxy_scores(q, k, proxy_heads=g, block_size=bs, stride=4, scale=scale)
+    cols = _random_columns(b, g, s, cfg.num_columns(s), seed=s)
+    got = esel.block_needs(q, k, scores, cfg, scale, columns=cols)
+    assert need_mismatches(got, q, k, scores, cfg, scale, columns=cols) == 0
+    assert (got <= esel.block_needs(q, k, scores, cfg, scale)).all()
+    last = esel.block_needs(q, k, scores, cfg, scale, last_only=True, columns=cols)
+    assert last[..., -1].equal(got[..., -1]) and not last[..., :-1].any()
+    plan = esel.needs_plan(q, k, scores, cfg, scale, columns=cols)
     own = compact_plan_needs(scores, got, plan.budget_blocks, s, cfg)
     assert plan.order.equal(own.order) and plan.counts.equal(own.counts)
 

@@ -36,7 +36,14 @@ def _run(tmp_path, *args):
         ("checks", ["-m tests.gpu.check_estimation --out", "-m tests.gpu.check_estimation --recall", "-m tests.gpu.check_trt_launch"]),
         ("bench", ["benchmarks/kernel_configs.py --out", "benchmarks/attention.py --out"]),
         ("oracle", ["benchmarks/oracle_structured.py --device cuda --seq-len 131072"]),
-        ("columns", ["-m pytest -m gpu tests/gpu/test_gpu_attention.py -k vertical_columns", "benchmarks/attention.py --section proxy", "benchmarks/column_configs.py --commit"]),
+        (
+            "columns",
+            [
+                "-m pytest -m gpu tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_estimation.py -k vertical_columns",
+                "benchmarks/attention.py --section proxy",
+                "benchmarks/column_configs.py --commit",
+            ],
+        ),
     ],
 )
 def test_each_part_runs_its_commands(tmp_path, part, expected):

@@ -64,16 +64,19 @@ def mass_warps(qb: int, rb: int, block_d: int) -> int:
 
 
 @triton.jit
-def _mass_kernel(
+def _mass_program(
     q_ptr,
     k_ptr,
     cu_ptr,
     skip_ptr,
+    col_ptr,
     mass_ptr,
     lse_ptr,
+    held_ptr,
     seq_len,
     nb_max,
     num_kv_heads,
+    col_rows,
     m_lo,
     n_slots,
     qk_scale,
@@ -98,6 +101,7 @@ def _mass_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
+    COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
     pq = tl.program_id(1)  # group of QB query blocks of the chunk
@@ -148,21 +152,54 @@ def _mass_kernel(
 
     m_i = tl.full([M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
-    # Two loops, no branch inside either: the compiler pipelines their K loads (cp.async) only at a loop's top level.
+    c_i = tl.zeros([M], dtype=tl.float32)  # COLS: the rows' sum over column keys, scaled like l_i
+    col_base = col_ptr + (b * col_rows + hkv // (num_kv_heads // col_rows)).to(tl.int64) * seq_len
+    # Two loops, no branch inside either (COLS is a constant): the compiler pipelines their K loads (cp.async) only
+    # at a loop's top level.
     for n in range(0, n_full):
         s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, False, UPCAST, DOT_PREC)
-        m_i, l_i = _mass_step(s, m_i, l_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
+        if COLS:
+            is_col = tl.load(col_base + n * BS + offs_n) != 0
+            m_i, l_i, c_i = _held_mass_step(s, is_col, m_i, l_i, c_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
+        else:
+            m_i, l_i = _mass_step(s, m_i, l_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
     for n in range(n_full, m_last + 1):
         s = _budget_tile(q, k_ptrs, stride_kt, n, length, tpos, valid, offs_n, dmask, qk_scale, BS, True, UPCAST, DOT_PREC)
-        m_i, l_i = _mass_step(s, m_i, l_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
+        if COLS:
+            is_col = tl.load(col_base + n * BS + offs_n, mask=n * BS + offs_n < length, other=0) != 0
+            m_i, l_i, c_i = _held_mass_step(s, is_col, m_i, l_i, c_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
+        else:
+            m_i, l_i = _mass_step(s, m_i, l_i, mass_ptr + row_base + n * RB, valid & (n <= row_m))
     lse = tl.where(valid, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
-    tl.store(lse_ptr + (pid.to(tl.int64) * n_slots + slot) * RB + offs_r, lse, mask=(row_m < m_end) & (row_m >= 0))
+    stat_at = (pid.to(tl.int64) * n_slots + slot) * RB + offs_r
+    tl.store(lse_ptr + stat_at, lse, mask=(row_m < m_end) & (row_m >= 0))
+    if COLS:  # log2 of the column keys' unnormalised mass (-inf for none)
+        held = tl.where(valid & (c_i > 0.0), m_i + tl.log2(tl.maximum(c_i, 1e-30)), float("-inf"))
+        tl.store(held_ptr + stat_at, held, mask=(row_m < m_end) & (row_m >= 0))
 
 
 @triton.jit
-def _cut_kernel(
+def _held_mass_step(s, is_col, m_i, l_i, c_i, mass_at, store_ok):
+    """`_mass_step` with vertical columns: the block's stored mass leaves its column keys (is_col `[BS]`) out, and
+    their sum goes to c_i (the rows' column mass, scaled like l_i)."""
+    bm = tl.max(s, axis=1)
+    bm_safe = tl.where(bm > -1.0e30, bm, 0.0)  # a row that sees none of this block
+    e = tl.exp2(s - bm_safe[:, None])
+    ps = tl.sum(e, axis=1)
+    pc = tl.sum(tl.where(is_col[None, :], e, 0.0), axis=1)
+    pb = tl.sum(tl.where(is_col[None, :], 0.0, e), axis=1)
+    tl.store(mass_at, tl.where(pb > 0.0, bm_safe + tl.log2(tl.maximum(pb, 1e-30)), float("-inf")), mask=store_ok)
+    m_new = tl.maximum(m_i, bm)
+    alpha = tl.exp2(m_i - m_new)
+    beta = tl.exp2(bm - m_new)
+    return m_new, l_i * alpha + ps * beta, c_i * alpha + pc * beta
+
+
+@triton.jit
+def _cut_program(
     mass_ptr,
     lse_ptr,
+    held_ptr,
     order_ptr,
     sink_ptr,
     diag_ptr,
@@ -190,6 +227,7 @@ def _cut_kernel(
     COUNTS: tl.constexpr,
     KEEP_SINK: tl.constexpr,
     KEEP_DIAG: tl.constexpr,
+    COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * Hkv + KV head
     slot = tl.program_id(1)  # query block m_lo + slot (LAST_ONLY: the sequence's last)
@@ -232,6 +270,9 @@ def _cut_kernel(
         order_row = order_ptr + ((b.to(tl.int64) * num_ranks + rank_row) * nb_max + m) * nb_max
         mass_row = mass_ptr + (pid.to(tl.int64) * n_slots + slot) * nb_max * RB + offs_r
         carry = tl.zeros([RB], dtype=tl.float32)
+        if COLS:  # the columns' mass is held before any block
+            carry = tl.exp2(tl.load(held_ptr + (pid.to(tl.int64) * n_slots + slot) * RB + offs_r) - lse)
+            carry = tl.where(valid, carry, 0.0)
         below = tl.zeros([RB], dtype=tl.int32)
         offs_c = tl.arange(0, CH)
         j = m * 0
@@ -266,6 +307,303 @@ def _cut_kernel(
         tl.store(counts_ptr + need_at, counts, mask=head_ok)
 
 
+@triton.jit
+def _mass_kernel(
+    q_ptr,
+    k_ptr,
+    cu_ptr,
+    skip_ptr,
+    mass_ptr,
+    lse_ptr,
+    seq_len,
+    nb_max,
+    num_kv_heads,
+    m_lo,
+    n_slots,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    RB: tl.constexpr,
+    QB: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
+):
+    """`_mass_program` without vertical columns (the signature libproxyattn compiles ahead of time)."""
+    _mass_program(
+        q_ptr,
+        k_ptr,
+        cu_ptr,
+        skip_ptr,
+        q_ptr,
+        mass_ptr,
+        lse_ptr,
+        lse_ptr,
+        seq_len,
+        nb_max,
+        num_kv_heads,
+        1,
+        m_lo,
+        n_slots,
+        qk_scale,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_kd,
+        GROUP=GROUP,
+        ROWS=ROWS,
+        RB=RB,
+        QB=QB,
+        BS=BS,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_D=BLOCK_D,
+        VARLEN=VARLEN,
+        LAST_ONLY=LAST_ONLY,
+        SKIP=SKIP,
+        DOT_PREC=DOT_PREC,
+        UPCAST=UPCAST,
+        HEAVY_FIRST=HEAVY_FIRST,
+        COLS=False,
+    )
+
+
+@triton.jit
+def _mass_held_kernel(
+    q_ptr,
+    k_ptr,
+    cu_ptr,
+    skip_ptr,
+    col_ptr,
+    mass_ptr,
+    lse_ptr,
+    held_ptr,
+    seq_len,
+    nb_max,
+    num_kv_heads,
+    col_rows,
+    m_lo,
+    n_slots,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    RB: tl.constexpr,
+    QB: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
+):
+    """`_mass_program` with vertical columns: col_ptr int8 `[B, col_rows, S]` marks each proxy head's column keys; their
+    mass goes to held_ptr (log2, like lse_ptr) and is left out of the block masses."""
+    _mass_program(
+        q_ptr,
+        k_ptr,
+        cu_ptr,
+        skip_ptr,
+        col_ptr,
+        mass_ptr,
+        lse_ptr,
+        held_ptr,
+        seq_len,
+        nb_max,
+        num_kv_heads,
+        col_rows,
+        m_lo,
+        n_slots,
+        qk_scale,
+        stride_qb,
+        stride_qt,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_kd,
+        GROUP=GROUP,
+        ROWS=ROWS,
+        RB=RB,
+        QB=QB,
+        BS=BS,
+        HEAD_DIM=HEAD_DIM,
+        BLOCK_D=BLOCK_D,
+        VARLEN=VARLEN,
+        LAST_ONLY=LAST_ONLY,
+        SKIP=SKIP,
+        DOT_PREC=DOT_PREC,
+        UPCAST=UPCAST,
+        HEAVY_FIRST=HEAVY_FIRST,
+        COLS=True,
+    )
+
+
+@triton.jit
+def _cut_kernel(
+    mass_ptr,
+    lse_ptr,
+    order_ptr,
+    sink_ptr,
+    diag_ptr,
+    cu_ptr,
+    skip_ptr,
+    need_ptr,
+    counts_ptr,
+    seq_len,
+    nb_max,
+    num_kv_heads,
+    kv_per_rank,
+    m_lo,
+    n_slots,
+    gamma,
+    min_blocks,
+    dense_below,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    RB: tl.constexpr,
+    BS: tl.constexpr,
+    CH: tl.constexpr,
+    VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNTS: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
+    KEEP_DIAG: tl.constexpr,
+):
+    """`_cut_program` without vertical columns (the signature libproxyattn compiles ahead of time)."""
+    _cut_program(
+        mass_ptr,
+        lse_ptr,
+        lse_ptr,
+        order_ptr,
+        sink_ptr,
+        diag_ptr,
+        cu_ptr,
+        skip_ptr,
+        need_ptr,
+        counts_ptr,
+        seq_len,
+        nb_max,
+        num_kv_heads,
+        kv_per_rank,
+        m_lo,
+        n_slots,
+        gamma,
+        min_blocks,
+        dense_below,
+        GROUP=GROUP,
+        ROWS=ROWS,
+        RB=RB,
+        BS=BS,
+        CH=CH,
+        VARLEN=VARLEN,
+        LAST_ONLY=LAST_ONLY,
+        SKIP=SKIP,
+        COUNTS=COUNTS,
+        KEEP_SINK=KEEP_SINK,
+        KEEP_DIAG=KEEP_DIAG,
+        COLS=False,
+    )
+
+
+@triton.jit
+def _cut_held_kernel(
+    mass_ptr,
+    lse_ptr,
+    held_ptr,
+    order_ptr,
+    sink_ptr,
+    diag_ptr,
+    cu_ptr,
+    skip_ptr,
+    need_ptr,
+    counts_ptr,
+    seq_len,
+    nb_max,
+    num_kv_heads,
+    kv_per_rank,
+    m_lo,
+    n_slots,
+    gamma,
+    min_blocks,
+    dense_below,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    RB: tl.constexpr,
+    BS: tl.constexpr,
+    CH: tl.constexpr,
+    VARLEN: tl.constexpr,
+    LAST_ONLY: tl.constexpr,
+    SKIP: tl.constexpr,
+    COUNTS: tl.constexpr,
+    KEEP_SINK: tl.constexpr,
+    KEEP_DIAG: tl.constexpr,
+):
+    """`_cut_program` with vertical columns: each row starts from the mass its columns hold (held_ptr)."""
+    _cut_program(
+        mass_ptr,
+        lse_ptr,
+        held_ptr,
+        order_ptr,
+        sink_ptr,
+        diag_ptr,
+        cu_ptr,
+        skip_ptr,
+        need_ptr,
+        counts_ptr,
+        seq_len,
+        nb_max,
+        num_kv_heads,
+        kv_per_rank,
+        m_lo,
+        n_slots,
+        gamma,
+        min_blocks,
+        dense_below,
+        GROUP=GROUP,
+        ROWS=ROWS,
+        RB=RB,
+        BS=BS,
+        CH=CH,
+        VARLEN=VARLEN,
+        LAST_ONLY=LAST_ONLY,
+        SKIP=SKIP,
+        COUNTS=COUNTS,
+        KEEP_SINK=KEEP_SINK,
+        KEEP_DIAG=KEEP_DIAG,
+        COLS=True,
+    )
+
+
 def _launch_needs(
     q,
     k,
@@ -285,13 +623,16 @@ def _launch_needs(
     num_stages: int | None = None,
     scratch_bytes: int = _SCRATCH_BYTES,
     heavy_first: bool = True,
+    columns=None,
 ):
     """Needs int32 `[B, Hq, Nb]` (last_only: `[B, Hq]`, each sequence's last query block) and, with `counts`, the
     plan's counts `[B, Hq, Nb]`. `ranks` = (sink_rank, diag_rank) of `rank_order` (needed by counts); `skip` int32
-    `[B * Hkv]`: groups not measured (they need every block). The launch parameters (qb .. heavy_first) are
-    benchmarks/profile_plan.py's sweep (None: `mass_warps`, `mass_stages`); scratch_bytes bounds the block masses of one
-    chunk of query blocks."""
+    `[B * Hkv]`: groups not measured (they need every block); `columns` int32 `[B, G, C]` (vertical columns, G
+    dividing Hkv; not with cu_seqlens): their mass counts as held before any block. The launch parameters
+    (qb .. heavy_first) are benchmarks/profile_plan.py's sweep (None: `mass_warps`, `mass_stages`); scratch_bytes
+    bounds the block masses of one chunk of query blocks."""
     varlen = cu_seqlens is not None
+    assert columns is None or not varlen, "vertical columns are not supported in packed batches"
     hq, hkv, d, sq, sk = qk_layout(q, k, varlen)
     bs, rows = cfg.block_size, cfg.recall_rows
     nb = triton.cdiv(seq_len, bs)
@@ -316,6 +657,14 @@ def _launch_needs(
         slots_per_chunk = min(slots_per_chunk, triton.cdiv(nb, qb) * qb)
     mass = torch.empty(batch * hkv, slots_per_chunk, nb, rb, device=dev, dtype=torch.float32)
     lse = torch.empty(batch * hkv, slots_per_chunk, rb, device=dev, dtype=torch.float32)
+    col_rows = 1
+    col_keys = held = lse  # stand-ins, unread without columns
+    if columns is not None:
+        col_rows = columns.shape[1]
+        assert columns.shape[0] == batch and hkv % col_rows == 0, "columns must be [B, G, C] with G dividing Hkv"
+        col_keys = torch.zeros(batch, col_rows, seq_len, device=dev, dtype=torch.int8)
+        col_keys.scatter_(-1, columns.long(), 1)
+        held = torch.empty_like(lse)
     cu = cu_seqlens if varlen else need
     skip_t = skip if skip is not None else need
     sink_rank, diag_rank = ranks if ranks is not None else (need, need)
@@ -325,16 +674,13 @@ def _launch_needs(
     dense_below = cfg.dense_below_tokens if varlen else -1
     for m_lo in range(0, 1 if last_only else nb, slots_per_chunk):
         n_slots = 1 if last_only else min(slots_per_chunk, nb - m_lo)
-        _mass_kernel[(batch * hkv, 1 if last_only else triton.cdiv(n_slots, qb))](
+        cols_args = (col_keys, mass, lse, held, seq_len, nb, hkv, col_rows) if columns is not None else (mass, lse, seq_len, nb, hkv)
+        (_mass_held_kernel if columns is not None else _mass_kernel)[(batch * hkv, 1 if last_only else triton.cdiv(n_slots, qb))](
             q,
             k,
             cu,
             skip_t,
-            mass,
-            lse,
-            seq_len,
-            nb,
-            hkv,
+            *cols_args,
             m_lo,
             slots_per_chunk,
             scale * _LOG2E,
@@ -350,9 +696,10 @@ def _launch_needs(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-        _cut_kernel[(batch * hkv, n_slots)](
+        (_cut_held_kernel if columns is not None else _cut_kernel)[(batch * hkv, n_slots)](
             mass,
             lse,
+            *((held,) if columns is not None else ()),
             order,
             sink_rank,
             diag_rank,
@@ -387,18 +734,19 @@ def _full_needs(nb_seq: torch.Tensor, hq: int, nb: int, last_only: bool) -> torc
     return torch.where(m1 <= nb_seq.reshape(-1, 1, 1), m1, 0).expand(-1, hq, nb).to(torch.int32).contiguous()
 
 
-def block_needs(q, k, order, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False) -> torch.Tensor:
+def block_needs(q, k, order, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False, columns=None) -> torch.Tensor:
     """Needs of budget rule 3, int32 `[B, Hq, Nb]` (last_only: `[B, Hq, 1]`).
 
     Args:
         q: `[B, S, Hq, D]`, k: `[B, S, Hkv, D]`, any strides; scale: softmax scale.
         order: int32 `[B, R, Nb, Nb]`, the plan's rankings (`estimate_rank.rank_order`), R dividing Hkv.
+        columns: int32 `[B, G, C]` vertical columns (`api.proxy_columns`) or None; their mass counts as held.
     """
     b, s, hq, _ = q.shape
     nb = triton.cdiv(s, cfg.block_size)
     if cfg.gamma >= 1.0:
         return _full_needs(torch.full((b,), nb, device=q.device, dtype=torch.int64), hq, nb, last_only)
-    need = _launch_needs(q, k, None, order, b, s, cfg, scale, last_only=last_only)
+    need = _launch_needs(q, k, None, order, b, s, cfg, scale, last_only=last_only, columns=columns)
     return need[..., None] if last_only else need
 
 
@@ -415,7 +763,7 @@ def block_needs_varlen(
     return need[..., None] if last_only else need
 
 
-def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, nb_seq, early) -> BlockPlan:
+def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConfig, scale: float, nb_seq, early, columns=None) -> BlockPlan:
     nb = scores.shape[-1]
     hq, hkv = (q.shape[1], k.shape[1]) if cu_seqlens is not None else (q.shape[2], k.shape[2])
     order, _, sink_rank, diag_rank = rank_order(scores, cfg.keep_sink, cfg.keep_diagonal)
@@ -425,7 +773,19 @@ def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConf
     else:
         skip = None if early is None else early.reshape(-1).to(torch.int32)
         need, counts = _launch_needs(
-            q, k, cu_seqlens, order, batch, seq_len, cfg, scale, last_only=False, ranks=(sink_rank, diag_rank), skip=skip, counts=True
+            q,
+            k,
+            cu_seqlens,
+            order,
+            batch,
+            seq_len,
+            cfg,
+            scale,
+            last_only=False,
+            ranks=(sink_rank, diag_rank),
+            skip=skip,
+            counts=True,
+            columns=columns,
         )
     budgets = needs_budgets(need, cfg.min_budget_blocks, nb_seq)
     if cu_seqlens is not None:
@@ -435,13 +795,14 @@ def _plan(q, k, cu_seqlens, scores, batch: int, seq_len: int, cfg: ProxyAttnConf
     return dense_fallback(plan, hkv, cfg, nb_seq, early)
 
 
-def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, early=None) -> BlockPlan:
+def needs_plan(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, early=None, columns=None) -> BlockPlan:
     """The plan of budget rule 3 (with the dense fallback) from `[B, R, Nb, Nb]` scores: rankings, needs and
     counts in three launches (per chunk of query blocks) and a few device ops. early: bool `[B, Hkv]` groups
-    decided dense before the scores (`api.early_dense_groups`), not measured."""
+    decided dense before the scores (`api.early_dense_groups`), not measured. columns: int32 `[B, G, C]` vertical
+    columns or None: their mass counts as held before any block (the plan does not carry them; `api` attaches)."""
     b, s = q.shape[0], q.shape[1]
     nb_seq = torch.full((b,), scores.shape[-1], device=q.device, dtype=torch.int64)
-    return _plan(q, k, None, scores, b, s, cfg, scale, nb_seq, early)
+    return _plan(q, k, None, scores, b, s, cfg, scale, nb_seq, early, columns)
 
 
 def needs_plan_varlen(q, k, cu_seqlens, max_seqlen: int, scores, cfg: ProxyAttnConfig, scale: float, *, early=None) -> BlockPlan:

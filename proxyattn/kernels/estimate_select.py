@@ -127,11 +127,12 @@ def _select(scores, budget_blocks, seq_len: int, cfg: ProxyAttnConfig, nb_seq, f
     return BlockPlan(order, counts.to(torch.int32).contiguous(), budget_blocks.to(torch.int32).contiguous(), cfg.block_size, seq_len)
 
 
-def block_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False) -> torch.Tensor:
+def block_needs(q, k, scores, cfg: ProxyAttnConfig, scale: float, *, last_only: bool = False, columns=None) -> torch.Tensor:
     """Needs of budget rule 3, int32 `[B, Hq, Nb]` (`reference.block_needs`; last_only: only the last query
-    block's entry is filled, the rest 0). scores `[B, R, Nb, Nb]` with R dividing Hkv."""
+    block's entry is filled, the rest 0). scores `[B, R, Nb, Nb]` with R dividing Hkv; columns int32 `[B, G, C]`
+    (vertical columns) or None."""
     order = rank_order(scores, cfg)[0]
-    needs = _needs(q, k, order, cfg, scale, last_only=last_only)
+    needs = _needs(q, k, order, cfg, scale, last_only=last_only, columns=columns)
     if not last_only:
         return needs
     out = torch.zeros(needs.shape[0], needs.shape[1], scores.shape[-1], device=q.device, dtype=torch.int32)

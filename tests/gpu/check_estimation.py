@@ -365,6 +365,38 @@ def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
     }
 
 
+def check_needs_columns_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, fraction=0.02):
+    """Budget rule 3 with vertical columns: the needs kernel against the fp32 reference with the columns' mass held
+    (sampled query blocks past 256), never more than without columns, and plan_blocks' plan equal to
+    compact_plan_needs of those needs, with the API's columns attached."""
+    cfg = ProxyAttnConfig(
+        block_size=bs, stride=st, proxy_heads=g, gamma=gamma, dense_density=None, dense_below_tokens=0, column_fraction=fraction
+    )
+    scale = 1.0 / math.sqrt(d)
+    q, k = inputs(kind, b, s, hq, hkv, d, seed)
+    nb = -(-s // bs)
+    cols = proxyattn.proxy_columns(q, k, cfg, scale=scale)
+    scores = es.proxy_scores(q, k, cfg, scale)
+    needs = esel.block_needs(q, k, scores, cfg, scale, columns=cols)
+    plain = esel.block_needs(q, k, scores, cfg, scale)
+    assert (needs <= plain).all(), "columns raised a need"
+    gen = torch.Generator().manual_seed(seed)
+    blocks = None if nb <= 256 else sorted({0, nb - 1} | set(torch.randperm(nb, generator=gen)[:48].tolist()))
+    bad = need_mismatches(needs, q, k, scores, cfg, scale, blocks=blocks, columns=cols)
+    assert bad == 0, f"{bad} needs with columns differ beyond rounding"
+    plan = proxyattn.plan_blocks(q, k, cfg, scale=scale)
+    assert plan.columns is not None and plan.columns.equal(cols), "plan_blocks' columns differ from proxy_columns"
+    own = compact_plan_needs(scores, needs, plan.budget_blocks, s, cfg)
+    assert plan.order.equal(own.order) and plan.counts.equal(own.counts), "GPU plan differs from compact_plan_needs"
+    return {
+        "blocks_checked": nb if blocks is None else len(blocks),
+        "needs_mean": round(float(needs.float().mean()), 2),
+        "needs_mean_without_columns": round(float(plain.float().mean()), 2),
+        "density": round(float(plan.density().mean()), 4),
+        "column_density": round(float(plan.column_density().mean()), 4),
+    }
+
+
 def check_rank_kernel():
     """The ranking kernel against the torch ranking: random scores with ties, Nb from 1 to 4096, sink/diagonal on
     and off."""
@@ -596,6 +628,7 @@ HEAD_MAX_CASES = [
 # --needs: budget rule 3 on these, and with 8 rows on one more.
 NEEDS_CASES = [c for c in CASES if c[2] in (4096, 8192 + 77, 8192, 32768 - 5, 131072)]
 NEEDS_ROWS8_CASE = ("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.95, 5)
+NEEDS_COLUMNS_CASES = [("structured", 1, 16384, 32, 8, 128, 128, 4, 1, 0.83, 7), ("random", 2, 8192 + 77, 8, 2, 64, 64, 4, 2, 0.9, 3)]
 
 
 def main():
@@ -618,6 +651,8 @@ def main():
             record("block_recall case " + "-".join(map(str, c)), lambda c=c: check_needs_case(*c))
         r8 = ("structured", 1, 400, 4, 1, 64, 64, 4, 1, 0.95, 5) if args.smoke else NEEDS_ROWS8_CASE
         record("block_recall case rows 8 " + "-".join(map(str, r8)), lambda: check_needs_case(*r8, rows=8))
+        for c in [("structured", 1, 400, 4, 1, 64, 64, 4, 1, 0.83, 5)] if args.smoke else NEEDS_COLUMNS_CASES:
+            record("block_recall with columns " + "-".join(map(str, c)), lambda c=c: check_needs_columns_case(*c))
         record("rank kernel vs torch ranking", check_rank_kernel)
         if not args.smoke:
             record("dense fallback: mixed execution", check_fallback_attention)

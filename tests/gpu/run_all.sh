@@ -8,7 +8,7 @@
 #   checks  the estimation and TensorRT-launch check scripts (their JSON result files).
 #   bench   the block-sparse kernel's launch configs against each other, then the attention benchmark.
 #   oracle  the exact-mass oracle and the default's ranking/count split at 128K (benchmarks/oracle_structured.py).
-#   columns vertical columns: their GPU checks, the whole-method rows with and without columns at 32K and 128K
+#   columns vertical columns: their GPU checks (column kernel, rule 3 with columns), the whole-method rows with and without columns at 32K and 128K
 #           (benchmarks/attention.py --section proxy), then the column kernel's launch configs (column_configs.py).
 #   all     tests, checks and bench in a row (default; longer than one device call: for a machine kept warm between calls).
 # Writes logs and JSON under $OUT (default ./gpu_out); exit status non-zero when any step failed.
@@ -51,11 +51,12 @@ if [ "$part" = oracle ]; then
     --out "$out/oracle_structured_131072_$tag.json" 2>&1 | tee "$out/oracle_structured.log" || status=1
 fi
 if [ "$part" = columns ]; then
-  python3 -m pytest -m gpu tests/gpu/test_gpu_attention.py -k vertical_columns -p no:cacheprovider -rfEs \
+  python3 -m pytest -m gpu tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_estimation.py -k vertical_columns -p no:cacheprovider -rfEs \
     2>&1 | tee "$out/pytest_gpu_columns_$tag.log" || status=1
   python3 benchmarks/attention.py --section proxy --sizes 32768,131072 --rounds 3 --commit "$commit" \
     --config default --config "column_fraction=0.02, budget_fraction=0.02" --config "column_fraction=0.01, budget_fraction=0.02" \
-    --config "column_fraction=0.02" --config budget_fraction=0.1 \
+    --config "column_fraction=0.02" --config "column_fraction=0.01" --config "column_fraction=0.04" --config budget_fraction=0.1 \
+    --config "gamma=0.7, column_fraction=0.02" \
     --config "gamma=0.9, column_fraction=0.02" --config "gamma=0.85, column_fraction=0.02" \
     --config "gamma=0.8, column_fraction=0.02" --config "gamma=0.75, column_fraction=0.02" \
     --out "$out/attention_columns_$tag.json" 2>&1 | tee "$out/attention_columns.log" || status=1

@@ -62,6 +62,11 @@ def test_block_recall_with_8_rows():
     ce.check_needs_case(*ce.NEEDS_ROWS8_CASE, rows=8)
 
 
+@pytest.mark.parametrize("case", _cases(ce.NEEDS_COLUMNS_CASES))
+def test_block_recall_with_vertical_columns(case):
+    ce.check_needs_columns_case(*case)
+
+
 def test_rank_kernel():
     ce.check_rank_kernel()
 
