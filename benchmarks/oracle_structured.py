@@ -69,8 +69,12 @@ CONFIGS = {
     "gamma=0.9": ProxyAttnConfig(gamma=0.9, dense_density=None),
     "gamma=0.8": ProxyAttnConfig(gamma=0.8, dense_density=None),
     "budget_fraction=0.2": ProxyAttnConfig(budget_fraction=0.2),
-    # vertical columns (2 % of the tokens) beside the default's blocks, and beside a small fixed budget
+    # vertical columns (2 % of the tokens) beside the default's blocks (rule 3 counts their mass as held), and beside
+    # a small fixed budget
     "column_fraction=0.02": ProxyAttnConfig(column_fraction=0.02, dense_density=None),
+    "column_fraction=0.01": ProxyAttnConfig(column_fraction=0.01, dense_density=None),
+    "gamma=0.9 column_fraction=0.02": ProxyAttnConfig(gamma=0.9, column_fraction=0.02, dense_density=None),
+    "gamma=0.7 column_fraction=0.02": ProxyAttnConfig(gamma=0.7, column_fraction=0.02, dense_density=None),
     "column_fraction=0.02 budget_fraction=0.02": ProxyAttnConfig(column_fraction=0.02, budget_fraction=0.02),
     "column_fraction=0.01 budget_fraction=0.02": ProxyAttnConfig(column_fraction=0.01, budget_fraction=0.02),
 }
