@@ -26,9 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-llama", "--profiles", "up-to-128", "128-1k"]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default disposition. A shell without job control starts background jobs
+    with SIGINT ignored and children inherit that (Python then installs no KeyboardInterrupt handler); a build run
+    from a terminal gets the default, which is what these tests exercise."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args):
     return subprocess.Popen(
-        [sys.executable, "-u", "build.py", *args], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-u", "build.py", *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
     )
 
 

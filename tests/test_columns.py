@@ -157,12 +157,15 @@ def test_plan_blocks_attaches_columns_only_when_asked():
     ref = proxyattn.api.reference_plan(q, k, cfg, scale=0.125)
     assert torch.equal(ref.columns, plan.columns)
     assert proxyattn.proxy_columns(q, k, base) is None
-    # A gamma rule keeps its ranking: its budgets count the column keys' mass.
+    # A gamma rule keeps its ranking. Rule 3 (the default) counts the columns' mass as held, so it never keeps more
+    # blocks (here fewer); the last-block rules count blocks only.
     rule = ProxyAttnConfig(block_size=64, min_budget_tokens=64, proxy_heads=2, dense_density=None)
     with_cols = proxyattn.plan_blocks(q, k, rule.replace(column_fraction=0.25))
     without = proxyattn.plan_blocks(q, k, rule)
     assert with_cols.columns is not None and torch.equal(with_cols.order, without.order)
-    assert torch.equal(with_cols.counts, without.counts)
+    assert (with_cols.counts <= without.counts).all() and with_cols.counts.sum() < without.counts.sum()
+    row = rule.replace(budget_rule="row_recall")
+    assert torch.equal(proxyattn.plan_blocks(q, k, row.replace(column_fraction=0.25)).counts, proxyattn.plan_blocks(q, k, row).counts)
     assert torch.equal(proxyattn.proxy_scores(q, k, rule.replace(column_fraction=0.25)), proxyattn.proxy_scores(q, k, rule))
 
 
