@@ -87,6 +87,19 @@ def test_custom_op_gamma_rule(tmp_path):
     assert_close(got, want, "fp32", what="gamma rule")
 
 
+def test_custom_op_runs_vertical_columns(tmp_path):
+    """A node with pa_column_fraction: the custom op attends the columns (rule 3 holding their mass) as the API does,
+    and differs from the same node without columns."""
+    cols = GAMMA.replace(budget_rule="block_recall", column_fraction=0.1)
+    path = single_node_model(tmp_path / "c.onnx", hq=8, hkv=2, d=64, config=cols, scale=0.125)
+    q, k, v = _qkv(2, 8, 2, 300, 64, seed=2)
+    got = _run(make_session(path, sparse=True), q, k, v)
+    want = proxy_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cols, scale=0.125).transpose(1, 2)
+    assert_close(got, want, "fp32", what="columns")
+    plain = single_node_model(tmp_path / "p.onnx", hq=8, hkv=2, d=64, config=cols.replace(column_fraction=0.0), scale=0.125)
+    assert not torch.allclose(_run(make_session(plain, sparse=True), q, k, v), got, atol=1e-4)
+
+
 @pytest.mark.parametrize("window,s", [(16, 70), (64, 130), (500, 130)])
 def test_sliding_window_both_ways(tmp_path, window, s):
     hq, hkv, d = 4, 2, 64
