@@ -91,8 +91,9 @@ def _scores(q, k, cfg: ProxyAttnConfig, scale, columns) -> torch.Tensor:
 def _column_exclusion(cfg: ProxyAttnConfig, columns, seq_len: int) -> torch.Tensor | None:
     """bool `[B, G, S]` of the column keys the block scores leave out, or None. Only with a fixed budget
     (budget_fraction): there the ranking alone picks the blocks, and it should pick what the columns do not cover.
-    The gamma rules count every key's mass into their budgets (column keys included), so their ranking keeps the
-    blocks that mass sits in."""
+    The gamma rules keep the ranking of every key's mass (rule 3 then counts the columns' share as held); with rule 3,
+    a ranking without the column keys kept more blocks (density 0.67 against 0.53 at 8K on the structured inputs,
+    measured before rule 3 held the columns' mass)."""
     if columns is None or not _excludes_columns(cfg):
         return None
     return reference.column_rows(columns, columns.shape[1], seq_len)

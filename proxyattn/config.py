@@ -217,9 +217,11 @@ class ProxyAttnConfig:
             needs no whole key block per token. `BlockPlan.columns` holds them; their cost is column_fraction of the
             causal area. With columns and a fixed budget (budget_fraction) the block scores leave the column keys
             out of their max-pool, so the blocks rank by what the columns do not cover (`proxyattn.reference.
-            proxy_scores`); the gamma rules keep their ranking (their budgets count the column keys' mass). Columns
-            need the proxy estimator. The Triton kernels and the reference implement columns; the TensorRT graph, the TensorRT
-            plugin and libproxyattn refuse a non-zero value (docs/deploy.md).
+            proxy_scores`); the gamma rules keep their ranking. Budget rule 3 (block_recall) counts a head's column
+            mass as held, so a row needs the fewest blocks that, with its columns, hold gamma of its mass; the
+            last-block rules (mass, recall, row_recall) count blocks only. Columns need the proxy estimator. The
+            Triton kernels, the reference and the ONNX Runtime op implement columns; the TensorRT graph, the
+            TensorRT plugin, libproxyattn and packed batches refuse a non-zero value (docs/deploy.md).
     """
 
     block_size: int = 128
