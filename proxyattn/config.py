@@ -215,11 +215,11 @@ class ProxyAttnConfig:
             query and key as the block scores), each seen by the queries at or after it; a column inside a kept
             block counts once. Attention that falls on scattered tokens (heavy hitters far from the query) then
             needs no whole key block per token. `BlockPlan.columns` holds them; their cost is column_fraction of the
-            causal area. With columns and a fixed budget (budget_fraction) the block scores leave the column keys
-            out of their max-pool, so the blocks rank by what the columns do not cover (`proxyattn.reference.
-            proxy_scores`); the gamma rules keep their ranking. Budget rule 3 (block_recall) counts a head's column
-            mass as held, so a row needs the fewest blocks that, with its columns, hold gamma of its mass; the
-            last-block rules (mass, recall, row_recall) count blocks only. Columns need the proxy estimator. The
+            causal area. With columns and a fixed budget (budget_fraction) or budget rule 3 the block scores leave
+            the column keys out of their max-pool, so the blocks rank by what the columns do not cover
+            (`proxyattn.reference.proxy_scores`), and rule 3 counts a head's column mass as held: a row needs the
+            fewest blocks that, with its columns, hold gamma of its mass. The last-block rules (mass, recall,
+            row_recall) keep the full ranking and count blocks only. Columns need the proxy estimator. The
             Triton kernels, the reference and the ONNX Runtime op implement columns; the TensorRT graph, the
             TensorRT plugin, libproxyattn and packed batches refuse a non-zero value (docs/deploy.md).
     """

@@ -157,16 +157,18 @@ def test_plan_blocks_attaches_columns_only_when_asked():
     ref = proxyattn.api.reference_plan(q, k, cfg, scale=0.125)
     assert torch.equal(ref.columns, plan.columns)
     assert proxyattn.proxy_columns(q, k, base) is None
-    # A gamma rule keeps its ranking. Rule 3 (the default) counts the columns' mass as held, so it never keeps more
-    # blocks (here fewer); the last-block rules count blocks only.
-    rule = ProxyAttnConfig(block_size=64, min_budget_tokens=64, proxy_heads=2, dense_density=None)
-    with_cols = proxyattn.plan_blocks(q, k, rule.replace(column_fraction=0.25))
-    without = proxyattn.plan_blocks(q, k, rule)
-    assert with_cols.columns is not None and torch.equal(with_cols.order, without.order)
-    assert (with_cols.counts <= without.counts).all() and with_cols.counts.sum() < without.counts.sum()
+    # Rule 3 (the default) ranks by the same column-free scores and counts the columns' mass as held (fewer blocks
+    # here); the last-block rules keep the full ranking and count blocks only.
+    rule = ProxyAttnConfig(block_size=64, min_budget_tokens=64, proxy_heads=2, dense_density=None, column_fraction=0.25)
+    assert torch.equal(proxyattn.proxy_scores(q, k, rule), scores)
+    with_cols = proxyattn.plan_blocks(q, k, rule)
+    assert with_cols.columns is not None and torch.equal(with_cols.order, blocks_only.order)
+    assert with_cols.counts.sum() < proxyattn.plan_blocks(q, k, rule.replace(column_fraction=0.0)).counts.sum()
     row = rule.replace(budget_rule="row_recall")
-    assert torch.equal(proxyattn.plan_blocks(q, k, row.replace(column_fraction=0.25)).counts, proxyattn.plan_blocks(q, k, row).counts)
-    assert torch.equal(proxyattn.proxy_scores(q, k, rule.replace(column_fraction=0.25)), proxyattn.proxy_scores(q, k, rule))
+    plain = row.replace(column_fraction=0.0)
+    assert torch.equal(proxyattn.proxy_scores(q, k, row), proxyattn.proxy_scores(q, k, plain))
+    row_plan, plain_plan = proxyattn.plan_blocks(q, k, row), proxyattn.plan_blocks(q, k, plain)
+    assert torch.equal(row_plan.order, plain_plan.order) and torch.equal(row_plan.counts, plain_plan.counts)
 
 
 def test_proxy_attention_with_columns_is_the_reference_and_closer_to_dense():

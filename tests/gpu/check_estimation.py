@@ -366,9 +366,10 @@ def check_needs_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, rows=4):
 
 
 def check_needs_columns_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, fraction=0.02):
-    """Budget rule 3 with vertical columns: the needs kernel against the fp32 reference with the columns' mass held
-    (sampled query blocks past 256), never more than without columns, and plan_blocks' plan equal to
-    compact_plan_needs of those needs, with the API's columns attached."""
+    """Budget rule 3 with vertical columns: the ranking from scores without the column keys (as the API's), the needs
+    kernel against the fp32 reference with the columns' mass held (sampled query blocks past 256), never more than
+    without columns on the same ranking, and plan_blocks' plan equal to compact_plan_needs of those needs, with the
+    API's columns attached."""
     cfg = ProxyAttnConfig(
         block_size=bs, stride=st, proxy_heads=g, gamma=gamma, dense_density=None, dense_below_tokens=0, column_fraction=fraction
     )
@@ -376,7 +377,9 @@ def check_needs_columns_case(kind, b, s, hq, hkv, d, bs, st, g, gamma, seed, fra
     q, k = inputs(kind, b, s, hq, hkv, d, seed)
     nb = -(-s // bs)
     cols = proxyattn.proxy_columns(q, k, cfg, scale=scale)
-    scores = es.proxy_scores(q, k, cfg, scale)
+    exclude = reference.column_rows(cols, cols.shape[1], s)
+    scores = es.proxy_scores(q, k, cfg, scale, exclude=exclude)  # rule 3 ranks without the column keys
+    assert torch.equal(scores, proxyattn.proxy_scores(q, k, cfg, scale=scale)), "the API's scores keep the column keys"
     needs = esel.block_needs(q, k, scores, cfg, scale, columns=cols)
     plain = esel.block_needs(q, k, scores, cfg, scale)
     assert (needs <= plain).all(), "columns raised a need"
