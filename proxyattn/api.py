@@ -206,9 +206,9 @@ def block_needs(
     """
     cfg = _config(config)
     _check_inputs(q, k)
-    scores = _checked_scores(q, k, cfg, scale, scores)
+    columns = proxy_columns(q, k, cfg, scale=scale)  # also checks proxy_heads
+    scores = _checked_scores(q, k, cfg, scale, _scores(q, k, cfg, scale, columns) if scores is None else scores)
     sc = resolve_scale(scale, q.shape[-1])
-    columns = proxy_columns(q, k, cfg, scale=scale)
     backend = _kernels(q)
     if backend is not None and hasattr(backend, "block_needs") and k.shape[2] % scores.shape[1] == 0:
         return backend.block_needs(q, k, scores, cfg, sc, last_only=last_only, columns=columns)

@@ -184,6 +184,7 @@ def need_mismatches(
         s_b = s if lengths is None else int(lengths[bi])
         nbs = -(-s_b // cfg.block_size)
         bad += int((got[bi, :, nbs:] != 0).sum())
+        column_keys = None if columns is None else column_rows(columns[bi : bi + 1].to(q.device), hq, s_b)
         for m in range(nbs) if blocks is None else [m for m in blocks if m < nbs]:
             cum = (
                 recall_row_cum_mass(
@@ -196,7 +197,7 @@ def need_mismatches(
                     rows=cfg.recall_rows,
                     keep_sink=cfg.keep_sink,
                     keep_diagonal=cfg.keep_diagonal,
-                    column_keys=None if columns is None else column_rows(columns[bi : bi + 1].to(q.device), q.shape[2], s_b),
+                    column_keys=column_keys,
                 )
                 .double()
                 .cpu()[0]

@@ -185,9 +185,9 @@ def _held_mass_step(s, is_col, m_i, l_i, c_i, mass_at, store_ok):
     bm = tl.max(s, axis=1)
     bm_safe = tl.where(bm > -1.0e30, bm, 0.0)  # a row that sees none of this block
     e = tl.exp2(s - bm_safe[:, None])
-    ps = tl.sum(e, axis=1)
     pc = tl.sum(tl.where(is_col[None, :], e, 0.0), axis=1)
     pb = tl.sum(tl.where(is_col[None, :], 0.0, e), axis=1)
+    ps = pb + pc
     tl.store(mass_at, tl.where(pb > 0.0, bm_safe + tl.log2(tl.maximum(pb, 1e-30)), float("-inf")), mask=store_ok)
     m_new = tl.maximum(m_i, bm)
     alpha = tl.exp2(m_i - m_new)
@@ -657,14 +657,16 @@ def _launch_needs(
         slots_per_chunk = min(slots_per_chunk, triton.cdiv(nb, qb) * qb)
     mass = torch.empty(batch * hkv, slots_per_chunk, nb, rb, device=dev, dtype=torch.float32)
     lse = torch.empty(batch * hkv, slots_per_chunk, rb, device=dev, dtype=torch.float32)
-    col_rows = 1
-    col_keys = held = lse  # stand-ins, unread without columns
+    # Without columns the kernels libproxyattn compiles; with them the held-mass pair, which also read each proxy
+    # head's column keys (int8 bitmap [B, G, S]) and pass each row's column mass (`held`) from one to the other.
+    mass_kernel, cut_kernel, mass_io, cut_io = _mass_kernel, _cut_kernel, (mass, lse, seq_len, nb, hkv), (mass, lse)
     if columns is not None:
         col_rows = columns.shape[1]
         assert columns.shape[0] == batch and hkv % col_rows == 0, "columns must be [B, G, C] with G dividing Hkv"
-        col_keys = torch.zeros(batch, col_rows, seq_len, device=dev, dtype=torch.int8)
-        col_keys.scatter_(-1, columns.long(), 1)
+        col_keys = torch.zeros(batch, col_rows, seq_len, device=dev, dtype=torch.int8).scatter_(-1, columns.long(), 1)
         held = torch.empty_like(lse)
+        mass_kernel, cut_kernel = _mass_held_kernel, _cut_held_kernel
+        mass_io, cut_io = (col_keys, mass, lse, held, seq_len, nb, hkv, col_rows), (mass, lse, held)
     cu = cu_seqlens if varlen else need
     skip_t = skip if skip is not None else need
     sink_rank, diag_rank = ranks if ranks is not None else (need, need)
@@ -674,13 +676,12 @@ def _launch_needs(
     dense_below = cfg.dense_below_tokens if varlen else -1
     for m_lo in range(0, 1 if last_only else nb, slots_per_chunk):
         n_slots = 1 if last_only else min(slots_per_chunk, nb - m_lo)
-        cols_args = (col_keys, mass, lse, held, seq_len, nb, hkv, col_rows) if columns is not None else (mass, lse, seq_len, nb, hkv)
-        (_mass_held_kernel if columns is not None else _mass_kernel)[(batch * hkv, 1 if last_only else triton.cdiv(n_slots, qb))](
+        mass_kernel[(batch * hkv, 1 if last_only else triton.cdiv(n_slots, qb))](
             q,
             k,
             cu,
             skip_t,
-            *cols_args,
+            *mass_io,
             m_lo,
             slots_per_chunk,
             scale * _LOG2E,
@@ -696,10 +697,8 @@ def _launch_needs(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-        (_cut_held_kernel if columns is not None else _cut_kernel)[(batch * hkv, n_slots)](
-            mass,
-            lse,
-            *((held,) if columns is not None else ()),
+        cut_kernel[(batch * hkv, n_slots)](
+            *cut_io,
             order,
             sink_rank,
             diag_rank,
